@@ -1,0 +1,145 @@
+"""canonicalize: drop what inference does not need.
+
+    dropout(x, p, train=False)            -> x        (and feature/alpha dropout)
+    to(x, dtype) with x already that dtype -> x        (to.dtype, to.device, _to_copy, type_as)
+    clone(x) / detach(x) / alias(x)       -> x        (unless x or the result is written in place)
+    _assert_*(...), sym_constrain_range*  -> (gone)   export's runtime checks
+    call_module _guards_fn(...)           -> (gone)   export's input-shape guard
+    values nothing uses                   -> (gone)   e.g. sym_size feeding a removed assert
+
+Every rewrite keeps the value bit for bit, so the pass claims to preserve semantics and the
+NumericCheck instrument holds it to that.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import fx
+
+from qcompile import Match, Pass, PassResult, Rule, RuleSet, apply_rule_set, is_mutating, op_arguments
+from qcompile import register_rule_set, remove_dead_nodes
+
+aten = torch.ops.aten
+
+
+def _op_name(op: Any) -> str:
+    return str(op).removeprefix("aten.").removesuffix(".default")
+
+
+class SingleOpRule(Rule):
+    """A rule whose pattern is one op on a tensor ``x``; the matcher fills and ignores literals."""
+
+    def __init__(self, op: Any):
+        self.op = op
+        self.name = f"drop-{_op_name(op)}"
+        self.pattern = lambda x: op(x)
+
+
+def _forward_input(match: Match) -> None:
+    """op(x) -> x: every use of the op's result now reads its input."""
+    match.anchor.replace_all_uses_with(match["x"])
+    match.graph.erase_node(match.anchor)
+
+
+class DropoutInEval(SingleOpRule):
+    """dropout(x, p, train=False) -> x"""
+
+    def check(self, match: Match) -> str | None:
+        if op_arguments(match.anchor)["train"] is not False:
+            return "dropout runs in training mode (call model.eval() before capture)"
+        return None
+
+    rewrite = staticmethod(_forward_input)
+
+
+class NoOpConversion(SingleOpRule):
+    """to(x, ...) -> x when dtype, device, layout and memory format stay the same"""
+
+    def check(self, match: Match) -> str | None:
+        source, result = match["x"], match.anchor
+        before, after = source.meta.get("val"), result.meta.get("val")
+        if not isinstance(before, torch.Tensor) or not isinstance(after, torch.Tensor):
+            return "input or output has no tensor metadata"
+        for attribute in ("dtype", "device", "layout"):
+            if getattr(before, attribute) != getattr(after, attribute):
+                return f"changes {attribute} from {getattr(before, attribute)} to {getattr(after, attribute)}"
+        return _changes_memory_format(result) or _written_in_place(source, result)
+
+    rewrite = staticmethod(_forward_input)
+
+
+class IdentityCopy(SingleOpRule):
+    """clone(x) -> x, detach(x) -> x, alias(x) -> x"""
+
+    def check(self, match: Match) -> str | None:
+        return _changes_memory_format(match.anchor) or _written_in_place(match["x"], match.anchor)
+
+    rewrite = staticmethod(_forward_input)
+
+
+def _changes_memory_format(node: fx.Node) -> str | None:
+    memory_format = op_arguments(node).get("memory_format")
+    if memory_format not in (None, torch.preserve_format):
+        return f"changes memory format to {memory_format}"
+    return None
+
+
+def _written_in_place(source: Any, result: fx.Node) -> str | None:
+    # A copy is only removable if neither side is written afterwards: otherwise the write
+    # would become visible through the other name.
+    if not isinstance(source, fx.Node):
+        return None
+    for node in (source, result):
+        writer = next((u for u in node.users if is_mutating(u)), None)
+        if writer is not None:
+            return f"'{node.name}' is written in place by '{writer.name}'"
+    return None
+
+
+class DropAssertion(SingleOpRule):
+    """_assert_*(...) -> (gone): export's runtime checks, not needed for inference"""
+
+    def rewrite(self, match: Match) -> None:
+        match.graph.erase_node(match.anchor)
+
+
+CANONICALIZE_RULES = register_rule_set(
+    RuleSet(
+        "canonicalize",
+        [
+            *(DropoutInEval(op) for op in (aten.dropout.default, aten.feature_dropout.default,
+                                           aten.alpha_dropout.default, aten.feature_alpha_dropout.default)),
+            *(NoOpConversion(op) for op in (aten.to.dtype, aten.to.dtype_layout, aten.to.device,
+                                            aten._to_copy.default, aten.type_as.default)),
+            *(IdentityCopy(op) for op in (aten.clone.default, aten.detach.default, aten.alias.default)),
+            *(DropAssertion(op) for op in (aten._assert_tensor_metadata.default, aten._assert_scalar.default,
+                                           aten._assert_async.msg, aten.sym_constrain_range_for_size.default,
+                                           aten.sym_constrain_range.default)),
+        ],
+    )
+)
+
+_GUARD_MODULE = "_guards_fn"  # the call_module torch.export adds to check input shapes
+
+
+@dataclass(frozen=True)
+class Canonicalize(Pass):
+    name: ClassVar[str] = "canonicalize"
+    establishes: ClassVar[frozenset[str]] = frozenset({"canonical"})
+    preserves_semantics: ClassVar[bool] = True
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        stats: dict[str, int] = dict(apply_rule_set(gm, CANONICALIZE_RULES, self.name))
+        guards = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == _GUARD_MODULE]
+        for node in guards:
+            gm.graph.erase_node(node)
+        if guards:
+            delattr(gm, _GUARD_MODULE)
+            stats["drop-guards"] = len(guards)
+        dead = remove_dead_nodes(gm)
+        if dead:
+            stats["dead-nodes"] = dead
+        return PassResult(gm, bool(stats), stats)

@@ -1,0 +1,95 @@
+"""qcompile: a quantization compiler for PyTorch.
+
+One ATen-level fx graph from ``torch.export``, pure passes under a pass manager, and lowering to
+real int8 kernels or ONNX QDQ. This module is the public API, the same one built-in passes use.
+"""
+
+from qcompile.capture import capture
+from qcompile.errors import (
+    CaptureError,
+    NodeError,
+    PassError,
+    PipelineOrderError,
+    PipelineParseError,
+    QCompileError,
+    VerificationError,
+)
+from qcompile.instruments import DumpIR, NumericCheck, SkipPass, Timing, Verify
+from qcompile.ir.graph import (
+    add_constant,
+    constant_value,
+    copy_graph_module,
+    copy_source_meta,
+    describe_node,
+    fetch_attr,
+    infer_fake_value,
+    is_mutating,
+    op_arguments,
+    remove_dead_nodes,
+)
+from qcompile.ir.meta import Provenance, get_provenance, get_qspec, set_provenance, set_qspec, source_module
+from qcompile.ir.printer import canonical_order, diff_graphs, print_graph
+from qcompile.ir.verify import register_invariant, verify_graph
+from qcompile.pass_manager import (
+    Instrument,
+    Pass,
+    PassManager,
+    PassRecord,
+    PassResult,
+    Pipeline,
+    PipelineResult,
+    registered_passes,
+)
+from qcompile.rewrite import Match, Rule, RuleSet, RuleTracer, apply_rule_set, register_rule_set, trace_rules
+
+__all__ = [
+    "CaptureError",
+    "DumpIR",
+    "Instrument",
+    "Match",
+    "NodeError",
+    "NumericCheck",
+    "Pass",
+    "PassError",
+    "PassManager",
+    "PassRecord",
+    "PassResult",
+    "Pipeline",
+    "PipelineOrderError",
+    "PipelineParseError",
+    "PipelineResult",
+    "Provenance",
+    "QCompileError",
+    "Rule",
+    "RuleSet",
+    "RuleTracer",
+    "SkipPass",
+    "Timing",
+    "Verify",
+    "VerificationError",
+    "add_constant",
+    "apply_rule_set",
+    "canonical_order",
+    "capture",
+    "constant_value",
+    "copy_graph_module",
+    "copy_source_meta",
+    "describe_node",
+    "diff_graphs",
+    "fetch_attr",
+    "get_provenance",
+    "get_qspec",
+    "infer_fake_value",
+    "is_mutating",
+    "op_arguments",
+    "print_graph",
+    "register_invariant",
+    "register_rule_set",
+    "registered_passes",
+    "remove_dead_nodes",
+    "set_provenance",
+    "set_qspec",
+    "source_module",
+    "trace_rules",
+    "verify_graph",
+]

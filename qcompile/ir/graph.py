@@ -1,0 +1,167 @@
+"""Graph helpers shared by the pass manager and by passes.
+
+The pass manager gives every pass its own copy of the graph while sharing parameters, so the
+helpers here that add tensors register them on that copy only (never on a shared submodule),
+and give new nodes the fake ``val`` metadata later passes rely on.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import fx
+from torch._guards import detect_fake_mode
+from torch.utils import _pytree as pytree
+
+from qcompile.ir.meta import source_line, source_module
+from qcompile.ir.printer import canonical_names, format_target
+
+
+def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """A new GraphModule over a copy of ``gm``'s graph that shares its tensors and submodules.
+
+    Node names, metadata (shallow-copied per node) and the pytree calling convention survive.
+    Containers on the path to a shared tensor are new modules, so registering a new attribute
+    on the copy, at any depth, leaves ``gm`` as it was.
+    """
+    graph = fx.Graph(tracer_cls=gm.graph._tracer_cls)
+    copied = graph.graph_copy(gm.graph, val_map={}, return_output_node=True)
+    # The calling convention (pytree specs) is never edited by a pass, so the copy shares it.
+    graph._codegen = gm.graph._codegen
+    if copied is not None:
+        output_value, old_output = copied
+        new_output = graph.output(output_value, type_expr=getattr(old_output, "type", None))
+        new_output.meta = copy.copy(old_output.meta)
+    new = fx.GraphModule(gm, graph, class_name=type(gm).__name__.removesuffix("Impl") or "GraphModule")
+    new.meta.update(gm.meta)
+    return new
+
+
+def named_tensors(gm: fx.GraphModule) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor reachable as a get_attr target, parameters and buffers included."""
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            value = fetch_attr(gm, node.target)
+            if isinstance(value, torch.Tensor):
+                yield node.target, value
+
+
+def fetch_attr(gm: fx.GraphModule, target: str) -> Any:
+    value: Any = gm
+    for atom in target.split("."):
+        if not hasattr(value, atom):
+            raise AttributeError(f"get_attr target '{target}' does not exist on the graph module")
+        value = getattr(value, atom)
+    return value
+
+
+def constant_value(gm: fx.GraphModule, node: Any) -> torch.Tensor | None:
+    """The real tensor behind a get_attr node, or None when ``node`` is not a constant."""
+    if isinstance(node, fx.Node) and node.op == "get_attr":
+        value = fetch_attr(gm, node.target)
+        if isinstance(value, torch.Tensor):
+            return value
+    return None
+
+
+def _fake_mode(graph: fx.Graph):
+    return detect_fake_mode([n.meta.get("val") for n in graph.nodes if "val" in n.meta])
+
+
+def add_constant(gm: fx.GraphModule, tensor: torch.Tensor, name_hint: str, *, before: fx.Node) -> fx.Node:
+    """Register ``tensor`` on ``gm`` under a fresh top-level name and return its get_attr node."""
+    base = re.sub(r"\W", "_", name_hint)
+    name, i = base, 0
+    while hasattr(gm, name):
+        i += 1
+        name = f"{base}_{i}"
+    gm.register_buffer(name, tensor.detach())
+    with gm.graph.inserting_before(before):
+        node = gm.graph.get_attr(name)
+    fake_mode = _fake_mode(gm.graph)
+    node.meta["val"] = fake_mode.from_tensor(tensor, static_shapes=True) if fake_mode else tensor.detach()
+    return node
+
+
+def infer_fake_value(node: fx.Node) -> Any:
+    """Run ``node``'s target on its inputs' fake values and store the result as ``meta['val']``.
+
+    Passes that create call_function nodes call this so that every node keeps a shape and dtype.
+    """
+    fake_mode = _fake_mode(node.graph)
+
+    def to_val(arg: Any) -> Any:
+        return arg.meta["val"] if isinstance(arg, fx.Node) else arg
+
+    args = pytree.tree_map(to_val, node.args)
+    kwargs = pytree.tree_map(to_val, node.kwargs)
+    if fake_mode is None:
+        value = node.target(*args, **kwargs)
+    else:
+        with fake_mode:
+            value = node.target(*args, **kwargs)
+    node.meta["val"] = value
+    return value
+
+
+def copy_source_meta(source: fx.Node, target: fx.Node) -> None:
+    """Give a replacement node the user-module provenance of the node it stands for."""
+    for key in ("nn_module_stack", "stack_trace", "source_fn_stack"):
+        if key in source.meta:
+            target.meta[key] = source.meta[key]
+
+
+def describe_node(node: fx.Node) -> str:
+    """How errors name a node: canonical number, fx name, target and the user module."""
+    try:
+        canonical = canonical_names(node.graph).get(node, "%?")
+    except Exception:  # a graph broken enough to fail numbering still deserves a message
+        canonical = "%?"
+    text = f"{canonical} ({node.name}: {format_target(node)})"
+    module = source_module(node)
+    if module is not None:
+        path, type_name = module
+        text += f" from module '{path or '<root>'}' ({type_name})"
+    line = source_line(node)
+    if line:
+        text += f" at {line}"
+    return text
+
+
+def erase_if_unused(graph: fx.Graph, *nodes: fx.Node) -> None:
+    for node in nodes:
+        if isinstance(node, fx.Node) and not node.users and node.graph is graph:
+            graph.erase_node(node)
+
+
+def op_arguments(node: fx.Node) -> dict[str, Any]:
+    """A call's arguments by schema name, defaults filled in, however the call spelled them."""
+    schema = getattr(node.target, "_schema", None)
+    if schema is None:
+        raise TypeError(f"{describe_node(node)} is not a call to an ATen operator")
+    arguments: dict[str, Any] = {}
+    for i, arg in enumerate(schema.arguments):
+        if arg.name in node.kwargs:
+            arguments[arg.name] = node.kwargs[arg.name]
+        elif not arg.kwarg_only and i < len(node.args):
+            arguments[arg.name] = node.args[i]
+        else:
+            arguments[arg.name] = arg.default_value
+    return arguments
+
+
+def is_mutating(node: fx.Node) -> bool:
+    """Whether a node writes into one of its inputs (``add_``, ``copy_``, ``detach_``...)."""
+    schema = getattr(node.target, "_schema", None)
+    return node.op == "call_function" and schema is not None and schema.is_mutable
+
+
+def remove_dead_nodes(gm: fx.GraphModule) -> int:
+    """Remove values nothing uses (side effects and in-place ops stay); returns how many."""
+    before = len(gm.graph.nodes)
+    gm.graph.eliminate_dead_code()
+    return before - len(gm.graph.nodes)

@@ -1,0 +1,87 @@
+"""Typed access to node metadata.
+
+Node metadata is the contract between passes. torch.export fills ``val`` (a fake tensor),
+``nn_module_stack`` and ``stack_trace``; qcompile adds its own keys under the ``qc.`` prefix.
+Passes read and write qcompile's keys only through these accessors so that a key's type is
+defined in one place and the canonical printer can show them in a stable order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import fx
+
+QSPEC_KEY = "qc.qspec"
+PROVENANCE_KEY = "qc.provenance"
+QC_PREFIX = "qc."
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """Which pass (and which of its rules) created a node, and from which nodes.
+
+    Frozen so that the shallow meta copy the pass manager makes per pass can share it.
+    """
+
+    pass_name: str
+    rule: str | None = None
+    sources: tuple[str, ...] = ()
+
+    def __str__(self) -> str:
+        rule = f"/{self.rule}" if self.rule else ""
+        sources = f" from {', '.join(self.sources)}" if self.sources else ""
+        return f"{self.pass_name}{rule}{sources}"
+
+
+def get_qspec(node: fx.Node) -> Any | None:
+    return node.meta.get(QSPEC_KEY)
+
+
+def set_qspec(node: fx.Node, spec: Any) -> None:
+    node.meta[QSPEC_KEY] = spec
+
+
+def get_provenance(node: fx.Node) -> Provenance | None:
+    return node.meta.get(PROVENANCE_KEY)
+
+
+def set_provenance(node: fx.Node, provenance: Provenance) -> None:
+    node.meta[PROVENANCE_KEY] = provenance
+
+
+def qc_meta(node: fx.Node) -> dict[str, Any]:
+    """qcompile's own keys of a node, sorted by key for stable printing."""
+    return {k: node.meta[k] for k in sorted(node.meta) if k.startswith(QC_PREFIX)}
+
+
+def fake_value(node: fx.Node) -> Any:
+    """The fake value export recorded for a node (a FakeTensor, SymInt, tuple, or None)."""
+    return node.meta.get("val")
+
+
+def tensor_value(node: fx.Node) -> torch.Tensor | None:
+    val = node.meta.get("val")
+    return val if isinstance(val, torch.Tensor) else None
+
+
+def source_module(node: fx.Node) -> tuple[str, str] | None:
+    """(qualified name, class name) of the innermost user module a node came from."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return None
+    path, type_name = list(stack.values())[-1]
+    if not isinstance(type_name, str):
+        type_name = getattr(type_name, "__qualname__", str(type_name))
+    return path, type_name.rsplit(".", 1)[-1]
+
+
+def source_line(node: fx.Node) -> str | None:
+    """The last ``File ..., line N`` of the node's stack trace, i.e. where user code made it."""
+    trace = node.meta.get("stack_trace")
+    if not trace:
+        return None
+    file_lines = [line.strip() for line in trace.splitlines() if line.strip().startswith("File ")]
+    return file_lines[-1] if file_lines else None
