@@ -70,8 +70,14 @@ class DumpIR(Instrument):
         self._write(f"{stem}.diff", diff_graphs(before, result.graph_module) + "\n")
 
 
-def _tensor_versions(gm: fx.GraphModule) -> dict[str, tuple[int, int]]:
-    return {name: (id(t), t._version) for name, t in named_tensors(gm)}
+def _tensor_fingerprints(gm: fx.GraphModule) -> dict[str, tuple[Any, ...]]:
+    # The version counter catches in-place ops; the sums catch writes through ``.data``,
+    # which bypass it.
+    fingerprints = {}
+    for name, t in named_tensors(gm):
+        values = t.detach().double().nan_to_num(0.0)
+        fingerprints[name] = (id(t), t._version, values.sum().item(), values.abs().sum().item())
+    return fingerprints
 
 
 class Verify(Instrument):
@@ -83,17 +89,18 @@ class Verify(Instrument):
 
     def __init__(self) -> None:
         self._before_text = ""
-        self._before_versions: dict[str, tuple[int, int]] = {}
+        self._before_fingerprints: dict[str, tuple[Any, ...]] = {}
 
     def run_before_pass(self, p: Pass, gm: fx.GraphModule, index: int) -> None:
         self._before_text = print_graph(gm, show_provenance=True)
-        self._before_versions = _tensor_versions(gm)
+        self._before_fingerprints = _tensor_fingerprints(gm)
 
     def run_after_pass(self, p: Pass, before: fx.GraphModule, result: PassResult, index: int) -> None:
         if print_graph(before, show_provenance=True) != self._before_text:
             raise VerificationError("changed its input graph; passes must edit only the copy they are given")
         changed = [
-            name for name, version in _tensor_versions(before).items() if self._before_versions.get(name) != version
+            name for name, fingerprint in _tensor_fingerprints(before).items()
+            if self._before_fingerprints.get(name) != fingerprint
         ]
         if changed:
             raise VerificationError(
