@@ -14,13 +14,13 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	HF_HUB_OFFLINE=1 $(PY) examples/demo.py
+	HF_HUB_OFFLINE=1 $(PY) -m examples.demo
 
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -p no:logging tests
 
 bench: $(STAMP)
-	HF_HUB_OFFLINE=1 $(PY) benchmarks/compile_time.py
+	HF_HUB_OFFLINE=1 $(PY) -m benchmarks.compile_time
 
 clean:
 	rm -rf $(VENV) dumps build *.egg-info

@@ -7,8 +7,8 @@ the generic ``apply-rules`` pass) applies one.
 
 Matching is torch.fx's ``SubgraphMatcher``: it backtracks from the pattern's output, matches
 literals through the op schema (so defaulted arguments still match), and rejects matches whose
-inner values are used outside or that would form a cycle. Overlaps are resolved here, first
-match in graph order wins, because a rewrite invalidates the matches that shared its nodes.
+inner values are used outside. Overlaps are resolved here, first match in graph order wins,
+because a rewrite invalidates the matches that shared its nodes.
 
 A :class:`RuleTracer` (``with trace_rules() as tracer``) records, for every node a rule's
 pattern could start from, whether the rule fired and, if not, why: the basis of "why is this
@@ -208,20 +208,26 @@ def _first_structural_mismatch(pattern: fx.Node, node: fx.Node) -> str:
     return ""
 
 
-def _explain_no_match(matcher: SubgraphMatcher, rule: Rule, node: fx.Node) -> str:
+def _match_at(matcher: SubgraphMatcher, rule: Rule, node: fx.Node) -> InternalMatch | str:
+    """The match of ``rule`` rooted at ``node``, or the reason there is none.
+
+    This is ``SubgraphMatcher.match`` for one anchor: its node matcher and containment check.
+    Its cycle check (a BFS over the rest of the graph per match, quadratic over a model) is
+    not needed: every pattern node is an ancestor of the single output, and containment keeps
+    the others' values inside, so no path can leave the match and re-enter it.
+    """
     attempt = InternalMatch(anchors=[rule.pattern_anchor])
     if not matcher._match_nodes(rule.pattern_anchor, node, attempt):
         detail = _first_structural_mismatch(rule.pattern_anchor, node)
         return f"does not match pattern {rule.describe_pattern()}" + (f" ({detail})" if detail else "")
-    inner = {
-        gn: pn for pn, gn in attempt.nodes_map.items()
-        if pn.op != "placeholder" and pn is not rule.pattern_anchor
-    }
-    for gn in inner:
-        outside = [u.name for u in gn.users if u not in inner and u is not node]
-        if outside:
-            return f"intermediate value '{gn.name}' is also used by {', '.join(outside)} outside the pattern"
-    return "rewriting it would create a cycle"
+    if not matcher._is_contained(attempt.nodes_map):
+        inner = {gn for pn, gn in attempt.nodes_map.items() if pn.op != "placeholder"}
+        for gn in inner - {node}:
+            outside = [u.name for u in gn.users if u not in inner]
+            if outside:
+                return f"intermediate value '{gn.name}' is also used by {', '.join(outside)} outside the pattern"
+        return "an intermediate value is used outside the pattern"
+    return attempt
 
 
 def _is_stale(match: Match, consumed: set[fx.Node]) -> bool:
@@ -249,14 +255,14 @@ def apply_rule_set(gm: fx.GraphModule, rules: Iterable[Rule], pass_name: str) ->
 
 
 def _sweep(gm: fx.GraphModule, rule: Rule, matcher: SubgraphMatcher, pass_name: str) -> int:
-    order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    matches = sorted((_to_match(gm, rule, m, pass_name) for m in matcher.match(gm.graph)), key=lambda m: order[m.anchor])
-    tracing = bool(_ACTIVE_TRACERS.get())
-    if tracing:
-        matched = {m.anchor for m in matches}
-        for node in gm.graph.nodes:
-            if node not in matched and matcher._nodes_are_equal(rule.pattern_anchor, node):
-                _record(pass_name, rule, node, False, _explain_no_match(matcher, rule, node))
+    matches = []
+    for node in gm.graph.nodes:
+        if matcher._nodes_are_equal(rule.pattern_anchor, node):
+            found = _match_at(matcher, rule, node)
+            if isinstance(found, str):
+                _record(pass_name, rule, node, False, found)
+            else:
+                matches.append(_to_match(gm, rule, found, pass_name))
     consumed: set[fx.Node] = set()
     applied = 0
     for match in matches:

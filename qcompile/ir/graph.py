@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 from torch import fx
-from torch._guards import detect_fake_mode
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.utils import _pytree as pytree
 
 from qcompile.ir.meta import source_line, source_module
@@ -68,8 +68,14 @@ def constant_value(gm: fx.GraphModule, node: Any) -> torch.Tensor | None:
     return None
 
 
-def _fake_mode(graph: fx.Graph):
-    return detect_fake_mode([n.meta.get("val") for n in graph.nodes if "val" in n.meta])
+def _fake_mode(graph: fx.Graph) -> FakeTensorMode | None:
+    # The first fake value decides: all of a graph's values share export's one fake mode, and
+    # scanning every node per call would make passes that add constants quadratic.
+    for node in graph.nodes:
+        val = node.meta.get("val")
+        if isinstance(val, FakeTensor):
+            return val.fake_mode
+    return None
 
 
 def add_constant(gm: fx.GraphModule, tensor: torch.Tensor, name_hint: str, *, before: fx.Node) -> fx.Node:
