@@ -44,3 +44,7 @@ class PassError(QCompileError):
 
 class VerificationError(QCompileError):
     """A graph breaks an invariant (fx lint, missing metadata, qcompile's Q/DQ rules)."""
+
+
+class CalibrationError(QCompileError):
+    """Calibration data that cannot give quantization parameters: empty, NaN or infinite."""

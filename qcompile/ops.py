@@ -1,0 +1,65 @@
+"""qcompile's quantization ops: ``torch.ops.qc.quantize`` and ``torch.ops.qc.dequantize``.
+
+They work on plain tensors: int8 / uint8 / int4-in-int8 storage plus float32 scale and int32
+zero-point tensors, never on torch's quantized tensor types. ``axis`` is ``None`` for
+per-tensor parameters (one-element tensors) or the channel axis for per-channel ones.
+
+    quantize:    q = clamp(round(r / S) + Z, qmin, qmax)   (round half to even, as oneDNN and ONNX do)
+    dequantize:  r = S · (q − Z)
+
+Each op has a fake kernel so graphs that contain it can be exported and shape-propagated.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from qcompile.spec import QuantSpec
+
+
+def _broadcast(param: Tensor, x: Tensor, axis: int | None) -> Tensor:
+    if axis is None:
+        if param.numel() != 1:
+            raise ValueError(f"per-tensor quantization needs one scale, got {param.numel()}")
+        return param.reshape(())
+    axis = axis % x.dim()
+    if param.numel() != x.shape[axis]:
+        raise ValueError(f"per-channel axis {axis} has {x.shape[axis]} channels but {param.numel()} parameters")
+    shape = [1] * x.dim()
+    shape[axis] = -1
+    return param.reshape(shape)
+
+
+@torch.library.custom_op("qc::quantize", mutates_args=())
+def quantize(
+    x: Tensor, scale: Tensor, zero_point: Tensor, axis: int | None, qmin: int, qmax: int, dtype: torch.dtype
+) -> Tensor:
+    s = _broadcast(scale, x, axis).to(torch.float32)
+    z = _broadcast(zero_point, x, axis).to(torch.float32)
+    return torch.clamp(torch.round(x.to(torch.float32) / s) + z, qmin, qmax).to(dtype)
+
+
+@quantize.register_fake
+def _(x, scale, zero_point, axis, qmin, qmax, dtype):
+    return torch.empty_like(x, dtype=dtype)
+
+
+@torch.library.custom_op("qc::dequantize", mutates_args=())
+def dequantize(q: Tensor, scale: Tensor, zero_point: Tensor, axis: int | None, out_dtype: torch.dtype) -> Tensor:
+    s = _broadcast(scale, q, axis).to(torch.float32)
+    z = _broadcast(zero_point, q, axis).to(torch.float32)
+    return ((q.to(torch.float32) - z) * s).to(out_dtype)
+
+
+@dequantize.register_fake
+def _(q, scale, zero_point, axis, out_dtype):
+    return torch.empty_like(q, dtype=out_dtype)
+
+
+def quantize_with(x: Tensor, scale: Tensor, zero_point: Tensor, spec: QuantSpec) -> Tensor:
+    """``qc.quantize`` with the range and storage dtype a :class:`QuantSpec` gives."""
+    return torch.ops.qc.quantize(x, scale, zero_point, spec.axis, spec.qmin, spec.qmax, spec.storage_dtype)

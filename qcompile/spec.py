@@ -1,0 +1,151 @@
+"""Quantization specs: what a tensor is quantized to, and the affine map that does it.
+
+A value r is stored as an integer q with a scale S and zero point Z:
+
+    q = clamp(round(r / S) + Z, qmin, qmax)        r ≈ S · (q − Z)
+
+Given an observed range [lo, hi] (always widened to contain 0, so that 0 is exact, which zero
+padding and ReLU rely on):
+
+    affine:     S = (hi − lo) / (qmax − qmin),  Z = clamp(qmin − round(lo / S), qmin, qmax)
+    symmetric:  S = max(|lo|, |hi|) / ⌊(qmax − qmin) / 2⌋,  Z = 0 (signed) or 128 (uint8)
+
+(the floor makes ±max land on ±127 exactly for int8, not on a clipped 127.5)
+
+A zero range (an all-zero tensor) would give S = 0; S is floored at float32's machine epsilon,
+as torch's observers do, so quantization never divides by zero.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+# Storage dtype and integer range of each quantized dtype; int4 lives in int8 storage.
+_INTEGER_RANGES: dict[str, tuple[torch.dtype, int, int]] = {
+    "int8": (torch.int8, -128, 127),
+    "uint8": (torch.uint8, 0, 255),
+    "int4": (torch.int8, -8, 7),
+}
+_FLOAT8 = {"float8_e4m3fn": torch.float8_e4m3fn, "float8_e5m2": torch.float8_e5m2}
+OBSERVERS = ("minmax", "moving-average", "percentile", "entropy", "mse")
+MIN_SCALE = torch.finfo(torch.float32).eps
+
+
+@dataclass(frozen=True)
+class PerTensor:
+    def __str__(self) -> str:
+        return "per-tensor"
+
+
+@dataclass(frozen=True)
+class PerChannel:
+    axis: int = 0
+
+    def __str__(self) -> str:
+        return f"per-channel({self.axis})"
+
+
+@dataclass(frozen=True)
+class PerGroup:
+    """Groups of ``group_size`` consecutive elements along ``axis`` share a scale (weights only)."""
+
+    axis: int = 1
+    group_size: int = 128
+
+    def __post_init__(self) -> None:
+        if self.group_size <= 0:
+            raise ValueError(f"PerGroup group_size must be positive, got {self.group_size}")
+
+    def __str__(self) -> str:
+        return f"per-group({self.axis},{self.group_size})"
+
+
+Granularity = PerTensor | PerChannel | PerGroup
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How one tensor is quantized. Frozen and validated, so it can be shared between nodes.
+
+    ``observer`` picks the calibration method for activations: ``minmax``, ``moving-average``,
+    ``percentile`` (clip at ``percentile`` of |x|), ``entropy`` (KL-optimal clip) or ``mse``
+    (least-squares S and Z). ``learnable_scale`` marks a scale trained in QAT.
+    """
+
+    dtype: str = "int8"
+    symmetric: bool = True
+    granularity: Granularity = field(default_factory=PerTensor)
+    observer: str = "minmax"
+    percentile: float = 99.99
+    learnable_scale: bool = False
+
+    def __post_init__(self) -> None:
+        if self.dtype not in _INTEGER_RANGES and self.dtype not in _FLOAT8:
+            known = ", ".join([*_INTEGER_RANGES, *_FLOAT8])
+            raise ValueError(f"QuantSpec dtype '{self.dtype}' is not one of: {known}")
+        if self.observer not in OBSERVERS:
+            raise ValueError(f"QuantSpec observer '{self.observer}' is not one of: {', '.join(OBSERVERS)}")
+        if not isinstance(self.granularity, (PerTensor, PerChannel, PerGroup)):
+            raise TypeError(f"QuantSpec granularity must be PerTensor, PerChannel or PerGroup, got {self.granularity!r}")
+        if not 50.0 < self.percentile <= 100.0:
+            raise ValueError(f"QuantSpec percentile must be in (50, 100], got {self.percentile}")
+        if self.is_float8 and not self.symmetric:
+            raise ValueError("float8 quantization is scale-only: use symmetric=True")
+
+    @property
+    def is_float8(self) -> bool:
+        return self.dtype in _FLOAT8
+
+    @property
+    def storage_dtype(self) -> torch.dtype:
+        return _FLOAT8[self.dtype] if self.is_float8 else _INTEGER_RANGES[self.dtype][0]
+
+    @property
+    def qmin(self) -> int:
+        self._require_integer()
+        return _INTEGER_RANGES[self.dtype][1]
+
+    @property
+    def qmax(self) -> int:
+        self._require_integer()
+        return _INTEGER_RANGES[self.dtype][2]
+
+    @property
+    def axis(self) -> int | None:
+        return None if isinstance(self.granularity, PerTensor) else self.granularity.axis
+
+    def _require_integer(self) -> None:
+        if self.is_float8:
+            raise ValueError(f"{self.dtype} has no integer range")
+
+    def __str__(self) -> str:
+        scheme = "sym" if self.symmetric else "affine"
+        return f"{self.dtype}/{scheme}/{self.granularity}/{self.observer}"
+
+
+def compute_qparams(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale (float32) and zero point (int32) for observed ranges ``lo``..``hi`` (see module doc)."""
+    lo = torch.as_tensor(lo, dtype=torch.float32)
+    hi = torch.as_tensor(hi, dtype=torch.float32)
+    if torch.isnan(lo).any() or torch.isnan(hi).any() or torch.isinf(lo).any() or torch.isinf(hi).any():
+        raise ValueError("cannot compute quantization parameters from a NaN or infinite range")
+    if (lo > hi).any():
+        raise ValueError("observed range has lo > hi")
+    lo = torch.minimum(lo, torch.zeros_like(lo))
+    hi = torch.maximum(hi, torch.zeros_like(hi))
+    if spec.is_float8:
+        # Scale-only: the largest magnitude maps to the format's largest finite value.
+        finite_max = torch.finfo(spec.storage_dtype).max
+        scale = torch.clamp(torch.maximum(-lo, hi) / finite_max, min=MIN_SCALE)
+        return scale, torch.zeros_like(scale, dtype=torch.int32)
+    qmin, qmax = spec.qmin, spec.qmax
+    if spec.symmetric:
+        amax = torch.maximum(-lo, hi)
+        scale = torch.clamp(amax / ((qmax - qmin) // 2), min=MIN_SCALE)
+        zero_point = torch.full_like(scale, (qmin + qmax + 1) // 2, dtype=torch.int32)
+    else:
+        scale = torch.clamp((hi - lo) / (qmax - qmin), min=MIN_SCALE)
+        zero_point = torch.clamp(qmin - torch.round(lo / scale), qmin, qmax).to(torch.int32)
+    return scale, zero_point
