@@ -1,0 +1,66 @@
+"""oneDNN int8 linear against the reference Q/DQ ops: the equation the CPU lowering relies on."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import qcompile.ops  # noqa: F401
+from qcompile.onednn import prepack_linear_weight, qlinear
+from qcompile.spec import PerChannel, QuantSpec, compute_qparams
+
+qc = torch.ops.qc
+ACT = QuantSpec("uint8", symmetric=False)
+WEIGHT = QuantSpec("int8", granularity=PerChannel(0))
+
+
+def quantized_problem(rows=64, features=96, outputs=48, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, features, generator=g) * 2 + 0.5
+    w = torch.randn(outputs, features, generator=g) * 0.1
+    b = torch.randn(outputs, generator=g)
+    x_scale, x_zp = compute_qparams(x.min(), x.max(), ACT)
+    w_scale, w_zp = compute_qparams(w.amin(1), w.amax(1), WEIGHT)
+    x_q = qc.quantize(x, x_scale, x_zp, None, 0, 255, torch.uint8)
+    w_q = qc.quantize(w, w_scale, w_zp, 0, -128, 127, torch.int8)
+    reference_input = qc.dequantize(x_q, x_scale, x_zp, None, torch.float32)
+    reference_weight = qc.dequantize(w_q, w_scale, w_zp, 0, torch.float32)
+    return x_q, x_scale, x_zp, w_q, w_scale, b, reference_input, reference_weight
+
+
+@pytest.mark.parametrize("post_op, activation", [("none", lambda y: y), ("relu", F.relu), ("gelu", F.gelu),
+                                                  ("gelu-tanh", lambda y: F.gelu(y, approximate="tanh"))])
+def test_float_output_matches_dequantize_linear_reference(post_op, activation):
+    x_q, x_scale, x_zp, w_q, w_scale, b, ref_x, ref_w = quantized_problem()
+    expected = activation(F.linear(ref_x, ref_w, b))
+    actual = qlinear(x_q, x_scale, x_zp, prepack_linear_weight(w_q), w_scale, b, post_op=post_op)
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_uint8_output_within_one_step_of_reference_requantize():
+    x_q, x_scale, x_zp, w_q, w_scale, b, ref_x, ref_w = quantized_problem(seed=1)
+    y = F.linear(ref_x, ref_w, b)
+    out_scale, out_zp = compute_qparams(y.min(), y.max(), ACT)
+    expected = qc.quantize(y, out_scale, out_zp, None, 0, 255, torch.uint8)
+    actual = qlinear(x_q, x_scale, x_zp, prepack_linear_weight(w_q), w_scale, b,
+                     out_scale=out_scale, out_zero_point=int(out_zp), out_dtype=torch.uint8)
+    assert actual.dtype == torch.uint8
+    assert (actual.int() - expected.int()).abs().max() <= 1
+
+
+def test_three_dimensional_activations_and_bf16_output():
+    x_q, x_scale, x_zp, w_q, w_scale, b, ref_x, ref_w = quantized_problem()
+    out = qlinear(x_q.reshape(4, 16, -1), x_scale, x_zp, prepack_linear_weight(w_q), w_scale, b,
+                  out_dtype=torch.bfloat16)
+    assert out.shape == (4, 16, 48) and out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float().reshape(64, 48), F.linear(ref_x, ref_w, b), rtol=1e-2, atol=2e-2)
+
+
+def test_bad_arguments_are_named():
+    x_q, x_scale, x_zp, w_q, w_scale, b, *_ = quantized_problem()
+    packed = prepack_linear_weight(w_q)
+    with pytest.raises(ValueError, match="activations must be uint8"):
+        qlinear(x_q.to(torch.int8), x_scale, x_zp, packed, w_scale, b)
+    with pytest.raises(ValueError, match="unknown post-op 'swish'"):
+        qlinear(x_q, x_scale, x_zp, packed, w_scale, b, post_op="swish")
+    with pytest.raises(ValueError, match="weights must be 2-D int8"):
+        prepack_linear_weight(w_q.float())
