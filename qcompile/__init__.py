@@ -4,8 +4,10 @@ One ATen-level fx graph from ``torch.export``, pure passes under a pass manager,
 real int8 kernels or ONNX QDQ. This module is the public API, the same one built-in passes use.
 """
 
+from qcompile import ops  # noqa: F401  (registers torch.ops.qc.quantize / dequantize)
 from qcompile.capture import capture
 from qcompile.errors import (
+    CalibrationError,
     CaptureError,
     NodeError,
     PassError,
@@ -30,6 +32,9 @@ from qcompile.ir.graph import (
 from qcompile.ir.meta import Provenance, get_provenance, get_qspec, set_provenance, set_qspec, source_module
 from qcompile.ir.printer import canonical_order, diff_graphs, print_graph
 from qcompile.ir.verify import register_invariant, verify_graph
+from qcompile.observers import HistogramObserver, MinMaxObserver, MovingAverageObserver, Observer, make_observer
+from qcompile.qconfig import OpQuantConfig, QConfig, int8_preset
+from qcompile.spec import PerChannel, PerGroup, PerTensor, QuantSpec, compute_qparams
 from qcompile.pass_manager import (
     Instrument,
     Pass,
@@ -43,34 +48,46 @@ from qcompile.pass_manager import (
 from qcompile.rewrite import Match, Rule, RuleSet, RuleTracer, apply_rule_set, register_rule_set, trace_rules
 
 __all__ = [
+    "CalibrationError",
     "CaptureError",
     "DumpIR",
+    "HistogramObserver",
     "Instrument",
     "Match",
+    "MinMaxObserver",
+    "MovingAverageObserver",
     "NodeError",
     "NumericCheck",
+    "Observer",
+    "OpQuantConfig",
     "Pass",
     "PassError",
     "PassManager",
     "PassRecord",
     "PassResult",
+    "PerChannel",
+    "PerGroup",
+    "PerTensor",
     "Pipeline",
     "PipelineOrderError",
     "PipelineParseError",
     "PipelineResult",
     "Provenance",
     "QCompileError",
+    "QConfig",
+    "QuantSpec",
     "Rule",
     "RuleSet",
     "RuleTracer",
     "SkipPass",
     "Timing",
-    "Verify",
     "VerificationError",
+    "Verify",
     "add_constant",
     "apply_rule_set",
     "canonical_order",
     "capture",
+    "compute_qparams",
     "constant_value",
     "copy_graph_module",
     "copy_source_meta",
@@ -80,7 +97,9 @@ __all__ = [
     "get_provenance",
     "get_qspec",
     "infer_fake_value",
+    "int8_preset",
     "is_mutating",
+    "make_observer",
     "op_arguments",
     "print_graph",
     "register_invariant",

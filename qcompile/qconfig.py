@@ -1,0 +1,108 @@
+"""QConfig: which quantization applies to which node.
+
+Rules match a node by the user module it came from (``nn_module_stack``) or by its op:
+
+    module name (exact)  >  module name regex  >  module type  >  op kind  >  default
+
+The most specific category wins; within the module categories the innermost module wins, so a
+rule for ``encoder.layer.0`` covers that layer's linears unless a rule names the linear itself.
+A rule whose value is ``None`` keeps the node in float. ``resolve`` returns the chosen config
+and the rule that chose it, which is what the per-node report prints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx, nn
+
+from qcompile.spec import PerChannel, QuantSpec
+
+
+@dataclass(frozen=True)
+class OpQuantConfig:
+    """Specs for an op's activation inputs and its weight; ``None`` leaves that edge float."""
+
+    activation: QuantSpec | None = None
+    weight: QuantSpec | None = None
+
+
+Choice = OpQuantConfig | None  # None keeps the node float
+
+
+def op_kind(node: fx.Node) -> str:
+    """``aten.linear.default`` -> ``linear``: the name op-kind rules use."""
+    target = node.target
+    if isinstance(target, torch._ops.OpOverload):
+        return target._schema.name.split("::")[-1]
+    return getattr(target, "__name__", str(target))
+
+
+def _module_chain(node: fx.Node) -> list[tuple[str, str]]:
+    """(qualified name, type's qualified name) from innermost to outermost user module."""
+    stack = node.meta.get("nn_module_stack") or {}
+    chain = []
+    for path, type_name in reversed(list(stack.values())):
+        if not isinstance(type_name, str):
+            type_name = f"{type_name.__module__}.{type_name.__qualname__}"
+        chain.append((path, type_name))
+    return chain
+
+
+@dataclass(frozen=True)
+class QConfig:
+    default: Choice = None
+    by_op: dict[str, Choice] = field(default_factory=dict)
+    by_module_type: dict[str, Choice] = field(default_factory=dict)
+    by_module_regex: tuple[tuple[str, Choice], ...] = ()
+    by_module_name: dict[str, Choice] = field(default_factory=dict)
+
+    def set_default(self, config: Choice) -> QConfig:
+        return dataclasses.replace(self, default=config)
+
+    def set_op(self, kind: str, config: Choice) -> QConfig:
+        return dataclasses.replace(self, by_op={**self.by_op, kind: config})
+
+    def set_module_type(self, module_type: type[nn.Module] | str, config: Choice) -> QConfig:
+        key = module_type if isinstance(module_type, str) else f"{module_type.__module__}.{module_type.__qualname__}"
+        return dataclasses.replace(self, by_module_type={**self.by_module_type, key: config})
+
+    def set_module_regex(self, pattern: str, config: Choice) -> QConfig:
+        re.compile(pattern)  # fail here, naming the pattern, rather than at resolve time
+        return dataclasses.replace(self, by_module_regex=(*self.by_module_regex, (pattern, config)))
+
+    def set_module_name(self, name: str, config: Choice) -> QConfig:
+        return dataclasses.replace(self, by_module_name={**self.by_module_name, name: config})
+
+    def resolve(self, node: fx.Node) -> tuple[Choice, str]:
+        """The config for ``node`` and a description of the rule that chose it."""
+        chain = _module_chain(node)
+        for path, _ in chain:
+            if path in self.by_module_name:
+                return self.by_module_name[path], f"module name '{path}'"
+        for path, _ in chain:
+            for pattern, config in self.by_module_regex:
+                if re.fullmatch(pattern, path):
+                    return config, f"module regex '{pattern}' on '{path}'"
+        for path, type_name in chain:
+            for key in (type_name, type_name.rsplit(".", 1)[-1]):
+                if key in self.by_module_type:
+                    return self.by_module_type[key], f"module type {key} of '{path}'"
+        kind = op_kind(node)
+        if kind in self.by_op:
+            return self.by_op[kind], f"op kind '{kind}'"
+        return self.default, "default"
+
+
+INT8_ACTIVATION = QuantSpec("uint8", symmetric=False)
+INT8_WEIGHT = QuantSpec("int8", symmetric=True, granularity=PerChannel(0))
+
+
+def int8_preset() -> QConfig:
+    """cpu-int8: uint8 affine activations per tensor, int8 symmetric weights per output channel
+    (the layout oneDNN's qlinear/qconv take); the matmul-like ops quantized, everything else float."""
+    config = OpQuantConfig(INT8_ACTIVATION, INT8_WEIGHT)
+    return QConfig(by_op={"linear": config, "conv2d": config, "matmul": OpQuantConfig(INT8_ACTIVATION)})
