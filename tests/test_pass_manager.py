@@ -1,12 +1,11 @@
 """Pass manager: order checks, purity, verify mode, instruments, pipeline text, errors."""
 
-import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar
 
 import pytest
 import torch
-from torch import fx, nn
+from torch import nn
 
 import qcompile
 from qcompile import PassResult

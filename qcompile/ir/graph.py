@@ -138,12 +138,6 @@ def describe_node(node: fx.Node) -> str:
     return text
 
 
-def erase_if_unused(graph: fx.Graph, *nodes: fx.Node) -> None:
-    for node in nodes:
-        if isinstance(node, fx.Node) and not node.users and node.graph is graph:
-            graph.erase_node(node)
-
-
 def op_arguments(node: fx.Node) -> dict[str, Any]:
     """A call's arguments by schema name, defaults filled in, however the call spelled them."""
     schema = getattr(node.target, "_schema", None)
