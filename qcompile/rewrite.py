@@ -28,7 +28,7 @@ from typing import Any, ClassVar
 from torch import fx
 from torch.fx.passes.utils.matcher_utils import InternalMatch, SubgraphMatcher
 
-from qcompile.ir.printer import format_target
+from qcompile.ir.printer import describe_producer
 
 # A rewrite may need several sweeps (a no-op feeding a no-op); each sweep applies at least one
 # match or stops, so this bound is only a guard against a rule whose rewrite re-creates its match.
@@ -185,22 +185,12 @@ def _to_match(gm: fx.GraphModule, rule: Rule, internal: InternalMatch, pass_name
     return Match(gm, anchor, bindings, nodes, pass_name)
 
 
-def _describe_producer(value: Any) -> str:
-    if not isinstance(value, fx.Node):
-        return f"the literal {value!r}"
-    if value.op == "placeholder":
-        return f"input {value.target}"
-    if value.op == "get_attr":
-        return f"constant {value.target}"
-    return format_target(value)
-
-
 def _first_structural_mismatch(pattern: fx.Node, node: fx.Node) -> str:
     """The first pattern input whose producing op differs, for a readable no-match reason."""
     for i, (p_arg, g_arg) in enumerate(zip(pattern.args, node.args)):
         if isinstance(p_arg, fx.Node) and p_arg.op == "call_function":
             if not isinstance(g_arg, fx.Node) or g_arg.op != "call_function" or g_arg.target != p_arg.target:
-                found = _describe_producer(g_arg)
+                found = describe_producer(g_arg) if isinstance(g_arg, fx.Node) else f"the literal {g_arg!r}"
                 return f"input {i} comes from {found}, the pattern needs {p_arg.target}"
             deeper = _first_structural_mismatch(p_arg, g_arg)
             if deeper:

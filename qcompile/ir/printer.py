@@ -146,13 +146,20 @@ def _format_call(node: fx.Node, names: dict[fx.Node, str]) -> str:
     return f"{format_target(node)}({', '.join(parts)})"
 
 
+def describe_producer(node: fx.Node) -> str:
+    """What made a value, as the text IR words it: ``input x``, ``constant fc.weight`` or the op."""
+    if node.op == "placeholder":
+        return f"input {node.target}"
+    if node.op == "get_attr":
+        return f"constant {node.target}"
+    return format_target(node)
+
+
 def _format_node(node: fx.Node, names: dict[fx.Node, str], show_provenance: bool) -> str:
     if node.op == "output":
         return f"return {_format_arg(node.args[0], names)}"
-    if node.op == "placeholder":
-        body = f"input {node.target}"
-    elif node.op == "get_attr":
-        body = f"constant {node.target}"
+    if node.op in ("placeholder", "get_attr"):
+        body = describe_producer(node)
     else:
         body = _format_call(node, names)
     line = f"{names[node]} = {body}"
