@@ -1,4 +1,4 @@
-"""eliminate-dead-code: unused pure values go; in-place writes and side effects stay."""
+"""eliminate-dead-code (passes/eliminate_dead_code.py): unused pure values go; in-place writes and side effects stay."""
 
 import torch
 from torch import nn
