@@ -196,18 +196,17 @@ class HistogramObserver(Observer):
             return self._mse_range()
         return self.lo, self.hi
 
-    def _quantile(self, q: float) -> Tensor:
-        cdf = torch.cumsum(self.histogram, 0) / self.histogram.sum()
-        index = int(torch.searchsorted(cdf, torch.tensor(q, dtype=torch.float64)).clamp(max=self.bins - 1))
-        return torch.tensor(float(self._centres()[index]) + float(self.hi - self.lo) / self.bins / 2)
-
     def _percentile_range(self) -> tuple[Tensor, Tensor]:
         tail = 1.0 - self.spec.percentile / 100.0
         if self.spec.symmetric:
-            amax = self._abs_quantile(1.0 - tail)
+            hist, amax = self._abs_histogram()
+            amax = torch.tensor((_quantile_bin(hist, 1.0 - tail) + 1) * amax / self.bins)
             return -amax, amax
-        lo = torch.minimum(self._quantile(tail) - float(self.hi - self.lo) / self.bins, self.hi)
-        return torch.maximum(lo, self.lo), torch.minimum(self._quantile(1.0 - tail), self.hi)
+        # The lower edge of the bin holding the low quantile, the upper edge of the high one's.
+        width = float(self.hi - self.lo) / self.bins
+        lo = float(self.lo) + _quantile_bin(self.histogram, tail) * width
+        hi = float(self.lo) + (_quantile_bin(self.histogram, 1.0 - tail) + 1) * width
+        return torch.maximum(torch.tensor(lo), self.lo), torch.minimum(torch.tensor(hi), self.hi)
 
     def _abs_histogram(self) -> tuple[Tensor, float]:
         """Histogram of |x| over [0, amax] with ``bins`` bins: symmetric methods work on it."""
@@ -217,12 +216,6 @@ class HistogramObserver(Observer):
             return self.histogram.clone(), 0.0
         index = (centres / amax * self.bins).floor().clamp(0, self.bins - 1).long()
         return torch.zeros(self.bins, dtype=torch.float64).index_add_(0, index, self.histogram), amax
-
-    def _abs_quantile(self, q: float) -> Tensor:
-        hist, amax = self._abs_histogram()
-        cdf = torch.cumsum(hist, 0) / hist.sum()
-        index = int(torch.searchsorted(cdf, torch.tensor(q, dtype=torch.float64)).clamp(max=self.bins - 1))
-        return torch.tensor((index + 1) * amax / self.bins)
 
     def _entropy_range(self) -> tuple[Tensor, Tensor]:
         hist, amax = self._abs_histogram()
@@ -262,6 +255,12 @@ class HistogramObserver(Observer):
             if error < best:
                 best, best_range = error, (torch.tensor(cand_lo), torch.tensor(cand_hi))
         return best_range
+
+
+def _quantile_bin(hist: Tensor, q: float) -> int:
+    """Index of the first bin at which the cumulative mass reaches ``q``."""
+    cdf = torch.cumsum(hist, 0) / hist.sum()
+    return int(torch.searchsorted(cdf, torch.tensor(q, dtype=torch.float64)).clamp(max=hist.numel() - 1))
 
 
 def _clipped_kl(hist: Tensor, clip_bins: int, levels: int) -> float:

@@ -72,8 +72,10 @@ class Pass:
         raise NotImplementedError(f"{type(self).__qualname__} does not implement call()")
 
     def __call__(self, gm: fx.GraphModule) -> PassResult:
-        """Run the pass alone, with the same purity the manager gives it."""
+        """Run the pass on its own copy of ``gm`` and recompile: how the manager runs it too."""
         result = self.call(copy_graph_module(gm))
+        if not isinstance(result, PassResult):
+            raise TypeError(f"call() returned {type(result).__name__}, not PassResult")
         result.graph_module.recompile()
         return result
 
@@ -345,10 +347,7 @@ class PassManager:
                 instrument.run_before_pass(p, current, index)
             start = time.perf_counter()
             try:
-                result = p.call(copy_graph_module(current))
-                if not isinstance(result, PassResult):
-                    raise PassError(p.name, f"call() returned {type(result).__name__}, not PassResult", ran)
-                result.graph_module.recompile()
+                result = p(current)
             except PassError:
                 raise
             except QCompileError as exc:
