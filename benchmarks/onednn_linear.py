@@ -15,8 +15,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-import qcompile.ops  # noqa: F401
-from qcompile.onednn import prepack_linear_weight, qlinear
+import qcompile  # noqa: F401  (registers torch.ops.qc.*)
 from qcompile.spec import PerChannel, QuantSpec, compute_qparams
 
 ROWS = 32 * 128
@@ -46,14 +45,17 @@ def main() -> None:
         x_scale, x_zp = compute_qparams(x.min(), x.max(), act)
         w_scale, w_zp = compute_qparams(w.amin(1), w.amax(1), weight_spec)
         x_q = qc.quantize(x, x_scale, x_zp, None, 0, 255, torch.uint8)
-        packed = prepack_linear_weight(qc.quantize(w, w_scale, w_zp, 0, -128, 127, torch.int8), [ROWS, k])
+        w_q = qc.quantize(w, w_scale, w_zp, 0, -128, 127, torch.int8)
         post_op = "gelu" if "gelu" in label else "none"
         xb, wb, bb = x.bfloat16(), w.bfloat16(), b.bfloat16()
         fp32 = median_ms(lambda: F.gelu(F.linear(x, w, b)) if post_op == "gelu" else F.linear(x, w, b))
         bf16 = median_ms(lambda: F.gelu(F.linear(xb, wb, bb)) if post_op == "gelu" else F.linear(xb, wb, bb))
-        to_float = median_ms(lambda: qlinear(x_q, x_scale, x_zp, packed, w_scale, b, post_op=post_op))
-        to_uint8 = median_ms(lambda: qlinear(x_q, x_scale, x_zp, packed, w_scale, b, out_scale=0.05,
-                                             out_zero_point=128, out_dtype=torch.uint8, post_op=post_op))
+        to_float = median_ms(
+            lambda: qc.linear_int8(x_q, x_scale, x_zp, w_q, w_scale, b, None, 1.0, 0, torch.float32, post_op)
+        )
+        to_uint8 = median_ms(
+            lambda: qc.linear_int8(x_q, x_scale, x_zp, w_q, w_scale, b, None, 0.05, 128, torch.uint8, post_op)
+        )
         best = min(to_float, to_uint8)
         print(f"{label:<24}{fp32:>9.2f}{bf16:>9.2f}{to_float:>11.2f}{to_uint8:>10.2f}"
               f"{fp32 / best:>8.1f}x{bf16 / best:>8.1f}x")

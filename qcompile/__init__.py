@@ -4,7 +4,7 @@ One ATen-level fx graph from ``torch.export``, pure passes under a pass manager,
 real int8 kernels or ONNX QDQ. This module is the public API, the same one built-in passes use.
 """
 
-from qcompile import ops  # noqa: F401  (registers torch.ops.qc.quantize / dequantize)
+from qcompile import onednn, ops  # noqa: F401  (register torch.ops.qc.*)
 from qcompile.capture import capture
 from qcompile.errors import (
     CalibrationError,

@@ -1,22 +1,27 @@
-"""oneDNN int8 kernels on plain tensors: the targets ``lower-cpu-int8`` rewrites Q/DQ into.
+"""oneDNN int8 kernels as qcompile ops: what ``lower-cpu-int8`` rewrites Q/DQ groups into.
 
-The contract each wrapper keeps, checked in tests against the reference ops:
+``torch.ops.qc.linear_int8`` and ``torch.ops.qc.conv2d_int8`` keep the contract, checked in
+tests against the reference ops:
 
-    qlinear(x_q, ...) == quantize_out(post_op(linear(dequantize(x_q), dequantize(w_q), b)))
+    op(x_q, ...) == quantize_out(unary(dequantize(x_q) ⊛ dequantize(w_q) + b [+ other]))
 
-with activations as uint8 plus one scale and zero point, weights as int8 symmetric per output
-channel (zero point 0), bias in float, and the output either float (``out_dtype=float32`` or
-``bfloat16``, for float consumers) or uint8 requantized with ``out_scale`` / ``out_zero_point``
-(for the next int8 op). ``post_op`` fuses an activation into the kernel epilogue.
+with activations as uint8 plus a scale and zero point (one-element tensors, so the same op
+serves static scales and scales computed at run time), weights as plain int8 tensors,
+symmetric per output channel, bias in float, an optional float ``other`` added before the
+unary post-op (a residual add fused into the kernel epilogue), and the output float
+(``float32``/``bfloat16``, for float consumers) or uint8 requantized with ``out_scale`` /
+``out_zero_point`` (for the next int8 op).
 
-Weights are packed once (``prepack_linear_weight``) into oneDNN's blocked layout; the packed
-tensor is what a lowered graph keeps as its constant.
+The graph holds plain int8 weights, so a lowered graph prints, verifies and serializes like
+any other; oneDNN's blocked layout is made on first use and cached per weight tensor, which
+keeps packing out of the steady state.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
 
 # post_op name -> (oneDNN post-op name, algorithm): oneDNN's GELU takes its approximation as
 # the algorithm argument.
@@ -26,40 +31,120 @@ POST_OPS: dict[str, tuple[str, str]] = {
     "gelu": ("gelu", "none"),
     "gelu-tanh": ("gelu", "tanh"),
 }
+OUTPUT_DTYPES = (torch.float32, torch.bfloat16, torch.uint8)
+_PACKED: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
-def prepack_linear_weight(weight_q: Tensor, x_shape: list[int] | None = None) -> Tensor:
-    """Pack an int8 [out, in] weight for ``qlinear``; ``x_shape`` is a hint, not a constraint."""
-    if weight_q.dtype != torch.int8 or weight_q.dim() != 2:
-        raise ValueError(f"qlinear weights must be 2-D int8, got {weight_q.dtype} {list(weight_q.shape)}")
-    return torch.ops.onednn.qlinear_prepack(weight_q, x_shape)
+def _check(x: Tensor, post_op: str, out_dtype: torch.dtype, kernel: str) -> None:
+    if x.dtype != torch.uint8:
+        raise ValueError(f"{kernel} activations must be uint8, got {x.dtype}")
+    if post_op not in POST_OPS:
+        raise ValueError(f"{kernel}: unknown post-op '{post_op}' (known: {', '.join(POST_OPS)})")
+    if out_dtype not in OUTPUT_DTYPES:
+        raise ValueError(f"{kernel} output must be float32, bfloat16 or uint8, got {out_dtype}")
 
 
-def qlinear(
-    x_q: Tensor,
-    x_scale: float,
-    x_zero_point: int,
-    packed_weight: Tensor,
+def packed_linear_weight(weight: Tensor) -> Tensor:
+    """oneDNN's packed form of an int8 [out, in] weight, made once per weight tensor."""
+    if weight.dtype != torch.int8 or weight.dim() != 2:
+        raise ValueError(f"linear_int8 weights must be 2-D int8, got {weight.dtype} {list(weight.shape)}")
+    packed = _PACKED.get(weight)
+    if packed is None:
+        packed = _PACKED[weight] = torch.ops.onednn.qlinear_prepack(weight, None)
+    return packed
+
+
+@torch.library.custom_op("qc::linear_int8", mutates_args=())
+def linear_int8(
+    x: Tensor,
+    x_scale: Tensor,
+    x_zero_point: Tensor,
+    weight: Tensor,
     weight_scale: Tensor,
     bias: Tensor | None,
-    *,
-    out_scale: float = 1.0,
-    out_zero_point: int = 0,
-    out_dtype: torch.dtype = torch.float32,
-    post_op: str = "none",
+    other: Tensor | None,
+    out_scale: float,
+    out_zero_point: int,
+    out_dtype: torch.dtype,
+    post_op: str,
 ) -> Tensor:
-    """int8 linear with a fused post-op; float output ignores ``out_scale`` and ``out_zero_point``."""
-    if x_q.dtype != torch.uint8:
-        raise ValueError(f"qlinear activations must be uint8, got {x_q.dtype}")
-    if post_op not in POST_OPS:
-        raise ValueError(f"unknown post-op '{post_op}' (known: {', '.join(POST_OPS)})")
-    if out_dtype not in (torch.float32, torch.bfloat16, torch.uint8):
-        raise ValueError(f"qlinear output must be float32, bfloat16 or uint8, got {out_dtype}")
+    _check(x, post_op, out_dtype, "linear_int8")
     name, algorithm = POST_OPS[post_op]
     if out_dtype != torch.uint8:
         out_scale, out_zero_point = 1.0, 0
-    zero_points = torch.zeros(weight_scale.numel(), dtype=torch.int64)
-    return torch.ops.onednn.qlinear_pointwise(
-        x_q, float(x_scale), int(x_zero_point), packed_weight, weight_scale.float(), zero_points,
-        bias, float(out_scale), int(out_zero_point), out_dtype, name, [], algorithm,
+    packed = packed_linear_weight(weight)
+    weight_zero_point = torch.zeros(weight_scale.numel(), dtype=torch.int64)
+    x_scale, x_zero_point = x_scale.reshape(()).float(), x_zero_point.reshape(()).to(torch.int64)
+    if bias is not None:
+        bias = bias.float()
+    if other is None:
+        return torch.ops.onednn.qlinear_pointwise.tensor(
+            x, x_scale, x_zero_point, packed, weight_scale.float(), weight_zero_point, bias,
+            float(out_scale), int(out_zero_point), out_dtype, name, [], algorithm,
+        )
+    return torch.ops.onednn.qlinear_pointwise.binary_tensor(
+        x, x_scale, x_zero_point, packed, weight_scale.float(), weight_zero_point, other.to(out_dtype), bias,
+        float(out_scale), int(out_zero_point), out_dtype, 1.0, 0, "add", 1.0, name, [], algorithm,
     )
+
+
+@linear_int8.register_fake
+def _(x, x_scale, x_zero_point, weight, weight_scale, bias, other, out_scale, out_zero_point, out_dtype, post_op):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]), dtype=out_dtype)
+
+
+def _packed_conv_weight(
+    weight: Tensor, weight_scale: Tensor, x_scale: float, x_zero_point: int,
+    stride: list[int], padding: list[int], dilation: list[int], groups: int,
+) -> Tensor:
+    packed = _PACKED.get(weight)
+    if packed is None:
+        packed = _PACKED[weight] = torch.ops.onednn.qconv_prepack(
+            weight, weight_scale.float(), x_scale, x_zero_point, stride, padding, dilation, groups, None
+        )
+    return packed
+
+
+@torch.library.custom_op("qc::conv2d_int8", mutates_args=())
+def conv2d_int8(
+    x: Tensor,
+    x_scale: Tensor,
+    x_zero_point: Tensor,
+    weight: Tensor,
+    weight_scale: Tensor,
+    bias: Tensor | None,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+    out_scale: float,
+    out_zero_point: int,
+    out_dtype: torch.dtype,
+    post_op: str,
+) -> Tensor:
+    _check(x, post_op, out_dtype, "conv2d_int8")
+    if post_op.startswith("gelu"):
+        raise ValueError("conv2d_int8 fuses relu only")
+    if weight.dtype != torch.int8 or weight.dim() != 4:
+        raise ValueError(f"conv2d_int8 weights must be 4-D int8, got {weight.dtype} {list(weight.shape)}")
+    if out_dtype != torch.uint8:
+        out_scale, out_zero_point = 1.0, 0
+    scale, zero_point = float(x_scale), int(x_zero_point)
+    packed = _packed_conv_weight(weight, weight_scale, scale, zero_point, stride, padding, dilation, groups)
+    weight_zero_point = torch.zeros(weight_scale.numel(), dtype=torch.int64)
+    return torch.ops.onednn.qconv2d_pointwise(
+        x, scale, zero_point, packed, weight_scale.float(), weight_zero_point,
+        None if bias is None else bias.float(), stride, padding, dilation, groups,
+        float(out_scale), int(out_zero_point), out_dtype, POST_OPS[post_op][0], [], "",
+    )
+
+
+@conv2d_int8.register_fake
+def _(x, x_scale, x_zero_point, weight, weight_scale, bias, stride, padding, dilation, groups,
+      out_scale, out_zero_point, out_dtype, post_op):
+    n, _, h, w = x.shape
+    out_hw = [
+        (size + 2 * pad - dil * (k - 1) - 1) // st + 1
+        for size, pad, dil, k, st in zip((h, w), padding, dilation, weight.shape[2:], stride)
+    ]
+    return x.new_empty((n, weight.shape[0], *out_hw), dtype=out_dtype)

@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from qcompile.spec import integer_qparams
+
 if TYPE_CHECKING:
     from qcompile.spec import QuantSpec
 
@@ -40,7 +42,11 @@ def quantize(
 ) -> Tensor:
     s = _broadcast(scale, x, axis).to(torch.float32)
     z = _broadcast(zero_point, x, axis).to(torch.float32)
-    return torch.clamp(torch.round(x.to(torch.float32) / s) + z, qmin, qmax).to(dtype)
+    # round(r/S) + Z == round(r/S + Z) for integer Z, and rounding commutes with clamping to
+    # integer bounds, so this is the formula above in one allocation; the cast goes through
+    # int32 because float -> int32 -> uint8 is vectorized where float -> uint8 is not.
+    q = torch.div(x.to(torch.float32), s).add_(z).clamp_(qmin, qmax).round_()
+    return q.to(torch.int32).to(dtype)
 
 
 @quantize.register_fake
@@ -58,6 +64,19 @@ def dequantize(q: Tensor, scale: Tensor, zero_point: Tensor, axis: int | None, o
 @dequantize.register_fake
 def _(q, scale, zero_point, axis, out_dtype):
     return torch.empty_like(q, dtype=out_dtype)
+
+
+@torch.library.custom_op("qc::choose_qparams", mutates_args=())
+def choose_qparams(x: Tensor, qmin: int, qmax: int, symmetric: bool) -> tuple[Tensor, Tensor]:
+    """Per-tensor scale and zero point from ``x``'s own range: dynamic quantization's step."""
+    lo = torch.clamp(x.min().float(), max=0.0).reshape(1)
+    hi = torch.clamp(x.max().float(), min=0.0).reshape(1)
+    return integer_qparams(lo, hi, qmin, qmax, symmetric)
+
+
+@choose_qparams.register_fake
+def _(x, qmin, qmax, symmetric):
+    return x.new_empty((1,), dtype=torch.float32), x.new_empty((1,), dtype=torch.int32)
 
 
 def quantize_with(x: Tensor, scale: Tensor, zero_point: Tensor, spec: QuantSpec) -> Tensor:

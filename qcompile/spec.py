@@ -27,6 +27,7 @@ _INTEGER_RANGES: dict[str, tuple[torch.dtype, int, int]] = {
     "int8": (torch.int8, -128, 127),
     "uint8": (torch.uint8, 0, 255),
     "int4": (torch.int8, -8, 7),
+    "int32": (torch.int32, -(2**31), 2**31 - 1),  # biases, whose scale is derived, never observed
 }
 _FLOAT8 = {"float8_e4m3fn": torch.float8_e4m3fn, "float8_e5m2": torch.float8_e5m2}
 OBSERVERS = ("minmax", "moving-average", "percentile", "entropy", "mse")
@@ -140,8 +141,14 @@ def compute_qparams(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec) -> tupl
         finite_max = torch.finfo(spec.storage_dtype).max
         scale = torch.clamp(torch.maximum(-lo, hi) / finite_max, min=MIN_SCALE)
         return scale, torch.zeros_like(scale, dtype=torch.int32)
-    qmin, qmax = spec.qmin, spec.qmax
-    if spec.symmetric:
+    return integer_qparams(lo, hi, spec.qmin, spec.qmax, spec.symmetric)
+
+
+def integer_qparams(
+    lo: torch.Tensor, hi: torch.Tensor, qmin: int, qmax: int, symmetric: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The integer formulas of the module doc for a range already widened to contain 0."""
+    if symmetric:
         amax = torch.maximum(-lo, hi)
         scale = torch.clamp(amax / ((qmax - qmin) // 2), min=MIN_SCALE)
         zero_point = torch.full_like(scale, (qmin + qmax + 1) // 2, dtype=torch.int32)

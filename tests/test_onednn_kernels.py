@@ -1,11 +1,10 @@
-"""oneDNN int8 linear against the reference Q/DQ ops: the equation the CPU lowering relies on."""
+"""oneDNN int8 kernels against the reference Q/DQ ops: the equation the CPU lowering relies on."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-import qcompile.ops  # noqa: F401
-from qcompile.onednn import prepack_linear_weight, qlinear
+import qcompile  # noqa: F401  (registers torch.ops.qc.*)
 from qcompile.spec import PerChannel, QuantSpec, compute_qparams
 
 qc = torch.ops.qc
@@ -27,12 +26,18 @@ def quantized_problem(rows=64, features=96, outputs=48, seed=0):
     return x_q, x_scale, x_zp, w_q, w_scale, b, reference_input, reference_weight
 
 
+def qlinear(x_q, x_scale, x_zp, w_q, w_scale, b, *, other=None, out_scale=1.0, out_zero_point=0,
+            out_dtype=torch.float32, post_op="none"):
+    return qc.linear_int8(x_q, x_scale, x_zp, w_q, w_scale, b, other, float(out_scale), int(out_zero_point),
+                          out_dtype, post_op)
+
+
 @pytest.mark.parametrize("post_op, activation", [("none", lambda y: y), ("relu", F.relu), ("gelu", F.gelu),
                                                   ("gelu-tanh", lambda y: F.gelu(y, approximate="tanh"))])
 def test_float_output_matches_dequantize_linear_reference(post_op, activation):
     x_q, x_scale, x_zp, w_q, w_scale, b, ref_x, ref_w = quantized_problem()
     expected = activation(F.linear(ref_x, ref_w, b))
-    actual = qlinear(x_q, x_scale, x_zp, prepack_linear_weight(w_q), w_scale, b, post_op=post_op)
+    actual = qlinear(x_q, x_scale, x_zp, w_q, w_scale, b, post_op=post_op)
     torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
 
 
@@ -41,7 +46,7 @@ def test_uint8_output_within_one_step_of_reference_requantize():
     y = F.linear(ref_x, ref_w, b)
     out_scale, out_zp = compute_qparams(y.min(), y.max(), ACT)
     expected = qc.quantize(y, out_scale, out_zp, None, 0, 255, torch.uint8)
-    actual = qlinear(x_q, x_scale, x_zp, prepack_linear_weight(w_q), w_scale, b,
+    actual = qlinear(x_q, x_scale, x_zp, w_q, w_scale, b,
                      out_scale=out_scale, out_zero_point=int(out_zp), out_dtype=torch.uint8)
     assert actual.dtype == torch.uint8
     assert (actual.int() - expected.int()).abs().max() <= 1
@@ -49,7 +54,7 @@ def test_uint8_output_within_one_step_of_reference_requantize():
 
 def test_three_dimensional_activations_and_bf16_output():
     x_q, x_scale, x_zp, w_q, w_scale, b, ref_x, ref_w = quantized_problem()
-    out = qlinear(x_q.reshape(4, 16, -1), x_scale, x_zp, prepack_linear_weight(w_q), w_scale, b,
+    out = qlinear(x_q.reshape(4, 16, -1), x_scale, x_zp, w_q, w_scale, b,
                   out_dtype=torch.bfloat16)
     assert out.shape == (4, 16, 48) and out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float().reshape(64, 48), F.linear(ref_x, ref_w, b), rtol=1e-2, atol=2e-2)
@@ -57,10 +62,41 @@ def test_three_dimensional_activations_and_bf16_output():
 
 def test_bad_arguments_are_named():
     x_q, x_scale, x_zp, w_q, w_scale, b, *_ = quantized_problem()
-    packed = prepack_linear_weight(w_q)
     with pytest.raises(ValueError, match="activations must be uint8"):
-        qlinear(x_q.to(torch.int8), x_scale, x_zp, packed, w_scale, b)
+        qlinear(x_q.to(torch.int8), x_scale, x_zp, w_q, w_scale, b)
     with pytest.raises(ValueError, match="unknown post-op 'swish'"):
-        qlinear(x_q, x_scale, x_zp, packed, w_scale, b, post_op="swish")
+        qlinear(x_q, x_scale, x_zp, w_q, w_scale, b, post_op="swish")
     with pytest.raises(ValueError, match="weights must be 2-D int8"):
-        prepack_linear_weight(w_q.float())
+        qlinear(x_q, x_scale, x_zp, w_q.float(), w_scale, b)
+
+
+def test_fused_residual_add_then_relu():
+    x_q, x_scale, x_zp, w_q, w_scale, b, ref_x, ref_w = quantized_problem(seed=2)
+    other = torch.randn(64, 48)
+    expected = F.relu(F.linear(ref_x, ref_w, b) + other)
+    actual = qlinear(x_q, x_scale, x_zp, w_q, w_scale, b, other=other, post_op="relu")
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
+    assert torch.equal(other, other.clone())  # the addend is read, never accumulated into
+
+
+def test_weights_are_packed_once_per_tensor():
+    from qcompile.onednn import packed_linear_weight
+
+    w_q = quantized_problem()[3]
+    assert packed_linear_weight(w_q) is packed_linear_weight(w_q)
+
+
+def test_conv2d_matches_dequantize_conv_reference():
+    g = torch.Generator().manual_seed(3)
+    x = torch.relu(torch.randn(2, 8, 12, 12, generator=g))
+    w = torch.randn(16, 8, 3, 3, generator=g) * 0.2
+    b = torch.randn(16, generator=g)
+    x_scale, x_zp = compute_qparams(x.min(), x.max(), ACT)
+    w_scale, w_zp = compute_qparams(w.amin((1, 2, 3)), w.amax((1, 2, 3)), WEIGHT)
+    x_q = qc.quantize(x, x_scale, x_zp, None, 0, 255, torch.uint8)
+    w_q = qc.quantize(w, w_scale, w_zp, 0, -128, 127, torch.int8)
+    reference = F.relu(F.conv2d(qc.dequantize(x_q, x_scale, x_zp, None, torch.float32),
+                                qc.dequantize(w_q, w_scale, w_zp, 0, torch.float32), b, 2, 1))
+    actual = qc.conv2d_int8(x_q, x_scale, x_zp, w_q, w_scale, b, [2, 2], [1, 1], [1, 1], 1, 1.0, 0,
+                            torch.float32, "relu")
+    torch.testing.assert_close(actual, reference, rtol=1e-4, atol=1e-4)

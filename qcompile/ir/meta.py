@@ -14,8 +14,11 @@ from typing import Any
 import torch
 from torch import fx
 
+from qcompile.spec import QuantSpec
+
 QSPEC_KEY = "qc.qspec"
 PROVENANCE_KEY = "qc.provenance"
+FUSION_KEY = "qc.fusion"
 QC_PREFIX = "qc."
 
 
@@ -36,12 +39,84 @@ class Provenance:
         return f"{self.pass_name}{rule}{sources}"
 
 
-def get_qspec(node: fx.Node) -> Any | None:
+@dataclass(frozen=True)
+class EdgeQuant:
+    """How one input edge of an op is quantized.
+
+    ``role`` is ``activation`` (observed at run time), ``weight`` (a constant, quantized once)
+    or ``bias`` (int32 with the derived scale S_input · S_weight, zero point 0, as ONNX's
+    QLinearConv and PT2E use). ``observe_at`` names the node whose output is observed for an
+    activation: the edge's producer, or further up through ops that share their input's qparams
+    (view, permute, max-pool...), so one observer and one Q/DQ pair serve the whole chain.
+    """
+
+    role: str
+    spec: QuantSpec
+    observe_at: str | None = None
+
+    def __str__(self) -> str:
+        where = f"@{self.observe_at}" if self.observe_at else ""
+        return f"{self.role}:{self.spec}{where}"
+
+
+@dataclass(frozen=True)
+class QuantAnnotation:
+    """The plan for one node: its quantized input edges (by argument index), or why it stays float.
+
+    ``rule`` names the QConfig rule that decided; ``shares_qparams_of`` marks a shape op whose
+    output keeps its input's qparams.
+    """
+
+    inputs: tuple[tuple[int, EdgeQuant], ...] = ()
+    rule: str = ""
+    float_reason: str | None = None
+    shares_qparams_of: str | None = None
+
+    @property
+    def quantized(self) -> bool:
+        return bool(self.inputs)
+
+    def edge(self, index: int) -> EdgeQuant | None:
+        return dict(self.inputs).get(index)
+
+    def __str__(self) -> str:
+        if self.shares_qparams_of:
+            return f"shares({self.shares_qparams_of})"
+        if self.float_reason:
+            return f"float({self.float_reason})"
+        return "[" + ", ".join(f"{i}={edge}" for i, edge in self.inputs) + "]"
+
+
+@dataclass(frozen=True)
+class Fusion:
+    """A group that lowers to one kernel: anchor (linear/conv) [-> binary add] [-> unary], or
+    anchor -> unary. Node names, so the record survives graph copies."""
+
+    unary: str | None = None
+    unary_node: str | None = None
+    add_node: str | None = None
+    add_other: int | None = None  # argument index of the add's other operand
+    last: str = ""
+
+    def __str__(self) -> str:
+        parts = [p for p in ("add" if self.add_node else None, self.unary) if p]
+        return "fuse(" + "+".join(parts or ["alone"]) + f"->{self.last})"
+
+
+def get_qspec(node: fx.Node) -> QuantAnnotation | None:
     return node.meta.get(QSPEC_KEY)
 
 
-def set_qspec(node: fx.Node, spec: Any) -> None:
-    node.meta[QSPEC_KEY] = spec
+def set_qspec(node: fx.Node, annotation: QuantAnnotation) -> None:
+    node.meta[QSPEC_KEY] = annotation
+
+
+def get_fusion(node: fx.Node) -> Fusion | None:
+    return node.meta.get(FUSION_KEY)
+
+
+def set_fusion(node: fx.Node, fusion: Fusion) -> None:
+    node.meta[FUSION_KEY] = fusion
 
 
 def get_provenance(node: fx.Node) -> Provenance | None:
