@@ -4,7 +4,7 @@ One ATen-level fx graph from ``torch.export``, pure passes under a pass manager,
 real int8 kernels or ONNX QDQ. This module is the public API, the same one built-in passes use.
 """
 
-from qcompile import onednn, ops  # noqa: F401  (register torch.ops.qc.*)
+from qcompile import bf16_kernels, onednn, ops  # noqa: F401  (register torch.ops.qc.*)
 from qcompile.capture import capture
 from qcompile.errors import (
     CalibrationError,
@@ -29,7 +29,19 @@ from qcompile.ir.graph import (
     op_arguments,
     remove_dead_nodes,
 )
-from qcompile.ir.meta import Provenance, get_provenance, get_qspec, set_provenance, set_qspec, source_module
+from qcompile.ir.meta import (
+    EdgeQuant,
+    Fusion,
+    Provenance,
+    QuantAnnotation,
+    get_fusion,
+    get_provenance,
+    get_qspec,
+    set_fusion,
+    set_provenance,
+    set_qspec,
+    source_module,
+)
 from qcompile.ir.printer import canonical_order, diff_graphs, print_graph
 from qcompile.ir.verify import register_invariant, verify_graph
 from qcompile.observers import HistogramObserver, MinMaxObserver, MovingAverageObserver, Observer, make_observer
@@ -46,20 +58,30 @@ from qcompile.pass_manager import (
     registered_passes,
 )
 from qcompile.rewrite import Match, Rule, RuleSet, RuleTracer, apply_rule_set, register_rule_set, trace_rules
+from qcompile.qdq import observation_root
+from qcompile.targets import OpRule, Target, get_target, register_target, targets
+from qcompile.calibration import calibrate
+from qcompile.report import CompileReport, NodeReport, sqnr_db
+from qcompile.api import QuantizedModel, compile, load
 
 __all__ = [
     "CalibrationError",
     "CaptureError",
+    "CompileReport",
     "DumpIR",
+    "EdgeQuant",
+    "Fusion",
     "HistogramObserver",
     "Instrument",
     "Match",
     "MinMaxObserver",
     "MovingAverageObserver",
     "NodeError",
+    "NodeReport",
     "NumericCheck",
     "Observer",
     "OpQuantConfig",
+    "OpRule",
     "Pass",
     "PassError",
     "PassManager",
@@ -75,18 +97,23 @@ __all__ = [
     "Provenance",
     "QCompileError",
     "QConfig",
+    "QuantAnnotation",
     "QuantSpec",
+    "QuantizedModel",
     "Rule",
     "RuleSet",
     "RuleTracer",
     "SkipPass",
+    "Target",
     "Timing",
     "VerificationError",
     "Verify",
     "add_constant",
     "apply_rule_set",
+    "calibrate",
     "canonical_order",
     "capture",
+    "compile",
     "compute_qparams",
     "constant_value",
     "copy_graph_module",
@@ -94,21 +121,29 @@ __all__ = [
     "describe_node",
     "diff_graphs",
     "fetch_attr",
+    "get_fusion",
     "get_provenance",
     "get_qspec",
+    "get_target",
     "infer_fake_value",
     "int8_preset",
     "is_mutating",
+    "load",
     "make_observer",
+    "observation_root",
     "op_arguments",
     "print_graph",
     "register_invariant",
     "register_rule_set",
+    "register_target",
     "registered_passes",
     "remove_dead_nodes",
+    "set_fusion",
     "set_provenance",
     "set_qspec",
     "source_module",
+    "sqnr_db",
+    "targets",
     "trace_rules",
     "verify_graph",
 ]

@@ -76,6 +76,19 @@ def capture(
     dynamic_batch: bool = True,
 ) -> fx.GraphModule:
     """Capture ``model`` into an fx.GraphModule of ATen ops with ``torch.export`` (non-strict)."""
+    gm = export_program(model, args, kwargs, dynamic_batch).module()
+    if dynamic_batch:
+        _warn_static_batch(gm)
+    return gm
+
+
+def export_program(
+    model: nn.Module,
+    args: tuple[Any, ...] | list[Any] = (),
+    kwargs: dict[str, Any] | None = None,
+    dynamic_batch: bool = True,
+) -> torch.export.ExportedProgram:
+    """The ``ExportedProgram`` behind :func:`capture`: what saving a compiled model serializes."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"capture() needs an nn.Module, got {type(model).__name__}")
     if not isinstance(args, (tuple, list)):
@@ -89,10 +102,7 @@ def capture(
         exported = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
     except Exception as exc:  # export raises many unrelated types; all become one clear error
         raise _capture_error(exc, model) from exc
-    gm = exported.module()
-    if dynamic_batch:
-        _warn_static_batch(gm)
-    return gm
+    return exported
 
 
 def _warn_static_batch(gm: fx.GraphModule) -> None:

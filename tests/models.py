@@ -89,3 +89,52 @@ def load_minilm():
 def minilm_inputs(tokenizer, sentences: list[str], length: int = 128) -> dict[str, torch.Tensor]:
     encoded = tokenizer(sentences, padding="max_length", truncation=True, max_length=length, return_tensors="pt")
     return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+
+
+class SentenceEmbedder(nn.Module):
+    """all-MiniLM-L6-v2 as sentence-transformers runs it: mean of the token states under the mask.
+
+    The pooler head of the Hugging Face model is not used, so capture leaves it as dead code.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        states = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(states.dtype)
+        return (states * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+
+
+def docstring_sentences(count: int, skip: int = 0) -> list[str]:
+    """First sentences of Python standard-library docstrings, read with ``ast`` (nothing imported),
+    in a fixed order: real English text that ships with every Python."""
+    import ast
+    import re
+    import sysconfig
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    sentences: list[str] = []
+    seen: set[str] = set()
+    for path in sorted(root.glob("*.py")) + sorted(root.glob("*/*.py")):
+        if "test" in path.parts or "idle_test" in path.parts:
+            continue
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError):
+            continue
+        for node in ast.walk(tree):
+            if not isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef)):
+                continue
+            doc = ast.get_docstring(node)
+            if not doc:
+                continue
+            first = re.split(r"(?<=[.!?])\s|\n\s*\n", doc.strip(), maxsplit=1)[0]
+            first = " ".join(first.split())
+            if 30 <= len(first) <= 300 and first not in seen:
+                seen.add(first)
+                sentences.append(first)
+                if len(sentences) == skip + count:
+                    return sentences[skip:]
+    raise RuntimeError(f"only {len(sentences)} docstring sentences found, {skip + count} asked for")

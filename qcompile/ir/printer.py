@@ -205,7 +205,9 @@ def _rename_symbols(text: str) -> str:
     out_lines = []
     for line in text.splitlines():
         head, sep, type_text = line.partition(" : ")
-        out_lines.append(head + sep + _SYMBOL.sub(rename, type_text) if sep else line)
+        # Only inside shape brackets: "u8[u3,16]" has a dtype u8 and a symbol u3.
+        renamed = re.sub(r"\[[^\]]*\]", lambda m: _SYMBOL.sub(rename, m.group(0)), type_text)
+        out_lines.append(head + sep + renamed if sep else line)
     return "\n".join(out_lines)
 
 

@@ -1,0 +1,153 @@
+"""convert: from the observed plan to the explicit Q/DQ form, the common ground of every target.
+
+    o = observer_0(y)          ->   q = qc.quantize(y, S, Z) ; o' = qc.dequantize(q, S, Z)
+    linear(x, W, b)            ->   linear(x, qc.dequantize(W_q, S_W, 0, axis=0),
+                                           qc.dequantize(b_q, S_x·S_W, 0, axis=0))
+
+S and Z come from each observer's statistics; W_q from the weight's own range (per output
+channel by default), computed once here. The bias is stored as int32 with the derived scale
+S_x · S_W, so that an integer kernel can add it to the int32 accumulator exactly (its rounding
+error is at most half of one accumulator step).
+
+With ``dynamic=true`` there are no observers: each quantized activation gets
+``S, Z = qc.choose_qparams(y)`` at run time, and biases stay float (their scale would only be
+known at run time). An observer that saw no data, or a planned activation that is neither
+observed nor dynamic, is an error naming the node: the graph was not calibrated.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import fx
+
+from qcompile import NodeError, Observer, Pass, PassResult, Provenance, QuantSpec, add_constant
+from qcompile import constant_value, get_qspec, infer_fake_value, make_observer, observation_root
+from qcompile import set_provenance
+from qcompile.qdq import CHOOSE_QPARAMS, DEQUANTIZE, QUANTIZE
+
+
+def _call(gm: fx.GraphModule, target: object, args: tuple, *, before: fx.Node, pass_name: str,
+          source: fx.Node) -> fx.Node:
+    with gm.graph.inserting_before(before):
+        node = gm.graph.call_function(target, args)
+    infer_fake_value(node)
+    set_provenance(node, Provenance(pass_name, sources=(source.name,)))
+    return node
+
+
+@dataclass(frozen=True)
+class Convert(Pass):
+    name: ClassVar[str] = "convert"
+    requires: ClassVar[frozenset[str]] = frozenset({"annotated"})
+    establishes: ClassVar[frozenset[str]] = frozenset({"qdq"})
+    invalidates: ClassVar[frozenset[str]] = frozenset({"observed"})
+
+    dynamic: bool = False
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        activation_qparams: dict[tuple[str, QuantSpec], tuple[fx.Node, fx.Node]] = {}
+        observed = self._replace_observers(gm, activation_qparams)
+        weights = 0
+        for node in list(gm.graph.nodes):
+            plan = get_qspec(node)
+            if plan is None or not plan.quantized:
+                continue
+            x_scale = None
+            for index, edge in plan.inputs:
+                if edge.role == "activation":
+                    x_scale = self._activation(gm, node, index, edge.spec, activation_qparams)
+            for index, edge in plan.inputs:
+                if edge.role == "weight":
+                    w_scale = self._weight(gm, node, index, edge.spec)
+                    weights += 1
+            for index, edge in plan.inputs:
+                if edge.role == "bias" and x_scale is not None and not self.dynamic:
+                    self._bias(gm, node, index, edge.spec, constant_value(gm, x_scale) * w_scale)
+        stats = {"observers": observed, "weights": weights}
+        if self.dynamic:
+            stats["dynamic"] = len(activation_qparams)
+        return PassResult(gm, bool(observed or weights), stats)
+
+    def _replace_observers(self, gm: fx.GraphModule, qparams: dict) -> int:
+        count = 0
+        for node in list(gm.graph.nodes):
+            if node.op != "call_module":
+                continue
+            observer = gm.get_submodule(node.target)
+            if not isinstance(observer, Observer):
+                continue
+            if observer.batches == 0:
+                raise NodeError(node, f"observer '{node.target}' saw no data: the graph was never calibrated "
+                                      "(run calibration after insert-observers, or convert{dynamic=true})")
+            root, spec = node.args[0], observer.spec
+            scale, zero_point = observer.qparams()
+            scale_node = add_constant(gm, scale, f"{root.name}_scale", before=node)
+            zp_node = add_constant(gm, zero_point, f"{root.name}_zero_point", before=node)
+            dq = self._quantize_dequantize(gm, root, spec, scale_node, zp_node, before=node)
+            node.replace_all_uses_with(dq)
+            gm.graph.erase_node(node)
+            qparams[(root.name, spec)] = (scale_node, zp_node)
+            count += 1
+        return count
+
+    def _quantize_dequantize(self, gm, root, spec, scale, zero_point, *, before) -> fx.Node:
+        q = _call(gm, QUANTIZE, (root, scale, zero_point, spec.axis, spec.qmin, spec.qmax, spec.storage_dtype),
+                  before=before, pass_name=self.name, source=root)
+        return _call(gm, DEQUANTIZE, (q, scale, zero_point, spec.axis, root.meta["val"].dtype),
+                     before=before, pass_name=self.name, source=root)
+
+    def _activation(self, gm, node, index, spec, qparams) -> fx.Node | None:
+        """The scale node of ``node``'s quantized input ``index`` (adding the dynamic Q/DQ if needed)."""
+        root, chain = observation_root(node.args[index])
+        if root.op == "call_function" and root.target == DEQUANTIZE:
+            return root.args[1]
+        if not self.dynamic:
+            raise NodeError(node, f"input {index} is planned as quantized but was never observed; run "
+                                  "insert-observers and calibrate, or use convert{dynamic=true}")
+        key = (root.name, spec)
+        if key not in qparams:
+            after_root = root.next
+            params = _call(gm, CHOOSE_QPARAMS, (root, spec.qmin, spec.qmax, spec.symmetric),
+                           before=after_root, pass_name=self.name, source=root)
+            scale, zero_point = (
+                _call(gm, operator.getitem, (params, i), before=after_root, pass_name=self.name, source=root)
+                for i in (0, 1)
+            )
+            dq = self._quantize_dequantize(gm, root, spec, scale, zero_point, before=after_root)
+            qparams[key] = (scale, zero_point, dq)
+        *_, dq = qparams[key]
+        (chain[0] if chain else node).replace_input_with(root, dq)
+        return None
+
+    def _weight(self, gm: fx.GraphModule, node: fx.Node, index: int, spec: QuantSpec) -> torch.Tensor:
+        weight_node = node.args[index]
+        weight = constant_value(gm, weight_node)
+        observer = make_observer(spec, name=f"weight '{weight_node.target}'")
+        observer(weight)
+        scale, zero_point = observer.qparams()
+        weight_q = torch.ops.qc.quantize(weight, scale, zero_point, spec.axis, spec.qmin, spec.qmax,
+                                         spec.storage_dtype)
+        base = str(weight_node.target)
+        args = [add_constant(gm, t, f"{base}_{suffix}", before=node)
+                for t, suffix in ((weight_q, "q"), (scale, "scale"), (zero_point, "zero_point"))]
+        dq = _call(gm, DEQUANTIZE, (*args, spec.axis, weight.dtype), before=node, pass_name=self.name,
+                   source=weight_node)
+        node.update_arg(index, dq)
+        return scale
+
+    def _bias(self, gm, node, index, spec, scale: torch.Tensor) -> None:
+        bias_node = node.args[index]
+        bias = constant_value(gm, bias_node)
+        scale = scale.reshape(-1).expand(bias.shape[0]).contiguous() if scale.numel() == 1 else scale.reshape(-1)
+        axis = 0
+        zero_point = torch.zeros_like(scale, dtype=torch.int32)
+        bias_q = torch.ops.qc.quantize(bias.float(), scale, zero_point, axis, spec.qmin, spec.qmax, torch.int32)
+        base = str(bias_node.target)
+        args = [add_constant(gm, t, f"{base}_{suffix}", before=node)
+                for t, suffix in ((bias_q, "q"), (scale, "scale"), (zero_point, "zero_point"))]
+        dq = _call(gm, DEQUANTIZE, (*args, axis, bias.dtype), before=node, pass_name=self.name, source=bias_node)
+        node.update_arg(index, dq)

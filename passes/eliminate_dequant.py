@@ -1,0 +1,75 @@
+"""eliminate-dequant: keep values in integers for as long as their qparams allow.
+
+    shape_op(dequantize(q, S, Z), ...)     -> dequantize(shape_op(q, ...), S, Z)
+        (view, reshape, permute, transpose, flatten, squeeze/unsqueeze, max-pool: ops that move
+         or select values, so they commute with the per-tensor affine map; per-tensor only)
+    quantize(dequantize(q, S, Z), S, Z)    -> q
+        (a dequantize straight into a quantize with the same qparams and range is the identity)
+
+Sinking the dequantize is what lets a lowered graph run a transpose + reshape on uint8 bytes
+instead of float32, and hands the lowering a ``dequantize -> linear`` pair to match. Both
+rewrites are exact, so the pass preserves semantics bit for bit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from torch import fx
+
+from qcompile import Pass, PassResult, Provenance, copy_source_meta, infer_fake_value, set_provenance
+from qcompile.qdq import SHARES_QPARAMS, is_dequantize, is_quantize, qparams_of
+
+
+def _sink_through(gm: fx.GraphModule, op: fx.Node, dq: fx.Node, pass_name: str) -> fx.Node:
+    graph = gm.graph
+    with graph.inserting_before(op):
+        moved = graph.call_function(op.target, (dq.args[0], *op.args[1:]), dict(op.kwargs))
+        infer_fake_value(moved)
+        copy_source_meta(op, moved)
+        new_dq = graph.call_function(dq.target, (moved, *dq.args[1:]), dict(dq.kwargs))
+        infer_fake_value(new_dq)
+    for node in (moved, new_dq):
+        set_provenance(node, Provenance(pass_name, "sink-dequantize", (op.name, dq.name)))
+    op.replace_all_uses_with(new_dq)
+    graph.erase_node(op)
+    if not dq.users:
+        graph.erase_node(dq)
+    return new_dq
+
+
+def _same_format(q: fx.Node, dq: fx.Node) -> bool:
+    """Whether quantize ``q`` produces the integers ``dq`` reads, in the same dtype and range."""
+    source = dq.args[0]
+    source_val, q_val = source.meta.get("val"), q.meta.get("val")
+    return (
+        source_val is not None
+        and q_val is not None
+        and source_val.dtype == q_val.dtype
+        and (not is_quantize(source) or tuple(source.args[4:6]) == tuple(q.args[4:6]))
+    )
+
+
+@dataclass(frozen=True)
+class EliminateDequant(Pass):
+    name: ClassVar[str] = "eliminate-dequant"
+    requires: ClassVar[frozenset[str]] = frozenset({"qdq"})
+    preserves_semantics: ClassVar[bool] = True
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        sunk = folded = 0
+        for node in list(gm.graph.nodes):
+            if node.op != "call_function":
+                continue
+            source = node.args[0] if node.args else None
+            if node.target in SHARES_QPARAMS and is_dequantize(source) and source.args[3] is None:
+                _sink_through(gm, node, source, self.name)
+                sunk += 1
+            elif is_quantize(node) and is_dequantize(source) and _same_format(node, source):
+                if qparams_of(gm, node).same_as(qparams_of(gm, source)):
+                    node.replace_all_uses_with(source.args[0])
+                    gm.graph.erase_node(node)
+                    folded += 1
+        stats = {k: v for k, v in (("sunk", sunk), ("folded", folded)) if v}
+        return PassResult(gm, bool(sunk or folded), stats)

@@ -1,0 +1,69 @@
+"""insert-observers: put an observer on every activation the plan quantizes.
+
+    y = producer(...)                 y = producer(...)
+    z = view(y)            ->         o = call_module observer_0(y)
+    linear(z, W, b)                   z = view(o)
+                                      linear(z, W, b)
+
+One observer per (observed value, spec): the three projections reading one LayerNorm output
+share it, so they get the same qparams and one quantize. Only the edges the plan quantizes read
+the observer; other users of the value keep reading it directly. Weights are not observed
+here: they are constants, and ``convert`` measures them directly.
+
+Observers are fresh modules registered on this pass's copy of the graph, so the graph given to
+the pass, and any other copy, never sees calibration state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from torch import fx
+
+from qcompile import Observer, Pass, PassResult, Provenance, get_qspec, make_observer, observation_root
+from qcompile import set_provenance, source_module
+
+
+def _is_observer(gm: fx.GraphModule, node: fx.Node) -> bool:
+    return node.op == "call_module" and isinstance(gm.get_submodule(node.target), Observer)
+
+
+@dataclass(frozen=True)
+class InsertObservers(Pass):
+    name: ClassVar[str] = "insert-observers"
+    requires: ClassVar[frozenset[str]] = frozenset({"annotated"})
+    establishes: ClassVar[frozenset[str]] = frozenset({"observed"})
+    preserves_semantics: ClassVar[bool] = True
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        observers: dict[tuple[fx.Node, object], fx.Node] = {}
+        for node in list(gm.graph.nodes):
+            plan = get_qspec(node)
+            if plan is None or not plan.quantized:
+                continue
+            for index, edge in plan.inputs:
+                if edge.role != "activation":
+                    continue
+                root, chain = observation_root(node.args[index])
+                if _is_observer(gm, root):
+                    continue  # already observed: running the pass twice changes nothing
+                key = (root, edge.spec)
+                if key not in observers:
+                    observers[key] = self._observe(gm, root, edge.spec, len(observers))
+                (chain[0] if chain else node).replace_input_with(root, observers[key])
+        return PassResult(gm, bool(observers), {"observers": len(observers)} if observers else {})
+
+    def _observe(self, gm: fx.GraphModule, root: fx.Node, spec: object, number: int) -> fx.Node:
+        name = f"observer_{number}"
+        while hasattr(gm, name):
+            number += 1
+            name = f"observer_{number}"
+        module = source_module(root)
+        where = f"{root.name} in module '{module[0]}'" if module and module[0] else root.name
+        gm.add_submodule(name, make_observer(spec, name=where))
+        with gm.graph.inserting_after(root):
+            node = gm.graph.call_module(name, (root,))
+        node.meta["val"] = root.meta.get("val")
+        set_provenance(node, Provenance(self.name, sources=(root.name,)))
+        return node

@@ -1,0 +1,159 @@
+"""lower-cpu-int8: Q/DQ groups to oneDNN int8 kernels.
+
+    dequantize(x_q, S_x, Z_x) -> linear(·, dequantize(W_q, S_W, 0), dequantize(b_q, ...))
+        [-> add(·, other)] [-> gelu | relu]  [-> quantize(·, S_y, Z_y)]
+    ->  qc.linear_int8(x_q, S_x, Z_x, W_q, S_W, b, other, S_y, Z_y, out_dtype, post_op)
+
+and the same for ``conv2d`` (relu only) into ``qc.conv2d_int8``. The group is the one
+``fuse-patterns`` marked. The output dtype is the one the consumers want: when every user of
+the group's last value quantizes it with the same uint8 per-tensor qparams, the kernel
+requantizes in its epilogue and those quantize nodes disappear (uint8 flows straight into the
+next int8 op); otherwise the kernel writes float for the float ops that read it.
+
+An anchor that does not fit a kernel stays in the reference Q/DQ form (numerically the same
+model, just not fast) and the pass's stats say why, node by node.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import fx
+
+from qcompile import Fusion, Pass, PassResult, Provenance, add_constant, constant_value, copy_source_meta, get_fusion
+from qcompile import infer_fake_value, op_arguments, set_provenance
+from qcompile.qdq import QParams, is_dequantize, is_quantize, qparams_of
+
+aten = torch.ops.aten
+KERNELS = {aten.linear.default: "linear", aten.conv2d.default: "conv2d"}
+
+
+@dataclass
+class _Operands:
+    x_q: fx.Node
+    x_scale: fx.Node
+    x_zero_point: fx.Node
+    weight_q: torch.Tensor
+    weight_scale: torch.Tensor
+    bias: torch.Tensor | None
+
+
+def _operands(gm: fx.GraphModule, anchor: fx.Node) -> _Operands | str:
+    """The kernel's inputs read off the Q/DQ form, or why the anchor does not fit the kernel."""
+    x_dq = anchor.args[0]
+    if not is_dequantize(x_dq):
+        return "input is not dequantized from integers (not quantized by the plan)"
+    if x_dq.args[0].meta["val"].dtype != torch.uint8 or x_dq.args[3] is not None:
+        return "input is not uint8 per-tensor"
+    w_dq = anchor.args[1]
+    if not is_dequantize(w_dq) or constant_value(gm, w_dq.args[0]) is None:
+        return "weight is not a dequantized int8 constant"
+    w = qparams_of(gm, w_dq)
+    weight_q = constant_value(gm, w_dq.args[0])
+    if not w.static or weight_q.dtype != torch.int8 or w.axis not in (None, 0) or bool(w.zero_point.any()):
+        return "weight is not int8 symmetric per output channel"
+    channels = weight_q.shape[0]
+    bias_arg = anchor.args[2] if len(anchor.args) > 2 else None
+    if is_dequantize(bias_arg):
+        bias = _dequantized_constant(gm, bias_arg)
+    else:
+        bias = constant_value(gm, bias_arg)
+        if bias_arg is not None and bias is None:
+            return "bias is computed in the graph"
+    if anchor.target == aten.conv2d.default and not isinstance(constant_value(gm, x_dq.args[1]), torch.Tensor):
+        return "conv2d kernel packs with a static input scale (dynamic quantization is linear-only)"
+    return _Operands(x_dq.args[0], x_dq.args[1], x_dq.args[2], weight_q,
+                     w.scale.reshape(-1).expand(channels).contiguous().float(), bias)
+
+
+def _dequantized_constant(gm: fx.GraphModule, dq: fx.Node) -> torch.Tensor:
+    params = qparams_of(gm, dq)
+    return torch.ops.qc.dequantize(constant_value(gm, dq.args[0]), params.scale, params.zero_point, params.axis,
+                                   torch.float32)
+
+
+def _requantize_target(gm: fx.GraphModule, last: fx.Node) -> tuple[list[fx.Node], QParams] | None:
+    """The quantize users of ``last`` when all of them agree on one static uint8 per-tensor format."""
+    users = list(last.users)
+    if not users or not all(is_quantize(u) for u in users):
+        return None
+    params = [qparams_of(gm, u) for u in users]
+    first = params[0]
+    if not first.static or first.axis is not None or users[0].args[6] != torch.uint8:
+        return None
+    if any(not p.same_as(first) or u.args[4:7] != users[0].args[4:7] for p, u in zip(params, users)):
+        return None
+    return users, first
+
+
+def _group_nodes(anchor: fx.Node, fusion: Fusion) -> dict[str, fx.Node] | None:
+    """The marked group's nodes by name, or None when the chain of sole users no longer holds."""
+    nodes, current = {anchor.name: anchor}, anchor
+    for name in (fusion.add_node, fusion.unary_node):
+        if name is None:
+            continue
+        users = list(current.users)
+        if len(users) != 1 or users[0].name != name:
+            return None
+        current = nodes[name] = users[0]
+    return nodes if current.name == fusion.last else None
+
+
+@dataclass(frozen=True)
+class LowerCpuInt8(Pass):
+    name: ClassVar[str] = "lower-cpu-int8"
+    requires: ClassVar[frozenset[str]] = frozenset({"qdq", "fused"})
+    establishes: ClassVar[frozenset[str]] = frozenset({"lowered"})
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        lowered, kept = 0, {}
+        for anchor in list(gm.graph.nodes):
+            if anchor.op != "call_function" or anchor.target not in KERNELS:
+                continue
+            operands = _operands(gm, anchor)
+            if isinstance(operands, str):
+                if is_dequantize(anchor.args[1]):
+                    kept[anchor.name] = operands
+                continue
+            self._lower(gm, anchor, operands)
+            lowered += 1
+        stats: dict[str, object] = {"lowered": lowered}
+        if kept:
+            stats["kept"] = kept
+        return PassResult(gm, bool(lowered), stats)
+
+    def _lower(self, gm: fx.GraphModule, anchor: fx.Node, ops: _Operands) -> None:
+        fusion = get_fusion(anchor)
+        nodes = _group_nodes(anchor, fusion) if fusion else None
+        if nodes is None:  # unmarked, or the graph changed since fuse-patterns: the anchor alone
+            fusion, nodes = None, {anchor.name: anchor}
+        last = nodes[fusion.last] if fusion else anchor
+        other = nodes[fusion.add_node].args[fusion.add_other] if fusion and fusion.add_node else None
+        post_op = (fusion.unary if fusion else None) or "none"
+        requantize = _requantize_target(gm, last)
+        if requantize is not None:
+            out_scale = float(requantize[1].scale.reshape(()))
+            out_zero_point, out_dtype = int(requantize[1].zero_point.reshape(())), torch.uint8
+        else:
+            out_scale, out_zero_point, out_dtype = 1.0, 0, last.meta["val"].dtype
+        name = anchor.name
+        weight = add_constant(gm, ops.weight_q, f"{name}_weight_q", before=anchor)
+        weight_scale = add_constant(gm, ops.weight_scale, f"{name}_weight_scale", before=anchor)
+        bias = add_constant(gm, ops.bias, f"{name}_bias", before=anchor) if ops.bias is not None else None
+        x = (ops.x_q, ops.x_scale, ops.x_zero_point, weight, weight_scale, bias)
+        with gm.graph.inserting_after(last):
+            if anchor.target == aten.linear.default:
+                args = (*x, other, out_scale, out_zero_point, out_dtype, post_op)
+                kernel = gm.graph.call_function(torch.ops.qc.linear_int8.default, args)
+            else:
+                conv = op_arguments(anchor)
+                args = (*x, list(conv["stride"]), list(conv["padding"]), list(conv["dilation"]), conv["groups"],
+                        out_scale, out_zero_point, out_dtype, post_op)
+                kernel = gm.graph.call_function(torch.ops.qc.conv2d_int8.default, args)
+        infer_fake_value(kernel)
+        copy_source_meta(anchor, kernel)
+        set_provenance(kernel, Provenance(self.name, KERNELS[anchor.target], tuple(nodes)))
+        for replaced in requantize[0] if requantize else [last]:
+            replaced.replace_all_uses_with(kernel)

@@ -1,0 +1,89 @@
+"""lower-float-bf16: run the heavy ops the plan left in float in bfloat16 instead of fp32.
+
+    aten.scaled_dot_product_attention(q, k, v, mask)  ->  qc.attention_bf16(q, k, v, mask, scale)
+    aten.linear(x, W, b)   (W constant, not quantized) ->  qc.linear_bf16(x, W_bf16, b)
+
+Attention qualifies without dropout, causal masking or grouped-query heads (what encoders like
+BERT run at inference); it has no weights, so int8 kernels do not apply to it. A linear the
+QConfig kept float (for fidelity) still costs a full fp32 GEMM; in bf16 it costs about a
+quarter. bf16 keeps these ops' error well below the int8 linears around them, and inputs and
+outputs stay in the graph's dtype. The pass changes numerics (bf16 rounding), so it does not
+claim to preserve semantics.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import fx
+
+from qcompile import Pass, PassResult, Provenance, add_constant, constant_value, copy_source_meta
+from qcompile import infer_fake_value, op_arguments, set_provenance
+
+SDPA = torch.ops.aten.scaled_dot_product_attention.default
+LINEAR = torch.ops.aten.linear.default
+
+
+def _attention_unsupported(node: fx.Node) -> str | None:
+    arguments = op_arguments(node)
+    if arguments["dropout_p"] != 0.0:
+        return "dropout"
+    if arguments["is_causal"]:
+        return "causal masking"
+    if arguments.get("enable_gqa"):
+        return "grouped-query attention"
+    q, k = node.args[0].meta["val"], node.args[1].meta["val"]
+    if q.dim() != 4 or q.shape[1] != k.shape[1]:
+        return "not [batch, heads, length, depth] with equal heads"
+    return None
+
+
+def _replace(gm: fx.GraphModule, node: fx.Node, target: object, args: tuple, pass_name: str) -> None:
+    with gm.graph.inserting_before(node):
+        new = gm.graph.call_function(target, args)
+    infer_fake_value(new)
+    copy_source_meta(node, new)
+    set_provenance(new, Provenance(pass_name, sources=(node.name,)))
+    node.replace_all_uses_with(new)
+    gm.graph.erase_node(node)
+
+
+@dataclass(frozen=True)
+class LowerFloatBf16(Pass):
+    name: ClassVar[str] = "lower-float-bf16"
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        attention = linears = 0
+        kept = {}
+        for node in list(gm.graph.nodes):
+            if node.op != "call_function":
+                continue
+            if node.target == SDPA:
+                reason = _attention_unsupported(node)
+                if reason is not None:
+                    kept[node.name] = reason
+                    continue
+                arguments = op_arguments(node)
+                scale = arguments["scale"] or 1.0 / math.sqrt(node.args[0].meta["val"].shape[-1])
+                args = (*node.args[:3], arguments["attn_mask"], float(scale))
+                _replace(gm, node, torch.ops.qc.attention_bf16.default, args, self.name)
+                attention += 1
+            elif node.target == LINEAR and self._float_linear(gm, node):
+                weight = constant_value(gm, node.args[1])
+                weight_bf16 = add_constant(gm, weight.to(torch.bfloat16), f"{node.args[1].target}_bf16", before=node)
+                bias = node.args[2] if len(node.args) > 2 else None
+                _replace(gm, node, torch.ops.qc.linear_bf16.default, (node.args[0], weight_bf16, bias), self.name)
+                linears += 1
+        stats: dict[str, object] = {k: v for k, v in (("attention", attention), ("linear", linears)) if v}
+        if kept:
+            stats["kept"] = kept
+        return PassResult(gm, bool(attention or linears), stats)
+
+    @staticmethod
+    def _float_linear(gm: fx.GraphModule, node: fx.Node) -> bool:
+        weight = constant_value(gm, node.args[1])
+        x = node.args[0].meta.get("val")
+        return weight is not None and weight.dtype == torch.float32 and x is not None and x.dtype == torch.float32

@@ -1,0 +1,218 @@
+"""``qcompile.compile``: capture, prepare, calibrate, convert to Q/DQ, lower; and the model it returns.
+
+    qm = qcompile.compile(model, example_inputs, target="cpu-int8", calibration_data=batches)
+
+Example inputs come from ``example_inputs``, else the first calibration batch, else the model's
+own ``dummy_inputs`` (Hugging Face models have them); without calibration data, activations are
+quantized dynamically. The user's model is never changed: capture works on a functional copy of
+its forward, passes never write shared tensors, and a model left in training mode is captured
+in eval mode with its flags restored afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import time
+import warnings
+from collections.abc import Iterable, Iterator
+from itertools import chain
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from qcompile.calibration import as_call, calibrate
+from qcompile.capture import capture, export_program
+from qcompile.errors import QCompileError
+from qcompile.ir.meta import get_provenance
+from qcompile.pass_manager import Instrument, PassManager, Pipeline, PipelineResult
+from qcompile.qconfig import QConfig
+from qcompile.report import CompileReport, describe_plan, node_outputs, sqnr_db
+from qcompile.targets import Target, get_target
+
+FORMAT_VERSION = 1
+KERNEL_OPS = ("linear_int8", "conv2d_int8")
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[bool]:
+    """Eval mode for capture, the user's per-module training flags restored after."""
+    flags = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield any(flags.values())
+    finally:
+        for module, training in flags.items():
+            module.training = training
+
+
+def _example(
+    model: nn.Module, example_inputs: Any, example_kwargs: dict | None, calibration_data: Iterable | None
+) -> tuple[tuple[Any, ...], dict[str, Any], Iterable | None]:
+    if example_inputs is not None or example_kwargs:
+        args = example_inputs if isinstance(example_inputs, (tuple, list)) else (
+            () if example_inputs is None else (example_inputs,))
+        return tuple(args), dict(example_kwargs or {}), calibration_data
+    if calibration_data is not None:
+        iterator = iter(calibration_data)
+        try:
+            first = next(iterator)
+        except StopIteration:
+            from qcompile.errors import CalibrationError
+            raise CalibrationError("calibration data is empty: give at least one batch, or none for "
+                                   "dynamic quantization") from None
+        args, kwargs = as_call(first)
+        rest = calibration_data if iterator is not calibration_data else chain([first], iterator)
+        return args, kwargs, rest
+    dummy = getattr(model, "dummy_inputs", None)
+    if dummy:
+        args, kwargs = as_call(dummy)
+        return args, kwargs, None
+    raise QCompileError(
+        f"no example inputs for {type(model).__name__}: pass example_inputs=(...), calibration_data, "
+        "or give the model a dummy_inputs attribute"
+    )
+
+
+def _kernel_descriptions(lowered: fx.GraphModule) -> dict[str, str]:
+    kernels = {}
+    for node in lowered.graph.nodes:
+        name = getattr(node.target, "__name__", "")
+        if node.op == "call_function" and name.split(".")[0] in KERNEL_OPS:
+            provenance = get_provenance(node)
+            post_op, out_dtype = node.args[-1], node.args[-2]
+            fused = [p for p in ("+add" if name.startswith("linear") and node.args[6] is not None else "",
+                                 f"+{post_op}" if post_op != "none" else "") if p]
+            dtype = str(out_dtype).removeprefix("torch.")
+            kernels[provenance.sources[0]] = f"qc.{name.split('.')[0]}{''.join(fused)} -> {dtype}"
+    return kernels
+
+
+class QuantizedModel(nn.Module):
+    """A compiled model: callable like the original, carrying its report and its Q/DQ graph."""
+
+    def __init__(self, lowered: fx.GraphModule, qdq: fx.GraphModule, report: CompileReport,
+                 example: tuple[tuple[Any, ...], dict[str, Any]]):
+        super().__init__()
+        self.graph_module = lowered
+        self.qdq_graph_module = qdq
+        self.report = report
+        self.example = example
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.graph_module(*args, **kwargs)
+
+    def save(self, path: str | Path) -> Path:
+        """Write the Q/DQ program (``torch.export`` archive: graph as JSON, tensors as raw data, no pickle)
+        plus the report; loading lowers it again for this machine."""
+        path = Path(path)
+        args, kwargs = self.example
+        program = export_program(self.qdq_graph_module, args, kwargs)
+        meta = {"format": FORMAT_VERSION, "target": self.report.target, "report": self.report.to_json()}
+        buffer = io.BytesIO()  # torch.export insists on a .pt2 suffix for paths, not for buffers
+        torch.export.save(program, buffer, extra_files={"qcompile.json": json.dumps(meta)})
+        path.write_bytes(buffer.getvalue())
+        return path
+
+
+def load(path: str | Path) -> QuantizedModel:
+    """A model saved by :meth:`QuantizedModel.save`, lowered again for its target."""
+    extra = {"qcompile.json": ""}
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"no saved qcompile model at '{path}'")
+    try:
+        program = torch.export.load(io.BytesIO(Path(path).read_bytes()), extra_files=extra)
+    except Exception as exc:
+        raise QCompileError(f"cannot load '{path}' as a qcompile model: {exc}") from exc
+    if not extra["qcompile.json"]:
+        raise QCompileError(f"'{path}' is a torch.export archive but not a qcompile model (no qcompile.json)")
+    meta = json.loads(extra["qcompile.json"])
+    report = CompileReport.from_json(meta["report"])
+    target = get_target(meta["target"])
+    qdq = program.module()
+    lowered = _run(target.lower, qdq, "lower", None, initial={"qdq"}).graph_module
+    example = program.example_inputs or ((), {})
+    return QuantizedModel(lowered, qdq, report, (tuple(example[0]), dict(example[1])))
+
+
+def _run(pipeline: str | Pipeline, gm: fx.GraphModule, stage: str, report: CompileReport | None, *,
+         initial: Iterable[str] = (), instruments: Iterable[Instrument] = (), verify: bool = False,
+         keep_history: bool = False) -> PipelineResult:
+    manager = PassManager(pipeline, list(instruments), verify=verify, initial_properties=initial,
+                          keep_history=keep_history)
+    result = manager(gm)
+    if report is not None:
+        report.add_stage(stage, result.records)
+    return result
+
+
+def compile(  # noqa: A001  (the verb users expect, as in torch.compile)
+    model: nn.Module,
+    example_inputs: Any = None,
+    *,
+    target: str | Target = "cpu-int8",
+    calibration_data: Iterable[Any] | None = None,
+    example_kwargs: dict[str, Any] | None = None,
+    qconfig: QConfig | None = None,
+    instruments: Iterable[Instrument] = (),
+    verify: bool = False,
+    progress: bool | None = None,
+) -> QuantizedModel:
+    """Quantize ``model`` for ``target``; see the module docstring for how inputs are found."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"compile() needs an nn.Module, got {type(model).__name__}")
+    target = target if isinstance(target, Target) else get_target(target)
+    args, kwargs, calibration_data = _example(model, example_inputs, example_kwargs, calibration_data)
+    dynamic = calibration_data is None
+    report = CompileReport(target.name, "dynamic" if dynamic else "static")
+    instruments = list(instruments)
+    start = time.perf_counter()
+    with _eval_mode(model) as was_training:
+        float_gm = capture(model, args, kwargs)
+    if was_training:
+        report.notes.append("the model was in training mode; it was captured in eval mode and left as it was")
+    report.notes.append(f"capture took {time.perf_counter() - start:.2f} s")
+    from qcompile.passes import Annotate  # the pass library imports this package's API
+
+    prepare = Pipeline.parse(target.dynamic_prepare if dynamic else target.prepare)
+    prepare = prepare.replace("annotate", Annotate(target=target.name, qconfig=qconfig))
+    prepared = _run(prepare, float_gm, "prepare", report, instruments=instruments, verify=verify,
+                    keep_history=True)
+    planned = prepared.history[prepare.index("annotate") + 1]
+    _warn_unsupported(report)
+    if dynamic:
+        report.notes.append("no calibration data: activations are quantized with scales computed at run time")
+    else:
+        report.calibration_batches = calibrate(prepared.graph_module, calibration_data, (args, kwargs),
+                                               progress=progress)
+    convert = target.dynamic_convert if dynamic else target.convert
+    qdq = _run(convert, prepared.graph_module, "convert", report, initial=target.properties_after_prepare
+               | {"observed"}, instruments=instruments, verify=verify).graph_module
+    lowered = _run(target.lower, qdq, "lower", report, initial={"qdq"}, instruments=instruments,
+                   verify=verify)
+    kept = next((p.stats.get("kept", {}) for p in report.passes if p.name.startswith("lower-")), {})
+    sqnr = _node_sqnr(planned, qdq, args, kwargs, report)
+    report.nodes = describe_plan(planned, _kernel_descriptions(lowered.graph_module), kept, sqnr)
+    return QuantizedModel(lowered.graph_module, qdq, report, (args, kwargs))
+
+
+def _node_sqnr(planned: fx.GraphModule, qdq: fx.GraphModule, args: tuple, kwargs: dict,
+               report: CompileReport) -> dict[str, float]:
+    names = {n.name for n in planned.graph.nodes if n.op == "call_function"}
+    outputs = [a.name for a in planned.graph.output_node().all_input_nodes]
+    reference = node_outputs(planned, names, args, kwargs)
+    quantized = node_outputs(qdq, names, args, kwargs)
+    common = reference.keys() & quantized.keys()
+    sqnr = {name: sqnr_db(reference[name], quantized[name]) for name in common
+            if reference[name].is_floating_point() and reference[name].shape == quantized[name].shape}
+    report.output_sqnr_db = [sqnr[name] for name in outputs if name in sqnr]
+    return sqnr
+
+
+def _warn_unsupported(report: CompileReport) -> None:
+    for p in report.passes:
+        for node, reason in p.stats.get("unsupported", {}).items():
+            warnings.warn(f"{node} stays float: {reason}", stacklevel=3)

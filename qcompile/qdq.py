@@ -1,0 +1,95 @@
+"""Reading and building the Q/DQ form: the vocabulary the convert, eliminate and lowering passes share.
+
+A quantized edge is ``dequantize(quantize(x, S, Z), S, Z)``; a quantized weight is
+``dequantize(W_q, S, Z)`` with ``W_q`` a constant. ``QParams`` is what a Q or DQ node says
+about its integer format when its scale and zero point are constants (static quantization);
+with dynamic quantization they are values computed in the graph and ``QParams`` holds nodes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+
+from qcompile.ir.graph import constant_value
+
+QUANTIZE = torch.ops.qc.quantize.default
+DEQUANTIZE = torch.ops.qc.dequantize.default
+CHOOSE_QPARAMS = torch.ops.qc.choose_qparams.default
+
+aten = torch.ops.aten
+
+# Ops whose output keeps its input's quantization parameters: they move or select values
+# without changing them, so quantizing before or after them gives the same integers. The data
+# is argument 0 of each.
+SHARES_QPARAMS = frozenset({
+    aten.view.default,
+    aten.reshape.default,
+    aten._unsafe_view.default,
+    aten.permute.default,
+    aten.transpose.int,
+    aten.t.default,
+    aten.flatten.using_ints,
+    aten.unsqueeze.default,
+    aten.squeeze.dim,
+    aten.contiguous.default,
+    aten.max_pool2d.default,
+})
+
+
+def is_quantize(node: object) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target == QUANTIZE
+
+
+def is_dequantize(node: object) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target == DEQUANTIZE
+
+
+@dataclass(frozen=True)
+class QParams:
+    """Scale and zero point of a Q or DQ node: tensors when constant, else the nodes computing them."""
+
+    scale: torch.Tensor | fx.Node
+    zero_point: torch.Tensor | fx.Node
+    axis: int | None
+
+    @property
+    def static(self) -> bool:
+        return isinstance(self.scale, torch.Tensor) and isinstance(self.zero_point, torch.Tensor)
+
+    def same_as(self, other: QParams) -> bool:
+        if self.axis != other.axis:
+            return False
+        if self.static and other.static:
+            return torch.equal(self.scale, other.scale) and torch.equal(self.zero_point, other.zero_point)
+        return self.scale is other.scale and self.zero_point is other.zero_point
+
+
+def qparams_of(gm: fx.GraphModule, node: fx.Node) -> QParams:
+    """The qparams a quantize or dequantize node applies."""
+    scale_node, zero_point_node, axis = node.args[1], node.args[2], node.args[3]
+    scale = constant_value(gm, scale_node)
+    zero_point = constant_value(gm, zero_point_node)
+    return QParams(
+        scale if scale is not None else scale_node,
+        zero_point if zero_point is not None else zero_point_node,
+        axis,
+    )
+
+
+def observation_root(node: fx.Node) -> tuple[fx.Node, list[fx.Node]]:
+    """Where the value feeding an op should be observed: up through single-user ops that share
+    qparams. Returns the root and the shape ops from the root down to the edge's producer."""
+    chain: list[fx.Node] = []
+    while (
+        node.op == "call_function"
+        and node.target in SHARES_QPARAMS
+        and len(node.users) == 1
+        and isinstance(node.args[0], fx.Node)
+        and isinstance(node.args[0].meta.get("val"), torch.Tensor)
+    ):
+        chain.append(node)
+        node = node.args[0]
+    return node, chain[::-1]

@@ -1,0 +1,157 @@
+"""What ``compile`` did, in one object: per pass time and change, per node int8 or float and why,
+and the signal-to-quantization-noise ratio at each quantized node.
+
+SQNR at a node is measured end to end: the float graph and the Q/DQ graph run on the same
+example inputs, and the node's output in the Q/DQ graph (which carries the error of every
+quantized node before it) is compared with the float one:
+
+    SQNR = 10 · log10( Σ y² / Σ (y − ŷ)² )   dB      (∞ when identical)
+
+so the first node where it drops is where fidelity is lost. The report is plain data and
+serializes to JSON, which is how a saved model carries it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import fx
+from torch.utils import _pytree as pytree
+
+from qcompile.ir.meta import get_qspec, source_module
+from qcompile.pass_manager import PassRecord
+from qcompile.qconfig import op_kind
+
+
+def sqnr_db(reference: torch.Tensor, approximation: torch.Tensor) -> float:
+    reference, approximation = reference.double(), approximation.double()
+    noise = (reference - approximation).pow(2).sum().item()
+    signal = reference.pow(2).sum().item()
+    if noise == 0.0:
+        return math.inf
+    if signal == 0.0:
+        return -math.inf
+    return 10.0 * math.log10(signal / noise)
+
+
+class _Recorder(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule, names: set[str]):
+        super().__init__(gm)
+        self.names, self.values = names, {}
+
+    def run_node(self, node: fx.Node) -> Any:
+        value = super().run_node(node)
+        if node.name in self.names and isinstance(value, torch.Tensor):
+            self.values[node.name] = value.detach()
+        return value
+
+
+def node_outputs(gm: fx.GraphModule, names: set[str], args: tuple, kwargs: dict) -> dict[str, torch.Tensor]:
+    """The values of the named nodes when ``gm`` runs on ``args``/``kwargs``."""
+    recorder = _Recorder(gm, names)
+    with torch.no_grad():
+        recorder.run(*_flat_inputs(gm, args, kwargs))
+    return recorder.values
+
+
+def _flat_inputs(gm: fx.GraphModule, args: tuple, kwargs: dict) -> list[Any]:
+    """The graph's placeholder values for a call: exported graphs take (args, kwargs) flattened
+    by their input spec, keyword order included."""
+    info = getattr(gm.graph._codegen, "pytree_info", None)
+    if info is None or info.in_spec is None:
+        return [*args, *kwargs.values()]
+    keys = info.in_spec.children_specs[1].context if kwargs else []
+    return pytree.tree_leaves((tuple(args), {k: kwargs[k] for k in keys}))
+
+
+@dataclass
+class NodeReport:
+    name: str
+    op: str
+    module: str
+    precision: str  # "int8" or "float"
+    detail: str  # the kernel it lowered to, or why it stays float
+    sqnr_db: float | None = None
+
+
+@dataclass
+class PassReport:
+    stage: str
+    index: int
+    name: str
+    changed: bool
+    ms: float
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class CompileReport:
+    target: str
+    mode: str  # "static" (calibrated scales) or "dynamic" (scales computed at run time)
+    calibration_batches: int = 0
+    passes: list[PassReport] = field(default_factory=list)
+    nodes: list[NodeReport] = field(default_factory=list)
+    output_sqnr_db: list[float] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def add_stage(self, stage: str, records: list[PassRecord]) -> None:
+        for r in records:
+            stats = json.loads(json.dumps(dict(r.stats), default=str))
+            self.passes.append(PassReport(stage, r.index, r.text, r.modified, round(r.seconds * 1e3, 2), stats))
+
+    @property
+    def int8_nodes(self) -> list[NodeReport]:
+        return [n for n in self.nodes if n.precision == "int8"]
+
+    def __str__(self) -> str:
+        lines = [f"qcompile report: target {self.target}, {self.mode} quantization"
+                 + (f", calibrated on {self.calibration_batches} batches" if self.calibration_batches else "")]
+        lines += [f"  note: {note}" for note in self.notes]
+        lines.append(f"\n{'stage':<9}{'pass':<40}{'changed':<9}{'ms':>8}  stats")
+        for p in self.passes:
+            stats = ", ".join(f"{k}={v}" for k, v in p.stats.items() if k not in ("kept", "unsupported"))
+            lines.append(f"{p.stage:<9}{p.name:<40}{'yes' if p.changed else 'no':<9}{p.ms:>8.1f}  {stats}")
+        lines.append(f"\n{len(self.int8_nodes)} of {len(self.nodes)} compute nodes in int8")
+        lines.append(f"{'node':<26}{'module':<42}{'precision':<10}{'SQNR dB':>8}  detail")
+        for n in self.nodes:
+            sqnr = "" if n.sqnr_db is None else f"{n.sqnr_db:.1f}"
+            lines.append(f"{n.name:<26}{n.module[:41]:<42}{n.precision:<10}{sqnr:>8}  {n.detail}")
+        if self.output_sqnr_db:
+            lines.append("output SQNR dB: " + ", ".join(f"{s:.1f}" for s in self.output_sqnr_db))
+        return "\n".join(lines)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1, default=str)
+
+    @classmethod
+    def from_json(cls, text: str) -> CompileReport:
+        data = json.loads(text)
+        data["passes"] = [PassReport(**p) for p in data["passes"]]
+        data["nodes"] = [NodeReport(**n) for n in data["nodes"]]
+        return cls(**data)
+
+
+def describe_plan(
+    planned: fx.GraphModule, lowered_kernels: dict[str, str], kept: dict[str, str], sqnr: dict[str, float]
+) -> list[NodeReport]:
+    """One line per node the plan decided on: int8 with its kernel, or float with the reason."""
+    reports = []
+    for node in planned.graph.nodes:
+        plan = get_qspec(node)
+        if plan is None or plan.shares_qparams_of:
+            continue
+        module = source_module(node)
+        module_text = f"{module[0]} ({module[1]})" if module else ""
+        if plan.quantized and node.name in lowered_kernels:
+            precision, detail = "int8", lowered_kernels[node.name]
+        elif plan.quantized:
+            precision = "int8-ref"
+            detail = f"reference Q/DQ, not lowered: {kept.get(node.name, 'no kernel matched')}"
+        else:
+            precision, detail = "float", plan.float_reason or ""
+        reports.append(NodeReport(node.name, op_kind(node), module_text, precision, detail, sqnr.get(node.name)))
+    return reports

@@ -1,0 +1,111 @@
+"""Targets as data: what a backend can run in integer arithmetic, and the pipelines that get there.
+
+A target names its operator rules (which op kinds it has quantized kernels for, which of their
+arguments are activations, weight and bias, and which specs those kernels accept), the QConfig
+preset used when the user gives none, and three pipelines:
+
+* ``prepare``: capture clean-up through observer insertion (calibration runs after it);
+* ``convert``: observers to the Q/DQ form, the common ground of all targets;
+* ``lower``: Q/DQ to the target's kernels.
+
+``dynamic_prepare`` / ``dynamic_convert`` replace the first two when there is no calibration
+data: activations get scales computed at run time.
+
+Users add targets with :func:`register_target`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from qcompile.errors import QCompileError
+from qcompile.qconfig import OpQuantConfig, QConfig, int8_preset
+from qcompile.spec import PerChannel, PerTensor
+
+
+@dataclass(frozen=True)
+class OpRule:
+    """Which arguments of an op kind are quantized, and the specs its int8 kernel accepts."""
+
+    activations: tuple[int, ...] = (0,)
+    weight: int | None = 1
+    bias: int | None = 2
+    activation_dtypes: tuple[str, ...] = ("uint8",)
+    weight_dtypes: tuple[str, ...] = ("int8",)
+
+    def unsupported(self, config: OpQuantConfig) -> str | None:
+        """Why ``config`` cannot run on this kernel, or None when it can."""
+        act, weight = config.activation, config.weight
+        if act is None:
+            return "the kernel needs quantized activations (the config gives no activation spec)"
+        if act.dtype not in self.activation_dtypes:
+            return f"activation dtype {act.dtype} (kernel takes {', '.join(self.activation_dtypes)})"
+        if not isinstance(act.granularity, PerTensor):
+            return f"activation granularity {act.granularity} (kernel takes per-tensor)"
+        if self.weight is None:
+            return None
+        if weight is None:
+            return "the kernel needs a quantized weight (the config gives no weight spec)"
+        if weight.dtype not in self.weight_dtypes:
+            return f"weight dtype {weight.dtype} (kernel takes {', '.join(self.weight_dtypes)})"
+        if not weight.symmetric:
+            return "affine weights (kernel takes symmetric weights, zero point 0)"
+        if isinstance(weight.granularity, PerChannel) and weight.granularity.axis != 0:
+            return f"weight {weight.granularity} (kernel takes output channels, axis 0)"
+        if not isinstance(weight.granularity, (PerTensor, PerChannel)):
+            return f"weight granularity {weight.granularity} (kernel takes per-tensor or per-channel)"
+        return None
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    description: str
+    op_rules: dict[str, OpRule]
+    preset: Callable[[], QConfig]
+    prepare: str
+    convert: str
+    lower: str
+    dynamic_prepare: str = ""
+    dynamic_convert: str = ""
+    properties_after_prepare: frozenset[str] = field(default_factory=frozenset)
+
+
+_TARGETS: dict[str, Target] = {}
+
+
+def register_target(target: Target) -> Target:
+    _TARGETS[target.name] = target
+    return target
+
+
+def get_target(name: str) -> Target:
+    if name not in _TARGETS:
+        raise QCompileError(f"unknown target '{name}'; known targets: {', '.join(sorted(_TARGETS))}")
+    return _TARGETS[name]
+
+
+def targets() -> dict[str, Target]:
+    return dict(_TARGETS)
+
+
+_CLEANUP = "canonicalize,fold-batchnorm,eliminate-dead-code"
+
+register_target(
+    Target(
+        name="cpu-int8",
+        description="oneDNN int8 kernels on x86 CPUs: uint8 activations, int8 per-channel weights",
+        op_rules={"linear": OpRule(), "conv2d": OpRule()},
+        preset=int8_preset,
+        prepare=f"{_CLEANUP},annotate,insert-observers",
+        convert="convert,eliminate-dequant,eliminate-dead-code",
+        # Fusion is read off the Q/DQ graph, so a saved Q/DQ program lowers the same way.
+        lower="canonicalize,fuse-patterns,lower-cpu-int8,lower-float-bf16,eliminate-dead-code",
+        dynamic_prepare=f"{_CLEANUP},annotate",
+        dynamic_convert="convert{dynamic=true},eliminate-dequant,eliminate-dead-code",
+        properties_after_prepare=frozenset({"bn-folded", "annotated"}),
+    )
+)
+
+__all__ = ["OpRule", "Target", "get_target", "register_target", "targets"]
