@@ -27,7 +27,7 @@ from torch import fx
 from qcompile import NodeError, Observer, Pass, PassResult, Provenance, QuantSpec, add_constant
 from qcompile import constant_value, get_qspec, infer_fake_value, make_observer, observation_root
 from qcompile import set_provenance
-from qcompile.qdq import CHOOSE_QPARAMS, DEQUANTIZE, QUANTIZE
+from qcompile.qdq import CHOOSE_QPARAMS, DEQUANTIZE, QUANTIZE, is_dequantize
 
 
 def _call(gm: fx.GraphModule, target: object, args: tuple, *, before: fx.Node, pass_name: str,
@@ -51,26 +51,28 @@ class Convert(Pass):
     def call(self, gm: fx.GraphModule) -> PassResult:
         activation_qparams: dict[tuple[str, QuantSpec], tuple[fx.Node, fx.Node]] = {}
         observed = self._replace_observers(gm, activation_qparams)
-        weights = 0
+        converted = 0
         for node in list(gm.graph.nodes):
             plan = get_qspec(node)
             if plan is None or not plan.quantized:
                 continue
-            x_scale = None
+            x_scale, weights = None, 0
             for index, edge in plan.inputs:
                 if edge.role == "activation":
                     x_scale = self._activation(gm, node, index, edge.spec, activation_qparams)
             for index, edge in plan.inputs:
-                if edge.role == "weight":
+                if edge.role == "weight" and not is_dequantize(node.args[index]):
                     w_scale = self._weight(gm, node, index, edge.spec)
                     weights += 1
+            converted += weights
             for index, edge in plan.inputs:
-                if edge.role == "bias" and x_scale is not None and not self.dynamic:
+                if edge.role == "bias" and weights and x_scale is not None and not self.dynamic:
                     self._bias(gm, node, index, edge.spec, constant_value(gm, x_scale) * w_scale)
-        stats = {"observers": observed, "weights": weights}
+        stats = {"observers": observed, "weights": converted}
         if self.dynamic:
             stats["dynamic"] = len(activation_qparams)
-        return PassResult(gm, bool(observed or weights), stats)
+        dynamic_edges = len(activation_qparams) if self.dynamic else 0
+        return PassResult(gm, bool(observed or converted or dynamic_edges), stats)
 
     def _replace_observers(self, gm: fx.GraphModule, qparams: dict) -> int:
         count = 0

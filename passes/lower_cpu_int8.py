@@ -157,3 +157,5 @@ class LowerCpuInt8(Pass):
         set_provenance(kernel, Provenance(self.name, KERNELS[anchor.target], tuple(nodes)))
         for replaced in requantize[0] if requantize else [last]:
             replaced.replace_all_uses_with(kernel)
+        for replaced in [*(requantize[0] if requantize else []), *reversed(list(nodes.values()))]:
+            gm.graph.erase_node(replaced)  # the group is the kernel now; its inputs are left to DCE

@@ -13,13 +13,15 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from qcompile.ir.graph import constant_value
+from qcompile.ir.graph import constant_value, describe_node
+from qcompile.ir.verify import register_invariant
 
 QUANTIZE = torch.ops.qc.quantize.default
 DEQUANTIZE = torch.ops.qc.dequantize.default
 CHOOSE_QPARAMS = torch.ops.qc.choose_qparams.default
 
 aten = torch.ops.aten
+_FLOAT8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 # Ops whose output keeps its input's quantization parameters: they move or select values
 # without changing them, so quantizing before or after them gives the same integers. The data
@@ -93,3 +95,33 @@ def observation_root(node: fx.Node) -> tuple[fx.Node, list[fx.Node]]:
         chain.append(node)
         node = node.args[0]
     return node, chain[::-1]
+
+
+@register_invariant
+def dequantize_reads_integers(gm: fx.GraphModule) -> list[str]:
+    """Every dequantize reads integers, and one fed by a quantize uses that quantize's qparams."""
+    problems = []
+    for node in gm.graph.nodes:
+        if not is_dequantize(node):
+            continue
+        source = node.args[0]
+        val = source.meta.get("val") if isinstance(source, fx.Node) else None
+        if isinstance(val, torch.Tensor) and val.is_floating_point() and val.dtype not in _FLOAT8:
+            problems.append(f"{describe_node(node)} dequantizes {val.dtype}, not integers")
+        if is_quantize(source) and not qparams_of(gm, source).same_as(qparams_of(gm, node)):
+            problems.append(f"{describe_node(node)} reads {source.name} with other qparams than it was quantized with")
+    return problems
+
+
+@register_invariant
+def no_observer_beside_quantize(gm: fx.GraphModule) -> list[str]:
+    """Observers belong to the calibration stage; a converted graph (one with quantize) has none left."""
+    from qcompile.observers import Observer
+
+    if not any(is_quantize(n) for n in gm.graph.nodes):
+        return []
+    return [
+        f"{describe_node(n)} is an observer left in a converted graph"
+        for n in gm.graph.nodes
+        if n.op == "call_module" and isinstance(gm.get_submodule(n.target), Observer)
+    ]

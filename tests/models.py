@@ -138,3 +138,33 @@ def docstring_sentences(count: int, skip: int = 0) -> list[str]:
                 if len(sentences) == skip + count:
                     return sentences[skip:]
     raise RuntimeError(f"only {len(sentences)} docstring sentences found, {skip + count} asked for")
+
+
+class TinyBlock(nn.Module):
+    """A transformer feed-forward block: linear -> gelu -> linear + residual -> LayerNorm."""
+
+    def __init__(self, width: int = 16, hidden: int = 32, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.up, self.down, self.norm = nn.Linear(width, hidden), nn.Linear(hidden, width), nn.LayerNorm(width)
+        self.eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.down(nn.functional.gelu(self.up(x))) + x)
+
+
+class TinyConvNet(nn.Module):
+    """conv -> BN -> relu -> max-pool -> conv -> relu -> flatten -> linear: the CNN shapes lowering meets."""
+
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.conv1, self.bn1 = nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 16, 3, padding=1)
+        self.fc = nn.Linear(16 * 4 * 4, 10)
+        self.eval()  # an inference model: BatchNorm uses its running statistics
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = nn.functional.max_pool2d(torch.relu(self.bn1(self.conv1(x))), 2)
+        x = torch.relu(self.conv2(x))
+        return self.fc(torch.flatten(x, 1))

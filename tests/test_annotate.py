@@ -1,0 +1,51 @@
+"""annotate: the plan per node, shared qparams through shape ops, reasons for float."""
+
+import pytest
+import torch
+
+import qcompile
+from qcompile.passes import Annotate
+from qcompile.testing import assert_pass_contract, check_graph
+from tests.models import TinyBlock, TinyConvNet
+from tests.quant_stages import cleaned
+
+
+def test_linears_get_activation_weight_and_derived_bias_specs():
+    x = torch.randn(4, 16)
+    out = assert_pass_contract(Annotate(), cleaned(TinyBlock(), x), [x])
+    check_graph(out, """
+    CHECK: aten.linear.default{{.*}}qc.qspec=[0=activation:uint8/affine/per-tensor/minmax@x, 1=weight:int8/sym/per-channel(0)/minmax, 2=bias:int32/sym/per-channel(0)/minmax]
+    CHECK: aten.gelu.default
+    CHECK: aten.linear.default{{.*}}0=activation:uint8/affine/per-tensor/minmax@gelu,
+    CHECK-NOT: qc.qspec
+    """)
+
+
+def test_activation_is_observed_above_shape_ops_that_share_qparams():
+    x = torch.randn(2, 1, 8, 8)
+    out = Annotate()(cleaned(TinyConvNet(), x)).graph_module
+    check_graph(out, """
+    CHECK: aten.max_pool2d.default{{.*}}qc.qspec=shares(relu)
+    CHECK: aten.conv2d.default{{.*}}0=activation:{{[^@]*}}@relu,
+    CHECK: aten.flatten.using_ints{{.*}}qc.qspec=shares(relu_1)
+    CHECK: aten.linear.default{{.*}}0=activation:{{[^@]*}}@relu_1,
+    """)
+
+
+def test_qconfig_none_and_unsupported_specs_stay_float_with_the_reason():
+    x = torch.randn(4, 16)
+    weight_only = qcompile.OpQuantConfig(None, qcompile.QuantSpec("int8", granularity=qcompile.PerChannel(0)))
+    qconfig = (qcompile.int8_preset().set_module_name("down", None).set_module_name("up", weight_only)
+               .set_op("layer_norm", qcompile.int8_preset().by_op["linear"]))
+    result = Annotate(qconfig=qconfig)(cleaned(TinyBlock(), x))
+    plans = {n.name: qcompile.get_qspec(n) for n in result.graph_module.graph.nodes if qcompile.get_qspec(n)}
+    assert plans["linear_1"].float_reason == "the QConfig keeps it float (module name 'down')"
+    assert "needs quantized activations" in plans["linear"].float_reason
+    assert plans["layer_norm"].float_reason == "cpu-int8 has no int8 kernel for 'layer_norm'"
+    assert result.stats["quantized"] == 0
+    assert set(result.stats["unsupported"]) == {"linear", "layer_norm"}
+
+
+def test_unknown_target_lists_the_known_ones():
+    with pytest.raises(qcompile.QCompileError, match="unknown target 'gpu-int3'; known targets: cpu-int8"):
+        Annotate(target="gpu-int3")(cleaned(TinyBlock(), torch.randn(2, 16)))

@@ -1,0 +1,111 @@
+"""qcompile.compile end to end: real int8 kernels, the report, save/load, and bad input."""
+
+import warnings
+
+import pytest
+import torch
+
+import qcompile
+from tests.models import SentenceEmbedder, TinyBlock, TinyConvNet, docstring_sentences, minilm_inputs
+
+
+def batches(shape, count=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(shape, generator=g),) for _ in range(count)]
+
+
+def test_static_compile_runs_int8_kernels_and_reports_every_planned_node():
+    model = TinyBlock()
+    qm = qcompile.compile(model, calibration_data=batches((8, 16)), progress=False)
+    x = torch.randn(5, 16)  # another batch size: the batch dimension is dynamic
+    with torch.no_grad():
+        torch.testing.assert_close(qm(x), model(x), rtol=0.05, atol=0.05)
+    kernels = [n.target for n in qm.graph_module.graph.nodes if n.op == "call_function"]
+    assert kernels.count(torch.ops.qc.linear_int8.default) == 2
+    report = qm.report
+    assert report.mode == "static" and report.calibration_batches == 4
+    assert [(n.name, n.precision) for n in report.nodes] == [("linear", "int8"), ("linear_1", "int8")]
+    assert report.nodes[0].detail == "qc.linear_int8+gelu -> uint8"
+    assert all(n.sqnr_db > 25 for n in report.nodes)
+    assert "2 of 2 compute nodes in int8" in str(report)
+
+
+def test_no_calibration_data_means_dynamic_quantization():
+    qm = qcompile.compile(TinyBlock(), (torch.randn(4, 16),))
+    assert qm.report.mode == "dynamic"
+    assert any("computed at run time" in note for note in qm.report.notes)
+    assert any(n.target == torch.ops.qc.choose_qparams.default for n in qm.graph_module.graph.nodes)
+
+
+def test_the_users_model_and_parameters_are_never_changed():
+    model = TinyConvNet().train()  # even in training mode, which compile must not leave changed
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    qcompile.compile(model, calibration_data=batches((4, 1, 8, 8)), progress=False)
+    assert model.training and all(m.training for m in model.modules())
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state[key]), key
+
+
+def test_save_and_load_round_trip(tmp_path):
+    qm = qcompile.compile(TinyConvNet(), calibration_data=batches((4, 1, 8, 8)), progress=False)
+    path = qm.save(tmp_path / "tiny.qc")
+    loaded = qcompile.load(path)
+    x = torch.randn(3, 1, 8, 8)
+    assert torch.equal(qm(x), loaded(x))
+    assert loaded.report.nodes == qm.report.nodes
+    with pytest.raises(FileNotFoundError, match="no saved qcompile model"):
+        qcompile.load(tmp_path / "missing.qc")
+
+
+def test_example_inputs_fall_back_to_dummy_inputs_then_fail_clearly():
+    class WithDummy(TinyBlock):
+        dummy_inputs = {"x": torch.randn(2, 16)}
+
+    assert qcompile.compile(WithDummy()).report.mode == "dynamic"
+    with pytest.raises(qcompile.QCompileError, match="no example inputs for TinyBlock"):
+        qcompile.compile(TinyBlock())
+
+
+def test_bad_input_errors_name_what_is_wrong():
+    with pytest.raises(qcompile.QCompileError, match="unknown target 'tpu'; known targets: cpu-int8"):
+        qcompile.compile(TinyBlock(), (torch.randn(2, 16),), target="tpu")
+    with pytest.raises(qcompile.CalibrationError, match="calibration data is empty"):
+        qcompile.compile(TinyBlock(), (torch.randn(2, 16),), calibration_data=[])
+    with pytest.raises(qcompile.CalibrationError, match="calibration data is empty"):
+        qcompile.compile(TinyBlock(), calibration_data=iter([]))
+    nan_batches = batches((4, 16)) + [(torch.full((4, 16), float("nan")),)]
+    with pytest.raises(qcompile.CalibrationError, match=r"observer of 'x': batch 5 contains NaN"):
+        qcompile.compile(TinyBlock(), calibration_data=nan_batches, progress=False)
+    with pytest.raises(qcompile.CalibrationError, match=r"batch 1: input 0 has shape \[4, 15\].*only the batch"):
+        qcompile.compile(TinyBlock(), calibration_data=[(torch.randn(4, 16),), (torch.randn(4, 15),)],
+                         progress=False)
+
+
+def test_constant_calibration_data_gives_a_valid_scale():
+    qm = qcompile.compile(TinyBlock(), calibration_data=[(torch.zeros(4, 16),)] * 2, progress=False)
+    assert torch.isfinite(qm(torch.zeros(2, 16))).all()
+
+
+def test_an_op_the_target_cannot_quantize_stays_float_with_a_warning_and_a_report_line():
+    qconfig = qcompile.int8_preset().set_op("layer_norm", qcompile.int8_preset().by_op["linear"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        qm = qcompile.compile(TinyBlock(), calibration_data=batches((4, 16)), qconfig=qconfig, progress=False)
+    assert any("layer_norm stays float: cpu-int8 has no int8 kernel for 'layer_norm'" in str(w.message)
+               for w in caught)
+    line = next(n for n in qm.report.nodes if n.name == "layer_norm")
+    assert (line.precision, line.detail) == ("float", "cpu-int8 has no int8 kernel for 'layer_norm'")
+
+
+def test_minilm_compiles_to_int8_and_keeps_its_embeddings(minilm):
+    model, tokenizer = minilm
+    embedder = SentenceEmbedder(model).eval()
+    sentences = docstring_sentences(48)
+    calibration = [minilm_inputs(tokenizer, sentences[i:i + 8], length=32) for i in range(0, 32, 8)]
+    evaluation = minilm_inputs(tokenizer, sentences[32:48], length=32)
+    qm = qcompile.compile(embedder, calibration_data=calibration, progress=False)
+    with torch.no_grad():
+        cosine = torch.nn.functional.cosine_similarity(qm(**evaluation), embedder(**evaluation))
+    assert cosine.mean() > 0.98
+    assert len(qm.report.int8_nodes) == 36  # every encoder linear; the unused pooler was removed
+    assert sum(n.target == torch.ops.qc.attention_bf16.default for n in qm.graph_module.graph.nodes) == 6

@@ -1,0 +1,58 @@
+"""lower-cpu-int8: Q/DQ groups become oneDNN kernels with the output dtype their consumers want."""
+
+import torch
+
+import qcompile
+from qcompile.passes import EliminateDequant, FusePatterns, LowerCpuInt8
+from qcompile.testing import assert_outputs_close, assert_pass_contract, check_graph
+from tests.models import TinyBlock, TinyConvNet
+from tests.quant_stages import qdq
+
+
+def fused_qdq(model, x):
+    return FusePatterns()(EliminateDequant()(qdq(model, x)).graph_module).graph_module
+
+
+def test_linear_groups_lower_with_fused_gelu_uint8_output_and_residual_add():
+    x = torch.randn(4, 16)
+    before = fused_qdq(TinyBlock(), x)
+    after = assert_pass_contract(LowerCpuInt8(), before, [x])
+    check_graph(after, """
+    CHECK: qc.linear_int8.default({{.*}}, None, {{[0-9.e-]+}}, {{[0-9]+}}, torch.uint8, 'gelu') : u8[s0,32]
+    CHECK: qc.linear_int8.default({{%[0-9]+}}, {{.*}}, %0, 1.0, 0, torch.float32, 'none') : f32[s0,16]
+    CHECK: aten.layer_norm.default
+    """, names="canonical")
+    # the kernels compute what the reference Q/DQ graph computes, up to one uint8 step of rounding
+    assert_outputs_close(before, after, [x], rtol=0.02)
+
+
+def test_conv_lowers_and_max_pool_runs_on_uint8():
+    image = torch.randn(2, 1, 8, 8)
+    before = fused_qdq(TinyConvNet(), image)
+    after = LowerCpuInt8()(before).graph_module
+    check_graph(after, """
+    CHECK: qc.conv2d_int8.default({{.*}}, [1, 1], [1, 1], [1, 1], 1, {{.*}}, torch.uint8, 'relu') : u8[s0,8,8,8]
+    CHECK-NEXT: aten.max_pool2d.default
+    CHECK: qc.conv2d_int8.default({{.*}}, torch.uint8, 'relu') : u8[s0,16,4,4]
+    CHECK: aten.flatten.using_ints
+    CHECK: qc.linear_int8.default({{.*}}, torch.float32, 'none') : f32[s0,10]
+    """)
+    assert_outputs_close(before, after, [image], rtol=0.02)
+
+
+def test_a_linear_that_fits_no_kernel_stays_in_reference_form_with_the_reason():
+    x = torch.randn(4, 16)
+    before = fused_qdq(TinyBlock(), x)
+    weight_dq = next(n for n in before.graph.nodes if n.target == torch.ops.qc.dequantize.default and n.args[3] == 0)
+    affine = qcompile.add_constant(before, torch.ones(32, dtype=torch.int32), "affine_zero_point", before=weight_dq)
+    weight_dq.update_arg(2, affine)  # an affine weight: oneDNN's kernels take symmetric ones only
+    result = LowerCpuInt8()(before)
+    assert result.stats == {"lowered": 1, "kept": {"linear": "weight is not int8 symmetric per output channel"}}
+    assert any(n.target == torch.ops.aten.linear.default for n in result.graph_module.graph.nodes)
+
+
+def test_quantized_model_keeps_its_int8_weights_not_float_ones():
+    qm = qcompile.compile(TinyBlock(), calibration_data=[(torch.randn(4, 16),)], progress=False)
+    dtypes = {t.dtype for t in qm.graph_module.buffers()}
+    assert torch.int8 in dtypes
+    assert not any(t.dtype == torch.float32 and t.dim() == 2 for t in qm.graph_module.buffers())

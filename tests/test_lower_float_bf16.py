@@ -1,0 +1,49 @@
+"""lower-float-bf16: attention and float linears to bf16 kernels, within bf16 rounding of fp32."""
+
+import torch
+
+import qcompile
+from qcompile.passes import LowerFloatBf16
+from qcompile.testing import assert_outputs_close, assert_pass_contract, check_graph
+
+
+class Attention(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.proj = torch.nn.Linear(32, 32)
+
+    def forward(self, q, k, v, mask):
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, mask)
+        return self.proj(out)
+
+
+def inputs():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 16, 32, generator=g) for _ in range(3))
+    mask = torch.zeros(2, 1, 16, 16)
+    mask[..., 12:] = torch.finfo(torch.float32).min  # padding, as Hugging Face masks it
+    return q, k, v, mask
+
+
+def test_attention_and_float_linear_lower_to_bf16():
+    args = inputs()
+    before = qcompile.capture(Attention(), args)
+    after = assert_pass_contract(LowerFloatBf16(), before)
+    check_graph(after, """
+    CHECK: qc.attention_bf16.default(%0, %1, %2, %3, 0.1767766952{{[0-9]*}}) : f32[s0,4,16,32]
+    CHECK: constant proj_weight_bf16 : bf16[32,32]
+    CHECK: qc.linear_bf16.default
+    """)
+    assert_outputs_close(before, after, list(args), rtol=2e-2)
+    assert torch.isfinite(after(*args)).all()  # fp32's lowest mask value must not become -inf rows
+
+
+def test_causal_attention_stays_with_the_reason():
+    class Causal(torch.nn.Module):
+        def forward(self, q, k, v):
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    q, k, v, _ = inputs()
+    result = LowerFloatBf16()(qcompile.capture(Causal(), (q, k, v)))
+    assert result.stats["kept"] == {"scaled_dot_product_attention": "causal masking"}
