@@ -22,8 +22,19 @@ from typing import ClassVar
 import torch
 from torch import fx
 
-from qcompile import EdgeQuant, Pass, PassResult, QConfig, QuantAnnotation, QuantSpec, constant_value
-from qcompile import get_qspec, get_target, observation_root, set_qspec
+from qcompile import (
+    EdgeQuant,
+    Pass,
+    PassResult,
+    QConfig,
+    QuantAnnotation,
+    QuantSpec,
+    constant_value,
+    get_qspec,
+    get_target,
+    observation_root,
+    set_qspec,
+)
 from qcompile.qconfig import OpQuantConfig, op_kind
 from qcompile.targets import OpRule, Target
 

@@ -19,8 +19,18 @@ from typing import Any, ClassVar
 import torch
 from torch import fx
 
-from qcompile import Match, Pass, PassResult, Rule, RuleSet, apply_rule_set, is_mutating, op_arguments
-from qcompile import register_rule_set, remove_dead_nodes
+from qcompile import (
+    Match,
+    Pass,
+    PassResult,
+    Rule,
+    RuleSet,
+    apply_rule_set,
+    is_mutating,
+    op_arguments,
+    register_rule_set,
+    remove_dead_nodes,
+)
 
 aten = torch.ops.aten
 

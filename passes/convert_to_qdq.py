@@ -24,9 +24,21 @@ from typing import ClassVar
 import torch
 from torch import fx
 
-from qcompile import NodeError, Observer, Pass, PassResult, Provenance, QuantSpec, add_constant
-from qcompile import constant_value, get_qspec, infer_fake_value, make_observer, observation_root
-from qcompile import set_provenance
+from qcompile import (
+    NodeError,
+    Observer,
+    Pass,
+    PassResult,
+    Provenance,
+    QuantSpec,
+    add_constant,
+    constant_value,
+    get_qspec,
+    infer_fake_value,
+    make_observer,
+    observation_root,
+    set_provenance,
+)
 from qcompile.qdq import CHOOSE_QPARAMS, DEQUANTIZE, QUANTIZE, is_dequantize
 
 

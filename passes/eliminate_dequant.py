@@ -18,7 +18,14 @@ from typing import ClassVar
 
 from torch import fx
 
-from qcompile import Pass, PassResult, Provenance, copy_source_meta, infer_fake_value, set_provenance
+from qcompile import (
+    Pass,
+    PassResult,
+    Provenance,
+    copy_source_meta,
+    infer_fake_value,
+    set_provenance,
+)
 from qcompile.qdq import SHARES_QPARAMS, is_dequantize, is_quantize, qparams_of
 
 

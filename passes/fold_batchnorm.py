@@ -22,8 +22,20 @@ from typing import Any, ClassVar
 import torch
 from torch import fx
 
-from qcompile import Match, Pass, PassResult, Provenance, Rule, RuleSet, add_constant, apply_rule_set
-from qcompile import constant_value, op_arguments, register_rule_set, set_provenance
+from qcompile import (
+    Match,
+    Pass,
+    PassResult,
+    Provenance,
+    Rule,
+    RuleSet,
+    add_constant,
+    apply_rule_set,
+    constant_value,
+    op_arguments,
+    register_rule_set,
+    set_provenance,
+)
 
 aten = torch.ops.aten
 

@@ -21,8 +21,17 @@ from typing import ClassVar
 
 from torch import fx
 
-from qcompile import Observer, Pass, PassResult, Provenance, get_qspec, make_observer, observation_root
-from qcompile import set_provenance, source_module
+from qcompile import (
+    Observer,
+    Pass,
+    PassResult,
+    Provenance,
+    get_qspec,
+    make_observer,
+    observation_root,
+    set_provenance,
+    source_module,
+)
 
 
 def _is_observer(gm: fx.GraphModule, node: fx.Node) -> bool:

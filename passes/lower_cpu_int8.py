@@ -22,8 +22,19 @@ from typing import ClassVar
 import torch
 from torch import fx
 
-from qcompile import Fusion, Pass, PassResult, Provenance, add_constant, constant_value, copy_source_meta, get_fusion
-from qcompile import infer_fake_value, op_arguments, set_provenance
+from qcompile import (
+    Fusion,
+    Pass,
+    PassResult,
+    Provenance,
+    add_constant,
+    constant_value,
+    copy_source_meta,
+    get_fusion,
+    infer_fake_value,
+    op_arguments,
+    set_provenance,
+)
 from qcompile.qdq import QParams, is_dequantize, is_quantize, qparams_of
 
 aten = torch.ops.aten

@@ -20,8 +20,17 @@ from typing import ClassVar
 import torch
 from torch import fx
 
-from qcompile import Pass, PassResult, Provenance, add_constant, constant_value, copy_source_meta
-from qcompile import infer_fake_value, op_arguments, set_provenance
+from qcompile import (
+    Pass,
+    PassResult,
+    Provenance,
+    add_constant,
+    constant_value,
+    copy_source_meta,
+    infer_fake_value,
+    op_arguments,
+    set_provenance,
+)
 
 SDPA = torch.ops.aten.scaled_dot_product_attention.default
 LINEAR = torch.ops.aten.linear.default

@@ -5,6 +5,8 @@ real int8 kernels or ONNX QDQ. This module is the public API, the same one built
 """
 
 from qcompile import bf16_kernels, onednn, ops  # noqa: F401  (register torch.ops.qc.*)
+from qcompile.api import QuantizedModel, compile, load
+from qcompile.calibration import calibrate
 from qcompile.capture import capture
 from qcompile.errors import (
     CalibrationError,
@@ -44,9 +46,13 @@ from qcompile.ir.meta import (
 )
 from qcompile.ir.printer import canonical_order, diff_graphs, print_graph
 from qcompile.ir.verify import register_invariant, verify_graph
-from qcompile.observers import HistogramObserver, MinMaxObserver, MovingAverageObserver, Observer, make_observer
-from qcompile.qconfig import OpQuantConfig, QConfig, int8_preset
-from qcompile.spec import PerChannel, PerGroup, PerTensor, QuantSpec, compute_qparams
+from qcompile.observers import (
+    HistogramObserver,
+    MinMaxObserver,
+    MovingAverageObserver,
+    Observer,
+    make_observer,
+)
 from qcompile.pass_manager import (
     Instrument,
     Pass,
@@ -57,12 +63,20 @@ from qcompile.pass_manager import (
     PipelineResult,
     registered_passes,
 )
-from qcompile.rewrite import Match, Rule, RuleSet, RuleTracer, apply_rule_set, register_rule_set, trace_rules
+from qcompile.qconfig import OpQuantConfig, QConfig, int8_preset
 from qcompile.qdq import observation_root
-from qcompile.targets import OpRule, Target, get_target, register_target, targets
-from qcompile.calibration import calibrate
 from qcompile.report import CompileReport, NodeReport, sqnr_db
-from qcompile.api import QuantizedModel, compile, load
+from qcompile.rewrite import (
+    Match,
+    Rule,
+    RuleSet,
+    RuleTracer,
+    apply_rule_set,
+    register_rule_set,
+    trace_rules,
+)
+from qcompile.spec import PerChannel, PerGroup, PerTensor, QuantSpec, compute_qparams
+from qcompile.targets import OpRule, Target, get_target, register_target, targets
 
 __all__ = [
     "CalibrationError",

@@ -149,7 +149,7 @@ def _run(pipeline: str | Pipeline, gm: fx.GraphModule, stage: str, report: Compi
     return result
 
 
-def compile(  # noqa: A001  (the verb users expect, as in torch.compile)
+def compile(
     model: nn.Module,
     example_inputs: Any = None,
     *,

@@ -24,11 +24,16 @@ from typing import Any, ClassVar
 
 from torch import fx
 
-from qcompile.errors import PassError, PipelineOrderError, PipelineParseError, QCompileError
+from qcompile.errors import (
+    PassError,
+    PipelineOrderError,
+    PipelineParseError,
+    QCompileError,
+)
 from qcompile.ir.graph import copy_graph_module
 
 _KEBAB_CASE = re.compile(r"^[a-z][a-z0-9]*(-[a-z0-9]+)*$")
-_PASS_REGISTRY: dict[str, type["Pass"]] = {}
+_PASS_REGISTRY: dict[str, type[Pass]] = {}
 
 
 @dataclass(frozen=True)

@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import torch
+from qcompile.passes import (
+    Annotate,
+    Canonicalize,
+    Convert,
+    EliminateDeadCode,
+    FoldBatchNorm,
+    InsertObservers,
+)
 
 import qcompile
-from qcompile.passes import Annotate, Canonicalize, Convert, EliminateDeadCode, FoldBatchNorm, InsertObservers
 
 
 def cleaned(model: torch.nn.Module, *args: torch.Tensor) -> torch.fx.GraphModule:

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from qcompile.passes import Annotate
 
 import qcompile
-from qcompile.passes import Annotate
 from qcompile.testing import assert_pass_contract, check_graph
 from tests.models import TinyBlock, TinyConvNet
 from tests.quant_stages import cleaned

@@ -1,11 +1,16 @@
 """canonicalize: structure, numerics, reasons it leaves a node, and the pass contract."""
 
 import torch
+from qcompile.passes import Canonicalize
 from torch import nn
 
 import qcompile
-from qcompile.passes import Canonicalize
-from qcompile.testing import assert_graph_diff, assert_outputs_close, assert_pass_contract, check_graph
+from qcompile.testing import (
+    assert_graph_diff,
+    assert_outputs_close,
+    assert_pass_contract,
+    check_graph,
+)
 
 
 class Noisy(nn.Module):

@@ -6,7 +6,13 @@ import pytest
 import torch
 
 import qcompile
-from tests.models import SentenceEmbedder, TinyBlock, TinyConvNet, docstring_sentences, minilm_inputs
+from tests.models import (
+    SentenceEmbedder,
+    TinyBlock,
+    TinyConvNet,
+    docstring_sentences,
+    minilm_inputs,
+)
 
 
 def batches(shape, count=4, seed=0):

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from qcompile.passes import Convert, InsertObservers
 
 import qcompile
-from qcompile.passes import Convert, InsertObservers
 from qcompile.testing import assert_outputs_close, assert_pass_contract, check_graph
 from tests.models import TinyBlock
 from tests.quant_stages import annotated, calibrated

@@ -1,11 +1,15 @@
 """eliminate-dead-code (passes/eliminate_dead_code.py): unused pure values go; in-place writes and side effects stay."""
 
 import torch
+from qcompile.passes import EliminateDeadCode
 from torch import nn
 
 import qcompile
-from qcompile.passes import EliminateDeadCode
-from qcompile.testing import assert_graph_diff, assert_outputs_close, assert_pass_contract
+from qcompile.testing import (
+    assert_graph_diff,
+    assert_outputs_close,
+    assert_pass_contract,
+)
 
 
 class Leftovers(nn.Module):

@@ -1,9 +1,9 @@
 """eliminate-dequant: dequantize sinks below shape ops; dequantize -> quantize with equal qparams folds."""
 
 import torch
+from qcompile.passes import Convert, EliminateDequant
 
 import qcompile
-from qcompile.passes import Convert, EliminateDequant
 from qcompile.testing import assert_outputs_close, assert_pass_contract, check_graph
 from tests.models import TinyConvNet
 from tests.quant_stages import qdq

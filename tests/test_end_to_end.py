@@ -1,9 +1,9 @@
 """The spine on real models: capture, canonicalize and fold-batchnorm with dumps."""
 
 import torch
+from qcompile.passes import Canonicalize, FoldBatchNorm
 
 import qcompile
-from qcompile.passes import Canonicalize, FoldBatchNorm
 
 
 def run_with_dumps(gm, dump_dir, example_args=(), example_kwargs=None):

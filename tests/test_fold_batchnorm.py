@@ -2,11 +2,15 @@
 
 import pytest
 import torch
+from qcompile.passes import Canonicalize, FoldBatchNorm
 from torch import nn
 
 import qcompile
-from qcompile.passes import Canonicalize, FoldBatchNorm
-from qcompile.testing import assert_graph_diff, assert_outputs_close, assert_pass_contract
+from qcompile.testing import (
+    assert_graph_diff,
+    assert_outputs_close,
+    assert_pass_contract,
+)
 
 
 class ConvBN(nn.Module):

@@ -1,9 +1,9 @@
 """fuse-patterns: marks kernel groups, changes nothing else."""
 
 import torch
+from qcompile.passes import FusePatterns
 
 import qcompile
-from qcompile.passes import FusePatterns
 from qcompile.testing import assert_pass_contract, check_graph
 from tests.models import TinyBlock, TinyConvNet
 from tests.quant_stages import cleaned

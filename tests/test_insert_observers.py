@@ -1,9 +1,9 @@
 """insert-observers: one observer per observed value and spec, read only by quantized edges."""
 
 import torch
+from qcompile.passes import InsertObservers
 
 import qcompile
-from qcompile.passes import InsertObservers
 from qcompile.testing import assert_graph_diff, assert_pass_contract
 from tests.models import TinyBlock, TinyConvNet
 from tests.quant_stages import annotated

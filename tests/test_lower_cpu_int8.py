@@ -1,9 +1,9 @@
 """lower-cpu-int8: Q/DQ groups become oneDNN kernels with the output dtype their consumers want."""
 
 import torch
+from qcompile.passes import EliminateDequant, FusePatterns, LowerCpuInt8
 
 import qcompile
-from qcompile.passes import EliminateDequant, FusePatterns, LowerCpuInt8
 from qcompile.testing import assert_outputs_close, assert_pass_contract, check_graph
 from tests.models import TinyBlock, TinyConvNet
 from tests.quant_stages import qdq

@@ -1,9 +1,9 @@
 """lower-float-bf16: attention and float linears to bf16 kernels, within bf16 rounding of fp32."""
 
 import torch
+from qcompile.passes import LowerFloatBf16
 
 import qcompile
-from qcompile.passes import LowerFloatBf16
 from qcompile.testing import assert_outputs_close, assert_pass_contract, check_graph
 
 

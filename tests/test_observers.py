@@ -5,7 +5,12 @@ import torch
 
 import qcompile.ops  # noqa: F401
 from qcompile.errors import CalibrationError
-from qcompile.observers import HistogramObserver, MinMaxObserver, MovingAverageObserver, make_observer
+from qcompile.observers import (
+    HistogramObserver,
+    MinMaxObserver,
+    MovingAverageObserver,
+    make_observer,
+)
 from qcompile.spec import PerChannel, QuantSpec
 
 qc = torch.ops.qc

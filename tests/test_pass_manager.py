@@ -5,11 +5,11 @@ from typing import ClassVar
 
 import pytest
 import torch
+from qcompile.passes import Canonicalize, FoldBatchNorm
 from torch import nn
 
 import qcompile
 from qcompile import PassResult
-from qcompile.passes import Canonicalize, FoldBatchNorm
 
 
 class ConvBN(nn.Module):
