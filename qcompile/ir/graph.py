@@ -161,7 +161,20 @@ def is_mutating(node: fx.Node) -> bool:
 
 
 def remove_dead_nodes(gm: fx.GraphModule) -> int:
-    """Remove values nothing uses (side effects and in-place ops stay); returns how many."""
+    """Remove values nothing uses (side effects and in-place ops stay); returns how many.
+
+    Tensors no get_attr reads any more are dropped from ``gm`` too, so a converted model does
+    not carry the float weights its int8 ones replaced. ``gm`` is a pass's own copy, whose
+    containers are its own, so the graph the pass was given keeps them.
+    """
     before = len(gm.graph.nodes)
     gm.graph.eliminate_dead_code()
+    referenced = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    for name, _ in [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]:
+        if name not in referenced:
+            owner, _, attr = name.rpartition(".")
+            module = gm.get_submodule(owner) if owner else gm
+            if not isinstance(module, torch.nn.Module) or attr not in {**module._parameters, **module._buffers}:
+                continue
+            delattr(module, attr)
     return before - len(gm.graph.nodes)

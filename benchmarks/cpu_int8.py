@@ -1,0 +1,293 @@
+"""cpu-int8 benchmark: qcompile against the int8 and bf16 paths people use today, same run, same data.
+
+One table per workload, every row measured in this run (2 threads, median of 10 calls after 2
+warm-up calls): fp32 eager, bf16 eager, torch.compile bf16 with freezing, torch's
+``quantize_dynamic``, torchao PT2E + Inductor, OpenVINO + NNCF, ONNX Runtime ``quantize_static``
+(QDQ, uint8 activations, per-channel weights), and qcompile cpu-int8 (all linears int8, and
+"mixed": the FFN output projections kept in bf16, chosen from the report's per-node SQNR).
+Competitors are optional (``pip install -e '.[bench]'``); a row whose tool is missing says so.
+
+Workloads: all-MiniLM-L6-v2 (batch 32 x 128 tokens of real sentences, first sentences of
+standard-library docstrings, 256 to calibrate and 256 others to evaluate: mean-pooled embedding
+cosine vs fp32 and top-1 nearest-neighbour agreement), ResNet-18 (batch 8 x 3 x 224 x 224),
+and a CNN trained here on scikit-learn's digits (top-1 accuracy).
+
+Run: ``python -m benchmarks.cpu_int8 [minilm] [resnet] [digits]`` (all three by default).
+"""
+
+from __future__ import annotations
+
+import io
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+import qcompile
+from tests.models import SentenceEmbedder, TinyConvNet, docstring_sentences, load_minilm, minilm_inputs, resnet18
+
+REPEATS, WARMUP = 10, 2
+
+
+def median_ms(fn: Callable[[], object]) -> float:
+    with torch.no_grad():
+        for _ in range(WARMUP):
+            fn()
+        times = []
+        for _ in range(REPEATS):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+@dataclass
+class Row:
+    name: str
+    ms: float | None = None
+    quality: str = ""
+    size_mb: float | None = None
+    note: str = ""
+
+
+def tensor_bytes(module: torch.nn.Module) -> int:
+    tensors = {id(t): t for t in [*module.parameters(), *module.buffers()]}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def print_table(title: str, rows: list[Row], fp32_ms: float, bf16_ms: float) -> None:
+    print(f"\n{title}")
+    print(f"{'path':<34}{'ms':>9}{'vs fp32':>9}{'vs bf16':>9}{'MB':>8}  quality")
+    for r in rows:
+        if r.ms is None:
+            print(f"{r.name:<34}{'-':>9}{'':>9}{'':>9}{'':>8}  {r.note}")
+            continue
+        size = f"{r.size_mb:.2f}" if r.size_mb is not None else ""
+        print(f"{r.name:<34}{r.ms:>9.1f}{fp32_ms / r.ms:>8.2f}x{bf16_ms / r.ms:>8.2f}x{size:>8}  {r.quality}"
+              + (f"  ({r.note})" if r.note else ""))
+
+
+def attempt(name: str, build: Callable[[], Row]) -> Row:
+    try:
+        return build()
+    except ImportError as exc:
+        return Row(name, note=f"not installed ({exc.name}); pip install -e '.[bench]'")
+    except Exception as exc:  # a competitor failing is a result to print, not a crash
+        return Row(name, note=f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:90]}")
+
+
+def inductor_bf16(model: torch.nn.Module, call: Callable[[torch.nn.Module], object]) -> torch.nn.Module:
+    import torch._inductor.config as inductor_config
+
+    inductor_config.freezing = True
+    compiled = torch.compile(model.bfloat16())
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        call(compiled)
+    return compiled
+
+
+# ----------------------------------------------------------------------------------------------
+# all-MiniLM-L6-v2
+
+
+def minilm() -> None:
+    model, tokenizer = load_minilm()
+    sentences = docstring_sentences(512)
+    calibration = [minilm_inputs(tokenizer, sentences[i:i + 32]) for i in range(0, 256, 32)]
+    evaluation = [minilm_inputs(tokenizer, sentences[i:i + 32]) for i in range(256, 512, 32)]
+    fp32 = SentenceEmbedder(model).eval()
+    with torch.no_grad():
+        reference = torch.cat([fp32(**b) for b in evaluation])
+
+    def quality(run: Callable[[dict], torch.Tensor]) -> str:
+        with torch.no_grad():
+            out = torch.cat([run(b).float() for b in evaluation])
+        cosine = F.cosine_similarity(out, reference)
+        neighbours = lambda e: (F.normalize(e) @ F.normalize(e).T).fill_diagonal_(-2).argmax(1)  # noqa: E731
+        agreement = (neighbours(out) == neighbours(reference)).float().mean()
+        return f"cosine mean {cosine.mean():.5f} min {cosine.min():.4f}, NN agreement {agreement:.3f}"
+
+    batch = evaluation[0]
+    fp32_bytes = tensor_bytes(fp32)
+
+    def row(name: str, module: Callable, size: int | None = None, note: str = "") -> Row:
+        return Row(name, median_ms(lambda: module(**batch)), quality(lambda b: module(**b)),
+                   None if size is None else size / 2**20, note)
+
+    rows = [row("fp32 eager", fp32, fp32_bytes)]
+    bf16_model = SentenceEmbedder(load_minilm()[0].bfloat16()).eval()
+    rows.append(row("bf16 eager", bf16_model, tensor_bytes(bf16_model)))
+    rows.append(attempt("torch.compile bf16 (freezing)", lambda: row(
+        "torch.compile bf16 (freezing)",
+        inductor_bf16(SentenceEmbedder(load_minilm()[0]).eval(), lambda m: m(**batch)))))
+
+    def dynamic_int8() -> Row:
+        from torch.ao.quantization import quantize_dynamic
+
+        quantized = quantize_dynamic(SentenceEmbedder(load_minilm()[0]).eval(), {torch.nn.Linear}, torch.qint8)
+        return row("torch quantize_dynamic int8", quantized)
+
+    rows.append(attempt("torch quantize_dynamic int8", dynamic_int8))
+    rows.append(attempt("torchao PT2E + Inductor int8", lambda: pt2e_int8(fp32, batch, calibration, row)))
+    rows.append(attempt("OpenVINO + NNCF int8", lambda: openvino_int8(fp32, batch, calibration, row)))
+    rows.append(attempt("ONNX Runtime quantize_static", lambda: ort_static(fp32, batch, calibration, row)))
+    for name, qconfig in [
+        ("qcompile cpu-int8", None),
+        ("qcompile cpu-int8 mixed (FFN out bf16)",
+         qcompile.int8_preset().set_module_regex(r".*encoder\.layer\.\d+\.output\.dense", None)),
+    ]:
+        start = time.perf_counter()
+        qm = qcompile.compile(fp32, calibration_data=calibration, qconfig=qconfig, progress=False)
+        seconds = time.perf_counter() - start
+        rows.append(row(name, qm, tensor_bytes(qm.graph_module), f"compile {seconds:.0f} s"))
+    print_table("all-MiniLM-L6-v2, batch 32 x 128 tokens (ms per batch; embeddings vs fp32 on 256 sentences)",
+                rows, rows[0].ms, rows[1].ms)
+
+
+def pt2e_int8(model, batch, calibration, row) -> Row:
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
+        X86InductorQuantizer,
+        get_default_x86_inductor_quantization_config,
+    )
+
+    quantizer = X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config())
+    exported = torch.export.export(model, (), dict(batch), strict=False).module()
+    prepared = prepare_pt2e(exported, quantizer)
+    with torch.no_grad():
+        for b in calibration:
+            prepared(**b)
+    converted = convert_pt2e(prepared)
+    import torch._inductor.config as inductor_config
+
+    inductor_config.freezing = True
+    compiled = torch.compile(converted)
+    return row("torchao PT2E + Inductor int8", compiled)
+
+
+def openvino_int8(model, batch, calibration, row) -> Row:
+    import nncf
+    import openvino as ov
+
+    ov_model = ov.convert_model(model, example_input=dict(batch))
+    dataset = nncf.Dataset(calibration)
+    quantized = ov.compile_model(nncf.quantize(ov_model, dataset, model_type=nncf.ModelType.TRANSFORMER), "CPU")
+    return row("OpenVINO + NNCF int8", lambda **b: torch.from_numpy(quantized(dict(b))[0]))
+
+
+def ort_static(model, batch, calibration, row) -> Row:
+    import onnxruntime as ort
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    buffer = io.BytesIO()
+    torch.onnx.export(model, (), buffer, kwargs=dict(batch), input_names=list(batch), output_names=["embedding"],
+                      dynamic_axes={k: {0: "batch"} for k in batch}, dynamo=False)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter([{k: v.numpy() for k, v in b.items()} for b in calibration])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        fp32_path, int8_path = f"{folder}/fp32.onnx", f"{folder}/int8.onnx"
+        with open(fp32_path, "wb") as f:
+            f.write(buffer.getvalue())
+        quantize_static(fp32_path, int8_path, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 2
+        session = ort.InferenceSession(int8_path, options, providers=["CPUExecutionProvider"])
+    return row("ONNX Runtime quantize_static",
+               lambda **b: torch.from_numpy(session.run(None, {k: v.numpy() for k, v in b.items()})[0]))
+
+
+# ----------------------------------------------------------------------------------------------
+# ResNet-18 and the digits CNN
+
+
+def resnet() -> None:
+    model = resnet18()
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(8, 3, 224, 224, generator=g)
+    calibration = [(torch.rand(8, 3, 224, 224, generator=g),) for _ in range(4)]
+    with torch.no_grad():
+        reference = model(images)
+
+    def row(name: str, module: Callable, size: int | None = None, note: str = "") -> Row:
+        with torch.no_grad():
+            agree = (module(images).float().argmax(1) == reference.argmax(1)).float().mean()
+        return Row(name, median_ms(lambda: module(images)), f"top-1 agreement with fp32 {agree:.2f}",
+                   None if size is None else size / 2**20, note)
+
+    rows = [row("fp32 eager", model, tensor_bytes(model))]
+    bf16 = resnet18().bfloat16()
+    rows.append(row("bf16 eager", lambda x: bf16(x.bfloat16()), tensor_bytes(bf16)))
+    rows.append(attempt("torch.compile bf16 (freezing)", lambda: row(
+        "torch.compile bf16 (freezing)", compiled_bf16_images(resnet18(), images))))
+    start = time.perf_counter()
+    qm = qcompile.compile(model, calibration_data=calibration, progress=False)
+    rows.append(row("qcompile cpu-int8", qm, tensor_bytes(qm.graph_module),
+                    f"compile {time.perf_counter() - start:.0f} s"))
+    print_table("ResNet-18, batch 8 x 3 x 224 x 224 (ms per batch)", rows, rows[0].ms, rows[1].ms)
+
+
+def compiled_bf16_images(model: torch.nn.Module, images: torch.Tensor) -> Callable:
+    compiled = inductor_bf16(model, lambda m: m(images.bfloat16()))
+    return lambda x: compiled(x.bfloat16())
+
+
+def digits() -> None:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    data = load_digits()
+    x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    y = torch.tensor(data.target)
+    x_train, x_test, y_train, y_test = (torch.as_tensor(a) for a in train_test_split(
+        x.numpy(), y.numpy(), test_size=0.25, random_state=0))
+    model = TinyConvNet().train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    torch.manual_seed(0)
+    for _ in range(30):
+        for i in torch.randperm(len(x_train)).split(64):
+            optimizer.zero_grad()
+            F.cross_entropy(model(x_train[i]), y_train[i]).backward()
+            optimizer.step()
+    model.eval()
+
+    def accuracy(module: Callable) -> float:
+        with torch.no_grad():
+            return (module(x_test).argmax(1) == y_test).float().mean().item() * 100
+
+    calibration = [(x_train[i:i + 64],) for i in range(0, 256, 64)]
+    qm = qcompile.compile(model, calibration_data=calibration, progress=False)
+    rows = [Row("fp32 eager", median_ms(lambda: model(x_test)), f"top-1 {accuracy(model):.2f} %",
+                tensor_bytes(model) / 2**20)]
+    bf16 = TinyConvNet().bfloat16()
+    bf16.load_state_dict({k: v.bfloat16() if v.is_floating_point() else v for k, v in model.state_dict().items()})
+    rows.append(Row("bf16 eager", median_ms(lambda: bf16(x_test.bfloat16())),
+                    f"top-1 {accuracy(lambda t: bf16(t.bfloat16())):.2f} %", tensor_bytes(bf16) / 2**20))
+    rows.append(Row("qcompile cpu-int8", median_ms(lambda: qm(x_test)), f"top-1 {accuracy(qm):.2f} %",
+                    tensor_bytes(qm.graph_module) / 2**20))
+    print_table(f"digits CNN (scikit-learn digits, {len(x_test)} test images in one batch)", rows,
+                rows[0].ms, rows[1].ms)
+
+
+def main() -> None:
+    torch.set_num_threads(2)
+    torch.backends.quantized.engine = "onednn"
+    workloads = {"minilm": minilm, "resnet": resnet, "digits": digits}
+    for name in sys.argv[1:] or list(workloads):
+        workloads[name]()
+
+
+if __name__ == "__main__":
+    main()
