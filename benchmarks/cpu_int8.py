@@ -18,7 +18,6 @@ Run: ``python -m benchmarks.cpu_int8 [minilm] [resnet] [digits]`` (all three by 
 from __future__ import annotations
 
 import io
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -28,21 +27,15 @@ import torch
 import torch.nn.functional as F
 
 import qcompile
-from tests.models import SentenceEmbedder, TinyConvNet, docstring_sentences, load_minilm, minilm_inputs, resnet18
-
-REPEATS, WARMUP = 10, 2
-
-
-def median_ms(fn: Callable[[], object]) -> float:
-    with torch.no_grad():
-        for _ in range(WARMUP):
-            fn()
-        times = []
-        for _ in range(REPEATS):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+from benchmarks.timing import median_ms
+from tests.models import (
+    SentenceEmbedder,
+    TinyConvNet,
+    docstring_sentences,
+    load_minilm,
+    minilm_inputs,
+    resnet18,
+)
 
 
 @dataclass
@@ -181,7 +174,12 @@ def openvino_int8(model, batch, calibration, row) -> Row:
 
 def ort_static(model, batch, calibration, row) -> Row:
     import onnxruntime as ort
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
 
     buffer = io.BytesIO()
     torch.onnx.export(model, (), buffer, kwargs=dict(batch), input_names=list(batch), output_names=["embedding"],

@@ -9,28 +9,16 @@ Run: ``python -m benchmarks.onednn_linear``
 
 from __future__ import annotations
 
-import statistics
-import time
-
 import torch
 import torch.nn.functional as F
 
 import qcompile  # noqa: F401  (registers torch.ops.qc.*)
+from benchmarks.timing import median_ms
 from qcompile.spec import PerChannel, QuantSpec, compute_qparams
 
 ROWS = 32 * 128
 SHAPES = [("attention q/k/v/out", 384, 384), ("intermediate (+gelu)", 384, 1536), ("output", 1536, 384)]
 
-
-def median_ms(fn, repeats: int = 20, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
 
 
 def main() -> None:

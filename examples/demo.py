@@ -9,7 +9,6 @@ model is saved and loaded back to show the round trip.
 
 from __future__ import annotations
 
-import statistics
 import time
 from pathlib import Path
 
@@ -17,20 +16,16 @@ import torch
 import torch.nn.functional as F
 
 import qcompile
-from tests.models import SentenceEmbedder, docstring_sentences, load_minilm, minilm_inputs
+from benchmarks.timing import median_ms
+from tests.models import (
+    SentenceEmbedder,
+    docstring_sentences,
+    load_minilm,
+    minilm_inputs,
+)
 
 BATCH = 32
 
-
-def median_ms(fn, repeats: int = 5) -> float:
-    with torch.no_grad():
-        fn()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
 
 
 def main() -> None:
