@@ -1,4 +1,4 @@
-"""annotate: the plan per node, shared qparams through shape ops, reasons for float."""
+"""annotate (passes/annotate.py): the plan per node, shared qparams through shape ops, reasons for float."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""eliminate-dequant: dequantize sinks below shape ops; dequantize -> quantize with equal qparams folds."""
+"""eliminate-dequant (passes/eliminate_dequant.py): dequantize sinks below shape ops; dequantize -> quantize with equal qparams folds."""
 
 import torch
 from qcompile.passes import Convert, EliminateDequant

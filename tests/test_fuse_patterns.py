@@ -1,4 +1,4 @@
-"""fuse-patterns: marks kernel groups, changes nothing else."""
+"""fuse-patterns (passes/fuse_patterns.py): marks kernel groups, changes nothing else."""
 
 import torch
 from qcompile.passes import FusePatterns

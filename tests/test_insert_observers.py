@@ -1,4 +1,4 @@
-"""insert-observers: one observer per observed value and spec, read only by quantized edges."""
+"""insert-observers (passes/insert_observers.py): one observer per observed value and spec, read only by quantized edges."""
 
 import torch
 from qcompile.passes import InsertObservers

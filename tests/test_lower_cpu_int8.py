@@ -1,4 +1,4 @@
-"""lower-cpu-int8: Q/DQ groups become oneDNN kernels with the output dtype their consumers want."""
+"""lower-cpu-int8 (passes/lower_cpu_int8.py): Q/DQ groups become oneDNN kernels with the output dtype their consumers want."""
 
 import torch
 from qcompile.passes import EliminateDequant, FusePatterns, LowerCpuInt8

@@ -1,4 +1,4 @@
-"""lower-float-bf16: attention and float linears to bf16 kernels, within bf16 rounding of fp32."""
+"""lower-float-bf16 (passes/lower_float_bf16.py): attention and float linears to bf16 kernels, within bf16 rounding of fp32."""
 
 import torch
 from qcompile.passes import LowerFloatBf16
