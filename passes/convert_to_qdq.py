@@ -34,21 +34,16 @@ from qcompile import (
     add_constant,
     constant_value,
     get_qspec,
-    infer_fake_value,
+    insert_call,
     make_observer,
     observation_root,
-    set_provenance,
 )
 from qcompile.qdq import CHOOSE_QPARAMS, DEQUANTIZE, QUANTIZE, is_dequantize
 
 
 def _call(gm: fx.GraphModule, target: object, args: tuple, *, before: fx.Node, pass_name: str,
           source: fx.Node) -> fx.Node:
-    with gm.graph.inserting_before(before):
-        node = gm.graph.call_function(target, args)
-    infer_fake_value(node)
-    set_provenance(node, Provenance(pass_name, sources=(source.name,)))
-    return node
+    return insert_call(gm, target, args, before=before, provenance=Provenance(pass_name, sources=(source.name,)))
 
 
 @dataclass(frozen=True)

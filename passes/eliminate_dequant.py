@@ -22,23 +22,18 @@ from qcompile import (
     Pass,
     PassResult,
     Provenance,
-    copy_source_meta,
-    infer_fake_value,
-    set_provenance,
+    insert_call,
 )
 from qcompile.qdq import SHARES_QPARAMS, is_dequantize, is_quantize, qparams_of
 
 
 def _sink_through(gm: fx.GraphModule, op: fx.Node, dq: fx.Node, pass_name: str) -> fx.Node:
     graph = gm.graph
-    with graph.inserting_before(op):
-        moved = graph.call_function(op.target, (dq.args[0], *op.args[1:]), dict(op.kwargs))
-        infer_fake_value(moved)
-        copy_source_meta(op, moved)
-        new_dq = graph.call_function(dq.target, (moved, *dq.args[1:]), dict(dq.kwargs))
-        infer_fake_value(new_dq)
-    for node in (moved, new_dq):
-        set_provenance(node, Provenance(pass_name, "sink-dequantize", (op.name, dq.name)))
+    provenance = Provenance(pass_name, "sink-dequantize", (op.name, dq.name))
+    moved = insert_call(gm, op.target, (dq.args[0], *op.args[1:]), before=op, provenance=provenance, meta_from=op,
+                        kwargs=dict(op.kwargs))
+    new_dq = insert_call(gm, dq.target, (moved, *dq.args[1:]), before=op, provenance=provenance,
+                         kwargs=dict(dq.kwargs))
     op.replace_all_uses_with(new_dq)
     graph.erase_node(op)
     if not dq.users:

@@ -29,11 +29,9 @@ from qcompile import (
     Provenance,
     add_constant,
     constant_value,
-    copy_source_meta,
     get_fusion,
-    infer_fake_value,
+    insert_call,
     op_arguments,
-    set_provenance,
 )
 from qcompile.qdq import QParams, is_dequantize, is_quantize, qparams_of
 
@@ -46,7 +44,7 @@ class _Operands:
     x_q: fx.Node
     x_scale: fx.Node
     x_zero_point: fx.Node
-    weight_q: torch.Tensor
+    weight_q: fx.Node  # the int8 constant convert made; the kernel reads it as it is
     weight_scale: torch.Tensor
     bias: torch.Tensor | None
 
@@ -75,7 +73,7 @@ def _operands(gm: fx.GraphModule, anchor: fx.Node) -> _Operands | str:
             return "bias is computed in the graph"
     if anchor.target == aten.conv2d.default and not isinstance(constant_value(gm, x_dq.args[1]), torch.Tensor):
         return "conv2d kernel packs with a static input scale (dynamic quantization is linear-only)"
-    return _Operands(x_dq.args[0], x_dq.args[1], x_dq.args[2], weight_q,
+    return _Operands(x_dq.args[0], x_dq.args[1], x_dq.args[2], w_dq.args[0],
                      w.scale.reshape(-1).expand(channels).contiguous().float(), bias)
 
 
@@ -150,22 +148,18 @@ class LowerCpuInt8(Pass):
         else:
             out_scale, out_zero_point, out_dtype = 1.0, 0, last.meta["val"].dtype
         name = anchor.name
-        weight = add_constant(gm, ops.weight_q, f"{name}_weight_q", before=anchor)
         weight_scale = add_constant(gm, ops.weight_scale, f"{name}_weight_scale", before=anchor)
         bias = add_constant(gm, ops.bias, f"{name}_bias", before=anchor) if ops.bias is not None else None
-        x = (ops.x_q, ops.x_scale, ops.x_zero_point, weight, weight_scale, bias)
-        with gm.graph.inserting_after(last):
-            if anchor.target == aten.linear.default:
-                args = (*x, other, out_scale, out_zero_point, out_dtype, post_op)
-                kernel = gm.graph.call_function(torch.ops.qc.linear_int8.default, args)
-            else:
-                conv = op_arguments(anchor)
-                args = (*x, list(conv["stride"]), list(conv["padding"]), list(conv["dilation"]), conv["groups"],
-                        out_scale, out_zero_point, out_dtype, post_op)
-                kernel = gm.graph.call_function(torch.ops.qc.conv2d_int8.default, args)
-        infer_fake_value(kernel)
-        copy_source_meta(anchor, kernel)
-        set_provenance(kernel, Provenance(self.name, KERNELS[anchor.target], tuple(nodes)))
+        x = (ops.x_q, ops.x_scale, ops.x_zero_point, ops.weight_q, weight_scale, bias)
+        if anchor.target == aten.linear.default:
+            target, args = torch.ops.qc.linear_int8.default, (*x, other, out_scale, out_zero_point, out_dtype, post_op)
+        else:
+            conv = op_arguments(anchor)
+            target = torch.ops.qc.conv2d_int8.default
+            args = (*x, list(conv["stride"]), list(conv["padding"]), list(conv["dilation"]), conv["groups"],
+                    out_scale, out_zero_point, out_dtype, post_op)
+        provenance = Provenance(self.name, KERNELS[anchor.target], tuple(nodes))
+        kernel = insert_call(gm, target, args, before=last.next, provenance=provenance, meta_from=anchor)
         for replaced in requantize[0] if requantize else [last]:
             replaced.replace_all_uses_with(kernel)
         for replaced in [*(requantize[0] if requantize else []), *reversed(list(nodes.values()))]:

@@ -26,10 +26,8 @@ from qcompile import (
     Provenance,
     add_constant,
     constant_value,
-    copy_source_meta,
-    infer_fake_value,
+    insert_call,
     op_arguments,
-    set_provenance,
 )
 
 SDPA = torch.ops.aten.scaled_dot_product_attention.default
@@ -51,11 +49,8 @@ def _attention_unsupported(node: fx.Node) -> str | None:
 
 
 def _replace(gm: fx.GraphModule, node: fx.Node, target: object, args: tuple, pass_name: str) -> None:
-    with gm.graph.inserting_before(node):
-        new = gm.graph.call_function(target, args)
-    infer_fake_value(new)
-    copy_source_meta(node, new)
-    set_provenance(new, Provenance(pass_name, sources=(node.name,)))
+    provenance = Provenance(pass_name, sources=(node.name,))
+    new = insert_call(gm, target, args, before=node, provenance=provenance, meta_from=node)
     node.replace_all_uses_with(new)
     gm.graph.erase_node(node)
 

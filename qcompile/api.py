@@ -24,10 +24,10 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from qcompile.calibration import as_call, calibrate
+from qcompile.calibration import as_call, calibrate, empty_calibration_error
 from qcompile.capture import capture, export_program
 from qcompile.errors import QCompileError
-from qcompile.ir.meta import get_provenance
+from qcompile.ir.meta import get_provenance, get_qspec
 from qcompile.pass_manager import Instrument, PassManager, Pipeline, PipelineResult
 from qcompile.qconfig import QConfig
 from qcompile.report import CompileReport, describe_plan, node_outputs, sqnr_db
@@ -61,9 +61,7 @@ def _example(
         try:
             first = next(iterator)
         except StopIteration:
-            from qcompile.errors import CalibrationError
-            raise CalibrationError("calibration data is empty: give at least one batch, or none for "
-                                   "dynamic quantization") from None
+            raise empty_calibration_error() from None
         args, kwargs = as_call(first)
         rest = calibration_data if iterator is not calibration_data else chain([first], iterator)
         return args, kwargs, rest
@@ -201,8 +199,10 @@ def compile(
 
 def _node_sqnr(planned: fx.GraphModule, qdq: fx.GraphModule, args: tuple, kwargs: dict,
                report: CompileReport) -> dict[str, float]:
-    names = {n.name for n in planned.graph.nodes if n.op == "call_function"}
+    # Only what the report shows: the planned nodes and the outputs (keeping every
+    # intermediate of both graphs would hold gigabytes for a transformer batch).
     outputs = [a.name for a in planned.graph.output_node().all_input_nodes]
+    names = {n.name for n in planned.graph.nodes if get_qspec(n) is not None} | set(outputs)
     reference = node_outputs(planned, names, args, kwargs)
     quantized = node_outputs(qdq, names, args, kwargs)
     common = reference.keys() & quantized.keys()

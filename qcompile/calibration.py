@@ -19,6 +19,10 @@ from tqdm.auto import tqdm
 from qcompile.errors import CalibrationError
 
 
+def empty_calibration_error() -> CalibrationError:
+    return CalibrationError("calibration data is empty: give at least one batch, or none for dynamic quantization")
+
+
 def as_call(batch: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """(args, kwargs) for one batch."""
     if isinstance(batch, torch.Tensor):
@@ -78,5 +82,5 @@ def calibrate(
             gm(*args, **kwargs)
             batches += 1
     if batches == 0:
-        raise CalibrationError("calibration data is empty: give at least one batch, or none for dynamic quantization")
+        raise empty_calibration_error()
     return batches

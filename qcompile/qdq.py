@@ -15,6 +15,7 @@ from torch import fx
 
 from qcompile.ir.graph import constant_value, describe_node
 from qcompile.ir.verify import register_invariant
+from qcompile.observers import Observer
 
 QUANTIZE = torch.ops.qc.quantize.default
 DEQUANTIZE = torch.ops.qc.dequantize.default
@@ -116,8 +117,6 @@ def dequantize_reads_integers(gm: fx.GraphModule) -> list[str]:
 @register_invariant
 def no_observer_beside_quantize(gm: fx.GraphModule) -> list[str]:
     """Observers belong to the calibration stage; a converted graph (one with quantize) has none left."""
-    from qcompile.observers import Observer
-
     if not any(is_quantize(n) for n in gm.graph.nodes):
         return []
     return [

@@ -17,7 +17,7 @@ from torch import fx
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.utils import _pytree as pytree
 
-from qcompile.ir.meta import source_line, source_module
+from qcompile.ir.meta import Provenance, set_provenance, source_line, source_module
 from qcompile.ir.printer import canonical_names, format_target
 
 
@@ -112,6 +112,27 @@ def infer_fake_value(node: fx.Node) -> Any:
             value = node.target(*args, **kwargs)
     node.meta["val"] = value
     return value
+
+
+def insert_call(
+    gm: fx.GraphModule,
+    target: Any,
+    args: tuple[Any, ...],
+    *,
+    before: fx.Node,
+    provenance: Provenance,
+    meta_from: fx.Node | None = None,
+    kwargs: dict[str, Any] | None = None,
+) -> fx.Node:
+    """A new call before ``before`` with what every added node owes later passes: its fake value,
+    its provenance and, when it stands for ``meta_from``, that node's user-module metadata."""
+    with gm.graph.inserting_before(before):
+        node = gm.graph.call_function(target, args, kwargs)
+    infer_fake_value(node)
+    if meta_from is not None:
+        copy_source_meta(meta_from, node)
+    set_provenance(node, provenance)
+    return node
 
 
 def copy_source_meta(source: fx.Node, target: fx.Node) -> None:
