@@ -49,6 +49,21 @@ def _float_input_reason(node: fx.Node, index: int) -> str | None:
     return None
 
 
+def _float_path_reason(node: fx.Node, rule: OpRule) -> str | None:
+    """Why ``node`` is on a float path the rule leaves alone (not a limitation, so no warning)."""
+    if rule.producers is None:
+        return None
+    for index in rule.activations:
+        arg = node.args[index] if index < len(node.args) else None
+        if not isinstance(arg, fx.Node):
+            return f"input {index} is not a tensor"
+        root, _ = observation_root(arg)
+        kind = op_kind(root) if root.op == "call_function" else root.op
+        if kind not in rule.producers:
+            return f"input {index} comes from '{kind}', not from {', '.join(rule.producers)}: a float path"
+    return None
+
+
 def plan_node(gm: fx.GraphModule, node: fx.Node, config: OpQuantConfig, rule: OpRule, why: str) -> QuantAnnotation:
     reason = rule.unsupported(config)
     if reason is None:
@@ -61,7 +76,10 @@ def plan_node(gm: fx.GraphModule, node: fx.Node, config: OpQuantConfig, rule: Op
     assert config.activation is not None
     edges: list[tuple[int, EdgeQuant]] = []
     for index in rule.activations:
-        root, _ = observation_root(node.args[index])
+        arg = node.args[index] if index < len(node.args) else None
+        if not isinstance(arg, fx.Node):
+            return f"input {index} is not a tensor"
+        root, _ = observation_root(arg)
         edges.append((index, EdgeQuant("activation", config.activation, observe_at=root.name)))
     if rule.weight is not None and config.weight is not None:
         edges.append((rule.weight, EdgeQuant("weight", config.weight)))
@@ -100,6 +118,10 @@ class Annotate(Pass):
                 continue
             if config is None:
                 plans[node] = QuantAnnotation(rule=why, float_reason=f"the QConfig keeps it float ({why})")
+                continue
+            float_path = _float_path_reason(node, rule)
+            if float_path is not None:
+                plans[node] = QuantAnnotation(rule=why, float_reason=float_path)
                 continue
             plans[node] = plan = plan_node(gm, node, config, rule, why)
             if plan.float_reason:

@@ -64,7 +64,7 @@ from qcompile.pass_manager import (
     PipelineResult,
     registered_passes,
 )
-from qcompile.qconfig import OpQuantConfig, QConfig, int8_preset
+from qcompile.qconfig import OpQuantConfig, QConfig, int8_preset, onnx_qdq_preset
 from qcompile.qdq import observation_root
 from qcompile.report import CompileReport, NodeReport, sqnr_db
 from qcompile.rewrite import (
@@ -134,6 +134,9 @@ __all__ = [
     "copy_graph_module",
     "copy_source_meta",
     "describe_node",
+    "export_onnx",
+    "OnnxExport",
+    "CrossCheck",
     "diff_graphs",
     "fetch_attr",
     "get_fusion",
@@ -147,6 +150,7 @@ __all__ = [
     "load",
     "make_observer",
     "observation_root",
+    "onnx_qdq_preset",
     "op_arguments",
     "print_graph",
     "register_invariant",
@@ -163,3 +167,14 @@ __all__ = [
     "trace_rules",
     "verify_graph",
 ]
+
+_ONNX_EXPORT = ("export_onnx", "OnnxExport", "CrossCheck")
+
+
+def __getattr__(name: str):
+    """The ONNX exporter loads onnxscript, so it is imported on first use, not with qcompile."""
+    if name in _ONNX_EXPORT:
+        from qcompile import onnx_check, onnx_export
+
+        return getattr(onnx_export, name, None) or getattr(onnx_check, name)
+    raise AttributeError(f"module 'qcompile' has no attribute '{name}'")

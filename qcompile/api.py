@@ -19,7 +19,7 @@ import warnings
 from collections.abc import Iterable, Iterator
 from itertools import chain
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import fx, nn
@@ -32,6 +32,9 @@ from qcompile.pass_manager import Instrument, PassManager, Pipeline, PipelineRes
 from qcompile.qconfig import QConfig
 from qcompile.report import CompileReport, describe_plan, node_outputs, sqnr_db
 from qcompile.targets import Target, get_target
+
+if TYPE_CHECKING:
+    from qcompile.onnx_export import OnnxExport
 
 FORMAT_VERSION = 1
 KERNEL_OPS = ("linear_int8", "conv2d_int8")
@@ -115,6 +118,14 @@ class QuantizedModel(nn.Module):
         path.write_bytes(buffer.getvalue())
         return path
 
+    def export_onnx(self, path: str | Path, *, check: bool = True, tolerance_steps: float = 1.0) -> OnnxExport:
+        """Write the Q/DQ graph as an ONNX QDQ file, cross-checked in ONNX Runtime on the example
+        inputs (see :func:`qcompile.onnx_export.export_onnx`)."""
+        from qcompile.onnx_export import export_onnx  # onnxscript loads only when exporting
+
+        args, kwargs = self.example
+        return export_onnx(self.qdq_graph_module, path, args, kwargs, check=check, tolerance_steps=tolerance_steps)
+
 
 def load(path: str | Path) -> QuantizedModel:
     """A model saved by :meth:`QuantizedModel.save`, lowered again for its target."""
@@ -193,7 +204,7 @@ def compile(
                    verify=verify)
     kept = next((p.stats.get("kept", {}) for p in report.passes if p.name.startswith("lower-")), {})
     sqnr = _node_sqnr(planned, qdq, args, kwargs, report)
-    report.nodes = describe_plan(planned, _kernel_descriptions(lowered.graph_module), kept, sqnr)
+    report.nodes = describe_plan(planned, _kernel_descriptions(lowered.graph_module), kept, sqnr, target.unlowered)
     return QuantizedModel(lowered.graph_module, qdq, report, (args, kwargs))
 
 

@@ -42,10 +42,11 @@ def quantize(
 ) -> Tensor:
     s = _broadcast(scale, x, axis).to(torch.float32)
     z = _broadcast(zero_point, x, axis).to(torch.float32)
-    # round(r/S) + Z == round(r/S + Z) for integer Z, and rounding commutes with clamping to
-    # integer bounds, so this is the formula above in one allocation; the cast goes through
-    # int32 because float -> int32 -> uint8 is vectorized where float -> uint8 is not.
-    q = torch.div(x.to(torch.float32), s).add_(z).clamp_(qmin, qmax).round_()
+    # Round before adding Z, as ONNX's QuantizeLinear does: in float32, r/S + Z can land on a
+    # .5 tie that r/S did not, and the exported model must give the same integers. One
+    # allocation; the cast goes through int32 because float -> int32 -> uint8 is vectorized
+    # where float -> uint8 is not.
+    q = torch.div(x.to(torch.float32), s).round_().add_(z).clamp_(qmin, qmax)
     return q.to(torch.int32).to(dtype)
 
 

@@ -111,3 +111,9 @@ def int8_preset() -> QConfig:
     what keeps transformer accuracy: LayerNorm, residual adds and attention stay in float."""
     config = OpQuantConfig(INT8_ACTIVATION, INT8_WEIGHT)
     return QConfig(by_op={"linear": config, "conv2d": config})
+
+
+def onnx_qdq_preset() -> QConfig:
+    """onnx-qdq: the cpu-int8 specs (what ONNX Runtime's QDQ fusions take), plus uint8 inputs for
+    adds; the target's rule limits those to adds that join convolutions."""
+    return int8_preset().set_op("add", OpQuantConfig(INT8_ACTIVATION, None))

@@ -54,17 +54,17 @@ def node_outputs(gm: fx.GraphModule, names: set[str], args: tuple, kwargs: dict)
     """The values of the named nodes when ``gm`` runs on ``args``/``kwargs``."""
     recorder = _Recorder(gm, names)
     with torch.no_grad():
-        recorder.run(*_flat_inputs(gm, args, kwargs))
+        recorder.run(*flat_inputs(gm, args, kwargs))
     return recorder.values
 
 
-def _flat_inputs(gm: fx.GraphModule, args: tuple, kwargs: dict) -> list[Any]:
+def flat_inputs(gm: fx.GraphModule, args: tuple, kwargs: dict) -> list[Any]:
     """The graph's placeholder values for a call: exported graphs take (args, kwargs) flattened
     by their input spec, keyword order included."""
     info = getattr(gm.graph._codegen, "pytree_info", None)
     if info is None or info.in_spec is None:
         return [*args, *kwargs.values()]
-    keys = info.in_spec.children_specs[1].context if kwargs else []
+    keys = info.in_spec.child(1).context if kwargs else []
     return pytree.tree_leaves((tuple(args), {k: kwargs[k] for k in keys}))
 
 
@@ -136,7 +136,8 @@ class CompileReport:
 
 
 def describe_plan(
-    planned: fx.GraphModule, lowered_kernels: dict[str, str], kept: dict[str, str], sqnr: dict[str, float]
+    planned: fx.GraphModule, lowered_kernels: dict[str, str], kept: dict[str, str], sqnr: dict[str, float],
+    unlowered: str = "reference Q/DQ, not lowered",
 ) -> list[NodeReport]:
     """One line per node the plan decided on: int8 with its kernel, or float with the reason."""
     reports = []
@@ -150,7 +151,7 @@ def describe_plan(
             precision, detail = "int8", lowered_kernels[node.name]
         elif plan.quantized:
             precision = "int8-ref"
-            detail = f"reference Q/DQ, not lowered: {kept.get(node.name, 'no kernel matched')}"
+            detail = f"{unlowered}: {kept[node.name]}" if node.name in kept else unlowered
         else:
             precision, detail = "float", plan.float_reason or ""
         reports.append(NodeReport(node.name, op_kind(node), module_text, precision, detail, sqnr.get(node.name)))

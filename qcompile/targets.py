@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from qcompile.errors import QCompileError
-from qcompile.qconfig import OpQuantConfig, QConfig, int8_preset
+from qcompile.qconfig import OpQuantConfig, QConfig, int8_preset, onnx_qdq_preset
 from qcompile.spec import PerChannel, PerTensor
 
 
@@ -33,6 +33,10 @@ class OpRule:
     bias: int | None = 2
     activation_dtypes: tuple[str, ...] = ("uint8",)
     weight_dtypes: tuple[str, ...] = ("int8",)
+    # Op kinds every activation input must come from (None: any). An elementwise op is worth
+    # quantizing only where it joins int8 paths (conv -> add -> relu -> conv); on a float path,
+    # like a transformer's residual stream, quantizing it only adds error.
+    producers: tuple[str, ...] | None = None
 
     def unsupported(self, config: OpQuantConfig) -> str | None:
         """Why ``config`` cannot run on this kernel, or None when it can."""
@@ -70,6 +74,8 @@ class Target:
     dynamic_prepare: str = ""
     dynamic_convert: str = ""
     properties_after_prepare: frozenset[str] = field(default_factory=frozenset)
+    # What the report says of a quantized node that no lowering pass turned into a kernel.
+    unlowered: str = "reference Q/DQ, not lowered"
 
 
 _TARGETS: dict[str, Target] = {}
@@ -105,6 +111,26 @@ register_target(
         dynamic_prepare=f"{_CLEANUP},annotate",
         dynamic_convert="convert{dynamic=true},eliminate-dequant,eliminate-dead-code",
         properties_after_prepare=frozenset({"bn-folded", "annotated"}),
+    )
+)
+
+register_target(
+    Target(
+        name="onnx-qdq",
+        description="ONNX QDQ for ONNX Runtime (export_onnx): uint8 activations, int8 per-channel weights, "
+                    "residual adds between convolutions in int8 so that they fuse into QLinearConv/QLinearAdd",
+        op_rules={
+            "linear": OpRule(),
+            "conv2d": OpRule(),
+            "add": OpRule(activations=(0, 1), weight=None, bias=None,
+                          producers=("conv2d", "relu", "relu_", "max_pool2d")),
+        },
+        preset=onnx_qdq_preset,
+        prepare=f"{_CLEANUP},annotate,insert-observers",
+        convert="convert,eliminate-dequant,eliminate-dead-code",
+        lower="eliminate-dead-code",  # the model runs as its Q/DQ graph; ONNX Runtime runs the file
+        properties_after_prepare=frozenset({"bn-folded", "annotated"}),
+        unlowered="Q/DQ for ONNX Runtime (export_onnx)",
     )
 )
 

@@ -1,0 +1,176 @@
+"""Cross-check an exported ONNX QDQ file against the Q/DQ graph it came from, in ONNX Runtime.
+
+Comparing only final outputs would not work: a quantized network is chaotic. A float
+difference of one part in a million (another summation order, another exp) flips a rounding
+somewhere, the flipped integer is a whole step off, and the flips grow layer by layer; on
+all-MiniLM-L6-v2 two attention backends *inside torch* already differ by several output steps.
+So the check is local. ONNX Runtime runs the file with every QuantizeLinear output exposed;
+torch then runs the Q/DQ graph with each quantize node *replaced by ONNX Runtime's integers*
+(teacher forcing), so every quantized tensor and every output is computed from the same
+integer inputs on both sides. An honest export differs by at most one step (a rounding tie);
+a wrong axis, zero point or op translation differs by many, at the first tensor it touches,
+and that is the tensor the error names.
+
+Differences are in units of the tensor's quantization step: its scale for quantized tensors,
+and for a float output the step a uint8 quantization of it would have, (max − min) / 255.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from torch import fx
+
+from qcompile.errors import QCompileError
+from qcompile.ir.graph import constant_value
+from qcompile.qdq import DEQUANTIZE, QUANTIZE
+from qcompile.report import flat_inputs
+
+# ONNX Runtime's integer kernels, the ops its QDQ optimizer fuses Q/DQ groups into.
+INT8_KERNELS = frozenset({
+    "QLinearConv", "QLinearMatMul", "MatMulIntegerToFloat", "QGemm", "QLinearAdd", "QLinearMul",
+    "QLinearConcat", "QLinearAveragePool", "QLinearGlobalAveragePool", "QLinearSigmoid",
+    "QLinearLeakyRelu", "QLinearSoftmax", "QLinearWhere", "QAttention", "MatMulInteger", "ConvInteger",
+})
+FLOAT_COMPUTE = frozenset({"Conv", "MatMul", "Gemm", "FusedMatMul", "FusedConv"})
+
+
+@dataclass
+class TensorCheck:
+    name: str
+    kind: str  # "quantized" (a QuantizeLinear output) or "output" (a graph output)
+    step: float
+    max_steps: float
+    mismatched: float  # fraction of elements that differ at all
+
+
+@dataclass
+class CrossCheck:
+    tensors: list[TensorCheck]
+    tolerance_steps: float
+    ort_ops: dict[str, int]  # op counts of ONNX Runtime's optimized graph
+
+    @property
+    def worst(self) -> TensorCheck:
+        return max(self.tensors, key=lambda t: t.max_steps)
+
+    @property
+    def diverged(self) -> TensorCheck | None:
+        return next((t for t in self.tensors if t.max_steps > self.tolerance_steps), None)
+
+    @property
+    def int8_kernels(self) -> dict[str, int]:
+        return {op: n for op, n in self.ort_ops.items() if op in INT8_KERNELS}
+
+    def __str__(self) -> str:
+        quantized = [t for t in self.tensors if t.kind == "quantized"]
+        worst = self.worst
+        fused = ", ".join(f"{op} x{n}" for op, n in sorted(self.int8_kernels.items())) or "none"
+        floats = ", ".join(f"{op} x{n}" for op, n in sorted(self.ort_ops.items()) if op in FLOAT_COMPUTE) or "none"
+        lines = [
+            f"ONNX Runtime cross-check: {len(quantized)} quantized tensors and "
+            f"{len(self.tensors) - len(quantized)} outputs compared, worst '{worst.name}' "
+            f"{worst.max_steps:.3g} steps (tolerance {self.tolerance_steps:g})",
+            f"ONNX Runtime int8 kernels: {fused}; float compute left: {floats}",
+        ]
+        return "\n".join(lines)
+
+
+def _compare(name: str, kind: str, ours: torch.Tensor, theirs: torch.Tensor, unit: float, step: float) -> TensorCheck:
+    """``ours`` against ``theirs`` in steps, where one step is ``unit`` in the tensors' own values."""
+    difference = (ours.double() - theirs.double()).abs()
+    if difference.numel() == 0:
+        return TensorCheck(name, kind, step, 0.0, 0.0)
+    return TensorCheck(name, kind, step, float(difference.max()) / unit, float((difference > 0).double().mean()))
+
+
+class _TeacherForced(fx.Interpreter):
+    """Runs the Q/DQ graph with each quantize node's value replaced by ONNX Runtime's."""
+
+    def __init__(self, gm: fx.GraphModule, forced: dict[str, torch.Tensor]):
+        super().__init__(gm)
+        self.forced = forced
+        self.checks: list[TensorCheck] = []
+
+    def run_node(self, node: fx.Node) -> Any:
+        value = super().run_node(node)
+        if node.name not in self.forced:
+            return value
+        theirs = self.forced[node.name]
+        scale = constant_value(self.module, node.args[1])
+        step = float(scale.max()) if scale is not None else float("nan")
+        self.checks.append(_compare(node.name, "quantized", value, theirs, 1.0, step))
+        return theirs
+
+
+def _output_step(gm: fx.GraphModule, node: Any, value: torch.Tensor) -> float:
+    if isinstance(node, fx.Node) and node.target == DEQUANTIZE and node.args[3] is None:
+        return float(constant_value(gm, node.args[1]))
+    if not value.is_floating_point():
+        return 1.0
+    if value.numel() == 0:
+        return 1.0
+    return max(float(value.max() - value.min()) / 255, torch.finfo(torch.float32).eps)
+
+
+def _run_onnxruntime(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> tuple[list[np.ndarray], dict[str, int]]:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # the hardware-specific-model warning on saving the optimized graph
+    with tempfile.TemporaryDirectory() as folder:
+        optimized = Path(folder) / "optimized.onnx"
+        options.optimized_model_filepath = str(optimized)
+        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        ops = Counter(node.op_type for node in onnx.load(str(optimized), load_external_data=False).graph.node)
+    return session.run(None, feeds), dict(ops)
+
+
+def cross_check(model: onnx.ModelProto, reference: fx.GraphModule, args: tuple, kwargs: dict,
+                tolerance_steps: float = 1.0) -> CrossCheck:
+    """Compare ``model`` in ONNX Runtime with ``reference`` (the program it was exported from;
+    its node names are the ONNX value names) on one input; see the module docstring."""
+    quantize_nodes = {n.name: n for n in reference.graph.nodes if n.target == QUANTIZE}
+    exposed = [node.output[0] for node in model.graph.node
+               if node.op_type == "QuantizeLinear" and node.output[0] in quantize_nodes]
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    for name in exposed:
+        dtype = quantize_nodes[name].meta["val"].dtype
+        elem = onnx.helper.np_dtype_to_tensor_dtype(torch.empty((), dtype=dtype).numpy().dtype)
+        probe.graph.output.append(onnx.helper.make_tensor_value_info(name, elem, None))
+    placeholders = [n.name for n in reference.graph.nodes if n.op == "placeholder"]
+    values = dict(zip(placeholders, flat_inputs(reference, args, kwargs), strict=True))
+    feeds = {}
+    for graph_input in model.graph.input:
+        if graph_input.name not in values:
+            raise QCompileError(f"the ONNX input '{graph_input.name}' is not an input of the Q/DQ graph")
+        feeds[graph_input.name] = values[graph_input.name].detach().cpu().numpy()
+    results, ops = _run_onnxruntime(probe, feeds)
+    count = len(model.graph.output)
+    forced = {name: torch.from_numpy(value) for name, value in zip(exposed, results[count:], strict=True)}
+    interpreter = _TeacherForced(reference, forced)
+    with torch.no_grad():
+        ours = torch.utils._pytree.tree_leaves(interpreter.run(*[values[p] for p in placeholders]))
+    checks = interpreter.checks
+    output_nodes = torch.utils._pytree.tree_leaves(reference.graph.output_node().args[0])
+    for graph_output, node, mine, theirs in zip(model.graph.output, output_nodes, ours, results[:count], strict=True):
+        theirs = torch.from_numpy(theirs)
+        step = _output_step(reference, node, mine)
+        checks.append(_compare(graph_output.name, "output", mine, theirs, step, step))
+    result = CrossCheck(checks, tolerance_steps, ops)
+    first = result.diverged
+    if first is not None:
+        raise QCompileError(
+            f"ONNX Runtime and the Q/DQ graph diverge at {first.kind} tensor '{first.name}': "
+            f"{first.max_steps:.3g} steps of {first.step:.3g} apart given the same integer inputs "
+            f"(tolerance {tolerance_steps:g} steps; {first.mismatched:.1%} of its elements differ)"
+        )
+    return result

@@ -1,0 +1,165 @@
+"""ONNX QDQ export: the Q/DQ graph written as QuantizeLinear / DequantizeLinear (opset 21).
+
+    qm.export_onnx("model.int8.onnx")      # or qcompile.export_onnx(qdq_graph_module, path, args)
+
+The Q/DQ form maps 1:1 to ONNX: ``qc.quantize(x, S, Z, axis)`` is ``QuantizeLinear(x, S, Z)``
+and ``qc.dequantize`` is ``DequantizeLinear``, with the zero point stored in the integer type
+ONNX requires (the graph keeps it as int32). Everything else goes through torch.onnx's own
+ATen translations. Weights stay int8 initializers feeding DequantizeLinear (ONNX Runtime
+does not constant-fold DequantizeLinear), so the file is about a quarter of the fp32 one and
+ONNX Runtime's QDQ optimizer fuses ``DQ -> MatMul`` into MatMulIntegerToFloat and
+``DQ -> Conv -> Q`` into QLinearConv.
+
+A graph that cannot be exported fails before anything is written, naming the node: observers
+left in it (never calibrated), an op without an ONNX translation (the lowered kernels, dynamic
+quantization's ``qc.choose_qparams``, a user's custom op), or an integer range ONNX cannot
+express (narrow ranges, int4 in int8 storage). After writing, the file is checked with
+``onnx.checker`` (full check) and cross-checked in ONNX Runtime (:mod:`qcompile.onnx_check`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import onnx
+import torch
+from onnxscript import opset21 as op
+from torch import fx
+
+from qcompile.capture import export_program
+from qcompile.ir.graph import constant_value
+from qcompile.errors import NodeError, QCompileError
+from qcompile.observers import Observer
+from qcompile.onnx_check import CrossCheck, cross_check
+from qcompile.qdq import DEQUANTIZE, QUANTIZE
+
+OPSET = 21
+# The full range of each integer storage type: ONNX's QuantizeLinear saturates to exactly these.
+_FULL_RANGES = {torch.uint8: (0, 255), torch.int8: (-128, 127), torch.int32: (-(2**31), 2**31 - 1)}
+
+
+def _per_tensor_scale(scale):
+    """ONNX wants a per-tensor scale as a scalar; one-element tensors are reshaped (and folded)."""
+    if scale.shape is not None and len(scale.shape) == 0:
+        return scale
+    return op.Squeeze(scale)
+
+
+def _quantize_linear(x, scale, zero_point, axis: int | None, qmin: int, qmax: int, dtype):
+    zero_point = op.Cast(zero_point, to=dtype)
+    if axis is None:
+        return op.QuantizeLinear(x, _per_tensor_scale(scale), op.Squeeze(zero_point))
+    return op.QuantizeLinear(x, scale, zero_point, axis=axis)
+
+
+def _dequantize_linear(q, scale, zero_point, axis: int | None, out_dtype):
+    zero_point = op.CastLike(zero_point, q)
+    if axis is None:
+        return op.DequantizeLinear(q, _per_tensor_scale(scale), op.Squeeze(zero_point))
+    return op.DequantizeLinear(q, scale, zero_point, axis=axis)
+
+
+TRANSLATIONS = {QUANTIZE: _quantize_linear, DEQUANTIZE: _dequantize_linear}
+
+
+@dataclass
+class OnnxExport:
+    """What :func:`export_onnx` wrote and how it compares with the Q/DQ graph in torch."""
+
+    path: Path
+    bytes: int
+    float_bytes: int
+    check: CrossCheck | None
+
+    def __str__(self) -> str:
+        lines = [f"wrote {self.path} ({self.bytes / 1e6:.1f} MB, {self.bytes / self.float_bytes:.0%} of the "
+                 f"{self.float_bytes / 1e6:.1f} MB of float weights)"]
+        if self.check is not None:
+            lines.append(str(self.check))
+        return "\n".join(lines)
+
+
+def _check_exportable(gm: fx.GraphModule) -> None:
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), Observer):
+            raise NodeError(node, "the graph still has observers: it was never calibrated and converted to "
+                                  "the Q/DQ form (export the result of qcompile.compile, or run calibrate and convert)")
+        if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+            continue
+        namespace = node.target.namespace
+        if namespace not in ("aten", "prims") and node.target not in TRANSLATIONS:
+            hint = (" (dynamic quantization: compile with calibration_data for a static QDQ file)"
+                    if node.target.name().startswith("qc::choose_qparams") else "")
+            raise NodeError(node, f"op {node.target.name()} has no ONNX translation{hint}")
+        if node.target == QUANTIZE:
+            _, _, _, _, qmin, qmax, dtype = node.args
+            if _FULL_RANGES.get(dtype) != (qmin, qmax):
+                raise NodeError(node, f"quantize to {dtype} with range [{qmin}, {qmax}]: ONNX QuantizeLinear "
+                                      "saturates to the full range of its type, so this range cannot be exported")
+
+
+def _writable(path: Path) -> None:
+    try:
+        with open(path, "ab"):
+            pass
+    except OSError as exc:
+        raise QCompileError(f"cannot write the ONNX file '{path}': {exc.strerror}") from exc
+
+
+def _float_bytes(gm: fx.GraphModule) -> int:
+    """Bytes of the graph's constants were each element float32: the weights of the fp32 file."""
+    constants = {node.target: constant_value(gm, node) for node in gm.graph.nodes if node.op == "get_attr"}
+    return sum(t.numel() * 4 for t in constants.values() if isinstance(t, torch.Tensor))
+
+
+def to_onnx(gm: fx.GraphModule, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[onnx.ModelProto, fx.GraphModule]:
+    """The Q/DQ graph as an ONNX model (batch dimension dynamic), nothing written or checked; and
+    the re-exported graph it was translated from, whose node names are the model's value names."""
+    _check_exportable(gm)
+    program = export_program(gm, args, kwargs)
+    quiet = logging.getLogger("torch.onnx")
+    level, quiet.level = quiet.level, logging.ERROR  # per-op registry chatter about torchvision
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            exported = torch.onnx.export(program, dynamo=True, opset_version=OPSET, custom_translation_table=TRANSLATIONS,
+                                         optimize=True, verbose=False)
+    except Exception as exc:  # the exporter wraps everything in its own types; keep its node line
+        lines = [line for line in str(exc).splitlines() if "Error when translating node" in line]
+        raise QCompileError(f"torch.onnx could not translate the Q/DQ graph: {lines[0] if lines else exc}") from exc
+    finally:
+        quiet.level = level
+    return exported.model_proto, program.module()
+
+
+def export_onnx(
+    gm: fx.GraphModule,
+    path: str | os.PathLike,
+    args: tuple[Any, ...] = (),
+    kwargs: dict[str, Any] | None = None,
+    *,
+    check: bool = True,
+    tolerance_steps: float = 1.0,
+) -> OnnxExport:
+    """Write ``gm`` (a Q/DQ graph) to ``path`` as ONNX QDQ, checked and cross-checked in ONNX Runtime.
+
+    The cross-check runs the file on ``args``/``kwargs`` and compares every quantized tensor
+    and every output with ``gm`` in torch, in units of that tensor's quantization step; a
+    difference above ``tolerance_steps`` raises an error naming the first tensor that diverged.
+    """
+    path = Path(path)
+    kwargs = dict(kwargs or {})
+    _writable(path)
+    model, reference = to_onnx(gm, tuple(args), kwargs)
+    onnx.save(model, path)
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except onnx.checker.ValidationError as exc:
+        raise QCompileError(f"the exported file '{path}' fails onnx.checker: {exc}") from exc
+    result = cross_check(model, reference, tuple(args), kwargs, tolerance_steps) if check else None
+    return OnnxExport(path, path.stat().st_size, _float_bytes(gm), result)
