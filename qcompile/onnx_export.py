@@ -105,11 +105,16 @@ def _check_exportable(gm: fx.GraphModule) -> None:
 
 
 def _writable(path: Path) -> None:
-    try:
-        with open(path, "ab"):
-            pass
-    except OSError as exc:
-        raise QCompileError(f"cannot write the ONNX file '{path}': {exc.strerror}") from exc
+    """Fail before the export's seconds of work, and without creating anything."""
+    if path.is_dir():
+        reason = "it is a folder"
+    elif not path.parent.is_dir():
+        reason = f"the folder '{path.parent}' does not exist"
+    elif not os.access(path if path.exists() else path.parent, os.W_OK):
+        reason = "permission denied"
+    else:
+        return
+    raise QCompileError(f"cannot write the ONNX file '{path}': {reason}")
 
 
 def _float_bytes(gm: fx.GraphModule) -> int:

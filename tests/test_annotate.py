@@ -49,3 +49,22 @@ def test_qconfig_none_and_unsupported_specs_stay_float_with_the_reason():
 def test_unknown_target_lists_the_known_ones():
     with pytest.raises(qcompile.QCompileError, match="unknown target 'gpu-int3'; known targets: cpu-int8"):
         Annotate(target="gpu-int3")(cleaned(TinyBlock(), torch.randn(2, 16)))
+
+
+def test_onnx_qdq_quantizes_adds_that_join_convolutions_only(resnet):
+    x = torch.randn(2, 3, 32, 32)
+    out = Annotate(target="onnx-qdq")(cleaned(resnet, x)).graph_module
+    check_graph(out, """
+    CHECK: aten.add.Tensor{{.*}}qc.qspec=[0=activation:{{[^@]*}}@conv2d_2, 1=activation:{{[^@]*}}@max_pool2d]
+    CHECK: aten.add.Tensor{{.*}}qc.qspec=[0=activation:{{[^@]*}}@conv2d_4, 1=activation:{{[^@]*}}@relu__2]
+    CHECK: aten.add.Tensor{{.*}}qc.qspec=[0=activation:{{[^@]*}}@conv2d_7, 1=activation:{{[^@]*}}@conv2d_5]
+    """)
+
+
+def test_onnx_qdq_leaves_a_residual_add_on_a_float_path_float_without_warning():
+    x = torch.randn(4, 16)
+    result = Annotate(target="onnx-qdq")(cleaned(TinyBlock(), x))
+    add = next(n for n in result.graph_module.graph.nodes if n.name == "add")
+    assert qcompile.get_qspec(add).float_reason == (
+        "input 0 comes from 'linear', not from conv2d, relu, relu_, max_pool2d: a float path")
+    assert "unsupported" not in result.stats

@@ -107,3 +107,24 @@ def test_round_trip_error_is_at_most_half_a_step(values, dtype, symmetric):
     # Half a step for rounding, plus float32 slack relative to the largest magnitude.
     slack = 1e-5 * float(x.abs().max()) + 1e-6
     assert float((r - x).abs().max()) <= float(scale) / 2 + slack
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(-2000, 2000), min_size=1, max_size=64), st.integers(0, 255),
+       st.sampled_from([0.1, 0.02, 1 / 3, 0.7]))
+def test_quantize_matches_onnx_quantize_linear_on_ties(halves, zero_point, scale):
+    """Values at and beside exact .5 ties: qc.quantize gives ONNX's integers (round, then add Z)."""
+    from onnx import TensorProto, helper
+    from onnx.reference import ReferenceEvaluator
+
+    x = (torch.tensor(halves, dtype=torch.float32) / 2 + 0.25 * (torch.arange(len(halves)) % 3 - 1)) * scale
+    s, z = torch.tensor(scale, dtype=torch.float32), torch.tensor(zero_point, dtype=torch.int32)
+    ours = torch.ops.qc.quantize(x, s, z, None, 0, 255, torch.uint8)
+    node = helper.make_node("QuantizeLinear", ["x", "s", "z"], ["y"])
+    graph = helper.make_graph([node], "q", [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
+                              [helper.make_tensor_value_info("y", TensorProto.UINT8, None)],
+                              [helper.make_tensor("s", TensorProto.FLOAT, [], [scale]),
+                               helper.make_tensor("z", TensorProto.UINT8, [], [zero_point])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    (theirs,) = ReferenceEvaluator(model).run(None, {"x": x.numpy()})
+    assert ours.numpy().tolist() == theirs.tolist()

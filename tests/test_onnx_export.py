@@ -1,0 +1,144 @@
+"""ONNX QDQ export: int8 initializers, ONNX Runtime's fused int8 kernels, the cross-check, bad input."""
+
+from collections import Counter
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnxscript import opset21 as op
+from qcompile.passes import InsertObservers
+
+import qcompile
+from qcompile import onnx_export
+from qcompile.qdq import DEQUANTIZE
+from tests.models import SentenceEmbedder, TinyBlock, TinyConvNet, docstring_sentences, minilm_inputs
+from tests.quant_stages import annotated
+
+
+def batches(shape, count=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(shape, generator=g),) for _ in range(count)]
+
+
+def optimized_ops(path, tmp_path) -> Counter:
+    """Op counts of the graph ONNX Runtime actually runs after its QDQ fusions."""
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    options.log_severity_level = 3
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return Counter(n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node)
+
+
+def run(path, *inputs) -> np.ndarray:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    return session.run(None, {n: x.numpy() for n, x in zip(names, inputs, strict=True)})[0]
+
+
+def test_weights_are_int8_initializers_and_the_file_passes_the_full_checker(tmp_path):
+    qm = qcompile.compile(TinyConvNet(), calibration_data=batches((4, 1, 8, 8)), progress=False)
+    result = qm.export_onnx(tmp_path / "tiny.onnx")
+    model = onnx.load(result.path)
+    onnx.checker.check_model(model, full_check=True)
+    initializers = {i.name: i for i in model.graph.initializer}
+    weight_inputs = [n.input[1] for n in model.graph.node if n.op_type in ("Conv", "Gemm", "MatMul")]
+    producers = {out: n for n in model.graph.node for out in n.output}
+    for name in weight_inputs:
+        dequantize = producers[name]
+        assert dequantize.op_type == "DequantizeLinear"
+        assert initializers[dequantize.input[0]].data_type == onnx.TensorProto.INT8
+        assert next(a.i for a in dequantize.attribute if a.name == "axis") == 0  # per output channel
+    assert not any(i.data_type == onnx.TensorProto.FLOAT and len(i.dims) > 1 for i in model.graph.initializer)
+
+
+def test_resnet_onnx_qdq_runs_every_conv_and_residual_add_as_onnxruntime_int8_kernels(resnet, image_batch, tmp_path):
+    qm = qcompile.compile(resnet, (image_batch,), target="onnx-qdq", calibration_data=batches((2, 3, 64, 64), 2),
+                          progress=False)
+    result = qm.export_onnx(tmp_path / "resnet18.onnx")
+    ops = optimized_ops(result.path, tmp_path)
+    assert ops["QLinearConv"] == 20 and ops["QLinearAdd"] == 7 and ops["QGemm"] == 1
+    assert ops["Conv"] == ops["FusedConv"] == 0  # no convolution left in float
+    assert result.check.int8_kernels == {"QLinearConv": 20, "QLinearAdd": 7, "QGemm": 1}
+    assert result.bytes < 0.27 * result.float_bytes  # int8 weights: about a quarter of fp32
+    # All 8 adds join convolutions and get uint8 inputs; the last one's output feeds the float
+    # average pool, so ONNX Runtime runs that one as DQ -> Add (7 QLinearAdd above).
+    assert [n.precision for n in qm.report.nodes if n.op == "add"] == ["int8-ref"] * 8
+
+
+def test_cpu_int8_result_exports_its_qdq_stage_and_the_batch_stays_dynamic(tmp_path):
+    model = TinyBlock()
+    qm = qcompile.compile(model, calibration_data=batches((8, 16)), progress=False)
+    result = qm.export_onnx(tmp_path / "block.onnx")
+    assert result.check.worst.max_steps <= 1
+    x = torch.randn(3, 16)  # not the example's batch of 8
+    with torch.no_grad():
+        expected = qm.qdq_graph_module(x).numpy()
+    np.testing.assert_allclose(run(result.path, x), expected, atol=0.05)
+    assert optimized_ops(result.path, tmp_path)["MatMulIntegerToFloat"] + \
+        optimized_ops(result.path, tmp_path)["QGemm"] == 2
+
+
+def test_minilm_linears_all_fuse_into_matmul_integer_to_float(minilm, tmp_path):
+    model, tokenizer = minilm
+    embedder = SentenceEmbedder(model).eval()
+    sentences = docstring_sentences(24)
+    calibration = [minilm_inputs(tokenizer, sentences[i:i + 8], length=32) for i in (0, 8)]
+    qm = qcompile.compile(embedder, calibration_data=calibration, progress=False)
+    result = qm.export_onnx(tmp_path / "minilm.onnx")
+    assert result.check.int8_kernels["MatMulIntegerToFloat"] == 36
+    assert optimized_ops(result.path, tmp_path)["MatMulIntegerToFloat"] == 36
+    evaluation = minilm_inputs(tokenizer, sentences[16:24], length=32)
+    with torch.no_grad():
+        reference = embedder(**evaluation)
+    embedding = torch.from_numpy(run(result.path, evaluation["input_ids"], evaluation["attention_mask"]))
+    assert torch.nn.functional.cosine_similarity(embedding, reference).mean() > 0.98
+
+
+def test_cross_check_names_the_first_tensor_a_wrong_translation_breaks(tmp_path, monkeypatch):
+    def dequantize_ignoring_zero_point(q, scale, zero_point, axis, out_dtype):
+        if axis is None:  # activations (uint8, zero point != 0): the zero point is dropped
+            return op.DequantizeLinear(q, onnx_export._per_tensor_scale(scale))
+        return onnx_export._dequantize_linear(q, scale, zero_point, axis, out_dtype)
+
+    monkeypatch.setitem(onnx_export.TRANSLATIONS, DEQUANTIZE, dequantize_ignoring_zero_point)
+    qm = qcompile.compile(TinyBlock(), calibration_data=batches((8, 16)), progress=False)
+    # The input quantize sees only float inputs and agrees; the gelu output is the first
+    # quantized tensor computed from a (wrongly) dequantized one.
+    with pytest.raises(qcompile.QCompileError, match=r"diverge at quantized tensor 'quantize_1': \d+ steps"):
+        qm.export_onnx(tmp_path / "wrong.onnx")
+
+
+def test_tolerance_is_configurable(tmp_path):
+    qm = qcompile.compile(TinyBlock(), calibration_data=batches((8, 16)), progress=False)
+    result = qm.export_onnx(tmp_path / "block.onnx", tolerance_steps=0.5)
+    assert all(t.max_steps <= 0.5 for t in result.check.tensors)
+    assert "worst" in str(result) and "MB" in str(result)
+
+
+def test_an_op_without_onnx_translation_is_named_with_its_node(tmp_path):
+    qm = qcompile.compile(TinyBlock(), calibration_data=batches((8, 16)), progress=False)
+    with pytest.raises(qcompile.QCompileError, match=r"qc::linear_int8 has no ONNX translation.*linear_int8_default.*module 'up'"):
+        qcompile.export_onnx(qm.graph_module, tmp_path / "lowered.onnx", (torch.randn(8, 16),))
+    dynamic = qcompile.compile(TinyBlock(), (torch.randn(8, 16),))
+    with pytest.raises(qcompile.QCompileError, match=r"qc::choose_qparams has no ONNX translation.*calibration_data"):
+        dynamic.export_onnx(tmp_path / "dynamic.onnx")
+    assert not (tmp_path / "dynamic.onnx").exists()
+
+
+def test_an_unwritable_path_is_an_error_naming_it(tmp_path):
+    qm = qcompile.compile(TinyBlock(), calibration_data=batches((8, 16)), progress=False)
+    missing = tmp_path / "no" / "such" / "folder" / "m.onnx"
+    with pytest.raises(qcompile.QCompileError, match=r"cannot write the ONNX file '.*m\.onnx'"):
+        qm.export_onnx(missing)
+    with pytest.raises(qcompile.QCompileError, match="it is a folder"):
+        qm.export_onnx(tmp_path)
+
+
+def test_a_graph_that_was_never_calibrated_is_refused(tmp_path):
+    x = torch.randn(4, 16)
+    observed = InsertObservers()(annotated(TinyBlock(), x)).graph_module
+    with pytest.raises(qcompile.QCompileError, match="never calibrated"):
+        qcompile.export_onnx(observed, tmp_path / "observed.onnx", (x,))
+    assert not (tmp_path / "observed.onnx").exists()
