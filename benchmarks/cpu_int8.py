@@ -17,16 +17,17 @@ Run: ``python -m benchmarks.cpu_int8 [minilm] [resnet] [digits]`` (all three by 
 
 from __future__ import annotations
 
-import io
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 import qcompile
+from benchmarks.ort_baselines import float_onnx_file, quantize_static_file, session_runner
 from benchmarks.timing import median_ms
 from tests.models import (
     SentenceEmbedder,
@@ -87,22 +88,33 @@ def inductor_bf16(model: torch.nn.Module, call: Callable[[torch.nn.Module], obje
 # all-MiniLM-L6-v2
 
 
-def minilm() -> None:
-    model, tokenizer = load_minilm()
+def minilm_data() -> tuple[list[dict], list[dict]]:
+    """256 sentences to calibrate and 256 others to evaluate, in batches of 32 x 128 tokens."""
+    _, tokenizer = load_minilm()
     sentences = docstring_sentences(512)
     calibration = [minilm_inputs(tokenizer, sentences[i:i + 32]) for i in range(0, 256, 32)]
     evaluation = [minilm_inputs(tokenizer, sentences[i:i + 32]) for i in range(256, 512, 32)]
+    return calibration, evaluation
+
+
+def embedding_agreement(out: torch.Tensor, reference: torch.Tensor) -> str:
+    """Cosine to the fp32 embeddings and top-1 nearest-neighbour agreement with them."""
+    cosine = F.cosine_similarity(out, reference)
+    neighbours = lambda e: (F.normalize(e) @ F.normalize(e).T).fill_diagonal_(-2).argmax(1)  # noqa: E731
+    agreement = (neighbours(out) == neighbours(reference)).float().mean()
+    return f"cosine mean {cosine.mean():.5f} min {cosine.min():.4f}, NN agreement {agreement:.3f}"
+
+
+def minilm() -> None:
+    model, _ = load_minilm()
+    calibration, evaluation = minilm_data()
     fp32 = SentenceEmbedder(model).eval()
     with torch.no_grad():
         reference = torch.cat([fp32(**b) for b in evaluation])
 
     def quality(run: Callable[[dict], torch.Tensor]) -> str:
         with torch.no_grad():
-            out = torch.cat([run(b).float() for b in evaluation])
-        cosine = F.cosine_similarity(out, reference)
-        neighbours = lambda e: (F.normalize(e) @ F.normalize(e).T).fill_diagonal_(-2).argmax(1)  # noqa: E731
-        agreement = (neighbours(out) == neighbours(reference)).float().mean()
-        return f"cosine mean {cosine.mean():.5f} min {cosine.min():.4f}, NN agreement {agreement:.3f}"
+            return embedding_agreement(torch.cat([run(b).float() for b in evaluation]), reference)
 
     batch = evaluation[0]
     fp32_bytes = tensor_bytes(fp32)
@@ -173,38 +185,18 @@ def openvino_int8(model, batch, calibration, row) -> Row:
 
 
 def ort_static(model, batch, calibration, row) -> Row:
-    import onnxruntime as ort
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
-
-    buffer = io.BytesIO()
-    torch.onnx.export(model, (), buffer, kwargs=dict(batch), input_names=list(batch), output_names=["embedding"],
-                      dynamic_axes={k: {0: "batch"} for k in batch}, dynamo=False)
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.batches = iter([{k: v.numpy() for k, v in b.items()} for b in calibration])
-
-        def get_next(self):
-            return next(self.batches, None)
-
     import tempfile
+    from pathlib import Path
 
     with tempfile.TemporaryDirectory() as folder:
-        fp32_path, int8_path = f"{folder}/fp32.onnx", f"{folder}/int8.onnx"
-        with open(fp32_path, "wb") as f:
-            f.write(buffer.getvalue())
-        quantize_static(fp32_path, int8_path, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = 2
-        session = ort.InferenceSession(int8_path, options, providers=["CPUExecutionProvider"])
-    return row("ONNX Runtime quantize_static",
-               lambda **b: torch.from_numpy(session.run(None, {k: v.numpy() for k, v in b.items()})[0]))
+        fp32_path = float_onnx_file(model, (), dict(batch), Path(folder) / "fp32.onnx", list(batch))
+        int8_path = quantize_static_file(fp32_path, [numpy_feeds(b) for b in calibration], Path(folder) / "int8.onnx")
+        run = session_runner(int8_path)
+    return row("ONNX Runtime quantize_static", lambda **b: run(numpy_feeds(b)))
+
+
+def numpy_feeds(batch: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    return {k: v.numpy() for k, v in batch.items()}
 
 
 # ----------------------------------------------------------------------------------------------
