@@ -33,11 +33,11 @@ from onnxscript import opset21 as op
 from torch import fx
 
 from qcompile.capture import export_program
-from qcompile.ir.graph import constant_value
+from qcompile.ir.graph import add_constant, constant_value, copy_graph_module, remove_dead_nodes
 from qcompile.errors import NodeError, QCompileError
 from qcompile.observers import Observer
 from qcompile.onnx_check import CrossCheck, cross_check
-from qcompile.qdq import DEQUANTIZE, QUANTIZE
+from qcompile.qdq import DEQUANTIZE, QUANTIZE, is_dequantize
 
 OPSET = 21
 # The full range of each integer storage type: ONNX's QuantizeLinear saturates to exactly these.
@@ -123,11 +123,35 @@ def _float_bytes(gm: fx.GraphModule) -> int:
     return sum(t.numel() * 4 for t in constants.values() if isinstance(t, torch.Tensor))
 
 
+def _float_matmul_biases(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of ``gm`` whose linears with batched (rank > 2) inputs take their bias as a float
+    constant, the dequantized int32 values, exactly what the Q/DQ graph adds.
+
+    The exporter writes those linears as MatMul + Add; ONNX Runtime folds a *constant* bias Add
+    into SkipLayerNormalization or BiasGelu, but not one computed by DequantizeLinear, which
+    would leave a separate Add per linear. Gemm and Conv keep the int32 bias: their QDQ
+    fusions (QGemm, QLinearConv) take it.
+    """
+    gm = copy_graph_module(gm)
+    for node in list(gm.graph.nodes):
+        if node.target != torch.ops.aten.linear.default or len(node.args) < 3 or not is_dequantize(node.args[2]):
+            continue
+        bias = node.args[2]
+        stored = [constant_value(gm, a) for a in bias.args[:3]]
+        if any(t is None for t in stored) or node.args[0].meta["val"].dim() <= 2:
+            continue
+        value = torch.ops.qc.dequantize(*stored, *bias.args[3:])
+        node.update_arg(2, add_constant(gm, value, f"{bias.args[0].target}_float", before=node))
+    remove_dead_nodes(gm)
+    gm.recompile()
+    return gm
+
+
 def to_onnx(gm: fx.GraphModule, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[onnx.ModelProto, fx.GraphModule]:
     """The Q/DQ graph as an ONNX model (batch dimension dynamic), nothing written or checked; and
     the re-exported graph it was translated from, whose node names are the model's value names."""
     _check_exportable(gm)
-    program = export_program(gm, args, kwargs)
+    program = export_program(_float_matmul_biases(gm), args, kwargs)
     quiet = logging.getLogger("torch.onnx")
     level, quiet.level = quiet.level, logging.ERROR  # per-op registry chatter about torchvision
     try:
