@@ -76,8 +76,8 @@ def test_cpu_int8_result_exports_its_qdq_stage_and_the_batch_stays_dynamic(tmp_p
     with torch.no_grad():
         expected = qm.qdq_graph_module(x).numpy()
     np.testing.assert_allclose(run(result.path, x), expected, atol=0.05)
-    assert optimized_ops(result.path, tmp_path)["MatMulIntegerToFloat"] + \
-        optimized_ops(result.path, tmp_path)["QGemm"] == 2
+    ops = optimized_ops(result.path, tmp_path)
+    assert ops["MatMulIntegerToFloat"] + ops["QGemm"] == 2
 
 
 def test_minilm_linears_all_fuse_into_matmul_integer_to_float(minilm, tmp_path):
