@@ -113,9 +113,7 @@ class _TeacherForced(fx.Interpreter):
 def _output_step(gm: fx.GraphModule, node: Any, value: torch.Tensor) -> float:
     if isinstance(node, fx.Node) and node.target == DEQUANTIZE and node.args[3] is None:
         return float(constant_value(gm, node.args[1]))
-    if not value.is_floating_point():
-        return 1.0
-    if value.numel() == 0:
+    if not value.is_floating_point() or value.numel() == 0:
         return 1.0
     return max(float(value.max() - value.min()) / 255, torch.finfo(torch.float32).eps)
 
