@@ -83,7 +83,7 @@ def minilm() -> None:
 
     # "mixed": the FFN output projections, the layers the report's per-node SQNR shows losing
     # most, kept float (as in the cpu-int8 benchmark).
-    mixed = qcompile.onnx_qdq_preset().set_module_regex(r".*encoder\.layer\.\d+\.output\.dense", None)
+    mixed = qcompile.int8_preset().set_module_regex(r".*encoder\.layer\.\d+\.output\.dense", None)
     compare(fp32, evaluation[0], calibration, evaluation[0], quality,
             "all-MiniLM-L6-v2 in ONNX Runtime, batch 32 x 128 tokens (embeddings vs torch fp32 on 256 sentences)",
             [("qcompile onnx-qdq", None), ("qcompile onnx-qdq mixed", mixed)])

@@ -10,7 +10,13 @@ for its activation inputs, its weight and its bias:
 single-user ops that keep qparams (view, transpose, max-pool...; those get ``shares(x')``), so
 the integers can flow through them. Everything else stays float, and the annotation says why:
 the QConfig kept it float, the target has no kernel for the op, the kernel does not take the
-spec, or the weight is not a constant. Ops a QConfig rule asked for but the target cannot run
+spec, or the weight is not a constant.
+
+An op a target runs only as another kernel's epilogue (cpu-int8's residual add, the sum
+post-op of the convolution before it) keeps that convolution's output float, since the kernel
+adds it before rounding, and quantizes its other input:
+
+    add(conv2d(...), identity)  ->  qc.qspec = [1=activation:uint8/affine@identity] Ops a QConfig rule asked for but the target cannot run
 are counted in the stats, which ``compile`` turns into a warning.
 """
 
@@ -49,25 +55,52 @@ def _float_input_reason(node: fx.Node, index: int) -> str | None:
     return None
 
 
-def _float_path_reason(node: fx.Node, rule: OpRule) -> str | None:
-    """Why ``node`` is on a float path the rule leaves alone (not a limitation, so no warning)."""
+def _on_float_path(node: fx.Node, rule: OpRule) -> bool:
+    """Whether an input of ``node`` comes from outside the rule's producers: an op on a float
+    path (a transformer's residual stream), left unannotated like any op the target has no
+    kernel for, since quantizing it is not worth doing rather than not possible."""
     if rule.producers is None:
-        return None
+        return False
     for index in rule.activations:
         arg = node.args[index] if index < len(node.args) else None
         if not isinstance(arg, fx.Node):
-            return f"input {index} is not a tensor"
+            return True
         root, _ = observation_root(arg)
-        kind = op_kind(root) if root.op == "call_function" else root.op
-        if kind not in rule.producers:
-            return f"input {index} comes from '{kind}', not from {', '.join(rule.producers)}: a float path"
+        if (op_kind(root) if root.op == "call_function" else root.op) not in rule.producers:
+            return True
+    return False
+
+
+def epilogue_input(node: fx.Node, rule: OpRule, plans: dict[fx.Node, QuantAnnotation]) -> int | None:
+    """The input of ``node`` that a quantized producer's kernel computes and adds in its epilogue."""
+    for index in rule.activations:
+        arg = node.args[index] if index < len(node.args) else None
+        if (
+            isinstance(arg, fx.Node)
+            and arg.op == "call_function"
+            and op_kind(arg) in rule.epilogue_of
+            and len(arg.users) == 1
+            and arg in plans
+            and plans[arg].quantized
+        ):
+            return index
     return None
 
 
-def plan_node(gm: fx.GraphModule, node: fx.Node, config: OpQuantConfig, rule: OpRule, why: str) -> QuantAnnotation:
+def plan_node(
+    gm: fx.GraphModule,
+    node: fx.Node,
+    config: OpQuantConfig,
+    rule: OpRule,
+    why: str,
+    activations: tuple[int, ...] | None = None,
+) -> QuantAnnotation:
+    """The node's plan: ``activations`` are the inputs to quantize (the rule's, unless an
+    epilogue keeps one of them float)."""
+    activations = rule.activations if activations is None else activations
     reason = rule.unsupported(config)
     if reason is None:
-        reason = next(filter(None, (_float_input_reason(node, i) for i in rule.activations)), None)
+        reason = next(filter(None, (_float_input_reason(node, i) for i in activations)), None)
     weight = node.args[rule.weight] if rule.weight is not None and rule.weight < len(node.args) else None
     if reason is None and rule.weight is not None and constant_value(gm, weight) is None:
         reason = "the weight is computed in the graph, not a constant"
@@ -75,11 +108,8 @@ def plan_node(gm: fx.GraphModule, node: fx.Node, config: OpQuantConfig, rule: Op
         return QuantAnnotation(rule=why, float_reason=reason)
     assert config.activation is not None
     edges: list[tuple[int, EdgeQuant]] = []
-    for index in rule.activations:
-        arg = node.args[index] if index < len(node.args) else None
-        if not isinstance(arg, fx.Node):
-            return f"input {index} is not a tensor"
-        root, _ = observation_root(arg)
+    for index in activations:
+        root, _ = observation_root(node.args[index])
         edges.append((index, EdgeQuant("activation", config.activation, observe_at=root.name)))
     if rule.weight is not None and config.weight is not None:
         edges.append((rule.weight, EdgeQuant("weight", config.weight)))
@@ -119,11 +149,18 @@ class Annotate(Pass):
             if config is None:
                 plans[node] = QuantAnnotation(rule=why, float_reason=f"the QConfig keeps it float ({why})")
                 continue
-            float_path = _float_path_reason(node, rule)
-            if float_path is not None:
-                plans[node] = QuantAnnotation(rule=why, float_reason=float_path)
+            if _on_float_path(node, rule):
                 continue
-            plans[node] = plan = plan_node(gm, node, config, rule, why)
+            activations = rule.activations
+            if rule.epilogue_of:
+                fused = epilogue_input(node, rule, plans)
+                if fused is None:
+                    plans[node] = QuantAnnotation(rule=why, float_reason=(
+                        f"no {target.name} kernel runs '{kind}' alone: it is quantized in the epilogue of a "
+                        f"quantized {' or '.join(rule.epilogue_of)} whose only user it is, and none feeds it"))
+                    continue
+                activations = tuple(i for i in rule.activations if i != fused)
+            plans[node] = plan = plan_node(gm, node, config, rule, why, activations)
             if plan.float_reason:
                 unsupported[node.name] = plan.float_reason
             for index, edge in plan.inputs:

@@ -3,11 +3,16 @@
     dropout(x, p, train=False)            -> x        (and feature/alpha dropout)
     to(x, dtype) with x already that dtype -> x        (to.dtype, to.device, _to_copy, type_as)
     clone(x) / detach(x) / alias(x)       -> x        (unless x or the result is written in place)
+    relu_(x), add_(x, y), ... in place    -> relu(x), add(x, y), ...   when x is a fresh value
+                                                     (not an input, weight or view) that nothing
+                                                     views: later reads of x read the result
     _assert_*(...), sym_constrain_range*  -> (gone)   export's runtime checks
     call_module _guards_fn(...)           -> (gone)   export's input-shape guard
     values nothing uses                   -> (gone)   e.g. sym_size feeding a removed assert
 
-Every rewrite keeps the value bit for bit, so the pass claims to preserve semantics and the
+Out-of-place forms are what every later pass matches (``nn.ReLU(inplace=True)`` exports as
+``relu_``, ``out += identity`` as ``add_``), and a value written in place cannot be fused or
+quantized on its own. Every rewrite keeps the value bit for bit, so the pass claims to preserve semantics and the
 NumericCheck instrument holds it to that.
 """
 
@@ -25,11 +30,13 @@ from qcompile import (
     PassResult,
     Rule,
     RuleSet,
+    aliases,
     apply_rule_set,
     is_mutating,
     op_arguments,
     register_rule_set,
     remove_dead_nodes,
+    returns_alias,
 )
 
 aten = torch.ops.aten
@@ -98,15 +105,62 @@ def _changes_memory_format(node: fx.Node) -> str | None:
 
 
 def _written_in_place(source: Any, result: fx.Node) -> str | None:
-    # A copy is only removable if neither side is written afterwards: otherwise the write
-    # would become visible through the other name.
+    # A copy is only removable if neither side is written afterwards, directly or through a
+    # view: otherwise the write would become visible through the other name.
     if not isinstance(source, fx.Node):
         return None
     for node in (source, result):
-        writer = next((u for u in node.users if is_mutating(u)), None)
-        if writer is not None:
-            return f"'{node.name}' is written in place by '{writer.name}'"
+        for alias in aliases(node):
+            writer = next((u for u in alias.users if is_mutating(u)), None)
+            if writer is not None:
+                return f"'{node.name}' is written in place by '{writer.name}'"
     return None
+
+
+def _out_of_place_form(node: fx.Node) -> Any:
+    """``aten.relu.default`` for ``aten.relu_.default``: the op with the same arguments that
+    returns a new tensor, when ``node`` writes its first argument and nothing else."""
+    schema = getattr(node.target, "_schema", None)
+    packet = getattr(node.target, "overloadpacket", None)
+    if node.op != "call_function" or schema is None or packet is None or not schema.is_mutable:
+        return None
+    name = packet.__name__
+    if not name.endswith("_") or name.startswith("_") or not schema.arguments:
+        return None
+    written = [a for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write]
+    if len(written) != 1 or written[0] is not schema.arguments[0]:
+        return None
+    functional = getattr(getattr(torch.ops.aten, name[:-1], None), node.target._overloadname, None)
+    functional_schema = getattr(functional, "_schema", None)
+    if functional_schema is None or functional_schema.is_mutable:
+        return None
+    if [a.name for a in functional_schema.arguments] != [a.name for a in schema.arguments]:
+        return None
+    return functional
+
+
+def _functionalize_in_place(gm: fx.GraphModule) -> int:
+    """Rewrite in-place ops on fresh values into their out-of-place forms; returns how many."""
+    order = {node: index for index, node in enumerate(gm.graph.nodes)}
+    rewritten = 0
+    for node in list(gm.graph.nodes):
+        functional = _out_of_place_form(node)
+        target = node.args[0] if node.args else None
+        if functional is None or not isinstance(target, fx.Node) or target.op != "call_function":
+            continue
+        if returns_alias(target) or any(returns_alias(u) for u in target.users if u is not node):
+            continue  # a view, or viewed: the write would be seen through another name
+        with gm.graph.inserting_before(node):
+            result = gm.graph.create_node("call_function", functional, node.args, node.kwargs,
+                                          name=functional.overloadpacket.__name__)
+        result.meta = dict(node.meta)
+        order[result] = order[node]
+        for later in [u for u in target.users if u is not node and order[u] > order[node]]:
+            later.replace_input_with(target, result)
+        node.replace_all_uses_with(result)
+        gm.graph.erase_node(node)
+        rewritten += 1
+    return rewritten
 
 
 class DropAssertion(SingleOpRule):
@@ -142,7 +196,11 @@ class Canonicalize(Pass):
     preserves_semantics: ClassVar[bool] = True
 
     def call(self, gm: fx.GraphModule) -> PassResult:
-        stats: dict[str, int] = dict(apply_rule_set(gm, CANONICALIZE_RULES, self.name))
+        stats: dict[str, int] = {}
+        functionalized = _functionalize_in_place(gm)
+        if functionalized:
+            stats["out-of-place"] = functionalized
+        stats.update(apply_rule_set(gm, CANONICALIZE_RULES, self.name))
         guards = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == _GUARD_MODULE]
         for node in guards:
             gm.graph.erase_node(node)

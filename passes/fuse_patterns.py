@@ -3,6 +3,7 @@
     linear(x, W, b) -> gelu | relu                      one kernel, unary post-op
     linear(x, W, b) -> add(·, other) [-> gelu | relu]   one kernel, binary post-op (residual add)
     conv2d(x, W, b, ...) -> relu                         one kernel, unary post-op
+    conv2d(x, W, b, ...) -> add(·, other) [-> relu]      one kernel, sum post-op (ResNet's block end)
 
 Marking, not rewriting: the anchor gets a ``qc.fusion`` record naming the group's nodes, and
 the graph is otherwise unchanged (so the pass preserves semantics trivially). Lowering reads
@@ -24,7 +25,7 @@ from qcompile import Fusion, Pass, PassResult, get_fusion, op_arguments, set_fus
 aten = torch.ops.aten
 
 ANCHORS = {aten.linear.default: ("relu", "gelu", "gelu-tanh"), aten.conv2d.default: ("relu",)}
-BINARY_ANCHORS = frozenset({aten.linear.default})
+BINARY_ANCHORS = frozenset({aten.linear.default, aten.conv2d.default})
 
 
 def _unary_kind(node: fx.Node) -> str | None:
@@ -50,6 +51,8 @@ def _residual_operand(add: fx.Node, value: fx.Node) -> int | None:
     other, out = add.args[other_index], value.meta.get("val")
     if not isinstance(other, fx.Node) or not isinstance(other.meta.get("val"), torch.Tensor):
         return None
+    if other_index == 0 and other.target in BINARY_ANCHORS and _sole_user(other) is add:
+        return None  # both operands could take the add (a ResNet shortcut conv): the first does
     other_val = other.meta["val"]
     if other_val.shape != out.shape or other_val.dtype != out.dtype:
         return None

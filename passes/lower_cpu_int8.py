@@ -4,8 +4,9 @@
         [-> add(·, other)] [-> gelu | relu]  [-> quantize(·, S_y, Z_y)]
     ->  qc.linear_int8(x_q, S_x, Z_x, W_q, S_W, b, other, S_y, Z_y, out_dtype, post_op)
 
-and the same for ``conv2d`` (relu only) into ``qc.conv2d_int8``. The group is the one
-``fuse-patterns`` marked. The output dtype is the one the consumers want: when every user of
+and the same for ``conv2d`` (relu only) into ``qc.conv2d_int8``, whose residual ``other``
+may also be a uint8 tensor read through its dequantize (the sum post-op then adds integers
+and the block's output stays uint8). The group is the one ``fuse-patterns`` marked. The output dtype is the one the consumers want: when every user of
 the group's last value quantizes it with the same uint8 per-tensor qparams, the kernel
 requantizes in its epilogue and those quantize nodes disappear (uint8 flows straight into the
 next int8 op); otherwise the kernel writes float for the float ops that read it.
@@ -83,6 +84,17 @@ def _dequantized_constant(gm: fx.GraphModule, dq: fx.Node) -> torch.Tensor:
                                    torch.float32)
 
 
+def _uint8_static_source(gm: fx.GraphModule, value: fx.Node) -> tuple[fx.Node, float, int] | None:
+    """``(q, S, Z)`` when ``value`` is ``dequantize(q, S, Z)`` of a uint8 tensor with constant
+    per-tensor qparams: what a convolution's sum post-op can read instead of the float."""
+    if not is_dequantize(value) or value.args[0].meta["val"].dtype != torch.uint8:
+        return None
+    params = qparams_of(gm, value)
+    if not params.static or params.axis is not None:
+        return None
+    return value.args[0], float(params.scale.reshape(())), int(params.zero_point.reshape(()))
+
+
 def _requantize_target(gm: fx.GraphModule, last: fx.Node) -> tuple[list[fx.Node], QParams] | None:
     """The quantize users of ``last`` when all of them agree on one static uint8 per-tensor format."""
     users = list(last.users)
@@ -142,6 +154,13 @@ class LowerCpuInt8(Pass):
         other = nodes[fusion.add_node].args[fusion.add_other] if fusion and fusion.add_node else None
         post_op = (fusion.unary if fusion else None) or "none"
         requantize = _requantize_target(gm, last)
+        other_scale, other_zero_point = 1.0, 0
+        if other is not None and anchor.target == aten.conv2d.default:
+            integer_other = _uint8_static_source(gm, other)
+            if integer_other is not None:
+                other, other_scale, other_zero_point = integer_other
+            elif requantize is not None:
+                requantize = None  # oneDNN sums a float other into a float output only
         if requantize is not None:
             out_scale = float(requantize[1].scale.reshape(()))
             out_zero_point, out_dtype = int(requantize[1].zero_point.reshape(())), torch.uint8
@@ -156,8 +175,8 @@ class LowerCpuInt8(Pass):
         else:
             conv = op_arguments(anchor)
             target = torch.ops.qc.conv2d_int8.default
-            args = (*x, list(conv["stride"]), list(conv["padding"]), list(conv["dilation"]), conv["groups"],
-                    out_scale, out_zero_point, out_dtype, post_op)
+            args = (*x, other, other_scale, other_zero_point, list(conv["stride"]), list(conv["padding"]),
+                    list(conv["dilation"]), conv["groups"], out_scale, out_zero_point, out_dtype, post_op)
         provenance = Provenance(self.name, KERNELS[anchor.target], tuple(nodes))
         kernel = insert_call(gm, target, args, before=last.next, provenance=provenance, meta_from=anchor)
         for replaced in requantize[0] if requantize else [last]:

@@ -21,6 +21,7 @@ from qcompile.errors import (
 from qcompile.instruments import DumpIR, NumericCheck, SkipPass, Timing, Verify
 from qcompile.ir.graph import (
     add_constant,
+    aliases,
     constant_value,
     copy_graph_module,
     copy_source_meta,
@@ -31,6 +32,7 @@ from qcompile.ir.graph import (
     is_mutating,
     op_arguments,
     remove_dead_nodes,
+    returns_alias,
 )
 from qcompile.ir.meta import (
     EdgeQuant,
@@ -64,7 +66,7 @@ from qcompile.pass_manager import (
     PipelineResult,
     registered_passes,
 )
-from qcompile.qconfig import OpQuantConfig, QConfig, int8_preset, onnx_qdq_preset
+from qcompile.qconfig import OpQuantConfig, QConfig, int8_preset
 from qcompile.qdq import observation_root
 from qcompile.report import CompileReport, NodeReport, sqnr_db
 from qcompile.rewrite import (
@@ -124,6 +126,7 @@ __all__ = [
     "VerificationError",
     "Verify",
     "add_constant",
+    "aliases",
     "apply_rule_set",
     "calibrate",
     "canonical_order",
@@ -150,7 +153,6 @@ __all__ = [
     "load",
     "make_observer",
     "observation_root",
-    "onnx_qdq_preset",
     "op_arguments",
     "print_graph",
     "register_invariant",
@@ -158,6 +160,7 @@ __all__ = [
     "register_target",
     "registered_passes",
     "remove_dead_nodes",
+    "returns_alias",
     "set_fusion",
     "set_provenance",
     "set_qspec",

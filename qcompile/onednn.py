@@ -7,8 +7,9 @@ tests against the reference ops:
 
 with activations as uint8 plus a scale and zero point (one-element tensors, so the same op
 serves static scales and scales computed at run time), weights as plain int8 tensors,
-symmetric per output channel, bias in float, an optional float ``other`` added before the
-unary post-op (a residual add fused into the kernel epilogue), and the output float
+symmetric per output channel, bias in float, an optional ``other`` added before the
+unary post-op (a residual add fused into the kernel epilogue: float for linear; for conv2d
+float, or uint8 read with ``other_scale`` / ``other_zero_point``), and the output float
 (``float32``/``bfloat16``, for float consumers) or uint8 requantized with ``out_scale`` /
 ``out_zero_point`` (for the next int8 op).
 
@@ -113,6 +114,9 @@ def conv2d_int8(
     weight: Tensor,
     weight_scale: Tensor,
     bias: Tensor | None,
+    other: Tensor | None,
+    other_scale: float,
+    other_zero_point: int,
     stride: list[int],
     padding: list[int],
     dilation: list[int],
@@ -132,16 +136,36 @@ def conv2d_int8(
     scale, zero_point = float(x_scale), int(x_zero_point)
     packed = _packed_conv_weight(weight, weight_scale, scale, zero_point, stride, padding, dilation, groups)
     weight_zero_point = torch.zeros(weight_scale.numel(), dtype=torch.int64)
-    return torch.ops.onednn.qconv2d_pointwise(
-        x, scale, zero_point, packed, weight_scale.float(), weight_zero_point,
-        None if bias is None else bias.float(), stride, padding, dilation, groups,
-        float(out_scale), int(out_zero_point), out_dtype, POST_OPS[post_op][0], [], "",
+    bias = None if bias is None else bias.float()
+    if other is None:
+        return torch.ops.onednn.qconv2d_pointwise(
+            x, scale, zero_point, packed, weight_scale.float(), weight_zero_point, bias, stride, padding, dilation,
+            groups, float(out_scale), int(out_zero_point), out_dtype, POST_OPS[post_op][0], [], "",
+        )
+    accumulator, other_scale, other_zero_point = _accumulator(other, other_scale, other_zero_point, out_dtype)
+    return torch.ops.onednn.qconv2d_pointwise.binary(
+        x, scale, zero_point, packed, weight_scale.float(), weight_zero_point, accumulator, bias, stride, padding,
+        dilation, groups, float(out_scale), int(out_zero_point), out_dtype, other_scale, other_zero_point, "sum",
+        1.0, POST_OPS[post_op][0], [], "",
     )
 
 
+def _accumulator(other: Tensor, scale: float, zero_point: int, out_dtype: torch.dtype) -> tuple[Tensor, float, int]:
+    """oneDNN's sum post-op adds into a buffer of the output's dtype and overwrites it, so the
+    kernel gets its own channels-last copy: uint8 (with its qparams) for a uint8 output, else
+    float."""
+    if out_dtype == torch.uint8:
+        if other.dtype != torch.uint8:
+            raise ValueError(f"conv2d_int8 with a uint8 output adds a uint8 other, got {other.dtype}")
+        return other.clone(memory_format=torch.channels_last), float(scale), int(zero_point)
+    if other.dtype == torch.uint8:
+        other = torch.ops.qc.dequantize(other, torch.tensor(scale), torch.tensor(zero_point), None, out_dtype)
+    return other.to(out_dtype).clone(memory_format=torch.channels_last), 1.0, 0
+
+
 @conv2d_int8.register_fake
-def _(x, x_scale, x_zero_point, weight, weight_scale, bias, stride, padding, dilation, groups,
-      out_scale, out_zero_point, out_dtype, post_op):
+def _(x, x_scale, x_zero_point, weight, weight_scale, bias, other, other_scale, other_zero_point, stride, padding,
+      dilation, groups, out_scale, out_zero_point, out_dtype, post_op):
     n, _, h, w = x.shape
     out_hw = [
         (size + 2 * pad - dil * (k - 1) - 1) // st + 1

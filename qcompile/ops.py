@@ -23,11 +23,14 @@ if TYPE_CHECKING:
     from qcompile.spec import QuantSpec
 
 
-def _broadcast(param: Tensor, x: Tensor, axis: int | None) -> Tensor:
+def _broadcast(param: Tensor, x: Tensor, axis: int | None) -> Tensor | float:
+    """A per-channel parameter shaped to broadcast along ``axis``; a per-tensor one as a Python
+    float, since elementwise kernels take a scalar operand on their fast path (dividing by a
+    0-dim tensor is an order of magnitude slower, with bit-identical results)."""
     if axis is None:
         if param.numel() != 1:
             raise ValueError(f"per-tensor quantization needs one scale, got {param.numel()}")
-        return param.reshape(())
+        return float(param.reshape(()))
     axis = axis % x.dim()
     if param.numel() != x.shape[axis]:
         raise ValueError(f"per-channel axis {axis} has {x.shape[axis]} channels but {param.numel()} parameters")
@@ -36,12 +39,16 @@ def _broadcast(param: Tensor, x: Tensor, axis: int | None) -> Tensor:
     return param.reshape(shape)
 
 
+def _as_float32(param: Tensor | float) -> Tensor | float:
+    return param.to(torch.float32) if isinstance(param, Tensor) else param
+
+
 @torch.library.custom_op("qc::quantize", mutates_args=())
 def quantize(
     x: Tensor, scale: Tensor, zero_point: Tensor, axis: int | None, qmin: int, qmax: int, dtype: torch.dtype
 ) -> Tensor:
-    s = _broadcast(scale, x, axis).to(torch.float32)
-    z = _broadcast(zero_point, x, axis).to(torch.float32)
+    s = _as_float32(_broadcast(scale, x, axis))
+    z = _as_float32(_broadcast(zero_point, x, axis))
     # Round before adding Z, as ONNX's QuantizeLinear does: in float32, r/S + Z can land on a
     # .5 tie that r/S did not, and the exported model must give the same integers. One
     # allocation; the cast goes through int32 because float -> int32 -> uint8 is vectorized
@@ -57,8 +64,8 @@ def _(x, scale, zero_point, axis, qmin, qmax, dtype):
 
 @torch.library.custom_op("qc::dequantize", mutates_args=())
 def dequantize(q: Tensor, scale: Tensor, zero_point: Tensor, axis: int | None, out_dtype: torch.dtype) -> Tensor:
-    s = _broadcast(scale, q, axis).to(torch.float32)
-    z = _broadcast(zero_point, q, axis).to(torch.float32)
+    s = _as_float32(_broadcast(scale, q, axis))
+    z = _as_float32(_broadcast(zero_point, q, axis))
     return ((q.to(torch.float32) - z) * s).to(out_dtype)
 
 

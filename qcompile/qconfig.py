@@ -106,14 +106,10 @@ INT8_WEIGHT = QuantSpec("int8", symmetric=True, granularity=PerChannel(0))
 
 
 def int8_preset() -> QConfig:
-    """cpu-int8: uint8 affine activations per tensor, int8 symmetric weights per output channel
-    (the layout oneDNN's qlinear/qconv take) for linear and conv2d; everything else float, which is
-    what keeps transformer accuracy: LayerNorm, residual adds and attention stay in float."""
+    """int8 on x86 (cpu-int8, onnx-qdq): uint8 affine activations per tensor, int8 symmetric
+    weights per output channel (the layout oneDNN's qlinear/qconv and ONNX Runtime's QDQ fusions
+    take) for linear and conv2d, and uint8 inputs for adds, which each target's rule limits to
+    adds that join convolutions. Everything else is float, which is what keeps transformer
+    accuracy: LayerNorm, residual adds on the float stream and attention stay in float."""
     config = OpQuantConfig(INT8_ACTIVATION, INT8_WEIGHT)
-    return QConfig(by_op={"linear": config, "conv2d": config})
-
-
-def onnx_qdq_preset() -> QConfig:
-    """onnx-qdq: the cpu-int8 specs (what ONNX Runtime's QDQ fusions take), plus uint8 inputs for
-    adds; the target's rule limits those to adds that join convolutions."""
-    return int8_preset().set_op("add", OpQuantConfig(INT8_ACTIVATION, None))
+    return QConfig(by_op={"linear": config, "conv2d": config, "add": OpQuantConfig(INT8_ACTIVATION, None)})

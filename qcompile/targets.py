@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from qcompile.errors import QCompileError
-from qcompile.qconfig import OpQuantConfig, QConfig, int8_preset, onnx_qdq_preset
+from qcompile.qconfig import OpQuantConfig, QConfig, int8_preset
 from qcompile.spec import PerChannel, PerTensor
 
 
@@ -37,6 +37,11 @@ class OpRule:
     # quantizing only where it joins int8 paths (conv -> add -> relu -> conv); on a float path,
     # like a transformer's residual stream, quantizing it only adds error.
     producers: tuple[str, ...] | None = None
+    # Op kinds whose int8 kernel runs this op in its epilogue (conv -> add -> relu as one oneDNN
+    # convolution with a sum post-op). The op has no kernel of its own: one input must come
+    # straight from such a producer that feeds nothing else, and stays float inside that
+    # kernel; the other inputs are quantized. Empty: the op has its own kernel.
+    epilogue_of: tuple[str, ...] = ()
 
     def unsupported(self, config: OpQuantConfig) -> str | None:
         """Why ``config`` cannot run on this kernel, or None when it can."""
@@ -102,7 +107,14 @@ register_target(
     Target(
         name="cpu-int8",
         description="oneDNN int8 kernels on x86 CPUs: uint8 activations, int8 per-channel weights",
-        op_rules={"linear": OpRule(), "conv2d": OpRule()},
+        op_rules={
+            "linear": OpRule(),
+            "conv2d": OpRule(),
+            # A residual add between convolutions: the convolution's sum post-op, which reads
+            # the other input as uint8, so the block's output leaves the kernel as uint8.
+            "add": OpRule(activations=(0, 1), weight=None, bias=None,
+                          producers=("conv2d", "relu", "max_pool2d"), epilogue_of=("conv2d",)),
+        },
         preset=int8_preset,
         prepare=f"{_CLEANUP},annotate,insert-observers",
         convert="convert,eliminate-dequant,eliminate-dead-code",
@@ -123,9 +135,9 @@ register_target(
             "linear": OpRule(),
             "conv2d": OpRule(),
             "add": OpRule(activations=(0, 1), weight=None, bias=None,
-                          producers=("conv2d", "relu", "relu_", "max_pool2d")),
+                          producers=("conv2d", "relu", "max_pool2d")),
         },
-        preset=onnx_qdq_preset,
+        preset=int8_preset,
         prepare=f"{_CLEANUP},annotate,insert-observers",
         convert="convert,eliminate-dequant,eliminate-dead-code",
         lower="eliminate-dead-code",  # the model runs as its Q/DQ graph; ONNX Runtime runs the file

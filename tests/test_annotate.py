@@ -56,15 +56,39 @@ def test_onnx_qdq_quantizes_adds_that_join_convolutions_only(resnet):
     out = Annotate(target="onnx-qdq")(cleaned(resnet, x)).graph_module
     check_graph(out, """
     CHECK: aten.add.Tensor{{.*}}qc.qspec=[0=activation:{{[^@]*}}@conv2d_2, 1=activation:{{[^@]*}}@max_pool2d]
-    CHECK: aten.add.Tensor{{.*}}qc.qspec=[0=activation:{{[^@]*}}@conv2d_4, 1=activation:{{[^@]*}}@relu__2]
+    CHECK: aten.add.Tensor{{.*}}qc.qspec=[0=activation:{{[^@]*}}@conv2d_4, 1=activation:{{[^@]*}}@relu_2]
     CHECK: aten.add.Tensor{{.*}}qc.qspec=[0=activation:{{[^@]*}}@conv2d_7, 1=activation:{{[^@]*}}@conv2d_5]
     """)
+
+
+def test_cpu_int8_residual_add_quantizes_only_the_input_the_convolution_does_not_compute(resnet):
+    # The add is the sum post-op of the convolution before it: that input stays float inside
+    # the kernel. In a downsampling block both inputs are convolutions; the first is fused and
+    # the shortcut's convolution feeds the sum as uint8.
+    x = torch.randn(2, 3, 32, 32)
+    result = Annotate()(cleaned(resnet, x))
+    check_graph(result.graph_module, """
+    CHECK: aten.add.Tensor{{.*}}qc.qspec=[1=activation:{{[^@]*}}@max_pool2d]
+    CHECK: aten.add.Tensor{{.*}}qc.qspec=[1=activation:{{[^@]*}}@relu_2]
+    CHECK: aten.add.Tensor{{.*}}qc.qspec=[1=activation:{{[^@]*}}@conv2d_5]
+    """)
+    assert "unsupported" not in result.stats
+
+
+def test_cpu_int8_add_without_a_quantized_convolution_to_fuse_into_stays_float_with_the_reason(resnet):
+    x = torch.randn(2, 3, 32, 32)
+    qconfig = qcompile.int8_preset().set_module_name("layer1.0.conv2", None)
+    plans = {n.name: qcompile.get_qspec(n)
+             for n in Annotate(qconfig=qconfig)(cleaned(resnet, x)).graph_module.graph.nodes}
+    assert plans["add"].float_reason == (
+        "no cpu-int8 kernel runs 'add' alone: it is quantized in the epilogue of a quantized conv2d "
+        "whose only user it is, and none feeds it")
+    assert plans["add_1"].quantized
 
 
 def test_onnx_qdq_leaves_a_residual_add_on_a_float_path_float_without_warning():
     x = torch.randn(4, 16)
     result = Annotate(target="onnx-qdq")(cleaned(TinyBlock(), x))
     add = next(n for n in result.graph_module.graph.nodes if n.name == "add")
-    assert qcompile.get_qspec(add).float_reason == (
-        "input 0 comes from 'linear', not from conv2d, relu, relu_, max_pool2d: a float path")
+    assert qcompile.get_qspec(add) is None
     assert "unsupported" not in result.stats

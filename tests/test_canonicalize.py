@@ -27,8 +27,29 @@ class Noisy(nn.Module):
 class WritesIntoClone(nn.Module):
     def forward(self, x):
         y = x.clone()
-        y.add_(1)  # in place: the clone is what keeps x unchanged
+        y[:, 0].add_(1)  # in place through a view: the clone is what keeps x unchanged
         return y * x
+
+
+class InPlaceBlock(nn.Module):
+    """What ResNets export: ``nn.ReLU(inplace=True)`` is ``relu_`` and ``out += identity`` is ``add_``."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        out = self.relu(self.fc(x))
+        before = out * 2  # reads the value before the write below
+        out += x
+        return self.relu(out) + before
+
+
+class WritesItsInput(nn.Module):
+    def forward(self, x):
+        x.relu_()
+        return x * 2
 
 
 def test_structure_dropout_noop_conversions_copies_asserts_and_guards_go():
@@ -60,7 +81,7 @@ def test_numerics_unchanged_bit_for_bit():
     assert assert_outputs_close(gm, out, (x,), rtol=0.0) == 0.0
 
 
-def test_clone_written_in_place_stays_and_tracer_says_why():
+def test_clone_written_in_place_through_a_view_stays_and_tracer_says_why():
     gm = qcompile.capture(WritesIntoClone(), (torch.randn(2, 3),))
     with qcompile.trace_rules() as tracer:
         out = Canonicalize()(gm).graph_module
@@ -68,6 +89,29 @@ def test_clone_written_in_place_stays_and_tracer_says_why():
     assert "'clone' is written in place by 'add_'" in tracer.explain("clone")
     x = torch.randn(2, 3)
     assert_outputs_close(gm, out, (x,), rtol=0.0)
+
+
+def test_in_place_ops_on_fresh_values_become_out_of_place_and_later_reads_see_the_result():
+    x = torch.randn(4, 6)
+    gm = qcompile.capture(InPlaceBlock().eval(), (x,))
+    result = Canonicalize()(gm)
+    assert result.stats["out-of-place"] == 3
+    check_graph(result.graph_module, """
+    CHECK: %3 = aten.linear.default
+    CHECK-NEXT: %4 = aten.relu.default(%3)
+    CHECK-NEXT: %5 = aten.add.Tensor(%4, %0)
+    CHECK-NEXT: %6 = aten.relu.default(%5)
+    CHECK-NEXT: %7 = aten.mul.Tensor(%4, 2)
+    """)
+    text = qcompile.print_graph(result.graph_module)
+    assert "relu_" not in text and "add_" not in text
+    assert assert_outputs_close(gm, result.graph_module, (x,), rtol=0.0) == 0.0
+
+
+def test_a_write_into_an_input_stays_in_place():
+    gm = qcompile.capture(WritesItsInput(), (torch.randn(2, 3),))
+    out = Canonicalize()(gm).graph_module
+    check_graph(out, "CHECK: aten.relu_.default(%0)")
 
 
 def test_training_mode_dropout_stays_with_reason():

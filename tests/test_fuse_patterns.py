@@ -36,3 +36,14 @@ def test_conv_relu_fuses_but_not_through_a_second_user():
     image = torch.randn(2, 1, 8, 8)
     conv = FusePatterns()(cleaned(TinyConvNet(), image)).graph_module
     check_graph(conv, "CHECK: aten.conv2d.default{{.*}}fuse(relu->relu)\nCHECK: aten.conv2d.default{{.*}}fuse(relu->relu_1)")
+
+
+def test_conv_residual_add_relu_is_one_group(resnet):
+    image = torch.randn(2, 3, 32, 32)
+    out = assert_pass_contract(FusePatterns(), cleaned(resnet, image), [image])
+    check_graph(out, """
+    CHECK: aten.conv2d.default{{.*}}fuse(relu->relu)
+    CHECK: aten.conv2d.default{{.*}}fuse(relu->relu_1)
+    CHECK: aten.conv2d.default{{.*}}fuse(add+relu->relu_2)
+    """)
+    assert qcompile.print_graph(out).count("fuse(add+relu") == 8  # every block end of ResNet-18

@@ -40,6 +40,21 @@ def test_conv_lowers_and_max_pool_runs_on_uint8():
     assert_outputs_close(before, after, [image], rtol=0.02)
 
 
+def test_resnet_block_ends_lower_to_convolutions_that_sum_the_uint8_identity(resnet):
+    image = torch.rand(2, 3, 64, 64)
+    before = fused_qdq(resnet, image)
+    after = assert_pass_contract(LowerCpuInt8(), before, [image])
+    kernels = [n for n in after.graph.nodes if n.target == torch.ops.qc.conv2d_int8.default]
+    summing = [n for n in kernels if n.args[6] is not None]
+    assert len(kernels) == 20 and len(summing) == 8
+    assert all(n.args[6].meta["val"].dtype == torch.uint8 for n in summing)
+    # every block but the last hands uint8 to the next convolution; the last feeds the float pool
+    assert [n.meta["val"].dtype for n in summing] == [torch.uint8] * 7 + [torch.float32]
+    text = qcompile.print_graph(after)
+    assert "aten.add.Tensor" not in text and "aten.relu" not in text
+    assert_outputs_close(before, after, [image], rtol=0.05)
+
+
 def test_a_linear_that_fits_no_kernel_stays_in_reference_form_with_the_reason():
     x = torch.randn(4, 16)
     before = fused_qdq(TinyBlock(), x)

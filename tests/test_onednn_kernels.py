@@ -86,8 +86,8 @@ def test_weights_are_packed_once_per_tensor():
     assert packed_linear_weight(w_q) is packed_linear_weight(w_q)
 
 
-def test_conv2d_matches_dequantize_conv_reference():
-    g = torch.Generator().manual_seed(3)
+def quantized_conv_problem(seed=3):
+    g = torch.Generator().manual_seed(seed)
     x = torch.relu(torch.randn(2, 8, 12, 12, generator=g))
     w = torch.randn(16, 8, 3, 3, generator=g) * 0.2
     b = torch.randn(16, generator=g)
@@ -95,8 +95,42 @@ def test_conv2d_matches_dequantize_conv_reference():
     w_scale, w_zp = compute_qparams(w.amin((1, 2, 3)), w.amax((1, 2, 3)), WEIGHT)
     x_q = qc.quantize(x, x_scale, x_zp, None, 0, 255, torch.uint8)
     w_q = qc.quantize(w, w_scale, w_zp, 0, -128, 127, torch.int8)
-    reference = F.relu(F.conv2d(qc.dequantize(x_q, x_scale, x_zp, None, torch.float32),
-                                qc.dequantize(w_q, w_scale, w_zp, 0, torch.float32), b, 2, 1))
-    actual = qc.conv2d_int8(x_q, x_scale, x_zp, w_q, w_scale, b, [2, 2], [1, 1], [1, 1], 1, 1.0, 0,
-                            torch.float32, "relu")
-    torch.testing.assert_close(actual, reference, rtol=1e-4, atol=1e-4)
+    y = F.conv2d(qc.dequantize(x_q, x_scale, x_zp, None, torch.float32),
+                 qc.dequantize(w_q, w_scale, w_zp, 0, torch.float32), b, 2, 1)
+    return x_q, x_scale, x_zp, w_q, w_scale, b, y
+
+
+def qconv(x_q, x_scale, x_zp, w_q, w_scale, b, *, other=None, other_scale=1.0, other_zero_point=0,
+          out_scale=1.0, out_zero_point=0, out_dtype=torch.float32, post_op="none"):
+    return qc.conv2d_int8(x_q, x_scale, x_zp, w_q, w_scale, b, other, float(other_scale), int(other_zero_point),
+                          [2, 2], [1, 1], [1, 1], 1, float(out_scale), int(out_zero_point), out_dtype, post_op)
+
+
+def test_conv2d_matches_dequantize_conv_reference():
+    *problem, y = quantized_conv_problem()
+    torch.testing.assert_close(qconv(*problem, post_op="relu"), F.relu(y), rtol=1e-4, atol=1e-4)
+
+
+def test_conv2d_sum_post_op_adds_a_uint8_residual_and_requantizes_within_one_step():
+    # ResNet's block end as one kernel: relu(conv(x) + dequantize(identity)) -> uint8.
+    *problem, y = quantized_conv_problem(seed=4)
+    identity = torch.relu(torch.randn(y.shape, generator=torch.Generator().manual_seed(5)))
+    id_scale, id_zp = compute_qparams(identity.min(), identity.max(), ACT)
+    identity_q = qc.quantize(identity, id_scale, id_zp, None, 0, 255, torch.uint8)
+    summed = F.relu(y + qc.dequantize(identity_q, id_scale, id_zp, None, torch.float32))
+    out_scale, out_zp = compute_qparams(summed.min(), summed.max(), ACT)
+    expected = qc.quantize(summed, out_scale, out_zp, None, 0, 255, torch.uint8)
+    kept = identity_q.clone()
+    actual = qconv(*problem, other=identity_q, other_scale=id_scale, other_zero_point=id_zp,
+                   out_scale=out_scale, out_zero_point=out_zp, out_dtype=torch.uint8, post_op="relu")
+    assert actual.dtype == torch.uint8
+    assert (actual.int() - expected.int()).abs().max() <= 1
+    assert torch.equal(identity_q, kept)  # oneDNN sums into its own copy, never the caller's tensor
+    floating = qconv(*problem, other=identity_q, other_scale=id_scale, other_zero_point=id_zp, post_op="relu")
+    torch.testing.assert_close(floating, summed, rtol=1e-4, atol=1e-4)
+
+
+def test_conv2d_uint8_output_refuses_a_float_residual():
+    *problem, y = quantized_conv_problem()
+    with pytest.raises(ValueError, match="uint8 output adds a uint8 other, got torch.float32"):
+        qconv(*problem, other=torch.zeros_like(y), out_scale=0.1, out_dtype=torch.uint8)

@@ -181,6 +181,27 @@ def is_mutating(node: fx.Node) -> bool:
     return node.op == "call_function" and schema is not None and schema.is_mutable
 
 
+def returns_alias(node: fx.Node) -> bool:
+    """Whether a node's result shares storage with an input (a view: ``view``, ``select``, ``add_``...)."""
+    schema = getattr(node.target, "_schema", None)
+    return (
+        node.op == "call_function"
+        and schema is not None
+        and any(ret.alias_info is not None for ret in schema.returns)
+    )
+
+
+def aliases(node: fx.Node) -> list[fx.Node]:
+    """``node`` and every value that views its storage: a write into any of them writes into all."""
+    found, frontier = [node], [node]
+    while frontier:
+        for user in frontier.pop().users:
+            if returns_alias(user) and user not in found:
+                found.append(user)
+                frontier.append(user)
+    return found
+
+
 def remove_dead_nodes(gm: fx.GraphModule) -> int:
     """Remove values nothing uses (side effects and in-place ops stay); returns how many.
 
