@@ -1,7 +1,7 @@
 """fuse-patterns: mark the groups that lower to one int8 kernel.
 
     linear(x, W, b) -> gelu | relu                      one kernel, unary post-op
-    linear(x, W, b) -> add(·, other) [-> gelu | relu]   one kernel, binary post-op (residual add)
+    linear(x, W, b) -> add(·, other) [-> relu]          one kernel, binary post-op (residual add)
     conv2d(x, W, b, ...) -> relu                         one kernel, unary post-op
     conv2d(x, W, b, ...) -> add(·, other) [-> relu]      one kernel, sum post-op (ResNet's block end)
 
@@ -25,6 +25,8 @@ from qcompile import Fusion, Pass, PassResult, get_fusion, op_arguments, set_fus
 aten = torch.ops.aten
 
 ANCHORS = {aten.linear.default: ("relu", "gelu", "gelu-tanh"), aten.conv2d.default: ("relu",)}
+# oneDNN's int8 kernels follow a sum/add post-op with relu only.
+AFTER_ADD = ("relu",)
 BINARY_ANCHORS = frozenset({aten.linear.default, aten.conv2d.default})
 
 
@@ -68,6 +70,8 @@ def fusion_group(anchor: fx.Node) -> Fusion:
         if add_other is not None:
             add_node, last = user, user
             user = _sole_user(user)
+    if add_node is not None:
+        unaries = tuple(u for u in unaries if u in AFTER_ADD)
     if user is not None and _unary_kind(user) in unaries:
         unary, unary_node, last = _unary_kind(user), user, user
     return Fusion(

@@ -96,12 +96,14 @@ def _(x, x_scale, x_zero_point, weight, weight_scale, bias, other, out_scale, ou
 
 def _packed_conv_weight(
     weight: Tensor, weight_scale: Tensor, x_scale: float, x_zero_point: int,
-    stride: list[int], padding: list[int], dilation: list[int], groups: int,
+    stride: list[int], padding: list[int], dilation: list[int], groups: int, input_shape: list[int],
 ) -> Tensor:
+    """Packed for the input shape of the first call: oneDNN's blocked weight layout depends on
+    the spatial size, and a layout packed without it is reordered again on every call."""
     packed = _PACKED.get(weight)
     if packed is None:
         packed = _PACKED[weight] = torch.ops.onednn.qconv_prepack(
-            weight, weight_scale.float(), x_scale, x_zero_point, stride, padding, dilation, groups, None
+            weight, weight_scale.float(), x_scale, x_zero_point, stride, padding, dilation, groups, input_shape
         )
     return packed
 
@@ -134,7 +136,8 @@ def conv2d_int8(
     if out_dtype != torch.uint8:
         out_scale, out_zero_point = 1.0, 0
     scale, zero_point = float(x_scale), int(x_zero_point)
-    packed = _packed_conv_weight(weight, weight_scale, scale, zero_point, stride, padding, dilation, groups)
+    packed = _packed_conv_weight(weight, weight_scale, scale, zero_point, stride, padding, dilation, groups,
+                                 list(x.shape))
     weight_zero_point = torch.zeros(weight_scale.numel(), dtype=torch.int64)
     bias = None if bias is None else bias.float()
     if other is None:

@@ -114,7 +114,10 @@ class CompileReport:
         lines.append(f"\n{'stage':<9}{'pass':<40}{'changed':<9}{'ms':>8}  stats")
         for p in self.passes:
             stats = ", ".join(f"{k}={v}" for k, v in p.stats.items() if k not in ("kept", "unsupported"))
-            lines.append(f"{p.stage:<9}{p.name:<40}{'yes' if p.changed else 'no':<9}{p.ms:>8.1f}  {stats}")
+            # A pass whose options are data (smooth-outliers' channels) shows its name only;
+            # the options stay in the JSON form.
+            name = p.name if len(p.name) < 40 else p.name.split("{")[0] + "{...}"
+            lines.append(f"{p.stage:<9}{name:<40}{'yes' if p.changed else 'no':<9}{p.ms:>8.1f}  {stats}")
         lines.append(f"\n{len(self.int8_nodes)} of {len(self.nodes)} compute nodes in int8")
         lines.append(f"{'node':<26}{'module':<42}{'precision':<10}{'SQNR dB':>8}  detail")
         for n in self.nodes:

@@ -153,6 +153,25 @@ class TinyBlock(nn.Module):
         return self.norm(self.down(nn.functional.gelu(self.up(x))) + x)
 
 
+class OutlierBlock(nn.Module):
+    """LayerNorm -> FFN with the activation outliers transformers have: LayerNorm channel 3 and
+    GELU channel 5 reach several times the range of every other channel."""
+
+    def __init__(self, width: int = 32, hidden: int = 64, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.norm, self.up, self.down = nn.LayerNorm(width), nn.Linear(width, hidden), nn.Linear(hidden, width)
+        with torch.no_grad():
+            self.norm.weight[3] = 12.0
+            self.up.weight[5] *= 8.0
+            self.up.bias[5] = 4.0
+        self.eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm(x)
+        return h + self.down(nn.functional.gelu(self.up(h)))
+
+
 class TinyConvNet(nn.Module):
     """conv -> BN -> relu -> max-pool -> conv -> relu -> flatten -> linear: the CNN shapes lowering meets."""
 

@@ -1,0 +1,158 @@
+"""smooth-outliers: keep a few outlier channels from setting an int8 linear's input scale.
+
+Transformer activations concentrate their extremes in a handful of fixed channels, and a
+per-tensor scale that must cover them quantizes every other channel several times more
+coarsely than it needs (``qcompile.outliers`` finds the channels on calibration data). For a
+value ``x`` with outlier channels ``I``, each with factor ``f_c`` (its range over the largest
+ordinary channel's), and the linears reading ``x``, the pass rewrites the graph into the same
+function in one of two forms.
+
+**Split**, when ``x = act(linear(h, W1, b1))`` with ``act(0) = 0`` (a transformer FFN's GELU
+or ReLU) and nothing else reads it. Rows ``I`` of ``W1`` and ``b1`` are zeroed, so those
+channels leave the first linear as zeros and cost nothing in int8, and a float path computes
+them from ``h`` and multiplies them in:
+
+    linear(act(linear(h, W1, b1)), W2, b2)
+        ->  linear(act(linear(h, W1', b1')), W2, b2) + matmul(act(matmul(h, W1[I]ᵀ) + b1[I]), W2[:, I]ᵀ)
+
+The float path is ``matmul`` with constants, not ``linear``, so quantization rules for linears
+leave it alone; with a few channels it costs a sliver of the int8 GEMM.
+
+**Scale** otherwise (a LayerNorm output, which the residual stream also reads). The outlier
+channels are divided by ``f_c`` on the way into the linears and their weight columns are
+multiplied by it (SmoothQuant's migration, on the outlier channels only):
+
+    linear(x, W, b)  ->  linear(x ⊙ s, W ⊙ s⁻¹, b)      s_c = 1 / f_c on I, 1 elsewhere
+
+One elementwise multiply, and the linear keeps its fused post-op (a split here would put an
+add between the linear and its GELU, which oneDNN cannot fuse). The weights absorb the range,
+where per-channel weight scales absorb it better than a per-tensor activation scale.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import fx
+
+from qcompile import Pass, PassResult, Provenance, add_constant, constant_value, insert_call, remove_dead_nodes
+
+aten = torch.ops.aten
+LINEAR = aten.linear.default
+ZERO_PRESERVING = {aten.gelu.default, aten.relu.default}
+
+
+def _linear_parts(gm: fx.GraphModule, node: fx.Node) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """A linear's constant weight and bias, or None when the weight is computed."""
+    if node.op != "call_function" or node.target != LINEAR:
+        return None
+    weight = constant_value(gm, node.args[1])
+    bias_arg = node.args[2] if len(node.args) > 2 else None
+    bias = constant_value(gm, bias_arg)
+    if weight is None or (bias_arg is not None and bias is None):
+        return None
+    return weight, bias
+
+
+def _foldable_producer(gm: fx.GraphModule, value: fx.Node, readers: list[fx.Node]) -> fx.Node | None:
+    """The linear inside ``value = act(linear(...))`` when its outlier rows can simply be zeroed."""
+    if value.target not in ZERO_PRESERVING or set(value.users) != set(readers):
+        return None
+    producer = value.args[0]
+    if not isinstance(producer, fx.Node) or len(producer.users) != 1 or _linear_parts(gm, producer) is None:
+        return None
+    return producer
+
+
+def _already_zero(gm: fx.GraphModule, producer: fx.Node, channels: tuple[tuple[int, float], ...]) -> bool:
+    weight, bias = _linear_parts(gm, producer)
+    index = torch.tensor([c for c, _ in channels])
+    return bool((weight[index] == 0).all()) and (bias is None or bool((bias[index] == 0).all()))
+
+
+@dataclass(frozen=True)
+class SmoothOutliers(Pass):
+    name: ClassVar[str] = "smooth-outliers"
+    preserves_semantics: ClassVar[bool] = True
+
+    # (value name, ((channel, factor), ...)) pairs: what qcompile.outliers found on calibration data.
+    outliers: tuple[tuple[str, tuple[tuple[int, float], ...]], ...] = ()
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        nodes = {n.name: n for n in gm.graph.nodes}
+        order = {n: i for i, n in enumerate(gm.graph.nodes)}
+        done: dict[str, dict[str, int]] = {"split": {}, "scaled": {}}
+        for name, channels in self.outliers:
+            value = nodes.get(name)
+            if value is None or not channels:
+                continue
+            readers = [u for u in value.users if _linear_parts(gm, u) is not None and u.args[0] is value]
+            if not readers:
+                continue
+            readers.sort(key=order.__getitem__)
+            producer = _foldable_producer(gm, value, readers)
+            if producer is not None and _already_zero(gm, producer, channels):
+                continue  # split before: the int8 path carries zeros there
+            if producer is not None:
+                self._split(gm, value, producer, readers, [c for c, _ in channels])
+                done["split"][name] = len(channels)
+            else:
+                self._scale(gm, value, readers, channels)
+                done["scaled"][name] = len(channels)
+        stats = {form: values for form, values in done.items() if values}
+        if stats:
+            remove_dead_nodes(gm)  # the weights the rewritten linears no longer read
+        return PassResult(gm, bool(stats), stats)
+
+    def _split(self, gm: fx.GraphModule, value: fx.Node, producer: fx.Node, readers: list[fx.Node],
+               channels: list[int]) -> None:
+        provenance = Provenance(self.name, "split", (value.name,))
+        index = torch.tensor(channels)
+        weight, bias = _linear_parts(gm, producer)
+        inlier_weight = weight.clone()
+        inlier_weight[index] = 0
+        producer.update_arg(1, add_constant(gm, inlier_weight, f"{producer.name}_inlier_weight", before=producer))
+        if bias is not None:
+            inlier_bias = bias.clone()
+            inlier_bias[index] = 0
+            producer.update_arg(2, add_constant(gm, inlier_bias, f"{producer.name}_inlier_bias", before=producer))
+        first = readers[0]
+        rows = add_constant(gm, weight[index].t().contiguous(), f"{producer.name}_outlier_weight", before=first)
+        outlier = insert_call(gm, aten.matmul.default, (producer.args[0], rows), before=first,
+                              provenance=provenance, meta_from=producer)
+        if bias is not None:
+            outlier_bias = add_constant(gm, bias[index].contiguous(), f"{producer.name}_outlier_bias", before=first)
+            outlier = insert_call(gm, aten.add.Tensor, (outlier, outlier_bias), before=first,
+                                  provenance=provenance, meta_from=producer)
+        outlier = insert_call(gm, value.target, (outlier, *value.args[1:]), kwargs=dict(value.kwargs),
+                              before=first, provenance=provenance, meta_from=value)
+        for reader in readers:
+            reader_weight, _ = _linear_parts(gm, reader)
+            after = reader.next
+            columns = add_constant(gm, reader_weight[:, index].t().contiguous(), f"{reader.name}_outlier_weight",
+                                   before=after)
+            extra = insert_call(gm, aten.matmul.default, (outlier, columns), before=after,
+                                provenance=provenance, meta_from=reader)
+            total = insert_call(gm, aten.add.Tensor, (reader, extra), before=after, provenance=provenance,
+                                meta_from=reader)
+            reader.replace_all_uses_with(total, delete_user_cb=lambda user: user is not total)
+
+    def _scale(self, gm: fx.GraphModule, value: fx.Node, readers: list[fx.Node],
+               channels: tuple[tuple[int, float], ...]) -> None:
+        provenance = Provenance(self.name, "scale", (value.name,))
+        val = value.meta["val"]
+        factors = torch.ones(val.shape[-1], dtype=torch.float32)
+        for channel, factor in channels:
+            factors[channel] = factor
+        first = readers[0]
+        inverse = add_constant(gm, (1.0 / factors).to(val.dtype), f"{value.name}_smoothing", before=first)
+        smoothed = insert_call(gm, aten.mul.Tensor, (value, inverse), before=first, provenance=provenance,
+                               meta_from=value)
+        for reader in readers:
+            weight, _ = _linear_parts(gm, reader)
+            scaled = add_constant(gm, (weight * factors.to(weight.dtype)).contiguous(),
+                                  f"{reader.name}_smoothed_weight", before=reader)
+            reader.update_arg(0, smoothed)
+            reader.update_arg(1, scaled)

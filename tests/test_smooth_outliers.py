@@ -1,0 +1,121 @@
+"""smooth-outliers (passes/smooth_outliers.py) and finding outlier channels (qcompile/outliers.py)."""
+
+import pytest
+import torch
+from qcompile.passes import Annotate, SmoothOutliers
+
+import qcompile
+from qcompile.outliers import channel_absmax, outlier_channels
+from qcompile.report import node_outputs
+from qcompile.testing import assert_graph_diff, assert_pass_contract, check_graph
+from tests.models import OutlierBlock, TinyBlock
+from tests.quant_stages import cleaned
+
+LAYER_NORM_AND_GELU = (("layer_norm", ((3, 8.0),)), ("gelu", ((5, 4.0),)))
+
+
+def test_gelu_outliers_split_into_a_float_path_and_layer_norm_outliers_scale_into_the_weights():
+    x = torch.randn(8, 32)
+    before = cleaned(OutlierBlock(), x)
+    result = SmoothOutliers(outliers=LAYER_NORM_AND_GELU)(before)
+    assert result.stats == {"split": {"gelu": 1}, "scaled": {"layer_norm": 1}}
+    after = result.graph_module
+    assert_graph_diff(before, after, removed=[
+        "%linear = aten.linear.default(%layer_norm, %up_weight, %up_bias)",
+        "%add = aten.add.Tensor(%layer_norm, %linear_1)",
+        "constant up.weight", "constant up.bias",
+    ], added=[
+        "%layer_norm_smoothing = constant layer_norm_smoothing : f32[32]",
+        "%mul_tensor = aten.mul.Tensor(%layer_norm, %layer_norm_smoothing) : f32[s0,32]",
+        "constant linear_inlier_weight : f32[64,32]",
+        "constant linear_inlier_bias : f32[64]",
+        "%linear = aten.linear.default(%mul_tensor, %linear_inlier_weight, %linear_inlier_bias) : f32[s0,64]",
+        "constant linear_outlier_weight : f32[32,1]",
+        "%matmul_default = aten.matmul.default(%mul_tensor, %linear_outlier_weight) : f32[s0,1]",
+        "constant linear_outlier_bias : f32[1]",
+        "%add_tensor = aten.add.Tensor(%matmul_default, %linear_outlier_bias) : f32[s0,1]",
+        "%gelu_default = aten.gelu.default(%add_tensor) : f32[s0,1]",
+        "constant linear_1_outlier_weight : f32[1,32]",
+        "%matmul_default_1 = aten.matmul.default(%gelu_default, %linear_1_outlier_weight) : f32[s0,32]",
+        "%add_tensor_1 = aten.add.Tensor(%linear_1, %matmul_default_1) : f32[s0,32]",
+        "%add = aten.add.Tensor(%layer_norm, %add_tensor_1) : f32[s0,32]",
+    ])
+    torch.testing.assert_close(after(x), before(x), rtol=1e-5, atol=1e-5)
+
+
+def test_values_the_int8_linears_see_lose_their_outlier_range():
+    x = torch.randn(64, 32)
+    before = cleaned(OutlierBlock(), x)
+    after = SmoothOutliers(outliers=LAYER_NORM_AND_GELU)(before).graph_module
+    seen = node_outputs(after, {"mul_tensor", "gelu"}, (x,), {})
+    reference = node_outputs(before, {"layer_norm"}, (x,), {})
+    torch.testing.assert_close(seen["mul_tensor"][:, 3], reference["layer_norm"][:, 3] / 8.0)
+    assert torch.equal(seen["gelu"][:, 5], torch.zeros(64))  # computed by the float path instead
+
+
+def test_a_gelu_with_another_reader_is_scaled_not_split():
+    class SharedGelu(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = OutlierBlock()
+
+        def forward(self, x):
+            g = torch.nn.functional.gelu(self.block.up(x))
+            return self.block.down(g) + g.sum(-1, keepdim=True)  # zeroing a channel would change the sum
+
+    x = torch.randn(8, 32)
+    result = assert_pass_contract(SmoothOutliers(outliers=(("gelu", ((5, 4.0),)),)), cleaned(SharedGelu(), x), [x])
+    check_graph(result, """
+    CHECK: %6 = aten.mul.Tensor(%4, %5)
+    CHECK: aten.linear.default(%6, %7, %8)
+    CHECK: aten.sum.dim_IntList(%4, [-1], True)
+    """)
+
+
+def test_contract_and_nothing_to_do_without_outliers():
+    x = torch.randn(8, 32)
+    assert_pass_contract(SmoothOutliers(outliers=LAYER_NORM_AND_GELU), cleaned(OutlierBlock(), x), [x])
+    result = SmoothOutliers()(cleaned(TinyBlock(), torch.randn(4, 16)))
+    assert not result.modified and result.stats == {}
+
+
+def test_the_float_path_is_not_quantized_by_the_rules_for_linears():
+    x = torch.randn(8, 32)
+    smoothed = SmoothOutliers(outliers=LAYER_NORM_AND_GELU)(cleaned(OutlierBlock(), x)).graph_module
+    planned = Annotate()(smoothed).graph_module
+    quantized = [n.target for n in planned.graph.nodes if (p := qcompile.get_qspec(n)) and p.quantized]
+    assert quantized == [torch.ops.aten.linear.default] * 2
+
+
+def test_outlier_channels_rule_and_factors():
+    absmax = torch.tensor([1.0, 1.2, 10.0, 0.8, 5.0, 1.5, 1.0, 0.9])
+    # median 1.0: channels over 4x it, largest first, each with its range over the largest
+    # remaining channel's (1.5)
+    assert outlier_channels(absmax, ratio=4.0, max_fraction=0.5) == ((2, 10.0 / 1.5), (4, 5.0 / 1.5))
+    assert outlier_channels(absmax, ratio=4.0, max_fraction=0.01) == ((2, 10.0 / 5.0),)  # at least one
+    assert outlier_channels(absmax, ratio=20.0, max_fraction=0.5) == ()
+
+
+def test_channel_absmax_covers_every_batch_and_leaves_the_graph_alone():
+    x = torch.randn(8, 32)
+    gm = cleaned(OutlierBlock(), x)
+    text = qcompile.print_graph(gm)
+    batches = [(torch.randn(8, 32),), (torch.randn(8, 32) * 3,)]
+    found = channel_absmax(gm, ["layer_norm"], batches, ((x,), {}))
+    expected = torch.stack([node_outputs(gm, {"layer_norm"}, b, {})["layer_norm"].abs().amax(0)
+                            for b in batches]).amax(0)
+    torch.testing.assert_close(found["layer_norm"], expected)
+    assert qcompile.print_graph(gm) == text
+    with pytest.raises(qcompile.CalibrationError, match="calibration data is empty"):
+        channel_absmax(gm, ["layer_norm"], [], ((x,), {}))
+
+
+def test_compile_smooths_outliers_and_gains_output_sqnr():
+    model = OutlierBlock()
+    batches = [(torch.randn(16, 32, generator=torch.Generator().manual_seed(i)),) for i in range(4)]
+    smoothed = qcompile.compile(model, calibration_data=iter(batches), progress=False)  # read twice
+    plain = qcompile.compile(model, calibration_data=batches, progress=False, outlier_ratio=None)
+    stats = next(p.stats for p in smoothed.report.passes if p.name.startswith("smooth-outliers"))
+    assert stats == {"split": {"gelu": 1}, "scaled": {"layer_norm": 1}}
+    assert smoothed.report.output_sqnr_db[0] > plain.report.output_sqnr_db[0] + 6
+    assert smoothed.report.calibration_batches == 4
