@@ -7,8 +7,8 @@ warm-up calls), on the same calibration data:
 * ORT quantize_static: ORT's own quantizer on that file (QDQ, uint8 activations, per-channel
   int8 weights, default MinMax calibration);
 * qcompile onnx-qdq: ``qcompile.compile(..., target="onnx-qdq").export_onnx(...)``, the file
-  cross-checked against the Q/DQ graph in torch during export; for MiniLM also "mixed", with the
-  FFN output projections kept float.
+  cross-checked against the Q/DQ graph in torch during export; for MiniLM also without outlier
+  smoothing (``outlier_ratio=None``), which shows what ``smooth-outliers`` buys.
 
 Workloads: all-MiniLM-L6-v2 (batch 32 x 128, the sentences and metrics of the cpu-int8
 benchmark: mean-pooled embedding cosine vs torch fp32 and nearest-neighbour agreement) and
@@ -46,8 +46,9 @@ def print_table(title: str, rows: list[tuple[str, float, float, str, str]]) -> N
 
 def compare(model: torch.nn.Module, example: dict[str, torch.Tensor], calibration: list[dict[str, torch.Tensor]],
             timed: dict[str, torch.Tensor], quality: Callable[[Callable[[dict], torch.Tensor]], str],
-            title: str, variants: list[tuple[str, qcompile.QConfig | None]]) -> None:
-    """ORT's two rows and one per qcompile variant; inputs are dicts keyed by argument name."""
+            title: str, variants: list[tuple[str, dict[str, object]]]) -> None:
+    """ORT's two rows and one per qcompile variant (its compile options); inputs are dicts keyed by
+    argument name."""
     with tempfile.TemporaryDirectory() as folder:
         folder = Path(folder)
         fp32_path = float_onnx_file(model, (), example, folder / "fp32.onnx", list(example))
@@ -55,10 +56,10 @@ def compare(model: torch.nn.Module, example: dict[str, torch.Tensor], calibratio
         ort_path = quantize_static_file(fp32_path, [numpy_feeds(b) for b in calibration], folder / "ort.int8.onnx")
         ort_seconds = time.perf_counter() - start
         files = [("ORT fp32", fp32_path, ""), ("ORT quantize_static", ort_path, f"quantize {ort_seconds:.0f} s")]
-        for index, (name, qconfig) in enumerate(variants):
+        for index, (name, options) in enumerate(variants):
             start = time.perf_counter()
             qm = qcompile.compile(model, example_kwargs=example, target="onnx-qdq", calibration_data=calibration,
-                                  qconfig=qconfig, progress=False)
+                                  progress=False, **options)
             exported = qm.export_onnx(folder / f"qcompile.{index}.onnx")
             print(f"{name}: {exported}")
             files.append((name, exported.path, f"compile + export + cross-check {time.perf_counter() - start:.0f} s"))
@@ -81,12 +82,9 @@ def minilm() -> None:
     def quality(run: Callable[[dict], torch.Tensor]) -> str:
         return embedding_agreement(torch.cat([run(b) for b in evaluation]), reference)
 
-    # "mixed": the FFN output projections, the layers the report's per-node SQNR shows losing
-    # most, kept float (as in the cpu-int8 benchmark).
-    mixed = qcompile.int8_preset().set_module_regex(r".*encoder\.layer\.\d+\.output\.dense", None)
     compare(fp32, evaluation[0], calibration, evaluation[0], quality,
             "all-MiniLM-L6-v2 in ONNX Runtime, batch 32 x 128 tokens (embeddings vs torch fp32 on 256 sentences)",
-            [("qcompile onnx-qdq", None), ("qcompile onnx-qdq mixed", mixed)])
+            [("qcompile onnx-qdq", {}), ("qcompile, no outlier smoothing", {"outlier_ratio": None})])
 
 
 def resnet() -> None:
@@ -103,7 +101,7 @@ def resnet() -> None:
         return f"top-1 agreement with fp32 {agree:.2f}, logit cosine {cosine:.4f}"
 
     compare(model, images, calibration, images, quality, "ResNet-18 in ONNX Runtime, batch 8 x 3 x 224 x 224",
-            [("qcompile onnx-qdq", None)])
+            [("qcompile onnx-qdq", {})])
 
 
 def main() -> None:
