@@ -15,6 +15,9 @@ them from ``h`` and multiplies them in:
     linear(act(linear(h, W1, b1)), W2, b2)
         ->  linear(act(linear(h, W1', b1')), W2, b2) + matmul(act(matmul(h, W1[I]ᵀ) + b1[I]), W2[:, I]ᵀ)
 
+(a residual add after the second linear takes the float path's result first, so the int8
+kernel still fuses a single add: ``linear(...) + (extra + residual)``.)
+
 The float path is ``matmul`` with constants, not ``linear``, so quantization rules for linears
 leave it alone; with a few channels it costs a sliver of the int8 GEMM.
 
@@ -64,6 +67,20 @@ def _foldable_producer(gm: fx.GraphModule, value: fx.Node, readers: list[fx.Node
     if not isinstance(producer, fx.Node) or len(producer.users) != 1 or _linear_parts(gm, producer) is None:
         return None
     return producer
+
+
+def _residual_add(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
+    """``(add, other)`` when ``node``'s only user is ``add(node, other)`` of the same shape."""
+    users = list(node.users)
+    if len(users) != 1 or users[0].target != aten.add.Tensor or users[0].kwargs or len(users[0].args) != 2:
+        return None
+    add = users[0]
+    other = add.args[1] if add.args[0] is node else add.args[0]
+    if other is node or not isinstance(other, fx.Node):
+        return None
+    if getattr(other.meta.get("val"), "shape", None) != node.meta["val"].shape:
+        return None
+    return add, other
 
 
 def _already_zero(gm: fx.GraphModule, producer: fx.Node, channels: tuple[tuple[int, float], ...]) -> bool:
@@ -135,6 +152,14 @@ class SmoothOutliers(Pass):
                                    before=after)
             extra = insert_call(gm, aten.matmul.default, (outlier, columns), before=after,
                                 provenance=provenance, meta_from=reader)
+            residual = _residual_add(reader)
+            if residual is not None:
+                # linear + (extra + residual): the int8 kernel's epilogue still adds one tensor
+                add, other = residual
+                summed = insert_call(gm, aten.add.Tensor, (extra, other), before=add, provenance=provenance,
+                                     meta_from=reader)
+                add.args = (reader, summed)
+                continue
             total = insert_call(gm, aten.add.Tensor, (reader, extra), before=after, provenance=provenance,
                                 meta_from=reader)
             reader.replace_all_uses_with(total, delete_user_cb=lambda user: user is not total)
