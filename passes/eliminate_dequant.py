@@ -5,6 +5,10 @@
          or select values, so they commute with the per-tensor affine map; per-tensor only)
     quantize(dequantize(q, S, Z), S, Z)    -> q
         (a dequantize straight into a quantize with the same qparams and range is the identity)
+    quantize(max_pool2d(x, ...), S, Z)     -> max_pool2d(quantize(x, S, Z), ...)
+        (per tensor, when the quantize is the pool's only reader: quantizing is monotone, so it
+         commutes with max; the pool then reads a quarter of the bytes, and the op before it
+         can write uint8 directly)
 
 Sinking the dequantize is what lets a lowered graph run a transpose + reshape on uint8 bytes
 instead of float32, and hands the lowering a ``dequantize -> linear`` pair to match. Both
@@ -16,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+import torch
 from torch import fx
 
 from qcompile import (
@@ -25,6 +30,8 @@ from qcompile import (
     insert_call,
 )
 from qcompile.qdq import SHARES_QPARAMS, is_dequantize, is_quantize, qparams_of
+
+MAX_POOL2D = torch.ops.aten.max_pool2d.default
 
 
 def _sink_through(gm: fx.GraphModule, op: fx.Node, dq: fx.Node, pass_name: str) -> fx.Node:
@@ -39,6 +46,17 @@ def _sink_through(gm: fx.GraphModule, op: fx.Node, dq: fx.Node, pass_name: str) 
     if not dq.users:
         graph.erase_node(dq)
     return new_dq
+
+
+def _hoist_above(gm: fx.GraphModule, q: fx.Node, pool: fx.Node, pass_name: str) -> None:
+    provenance = Provenance(pass_name, "hoist-quantize", (q.name, pool.name))
+    quantized = insert_call(gm, q.target, (pool.args[0], *q.args[1:]), before=q, provenance=provenance,
+                            meta_from=q, kwargs=dict(q.kwargs))
+    pooled = insert_call(gm, pool.target, (quantized, *pool.args[1:]), before=q, provenance=provenance,
+                         meta_from=pool, kwargs=dict(pool.kwargs))
+    q.replace_all_uses_with(pooled)
+    gm.graph.erase_node(q)
+    gm.graph.erase_node(pool)
 
 
 def _same_format(q: fx.Node, dq: fx.Node) -> bool:
@@ -60,7 +78,7 @@ class EliminateDequant(Pass):
     preserves_semantics: ClassVar[bool] = True
 
     def call(self, gm: fx.GraphModule) -> PassResult:
-        sunk = folded = 0
+        sunk = folded = hoisted = 0
         for node in list(gm.graph.nodes):
             if node.op != "call_function":
                 continue
@@ -68,10 +86,14 @@ class EliminateDequant(Pass):
             if node.target in SHARES_QPARAMS and is_dequantize(source) and source.args[3] is None:
                 _sink_through(gm, node, source, self.name)
                 sunk += 1
+            elif (is_quantize(node) and isinstance(source, fx.Node) and source.target == MAX_POOL2D
+                  and len(source.users) == 1 and node.args[3] is None):
+                _hoist_above(gm, node, source, self.name)
+                hoisted += 1
             elif is_quantize(node) and is_dequantize(source) and _same_format(node, source):
                 if qparams_of(gm, node).same_as(qparams_of(gm, source)):
                     node.replace_all_uses_with(source.args[0])
                     gm.graph.erase_node(node)
                     folded += 1
-        stats = {k: v for k, v in (("sunk", sunk), ("folded", folded)) if v}
-        return PassResult(gm, bool(sunk or folded), stats)
+        stats = {k: v for k, v in (("sunk", sunk), ("folded", folded), ("hoisted", hoisted)) if v}
+        return PassResult(gm, bool(stats), stats)

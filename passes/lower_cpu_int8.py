@@ -11,6 +11,9 @@ the group's last value quantizes it with the same uint8 per-tensor qparams, the 
 requantizes in its epilogue and those quantize nodes disappear (uint8 flows straight into the
 next int8 op); otherwise the kernel writes float for the float ops that read it.
 
+A max-pool left reading uint8 (the stem of a ResNet, once its convolution writes uint8)
+becomes ``qc.max_pool2d_uint8``: ATen pools uint8 on a slow generic path.
+
 An anchor that does not fit a kernel stays in the reference Q/DQ form (numerically the same
 model, just not fast) and the pass's stats say why, node by node.
 """
@@ -140,10 +143,27 @@ class LowerCpuInt8(Pass):
                 continue
             self._lower(gm, anchor, operands)
             lowered += 1
+        pooled = sum(self._lower_uint8_pool(gm, node) for node in list(gm.graph.nodes))
         stats: dict[str, object] = {"lowered": lowered}
+        if pooled:
+            stats["uint8-pools"] = pooled
         if kept:
             stats["kept"] = kept
-        return PassResult(gm, bool(lowered), stats)
+        return PassResult(gm, bool(lowered or pooled), stats)
+
+    def _lower_uint8_pool(self, gm: fx.GraphModule, node: fx.Node) -> bool:
+        if node.op != "call_function" or node.target != aten.max_pool2d.default:
+            return False
+        pool = op_arguments(node)
+        if node.args[0].meta["val"].dtype != torch.uint8 or pool["ceil_mode"] or list(pool["dilation"]) != [1, 1]:
+            return False
+        kernel = list(pool["kernel_size"])
+        args = (node.args[0], kernel, list(pool["stride"] or kernel), list(pool["padding"]))
+        pooled = insert_call(gm, torch.ops.qc.max_pool2d_uint8.default, args, before=node,
+                             provenance=Provenance(self.name, "max_pool2d", (node.name,)), meta_from=node)
+        node.replace_all_uses_with(pooled)
+        gm.graph.erase_node(node)
+        return True
 
     def _lower(self, gm: fx.GraphModule, anchor: fx.Node, ops: _Operands) -> None:
         fusion = get_fusion(anchor)

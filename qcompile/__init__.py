@@ -4,7 +4,7 @@ One ATen-level fx graph from ``torch.export``, pure passes under a pass manager,
 real int8 kernels or ONNX QDQ. This module is the public API, the same one built-in passes use.
 """
 
-from qcompile import bf16_kernels, onednn, ops  # noqa: F401  (register torch.ops.qc.*)
+from qcompile import bf16_kernels, onednn, ops, uint8_kernels  # noqa: F401  (register torch.ops.qc.*)
 from qcompile.api import QuantizedModel, compile, load
 from qcompile.calibration import calibrate
 from qcompile.capture import capture

@@ -48,3 +48,17 @@ def test_per_channel_dequantize_does_not_move():
     converted = Convert()(qdq(TinyConvNet(), image)).graph_module  # already converted: unchanged
     weights = [n for n in converted.graph.nodes if n.target == torch.ops.qc.dequantize.default and n.args[3] == 0]
     assert weights and all(u.target != torch.ops.aten.max_pool2d.default for w in weights for u in w.users)
+
+
+def test_quantize_moves_above_a_max_pool_it_alone_reads(resnet):
+    # ResNet's stem: conv -> relu -> max-pool -> quantize. Pooling the uint8 bytes gives the same
+    # integers (quantizing is monotone) and lets the convolution write uint8.
+    image = torch.rand(2, 3, 64, 64)
+    before = qdq(resnet, image)
+    after = assert_pass_contract(EliminateDequant(), before, [image])
+    check_graph(after, """
+    CHECK: aten.relu.default({{%[0-9]+}}) : f32[s0,64,32,32]
+    CHECK: qc.quantize.default({{.*}}) : u8[s0,64,32,32]
+    CHECK-NEXT: aten.max_pool2d.default({{%[0-9]+}}, [3, 3], [2, 2], [1, 1]) : u8[s0,64,16,16]
+    """)
+    assert_outputs_close(before, after, [image], rtol=0)

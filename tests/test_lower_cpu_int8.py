@@ -26,13 +26,13 @@ def test_linear_groups_lower_with_fused_gelu_uint8_output_and_residual_add():
     assert_outputs_close(before, after, [x], rtol=0.02)
 
 
-def test_conv_lowers_and_max_pool_runs_on_uint8():
+def test_conv_lowers_and_max_pool_runs_on_uint8_in_its_own_kernel():
     image = torch.randn(2, 1, 8, 8)
     before = fused_qdq(TinyConvNet(), image)
     after = LowerCpuInt8()(before).graph_module
     check_graph(after, """
     CHECK: qc.conv2d_int8.default({{.*}}, [1, 1], [1, 1], [1, 1], 1, {{.*}}, torch.uint8, 'relu') : u8[s0,8,8,8]
-    CHECK-NEXT: aten.max_pool2d.default
+    CHECK-NEXT: qc.max_pool2d_uint8.default({{%[0-9]+}}, [2, 2], [2, 2], [0, 0]) : u8[s0,8,4,4]
     CHECK: qc.conv2d_int8.default({{.*}}, torch.uint8, 'relu') : u8[s0,16,4,4]
     CHECK: aten.flatten.using_ints
     CHECK: qc.linear_int8.default({{.*}}, torch.float32, 'none') : f32[s0,10]
@@ -52,6 +52,9 @@ def test_resnet_block_ends_lower_to_convolutions_that_sum_the_uint8_identity(res
     assert [n.meta["val"].dtype for n in summing] == [torch.uint8] * 7 + [torch.float32]
     text = qcompile.print_graph(after)
     assert "aten.add.Tensor" not in text and "aten.relu" not in text
+    # the stem convolution writes uint8 and the pool after it reads bytes
+    assert kernels[0].meta["val"].dtype == torch.uint8
+    assert "qc.max_pool2d_uint8.default" in text
     assert_outputs_close(before, after, [image], rtol=0.05)
 
 

@@ -1,0 +1,24 @@
+"""uint8 kernels (qcompile/uint8_kernels.py): max-pool on uint8 bytes equals ATen's pool."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import qcompile  # noqa: F401  (registers torch.ops.qc.*)
+
+
+@pytest.mark.parametrize("kernel, stride, padding", [(3, 2, 1), (2, 2, 0), (3, 1, 1), (2, 1, 0)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_max_pool2d_uint8_equals_aten(kernel, stride, padding, channels_last):
+    x = torch.randint(0, 256, (2, 5, 11, 9), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    expected = F.max_pool2d(x.float(), kernel, stride, padding).to(torch.uint8)
+    actual = torch.ops.qc.max_pool2d_uint8(x, [kernel] * 2, [stride] * 2, [padding] * 2)
+    assert torch.equal(actual, expected)
+    assert actual.is_contiguous(memory_format=torch.channels_last) == channels_last
+
+
+def test_max_pool2d_uint8_refuses_float():
+    with pytest.raises(ValueError, match="takes a 4-D uint8 tensor, got torch.float32"):
+        torch.ops.qc.max_pool2d_uint8(torch.zeros(1, 1, 4, 4), [2, 2], [2, 2], [0, 0])
