@@ -30,6 +30,7 @@ from qcompile.errors import QCompileError
 from qcompile.ir.meta import get_provenance, get_qspec
 from qcompile.outliers import MAX_OUTLIER_FRACTION, channel_absmax, outlier_channels, split_candidates
 from qcompile.pass_manager import Instrument, Pass, PassManager, Pipeline, PipelineResult
+from qcompile.plan import resolved_plan
 from qcompile.qconfig import QConfig, op_kind
 from qcompile.report import CompileReport, describe_plan, node_outputs, sqnr_db
 from qcompile.targets import Target, get_target
@@ -221,6 +222,7 @@ def compile(
     kept = next((p.stats.get("kept", {}) for p in report.passes if p.name.startswith("lower-")), {})
     sqnr = _node_sqnr(planned, qdq, args, kwargs, report)
     report.nodes = describe_plan(planned, _kernel_descriptions(lowered.graph_module), kept, sqnr, target.unlowered)
+    report.plan = resolved_plan(planned, qdq)
     return QuantizedModel(lowered.graph_module, qdq, report, (args, kwargs))
 
 

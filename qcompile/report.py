@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -97,6 +98,8 @@ class CompileReport:
     nodes: list[NodeReport] = field(default_factory=list)
     output_sqnr_db: list[float] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    # The resolved plan, one dict per node (qcompile.plan.resolved_plan): what write_plan saves.
+    plan: list[dict[str, Any]] = field(default_factory=list)
 
     def add_stage(self, stage: str, records: list[PassRecord]) -> None:
         for r in records:
@@ -126,6 +129,13 @@ class CompileReport:
         if self.output_sqnr_db:
             lines.append("output SQNR dB: " + ", ".join(f"{s:.1f}" for s in self.output_sqnr_db))
         return "\n".join(lines)
+
+    def write_plan(self, path: str | Path) -> Path:
+        """The resolved plan as a JSON file: per node its specs, rule and calibrated qparams, or
+        why it stayed float."""
+        path = Path(path)
+        path.write_text(json.dumps({"target": self.target, "mode": self.mode, "nodes": self.plan}, indent=1) + "\n")
+        return path
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1, default=str)

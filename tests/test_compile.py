@@ -1,5 +1,6 @@
 """qcompile.compile end to end: real int8 kernels, the report, save/load, and bad input."""
 
+import json
 import warnings
 
 import pytest
@@ -115,3 +116,24 @@ def test_minilm_compiles_to_int8_and_keeps_its_embeddings(minilm):
     assert cosine.mean() > 0.98
     assert len(qm.report.int8_nodes) == 36  # every encoder linear; the unused pooler was removed
     assert sum(n.target == torch.ops.qc.attention_bf16.default for n in qm.graph_module.graph.nodes) == 6
+
+
+def test_the_resolved_plan_is_written_as_json_with_calibrated_qparams(tmp_path):
+    qconfig = qcompile.int8_preset().set_module_name("down", None)
+    qm = qcompile.compile(TinyBlock(), calibration_data=batches((8, 16)), qconfig=qconfig, progress=False)
+    written = json.loads(qm.report.write_plan(tmp_path / "plan.json").read_text())
+    assert written["target"] == "cpu-int8" and written["mode"] == "static"
+    nodes = {entry["node"]: entry for entry in written["nodes"]}
+    assert nodes["linear_1"] == {"node": "linear_1", "op": "linear", "module": "down",
+                                 "rule": "module name 'down'",
+                                 "float_reason": "the QConfig keeps it float (module name 'down')"}
+    up = nodes["linear"]
+    assert up["rule"] == "op kind 'linear'"
+    activation, weight, bias = up["inputs"]
+    assert activation["role"] == "activation" and activation["dtype"] == "uint8" and activation["observe_at"] == "x"
+    observer = qm.qdq_graph_module.x_scale  # what convert made of the observer on the input
+    assert activation["scale"] == pytest.approx(float(observer)) and 0 <= activation["zero_point"] <= 255
+    assert weight["granularity"] == "per-channel(0)" and weight["symmetric"] and "scale" not in weight
+    assert bias["dtype"] == "int32"
+    loaded = qcompile.load(qm.save(tmp_path / "m.qc"))
+    assert loaded.report.plan == qm.report.plan
