@@ -4,7 +4,7 @@ One table per workload, every row measured in this run (2 threads, median of 10 
 warm-up calls): fp32 eager, bf16 eager, torch.compile bf16 with freezing, torch's
 ``quantize_dynamic``, torchao PT2E + Inductor, OpenVINO + NNCF, ONNX Runtime ``quantize_static``
 (QDQ, uint8 activations, per-channel weights), and qcompile cpu-int8 (all linears int8; for
-MiniLM also without outlier smoothing, ``outlier_ratio=None``, to show what it buys).
+MiniLM also without outlier smoothing, ``outlier_smoothing=None``, to show what it buys).
 Competitors are optional (``pip install -e '.[bench]'``); a row whose tool is missing says so.
 
 Workloads: all-MiniLM-L6-v2 (batch 32 x 128 tokens of real sentences, first sentences of
@@ -140,7 +140,7 @@ def minilm() -> None:
     rows.append(attempt("torchao PT2E + Inductor int8", lambda: pt2e_int8(fp32, batch, calibration, row)))
     rows.append(attempt("OpenVINO + NNCF int8", lambda: openvino_int8(fp32, batch, calibration, row)))
     rows.append(attempt("ONNX Runtime quantize_static", lambda: ort_static(fp32, batch, calibration, row)))
-    for name, options in [("qcompile cpu-int8", {}), ("qcompile, no outlier smoothing", {"outlier_ratio": None})]:
+    for name, options in [("qcompile cpu-int8", {}), ("qcompile, no outlier smoothing", {"outlier_smoothing": None})]:
         start = time.perf_counter()
         qm = qcompile.compile(fp32, calibration_data=calibration, progress=False, **options)
         seconds = time.perf_counter() - start

@@ -8,7 +8,7 @@ warm-up calls), on the same calibration data:
   int8 weights, default MinMax calibration);
 * qcompile onnx-qdq: ``qcompile.compile(..., target="onnx-qdq").export_onnx(...)``, the file
   cross-checked against the Q/DQ graph in torch during export; for MiniLM also without outlier
-  smoothing (``outlier_ratio=None``), which shows what ``smooth-outliers`` buys.
+  smoothing (``outlier_smoothing=None``), which shows what ``smooth-outliers`` buys.
 
 Workloads: all-MiniLM-L6-v2 (batch 32 x 128, the sentences and metrics of the cpu-int8
 benchmark: mean-pooled embedding cosine vs torch fp32 and nearest-neighbour agreement) and
@@ -84,7 +84,7 @@ def minilm() -> None:
 
     compare(fp32, evaluation[0], calibration, evaluation[0], quality,
             "all-MiniLM-L6-v2 in ONNX Runtime, batch 32 x 128 tokens (embeddings vs torch fp32 on 256 sentences)",
-            [("qcompile onnx-qdq", {}), ("qcompile, no outlier smoothing", {"outlier_ratio": None})])
+            [("qcompile onnx-qdq", {}), ("qcompile, no outlier smoothing", {"outlier_smoothing": None})])
 
 
 def resnet() -> None:

@@ -41,10 +41,9 @@ import torch
 from torch import fx
 
 from qcompile import Pass, PassResult, Provenance, add_constant, constant_value, insert_call, remove_dead_nodes
+from qcompile.outliers import LINEAR, ZERO_PRESERVING
 
 aten = torch.ops.aten
-LINEAR = aten.linear.default
-ZERO_PRESERVING = {aten.gelu.default, aten.relu.default}
 
 
 def _linear_parts(gm: fx.GraphModule, node: fx.Node) -> tuple[torch.Tensor, torch.Tensor | None] | None:

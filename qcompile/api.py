@@ -28,7 +28,7 @@ from qcompile.calibration import as_call, calibrate, empty_calibration_error
 from qcompile.capture import capture, export_program
 from qcompile.errors import QCompileError
 from qcompile.ir.meta import get_provenance, get_qspec
-from qcompile.outliers import MAX_OUTLIER_FRACTION, channel_absmax, outlier_channels, split_candidates
+from qcompile.outliers import smoothing_plan, split_candidates
 from qcompile.pass_manager import Instrument, Pass, PassManager, Pipeline, PipelineResult
 from qcompile.plan import resolved_plan
 from qcompile.qconfig import QConfig, op_kind
@@ -174,14 +174,15 @@ def compile(
     instruments: Iterable[Instrument] = (),
     verify: bool = False,
     progress: bool | None = None,
-    outlier_ratio: float | None = 4.0,
+    outlier_smoothing: float | None = 0.75,
 ) -> QuantizedModel:
     """Quantize ``model`` for ``target``; see the module docstring for how inputs are found.
 
-    ``outlier_ratio``: with calibration data, input channels of a quantized linear whose range
-    exceeds this multiple of the median channel's are split off into a float matmul or scaled
-    down into the weights (``smooth-outliers``), so the int8 scale fits the other channels;
-    None leaves the channels as they are."""
+    ``outlier_smoothing``: with calibration data, the input channels of quantized linears are
+    measured and wide ones taken out of the int8 range (``smooth-outliers``): after a GELU/ReLU
+    the outliers are split into a float matmul, elsewhere channels are scaled into the weights
+    with this migration strength (SmoothQuant's alpha, 0 to 1; see ``qcompile.outliers``). None
+    leaves the channels as they are."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"compile() needs an nn.Module, got {type(model).__name__}")
     target = target if isinstance(target, Target) else get_target(target)
@@ -199,12 +200,12 @@ def compile(
 
     prepare = Pipeline.parse(target.dynamic_prepare if dynamic else target.prepare)
     prepare = prepare.replace("annotate", Annotate(target=target.name, qconfig=qconfig))
-    if not dynamic and outlier_ratio is not None:
+    if not dynamic and outlier_smoothing is not None:
         calibration_data = _reiterable(calibration_data)
         cleanup = Pipeline(prepare[: prepare.index("annotate")])
         float_gm = _run(cleanup, float_gm, "prepare", report, instruments=instruments, verify=verify).graph_module
-        split = _outlier_split(float_gm, target, qconfig, outlier_ratio, calibration_data, (args, kwargs))
-        prepare = Pipeline([split, *prepare[prepare.index("annotate"):]])
+        smoothing = _smoothing_pass(float_gm, target, qconfig, outlier_smoothing, calibration_data, (args, kwargs))
+        prepare = Pipeline([smoothing, *prepare[prepare.index("annotate"):]])
     prepared = _run(prepare, float_gm, "prepare", report, instruments=instruments, verify=verify,
                     keep_history=True)
     planned = prepared.history[prepare.index("annotate") + 1]
@@ -231,17 +232,15 @@ def _reiterable(data: Iterable[Any]) -> Iterable[Any]:
     return list(data) if iter(data) is data else data
 
 
-def _outlier_split(gm: fx.GraphModule, target: Target, qconfig: QConfig | None, ratio: float,
-                   data: Iterable[Any], example: tuple[tuple, dict]) -> Pass:
+def _smoothing_pass(gm: fx.GraphModule, target: Target, qconfig: QConfig | None, alpha: float,
+                    data: Iterable[Any], example: tuple[tuple, dict]) -> Pass:
     """The smooth-outliers pass for ``gm``, its channels measured on ``data``."""
     from qcompile.passes import SmoothOutliers
 
     config = qconfig if qconfig is not None else target.preset()
     quantized = {n.name for n in gm.graph.nodes
                  if n.op == "call_function" and op_kind(n) in target.op_rules and config.resolve(n)[0] is not None}
-    absmax = channel_absmax(gm, split_candidates(gm, quantized), data, example)
-    channels = ((name, outlier_channels(values, ratio, MAX_OUTLIER_FRACTION)) for name, values in absmax.items())
-    return SmoothOutliers(outliers=tuple((name, found) for name, found in channels if found))
+    return SmoothOutliers(outliers=smoothing_plan(gm, split_candidates(gm, quantized), data, example, alpha))
 
 
 def _node_sqnr(planned: fx.GraphModule, qdq: fx.GraphModule, args: tuple, kwargs: dict,

@@ -1,14 +1,18 @@
-"""Outlier channels: the few input channels of a linear whose range dwarfs all the others.
+"""Outlier channels: the input channels of a linear whose range dwarfs the others.
 
 Transformer activations concentrate their extremes in a handful of fixed channels (in
 all-MiniLM-L6-v2 one GELU channel reaches 25 where the rest stay under 6; LayerNorm channel
 99 reaches 28 where the median is 2). A per-tensor scale must cover them, so every other
-channel is quantized several times more coarsely than it needs. ``smooth-outliers``
-takes those channels out of the int8 linear's input range; this module finds them, from the
-float graph run over the calibration batches.
+channel is quantized several times more coarsely than it needs. ``smooth-outliers`` takes
+the range out of the int8 linear's input; this module measures it, on the float graph run
+over the calibration batches, and chooses per value:
 
-A channel is an outlier when its largest magnitude is more than ``ratio`` times the median
-channel's, keeping at most ``max_fraction`` of the channels (the float path must stay small).
+* after a GELU/ReLU (split into a float path): the channels over ``SPLIT_RATIO`` x the median
+  channel's magnitude, at most ``MAX_SPLIT_FRACTION`` of them (the float path must stay small);
+* elsewhere (scaled into the weights, which costs the same for any number of channels): every
+  channel above the median, divided by ``(magnitude / median) ** alpha``: SmoothQuant's
+  migration strength, measured on activations (0: nothing moves; 1: every channel down to the
+  median, all the range in the weights).
 """
 
 from __future__ import annotations
@@ -23,9 +27,12 @@ from qcompile.calibration import as_call, check_batch, empty_calibration_error
 from qcompile.ir.graph import copy_graph_module
 
 LINEAR = torch.ops.aten.linear.default
-# At most this share of a linear's input channels goes to the float path: 7 of MiniLM's 384
-# hidden channels, 30 of its 1536 FFN channels.
-MAX_OUTLIER_FRACTION = 0.02
+# Activations with act(0) = 0: after them, outlier channels can be split off for free.
+ZERO_PRESERVING = frozenset({torch.ops.aten.gelu.default, torch.ops.aten.relu.default})
+SPLIT_RATIO = 4.0
+# At most this share of a linear's input channels goes to the float path: 30 of MiniLM's 1536
+# FFN channels.
+MAX_SPLIT_FRACTION = 0.02
 
 
 class _ChannelAbsMax(torch.nn.Module):
@@ -86,6 +93,35 @@ def outlier_channels(absmax: torch.Tensor, ratio: float, max_fraction: float) ->
         return ()
     ordinary = float(absmax[order[len(found)]])
     return tuple((c, float(absmax[c]) / ordinary) for c in found)
+
+
+def smoothing_factors(absmax: torch.Tensor, alpha: float) -> tuple[tuple[int, float], ...]:
+    """``(channel, (magnitude / median) ** alpha)`` for every channel above the median."""
+    median = float(absmax.median())
+    if median <= 0.0:
+        return ()
+    return tuple((c, (float(absmax[c]) / median) ** alpha) for c in range(absmax.numel())
+                 if float(absmax[c]) > median)
+
+
+def smoothing_plan(
+    gm: fx.GraphModule,
+    values: Iterable[str],
+    batches: Iterable[Any],
+    example: tuple[tuple[Any, ...], dict[str, Any]],
+    alpha: float,
+) -> tuple[tuple[str, tuple[tuple[int, float], ...]], ...]:
+    """``smooth-outliers``' channels for each value, measured on ``batches``."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    plan = []
+    for name, absmax in channel_absmax(gm, values, batches, example).items():
+        if nodes[name].target in ZERO_PRESERVING:
+            channels = outlier_channels(absmax, SPLIT_RATIO, MAX_SPLIT_FRACTION)
+        else:
+            channels = smoothing_factors(absmax, alpha)
+        if channels:
+            plan.append((name, channels))
+    return tuple(plan)
 
 
 def split_candidates(gm: fx.GraphModule, quantized: set[str]) -> list[str]:

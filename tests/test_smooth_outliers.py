@@ -5,7 +5,7 @@ import torch
 from qcompile.passes import Annotate, SmoothOutliers
 
 import qcompile
-from qcompile.outliers import channel_absmax, outlier_channels
+from qcompile.outliers import channel_absmax, outlier_channels, smoothing_factors, smoothing_plan
 from qcompile.report import node_outputs
 from qcompile.testing import assert_graph_diff, assert_pass_contract, check_graph
 from tests.models import OutlierBlock, TinyBlock
@@ -97,6 +97,22 @@ def test_outlier_channels_rule_and_factors():
     assert outlier_channels(absmax, ratio=20.0, max_fraction=0.5) == ()
 
 
+def test_smoothing_factors_migrate_the_range_above_the_median_by_alpha():
+    absmax = torch.tensor([1.0, 2.0, 16.0, 0.5, 4.0])  # median 2
+    assert smoothing_factors(absmax, alpha=0.5) == ((2, 8.0 ** 0.5), (4, 2.0 ** 0.5))
+    assert smoothing_factors(absmax, alpha=1.0) == ((2, 8.0), (4, 2.0))  # all down to the median
+    assert smoothing_factors(torch.zeros(4), alpha=0.75) == ()  # a dead value: nothing to scale
+
+
+def test_smoothing_plan_splits_after_gelu_and_scales_elsewhere():
+    x = torch.randn(8, 32)
+    gm = cleaned(OutlierBlock(), x)
+    plan = dict(smoothing_plan(gm, ["layer_norm", "gelu"], [(torch.randn(64, 32),)], ((x,), {}), alpha=0.75))
+    assert [channel for channel, _ in plan["gelu"]] == [5]  # the one outlier, for the float path
+    layer_norm = dict(plan["layer_norm"])
+    assert len(layer_norm) == 16 and max(layer_norm, key=layer_norm.get) == 3
+
+
 def test_channel_absmax_covers_every_batch_and_leaves_the_graph_alone():
     x = torch.randn(8, 32)
     gm = cleaned(OutlierBlock(), x)
@@ -115,8 +131,8 @@ def test_compile_smooths_outliers_and_gains_output_sqnr():
     model = OutlierBlock()
     batches = [(torch.randn(16, 32, generator=torch.Generator().manual_seed(i)),) for i in range(4)]
     smoothed = qcompile.compile(model, calibration_data=iter(batches), progress=False)  # read twice
-    plain = qcompile.compile(model, calibration_data=batches, progress=False, outlier_ratio=None)
+    plain = qcompile.compile(model, calibration_data=batches, progress=False, outlier_smoothing=None)
     stats = next(p.stats for p in smoothed.report.passes if p.name.startswith("smooth-outliers"))
-    assert stats == {"split": {"gelu": 1}, "scaled": {"layer_norm": 1}}
+    assert stats["split"] == {"gelu": 1} and stats["scaled"]["layer_norm"] == 16  # the channels above the median
     assert smoothed.report.output_sqnr_db[0] > plain.report.output_sqnr_db[0] + 6
     assert smoothed.report.calibration_batches == 4
