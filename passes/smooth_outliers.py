@@ -1,35 +1,34 @@
-"""smooth-outliers: keep a few outlier channels from setting an int8 linear's input scale.
+"""smooth-outliers: keep a few wide channels from setting an int8 linear's input scale.
 
 Transformer activations concentrate their extremes in a handful of fixed channels, and a
 per-tensor scale that must cover them quantizes every other channel several times more
-coarsely than it needs (``qcompile.outliers`` finds the channels on calibration data). For a
-value ``x`` with outlier channels ``I``, each with factor ``f_c`` (its range over the largest
-ordinary channel's), and the linears reading ``x``, the pass rewrites the graph into the same
-function in one of two forms.
+coarsely than it needs. For a value ``x`` read by linears, with channels ``c`` and factors
+``f_c`` measured on calibration data (``qcompile.outliers``), the pass rewrites the graph into
+the same function in one of two forms.
 
 **Split**, when ``x = act(linear(h, W1, b1))`` with ``act(0) = 0`` (a transformer FFN's GELU
-or ReLU) and nothing else reads it. Rows ``I`` of ``W1`` and ``b1`` are zeroed, so those
-channels leave the first linear as zeros and cost nothing in int8, and a float path computes
-them from ``h`` and multiplies them in:
+or ReLU) and nothing else reads it; the channels ``I`` are its few outliers. Rows ``I`` of
+``W1`` and ``b1`` are zeroed, so those channels leave the first linear as zeros and cost
+nothing in int8, and a float path computes them from ``h`` and multiplies them in:
 
     linear(act(linear(h, W1, b1)), W2, b2)
-        ->  linear(act(linear(h, W1', b1')), W2, b2) + matmul(act(matmul(h, W1[I]ᵀ) + b1[I]), W2[:, I]ᵀ)
+        ->  linear(act(linear(h, W1', b1')), W2, b2) + matmul(act(linear(h, W1[I], b1[I])), W2[:, I]ᵀ)
 
-(a residual add after the second linear takes the float path's result first, so the int8
-kernel still fuses a single add: ``linear(...) + (extra + residual)``.)
+The outlier channels' own linear reads ``h`` like the first linear does, so it is quantized
+the same way, from the same integers; only their product with ``W2`` stays float, and it is a
+``matmul`` with a constant, not a ``linear``, so quantization rules for linears leave it
+alone. A residual add after the second linear takes the float path's result first, so the
+int8 kernel still fuses a single add: ``linear(...) + (extra + residual)``.
 
-The float path is ``matmul`` with constants, not ``linear``, so quantization rules for linears
-leave it alone; with a few channels it costs a sliver of the int8 GEMM.
+**Scale** otherwise (a LayerNorm output, which the residual stream also reads). Each listed
+channel is divided by ``f_c`` on the way into the linears and its weight columns are
+multiplied by it (SmoothQuant's migration):
 
-**Scale** otherwise (a LayerNorm output, which the residual stream also reads). The outlier
-channels are divided by ``f_c`` on the way into the linears and their weight columns are
-multiplied by it (SmoothQuant's migration, on the outlier channels only):
-
-    linear(x, W, b)  ->  linear(x ⊙ s, W ⊙ s⁻¹, b)      s_c = 1 / f_c on I, 1 elsewhere
+    linear(x, W, b)  ->  linear(x ⊙ s, W ⊙ s⁻¹, b)      s_c = 1 / f_c for listed channels, 1 elsewhere
 
 One elementwise multiply, and the linear keeps its fused post-op (a split here would put an
-add between the linear and its GELU, which oneDNN cannot fuse). The weights absorb the range,
-where per-channel weight scales absorb it better than a per-tensor activation scale.
+add between the linear and its GELU, which oneDNN cannot fuse). Per-channel weight scales
+absorb the range far better than one per-tensor activation scale.
 """
 
 from __future__ import annotations
@@ -135,13 +134,11 @@ class SmoothOutliers(Pass):
             inlier_bias[index] = 0
             producer.update_arg(2, add_constant(gm, inlier_bias, f"{producer.name}_inlier_bias", before=producer))
         first = readers[0]
-        rows = add_constant(gm, weight[index].t().contiguous(), f"{producer.name}_outlier_weight", before=first)
-        outlier = insert_call(gm, aten.matmul.default, (producer.args[0], rows), before=first,
+        rows = add_constant(gm, weight[index].contiguous(), f"{producer.name}_outlier_weight", before=first)
+        outlier_bias = None if bias is None else add_constant(gm, bias[index].contiguous(),
+                                                              f"{producer.name}_outlier_bias", before=first)
+        outlier = insert_call(gm, LINEAR, (producer.args[0], rows, outlier_bias), before=first,
                               provenance=provenance, meta_from=producer)
-        if bias is not None:
-            outlier_bias = add_constant(gm, bias[index].contiguous(), f"{producer.name}_outlier_bias", before=first)
-            outlier = insert_call(gm, aten.add.Tensor, (outlier, outlier_bias), before=first,
-                                  provenance=provenance, meta_from=producer)
         outlier = insert_call(gm, value.target, (outlier, *value.args[1:]), kwargs=dict(value.kwargs),
                               before=first, provenance=provenance, meta_from=value)
         for reader in readers:

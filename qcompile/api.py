@@ -182,7 +182,8 @@ def compile(
     measured and wide ones taken out of the int8 range (``smooth-outliers``): after a GELU/ReLU
     the outliers are split into a float matmul, elsewhere channels are scaled into the weights
     with this migration strength (SmoothQuant's alpha, 0 to 1; see ``qcompile.outliers``). None
-    leaves the channels as they are."""
+    leaves the channels as they are. Measuring reads the calibration data once more, so a
+    one-shot iterator is kept in a list."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"compile() needs an nn.Module, got {type(model).__name__}")
     target = target if isinstance(target, Target) else get_target(target)

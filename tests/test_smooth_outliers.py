@@ -30,16 +30,15 @@ def test_gelu_outliers_split_into_a_float_path_and_layer_norm_outliers_scale_int
         "constant linear_inlier_weight : f32[64,32]",
         "constant linear_inlier_bias : f32[64]",
         "%linear = aten.linear.default(%mul_tensor, %linear_inlier_weight, %linear_inlier_bias) : f32[s0,64]",
-        "constant linear_outlier_weight : f32[32,1]",
-        "%matmul_default = aten.matmul.default(%mul_tensor, %linear_outlier_weight) : f32[s0,1]",
+        "constant linear_outlier_weight : f32[1,32]",
         "constant linear_outlier_bias : f32[1]",
-        "%add_tensor = aten.add.Tensor(%matmul_default, %linear_outlier_bias) : f32[s0,1]",
-        "%gelu_default = aten.gelu.default(%add_tensor) : f32[s0,1]",
+        "%linear_default = aten.linear.default(%mul_tensor, %linear_outlier_weight, %linear_outlier_bias) : f32[s0,1]",
+        "%gelu_default = aten.gelu.default(%linear_default) : f32[s0,1]",
         "constant linear_1_outlier_weight : f32[1,32]",
-        "%matmul_default_1 = aten.matmul.default(%gelu_default, %linear_1_outlier_weight) : f32[s0,32]",
+        "%matmul_default = aten.matmul.default(%gelu_default, %linear_1_outlier_weight) : f32[s0,32]",
         # the residual add takes the float path first: the int8 linear still fuses one add
-        "%add_tensor_1 = aten.add.Tensor(%matmul_default_1, %layer_norm) : f32[s0,32]",
-        "%add = aten.add.Tensor(%linear_1, %add_tensor_1) : f32[s0,32]",
+        "%add_tensor = aten.add.Tensor(%matmul_default, %layer_norm) : f32[s0,32]",
+        "%add = aten.add.Tensor(%linear_1, %add_tensor) : f32[s0,32]",
     ])
     torch.testing.assert_close(after(x), before(x), rtol=1e-5, atol=1e-5)
 
@@ -80,12 +79,14 @@ def test_contract_and_nothing_to_do_without_outliers():
     assert not result.modified and result.stats == {}
 
 
-def test_the_float_path_is_not_quantized_by_the_rules_for_linears():
+def test_the_outlier_linear_shares_its_sibling_input_and_only_the_product_stays_float():
     x = torch.randn(8, 32)
     smoothed = SmoothOutliers(outliers=LAYER_NORM_AND_GELU)(cleaned(OutlierBlock(), x)).graph_module
     planned = Annotate()(smoothed).graph_module
-    quantized = [n.target for n in planned.graph.nodes if (p := qcompile.get_qspec(n)) and p.quantized]
-    assert quantized == [torch.ops.aten.linear.default] * 2
+    plans = {n.name: p for n in planned.graph.nodes if (p := qcompile.get_qspec(n)) and p.quantized}
+    assert sorted(plans) == ["linear", "linear_1", "linear_default"]
+    assert plans["linear"].edge(0) == plans["linear_default"].edge(0)  # one observer, one quantize
+    assert not any(n.target == torch.ops.aten.matmul.default and qcompile.get_qspec(n) for n in planned.graph.nodes)
 
 
 def test_outlier_channels_rule_and_factors():
