@@ -158,6 +158,10 @@ def pt2e_int8(model, batch, calibration, row) -> Row:
 
     quantizer = X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config())
     exported = torch.export.export(model, (), dict(batch), strict=False).module()
+    # The unused pooler's linear -> tanh has no users; the quantizer's pattern matching fails
+    # on a partition without outputs (IndexError in torchao 0.18), so dead code goes first.
+    exported.graph.eliminate_dead_code()
+    exported.recompile()
     prepared = prepare_pt2e(exported, quantizer)
     with torch.no_grad():
         for b in calibration:
