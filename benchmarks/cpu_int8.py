@@ -174,13 +174,14 @@ def pt2e_int8(model, batch, calibration, row) -> Row:
     return row("torchao PT2E + Inductor int8", compiled)
 
 
-def openvino_int8(model, batch, calibration, row) -> Row:
+def openvino_int8(model, batch, calibration, row, transformer: bool = True) -> Row:
     import nncf
     import openvino as ov
 
     ov_model = ov.convert_model(model, example_input=dict(batch))
     dataset = nncf.Dataset(calibration)
-    quantized = ov.compile_model(nncf.quantize(ov_model, dataset, model_type=nncf.ModelType.TRANSFORMER), "CPU")
+    model_type = nncf.ModelType.TRANSFORMER if transformer else None
+    quantized = ov.compile_model(nncf.quantize(ov_model, dataset, model_type=model_type), "CPU")
     return row("OpenVINO + NNCF int8", lambda **b: torch.from_numpy(quantized(dict(b))[0]))
 
 
@@ -222,6 +223,18 @@ def resnet() -> None:
     rows.append(row("bf16 eager", lambda x: bf16(x.bfloat16()), tensor_bytes(bf16)))
     rows.append(attempt("torch.compile bf16 (freezing)", lambda: row(
         "torch.compile bf16 (freezing)", compiled_bf16_images(resnet18(), images))))
+    # The competitors' helpers take keyword batches, as MiniLM's are.
+    feeds, keyword_calibration = {"x": images}, [{"x": c} for (c,) in calibration]
+
+    def keyword_row(name: str, module: Callable, size: int | None = None, note: str = "") -> Row:
+        return row(name, lambda x: module(x=x), size, note)
+
+    rows.append(attempt("torchao PT2E + Inductor int8",
+                        lambda: pt2e_int8(resnet18(), feeds, keyword_calibration, keyword_row)))
+    rows.append(attempt("OpenVINO + NNCF int8", lambda: openvino_int8(
+        resnet18(), feeds, keyword_calibration, keyword_row, transformer=False)))
+    rows.append(attempt("ONNX Runtime quantize_static",
+                        lambda: ort_static(resnet18(), feeds, keyword_calibration, keyword_row)))
     start = time.perf_counter()
     qm = qcompile.compile(model, calibration_data=calibration, progress=False)
     rows.append(row("qcompile cpu-int8", qm, tensor_bytes(qm.graph_module),
