@@ -113,7 +113,8 @@ def test_minilm_compiles_to_int8_and_keeps_its_embeddings(minilm):
     qm = qcompile.compile(embedder, calibration_data=calibration, progress=False)
     with torch.no_grad():
         cosine = torch.nn.functional.cosine_similarity(qm(**evaluation), embedder(**evaluation))
-    assert cosine.mean() > 0.98
+    # 0.9937 mean / 0.987 min without outlier smoothing, 0.9987 / 0.9975 with it
+    assert cosine.mean() > 0.997 and cosine.min() > 0.995
     # every encoder linear (the unused pooler was removed), and one more per FFN whose GELU
     # outliers smooth-outliers split off into a linear of their own
     smoothing = next(p.stats for p in qm.report.passes if p.name.startswith("smooth-outliers"))
