@@ -98,6 +98,12 @@ def _uint8_static_source(gm: fx.GraphModule, value: fx.Node) -> tuple[fx.Node, f
     return value.args[0], float(params.scale.reshape(())), int(params.zero_point.reshape(()))
 
 
+def _pair(values: list[int]) -> list[int]:
+    """ATen's ``int[2]`` arguments, which a single value fills."""
+    values = list(values)
+    return values * 2 if len(values) == 1 else values
+
+
 def _requantize_target(gm: fx.GraphModule, last: fx.Node) -> tuple[list[fx.Node], QParams] | None:
     """The quantize users of ``last`` when all of them agree on one static uint8 per-tensor format."""
     users = list(last.users)
@@ -157,8 +163,10 @@ class LowerCpuInt8(Pass):
         pool = op_arguments(node)
         if node.args[0].meta["val"].dtype != torch.uint8 or pool["ceil_mode"] or list(pool["dilation"]) != [1, 1]:
             return False
-        kernel = list(pool["kernel_size"])
-        args = (node.args[0], kernel, list(pool["stride"] or kernel), list(pool["padding"]))
+        kernel, padding = _pair(pool["kernel_size"]), _pair(pool["padding"])
+        if any(2 * p >= k for p, k in zip(padding, kernel)):
+            return False  # the kernel starts from the tap at the padding offset, which must lie inside
+        args = (node.args[0], kernel, _pair(pool["stride"] or kernel), padding)
         pooled = insert_call(gm, torch.ops.qc.max_pool2d_uint8.default, args, before=node,
                              provenance=Provenance(self.name, "max_pool2d", (node.name,)), meta_from=node)
         node.replace_all_uses_with(pooled)

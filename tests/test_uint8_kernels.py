@@ -22,3 +22,8 @@ def test_max_pool2d_uint8_equals_aten(kernel, stride, padding, channels_last):
 def test_max_pool2d_uint8_refuses_float():
     with pytest.raises(ValueError, match="takes a 4-D uint8 tensor, got torch.float32"):
         torch.ops.qc.max_pool2d_uint8(torch.zeros(1, 1, 4, 4), [2, 2], [2, 2], [0, 0])
+
+
+def test_max_pool2d_uint8_refuses_padding_of_half_the_kernel():
+    with pytest.raises(ValueError, match="padding \\[1, 1\\] must be less than half of kernel \\[2, 2\\]"):
+        torch.ops.qc.max_pool2d_uint8(torch.zeros(1, 1, 4, 4, dtype=torch.uint8), [2, 2], [2, 2], [1, 1])
