@@ -1,14 +1,16 @@
 """lower-float-bf16: run the heavy ops the plan left in float in bfloat16 instead of fp32.
 
-    aten.scaled_dot_product_attention(q, k, v, mask)  ->  qc.attention_bf16(q, k, v, mask, scale)
+    aten.scaled_dot_product_attention(q, k, v, mask)  ->  qc.attention_bf16(q, k, v, mask, scale, dtype)
     aten.linear(x, W, b)   (W constant, not quantized) ->  qc.linear_bf16(x, W_bf16, b)
 
 Attention qualifies without dropout, causal masking or grouped-query heads (what encoders like
 BERT run at inference); it has no weights, so int8 kernels do not apply to it. A linear the
 QConfig kept float (for fidelity) still costs a full fp32 GEMM; in bf16 it costs about a
 quarter. bf16 keeps these ops' error well below the int8 linears around them, and inputs and
-outputs stay in the graph's dtype. The pass changes numerics (bf16 rounding), so it does not
-claim to preserve semantics.
+outputs stay in the graph's dtype, except that an int8 linear whose only use is to feed
+the bf16 attention q, k or v (through views and transposes) writes bf16 itself: the attention
+would round it to bf16 anyway, and the relayout copy it makes moves half the bytes. The pass
+changes numerics (bf16 rounding), so it does not claim to preserve semantics.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from qcompile import (
     Provenance,
     add_constant,
     constant_value,
+    infer_fake_value,
     insert_call,
     op_arguments,
 )
@@ -46,6 +49,25 @@ def _attention_unsupported(node: fx.Node) -> str | None:
     if q.dim() != 4 or q.shape[1] != k.shape[1]:
         return "not [batch, heads, length, depth] with equal heads"
     return None
+
+
+LAYOUT_OPS = frozenset({torch.ops.aten.view.default, torch.ops.aten.reshape.default, torch.ops.aten.transpose.int,
+                        torch.ops.aten.permute.default, torch.ops.aten.unsqueeze.default})
+INT8_LINEAR = torch.ops.qc.linear_int8.default
+OUT_DTYPE = 9  # qc.linear_int8's out_dtype argument
+
+
+def _int8_producer_writes_bf16(operand: fx.Node) -> None:
+    """Switch the int8 linear behind ``operand`` (through single-use layout ops) to bf16 output."""
+    chain = []
+    while operand.op == "call_function" and operand.target in LAYOUT_OPS and len(operand.users) == 1:
+        chain.append(operand)
+        operand = operand.args[0]
+    if operand.target != INT8_LINEAR or len(operand.users) != 1 or operand.args[OUT_DTYPE] != torch.float32:
+        return
+    operand.update_arg(OUT_DTYPE, torch.bfloat16)
+    for node in [operand, *reversed(chain)]:
+        infer_fake_value(node)
 
 
 def _replace(gm: fx.GraphModule, node: fx.Node, target: object, args: tuple, pass_name: str) -> None:
@@ -72,8 +94,11 @@ class LowerFloatBf16(Pass):
                     continue
                 arguments = op_arguments(node)
                 scale = arguments["scale"] or 1.0 / math.sqrt(node.args[0].meta["val"].shape[-1])
-                args = (*node.args[:3], arguments["attn_mask"], float(scale))
+                operands = node.args[:3]
+                args = (*operands, arguments["attn_mask"], float(scale), node.meta["val"].dtype)
                 _replace(gm, node, torch.ops.qc.attention_bf16.default, args, self.name)
+                for operand in operands:
+                    _int8_producer_writes_bf16(operand)
                 attention += 1
             elif node.target == LINEAR and self._float_linear(gm, node):
                 weight = constant_value(gm, node.args[1])

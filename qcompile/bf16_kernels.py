@@ -1,6 +1,6 @@
 """bfloat16 kernels for the float part of an int8 model: ``qc.attention_bf16``, ``qc.linear_bf16``.
 
-    softmax(Q·Kᵀ · scale + mask) · V     computed with bf16 batched matmuls, returned in Q's dtype
+    softmax(Q·Kᵀ · scale + mask) · V     computed with bf16 batched matmuls, returned in ``out_dtype``
 
 On CPUs with AVX512-BF16 this explicit form runs several times faster than the fp32 fused
 scaled-dot-product kernel at BERT shapes (sequence 128, head 32), because the two batched
@@ -22,7 +22,9 @@ def _contiguous_bf16(like: Tensor) -> Tensor:
 
 
 @torch.library.custom_op("qc::attention_bf16", mutates_args=())
-def attention_bf16(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None, scale: float) -> Tensor:
+def attention_bf16(
+    query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None, scale: float, out_dtype: torch.dtype
+) -> Tensor:
     *batch, length, depth = query.shape
     # One pass each into a new contiguous bf16 buffer (q, k, v usually arrive as transposed
     # views): writing through ``out=``/``copy_`` is about 3x faster than ``.to(bfloat16,
@@ -38,12 +40,12 @@ def attention_bf16(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | Non
             scores = scores.add_(mask.clamp(min=_BF16_LOWEST).to(torch.bfloat16))
     probabilities = torch.softmax(scores, dim=-1).reshape(-1, length, k.shape[1])
     out = torch.bmm(probabilities, v)
-    return out.reshape(*batch, length, value.shape[-1]).to(query.dtype)
+    return out.reshape(*batch, length, value.shape[-1]).to(out_dtype)
 
 
 @attention_bf16.register_fake
-def _(query, key, value, mask, scale):
-    return query.new_empty((*query.shape[:-1], value.shape[-1]))
+def _(query, key, value, mask, scale, out_dtype):
+    return query.new_empty((*query.shape[:-1], value.shape[-1]), dtype=out_dtype)
 
 
 @torch.library.custom_op("qc::linear_bf16", mutates_args=())

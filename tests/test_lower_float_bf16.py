@@ -31,7 +31,7 @@ def test_attention_and_float_linear_lower_to_bf16():
     before = qcompile.capture(Attention(), args)
     after = assert_pass_contract(LowerFloatBf16(), before)
     check_graph(after, """
-    CHECK: qc.attention_bf16.default(%0, %1, %2, %3, 0.1767766952{{[0-9]*}}) : f32[s0,4,16,32]
+    CHECK: qc.attention_bf16.default(%0, %1, %2, %3, 0.1767766952{{[0-9]*}}, torch.float32) : f32[s0,4,16,32]
     CHECK: constant proj_weight_bf16 : bf16[32,32]
     CHECK: qc.linear_bf16.default
     """)
@@ -47,3 +47,31 @@ def test_causal_attention_stays_with_the_reason():
     q, k, v, _ = inputs()
     result = LowerFloatBf16()(qcompile.capture(Causal(), (q, k, v)))
     assert result.stats["kept"] == {"scaled_dot_product_attention": "causal masking"}
+
+
+class SelfAttention(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.q, self.k, self.v, self.out = (torch.nn.Linear(32, 32) for _ in range(4))
+
+    def forward(self, x):
+        heads = [p(x).view(x.shape[0], -1, 4, 8).transpose(1, 2) for p in (self.q, self.k, self.v)]
+        context = torch.nn.functional.scaled_dot_product_attention(*heads)
+        return self.out(context.transpose(1, 2).reshape(x.shape[0], -1, 32))
+
+
+def test_int8_linears_that_only_feed_the_bf16_attention_write_bf16():
+    batches = [(torch.randn(2, 16, 32, generator=torch.Generator().manual_seed(i)),) for i in range(4)]
+    qm = qcompile.compile(SelfAttention(), calibration_data=batches, progress=False, outlier_smoothing=None)
+    check_graph(qm.graph_module, """
+    CHECK: qc.linear_int8.default({{.*}}, torch.bfloat16, 'none') : bf16[s0,16,32]
+    CHECK: aten.view.default{{.*}} : bf16[s0,16,4,8]
+    CHECK-NEXT: aten.transpose.int{{.*}} : bf16[s0,4,16,8]
+    CHECK: qc.attention_bf16.default({{.*}}, torch.float32) : f32[s0,4,16,8]
+    """)
+    kernels = [n for n in qm.graph_module.graph.nodes if n.target == torch.ops.qc.linear_int8.default]
+    assert [n.args[9] for n in kernels] == [torch.bfloat16] * 3 + [torch.float32]  # the output projection stays
+    x = batches[0][0]
+    with torch.no_grad():
+        torch.testing.assert_close(qm(x), SelfAttention()(x), rtol=0.05, atol=0.05)
