@@ -39,6 +39,11 @@ def _broadcast(param: Tensor, x: Tensor, axis: int | None) -> Tensor | float:
     return param.reshape(shape)
 
 
+_ROUNDER = 12582912.0  # 1.5 * 2**23
+_ROUNDER_BITS = 0x4B400000  # its float32 bit pattern
+_ROUNDING_WINDOW = 1 << 22
+
+
 def _as_float32(param: Tensor | float) -> Tensor | float:
     return param.to(torch.float32) if isinstance(param, Tensor) else param
 
@@ -50,11 +55,17 @@ def quantize(
     s = _as_float32(_broadcast(scale, x, axis))
     z = _as_float32(_broadcast(zero_point, x, axis))
     # Round before adding Z, as ONNX's QuantizeLinear does: in float32, r/S + Z can land on a
-    # .5 tie that r/S did not, and the exported model must give the same integers. One
-    # allocation; the cast goes through int32 because float -> int32 -> uint8 is vectorized
-    # where float -> uint8 is not.
-    q = torch.div(x.to(torch.float32), s).round_().add_(z).clamp_(qmin, qmax)
-    return q.to(torch.int32).to(dtype)
+    # .5 tie that r/S did not, and the exported model must give the same integers.
+    scaled = torch.div(x.to(torch.float32), s)
+    if qmax - qmin >= _ROUNDING_WINDOW:  # int32 (bias) ranges: the plain sequence
+        return scaled.round_().add_(z).clamp_(qmin, qmax).to(torch.int32).to(dtype)
+    # Adding 1.5 * 2**23 rounds r/S half to even (float32 values within 2**22 of it are exactly
+    # 1 apart) and leaves the integer in the low mantissa bits; clamping there is exact, and the
+    # bits minus the constant's bits, plus Z, are q. Four passes and one narrowing cast instead
+    # of round, add, clamp and two casts (float -> uint8 is not vectorized in ATen).
+    scaled.add_(_ROUNDER).clamp_(_ROUNDER + qmin - z, _ROUNDER + qmax - z)
+    offset = _ROUNDER_BITS - (z.to(torch.int32) if isinstance(z, Tensor) else int(z))
+    return scaled.view(torch.int32).sub_(offset).to(dtype)
 
 
 @quantize.register_fake
