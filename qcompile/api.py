@@ -28,7 +28,7 @@ from qcompile.calibration import as_call, calibrate, empty_calibration_error
 from qcompile.capture import capture, export_program
 from qcompile.errors import QCompileError
 from qcompile.ir.meta import get_provenance, get_qspec
-from qcompile.outliers import smoothing_plan, split_candidates
+from qcompile.outliers import quantized_linear_inputs, smoothing_plan
 from qcompile.pass_manager import Instrument, Pass, PassManager, Pipeline, PipelineResult
 from qcompile.plan import resolved_plan
 from qcompile.qconfig import QConfig, op_kind
@@ -241,7 +241,7 @@ def _smoothing_pass(gm: fx.GraphModule, target: Target, qconfig: QConfig | None,
     config = qconfig if qconfig is not None else target.preset()
     quantized = {n.name for n in gm.graph.nodes
                  if n.op == "call_function" and op_kind(n) in target.op_rules and config.resolve(n)[0] is not None}
-    return SmoothOutliers(outliers=smoothing_plan(gm, split_candidates(gm, quantized), data, example, alpha))
+    return SmoothOutliers(outliers=smoothing_plan(gm, quantized_linear_inputs(gm, quantized), data, example, alpha))
 
 
 def _node_sqnr(planned: fx.GraphModule, qdq: fx.GraphModule, args: tuple, kwargs: dict,

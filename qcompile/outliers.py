@@ -124,7 +124,7 @@ def smoothing_plan(
     return tuple(plan)
 
 
-def split_candidates(gm: fx.GraphModule, quantized: set[str]) -> list[str]:
+def quantized_linear_inputs(gm: fx.GraphModule, quantized: set[str]) -> list[str]:
     """Values that feed a linear in ``quantized`` as its input: where outliers cost int8 precision."""
     names = []
     for node in gm.graph.nodes:
