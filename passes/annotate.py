@@ -16,8 +16,10 @@ An op a target runs only as another kernel's epilogue (cpu-int8's residual add, 
 post-op of the convolution before it) keeps that convolution's output float, since the kernel
 adds it before rounding, and quantizes its other input:
 
-    add(conv2d(...), identity)  ->  qc.qspec = [1=activation:uint8/affine@identity] Ops a QConfig rule asked for but the target cannot run
-are counted in the stats, which ``compile`` turns into a warning.
+    add(conv2d(...), identity)  ->  qc.qspec = [1=activation:uint8/affine@identity]
+
+Ops a QConfig rule asked for but the target cannot run are counted in the stats, which
+``compile`` turns into a warning.
 """
 
 from __future__ import annotations

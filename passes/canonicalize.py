@@ -12,8 +12,8 @@
 
 Out-of-place forms are what every later pass matches (``nn.ReLU(inplace=True)`` exports as
 ``relu_``, ``out += identity`` as ``add_``), and a value written in place cannot be fused or
-quantized on its own. Every rewrite keeps the value bit for bit, so the pass claims to preserve semantics and the
-NumericCheck instrument holds it to that.
+quantized on its own. Every rewrite keeps the value bit for bit, so the pass claims to
+preserve semantics and the NumericCheck instrument holds it to that.
 """
 
 from __future__ import annotations

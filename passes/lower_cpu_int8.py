@@ -6,10 +6,11 @@
 
 and the same for ``conv2d`` (relu only) into ``qc.conv2d_int8``, whose residual ``other``
 may also be a uint8 tensor read through its dequantize (the sum post-op then adds integers
-and the block's output stays uint8). The group is the one ``fuse-patterns`` marked. The output dtype is the one the consumers want: when every user of
-the group's last value quantizes it with the same uint8 per-tensor qparams, the kernel
-requantizes in its epilogue and those quantize nodes disappear (uint8 flows straight into the
-next int8 op); otherwise the kernel writes float for the float ops that read it.
+and the block's output stays uint8). The group is the one ``fuse-patterns`` marked. The
+output dtype is the one the consumers want: when every user of the group's last value
+quantizes it with the same uint8 per-tensor qparams, the kernel requantizes in its epilogue
+and those quantize nodes disappear (uint8 flows straight into the next int8 op); otherwise the
+kernel writes float for the float ops that read it.
 
 A max-pool left reading uint8 (the stem of a ResNet, once its convolution writes uint8)
 becomes ``qc.max_pool2d_uint8``: ATen pools uint8 on a slow generic path.

@@ -136,3 +136,18 @@ def test_contract_on_minilm(minilm, minilm_example):
 def test_contract_with_numeric_check():
     x = torch.randn(3, 6)
     assert_pass_contract(Canonicalize(), qcompile.capture(Noisy().eval(), (x,)), example_args=(x,))
+
+
+def test_a_write_into_a_piece_of_a_split_stays_in_place():
+    class WritesASplitPiece(torch.nn.Module):
+        def forward(self, x):
+            y = x * 2
+            first, _ = y.split(3, dim=1)
+            first.relu_()  # a view of y: y must see the write
+            return y + 1
+
+    x = torch.randn(2, 6)
+    gm = qcompile.capture(WritesASplitPiece(), (x,))
+    out = Canonicalize()(gm).graph_module
+    check_graph(out, "CHECK: aten.relu_.default")
+    assert assert_outputs_close(gm, out, (x,), rtol=0.0) == 0.0

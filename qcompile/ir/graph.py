@@ -8,6 +8,7 @@ and give new nodes the fake ``val`` metadata later passes rely on.
 from __future__ import annotations
 
 import copy
+import operator
 import re
 from collections.abc import Iterator
 from typing import Any
@@ -182,13 +183,15 @@ def is_mutating(node: fx.Node) -> bool:
 
 
 def returns_alias(node: fx.Node) -> bool:
-    """Whether a node's result shares storage with an input (a view: ``view``, ``select``, ``add_``...)."""
+    """Whether a node's result may share storage with an input (a view: ``view``, ``select``,
+    ``add_``...). An item of a multi-output op is judged by that op (``split``'s pieces are
+    views); a call without a schema is assumed to alias, since nothing says it does not."""
+    if node.op != "call_function":
+        return False
+    if node.target is operator.getitem and isinstance(node.args[0], fx.Node):
+        return returns_alias(node.args[0])
     schema = getattr(node.target, "_schema", None)
-    return (
-        node.op == "call_function"
-        and schema is not None
-        and any(ret.alias_info is not None for ret in schema.returns)
-    )
+    return schema is None or any(ret.alias_info is not None for ret in schema.returns)
 
 
 def aliases(node: fx.Node) -> list[fx.Node]:
