@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from qcompile.calibration import as_call, check_batch, empty_calibration_error
+from qcompile.calibration import calibrate
 from qcompile.ir.graph import copy_graph_module
 
 LINEAR = torch.ops.aten.linear.default
@@ -69,15 +69,7 @@ def channel_absmax(
             recorder = recorded.graph.call_module(f"_absmax_{name}", (value,))
         value.replace_all_uses_with(recorder, delete_user_cb=lambda user: user is not recorder)
     recorded.recompile()
-    count = 0
-    with torch.no_grad():
-        for number, batch in enumerate(batches):
-            args, kwargs = as_call(batch)
-            check_batch(number, args, kwargs, example)
-            recorded(*args, **kwargs)
-            count += 1
-    if count == 0:
-        raise empty_calibration_error()
+    calibrate(recorded, batches, example, progress=False)  # the recorders are this run's observers
     return {name: r.absmax for name, r in recorders.items() if r.absmax is not None}
 
 
