@@ -43,7 +43,7 @@ def _sole_user(node: fx.Node) -> fx.Node | None:
     return users[0] if len(users) == 1 and users[0].op == "call_function" else None
 
 
-def _residual_operand(add: fx.Node, value: fx.Node) -> int | None:
+def residual_operand(add: fx.Node, value: fx.Node) -> int | None:
     """Index of the add's other operand when ``add`` is ``value + other`` with matching shapes."""
     if add.target != aten.add.Tensor or add.kwargs.get("alpha", 1) != 1 or len(add.args) != 2:
         return None
@@ -66,7 +66,7 @@ def fusion_group(anchor: fx.Node) -> Fusion:
     last, add_node, add_other, unary, unary_node = anchor, None, None, None, None
     user = _sole_user(anchor)
     if user is not None and anchor.target in BINARY_ANCHORS:
-        add_other = _residual_operand(user, anchor)
+        add_other = residual_operand(user, anchor)
         if add_other is not None:
             add_node, last = user, user
             user = _sole_user(user)

@@ -41,6 +41,7 @@ from torch import fx
 
 from qcompile import Pass, PassResult, Provenance, add_constant, constant_value, insert_call, remove_dead_nodes
 from qcompile.outliers import LINEAR, ZERO_PRESERVING
+from qcompile.passes.fuse_patterns import residual_operand
 
 aten = torch.ops.aten
 
@@ -68,17 +69,10 @@ def _foldable_producer(gm: fx.GraphModule, value: fx.Node, readers: list[fx.Node
 
 
 def _residual_add(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
-    """``(add, other)`` when ``node``'s only user is ``add(node, other)`` of the same shape."""
+    """``(add, other)`` when ``node``'s only user is the residual add ``node + other``."""
     users = list(node.users)
-    if len(users) != 1 or users[0].target != aten.add.Tensor or users[0].kwargs or len(users[0].args) != 2:
-        return None
-    add = users[0]
-    other = add.args[1] if add.args[0] is node else add.args[0]
-    if other is node or not isinstance(other, fx.Node):
-        return None
-    if getattr(other.meta.get("val"), "shape", None) != node.meta["val"].shape:
-        return None
-    return add, other
+    index = residual_operand(users[0], node) if len(users) == 1 else None
+    return None if index is None else (users[0], users[0].args[index])
 
 
 def _already_zero(gm: fx.GraphModule, producer: fx.Node, channels: tuple[tuple[int, float], ...]) -> bool:
