@@ -11,6 +11,7 @@ from qcompile.passes.fuse_patterns import FusePatterns
 from qcompile.passes.insert_observers import InsertObservers
 from qcompile.passes.lower_cpu_int8 import LowerCpuInt8
 from qcompile.passes.lower_float_bf16 import LowerFloatBf16
+from qcompile.passes.merge_sibling_linears import MergeSiblingLinears
 from qcompile.passes.smooth_outliers import SmoothOutliers
 
 __all__ = [
@@ -25,5 +26,6 @@ __all__ = [
     "InsertObservers",
     "LowerCpuInt8",
     "LowerFloatBf16",
+    "MergeSiblingLinears",
     "SmoothOutliers",
 ]

@@ -7,9 +7,10 @@ Attention qualifies without dropout, causal masking or grouped-query heads (what
 BERT run at inference); it has no weights, so int8 kernels do not apply to it. A linear the
 QConfig kept float (for fidelity) still costs a full fp32 GEMM; in bf16 it costs about a
 quarter. bf16 keeps these ops' error well below the int8 linears around them, and inputs and
-outputs stay in the graph's dtype, except that an int8 linear whose only use is to feed
-the bf16 attention q, k or v (through views and transposes) writes bf16 itself: the attention
-would round it to bf16 anyway, and the relayout copy it makes moves half the bytes. The pass
+outputs stay in the graph's dtype, except that an int8 linear whose only uses feed the bf16
+attention's q, k or v (through views, transposes and the slices of a merged projection) writes
+bf16 itself: the attention would round it to bf16 anyway, and its relayout copies move half the
+bytes. The pass
 changes numerics (bf16 rounding), so it does not claim to preserve semantics.
 """
 
@@ -51,23 +52,44 @@ def _attention_unsupported(node: fx.Node) -> str | None:
     return None
 
 
+# Ops that only select or relayout values on the way from a linear to the attention: views,
+# transposes, and the slices that cut merged query/key/value projections apart.
 LAYOUT_OPS = frozenset({torch.ops.aten.view.default, torch.ops.aten.reshape.default, torch.ops.aten.transpose.int,
-                        torch.ops.aten.permute.default, torch.ops.aten.unsqueeze.default})
+                        torch.ops.aten.permute.default, torch.ops.aten.unsqueeze.default,
+                        torch.ops.aten.slice.Tensor})
 INT8_LINEAR = torch.ops.qc.linear_int8.default
+ATTENTION_BF16 = torch.ops.qc.attention_bf16.default
 OUT_DTYPE = 9  # qc.linear_int8's out_dtype argument
 
 
-def _int8_producer_writes_bf16(operand: fx.Node) -> None:
-    """Switch the int8 linear behind ``operand`` (through single-use layout ops) to bf16 output."""
-    chain = []
-    while operand.op == "call_function" and operand.target in LAYOUT_OPS and len(operand.users) == 1:
-        chain.append(operand)
-        operand = operand.args[0]
-    if operand.target != INT8_LINEAR or len(operand.users) != 1 or operand.args[OUT_DTYPE] != torch.float32:
-        return
-    operand.update_arg(OUT_DTYPE, torch.bfloat16)
-    for node in [operand, *reversed(chain)]:
-        infer_fake_value(node)
+def _layout_paths_to_attention(node: fx.Node) -> list[fx.Node] | None:
+    """The layout ops between ``node`` and the bf16 attention, when every use of ``node`` ends
+    in its query, key or value (through layout ops only); None otherwise."""
+    layout = []
+    for user in node.users:
+        if user.target == ATTENTION_BF16 and all(a is not node for a in user.args[3:]):
+            continue
+        if user.op != "call_function" or user.target not in LAYOUT_OPS:
+            return None
+        below = _layout_paths_to_attention(user)
+        if below is None:
+            return None
+        layout += [user, *below]
+    return layout
+
+
+def _int8_producers_write_bf16(gm: fx.GraphModule) -> None:
+    """Switch int8 linears whose output only feeds the bf16 attention to bf16 output."""
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    for node in gm.graph.nodes:
+        if node.target != INT8_LINEAR or node.args[OUT_DTYPE] != torch.float32:
+            continue
+        layout = _layout_paths_to_attention(node)
+        if not layout:
+            continue
+        node.update_arg(OUT_DTYPE, torch.bfloat16)
+        for changed in [node, *sorted(set(layout), key=order.__getitem__)]:
+            infer_fake_value(changed)
 
 
 def _replace(gm: fx.GraphModule, node: fx.Node, target: object, args: tuple, pass_name: str) -> None:
@@ -96,9 +118,7 @@ class LowerFloatBf16(Pass):
                 scale = arguments["scale"] or 1.0 / math.sqrt(node.args[0].meta["val"].shape[-1])
                 operands = node.args[:3]
                 args = (*operands, arguments["attn_mask"], float(scale), node.meta["val"].dtype)
-                _replace(gm, node, torch.ops.qc.attention_bf16.default, args, self.name)
-                for operand in operands:
-                    _int8_producer_writes_bf16(operand)
+                _replace(gm, node, ATTENTION_BF16, args, self.name)
                 attention += 1
             elif node.target == LINEAR and self._float_linear(gm, node):
                 weight = constant_value(gm, node.args[1])
@@ -106,6 +126,8 @@ class LowerFloatBf16(Pass):
                 bias = node.args[2] if len(node.args) > 2 else None
                 _replace(gm, node, torch.ops.qc.linear_bf16.default, (node.args[0], weight_bf16, bias), self.name)
                 linears += 1
+        if attention:
+            _int8_producers_write_bf16(gm)
         stats: dict[str, object] = {k: v for k, v in (("attention", attention), ("linear", linears)) if v}
         if kept:
             stats["kept"] = kept

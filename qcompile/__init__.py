@@ -35,6 +35,7 @@ from qcompile.ir.graph import (
     returns_alias,
 )
 from qcompile.ir.meta import (
+    STANDS_FOR,
     EdgeQuant,
     Fusion,
     Provenance,
@@ -46,6 +47,7 @@ from qcompile.ir.meta import (
     set_provenance,
     set_qspec,
     source_module,
+    stand_ins,
 )
 from qcompile.ir.printer import canonical_order, diff_graphs, print_graph
 from qcompile.ir.verify import register_invariant, verify_graph
@@ -120,6 +122,7 @@ __all__ = [
     "Rule",
     "RuleSet",
     "RuleTracer",
+    "STANDS_FOR",
     "SkipPass",
     "Target",
     "Timing",
@@ -165,6 +168,7 @@ __all__ = [
     "set_provenance",
     "set_qspec",
     "source_module",
+    "stand_ins",
     "sqnr_db",
     "targets",
     "trace_rules",

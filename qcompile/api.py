@@ -27,7 +27,7 @@ from torch import fx, nn
 from qcompile.calibration import as_call, calibrate, empty_calibration_error
 from qcompile.capture import capture, export_program
 from qcompile.errors import QCompileError
-from qcompile.ir.meta import get_provenance, get_qspec
+from qcompile.ir.meta import get_provenance, get_qspec, stand_ins
 from qcompile.outliers import quantized_linear_inputs, smoothing_plan
 from qcompile.pass_manager import Instrument, Pass, PassManager, Pipeline, PipelineResult
 from qcompile.plan import resolved_plan
@@ -81,7 +81,9 @@ def _example(
 
 
 def _kernel_descriptions(lowered: fx.GraphModule) -> dict[str, str]:
-    kernels = {}
+    """What each planned node became, by name: its kernel, or for a piece of a merged linear, the
+    merged kernel it was cut from."""
+    kernels, by_node = {}, {}
     for node in lowered.graph.nodes:
         name = getattr(node.target, "__name__", "")
         if node.op == "call_function" and name.split(".")[0] in KERNEL_OPS:
@@ -90,7 +92,10 @@ def _kernel_descriptions(lowered: fx.GraphModule) -> dict[str, str]:
             fused = [p for p in ("+add" if name.startswith("linear") and node.args[6] is not None else "",
                                  f"+{post_op}" if post_op != "none" else "") if p]
             dtype = str(out_dtype).removeprefix("torch.")
-            kernels[provenance.sources[0]] = f"qc.{name.split('.')[0]}{''.join(fused)} -> {dtype}"
+            by_node[node] = kernels[provenance.sources[0]] = f"qc.{name.split('.')[0]}{''.join(fused)} -> {dtype}"
+    for source, piece in stand_ins(lowered.graph).items():
+        if piece.args and piece.args[0] in by_node:
+            kernels[source] = f"{by_node[piece.args[0]]} (a slice of one merged GEMM)"
     return kernels
 
 

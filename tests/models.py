@@ -172,6 +172,24 @@ class OutlierBlock(nn.Module):
         return h + self.down(nn.functional.gelu(self.up(h)))
 
 
+class TinySelfAttention(nn.Module):
+    """Query, key and value projections of one input -> attention -> output projection + residual."""
+
+    def __init__(self, width: int = 32, heads: int = 4, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.heads = heads
+        self.query, self.key, self.value = (nn.Linear(width, width) for _ in range(3))
+        self.out = nn.Linear(width, width)
+        self.eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, length, width = x.shape
+        q, k, v = (p(x).view(batch, length, self.heads, -1).transpose(1, 2) for p in (self.query, self.key, self.value))
+        context = nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(batch, length, width)
+        return self.out(context) + x
+
+
 class TinyConvNet(nn.Module):
     """conv -> BN -> relu -> max-pool -> conv -> relu -> flatten -> linear: the CNN shapes lowering meets."""
 

@@ -64,14 +64,34 @@ class SelfAttention(torch.nn.Module):
 def test_int8_linears_that_only_feed_the_bf16_attention_write_bf16():
     batches = [(torch.randn(2, 16, 32, generator=torch.Generator().manual_seed(i)),) for i in range(4)]
     qm = qcompile.compile(SelfAttention(), calibration_data=batches, progress=False, outlier_smoothing=None)
+    # q, k and v run as one merged GEMM (merge-sibling-linears) whose slices feed the attention
     check_graph(qm.graph_module, """
-    CHECK: qc.linear_int8.default({{.*}}, torch.bfloat16, 'none') : bf16[s0,16,32]
+    CHECK: qc.linear_int8.default({{.*}}, torch.bfloat16, 'none') : bf16[s0,16,96]
+    CHECK-NEXT: aten.slice.Tensor{{.*}} : bf16[s0,16,32]
     CHECK: aten.view.default{{.*}} : bf16[s0,16,4,8]
     CHECK-NEXT: aten.transpose.int{{.*}} : bf16[s0,4,16,8]
     CHECK: qc.attention_bf16.default({{.*}}, torch.float32) : f32[s0,4,16,8]
     """)
     kernels = [n for n in qm.graph_module.graph.nodes if n.target == torch.ops.qc.linear_int8.default]
-    assert [n.args[9] for n in kernels] == [torch.bfloat16] * 3 + [torch.float32]  # the output projection stays
+    assert [n.args[9] for n in kernels] == [torch.bfloat16, torch.float32]  # the output projection stays
     x = batches[0][0]
     with torch.no_grad():
         torch.testing.assert_close(qm(x), SelfAttention()(x), rtol=0.05, atol=0.05)
+
+
+class ValueAlsoReadElsewhere(SelfAttention):
+    def forward(self, x):
+        value = self.v(x)
+        heads = [p(x).view(x.shape[0], -1, 4, 8).transpose(1, 2) for p in (self.q, self.k)]
+        heads.append(value.view(x.shape[0], -1, 4, 8).transpose(1, 2))
+        context = torch.nn.functional.scaled_dot_product_attention(*heads)
+        return self.out(context.transpose(1, 2).reshape(x.shape[0], -1, 32)) + value
+
+
+def test_an_int8_linear_with_a_use_outside_the_attention_keeps_its_float32_output():
+    batches = [(torch.randn(2, 16, 32, generator=torch.Generator().manual_seed(i)),) for i in range(4)]
+    qm = qcompile.compile(ValueAlsoReadElsewhere(), calibration_data=batches, progress=False,
+                          outlier_smoothing=None)
+    merged = next(n for n in qm.graph_module.graph.nodes
+                  if n.target == torch.ops.qc.linear_int8.default and n.meta["val"].shape[-1] == 96)
+    assert merged.args[9] == torch.float32  # the value slice also reaches the residual add

@@ -127,6 +127,21 @@ def set_provenance(node: fx.Node, provenance: Provenance) -> None:
     node.meta[PROVENANCE_KEY] = provenance
 
 
+# A provenance rule: the node computes the value of the one node its provenance names, under a
+# new name (a piece cut from a merged op). The report follows it to keep per-node figures.
+STANDS_FOR = "stands-for"
+
+
+def stand_ins(graph: fx.Graph) -> dict[str, fx.Node]:
+    """Earlier nodes' names mapped to the nodes that now compute their values."""
+    found = {}
+    for node in graph.nodes:
+        provenance = get_provenance(node)
+        if provenance is not None and provenance.rule == STANDS_FOR and len(provenance.sources) == 1:
+            found[provenance.sources[0]] = node
+    return found
+
+
 def qc_meta(node: fx.Node) -> dict[str, Any]:
     """qcompile's own keys of a node, sorted by key for stable printing."""
     return {k: node.meta[k] for k in sorted(node.meta) if k.startswith(QC_PREFIX)}
