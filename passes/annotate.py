@@ -73,6 +73,22 @@ def _on_float_path(node: fx.Node, rule: OpRule) -> bool:
     return False
 
 
+def _computed_from_constants(node: object) -> bool:
+    """Whether ``node``'s values depend on no input (shapes of inputs do not count)."""
+    stack, seen = [node], set()
+    while stack:
+        current = stack.pop()
+        if not isinstance(current, fx.Node) or current in seen:
+            continue
+        seen.add(current)
+        if current.op == "placeholder":
+            return False
+        if current.op == "call_function" and current.target == torch.ops.aten.sym_size.int:
+            continue
+        stack.extend(current.all_input_nodes)
+    return True
+
+
 def epilogue_input(node: fx.Node, rule: OpRule, plans: dict[fx.Node, QuantAnnotation]) -> int | None:
     """The input of ``node`` that a quantized producer's kernel computes and adds in its epilogue."""
     for index in rule.activations:
@@ -106,11 +122,12 @@ def plan_node(
     weight = node.args[rule.weight] if rule.weight is not None and rule.weight < len(node.args) else None
     if reason is None and rule.weight is not None and constant_value(gm, weight) is None:
         reason = "the weight is computed in the graph, not a constant"
+
     if reason is not None:
         return QuantAnnotation(rule=why, float_reason=reason)
-    assert config.activation is not None
     edges: list[tuple[int, EdgeQuant]] = []
     for index in activations:
+        assert config.activation is not None  # rule.unsupported() refuses a config without one
         root, _ = observation_root(node.args[index])
         edges.append((index, EdgeQuant("activation", config.activation, observe_at=root.name)))
     if rule.weight is not None and config.weight is not None:
@@ -152,6 +169,11 @@ class Annotate(Pass):
                 plans[node] = QuantAnnotation(rule=why, float_reason=f"the QConfig keeps it float ({why})")
                 continue
             if _on_float_path(node, rule):
+                continue
+            if rule.lookup_indices is not None and _computed_from_constants(node.args[rule.lookup_indices]):
+                plans[node] = QuantAnnotation(rule=why, float_reason=(
+                    "looked up at constant indices: every input reads the same rows, so their rounding "
+                    "would be a systematic error"))
                 continue
             activations = rule.activations
             if rule.epilogue_of:

@@ -5,6 +5,11 @@
          or select values, so they commute with the per-tensor affine map; per-tensor only)
     quantize(dequantize(q, S, Z), S, Z)    -> q
         (a dequantize straight into a quantize with the same qparams and range is the identity)
+    embedding(dequantize(W_q, S, Z, axis=0), ids)
+        -> dequantize(W_q[ids], S[ids], Z[ids], axis=0)   (flattened ids, viewed back to ids' shape)
+        (a per-row quantized table: looking rows up commutes with dequantizing them, each with
+         its own row's scale, so a lookup reads the int8 rows it needs instead of dequantizing
+         the whole table on every call)
     quantize(max_pool2d(x, ...), S, Z)     -> max_pool2d(quantize(x, S, Z), ...)
         (per tensor, when the quantize is the pool's only reader: quantizing is monotone, so it
          commutes with max; the pool then reads a quarter of the bytes, and the op before it
@@ -24,14 +29,17 @@ import torch
 from torch import fx
 
 from qcompile import (
+    STANDS_FOR,
     Pass,
     PassResult,
     Provenance,
     insert_call,
 )
-from qcompile.qdq import SHARES_QPARAMS, is_dequantize, is_quantize, qparams_of
+from qcompile.qdq import DEQUANTIZE, SHARES_QPARAMS, is_dequantize, is_quantize, qparams_of
 
-MAX_POOL2D = torch.ops.aten.max_pool2d.default
+aten = torch.ops.aten
+MAX_POOL2D = aten.max_pool2d.default
+EMBEDDING = aten.embedding.default
 
 
 def _sink_through(gm: fx.GraphModule, op: fx.Node, dq: fx.Node, pass_name: str) -> fx.Node:
@@ -46,6 +54,27 @@ def _sink_through(gm: fx.GraphModule, op: fx.Node, dq: fx.Node, pass_name: str) 
     if not dq.users:
         graph.erase_node(dq)
     return new_dq
+
+
+def _gather_rows(gm: fx.GraphModule, lookup: fx.Node, dq: fx.Node, pass_name: str) -> None:
+    provenance = Provenance(pass_name, "gather-rows", (lookup.name, dq.name))
+    ids = lookup.args[1]
+
+    def call(target: object, args: tuple) -> fx.Node:
+        return insert_call(gm, target, args, before=lookup, provenance=provenance)
+
+    flat = call(aten.reshape.default, (ids, [-1]))
+    table, scale, zero_point = dq.args[:3]
+    rows = call(DEQUANTIZE, (*(call(aten.index_select.default, (t, 0, flat)) for t in (table, scale, zero_point)),
+                             0, dq.args[4]))
+    shape = [size if isinstance(size, int) else call(aten.sym_size.int, (ids, dim))
+             for dim, size in enumerate(ids.meta["val"].shape)]
+    values = insert_call(gm, aten.view.default, (rows, [*shape, lookup.meta["val"].shape[-1]]), before=lookup,
+                         provenance=Provenance(pass_name, STANDS_FOR, (lookup.name,)), meta_from=lookup)
+    lookup.replace_all_uses_with(values)
+    gm.graph.erase_node(lookup)
+    if not dq.users:
+        gm.graph.erase_node(dq)
 
 
 def _hoist_above(gm: fx.GraphModule, q: fx.Node, pool: fx.Node, pass_name: str) -> None:
@@ -78,7 +107,7 @@ class EliminateDequant(Pass):
     preserves_semantics: ClassVar[bool] = True
 
     def call(self, gm: fx.GraphModule) -> PassResult:
-        sunk = folded = hoisted = 0
+        sunk = folded = hoisted = gathered = 0
         for node in list(gm.graph.nodes):
             if node.op != "call_function":
                 continue
@@ -86,6 +115,12 @@ class EliminateDequant(Pass):
             if node.target in SHARES_QPARAMS and is_dequantize(source) and source.args[3] is None:
                 _sink_through(gm, node, source, self.name)
                 sunk += 1
+            elif node.target == EMBEDDING and is_dequantize(source) and source.args[3] is None:
+                _sink_through(gm, node, source, self.name)  # a per-tensor table: a lookup moves values
+                sunk += 1
+            elif node.target == EMBEDDING and is_dequantize(source) and source.args[3] == 0:
+                _gather_rows(gm, node, source, self.name)
+                gathered += 1
             elif (is_quantize(node) and isinstance(source, fx.Node) and source.target == MAX_POOL2D
                   and len(source.users) == 1 and node.args[3] is None):
                 _hoist_above(gm, node, source, self.name)
@@ -95,5 +130,6 @@ class EliminateDequant(Pass):
                     node.replace_all_uses_with(source.args[0])
                     gm.graph.erase_node(node)
                     folded += 1
-        stats = {k: v for k, v in (("sunk", sunk), ("folded", folded), ("hoisted", hoisted)) if v}
+        counts = (("sunk", sunk), ("folded", folded), ("hoisted", hoisted), ("gathered", gathered))
+        stats = {k: v for k, v in counts if v}
         return PassResult(gm, bool(stats), stats)

@@ -81,8 +81,8 @@ def _example(
 
 
 def _kernel_descriptions(lowered: fx.GraphModule) -> dict[str, str]:
-    """What each planned node became, by name: its kernel, or for a piece of a merged linear, the
-    merged kernel it was cut from."""
+    """What each planned node became, by name: its kernel; for a piece of a merged linear, the
+    merged kernel it was cut from; for a table lookup, the int8 rows it reads."""
     kernels, by_node = {}, {}
     for node in lowered.graph.nodes:
         name = getattr(node.target, "__name__", "")
@@ -93,9 +93,13 @@ def _kernel_descriptions(lowered: fx.GraphModule) -> dict[str, str]:
                                  f"+{post_op}" if post_op != "none" else "") if p]
             dtype = str(out_dtype).removeprefix("torch.")
             by_node[node] = kernels[provenance.sources[0]] = f"qc.{name.split('.')[0]}{''.join(fused)} -> {dtype}"
-    for source, piece in stand_ins(lowered.graph).items():
-        if piece.args and piece.args[0] in by_node:
-            kernels[source] = f"{by_node[piece.args[0]]} (a slice of one merged GEMM)"
+    for source, stand_in in stand_ins(lowered.graph).items():
+        producer = stand_in.args[0] if stand_in.args else None
+        if producer in by_node:
+            kernels[source] = f"{by_node[producer]} (a slice of one merged GEMM)"
+        elif getattr(producer, "target", None) == torch.ops.qc.dequantize.default:
+            dtype = str(stand_in.meta["val"].dtype).removeprefix("torch.")
+            kernels[source] = f"int8 rows looked up, then dequantized -> {dtype}"
     return kernels
 
 
@@ -256,7 +260,9 @@ def _node_sqnr(planned: fx.GraphModule, qdq: fx.GraphModule, args: tuple, kwargs
     outputs = [a.name for a in planned.graph.output_node().all_input_nodes]
     names = {n.name for n in planned.graph.nodes if get_qspec(n) is not None} | set(outputs)
     reference = node_outputs(planned, names, args, kwargs)
-    quantized = node_outputs(qdq, names, args, kwargs)
+    renamed = {n.name: source for source, n in stand_ins(qdq.graph).items() if source in names}
+    quantized = node_outputs(qdq, names | renamed.keys(), args, kwargs)
+    quantized = {renamed.get(name, name): value for name, value in quantized.items()}
     common = reference.keys() & quantized.keys()
     sqnr = {name: sqnr_db(reference[name], quantized[name]) for name in common
             if reference[name].is_floating_point() and reference[name].shape == quantized[name].shape}

@@ -108,8 +108,11 @@ INT8_WEIGHT = QuantSpec("int8", symmetric=True, granularity=PerChannel(0))
 def int8_preset() -> QConfig:
     """int8 on x86 (cpu-int8, onnx-qdq): uint8 affine activations per tensor, int8 symmetric
     weights per output channel (the layout oneDNN's qlinear/qconv and ONNX Runtime's QDQ fusions
-    take) for linear and conv2d, and uint8 inputs for adds, which each target's rule limits to
-    adds that join convolutions. Everything else is float, which is what keeps transformer
-    accuracy: LayerNorm, residual adds on the float stream and attention stay in float."""
+    take) for linear and conv2d, int8 rows for embedding tables (weight-only: a lookup's indices
+    are integers already; a transformer's vocabulary table is most of its bytes), and uint8
+    inputs for adds, which each target's rule limits to adds that join convolutions. Everything
+    else is float, which is what keeps transformer accuracy: LayerNorm, residual adds on the
+    float stream and attention stay in float."""
     config = OpQuantConfig(INT8_ACTIVATION, INT8_WEIGHT)
-    return QConfig(by_op={"linear": config, "conv2d": config, "add": OpQuantConfig(INT8_ACTIVATION, None)})
+    return QConfig(by_op={"linear": config, "conv2d": config, "embedding": OpQuantConfig(None, INT8_WEIGHT),
+                          "add": OpQuantConfig(INT8_ACTIVATION, None)})

@@ -42,16 +42,22 @@ class OpRule:
     # straight from such a producer that feeds nothing else, and stays float inside that
     # kernel; the other inputs are quantized. Empty: the op has its own kernel.
     epilogue_of: tuple[str, ...] = ()
+    # The argument holding a table lookup's indices. A lookup whose indices are computed from
+    # constants alone (position ids, token-type ids) adds the same rows to every input, so
+    # their rounding error would be systematic rather than noise; such a table stays float
+    # (it is also small: the vocabulary table is the one worth its bytes).
+    lookup_indices: int | None = None
 
     def unsupported(self, config: OpQuantConfig) -> str | None:
         """Why ``config`` cannot run on this kernel, or None when it can."""
         act, weight = config.activation, config.weight
-        if act is None:
-            return "the kernel needs quantized activations (the config gives no activation spec)"
-        if act.dtype not in self.activation_dtypes:
-            return f"activation dtype {act.dtype} (kernel takes {', '.join(self.activation_dtypes)})"
-        if not isinstance(act.granularity, PerTensor):
-            return f"activation granularity {act.granularity} (kernel takes per-tensor)"
+        if self.activations:  # no activations: a weight-only op (a table lookup)
+            if act is None:
+                return "the kernel needs quantized activations (the config gives no activation spec)"
+            if act.dtype not in self.activation_dtypes:
+                return f"activation dtype {act.dtype} (kernel takes {', '.join(self.activation_dtypes)})"
+            if not isinstance(act.granularity, PerTensor):
+                return f"activation granularity {act.granularity} (kernel takes per-tensor)"
         if self.weight is None:
             return None
         if weight is None:
@@ -110,6 +116,8 @@ register_target(
         op_rules={
             "linear": OpRule(),
             "conv2d": OpRule(),
+            # A table lookup reads its int8 rows and dequantizes them with their own scales.
+            "embedding": OpRule(activations=(), weight=0, bias=None, lookup_indices=1),
             # A residual add between convolutions: the convolution's sum post-op, which reads
             # the other input as uint8, so the block's output leaves the kernel as uint8.
             "add": OpRule(activations=(0, 1), weight=None, bias=None,
@@ -134,6 +142,7 @@ register_target(
         op_rules={
             "linear": OpRule(),
             "conv2d": OpRule(),
+            "embedding": OpRule(activations=(), weight=0, bias=None, lookup_indices=1),
             "add": OpRule(activations=(0, 1), weight=None, bias=None,
                           producers=("conv2d", "relu", "max_pool2d")),
         },

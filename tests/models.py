@@ -190,6 +190,23 @@ class TinySelfAttention(nn.Module):
         return self.out(context) + x
 
 
+class TinyTokenEncoder(nn.Module):
+    """Token + position embeddings -> LayerNorm -> linear: a transformer's input end. Positions
+    are looked up from a buffer, as Hugging Face models do, so their indices are constants."""
+
+    def __init__(self, vocabulary: int = 50, width: int = 16, length: int = 8, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.tokens, self.positions = nn.Embedding(vocabulary, width), nn.Embedding(length, width)
+        self.norm, self.proj = nn.LayerNorm(width), nn.Linear(width, width)
+        self.register_buffer("position_ids", torch.arange(length).unsqueeze(0))
+        self.eval()
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        positions = self.positions(self.position_ids[:, : ids.shape[1]])
+        return self.proj(self.norm(self.tokens(ids) + positions))
+
+
 class TinyConvNet(nn.Module):
     """conv -> BN -> relu -> max-pool -> conv -> relu -> flatten -> linear: the CNN shapes lowering meets."""
 

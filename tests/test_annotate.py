@@ -1,12 +1,14 @@
 """annotate (passes/annotate.py): the plan per node, shared qparams through shape ops, reasons for float."""
 
+import warnings
+
 import pytest
 import torch
 from qcompile.passes import Annotate
 
 import qcompile
 from qcompile.testing import assert_pass_contract, check_graph
-from tests.models import TinyBlock, TinyConvNet
+from tests.models import TinyBlock, TinyConvNet, TinyTokenEncoder
 from tests.quant_stages import cleaned
 
 
@@ -92,3 +94,14 @@ def test_onnx_qdq_leaves_a_residual_add_on_a_float_path_float_without_warning():
     add = next(n for n in result.graph_module.graph.nodes if n.name == "add")
     assert qcompile.get_qspec(add) is None
     assert "unsupported" not in result.stats
+
+
+def test_a_vocabulary_table_gets_int8_rows_and_a_table_read_at_constant_indices_stays_float():
+    ids = torch.randint(0, 50, (2, 8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a deliberate float choice is no warning
+        out = assert_pass_contract(Annotate(), cleaned(TinyTokenEncoder(), ids), [ids])
+    check_graph(out, """
+    CHECK: %2 = aten.embedding.default(%1, %0){{.*}}qc.qspec=[0=weight:int8/sym/per-channel(0)/minmax]}
+    CHECK: %5 = aten.embedding.default(%3, %4){{.*}}qc.qspec=float(looked up at constant indices
+    """)

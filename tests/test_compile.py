@@ -104,7 +104,7 @@ def test_an_op_the_target_cannot_quantize_stays_float_with_a_warning_and_a_repor
     assert (line.precision, line.detail) == ("float", "cpu-int8 has no int8 kernel for 'layer_norm'")
 
 
-def test_minilm_compiles_to_int8_and_keeps_its_embeddings(minilm):
+def test_minilm_compiles_to_int8_with_an_int8_vocabulary_table(minilm):
     model, tokenizer = minilm
     embedder = SentenceEmbedder(model).eval()
     sentences = docstring_sentences(48)
@@ -115,10 +115,15 @@ def test_minilm_compiles_to_int8_and_keeps_its_embeddings(minilm):
         cosine = torch.nn.functional.cosine_similarity(qm(**evaluation), embedder(**evaluation))
     # 0.9937 mean / 0.987 min without outlier smoothing, 0.9987 / 0.9975 with it
     assert cosine.mean() > 0.997 and cosine.min() > 0.995
-    # every encoder linear (the unused pooler was removed), and one more per FFN whose GELU
-    # outliers smooth-outliers split off into a linear of their own
+    # every encoder linear (the unused pooler was removed), one more per FFN whose GELU
+    # outliers smooth-outliers split off into a linear of their own, and the vocabulary table
     smoothing = next(p.stats for p in qm.report.passes if p.name.startswith("smooth-outliers"))
-    assert len(qm.report.int8_nodes) == 36 + len(smoothing.get("split", {}))
+    assert len(qm.report.int8_nodes) == 36 + len(smoothing.get("split", {})) + 1
+    lines = {n.name: n for n in qm.report.nodes}
+    assert lines["embedding"].detail == "int8 rows looked up, then dequantized -> float32"
+    # position and token-type rows are looked up at constant indices: they stay float
+    for name in ("embedding_1", "embedding_2"):
+        assert lines[name].precision == "float" and lines[name].detail.startswith("looked up at constant indices")
     assert sum(n.target == torch.ops.qc.attention_bf16.default for n in qm.graph_module.graph.nodes) == 6
 
 

@@ -5,8 +5,8 @@ from qcompile.passes import Convert, EliminateDequant
 
 import qcompile
 from qcompile.testing import assert_outputs_close, assert_pass_contract, check_graph
-from tests.models import TinyConvNet
-from tests.quant_stages import qdq
+from tests.models import TinyConvNet, TinyTokenEncoder
+from tests.quant_stages import cleaned, qdq
 
 
 def test_dequantize_sinks_below_max_pool_and_flatten():
@@ -62,3 +62,48 @@ def test_quantize_moves_above_a_max_pool_it_alone_reads(resnet):
     CHECK-NEXT: aten.max_pool2d.default({{%[0-9]+}}, [3, 3], [2, 2], [1, 1]) : u8[s0,64,16,16]
     """)
     assert_outputs_close(before, after, [image], rtol=0)
+
+
+def _token_encoder_qdq(table_granularity=None):
+    """TinyTokenEncoder in Q/DQ form, calibrated on integer token batches."""
+    from qcompile.passes import Annotate, InsertObservers
+
+    ids = torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(0))
+    qconfig = qcompile.int8_preset()
+    if table_granularity is not None:
+        weight = qcompile.QuantSpec("int8", symmetric=True, granularity=table_granularity)
+        qconfig = qconfig.set_op("embedding", qcompile.OpQuantConfig(None, weight))
+    observed = InsertObservers()(Annotate(qconfig=qconfig)(cleaned(TinyTokenEncoder(), ids)).graph_module).graph_module
+    qcompile.calibrate(observed, [(torch.randint(0, 50, (2, 8)),) for _ in range(3)], ((ids,), {}), progress=False)
+    return Convert()(observed).graph_module, ids
+
+
+def test_a_per_row_table_is_looked_up_in_int8_and_dequantized_with_the_rows_own_scales():
+    before, ids = _token_encoder_qdq()
+    after = assert_pass_contract(EliminateDequant(), before, [ids])
+    check_graph(after, """
+    CHECK: %1 = constant tokens_weight_q : i8[50,16]
+    CHECK-NEXT: %2 = aten.reshape.default(%0, [-1]) : i64[8*s0]
+    CHECK-NEXT: %3 = aten.index_select.default(%1, 0, %2) : i8[8*s0,16]
+    CHECK-NEXT: %4 = constant tokens_weight_scale : f32[50]
+    CHECK-NEXT: %5 = aten.index_select.default(%4, 0, %2) : f32[8*s0]
+    CHECK-NEXT: %6 = constant tokens_weight_zero_point : i32[50]
+    CHECK-NEXT: %7 = aten.index_select.default(%6, 0, %2) : i32[8*s0]
+    CHECK-NEXT: %8 = qc.dequantize.default(%3, %5, %7, 0, torch.float32) : f32[8*s0,16]
+    CHECK-NEXT: %9 = aten.sym_size.int(%0, 0) : sym_int
+    CHECK-NEXT: %10 = aten.view.default(%8, [%9, 8, 16]) : f32[s0,8,16]
+    CHECK-NOT: aten.embedding.default(%{{[0-9]+}}, %0)
+    """)
+    # the same multiplications on the same rows: bit for bit
+    assert_outputs_close(before, after, [ids], rtol=0)
+    assert EliminateDequant()(before).stats["gathered"] == 1
+
+
+def test_a_per_tensor_table_moves_its_dequantize_below_the_lookup():
+    before, ids = _token_encoder_qdq(qcompile.PerTensor())
+    after = EliminateDequant()(before).graph_module
+    check_graph(after, """
+    CHECK: %2 = aten.embedding.default(%1, %0) : i8[s0,8,16]
+    CHECK: %5 = qc.dequantize.default(%2, %3, %4, None, torch.float32) : f32[s0,8,16]
+    """)
+    assert_outputs_close(before, after, [ids], rtol=0)

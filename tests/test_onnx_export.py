@@ -13,7 +13,14 @@ from qcompile.passes import InsertObservers
 import qcompile
 from qcompile import onnx_export
 from qcompile.qdq import DEQUANTIZE
-from tests.models import SentenceEmbedder, TinyBlock, TinyConvNet, docstring_sentences, minilm_inputs
+from tests.models import (
+    SentenceEmbedder,
+    TinyBlock,
+    TinyConvNet,
+    TinyTokenEncoder,
+    docstring_sentences,
+    minilm_inputs,
+)
 from tests.quant_stages import annotated
 
 
@@ -80,6 +87,22 @@ def test_cpu_int8_result_exports_its_qdq_stage_and_the_batch_stays_dynamic(tmp_p
     assert ops["MatMulIntegerToFloat"] + ops["QGemm"] == 2
 
 
+def test_an_int8_table_is_gathered_as_int8_rows_and_their_scales(tmp_path):
+    ids = [(torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(i)),) for i in range(3)]
+    qm = qcompile.compile(TinyTokenEncoder(), target="onnx-qdq", calibration_data=ids, progress=False)
+    result = qm.export_onnx(tmp_path / "tokens.onnx")
+    assert result.check.worst.max_steps <= 1
+    model = onnx.load(result.path)
+    tables = {i.name: i for i in model.graph.initializer if list(i.dims) == [50, 16]}
+    assert [t.data_type for t in tables.values()] == [onnx.TensorProto.INT8]
+    gathered = {n.input[0] for n in model.graph.node if n.op_type == "Gather"}
+    assert set(tables) <= gathered  # rows are looked up in int8, not dequantized as a whole table
+    batch = torch.randint(0, 50, (3, 8))  # another batch size: the lookup's shape stays dynamic
+    with torch.no_grad():
+        expected = qm.qdq_graph_module(batch).numpy()
+    np.testing.assert_allclose(run(result.path, batch), expected, atol=1e-5)
+
+
 def test_minilm_linears_all_fuse_into_matmul_integer_to_float(minilm, tmp_path):
     model, tokenizer = minilm
     embedder = SentenceEmbedder(model).eval()
@@ -95,10 +118,12 @@ def test_minilm_linears_all_fuse_into_matmul_integer_to_float(minilm, tmp_path):
     ops = optimized_ops(result.path, tmp_path)
     assert ops["MatMulIntegerToFloat"] == 36 + split_ffns
     # Batched linears' biases are float constants in the file, so ONNX Runtime folds the FFN
-    # ones into SkipLayerNormalization / BiasGelu and no DequantizeLinear is left to run.
-    assert ops["SkipLayerNormalization"] == 12 and ops["BiasGelu"] == 6 + split_ffns and ops["DequantizeLinear"] == 0
+    # ones into SkipLayerNormalization / BiasGelu; the one DequantizeLinear left to run reads the
+    # int8 vocabulary rows the batch looked up (Gather on the int8 table and on its row scales).
+    assert ops["SkipLayerNormalization"] == 12 and ops["BiasGelu"] == 6 + split_ffns and ops["DequantizeLinear"] == 1
     linears = 36 + split_ffns  # weights, biases, activations: the export left the Q/DQ graph as it was
-    assert sum(n.target == DEQUANTIZE for n in qm.qdq_graph_module.graph.nodes) == linears + linears + 24
+    assert sum(n.target == DEQUANTIZE for n in qm.qdq_graph_module.graph.nodes) == linears + linears + 24 + 1
+    assert result.bytes < 0.3 * result.float_bytes  # the 47 MB vocabulary table is int8 too
     evaluation = minilm_inputs(tokenizer, sentences[16:24], length=32)
     with torch.no_grad():
         reference = embedder(**evaluation)
