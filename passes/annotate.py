@@ -122,7 +122,6 @@ def plan_node(
     weight = node.args[rule.weight] if rule.weight is not None and rule.weight < len(node.args) else None
     if reason is None and rule.weight is not None and constant_value(gm, weight) is None:
         reason = "the weight is computed in the graph, not a constant"
-
     if reason is not None:
         return QuantAnnotation(rule=why, float_reason=reason)
     edges: list[tuple[int, EdgeQuant]] = []

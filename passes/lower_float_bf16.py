@@ -10,8 +10,7 @@ quarter. bf16 keeps these ops' error well below the int8 linears around them, an
 outputs stay in the graph's dtype, except that an int8 linear whose only uses feed the bf16
 attention's q, k or v (through views, transposes and the slices of a merged projection) writes
 bf16 itself: the attention would round it to bf16 anyway, and its relayout copies move half the
-bytes. The pass
-changes numerics (bf16 rounding), so it does not claim to preserve semantics.
+bytes. The pass changes numerics (bf16 rounding), so it does not claim to preserve semantics.
 """
 
 from __future__ import annotations
