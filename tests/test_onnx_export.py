@@ -87,6 +87,26 @@ def test_cpu_int8_result_exports_its_qdq_stage_and_the_batch_stays_dynamic(tmp_p
     assert ops["MatMulIntegerToFloat"] + ops["QGemm"] == 2
 
 
+def test_a_residual_add_into_layer_norm_is_a_sum_that_also_takes_the_linear_bias(tmp_path):
+    batch = (torch.randn(2, 5, 16),)
+    qm = qcompile.compile(TinyBlock(), batch, target="onnx-qdq", calibration_data=batches((2, 5, 16)),
+                          progress=False, outlier_smoothing=None)
+    result = qm.export_onnx(tmp_path / "block.onnx")
+    assert result.check.worst.max_steps <= 1
+    model = onnx.load(result.path)
+    layer_norm = next(n for n in model.graph.node if n.op_type == "LayerNormalization")
+    producer = next(n for n in model.graph.node if layer_norm.input[0] in n.output)
+    initializers = {i.name: list(i.dims) for i in model.graph.initializer}
+    assert producer.op_type == "Sum" and len(producer.input) == 3  # linear output, residual, bias
+    assert [initializers.get(name) for name in producer.input].count([16]) == 1
+    ops = optimized_ops(result.path, tmp_path)
+    assert ops["SkipLayerNormalization"] == 0 and ops["LayerNormalization"] == 1
+    x = torch.randn(3, 5, 16)
+    with torch.no_grad():
+        expected = qm.qdq_graph_module(x).numpy()
+    np.testing.assert_allclose(run(result.path, x), expected, atol=1e-4)
+
+
 def test_an_int8_table_is_gathered_as_int8_rows_and_their_scales(tmp_path):
     ids = [(torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(i)),) for i in range(3)]
     qm = qcompile.compile(TinyTokenEncoder(), target="onnx-qdq", calibration_data=ids, progress=False)
@@ -117,10 +137,12 @@ def test_minilm_linears_all_fuse_into_matmul_integer_to_float(minilm, tmp_path):
     assert result.check.int8_kernels["MatMulIntegerToFloat"] == 36 + split_ffns
     ops = optimized_ops(result.path, tmp_path)
     assert ops["MatMulIntegerToFloat"] == 36 + split_ffns
-    # Batched linears' biases are float constants in the file, so ONNX Runtime folds the FFN
-    # ones into SkipLayerNormalization / BiasGelu; the one DequantizeLinear left to run reads the
-    # int8 vocabulary rows the batch looked up (Gather on the int8 table and on its row scales).
-    assert ops["SkipLayerNormalization"] == 12 and ops["BiasGelu"] == 6 + split_ffns and ops["DequantizeLinear"] == 1
+    # Batched linears' biases are float constants in the file, so ONNX Runtime folds FFN1's into
+    # BiasGelu; the residual adds are Sums that also take the bias of the linear they add, and
+    # stay out of SkipLayerNormalization (a slow CPU kernel). The one DequantizeLinear left to run
+    # reads the int8 vocabulary rows the batch looked up (Gather on the int8 table and its scales).
+    assert ops["SkipLayerNormalization"] == 0 and ops["Sum"] == 12 and ops["LayerNormalization"] == 13
+    assert ops["BiasGelu"] == 6 + split_ffns and ops["DequantizeLinear"] == 1
     linears = 36 + split_ffns  # weights, biases, activations: the export left the Q/DQ graph as it was
     assert sum(n.target == DEQUANTIZE for n in qm.qdq_graph_module.graph.nodes) == linears + linears + 24 + 1
     assert result.bytes < 0.3 * result.float_bytes  # the 47 MB vocabulary table is int8 too
