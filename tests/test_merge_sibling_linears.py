@@ -101,3 +101,18 @@ def test_the_report_names_each_projection_with_the_merged_kernel_it_runs_in():
     assert details["linear_3"][0] == "int8"
     with torch.no_grad():
         assert torch.nn.functional.cosine_similarity(qm(x).flatten(), model(x).flatten(), dim=0) > 0.99
+
+
+def test_float_siblings_kept_out_of_int8_merge_into_one_bf16_linear():
+    x = torch.randn(2, 8, 32)
+    model = TinySelfAttention()
+    qconfig = qcompile.int8_preset().set_module_regex("query|key|value", None)
+    qm = qcompile.compile(model, (x,), target="cpu-int8", calibration_data=[(torch.randn(2, 8, 32),)] * 2,
+                          qconfig=qconfig, progress=False)
+    merge = next(p for p in qm.report.passes if p.name == "merge-sibling-linears")
+    assert merge.stats == {"merged": {"linear_default": ["linear", "linear_1", "linear_2"]}}
+    kernels = [n.target for n in qm.graph_module.graph.nodes if n.op == "call_function"
+               and n.target in (torch.ops.qc.linear_bf16.default, torch.ops.qc.linear_int8.default)]
+    assert kernels == [torch.ops.qc.linear_bf16.default, torch.ops.qc.linear_int8.default]
+    with torch.no_grad():
+        assert torch.nn.functional.cosine_similarity(qm(x).flatten(), model(x).flatten(), dim=0) > 0.99
