@@ -4,9 +4,10 @@
         ->  y = linear(x, [W1; W2; W3], [b1; b2; b3]);   y[..., :n1], y[..., n1:n1+n2], y[..., n1+n2:]
 
 Attention's query, key and value projections are the common case: one GEMM with three times
-the output channels instead of three GEMMs, so the input is read once, the int8 kernel is
-called once per layer instead of three times, and ONNX Runtime runs one MatMulIntegerToFloat
-and one bias Add. The pass runs on the Q/DQ form, where a quantized weight is
+the output channels instead of three GEMMs, so the input is read once and the int8 kernel is
+called once per layer instead of three times. cpu-int8 runs it in its lowering only: in an ONNX
+file ONNX Runtime copies each slice, which measured slower than three MatMulIntegerToFloat.
+The pass runs on the Q/DQ form, where a quantized weight is
 ``dequantize(W_q, S, Z)`` with one scale per output channel (a per-tensor scale is repeated
 per channel): stacking integers, scales, zero points and biases row-wise leaves every output
 channel with exactly its own numbers, so the pieces are the values the siblings computed.
