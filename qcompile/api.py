@@ -12,8 +12,6 @@ in eval mode with its flags restored afterwards.
 from __future__ import annotations
 
 import contextlib
-import io
-import json
 import time
 import warnings
 from collections.abc import Iterable, Iterator
@@ -24,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import fx, nn
 
+from qcompile.artifact import ArtifactError, read_artifact, write_artifact
 from qcompile.calibration import as_call, calibrate, empty_calibration_error
 from qcompile.capture import capture, export_program
 from qcompile.errors import QCompileError
@@ -38,7 +37,6 @@ from qcompile.targets import Target, get_target
 if TYPE_CHECKING:
     from qcompile.onnx_export import OnnxExport
 
-FORMAT_VERSION = 1
 KERNEL_OPS = ("linear_int8", "conv2d_int8")
 
 
@@ -121,16 +119,12 @@ class QuantizedModel(nn.Module):
             return self.graph_module(*args, **kwargs)
 
     def save(self, path: str | Path) -> Path:
-        """Write the Q/DQ program (``torch.export`` archive: graph as JSON, tensors as raw data, no pickle)
-        plus the report; loading lowers it again for this machine."""
-        path = Path(path)
+        """Write the Q/DQ program and the report as data (:mod:`qcompile.artifact`: graph JSON,
+        safetensors, a content hash; nothing pickled); loading lowers it again for this machine.
+        The same model, data and options give the same bytes."""
         args, kwargs = self.example
         program = export_program(self.qdq_graph_module, args, kwargs)
-        meta = {"format": FORMAT_VERSION, "target": self.report.target, "report": self.report.to_json()}
-        buffer = io.BytesIO()  # torch.export insists on a .pt2 suffix for paths, not for buffers
-        torch.export.save(program, buffer, extra_files={"qcompile.json": json.dumps(meta)})
-        path.write_bytes(buffer.getvalue())
-        return path
+        return write_artifact(Path(path), program, self.report.target, self.report.to_json(timings=False))
 
     def export_onnx(self, path: str | Path, *, check: bool = True, tolerance_steps: float = 1.0) -> OnnxExport:
         """Write the Q/DQ graph as an ONNX QDQ file, cross-checked in ONNX Runtime on the example
@@ -143,22 +137,16 @@ class QuantizedModel(nn.Module):
 
 def load(path: str | Path) -> QuantizedModel:
     """A model saved by :meth:`QuantizedModel.save`, lowered again for its target."""
-    extra = {"qcompile.json": ""}
     if not Path(path).is_file():
         raise FileNotFoundError(f"no saved qcompile model at '{path}'")
+    artifact = read_artifact(Path(path))
     try:
-        program = torch.export.load(io.BytesIO(Path(path).read_bytes()), extra_files=extra)
-    except Exception as exc:
-        raise QCompileError(f"cannot load '{path}' as a qcompile model: {exc}") from exc
-    if not extra["qcompile.json"]:
-        raise QCompileError(f"'{path}' is a torch.export archive but not a qcompile model (no qcompile.json)")
-    meta = json.loads(extra["qcompile.json"])
-    report = CompileReport.from_json(meta["report"])
-    target = get_target(meta["target"])
-    qdq = program.module()
-    lowered = _run(target.lower, qdq, "lower", None, initial={"qdq"}).graph_module
-    example = program.example_inputs or ((), {})
-    return QuantizedModel(lowered, qdq, report, (tuple(example[0]), dict(example[1])))
+        report = CompileReport.from_json(artifact.report)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ArtifactError(f"'{path}': its report is not a qcompile report ({type(exc).__name__}: {exc})") from exc
+    target = get_target(artifact.target)
+    lowered = _run(target.lower, artifact.graph_module, "lower", None, initial={"qdq"}).graph_module
+    return QuantizedModel(lowered, artifact.graph_module, report, artifact.example)
 
 
 def _run(pipeline: str | Pipeline, gm: fx.GraphModule, stage: str, report: CompileReport | None, *,
@@ -205,7 +193,7 @@ def compile(
         float_gm = capture(model, args, kwargs)
     if was_training:
         report.notes.append("the model was in training mode; it was captured in eval mode and left as it was")
-    report.notes.append(f"capture took {time.perf_counter() - start:.2f} s")
+    report.capture_s = round(time.perf_counter() - start, 2)
     from qcompile.passes import Annotate  # the pass library imports this package's API
 
     prepare = Pipeline.parse(target.dynamic_prepare if dynamic else target.prepare)

@@ -94,6 +94,7 @@ class CompileReport:
     target: str
     mode: str  # "static" (calibrated scales) or "dynamic" (scales computed at run time)
     calibration_batches: int = 0
+    capture_s: float = 0.0
     passes: list[PassReport] = field(default_factory=list)
     nodes: list[NodeReport] = field(default_factory=list)
     output_sqnr_db: list[float] = field(default_factory=list)
@@ -113,6 +114,8 @@ class CompileReport:
     def __str__(self) -> str:
         lines = [f"qcompile report: target {self.target}, {self.mode} quantization"
                  + (f", calibrated on {self.calibration_batches} batches" if self.calibration_batches else "")]
+        if self.capture_s:
+            lines.append(f"  capture took {self.capture_s:.2f} s")
         lines += [f"  note: {note}" for note in self.notes]
         lines.append(f"\n{'stage':<9}{'pass':<40}{'changed':<9}{'ms':>8}  stats")
         for p in self.passes:
@@ -137,8 +140,14 @@ class CompileReport:
         path.write_text(json.dumps({"target": self.target, "mode": self.mode, "nodes": self.plan}, indent=1) + "\n")
         return path
 
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=1, default=str)
+    def to_json(self, timings: bool = True) -> str:
+        """The report as JSON; ``timings=False`` zeroes the times, so that equal compiles save equal bytes."""
+        data = asdict(self)
+        if not timings:
+            data["capture_s"] = 0.0
+            for p in data["passes"]:
+                p["ms"] = 0.0
+        return json.dumps(data, indent=1, default=str)
 
     @classmethod
     def from_json(cls, text: str) -> CompileReport:
