@@ -12,6 +12,7 @@ from qcompile.passes.insert_observers import InsertObservers
 from qcompile.passes.lower_cpu_int8 import LowerCpuInt8
 from qcompile.passes.lower_float_bf16 import LowerFloatBf16
 from qcompile.passes.merge_sibling_linears import MergeSiblingLinears
+from qcompile.passes.relax_views import RelaxViews
 from qcompile.passes.smooth_outliers import SmoothOutliers
 
 __all__ = [
@@ -27,5 +28,6 @@ __all__ = [
     "LowerCpuInt8",
     "LowerFloatBf16",
     "MergeSiblingLinears",
+    "RelaxViews",
     "SmoothOutliers",
 ]

@@ -184,12 +184,12 @@ class LowerCpuInt8(Pass):
         post_op = (fusion.unary if fusion else None) or "none"
         requantize = _requantize_target(gm, last)
         other_scale, other_zero_point = 1.0, 0
-        if other is not None and anchor.target == aten.conv2d.default:
-            integer_other = _uint8_static_source(gm, other)
+        if other is not None:
+            integer_other = _uint8_static_source(gm, other) if anchor.target == aten.conv2d.default else None
             if integer_other is not None:
                 other, other_scale, other_zero_point = integer_other
             elif requantize is not None:
-                requantize = None  # oneDNN sums a float other into a float output only
+                requantize = None  # oneDNN adds a float other into a float output only
         if requantize is not None:
             out_scale = float(requantize[1].scale.reshape(()))
             out_zero_point, out_dtype = int(requantize[1].zero_point.reshape(())), torch.uint8

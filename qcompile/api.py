@@ -26,6 +26,7 @@ from qcompile.artifact import ArtifactError, read_artifact, write_artifact
 from qcompile.calibration import as_call, calibrate, empty_calibration_error
 from qcompile.capture import capture, export_program
 from qcompile.errors import QCompileError
+from qcompile.kernel_check import check_kernels
 from qcompile.ir.meta import get_provenance, get_qspec, stand_ins
 from qcompile.outliers import quantized_linear_inputs, smoothing_plan
 from qcompile.pass_manager import Instrument, Pass, PassManager, Pipeline, PipelineResult
@@ -146,6 +147,8 @@ def load(path: str | Path) -> QuantizedModel:
         raise ArtifactError(f"'{path}': its report is not a qcompile report ({type(exc).__name__}: {exc})") from exc
     target = get_target(artifact.target)
     lowered = _run(target.lower, artifact.graph_module, "lower", None, initial={"qdq"}).graph_module
+    args, kwargs = artifact.example
+    check_kernels(lowered, [("on the saved example inputs", args, kwargs)])
     return QuantizedModel(lowered, artifact.graph_module, report, artifact.example)
 
 
@@ -198,7 +201,7 @@ def compile(
 
     prepare = Pipeline.parse(target.dynamic_prepare if dynamic else target.prepare)
     prepare = prepare.replace("annotate", Annotate(target=target.name, qconfig=qconfig))
-    if not dynamic and outlier_smoothing is not None:
+    if not dynamic and (outlier_smoothing is not None or verify):
         calibration_data = _reiterable(calibration_data)
         cleanup = Pipeline(prepare[: prepare.index("annotate")])
         float_gm = _run(cleanup, float_gm, "prepare", report, instruments=instruments, verify=verify).graph_module
@@ -218,6 +221,10 @@ def compile(
                | {"observed"}, instruments=instruments, verify=verify).graph_module
     lowered = _run(target.lower, qdq, "lower", report, initial={"qdq"}, instruments=instruments,
                    verify=verify)
+    checks = [("on the example inputs", args, kwargs)]
+    if verify and not dynamic:
+        checks += ((f"on calibration batch {i}", *as_call(b)) for i, b in enumerate(calibration_data, start=1))
+    report.kernel_calls_checked = check_kernels(lowered.graph_module, checks)
     kept = next((p.stats.get("kept", {}) for p in report.passes if p.name.startswith("lower-")), {})
     sqnr = _node_sqnr(planned, qdq, args, kwargs, report)
     report.nodes = describe_plan(planned, _kernel_descriptions(lowered.graph_module), kept, sqnr, target.unlowered)

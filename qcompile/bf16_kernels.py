@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.nn import functional as F
+
+from qcompile.kernel_check import register_kernel
 
 _BF16_LOWEST = torch.finfo(torch.bfloat16).min
 
@@ -58,3 +61,23 @@ def linear_bf16(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
 @linear_bf16.register_fake
 def _(x, weight, bias):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def reference_attention_bf16(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None, scale: float,
+                             out_dtype: torch.dtype) -> Tensor:
+    """The contract in fp32: softmax(Q·Kᵀ·scale + mask)·V."""
+    out = F.scaled_dot_product_attention(query.float(), key.float(), value.float(),
+                                         None if mask is None else (mask if mask.dtype == torch.bool else mask.float()),
+                                         scale=scale)
+    return out.to(out_dtype)
+
+
+def reference_linear_bf16(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """The contract in fp32, on the bf16-stored weight: x·Wᵀ + b."""
+    return F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
+
+
+# bf16 operands (8-bit mantissas) into dot products and a softmax: all-MiniLM's attention measured
+# up to 0.008 of the largest output (about 2^-7); allowed 4x that, 2^-5, far below garbage.
+register_kernel(attention_bf16, reference_attention_bf16, precision=torch.bfloat16, tolerance_scale=4.0)
+register_kernel(linear_bf16, reference_linear_bf16, precision=torch.bfloat16, tolerance_scale=4.0)

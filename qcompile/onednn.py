@@ -22,7 +22,10 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.nn import functional as F
 from torch.utils.weak import WeakIdKeyDictionary
+
+from qcompile.kernel_check import register_kernel
 
 # post_op name -> (oneDNN post-op name, algorithm): oneDNN's GELU takes its approximation as
 # the algorithm argument.
@@ -70,6 +73,14 @@ def linear_int8(
     post_op: str,
 ) -> Tensor:
     _check(x, post_op, out_dtype, "linear_int8")
+    if other is not None and out_dtype == torch.uint8:
+        # oneDNN's binary post-op reads ``other`` in the output's dtype: a float residual would
+        # be truncated to bytes. The lowering keeps such a group's output float.
+        raise ValueError("linear_int8 adds a float other into a float output only, not a uint8 one")
+    # oneDNN reads x and other as dense row-major matrices: a strided view is read as if it
+    # were one (garbage), or, for some layouts, taken down a reference path thousands of times
+    # slower. Both are copied once here when they are not already dense.
+    x = x.contiguous()
     name, algorithm = POST_OPS[post_op]
     if out_dtype != torch.uint8:
         out_scale, out_zero_point = 1.0, 0
@@ -84,7 +95,7 @@ def linear_int8(
             float(out_scale), int(out_zero_point), out_dtype, name, [], algorithm,
         )
     return torch.ops.onednn.qlinear_pointwise.binary_tensor(
-        x, x_scale, x_zero_point, packed, weight_scale.float(), weight_zero_point, other.to(out_dtype), bias,
+        x, x_scale, x_zero_point, packed, weight_scale.float(), weight_zero_point, other.to(out_dtype).contiguous(), bias,
         float(out_scale), int(out_zero_point), out_dtype, 1.0, 0, "add", 1.0, name, [], algorithm,
     )
 
@@ -175,3 +186,43 @@ def _(x, x_scale, x_zero_point, weight, weight_scale, bias, other, other_scale, 
         for size, pad, dil, k, st in zip((h, w), padding, dilation, weight.shape[2:], stride)
     ]
     return x.new_empty((n, weight.shape[0], *out_hw), dtype=out_dtype)
+
+
+_UNARY = {"none": lambda y: y, "relu": torch.relu, "gelu": F.gelu, "gelu-tanh": lambda y: F.gelu(y, approximate="tanh")}
+
+
+def _reference_output(y: Tensor, out_scale: float, out_zero_point: int, out_dtype: torch.dtype) -> Tensor:
+    if out_dtype == torch.uint8:
+        return torch.ops.qc.quantize(y, torch.tensor(out_scale), torch.tensor(out_zero_point), None, 0, 255, torch.uint8)
+    return y.to(out_dtype)
+
+
+def _dequantized(q: Tensor, scale: Tensor | float, zero_point: Tensor | int, axis: int | None = None) -> Tensor:
+    return torch.ops.qc.dequantize(q, torch.as_tensor(scale).float(), torch.as_tensor(zero_point), axis, torch.float32)
+
+
+def reference_linear_int8(x, x_scale, x_zero_point, weight, weight_scale, bias, other, out_scale, out_zero_point,
+                          out_dtype, post_op) -> Tensor:
+    """``linear_int8``'s contract in reference ops: quantize(unary(DQ(x)·DQ(W)ᵀ + b + other))."""
+    y = F.linear(_dequantized(x, x_scale.reshape(()), x_zero_point.reshape(())),
+                 _dequantized(weight, weight_scale, torch.zeros_like(weight_scale, dtype=torch.int32), 0),
+                 None if bias is None else bias.float())
+    if other is not None:
+        y = y + other.float()
+    return _reference_output(_UNARY[post_op](y), out_scale, out_zero_point, out_dtype)
+
+
+def reference_conv2d_int8(x, x_scale, x_zero_point, weight, weight_scale, bias, other, other_scale,
+                          other_zero_point, stride, padding, dilation, groups, out_scale, out_zero_point,
+                          out_dtype, post_op) -> Tensor:
+    """``conv2d_int8``'s contract in reference ops, a uint8 ``other`` read through its qparams."""
+    y = F.conv2d(_dequantized(x, x_scale.reshape(()), x_zero_point.reshape(())),
+                 _dequantized(weight, weight_scale, torch.zeros_like(weight_scale, dtype=torch.int32), 0),
+                 None if bias is None else bias.float(), stride, padding, dilation, groups)
+    if other is not None:
+        y = y + (_dequantized(other, other_scale, other_zero_point) if other.dtype == torch.uint8 else other.float())
+    return _reference_output(_UNARY[post_op](y), out_scale, out_zero_point, out_dtype)
+
+
+register_kernel(linear_int8, reference_linear_int8)
+register_kernel(conv2d_int8, reference_conv2d_int8)

@@ -95,6 +95,8 @@ class CompileReport:
     mode: str  # "static" (calibrated scales) or "dynamic" (scales computed at run time)
     calibration_batches: int = 0
     capture_s: float = 0.0
+    # Kernel calls held to their Q/DQ reference at compile time (qcompile.kernel_check).
+    kernel_calls_checked: int = 0
     passes: list[PassReport] = field(default_factory=list)
     nodes: list[NodeReport] = field(default_factory=list)
     output_sqnr_db: list[float] = field(default_factory=list)
@@ -114,6 +116,8 @@ class CompileReport:
     def __str__(self) -> str:
         lines = [f"qcompile report: target {self.target}, {self.mode} quantization"
                  + (f", calibrated on {self.calibration_batches} batches" if self.calibration_batches else "")]
+        if self.kernel_calls_checked:
+            lines.append(f"  {self.kernel_calls_checked} kernel calls matched their Q/DQ reference")
         if self.capture_s:
             lines.append(f"  capture took {self.capture_s:.2f} s")
         lines += [f"  note: {note}" for note in self.notes]

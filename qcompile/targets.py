@@ -127,7 +127,8 @@ register_target(
         prepare=f"{_CLEANUP},annotate,insert-observers",
         convert="convert,eliminate-dequant,eliminate-dead-code",
         # Fusion is read off the Q/DQ graph, so a saved Q/DQ program lowers the same way.
-        lower="canonicalize,merge-sibling-linears,fuse-patterns,lower-cpu-int8,lower-float-bf16,eliminate-dead-code",
+        lower="canonicalize,merge-sibling-linears,fuse-patterns,lower-cpu-int8,lower-float-bf16,relax-views,"
+              "eliminate-dead-code",
         dynamic_prepare=f"{_CLEANUP},annotate",
         dynamic_convert="convert{dynamic=true},eliminate-dequant,eliminate-dead-code",
         properties_after_prepare=frozenset({"bn-folded", "annotated"}),

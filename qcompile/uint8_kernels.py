@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.nn import functional as F
+
+from qcompile.kernel_check import register_kernel
 
 
 def _output_size(size: int, kernel: int, stride: int, padding: int) -> int:
@@ -59,3 +62,11 @@ def _(x, kernel_size, stride, padding):
     n, c, h, w = x.shape
     (kh, kw), (sh, sw), (ph, pw) = kernel_size, stride, padding
     return x.new_empty((n, c, _output_size(h, kh, sh, ph), _output_size(w, kw, sw, pw)))
+
+
+def reference_max_pool2d_uint8(x: Tensor, kernel_size: list[int], stride: list[int], padding: list[int]) -> Tensor:
+    """The contract: ATen's float max-pool on the same bytes (exact: every uint8 is a float32)."""
+    return F.max_pool2d(x.float(), kernel_size, stride, padding).to(torch.uint8)
+
+
+register_kernel(max_pool2d_uint8, reference_max_pool2d_uint8)

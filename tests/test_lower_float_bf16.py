@@ -68,7 +68,7 @@ def test_int8_linears_that_only_feed_the_bf16_attention_write_bf16():
     check_graph(qm.graph_module, """
     CHECK: qc.linear_int8.default({{.*}}, torch.bfloat16, 'none') : bf16[s0,16,96]
     CHECK-NEXT: aten.slice.Tensor{{.*}} : bf16[s0,16,32]
-    CHECK: aten.view.default{{.*}} : bf16[s0,16,4,8]
+    CHECK: aten.reshape.default{{.*}} : bf16[s0,16,4,8]
     CHECK-NEXT: aten.transpose.int{{.*}} : bf16[s0,4,16,8]
     CHECK: qc.attention_bf16.default({{.*}}, torch.float32) : f32[s0,4,16,8]
     """)

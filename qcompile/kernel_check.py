@@ -1,0 +1,117 @@
+"""Kernels checked against their Q/DQ reference on real inputs, at compile time.
+
+Every lowered kernel states its contract as a *reference*: the same function written with the
+reference ops it replaced (``dequantize -> op -> quantize``), which is what the Q/DQ graph
+computes. :func:`check_kernels` runs the lowered graph and, at each kernel node, also runs the
+reference on the very inputs the kernel got (teacher forcing: a rounding flip upstream does
+not cascade into a false alarm downstream) and compares:
+
+* a uint8 output in quantization steps: ``max |q_kernel − q_reference| ≤ 2`` (oneDNN rounds
+  its epilogue in a different order, which may move a value across a rounding boundary once);
+* a float output relative to the reference's largest magnitude: ``max |y − ŷ| / max |ŷ| ≤ tol``,
+  ``tol`` from the output's precision (two bf16 ulps, 2⁻⁷; fp32 1e-3 for accumulation order).
+
+A kernel outside its contract is a :class:`KernelMismatchError` naming the node, the user module
+it came from and the difference: a lowered model never silently disagrees with its Q/DQ graph
+on the inputs compile saw.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, fx
+
+from qcompile.errors import QCompileError
+from qcompile.ir.graph import describe_node
+from qcompile.report import flat_inputs
+
+# Relative tolerance of a float output by dtype: two ulps of bf16's 8-bit mantissa, and for fp32
+# the reordering of a long int32-exact accumulation scaled in float.
+FLOAT_TOLERANCE = {torch.bfloat16: 2.0**-7, torch.float32: 1e-3, torch.float16: 2.0**-9}
+STEP_TOLERANCE = 2
+
+
+class KernelMismatchError(QCompileError):
+    """A lowered kernel's output differs from its Q/DQ reference by more than its tolerance."""
+
+
+@dataclass(frozen=True)
+class KernelContract:
+    """``reference(*args, **kwargs)`` computes what the kernel must, with reference ops. A float
+    output is held to the tolerance of ``precision`` (the dtype the kernel computes in; by
+    default its output's) times ``tolerance_scale``, for kernels that are lower-precision
+    algorithms (bf16 attention rounds its scores and probabilities)."""
+
+    reference: Callable[..., Tensor]
+    precision: torch.dtype | None = None
+    tolerance_scale: float = 1.0
+
+
+_CONTRACTS: dict[Any, KernelContract] = {}
+
+
+def register_kernel(op: Any, reference: Callable[..., Tensor], precision: torch.dtype | None = None,
+                    tolerance_scale: float = 1.0) -> None:
+    """Declare ``op``'s reference; :func:`check_kernels` then holds every call of ``op`` to it."""
+    op = getattr(op, "_opoverload", op)  # a torch.library.custom_op definition
+    _CONTRACTS[getattr(op, "default", op)] = KernelContract(reference, precision, tolerance_scale)
+
+
+def kernel_contracts() -> dict[Any, KernelContract]:
+    return dict(_CONTRACTS)
+
+
+def difference(kernel: Tensor, reference: Tensor, precision: torch.dtype | None = None) -> tuple[float, float]:
+    """(difference, allowed): steps for uint8 outputs, relative to the largest magnitude for floats
+    (allowed by ``precision``, else by the output's dtype)."""
+    if kernel.shape != reference.shape or kernel.dtype != reference.dtype:
+        return float("inf"), 0.0
+    if kernel.dtype == torch.uint8:
+        return float((kernel.int() - reference.int()).abs().max()) if kernel.numel() else 0.0, STEP_TOLERANCE
+    k, r = kernel.double(), reference.double()
+    if not torch.isfinite(k).all() and not torch.equal(torch.isfinite(k), torch.isfinite(r)):
+        return float("inf"), 0.0
+    finite = torch.isfinite(r)
+    scale = float(r[finite].abs().max()) if finite.any() else 0.0
+    error = float((k[finite] - r[finite]).abs().max()) if finite.any() else 0.0
+    return (error / scale if scale else error), FLOAT_TOLERANCE.get(precision or kernel.dtype, 1e-3)
+
+
+class _Checker(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule, where: str):
+        super().__init__(gm)
+        self.where = where
+        self.checked = 0
+
+    def run_node(self, node: fx.Node) -> Any:
+        value = super().run_node(node)
+        contract = _CONTRACTS.get(node.target) if node.op == "call_function" else None
+        if contract is not None:
+            args, kwargs = self.fetch_args_kwargs_from_env(node)
+            expected = contract.reference(*args, **kwargs)
+            error, allowed = difference(value, expected, contract.precision)
+            if error > allowed * contract.tolerance_scale:
+                unit = "steps" if value.dtype == torch.uint8 else "of the largest magnitude"
+                raise KernelMismatchError(
+                    f"kernel {describe_node(node)} differs from its Q/DQ reference {self.where}: "
+                    f"{error:.3g} {unit} (allowed {allowed * contract.tolerance_scale:.3g}); "
+                    "keep its module float with QConfig.set_module_name(..., None) and report this")
+            self.checked += 1
+        return value
+
+
+def check_kernels(gm: fx.GraphModule, calls: Iterable[tuple[str, tuple, dict]]) -> int:
+    """Run ``gm`` on each ``(label, args, kwargs)`` ("on the example inputs", "on calibration batch
+    3") with every kernel held to its reference; returns how many kernel calls were checked.
+    Raises :class:`KernelMismatchError` on the first one out of bounds."""
+    checked = 0
+    with torch.no_grad():
+        for where, args, kwargs in calls:
+            checker = _Checker(gm, where)
+            checker.run(*flat_inputs(gm, args, kwargs))
+            checked += checker.checked
+    return checked
