@@ -194,6 +194,7 @@ def compile(
     start = time.perf_counter()
     with _eval_mode(model) as was_training:
         float_gm = capture(model, args, kwargs)
+    initial_buffers = {name: b.clone() for name, b in float_gm.named_buffers()}
     if was_training:
         report.notes.append("the model was in training mode; it was captured in eval mode and left as it was")
     report.capture_s = round(time.perf_counter() - start, 2)
@@ -229,7 +230,19 @@ def compile(
     sqnr = _node_sqnr(planned, qdq, args, kwargs, report)
     report.nodes = describe_plan(planned, _kernel_descriptions(lowered.graph_module), kept, sqnr, target.unlowered)
     report.plan = resolved_plan(planned, qdq)
+    _restore_buffers((lowered.graph_module, qdq), initial_buffers)
     return QuantizedModel(lowered.graph_module, qdq, report, (args, kwargs))
+
+
+def _restore_buffers(graphs: Iterable[fx.GraphModule], initial: dict[str, torch.Tensor]) -> None:
+    """Buffers the forward writes start the compiled model where the user's model was at
+    compile time, not where calibration and the compile-time checks left them."""
+    for gm in graphs:
+        for name, buffer in gm.named_buffers():
+            value = initial.get(name)
+            if value is not None and value.shape == buffer.shape and value.dtype == buffer.dtype \
+                    and not torch.equal(value, buffer):
+                buffer.copy_(value)
 
 
 def _reiterable(data: Iterable[Any]) -> Iterable[Any]:

@@ -8,8 +8,11 @@ that names the user module and source line at fault instead of export's bare tra
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import inspect
 import linecache
+from collections.abc import Iterator
 import warnings
 from types import TracebackType
 from typing import Any
@@ -20,6 +23,7 @@ from torch.export import Dim
 from torch.utils import _pytree as pytree
 
 from qcompile.errors import CaptureError
+from qcompile.ir.graph import aliases, is_mutating, op_arguments
 
 
 def _batch_dynamic_shapes(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -75,11 +79,80 @@ def capture(
     kwargs: dict[str, Any] | None = None,
     dynamic_batch: bool = True,
 ) -> fx.GraphModule:
-    """Capture ``model`` into an fx.GraphModule of ATen ops with ``torch.export`` (non-strict)."""
-    gm = export_program(model, args, kwargs, dynamic_batch).module()
+    """Capture ``model`` into an fx.GraphModule of ATen ops with ``torch.export`` (non-strict).
+
+    The graph owns a copy of every buffer its forward writes (a call counter, EMA statistics):
+    running it, in calibration or as the compiled model, never writes into the user's model."""
+    with _python_state_kept(model):
+        program = export_program(model, args, kwargs, dynamic_batch)
+    gm = program.module()
+    _own_written_buffers(gm)
     if dynamic_batch:
         _warn_static_batch(gm)
     return gm
+
+
+def _own_written_buffers(gm: fx.GraphModule) -> None:
+    """Every buffer that an in-place op can reach (through views) becomes the graph's own copy:
+    export keeps ``calls.add_(1)`` as an in-place op on the module's buffer."""
+    buffers = {name for name, _ in gm.named_buffers()}
+    written = set()
+    for node in gm.graph.nodes:
+        if node.op == "get_attr" and node.target in buffers:
+            if any(alias in _written_arguments(user) for alias in aliases(node) for user in alias.users):
+                written.add(node.target)
+    for name in sorted(written):
+        owner_name, _, attr = name.rpartition(".")
+        owner = gm.get_submodule(owner_name)
+        owner.register_buffer(attr, getattr(owner, attr).detach().clone(), persistent=attr in owner.state_dict())
+
+
+def _written_arguments(node: fx.Node) -> list[Any]:
+    """The arguments an in-place op writes (``self`` of ``add_``, ``out=`` tensors), by schema."""
+    if not is_mutating(node):
+        return []
+    named = op_arguments(node)
+    return [named.get(a.name) for a in node.target._schema.arguments if a.alias_info is not None and a.alias_info.is_write]
+
+
+@contextlib.contextmanager
+def _python_state_kept(model: nn.Module) -> Iterator[None]:
+    """Non-strict export runs ``forward`` as Python, so ``self.steps += 1`` or
+    ``self.seen.append(...)`` would change the user's modules: their plain attributes are
+    copied before and put back after (tensors, parameters, buffers and submodules are not
+    touched by tracing; what cannot be copied is restored by reference)."""
+    saved = []
+    for module in model.modules():
+        attributes = {k: v for k, v in vars(module).items()
+                      if k not in ("_parameters", "_buffers", "_modules") and not isinstance(v, torch.Tensor)}
+        saved.append((module, attributes, _copied(attributes)))
+    try:
+        yield
+    finally:
+        for module, originals, copies in saved:
+            for key, original in originals.items():
+                if vars(module).get(key, _MISSING) is not original or not _same(original, copies[key]):
+                    vars(module)[key] = copies[key]
+
+
+_MISSING = object()
+
+
+def _copied(attributes: dict[str, Any]) -> dict[str, Any]:
+    copies = {}
+    for key, value in attributes.items():
+        try:
+            copies[key] = copy.deepcopy(value)
+        except Exception:  # locks, generators, C handles: the reference is all we can restore
+            copies[key] = value
+    return copies
+
+
+def _same(original: Any, copy_: Any) -> bool:
+    try:
+        return bool(original == copy_)
+    except Exception:
+        return True
 
 
 def export_program(
