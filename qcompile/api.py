@@ -23,7 +23,7 @@ import torch
 from torch import fx, nn
 
 from qcompile.artifact import ArtifactError, read_artifact, write_artifact
-from qcompile.calibration import as_call, calibrate, empty_calibration_error
+from qcompile.calibration import as_call, calibrate_robustly, empty_calibration_error
 from qcompile.capture import capture, export_program
 from qcompile.errors import QCompileError
 from qcompile.kernel_check import check_kernels
@@ -32,13 +32,15 @@ from qcompile.outliers import quantized_linear_inputs, smoothing_plan
 from qcompile.pass_manager import Instrument, Pass, PassManager, Pipeline, PipelineResult
 from qcompile.plan import resolved_plan
 from qcompile.qconfig import QConfig, op_kind
-from qcompile.report import CompileReport, describe_plan, node_outputs, sqnr_db
+from qcompile.report import CompileReport, describe_plan, node_sqnr
 from qcompile.targets import Target, get_target
 
 if TYPE_CHECKING:
     from qcompile.onnx_export import OnnxExport
 
 KERNEL_OPS = ("linear_int8", "conv2d_int8")
+# The report's SQNR runs the float and the Q/DQ graph on this many calibration batches at most.
+SQNR_BATCHES = 8
 
 
 @contextlib.contextmanager
@@ -182,13 +184,14 @@ def compile(
     measured and wide ones taken out of the int8 range (``smooth-outliers``): after a GELU/ReLU
     the outliers are split into a float matmul, elsewhere channels are scaled into the weights
     with this migration strength (SmoothQuant's alpha, 0 to 1; see ``qcompile.outliers``). None
-    leaves the channels as they are. Measuring reads the calibration data once more, so a
-    one-shot iterator is kept in a list."""
+    leaves the channels as they are. Smoothing, an outlying batch left out of calibration and
+    the report's SQNR read the calibration data again, so a one-shot iterator is kept in a list."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"compile() needs an nn.Module, got {type(model).__name__}")
     target = target if isinstance(target, Target) else get_target(target)
     args, kwargs, calibration_data = _example(model, example_inputs, example_kwargs, calibration_data)
     dynamic = calibration_data is None
+    skipped: set[int] = set()
     report = CompileReport(target.name, "dynamic" if dynamic else "static")
     instruments = list(instruments)
     start = time.perf_counter()
@@ -202,8 +205,9 @@ def compile(
 
     prepare = Pipeline.parse(target.dynamic_prepare if dynamic else target.prepare)
     prepare = prepare.replace("annotate", Annotate(target=target.name, qconfig=qconfig))
-    if not dynamic and (outlier_smoothing is not None or verify):
+    if not dynamic:  # read again by smoothing, by a calibration that leaves out an outlying batch, by SQNR
         calibration_data = _reiterable(calibration_data)
+    if not dynamic and outlier_smoothing is not None:
         cleanup = Pipeline(prepare[: prepare.index("annotate")])
         float_gm = _run(cleanup, float_gm, "prepare", report, instruments=instruments, verify=verify).graph_module
         smoothing = _smoothing_pass(float_gm, target, qconfig, outlier_smoothing, calibration_data, (args, kwargs))
@@ -215,8 +219,11 @@ def compile(
     if dynamic:
         report.notes.append("no calibration data: activations are quantized with scales computed at run time")
     else:
-        report.calibration_batches = calibrate(prepared.graph_module, calibration_data, (args, kwargs),
-                                               progress=progress)
+        report.calibration_batches, findings, skipped = calibrate_robustly(
+            prepared.graph_module, calibration_data, (args, kwargs), progress=progress)
+        report.calibration_findings = [str(f) for f in findings]
+        for finding in findings:
+            warnings.warn(str(finding), stacklevel=2)
     convert = target.dynamic_convert if dynamic else target.convert
     qdq = _run(convert, prepared.graph_module, "convert", report, initial=target.properties_after_prepare
                | {"observed"}, instruments=instruments, verify=verify).graph_module
@@ -227,7 +234,9 @@ def compile(
         checks += ((f"on calibration batch {i}", *as_call(b)) for i, b in enumerate(calibration_data, start=1))
     report.kernel_calls_checked = check_kernels(lowered.graph_module, checks)
     kept = next((p.stats.get("kept", {}) for p in report.passes if p.name.startswith("lower-")), {})
-    sqnr = _node_sqnr(planned, qdq, args, kwargs, report)
+    sqnr_calls = _spread(calibration_data, skipped) if not dynamic else [(args, kwargs)]
+    sqnr, report.output_sqnr_db = node_sqnr(planned, qdq, sqnr_calls)
+    report.sqnr_batches = len(sqnr_calls)
     report.nodes = describe_plan(planned, _kernel_descriptions(lowered.graph_module), kept, sqnr, target.unlowered)
     report.plan = resolved_plan(planned, qdq)
     _restore_buffers((lowered.graph_module, qdq), initial_buffers)
@@ -245,6 +254,14 @@ def _restore_buffers(graphs: Iterable[fx.GraphModule], initial: dict[str, torch.
                 buffer.copy_(value)
 
 
+def _spread(data: Iterable[Any], skipped: set[int], count: int = SQNR_BATCHES) -> list[tuple[tuple, dict]]:
+    """Up to ``count`` calibration batches spread evenly over the data (outlying ones left out):
+    what the report's SQNR is measured on."""
+    batches = [as_call(b) for i, b in enumerate(data, start=1) if i not in skipped]
+    step = max(1, len(batches) // count)
+    return batches[::step][:count]
+
+
 def _reiterable(data: Iterable[Any]) -> Iterable[Any]:
     """Calibration data that can be read twice (outlier statistics, then calibration)."""
     return list(data) if iter(data) is data else data
@@ -259,23 +276,6 @@ def _smoothing_pass(gm: fx.GraphModule, target: Target, qconfig: QConfig | None,
     quantized = {n.name for n in gm.graph.nodes
                  if n.op == "call_function" and op_kind(n) in target.op_rules and config.resolve(n)[0] is not None}
     return SmoothOutliers(outliers=smoothing_plan(gm, quantized_linear_inputs(gm, quantized), data, example, alpha))
-
-
-def _node_sqnr(planned: fx.GraphModule, qdq: fx.GraphModule, args: tuple, kwargs: dict,
-               report: CompileReport) -> dict[str, float]:
-    # Only what the report shows: the planned nodes and the outputs (keeping every
-    # intermediate of both graphs would hold gigabytes for a transformer batch).
-    outputs = [a.name for a in planned.graph.output_node().all_input_nodes]
-    names = {n.name for n in planned.graph.nodes if get_qspec(n) is not None} | set(outputs)
-    reference = node_outputs(planned, names, args, kwargs)
-    renamed = {n.name: source for source, n in stand_ins(qdq.graph).items() if source in names}
-    quantized = node_outputs(qdq, names | renamed.keys(), args, kwargs)
-    quantized = {renamed.get(name, name): value for name, value in quantized.items()}
-    common = reference.keys() & quantized.keys()
-    sqnr = {name: sqnr_db(reference[name], quantized[name]) for name in common
-            if reference[name].is_floating_point() and reference[name].shape == quantized[name].shape}
-    report.output_sqnr_db = [sqnr[name] for name in outputs if name in sqnr]
-    return sqnr
 
 
 def _warn_unsupported(report: CompileReport) -> None:

@@ -9,7 +9,10 @@ an op.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import statistics
+from collections.abc import Collection, Iterable, Mapping
+from dataclasses import dataclass
+from itertools import chain
 from typing import Any
 
 import torch
@@ -17,6 +20,14 @@ from torch import fx
 from tqdm.auto import tqdm
 
 from qcompile.errors import CalibrationError
+from qcompile.observers import Observer
+from qcompile.spec import MIN_SCALE
+
+# A batch whose largest magnitude at a node is this many times the other batches' median is
+# outlying. Measured on all-MiniLM-L6-v2 (16 batches of 8 real sentences, all 42 observed
+# nodes): ordinary batches reach at most 1.31x the median of the others; one corrupted input
+# value of 1e4 is over 1000x. 10 leaves room for small, more variable batches.
+OUTLIER_RATIO = 10.0
 
 
 def empty_calibration_error() -> CalibrationError:
@@ -71,16 +82,103 @@ def calibrate(
     example: tuple[tuple[Any, ...], dict[str, Any]],
     *,
     progress: bool | None = None,
+    skip: Collection[int] = (),
 ) -> int:
-    """Run ``gm`` over ``data``; returns the number of batches. ``progress=None`` shows a bar on a terminal."""
+    """Run ``gm`` over ``data`` (batches numbered from 1, those in ``skip`` left out); returns
+    the number of batches run. ``progress=None`` shows a bar on a terminal."""
     batches = 0
     disable = None if progress is None else not progress  # tqdm's None: a bar on terminals only
     with torch.no_grad():
-        for batch in tqdm(data, desc="calibrating", unit="batch", disable=disable):
+        for number, batch in enumerate(tqdm(data, desc="calibrating", unit="batch", disable=disable), start=1):
             args, kwargs = as_call(batch)
-            check_batch(batches, args, kwargs, example)
+            check_batch(number, args, kwargs, example)
+            check_device(number, args, kwargs, gm)
+            if number in skip:
+                continue
             gm(*args, **kwargs)
             batches += 1
     if batches == 0:
         raise empty_calibration_error()
     return batches
+
+
+def check_device(number: int, args: tuple[Any, ...], kwargs: dict[str, Any], gm: fx.GraphModule) -> None:
+    """Calibration runs where the model's tensors are: a batch elsewhere is named, not a raw device error."""
+    device = next((t.device for t in chain(gm.parameters(), gm.buffers())), torch.device("cpu"))
+    for name, value in [*((f"input {i}", a) for i, a in enumerate(args)), *((f"input '{k}'", v) for k, v in kwargs.items())]:
+        if isinstance(value, torch.Tensor) and value.device != device:
+            raise CalibrationError(f"calibration batch {number}: {name} is on {value.device}, the model is on {device}")
+
+
+@dataclass(frozen=True)
+class CalibrationFinding:
+    """Something calibration saw that the user should know: the node, the batch (if one), what."""
+
+    node: str
+    batch: int | None
+    message: str
+
+    def __str__(self) -> str:
+        where = f"batch {self.batch}, " if self.batch is not None else ""
+        return f"calibration ({where}{self.node}): {self.message}"
+
+
+def observers(gm: fx.GraphModule) -> list[Observer]:
+    return [m for m in gm.modules() if isinstance(m, Observer)]
+
+
+def check_calibration(gm: fx.GraphModule, batch_numbers: list[int]) -> tuple[set[int], list[CalibrationFinding]]:
+    """Batches to leave out, and what to tell the user, from each observer's per-batch ranges.
+
+    A batch is *outlying* at a node when its largest magnitude there is over ``OUTLIER_RATIO``
+    times the median of the other batches': one such batch stretches a min-max range over
+    values no other input produces, and every ordinary value is then quantized coarsely. It is
+    left out of calibration, unless half the batches or more are outlying (then the data is
+    simply wide-spread, and is kept). A range that is constant over every batch (all-zero
+    calibration data) or narrower than the smallest scale can represent is reported too: its
+    scale says nothing about real inputs.
+    """
+    outlying: dict[int, CalibrationFinding] = {}
+    findings = []
+    for observer in observers(gm):
+        ranges = observer.batch_ranges
+        if not ranges:
+            continue
+        magnitudes = [max(-lo, hi) for lo, hi in ranges]
+        for i, magnitude in enumerate(magnitudes):
+            others = statistics.median(magnitudes[:i] + magnitudes[i + 1:]) if len(magnitudes) > 1 else 0.0
+            if others > 0 and magnitude > OUTLIER_RATIO * others and batch_numbers[i] not in outlying:
+                outlying[batch_numbers[i]] = CalibrationFinding(
+                    observer.name, batch_numbers[i],
+                    f"range up to {magnitude:.3g}, {magnitude / others:.0f}x the other batches' median {others:.3g}")
+        lo, hi = min(r[0] for r in ranges), max(r[1] for r in ranges)
+        if lo == hi:
+            findings.append(CalibrationFinding(observer.name, None, f"every batch gave the constant {lo:.3g}: its "
+                                               "scale is a guess; calibrate with data like real inputs"))
+        elif hi - lo < MIN_SCALE * (observer.spec.qmax - observer.spec.qmin):
+            findings.append(CalibrationFinding(observer.name, None, f"range {hi - lo:.3g} is below what the smallest "
+                                               f"scale ({MIN_SCALE:.3g}) resolves: values there are rounded to a few steps"))
+    if 2 * len(outlying) >= len(batch_numbers):
+        return set(), findings + [CalibrationFinding(
+            f.node, f.batch, f.message + " (kept: half the batches or more are as wide)") for f in outlying.values()]
+    return set(outlying), [CalibrationFinding(f.node, f.batch, f.message + "; the batch is left out of calibration")
+                           for f in outlying.values()] + findings
+
+
+def calibrate_robustly(
+    gm: fx.GraphModule,
+    data: Iterable[Any],
+    example: tuple[tuple[Any, ...], dict[str, Any]],
+    *,
+    progress: bool | None = None,
+) -> tuple[int, list[CalibrationFinding], set[int]]:
+    """:func:`calibrate`, then :func:`check_calibration`; when a batch is outlying, the observers
+    start over without it (``data`` must be re-iterable then). Returns (batches used, findings,
+    the numbers of the batches left out)."""
+    run = calibrate(gm, data, example, progress=progress)
+    skip, findings = check_calibration(gm, list(range(1, run + 1)))
+    if skip:
+        for observer in observers(gm):
+            observer.reset()
+        run = calibrate(gm, data, example, progress=progress, skip=skip)
+    return run, findings, skip

@@ -41,6 +41,9 @@ class Observer(nn.Module):
         self.spec = spec
         self.name = name
         self.batches = 0
+        # (lo, hi) of each batch, whatever the observer's own statistic: what calibration's
+        # sanity checks (qcompile.calibration.check_calibration) compare batches by.
+        self.batch_ranges: list[tuple[float, float]] = []
 
     def forward(self, x: Tensor) -> Tensor:
         self.batches += 1
@@ -48,13 +51,24 @@ class Observer(nn.Module):
             return x
         if x.numel() == 0:
             raise CalibrationError(f"observer of '{self.name}': batch {self.batches} is empty")
-        if not torch.isfinite(x).all():
+        lo, hi = torch.aminmax(x.detach())
+        if not (torch.isfinite(lo) and torch.isfinite(hi)):  # a NaN anywhere makes both NaN
             kind = "NaN" if torch.isnan(x).any() else "an infinite value"
             raise CalibrationError(
                 f"observer of '{self.name}': batch {self.batches} contains {kind}; check the calibration data"
             )
+        self.batch_ranges.append((float(lo), float(hi)))
         self.observe(x.detach().float())
         return x
+
+    def reset(self) -> None:
+        """Forget everything observed (calibration runs again without an outlying batch)."""
+        self.batches = 0
+        self.batch_ranges = []
+        self.clear()
+
+    def clear(self) -> None:
+        raise NotImplementedError
 
     def observe(self, x: Tensor) -> None:
         raise NotImplementedError
@@ -82,6 +96,9 @@ class Observer(nn.Module):
 class MinMaxObserver(Observer):
     def __init__(self, spec: QuantSpec, name: str = ""):
         super().__init__(spec, name)
+        self.clear()
+
+    def clear(self) -> None:
         self.lo: Tensor | None = None
         self.hi: Tensor | None = None
 
@@ -104,6 +121,7 @@ class MinMaxObserver(Observer):
         if other.lo is not None:
             self._update(other.lo, other.hi)
         self.batches += other.batches
+        self.batch_ranges = self.batch_ranges + other.batch_ranges
 
 
 class MovingAverageObserver(MinMaxObserver):
@@ -133,6 +151,7 @@ class MovingAverageObserver(MinMaxObserver):
             self.lo = self.lo + w * (other.lo - self.lo)
             self.hi = self.hi + w * (other.hi - self.hi)
         self.batches += other.batches
+        self.batch_ranges = self.batch_ranges + other.batch_ranges
 
 
 class HistogramObserver(Observer):
@@ -146,7 +165,10 @@ class HistogramObserver(Observer):
             raise ValueError(f"HistogramObserver is per-tensor only, got {spec.granularity}")
         super().__init__(spec, name)
         self.bins = bins
-        self.histogram = torch.zeros(bins, dtype=torch.float64)
+        self.clear()
+
+    def clear(self) -> None:
+        self.histogram = torch.zeros(self.bins, dtype=torch.float64)
         self.lo = torch.tensor(0.0)
         self.hi = torch.tensor(0.0)
 
@@ -185,6 +207,7 @@ class HistogramObserver(Observer):
         if other.histogram.sum() > 0:
             self._add(other._centres(), other.histogram, other.lo, other.hi)
         self.batches += other.batches
+        self.batch_ranges = self.batch_ranges + other.batch_ranges
 
     def range(self) -> tuple[Tensor, Tensor]:
         method = self.spec.observer

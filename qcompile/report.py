@@ -23,20 +23,14 @@ import torch
 from torch import fx
 from torch.utils import _pytree as pytree
 
-from qcompile.ir.meta import get_qspec, source_module
+from qcompile.ir.meta import get_qspec, source_module, stand_ins
 from qcompile.pass_manager import PassRecord
 from qcompile.qconfig import op_kind
 
 
 def sqnr_db(reference: torch.Tensor, approximation: torch.Tensor) -> float:
     reference, approximation = reference.double(), approximation.double()
-    noise = (reference - approximation).pow(2).sum().item()
-    signal = reference.pow(2).sum().item()
-    if noise == 0.0:
-        return math.inf
-    if signal == 0.0:
-        return -math.inf
-    return 10.0 * math.log10(signal / noise)
+    return _db(reference.pow(2).sum().item(), (reference - approximation).pow(2).sum().item())
 
 
 class _Recorder(fx.Interpreter):
@@ -69,6 +63,38 @@ def flat_inputs(gm: fx.GraphModule, args: tuple, kwargs: dict) -> list[Any]:
     return pytree.tree_leaves((tuple(args), {k: kwargs[k] for k in keys}))
 
 
+def node_sqnr(planned: fx.GraphModule, qdq: fx.GraphModule,
+              calls: list[tuple[tuple, dict]]) -> tuple[dict[str, float], list[float]]:
+    """SQNR of each planned node and of each output, Q/DQ graph against float graph, with signal
+    and noise summed over all ``calls`` (one batch is not the data: an SQNR measured on the
+    first batch only looked healthy while the model was ruined on others)."""
+    # Only what the report shows: the planned nodes and the outputs (keeping every
+    # intermediate of both graphs would hold gigabytes for a transformer batch).
+    outputs = [a.name for a in planned.graph.output_node().all_input_nodes]
+    names = {n.name for n in planned.graph.nodes if get_qspec(n) is not None} | set(outputs)
+    renamed = {n.name: source for source, n in stand_ins(qdq.graph).items() if source in names}
+    sums: dict[str, list[float]] = {}
+    for args, kwargs in calls:
+        reference = node_outputs(planned, names, args, kwargs)
+        quantized = node_outputs(qdq, names | renamed.keys(), args, kwargs)
+        quantized = {renamed.get(name, name): value for name, value in quantized.items()}
+        for name in reference.keys() & quantized.keys():
+            y, y_hat = reference[name], quantized[name]
+            if y.is_floating_point() and y.shape == y_hat.shape:
+                signal, noise = sums.setdefault(name, [0.0, 0.0])
+                sums[name] = [signal + y.double().pow(2).sum().item(), noise + (y.double() - y_hat.double()).pow(2).sum().item()]
+    sqnr = {name: _db(signal, noise) for name, (signal, noise) in sums.items()}
+    return sqnr, [sqnr[name] for name in outputs if name in sqnr]
+
+
+def _db(signal: float, noise: float) -> float:
+    if noise == 0.0:
+        return math.inf
+    if signal == 0.0:
+        return -math.inf
+    return 10.0 * math.log10(signal / noise)
+
+
 @dataclass
 class NodeReport:
     name: str
@@ -97,6 +123,9 @@ class CompileReport:
     capture_s: float = 0.0
     # Kernel calls held to their Q/DQ reference at compile time (qcompile.kernel_check).
     kernel_calls_checked: int = 0
+    # What calibration saw that the user should know (qcompile.calibration.check_calibration).
+    calibration_findings: list[str] = field(default_factory=list)
+    sqnr_batches: int = 0  # the SQNR columns sum signal and noise over this many batches
     passes: list[PassReport] = field(default_factory=list)
     nodes: list[NodeReport] = field(default_factory=list)
     output_sqnr_db: list[float] = field(default_factory=list)
@@ -121,6 +150,7 @@ class CompileReport:
         if self.capture_s:
             lines.append(f"  capture took {self.capture_s:.2f} s")
         lines += [f"  note: {note}" for note in self.notes]
+        lines += [f"  warning: {finding}" for finding in self.calibration_findings]
         lines.append(f"\n{'stage':<9}{'pass':<40}{'changed':<9}{'ms':>8}  stats")
         for p in self.passes:
             stats = ", ".join(f"{k}={v}" for k, v in p.stats.items() if k not in ("kept", "unsupported"))
@@ -134,7 +164,8 @@ class CompileReport:
             sqnr = "" if n.sqnr_db is None else f"{n.sqnr_db:.1f}"
             lines.append(f"{n.name:<26}{n.module[:41]:<42}{n.precision:<10}{sqnr:>8}  {n.detail}")
         if self.output_sqnr_db:
-            lines.append("output SQNR dB: " + ", ".join(f"{s:.1f}" for s in self.output_sqnr_db))
+            lines.append("output SQNR dB: " + ", ".join(f"{s:.1f}" for s in self.output_sqnr_db)
+                         + f" (over {self.sqnr_batches} batch{'es' if self.sqnr_batches != 1 else ''})")
         return "\n".join(lines)
 
     def write_plan(self, path: str | Path) -> Path:

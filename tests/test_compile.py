@@ -83,7 +83,11 @@ def test_bad_input_errors_name_what_is_wrong():
     nan_batches = batches((4, 16)) + [(torch.full((4, 16), float("nan")),)]
     with pytest.raises(qcompile.CalibrationError, match=r"observer of 'x': batch 5 contains NaN"):
         qcompile.compile(TinyBlock(), calibration_data=nan_batches, progress=False)
-    with pytest.raises(qcompile.CalibrationError, match=r"batch 1: input 0 has shape \[4, 15\].*only the batch"):
+    inf_batches = batches((4, 16)) + [(torch.full((4, 16), float("inf")),)]
+    with pytest.raises(qcompile.CalibrationError, match=r"observer of 'x': batch 5 contains an infinite value"):
+        qcompile.compile(TinyBlock(), calibration_data=inf_batches, progress=False)
+    # Batches are numbered from 1 in every message: the second batch is batch 2, here as for NaN.
+    with pytest.raises(qcompile.CalibrationError, match=r"batch 2: input 0 has shape \[4, 15\].*only the batch"):
         qcompile.compile(TinyBlock(), calibration_data=[(torch.randn(4, 16),), (torch.randn(4, 15),)],
                          progress=False)
 
