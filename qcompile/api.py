@@ -26,6 +26,7 @@ from qcompile.artifact import ArtifactError, read_artifact, write_artifact
 from qcompile.calibration import as_call, calibrate_robustly, empty_calibration_error
 from qcompile.capture import capture, export_program
 from qcompile.errors import QCompileError
+from qcompile.input_check import check_call
 from qcompile.kernel_check import check_kernels
 from qcompile.ir.meta import get_provenance, get_qspec, stand_ins
 from qcompile.outliers import quantized_linear_inputs, smoothing_plan
@@ -118,6 +119,7 @@ class QuantizedModel(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         # Integer kernels have no gradient, and recording autograd nodes around each custom op
         # costs real time per call, so the compiled model always runs without grad.
+        check_call(self.graph_module, args, kwargs)
         with torch.no_grad():
             return self.graph_module(*args, **kwargs)
 

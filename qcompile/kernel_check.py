@@ -88,7 +88,14 @@ class _Checker(fx.Interpreter):
         self.checked = 0
 
     def run_node(self, node: fx.Node) -> Any:
-        value = super().run_node(node)
+        try:
+            value = super().run_node(node)
+        except QCompileError:
+            raise
+        except Exception as exc:  # a lowered graph that fails must say where, not just how
+            raise KernelMismatchError(
+                f"the lowered graph fails {self.where} at {describe_node(node)}: {type(exc).__name__}: "
+                f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
         contract = _CONTRACTS.get(node.target) if node.op == "call_function" else None
         if contract is not None:
             args, kwargs = self.fetch_args_kwargs_from_env(node)

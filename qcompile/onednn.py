@@ -35,7 +35,7 @@ POST_OPS: dict[str, tuple[str, str]] = {
     "gelu": ("gelu", "none"),
     "gelu-tanh": ("gelu", "tanh"),
 }
-OUTPUT_DTYPES = (torch.float32, torch.bfloat16, torch.uint8)
+OUTPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.uint8)
 _PACKED: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
@@ -45,7 +45,13 @@ def _check(x: Tensor, post_op: str, out_dtype: torch.dtype, kernel: str) -> None
     if post_op not in POST_OPS:
         raise ValueError(f"{kernel}: unknown post-op '{post_op}' (known: {', '.join(POST_OPS)})")
     if out_dtype not in OUTPUT_DTYPES:
-        raise ValueError(f"{kernel} output must be float32, bfloat16 or uint8, got {out_dtype}")
+        raise ValueError(f"{kernel} output must be float32, bfloat16, float16 or uint8, got {out_dtype}")
+
+
+def _kernel_dtype(out_dtype: torch.dtype) -> torch.dtype:
+    """What oneDNN writes for ``out_dtype``: it has no float16 epilogue here, so a float16
+    model's kernels write float32, cast once after the kernel."""
+    return torch.float32 if out_dtype == torch.float16 else out_dtype
 
 
 def packed_linear_weight(weight: Tensor) -> Tensor:
@@ -81,6 +87,7 @@ def linear_int8(
     # were one (garbage), or, for some layouts, taken down a reference path thousands of times
     # slower. Both are copied once here when they are not already dense.
     x = x.contiguous()
+    result_dtype, out_dtype = out_dtype, _kernel_dtype(out_dtype)
     name, algorithm = POST_OPS[post_op]
     if out_dtype != torch.uint8:
         out_scale, out_zero_point = 1.0, 0
@@ -90,14 +97,16 @@ def linear_int8(
     if bias is not None:
         bias = bias.float()
     if other is None:
-        return torch.ops.onednn.qlinear_pointwise.tensor(
+        y = torch.ops.onednn.qlinear_pointwise.tensor(
             x, x_scale, x_zero_point, packed, weight_scale.float(), weight_zero_point, bias,
             float(out_scale), int(out_zero_point), out_dtype, name, [], algorithm,
         )
-    return torch.ops.onednn.qlinear_pointwise.binary_tensor(
-        x, x_scale, x_zero_point, packed, weight_scale.float(), weight_zero_point, other.to(out_dtype).contiguous(), bias,
-        float(out_scale), int(out_zero_point), out_dtype, 1.0, 0, "add", 1.0, name, [], algorithm,
-    )
+    else:
+        y = torch.ops.onednn.qlinear_pointwise.binary_tensor(
+            x, x_scale, x_zero_point, packed, weight_scale.float(), weight_zero_point, other.to(out_dtype).contiguous(),
+            bias, float(out_scale), int(out_zero_point), out_dtype, 1.0, 0, "add", 1.0, name, [], algorithm,
+        )
+    return y.to(result_dtype)
 
 
 @linear_int8.register_fake
@@ -146,22 +155,25 @@ def conv2d_int8(
         raise ValueError(f"conv2d_int8 weights must be 4-D int8, got {weight.dtype} {list(weight.shape)}")
     if out_dtype != torch.uint8:
         out_scale, out_zero_point = 1.0, 0
+    result_dtype, out_dtype = out_dtype, _kernel_dtype(out_dtype)
     scale, zero_point = float(x_scale), int(x_zero_point)
     packed = _packed_conv_weight(weight, weight_scale, scale, zero_point, stride, padding, dilation, groups,
                                  list(x.shape))
     weight_zero_point = torch.zeros(weight_scale.numel(), dtype=torch.int64)
     bias = None if bias is None else bias.float()
     if other is None:
-        return torch.ops.onednn.qconv2d_pointwise(
+        y = torch.ops.onednn.qconv2d_pointwise(
             x, scale, zero_point, packed, weight_scale.float(), weight_zero_point, bias, stride, padding, dilation,
             groups, float(out_scale), int(out_zero_point), out_dtype, POST_OPS[post_op][0], [], "",
         )
-    accumulator, other_scale, other_zero_point = _accumulator(other, other_scale, other_zero_point, out_dtype)
-    return torch.ops.onednn.qconv2d_pointwise.binary(
-        x, scale, zero_point, packed, weight_scale.float(), weight_zero_point, accumulator, bias, stride, padding,
-        dilation, groups, float(out_scale), int(out_zero_point), out_dtype, other_scale, other_zero_point, "sum",
-        1.0, POST_OPS[post_op][0], [], "",
-    )
+    else:
+        accumulator, other_scale, other_zero_point = _accumulator(other, other_scale, other_zero_point, out_dtype)
+        y = torch.ops.onednn.qconv2d_pointwise.binary(
+            x, scale, zero_point, packed, weight_scale.float(), weight_zero_point, accumulator, bias, stride, padding,
+            dilation, groups, float(out_scale), int(out_zero_point), out_dtype, other_scale, other_zero_point, "sum",
+            1.0, POST_OPS[post_op][0], [], "",
+        )
+    return y.to(result_dtype)
 
 
 def _accumulator(other: Tensor, scale: float, zero_point: int, out_dtype: torch.dtype) -> tuple[Tensor, float, int]:
