@@ -190,6 +190,9 @@ def compile(
     the report's SQNR read the calibration data again, so a one-shot iterator is kept in a list."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"compile() needs an nn.Module, got {type(model).__name__}")
+    if outlier_smoothing is not None and not 0.0 <= outlier_smoothing <= 1.0:
+        raise QCompileError(f"outlier_smoothing is a migration strength between 0 and 1 (or None for off), "
+                            f"got {outlier_smoothing}")
     target = target if isinstance(target, Target) else get_target(target)
     args, kwargs, calibration_data = _example(model, example_inputs, example_kwargs, calibration_data)
     dynamic = calibration_data is None

@@ -15,11 +15,11 @@ import torch
 from torch import fx
 from torch.utils import _pytree as pytree
 
-from qcompile.errors import VerificationError
+from qcompile.errors import PipelineParseError, VerificationError
 from qcompile.ir.graph import named_tensors
 from qcompile.ir.printer import diff_graphs, print_graph
 from qcompile.ir.verify import find_problems
-from qcompile.pass_manager import Instrument, Pass, PassResult, Pipeline, PipelineResult
+from qcompile.pass_manager import Instrument, Pass, PassResult, Pipeline, PipelineResult, registered_passes
 
 
 class Timing(Instrument):
@@ -168,6 +168,11 @@ class SkipPass(Instrument):
     """Skips the named passes: bisect a failing pipeline without editing it."""
 
     def __init__(self, *names: str):
+        known = registered_passes()
+        unknown = sorted(set(names) - known.keys())
+        if unknown:  # a typo would otherwise skip nothing and bisect nothing
+            raise PipelineParseError(f"cannot skip unknown pass{'es' if len(unknown) > 1 else ''} "
+                                     f"{', '.join(map(repr, unknown))} (known passes: {', '.join(sorted(known))})")
         self.names = set(names)
 
     def should_run(self, p: Pass, index: int) -> bool:

@@ -146,11 +146,12 @@ def cross_check(model: onnx.ModelProto, reference: fx.GraphModule, args: tuple, 
         probe.graph.output.append(onnx.helper.make_tensor_value_info(name, elem, None))
     placeholders = [n.name for n in reference.graph.nodes if n.op == "placeholder"]
     values = dict(zip(placeholders, flat_inputs(reference, args, kwargs), strict=True))
-    feeds = {}
-    for graph_input in model.graph.input:
-        if graph_input.name not in values:
-            raise QCompileError(f"the ONNX input '{graph_input.name}' is not an input of the Q/DQ graph")
-        feeds[graph_input.name] = values[graph_input.name].detach().cpu().numpy()
+    # The file's inputs are the graph's placeholders in order; their names may differ (fx
+    # renames a forward argument called ``input``, as nn.Sequential's is, to ``input_1``).
+    if len(model.graph.input) != len(placeholders):
+        raise QCompileError(f"the ONNX file has {len(model.graph.input)} inputs, the Q/DQ graph {len(placeholders)}")
+    feeds = {graph_input.name: values[name].detach().cpu().numpy()
+             for graph_input, name in zip(model.graph.input, placeholders)}
     results, ops = _run_onnxruntime(probe, feeds)
     count = len(model.graph.output)
     forced = {name: torch.from_numpy(value) for name, value in zip(exposed, results[count:], strict=True)}

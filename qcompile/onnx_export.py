@@ -243,10 +243,17 @@ def export_onnx(
     kwargs = dict(kwargs or {})
     _writable(path)
     model, reference = to_onnx(gm, tuple(args), kwargs)
-    onnx.save(model, path)
+    # Written next to ``path`` and moved into place only once it passes both checks: a failed
+    # export leaves no file behind, and never replaces a good one.
+    partial = path.with_name(path.name + ".partial")
     try:
-        onnx.checker.check_model(str(path), full_check=True)
-    except onnx.checker.ValidationError as exc:
-        raise QCompileError(f"the exported file '{path}' fails onnx.checker: {exc}") from exc
-    result = cross_check(model, reference, tuple(args), kwargs, tolerance_steps) if check else None
+        onnx.save(model, partial)
+        try:
+            onnx.checker.check_model(str(partial), full_check=True)
+        except onnx.checker.ValidationError as exc:
+            raise QCompileError(f"the exported file '{path}' fails onnx.checker: {exc}") from exc
+        result = cross_check(model, reference, tuple(args), kwargs, tolerance_steps) if check else None
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
     return OnnxExport(path, path.stat().st_size, _float_bytes(gm), result)

@@ -70,6 +70,13 @@ class Pass:
         if name:
             if not _KEBAB_CASE.match(name):
                 raise ValueError(f"pass name '{name}' of {cls.__qualname__} must be kebab-case")
+            taken = _PASS_REGISTRY.get(name)
+            if taken is not None and _qualified(taken) != _qualified(cls):
+                # A second class under a taken name would silently replace it in every later
+                # pipeline, built-in ones included. (The same class defined again, as a module
+                # reload does, takes its own place back.)
+                raise ValueError(f"pass name '{name}' of {_qualified(cls)} is already taken by {_qualified(taken)}; "
+                                 "give the new pass a name of its own")
             _PASS_REGISTRY[name] = cls
 
     def call(self, gm: fx.GraphModule) -> PassResult:
@@ -93,6 +100,10 @@ class Pass:
                 if value != default:
                     options.append(f"{f.name}={_format_option(value)}")
         return self.name + ("{" + ",".join(options) + "}" if options else "")
+
+
+def _qualified(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def registered_passes() -> dict[str, type[Pass]]:
@@ -151,7 +162,13 @@ def _split_top_level(text: str, separator: str) -> list[str]:
     if depth != 0:
         raise PipelineParseError(f"unbalanced '{{' in pipeline text '{text}'")
     parts.append("".join(current))
-    return [p.strip() for p in parts if p.strip()]
+    parts = [p.strip() for p in parts]
+    if parts == [""]:
+        return []
+    if "" in parts:
+        raise PipelineParseError(f"empty entry {parts.index('') + 1} in '{text}' (two separators in a row, or one "
+                                 "at an end)")
+    return parts
 
 
 def parse_pass(text: str) -> Pass:
@@ -168,6 +185,8 @@ def parse_pass(text: str) -> Pass:
         key, sep, value = item.partition("=")
         if not sep:
             raise PipelineParseError(f"option '{item}' of pass '{name}' needs the form key=value")
+        if key.strip() in options:
+            raise PipelineParseError(f"option '{key.strip()}' of pass '{name}' is given twice")
         options[key.strip()] = _parse_option(cls, key.strip(), value.strip())
     return cls(**options)
 
@@ -349,7 +368,7 @@ class PassManager:
                 record.skipped = True
                 continue
             for instrument in self.instruments:
-                instrument.run_before_pass(p, current, index)
+                _run_instrument(instrument, "before", p, ran, instrument.run_before_pass, p, current, index)
             start = time.perf_counter()
             try:
                 result = p(current)
@@ -362,12 +381,7 @@ class PassManager:
             record.seconds = time.perf_counter() - start
             record.modified, record.stats = result.modified, dict(result.stats)
             for instrument in self.instruments:
-                try:
-                    instrument.run_after_pass(p, current, result, index)
-                except PassError:
-                    raise
-                except QCompileError as exc:
-                    raise PassError(p.name, str(exc), ran) from exc
+                _run_instrument(instrument, "after", p, ran, instrument.run_after_pass, p, current, result, index)
             ran.append(p.name)
             any_modified |= result.modified
             current = result.graph_module
@@ -377,3 +391,17 @@ class PassManager:
         for instrument in self.instruments:
             instrument.exit_pipeline(outcome)
         return outcome
+
+
+def _run_instrument(instrument: Instrument, when: str, p: Pass, ran: list[str], hook: Any, *args: Any) -> None:
+    """An instrument's hook; its failure is the pass's error, naming the instrument (a QCompileError
+    such as Verify's says what is wrong with the pass; anything else is the instrument's own bug)."""
+    try:
+        hook(*args)
+    except PassError:
+        raise
+    except QCompileError as exc:
+        raise PassError(p.name, str(exc), ran) from exc
+    except Exception as exc:
+        raise PassError(p.name, f"instrument {type(instrument).__name__} failed {when} it: "
+                                f"{type(exc).__name__}: {exc}", ran) from exc

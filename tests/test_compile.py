@@ -151,3 +151,9 @@ def test_the_resolved_plan_is_written_as_json_with_calibrated_qparams(tmp_path):
     assert bias["dtype"] == "int32"
     loaded = qcompile.load(qm.save(tmp_path / "m.qc"))
     assert loaded.report.plan == qm.report.plan
+
+
+@pytest.mark.parametrize("alpha", [-3, 1.5])
+def test_an_outlier_smoothing_strength_outside_0_to_1_is_refused(alpha):
+    with pytest.raises(qcompile.QCompileError, match=f"outlier_smoothing is a migration strength between 0 and 1.*{alpha}"):
+        qcompile.compile(TinyBlock(), calibration_data=batches((4, 16)), outlier_smoothing=alpha)

@@ -199,3 +199,33 @@ def test_a_graph_that_was_never_calibrated_is_refused(tmp_path):
     with pytest.raises(qcompile.QCompileError, match="never calibrated"):
         qcompile.export_onnx(observed, tmp_path / "observed.onnx", (x,))
     assert not (tmp_path / "observed.onnx").exists()
+
+
+def test_a_sequential_model_whose_input_fx_renames_exports_and_cross_checks(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4)).eval()
+    qm = qcompile.compile(model, calibration_data=batches((4, 8)), progress=False)
+    result = qm.export_onnx(tmp_path / "seq.onnx")  # forward(input): fx calls it input_1
+    x = torch.randn(3, 8)
+    np.testing.assert_allclose(run(result.path, x), qm.qdq_graph_module(x).detach().numpy(), atol=1e-4)
+
+
+def test_a_failed_export_leaves_no_file_and_keeps_an_older_one(tmp_path, monkeypatch):
+    qm = qcompile.compile(TinyConvNet(), calibration_data=batches((4, 1, 8, 8)), progress=False)
+    path = tmp_path / "m.onnx"
+    path.write_bytes(b"an older export")
+
+    def diverges(*args, **kwargs):
+        raise qcompile.QCompileError("ONNX Runtime and the Q/DQ graph diverge")
+
+    monkeypatch.setattr(onnx_export, "cross_check", diverges)
+    with pytest.raises(qcompile.QCompileError, match="diverge"):
+        qm.export_onnx(path)
+    assert path.read_bytes() == b"an older export" and list(tmp_path.iterdir()) == [path]
+
+
+def test_the_same_compile_exports_byte_identical_files(tmp_path):
+    paths = []
+    for i in range(2):
+        qm = qcompile.compile(TinyConvNet(), calibration_data=batches((4, 1, 8, 8)), progress=False)
+        paths.append(qm.export_onnx(tmp_path / f"m{i}.onnx").path)
+    assert paths[0].read_bytes() == paths[1].read_bytes()

@@ -167,6 +167,9 @@ def test_pipeline_text_round_trip_and_editing():
         ("test-fails-on-node{bogus=1}", "has no option 'bogus'"),
         ("test-fails-on-node{threshold=high}", "cannot read 'high'"),
         ("canonicalize{", "unbalanced"),
+        ("canonicalize,,fold-batchnorm", "empty entry 2"),
+        ("canonicalize,", "empty entry 2"),
+        ("test-fails-on-node{threshold=0.1,threshold=0.2}", "option 'threshold' of pass 'test-fails-on-node' is given twice"),
     ],
 )
 def test_pipeline_text_errors(text, message):
@@ -258,3 +261,31 @@ def test_verify_catches_in_place_weight_edit_through_no_grad(conv_bn):
 
     with pytest.raises(qcompile.PassError, match="changed shared tensors in place: conv.bias"):
         qcompile.PassManager([ZeroesBias()], verify=True)(gm)
+
+
+def test_a_user_pass_cannot_take_a_built_in_pass_name():
+    with pytest.raises(ValueError, match="'fold-batchnorm' of .*MyFold is already taken by .*FoldBatchNorm"):
+
+        @dataclass(frozen=True)
+        class MyFold(qcompile.Pass):
+            name: ClassVar[str] = "fold-batchnorm"
+
+    assert qcompile.registered_passes()["fold-batchnorm"] is FoldBatchNorm
+
+
+def test_a_typo_in_the_passes_to_skip_is_an_error(conv_bn, monkeypatch):
+    _, _, gm = conv_bn
+    monkeypatch.setenv("QCOMPILE_SKIP_PASSES", "fold-batchnrom")
+    with pytest.raises(qcompile.PipelineParseError, match="cannot skip unknown pass 'fold-batchnrom'"):
+        qcompile.PassManager("canonicalize,fold-batchnorm")(gm)
+
+
+def test_an_instrument_that_fails_is_named_in_a_pass_error(conv_bn):
+    _, _, gm = conv_bn
+
+    class Broken(qcompile.Instrument):
+        def run_after_pass(self, p, before, result, index):
+            raise KeyError("oops")
+
+    with pytest.raises(qcompile.PassError, match="pass 'canonicalize': instrument Broken failed after it: KeyError"):
+        qcompile.PassManager("canonicalize", [Broken()])(gm)
