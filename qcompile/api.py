@@ -28,6 +28,7 @@ from qcompile.capture import capture, export_program
 from qcompile.errors import QCompileError
 from qcompile.input_check import check_call
 from qcompile.kernel_check import check_kernels
+from qcompile.memory import release_freed_memory
 from qcompile.ir.meta import get_provenance, get_qspec, stand_ins
 from qcompile.outliers import quantized_linear_inputs, smoothing_plan
 from qcompile.pass_manager import Instrument, Pass, PassManager, Pipeline, PipelineResult
@@ -162,6 +163,7 @@ def _run(pipeline: str | Pipeline, gm: fx.GraphModule, stage: str, report: Compi
     manager = PassManager(pipeline, list(instruments), verify=verify, initial_properties=initial,
                           keep_history=keep_history)
     result = manager(gm)
+    release_freed_memory()
     if report is not None:
         report.add_stage(stage, result.records)
     return result
@@ -216,6 +218,7 @@ def compile(
         cleanup = Pipeline(prepare[: prepare.index("annotate")])
         float_gm = _run(cleanup, float_gm, "prepare", report, instruments=instruments, verify=verify).graph_module
         smoothing = _smoothing_pass(float_gm, target, qconfig, outlier_smoothing, calibration_data, (args, kwargs))
+        release_freed_memory()
         prepare = Pipeline([smoothing, *prepare[prepare.index("annotate"):]])
     prepared = _run(prepare, float_gm, "prepare", report, instruments=instruments, verify=verify,
                     keep_history=True)
@@ -227,6 +230,7 @@ def compile(
         report.calibration_batches, findings, skipped = calibrate_robustly(
             prepared.graph_module, calibration_data, (args, kwargs), progress=progress)
         report.calibration_findings = [str(f) for f in findings]
+        release_freed_memory()
         for finding in findings:
             warnings.warn(str(finding), stacklevel=2)
     convert = target.dynamic_convert if dynamic else target.convert
@@ -238,10 +242,12 @@ def compile(
     if verify and not dynamic:
         checks += ((f"on calibration batch {i}", *as_call(b)) for i, b in enumerate(calibration_data, start=1))
     report.kernel_calls_checked = check_kernels(lowered.graph_module, checks)
+    release_freed_memory()
     kept = next((p.stats.get("kept", {}) for p in report.passes if p.name.startswith("lower-")), {})
     sqnr_calls = _spread(calibration_data, skipped) if not dynamic else [(args, kwargs)]
     sqnr, report.output_sqnr_db = node_sqnr(planned, qdq, sqnr_calls)
     report.sqnr_batches = len(sqnr_calls)
+    release_freed_memory()
     report.nodes = describe_plan(planned, _kernel_descriptions(lowered.graph_module), kept, sqnr, target.unlowered)
     report.plan = resolved_plan(planned, qdq)
     _restore_buffers((lowered.graph_module, qdq), initial_buffers)
