@@ -9,8 +9,11 @@ from qcompile.api import QuantizedModel, compile, load
 from qcompile.calibration import calibrate
 from qcompile.capture import capture
 from qcompile.errors import (
+    ArtifactError,
     CalibrationError,
     CaptureError,
+    InputError,
+    KernelMismatchError,
     NodeError,
     PassError,
     PipelineOrderError,
@@ -51,6 +54,7 @@ from qcompile.ir.meta import (
 )
 from qcompile.ir.printer import canonical_order, diff_graphs, print_graph
 from qcompile.ir.verify import register_invariant, verify_graph
+from qcompile.kernel_check import check_kernels, register_kernel
 from qcompile.observers import (
     HistogramObserver,
     MinMaxObserver,
@@ -84,6 +88,7 @@ from qcompile.spec import PerChannel, PerGroup, PerTensor, QuantSpec, compute_qp
 from qcompile.targets import OpRule, Target, get_target, register_target, targets
 
 __all__ = [
+    "ArtifactError",
     "CalibrationError",
     "CaptureError",
     "CompileReport",
@@ -91,7 +96,9 @@ __all__ = [
     "EdgeQuant",
     "Fusion",
     "HistogramObserver",
+    "InputError",
     "Instrument",
+    "KernelMismatchError",
     "Match",
     "MinMaxObserver",
     "MovingAverageObserver",
@@ -132,6 +139,7 @@ __all__ = [
     "aliases",
     "apply_rule_set",
     "calibrate",
+    "check_kernels",
     "canonical_order",
     "capture",
     "compile",
@@ -159,6 +167,7 @@ __all__ = [
     "op_arguments",
     "print_graph",
     "register_invariant",
+    "register_kernel",
     "register_rule_set",
     "register_target",
     "registered_passes",

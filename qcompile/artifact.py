@@ -43,7 +43,7 @@ from safetensors.torch import save as save_safetensors
 from torch import fx
 from torch.utils import _pytree as pytree
 
-from qcompile.errors import QCompileError
+from qcompile.errors import ArtifactError, QCompileError
 
 FORMAT_VERSION = 2
 FORMAT_NAME = "qcompile"
@@ -63,10 +63,6 @@ SYMPY_NAMES = frozenset({"True", "False", "oo", "zoo", "nan", "int_oo"})
 _SYMBOL_NAME = re.compile(r"^[a-z]+[0-9]+$")
 _SAFE_NODES = (ast.Expression, ast.Call, ast.Name, ast.Load, ast.Constant, ast.keyword, ast.UnaryOp, ast.USub,
                ast.UAdd, ast.BinOp, ast.Add, ast.Sub, ast.Mult, ast.Div, ast.FloorDiv, ast.Mod, ast.Pow)
-
-
-class ArtifactError(QCompileError):
-    """A file that is not a qcompile model, is damaged, or asks for something loading refuses."""
 
 
 @dataclass

@@ -48,3 +48,16 @@ class VerificationError(QCompileError):
 
 class CalibrationError(QCompileError):
     """Calibration data that cannot give quantization parameters: empty, NaN or infinite."""
+
+
+class KernelMismatchError(QCompileError):
+    """A lowered kernel's output differs from its Q/DQ reference by more than its tolerance,
+    or the lowered graph fails where its Q/DQ graph runs."""
+
+
+class ArtifactError(QCompileError):
+    """A file that is not a qcompile model, is damaged, or asks for something loading refuses."""
+
+
+class InputError(QCompileError):
+    """A call whose inputs the compiled model cannot take, naming the input at fault."""

@@ -15,12 +15,8 @@ from typing import Any
 import torch
 from torch import fx
 
-from qcompile.errors import QCompileError
+from qcompile.errors import InputError
 from qcompile.report import flat_inputs
-
-
-class InputError(QCompileError):
-    """A call whose inputs the compiled model cannot take, naming the input at fault."""
 
 
 def _shape_text(shape: Any) -> str:

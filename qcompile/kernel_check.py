@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, fx
 
-from qcompile.errors import QCompileError
+from qcompile.errors import KernelMismatchError, QCompileError
 from qcompile.ir.graph import describe_node
 from qcompile.report import flat_inputs
 
@@ -33,10 +33,6 @@ from qcompile.report import flat_inputs
 # the reordering of a long int32-exact accumulation scaled in float.
 FLOAT_TOLERANCE = {torch.bfloat16: 2.0**-7, torch.float32: 1e-3, torch.float16: 2.0**-9}
 STEP_TOLERANCE = 2
-
-
-class KernelMismatchError(QCompileError):
-    """A lowered kernel's output differs from its Q/DQ reference by more than its tolerance."""
 
 
 @dataclass(frozen=True)
