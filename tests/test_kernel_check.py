@@ -170,3 +170,17 @@ def test_verify_mode_checks_the_kernels_on_every_calibration_batch():
     plain = qcompile.compile(FlattenWithView().eval(), calibration_data=data, progress=False)
     verified = qcompile.compile(FlattenWithView().eval(), calibration_data=data, progress=False, verify=True)
     assert verified.report.kernel_calls_checked == 4 * plain.report.kernel_calls_checked
+
+
+def test_distilbert_whose_attention_output_a_view_reads_runs_after_compile():
+    from transformers import DistilBertConfig, DistilBertModel
+
+    torch.manual_seed(0)
+    model = DistilBertModel(DistilBertConfig(vocab_size=500, dim=64, n_layers=2, n_heads=4, hidden_dim=128)).eval()
+    g = torch.Generator().manual_seed(0)
+    mask = torch.ones(4, 16, dtype=torch.long)
+    data = [{"input_ids": torch.randint(0, 500, (4, 16), generator=g), "attention_mask": mask} for _ in range(3)]
+    qm = qcompile.compile(model, calibration_data=data, progress=False)
+    with torch.no_grad():
+        out, ref = (m(**data[0]).last_hidden_state for m in (qm, model))
+    assert torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0) > 0.999
