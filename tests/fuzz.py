@@ -5,7 +5,9 @@ Each seed gives a model of one of two families, a sequence model on ``[batch, to
 height, width]``, made of a random program of the ops people build models from: linear, conv,
 depthwise conv, relu/gelu, residual and join adds, multiplication by constants, reshape /
 transpose / flatten / view, LayerNorm, softmax, concat, mean, max-pool, embedding. For every
-target, a compile must either succeed or raise a clean ``QCompileError``, and a compiled model:
+target, a compile must either succeed or raise a clean ``QCompileError`` (a
+``KernelMismatchError`` counts as a failure: the compile-time check caught a lowering bug),
+and a compiled model:
 
 * agrees with its Q/DQ graph kernel by kernel on a fresh input (``check_kernels``), and end to end;
 * leaves the user's model bit-identical (parameters, buffers);
@@ -86,7 +88,9 @@ class SequenceModel(nn.Module):
                 x = (t + t.mean(dim=-1, keepdim=True)).transpose(1, 2)
             elif op == "mean_add":
                 x = x + x.mean(dim=1, keepdim=True)
-        return self.head(x.flatten(1).view(x.shape[0], x.shape[1], -1))
+            elif op == "flatten_view":
+                x = x.flatten(1).view(x.shape[0], x.shape[1], -1)
+        return self.head(x)
 
 
 class ImageModel(nn.Module):
@@ -137,28 +141,53 @@ class Case:
     inputs: list[torch.Tensor]  # calibration batches, then a fresh input
 
 
+def _sequence_program(rng: random.Random, steps: int, width: int) -> list[tuple]:
+    """Single ops, and the blocks models are made of: a residual FFN, a residual linear."""
+    hidden = rng.choice([8, 16, 32])
+    singles = [lambda: ("linear", rng.choice([8, 16, 32])), lambda: ("relu",), lambda: ("gelu",), lambda: ("save",),
+               lambda: ("residual",), lambda: ("scale", rng.choice([0.5, 2.0, -1.5])), lambda: ("layer_norm",),
+               lambda: ("softmax",), lambda: ("heads", 2), lambda: ("transposed_residual",), lambda: ("mean_add",),
+               lambda: ("concat_linear", 8), lambda: ("flatten_view",)]
+    blocks = [
+        lambda: [("save",), ("linear", hidden), (rng.choice(["gelu", "relu"]),), ("linear", width), ("residual",),
+                 ("layer_norm",)],
+        lambda: [("save",), ("linear", width), ("residual",), (rng.choice(["relu", "gelu"]),)],
+    ]
+    program = [("linear", width)]  # every model starts at ``width`` channels for its blocks
+    while len(program) < steps:
+        program += rng.choice(blocks)() if rng.random() < 0.4 else [rng.choice(singles)()]
+    return program
+
+
+def _image_program(rng: random.Random, steps: int, channels: int) -> list[tuple]:
+    singles = [lambda: ("conv", rng.choice([4, 8])), lambda: ("depthwise",), lambda: ("relu",), lambda: ("save",),
+               lambda: ("residual",), lambda: ("scale", rng.choice([0.5, 3.0])), lambda: ("pool",),
+               lambda: ("mean_add",), lambda: ("concat_conv", 4)]
+    blocks = [
+        lambda: [("save",), ("conv", channels), ("relu",), ("conv", channels), ("residual",), ("relu",)],
+        lambda: [("save",), ("depthwise",), ("relu",), ("residual",)],
+    ]
+    program = [("conv", channels)]
+    while len(program) < steps:
+        program += rng.choice(blocks)() if rng.random() < 0.4 else [rng.choice(singles)()]
+    pools = [i for i, p in enumerate(program) if p[0] == "pool"]
+    return [p for i, p in enumerate(program) if i not in pools[2:]]  # 8x8 images take two halvings
+
+
 def make_case(seed: int) -> Case:
     rng = random.Random(seed)
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
-    steps = rng.randint(2, 8)
+    steps = rng.randint(3, 18)
     if rng.random() < 0.5:
         width, vocabulary = rng.choice([8, 16, 24]), rng.choice([None, 50])
-        choices = [("linear", rng.choice([8, 16, 32])), ("relu",), ("gelu",), ("save",), ("residual",),
-                   ("scale", rng.choice([0.5, 2.0, -1.5])), ("layer_norm",), ("softmax",), ("heads", 2),
-                   ("transposed_residual",), ("mean_add",), ("concat_linear", 8)]
-        program = [rng.choice(choices) for _ in range(steps)]
-        model = SequenceModel(program, width, vocabulary).eval()
+        model = SequenceModel(_sequence_program(rng, steps, width), width, vocabulary).eval()
         tokens = rng.choice([4, 6])
         make = (lambda b: torch.randint(0, vocabulary, (b, tokens), generator=g)) if vocabulary else (
             lambda b: torch.randn(b, tokens, width, generator=g))
     else:
         channels, size = rng.choice([3, 4]), 8
-        choices = [("conv", rng.choice([4, 8])), ("depthwise",), ("relu",), ("save",), ("residual",),
-                   ("scale", rng.choice([0.5, 3.0])), ("pool",), ("mean_add",), ("concat_conv", 4)]
-        program = [rng.choice(choices) for _ in range(steps)]
-        program = [p for i, p in enumerate(program) if p[0] != "pool" or program[:i].count(("pool",)) < 2]
-        model = ImageModel(program, channels, size).eval()
+        model = ImageModel(_image_program(rng, steps, channels), channels, size).eval()
         make = lambda b: torch.randn(b, channels, size, size, generator=g)  # noqa: E731
     return Case(seed, model, [make(4) for _ in range(3)] + [make(3)])
 
@@ -170,6 +199,8 @@ def check_case(case: Case, target: str, folder: Path) -> str:
     calibration, fresh = [(x,) for x in case.inputs[:-1]], case.inputs[-1]
     try:
         qm = qcompile.compile(model, calibration_data=calibration, target=target, progress=False)
+    except qcompile.KernelMismatchError:
+        raise  # compile caught a wrong kernel before the user got it: still a lowering bug
     except qcompile.QCompileError as exc:
         return f"refused: {type(exc).__name__}"
     with torch.no_grad():

@@ -6,7 +6,7 @@ import pytest
 
 from tests.fuzz import TARGETS, check_case, make_case
 
-SEEDS = range(1000, 1012)
+SEEDS = range(1000, 1013)  # 1012: a linear + residual + relu feeding an int8 linear
 
 
 @pytest.mark.parametrize("seed", SEEDS)
