@@ -45,13 +45,18 @@ class DumpIR(Instrument):
     """Writes ``000_input.txt`` and, per pass, ``NNN_name.before.txt``, ``.after.txt`` and ``.diff``.
 
     The text files are canonical (numbered values); the diff uses node names, which survive
-    the pass manager's copies, so it shows only the lines a pass touched.
+    the pass manager's copies, so it shows only the lines a pass touched. One instance numbers
+    every pass of every pipeline it watches in one sequence (all of a compile's stages, in the
+    order they ran, nothing overwritten): ``000_input.txt`` is the first pipeline's input (for a
+    compile, the captured graph) and ``pipeline.txt`` has a line per pipeline.
     """
 
     def __init__(self, directory: str | Path, show_provenance: bool = True):
         self.directory = Path(directory)
         self.show_provenance = show_provenance
         self.written: list[Path] = []
+        self._passes = 0
+        self._pipelines: list[str] = []
 
     def _write(self, name: str, text: str) -> None:
         path = self.directory / name
@@ -60,11 +65,14 @@ class DumpIR(Instrument):
 
     def enter_pipeline(self, pipeline: Pipeline, gm: fx.GraphModule) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
-        self._write("000_input.txt", print_graph(gm, show_provenance=self.show_provenance))
-        self._write("pipeline.txt", str(pipeline) + "\n")
+        if not self._pipelines:
+            self._write("000_input.txt", print_graph(gm, show_provenance=self.show_provenance))
+        self._pipelines.append(f"{self._passes + 1:03d}: {pipeline}")
+        self._write("pipeline.txt", "\n".join(self._pipelines) + "\n")
 
     def run_after_pass(self, p: Pass, before: fx.GraphModule, result: PassResult, index: int) -> None:
-        stem = f"{index:03d}_{p.name}"
+        self._passes += 1
+        stem = f"{self._passes:03d}_{p.name}"
         self._write(f"{stem}.before.txt", print_graph(before, show_provenance=self.show_provenance))
         self._write(f"{stem}.after.txt", print_graph(result.graph_module, show_provenance=self.show_provenance))
         self._write(f"{stem}.diff", diff_graphs(before, result.graph_module) + "\n")

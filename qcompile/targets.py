@@ -17,9 +17,10 @@ Users add targets with :func:`register_target`.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from qcompile.errors import QCompileError
+from qcompile.pass_manager import Pass, Pipeline
 from qcompile.qconfig import OpQuantConfig, QConfig, int8_preset
 from qcompile.spec import PerChannel, PerTensor
 
@@ -87,6 +88,34 @@ class Target:
     properties_after_prepare: frozenset[str] = field(default_factory=frozenset)
     # What the report says of a quantized node that no lowering pass turned into a kernel.
     unlowered: str = "reference Q/DQ, not lowered"
+
+    def with_pass(self, new_pass: Pass, *, after: str | None = None, before: str | None = None,
+                  stage: str | None = None) -> Target:
+        """This target with ``new_pass`` in its pipelines next to the pass named ``after`` (or
+        ``before``): what ``compile(model, target=get_target("cpu-int8").with_pass(MyPass(),
+        after="annotate"))`` runs, without registering a target. ``stage`` (``prepare``,
+        ``convert``, ``lower``) says which pipeline when the anchor runs in several; the
+        dynamic pipelines follow their static stage."""
+        if (after is None) == (before is None):
+            raise QCompileError("with_pass needs exactly one of after= or before= (a pass name)")
+        anchor = after or before
+        stages = [stage] if stage else list(STAGES)
+        holding = [name for name in stages if anchor in Pipeline.parse(getattr(self, name)).names()]
+        if len(holding) != 1:
+            where = ", ".join(holding) if holding else "none of " + ", ".join(stages)
+            raise QCompileError(f"with_pass: '{anchor}' runs in {where} of target '{self.name}'; "
+                                "name one stage with stage=")
+        changes = {}
+        for name in (holding[0], f"dynamic_{holding[0]}"):
+            text = getattr(self, name, "")
+            if text and anchor in Pipeline.parse(text).names():
+                pipeline = Pipeline.parse(text)
+                (pipeline.insert_after if after else pipeline.insert_before)(anchor, new_pass)
+                changes[name] = str(pipeline)
+        return replace(self, **changes)
+
+
+STAGES = ("prepare", "convert", "lower")
 
 
 _TARGETS: dict[str, Target] = {}

@@ -2,6 +2,8 @@
 
 import json
 import warnings
+from dataclasses import dataclass
+from typing import ClassVar
 
 import pytest
 import torch
@@ -157,3 +159,39 @@ def test_the_resolved_plan_is_written_as_json_with_calibrated_qparams(tmp_path):
 def test_an_outlier_smoothing_strength_outside_0_to_1_is_refused(alpha):
     with pytest.raises(qcompile.QCompileError, match=f"outlier_smoothing is a migration strength between 0 and 1.*{alpha}"):
         qcompile.compile(TinyBlock(), calibration_data=batches((4, 16)), outlier_smoothing=alpha)
+
+
+@dataclass(frozen=True)
+class CountLinears(qcompile.Pass):
+    """A user's pass: counts the linears the plan quantizes, changes nothing."""
+
+    name: ClassVar[str] = "test-count-linears"
+    requires: ClassVar[frozenset[str]] = frozenset({"annotated"})
+
+    def call(self, gm):
+        planned = [n for n in gm.graph.nodes if n.target == torch.ops.aten.linear.default
+                   and qcompile.get_qspec(n) is not None and qcompile.get_qspec(n).quantized]
+        return qcompile.PassResult(gm, False, {"quantized-linears": len(planned)})
+
+
+def test_a_user_pass_runs_inside_compile_through_with_pass_without_registering_a_target():
+    target = qcompile.get_target("cpu-int8").with_pass(CountLinears(), after="annotate")
+    qm = qcompile.compile(TinyBlock(), calibration_data=batches((4, 16)), target=target, progress=False)
+    record = next(p for p in qm.report.passes if p.name == "test-count-linears")
+    assert (record.stage, record.stats) == ("prepare", {"quantized-linears": 2})
+    names = [p.name for p in qm.report.passes if p.stage == "prepare"]
+    assert names.index("test-count-linears") == names.index("annotate") + 1
+    assert "test-count-linears" not in qcompile.get_target("cpu-int8").prepare  # the registered target is as it was
+    with pytest.raises(qcompile.QCompileError, match="'canonicalize' runs in prepare, lower.*stage="):
+        qcompile.get_target("cpu-int8").with_pass(CountLinears(), after="canonicalize")
+
+
+def test_dumps_of_a_whole_compile_are_one_numbered_sequence(tmp_path):
+    qm = qcompile.compile(TinyBlock(), calibration_data=batches((4, 16)), progress=False,
+                          instruments=[qcompile.DumpIR(tmp_path)])
+    diffs = sorted(p.name for p in tmp_path.glob("*.diff"))
+    ran = [p for p in qm.report.passes]
+    assert [d.split("_", 1)[1].removesuffix(".diff") for d in diffs] == [p.name.split("{")[0] for p in ran]
+    assert [int(d[:3]) for d in diffs] == list(range(1, len(ran) + 1))
+    stages = (tmp_path / "pipeline.txt").read_text().splitlines()
+    assert len(stages) == 4 and stages[0].startswith("001: canonicalize") and "lower-cpu-int8" in stages[-1]
