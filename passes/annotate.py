@@ -30,21 +30,13 @@ from typing import ClassVar
 import torch
 from torch import fx
 
-from qcompile import (
-    EdgeQuant,
-    Pass,
-    PassResult,
-    QConfig,
-    QuantAnnotation,
-    QuantSpec,
-    constant_value,
-    get_qspec,
-    get_target,
-    observation_root,
-    set_qspec,
-)
-from qcompile.qconfig import OpQuantConfig, op_kind
-from qcompile.targets import OpRule, Target
+from qcompile.ir.graph import constant_value
+from qcompile.ir.meta import EdgeQuant, QuantAnnotation, get_qspec, set_qspec
+from qcompile.pipeline import Pass, PassResult
+from qcompile.qconfig import OpQuantConfig, QConfig, op_kind
+from qcompile.qdq import observation_root
+from qcompile.spec import QuantSpec
+from qcompile.targets import OpRule, Target, get_target
 
 
 def _float_input_reason(node: fx.Node, index: int) -> str | None:

@@ -13,8 +13,8 @@ from typing import ClassVar
 
 from torch import fx
 
-from qcompile import Pass, PassResult, apply_rule_set
-from qcompile.rewrite import get_rule_set
+from qcompile.pipeline import Pass, PassResult
+from qcompile.rewrite import apply_rule_set, get_rule_set
 
 
 @dataclass(frozen=True)

@@ -24,20 +24,9 @@ from typing import Any, ClassVar
 import torch
 from torch import fx
 
-from qcompile import (
-    Match,
-    Pass,
-    PassResult,
-    Rule,
-    RuleSet,
-    aliases,
-    apply_rule_set,
-    is_mutating,
-    op_arguments,
-    register_rule_set,
-    remove_dead_nodes,
-    returns_alias,
-)
+from qcompile.ir.graph import aliases, is_mutating, op_arguments, remove_dead_nodes, returns_alias
+from qcompile.pipeline import Pass, PassResult
+from qcompile.rewrite import Match, Rule, RuleSet, apply_rule_set, register_rule_set
 
 aten = torch.ops.aten
 

@@ -24,21 +24,13 @@ from typing import ClassVar
 import torch
 from torch import fx
 
-from qcompile import (
-    NodeError,
-    Observer,
-    Pass,
-    PassResult,
-    Provenance,
-    QuantSpec,
-    add_constant,
-    constant_value,
-    get_qspec,
-    insert_call,
-    make_observer,
-    observation_root,
-)
-from qcompile.qdq import CHOOSE_QPARAMS, DEQUANTIZE, QUANTIZE, is_dequantize
+from qcompile.errors import NodeError
+from qcompile.ir.graph import add_constant, constant_value, insert_call
+from qcompile.ir.meta import Provenance, get_qspec
+from qcompile.observers import Observer, make_observer
+from qcompile.pipeline import Pass, PassResult
+from qcompile.qdq import CHOOSE_QPARAMS, DEQUANTIZE, QUANTIZE, is_dequantize, observation_root
+from qcompile.spec import QuantSpec
 
 
 def _call(gm: fx.GraphModule, target: object, args: tuple, *, before: fx.Node, pass_name: str,

@@ -13,7 +13,8 @@ from typing import ClassVar
 
 from torch import fx
 
-from qcompile import Pass, PassResult, remove_dead_nodes
+from qcompile.ir.graph import remove_dead_nodes
+from qcompile.pipeline import Pass, PassResult
 
 
 @dataclass(frozen=True)

@@ -28,13 +28,9 @@ from typing import ClassVar
 import torch
 from torch import fx
 
-from qcompile import (
-    STANDS_FOR,
-    Pass,
-    PassResult,
-    Provenance,
-    insert_call,
-)
+from qcompile.ir.graph import insert_call
+from qcompile.ir.meta import Provenance, STANDS_FOR
+from qcompile.pipeline import Pass, PassResult
 from qcompile.qdq import DEQUANTIZE, SHARES_QPARAMS, is_dequantize, is_quantize, qparams_of
 
 aten = torch.ops.aten

@@ -22,20 +22,10 @@ from typing import Any, ClassVar
 import torch
 from torch import fx
 
-from qcompile import (
-    Match,
-    Pass,
-    PassResult,
-    Provenance,
-    Rule,
-    RuleSet,
-    add_constant,
-    apply_rule_set,
-    constant_value,
-    op_arguments,
-    register_rule_set,
-    set_provenance,
-)
+from qcompile.ir.graph import add_constant, constant_value, op_arguments
+from qcompile.ir.meta import Provenance, set_provenance
+from qcompile.pipeline import Pass, PassResult
+from qcompile.rewrite import Match, Rule, RuleSet, apply_rule_set, register_rule_set
 
 aten = torch.ops.aten
 

@@ -20,7 +20,9 @@ from typing import ClassVar
 import torch
 from torch import fx
 
-from qcompile import Fusion, Pass, PassResult, get_fusion, op_arguments, set_fusion
+from qcompile.ir.graph import op_arguments
+from qcompile.ir.meta import Fusion, get_fusion, set_fusion
+from qcompile.pipeline import Pass, PassResult
 
 aten = torch.ops.aten
 

@@ -21,17 +21,10 @@ from typing import ClassVar
 
 from torch import fx
 
-from qcompile import (
-    Observer,
-    Pass,
-    PassResult,
-    Provenance,
-    get_qspec,
-    make_observer,
-    observation_root,
-    set_provenance,
-    source_module,
-)
+from qcompile.ir.meta import Provenance, get_qspec, set_provenance, source_module
+from qcompile.observers import Observer, make_observer
+from qcompile.pipeline import Pass, PassResult
+from qcompile.qdq import observation_root
 
 
 def _is_observer(gm: fx.GraphModule, node: fx.Node) -> bool:

@@ -27,17 +27,9 @@ from typing import ClassVar
 import torch
 from torch import fx
 
-from qcompile import (
-    Fusion,
-    Pass,
-    PassResult,
-    Provenance,
-    add_constant,
-    constant_value,
-    get_fusion,
-    insert_call,
-    op_arguments,
-)
+from qcompile.ir.graph import add_constant, constant_value, insert_call, op_arguments
+from qcompile.ir.meta import Fusion, Provenance, get_fusion
+from qcompile.pipeline import Pass, PassResult
 from qcompile.qdq import QParams, is_dequantize, is_quantize, qparams_of
 
 aten = torch.ops.aten

@@ -22,16 +22,9 @@ from typing import ClassVar
 import torch
 from torch import fx
 
-from qcompile import (
-    Pass,
-    PassResult,
-    Provenance,
-    add_constant,
-    constant_value,
-    infer_fake_value,
-    insert_call,
-    op_arguments,
-)
+from qcompile.ir.graph import add_constant, constant_value, infer_fake_value, insert_call, op_arguments
+from qcompile.ir.meta import Provenance
+from qcompile.pipeline import Pass, PassResult
 
 SDPA = torch.ops.aten.scaled_dot_product_attention.default
 LINEAR = torch.ops.aten.linear.default

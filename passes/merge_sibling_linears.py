@@ -26,16 +26,9 @@ from typing import ClassVar
 import torch
 from torch import fx
 
-from qcompile import (
-    STANDS_FOR,
-    Pass,
-    PassResult,
-    Provenance,
-    add_constant,
-    constant_value,
-    insert_call,
-    remove_dead_nodes,
-)
+from qcompile.ir.graph import add_constant, constant_value, insert_call, remove_dead_nodes
+from qcompile.ir.meta import Provenance, STANDS_FOR
+from qcompile.pipeline import Pass, PassResult
 from qcompile.passes.fuse_patterns import fusion_group
 from qcompile.qdq import DEQUANTIZE, is_dequantize, is_quantize
 

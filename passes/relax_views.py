@@ -18,7 +18,7 @@ from typing import ClassVar
 import torch
 from torch import fx
 
-from qcompile import Pass, PassResult
+from qcompile.pipeline import Pass, PassResult
 from qcompile.kernel_check import kernel_contracts
 
 aten = torch.ops.aten

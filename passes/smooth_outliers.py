@@ -39,7 +39,9 @@ from typing import ClassVar
 import torch
 from torch import fx
 
-from qcompile import Pass, PassResult, Provenance, add_constant, constant_value, insert_call, remove_dead_nodes
+from qcompile.ir.graph import add_constant, constant_value, insert_call, remove_dead_nodes
+from qcompile.ir.meta import Provenance
+from qcompile.pipeline import Pass, PassResult
 from qcompile.outliers import LINEAR, ZERO_PRESERVING
 from qcompile.passes.fuse_patterns import residual_operand
 

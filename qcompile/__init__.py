@@ -62,10 +62,10 @@ from qcompile.observers import (
     Observer,
     make_observer,
 )
-from qcompile.pass_manager import (
+from qcompile.pass_manager import PassManager
+from qcompile.pipeline import (
     Instrument,
     Pass,
-    PassManager,
     PassRecord,
     PassResult,
     Pipeline,

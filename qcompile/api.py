@@ -27,11 +27,14 @@ from qcompile.calibration import as_call, calibrate_robustly, empty_calibration_
 from qcompile.capture import capture, export_program
 from qcompile.errors import QCompileError
 from qcompile.input_check import check_call
+from qcompile.ir.meta import get_provenance, stand_ins
 from qcompile.kernel_check import check_kernels
 from qcompile.memory import release_freed_memory
-from qcompile.ir.meta import get_provenance, get_qspec, stand_ins
 from qcompile.outliers import quantized_linear_inputs, smoothing_plan
-from qcompile.pass_manager import Instrument, Pass, PassManager, Pipeline, PipelineResult
+from qcompile.pass_manager import PassManager
+from qcompile.passes.annotate import Annotate
+from qcompile.passes.smooth_outliers import SmoothOutliers
+from qcompile.pipeline import Instrument, Pass, Pipeline, PipelineResult
 from qcompile.plan import resolved_plan
 from qcompile.qconfig import QConfig, op_kind
 from qcompile.report import CompileReport, describe_plan, node_sqnr
@@ -208,8 +211,6 @@ def compile(
     if was_training:
         report.notes.append("the model was in training mode; it was captured in eval mode and left as it was")
     report.capture_s = round(time.perf_counter() - start, 2)
-    from qcompile.passes import Annotate  # the pass library imports this package's API
-
     prepare = Pipeline.parse(target.dynamic_prepare if dynamic else target.prepare)
     prepare = prepare.replace("annotate", Annotate(target=target.name, qconfig=qconfig))
     if not dynamic:  # read again by smoothing, by a calibration that leaves out an outlying batch, by SQNR
@@ -281,8 +282,6 @@ def _reiterable(data: Iterable[Any]) -> Iterable[Any]:
 def _smoothing_pass(gm: fx.GraphModule, target: Target, qconfig: QConfig | None, alpha: float,
                     data: Iterable[Any], example: tuple[tuple, dict]) -> Pass:
     """The smooth-outliers pass for ``gm``, its channels measured on ``data``."""
-    from qcompile.passes import SmoothOutliers
-
     config = qconfig if qconfig is not None else target.preset()
     quantized = {n.name for n in gm.graph.nodes
                  if n.op == "call_function" and op_kind(n) in target.op_rules and config.resolve(n)[0] is not None}

@@ -19,7 +19,7 @@ from qcompile.errors import PipelineParseError, VerificationError
 from qcompile.ir.graph import named_tensors
 from qcompile.ir.printer import diff_graphs, print_graph
 from qcompile.ir.verify import find_problems
-from qcompile.pass_manager import Instrument, Pass, PassResult, Pipeline, PipelineResult, registered_passes
+from qcompile.pipeline import Instrument, Pass, PassResult, Pipeline, PipelineResult, registered_passes
 
 
 class Timing(Instrument):

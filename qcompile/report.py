@@ -25,7 +25,7 @@ from torch import fx
 from torch.utils import _pytree as pytree
 
 from qcompile.ir.meta import get_qspec, source_module, stand_ins
-from qcompile.pass_manager import PassRecord
+from qcompile.pipeline import PassRecord
 from qcompile.qconfig import op_kind
 
 

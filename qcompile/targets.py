@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from qcompile.errors import QCompileError
-from qcompile.pass_manager import Pass, Pipeline
+from qcompile.pipeline import Pass, Pipeline
 from qcompile.qconfig import OpQuantConfig, QConfig, int8_preset
 from qcompile.spec import PerChannel, PerTensor
 

@@ -22,7 +22,8 @@ from torch.utils import _pytree as pytree
 
 from qcompile.instruments import NumericCheck, Verify, relative_error
 from qcompile.ir.printer import changed_lines, print_graph
-from qcompile.pass_manager import Pass, PassManager, PipelineResult
+from qcompile.pass_manager import PassManager
+from qcompile.pipeline import Pass, PipelineResult
 
 _DIRECTIVE = re.compile(r"^\s*(?://|#)?\s*(CHECK(?:-NEXT|-NOT)?):\s?(.*)$")
 
