@@ -28,72 +28,66 @@ from typing import ClassVar
 import torch
 from torch import fx
 
-from qcompile.ir.graph import insert_call
+from qcompile.ir.graph import insert_call, op_arguments
 from qcompile.ir.meta import Provenance, STANDS_FOR
 from qcompile.pipeline import Pass, PassResult
-from qcompile.qdq import DEQUANTIZE, SHARES_QPARAMS, is_dequantize, is_quantize, qparams_of
+from qcompile.qdq import DEQUANTIZE, QUANTIZE, SHARES_QPARAMS, DequantizeCall, QuantizeCall, qparams_of
 
 aten = torch.ops.aten
 MAX_POOL2D = aten.max_pool2d.default
 EMBEDDING = aten.embedding.default
 
 
-def _sink_through(gm: fx.GraphModule, op: fx.Node, dq: fx.Node, pass_name: str) -> fx.Node:
+def _sink_through(gm: fx.GraphModule, op: fx.Node, dq: DequantizeCall, pass_name: str) -> fx.Node:
     graph = gm.graph
-    provenance = Provenance(pass_name, "sink-dequantize", (op.name, dq.name))
-    moved = insert_call(gm, op.target, (dq.args[0], *op.args[1:]), before=op, provenance=provenance, meta_from=op,
+    provenance = Provenance(pass_name, "sink-dequantize", (op.name, dq.node.name))
+    # The data is argument 0 of every op moved here (SHARES_QPARAMS, embedding's weight).
+    moved = insert_call(gm, op.target, (dq.q, *op.args[1:]), before=op, provenance=provenance, meta_from=op,
                         kwargs=dict(op.kwargs))
-    new_dq = insert_call(gm, dq.target, (moved, *dq.args[1:]), before=op, provenance=provenance,
-                         kwargs=dict(dq.kwargs))
+    new_dq = insert_call(gm, DEQUANTIZE, (moved, dq.scale, dq.zero_point, dq.axis, dq.out_dtype), before=op,
+                         provenance=provenance)
     op.replace_all_uses_with(new_dq)
     graph.erase_node(op)
-    if not dq.users:
-        graph.erase_node(dq)
+    if not dq.node.users:
+        graph.erase_node(dq.node)
     return new_dq
 
 
-def _gather_rows(gm: fx.GraphModule, lookup: fx.Node, dq: fx.Node, pass_name: str) -> None:
-    provenance = Provenance(pass_name, "gather-rows", (lookup.name, dq.name))
-    ids = lookup.args[1]
+def _gather_rows(gm: fx.GraphModule, lookup: fx.Node, dq: DequantizeCall, pass_name: str) -> None:
+    provenance = Provenance(pass_name, "gather-rows", (lookup.name, dq.node.name))
+    ids = op_arguments(lookup)["indices"]
 
     def call(target: object, args: tuple) -> fx.Node:
         return insert_call(gm, target, args, before=lookup, provenance=provenance)
 
     flat = call(aten.reshape.default, (ids, [-1]))
-    table, scale, zero_point = dq.args[:3]
-    rows = call(DEQUANTIZE, (*(call(aten.index_select.default, (t, 0, flat)) for t in (table, scale, zero_point)),
-                             0, dq.args[4]))
+    rows = call(DEQUANTIZE, (*(call(aten.index_select.default, (t, 0, flat)) for t in (dq.q, dq.scale, dq.zero_point)),
+                             0, dq.out_dtype))
     shape = [size if isinstance(size, int) else call(aten.sym_size.int, (ids, dim))
              for dim, size in enumerate(ids.meta["val"].shape)]
     values = insert_call(gm, aten.view.default, (rows, [*shape, lookup.meta["val"].shape[-1]]), before=lookup,
                          provenance=Provenance(pass_name, STANDS_FOR, (lookup.name,)), meta_from=lookup)
     lookup.replace_all_uses_with(values)
     gm.graph.erase_node(lookup)
-    if not dq.users:
-        gm.graph.erase_node(dq)
+    if not dq.node.users:
+        gm.graph.erase_node(dq.node)
 
 
-def _hoist_above(gm: fx.GraphModule, q: fx.Node, pool: fx.Node, pass_name: str) -> None:
-    provenance = Provenance(pass_name, "hoist-quantize", (q.name, pool.name))
-    quantized = insert_call(gm, q.target, (pool.args[0], *q.args[1:]), before=q, provenance=provenance,
-                            meta_from=q, kwargs=dict(q.kwargs))
-    pooled = insert_call(gm, pool.target, (quantized, *pool.args[1:]), before=q, provenance=provenance,
+def _hoist_above(gm: fx.GraphModule, q: QuantizeCall, pool: fx.Node, pass_name: str) -> None:
+    provenance = Provenance(pass_name, "hoist-quantize", (q.node.name, pool.name))
+    quantized = insert_call(gm, QUANTIZE, (op_arguments(pool)["self"], q.scale, q.zero_point, q.axis, q.qmin,
+                                           q.qmax, q.dtype), before=q.node, provenance=provenance, meta_from=q.node)
+    pooled = insert_call(gm, pool.target, (quantized, *pool.args[1:]), before=q.node, provenance=provenance,
                          meta_from=pool, kwargs=dict(pool.kwargs))
-    q.replace_all_uses_with(pooled)
-    gm.graph.erase_node(q)
+    q.node.replace_all_uses_with(pooled)
+    gm.graph.erase_node(q.node)
     gm.graph.erase_node(pool)
 
 
-def _same_format(q: fx.Node, dq: fx.Node) -> bool:
+def _same_format(q: QuantizeCall, dq: DequantizeCall) -> bool:
     """Whether quantize ``q`` produces the integers ``dq`` reads, in the same dtype and range."""
-    source = dq.args[0]
-    source_val, q_val = source.meta.get("val"), q.meta.get("val")
-    return (
-        source_val is not None
-        and q_val is not None
-        and source_val.dtype == q_val.dtype
-        and (not is_quantize(source) or tuple(source.args[4:6]) == tuple(q.args[4:6]))
-    )
+    upstream = QuantizeCall.of(dq.q)
+    return dq.integer_dtype == q.dtype and (upstream is None or upstream.integer_format == q.integer_format)
 
 
 @dataclass(frozen=True)
@@ -107,23 +101,25 @@ class EliminateDequant(Pass):
         for node in list(gm.graph.nodes):
             if node.op != "call_function":
                 continue
+            # The data is argument 0 of the ops read here (shape ops, embedding's weight, quantize's x).
             source = node.args[0] if node.args else None
-            if node.target in SHARES_QPARAMS and is_dequantize(source) and source.args[3] is None:
-                _sink_through(gm, node, source, self.name)
+            dq, q = DequantizeCall.of(source), QuantizeCall.of(node)
+            if node.target in SHARES_QPARAMS and dq is not None and dq.axis is None:
+                _sink_through(gm, node, dq, self.name)
                 sunk += 1
-            elif node.target == EMBEDDING and is_dequantize(source) and source.args[3] is None:
-                _sink_through(gm, node, source, self.name)  # a per-tensor table: a lookup moves values
+            elif node.target == EMBEDDING and dq is not None and dq.axis is None:
+                _sink_through(gm, node, dq, self.name)  # a per-tensor table: a lookup moves values
                 sunk += 1
-            elif node.target == EMBEDDING and is_dequantize(source) and source.args[3] == 0:
-                _gather_rows(gm, node, source, self.name)
+            elif node.target == EMBEDDING and dq is not None and dq.axis == 0:
+                _gather_rows(gm, node, dq, self.name)
                 gathered += 1
-            elif (is_quantize(node) and isinstance(source, fx.Node) and source.target == MAX_POOL2D
-                  and len(source.users) == 1 and node.args[3] is None):
-                _hoist_above(gm, node, source, self.name)
+            elif (q is not None and isinstance(source, fx.Node) and source.target == MAX_POOL2D
+                  and len(source.users) == 1 and q.axis is None):
+                _hoist_above(gm, q, source, self.name)
                 hoisted += 1
-            elif is_quantize(node) and is_dequantize(source) and _same_format(node, source):
+            elif q is not None and dq is not None and _same_format(q, dq):
                 if qparams_of(gm, node).same_as(qparams_of(gm, source)):
-                    node.replace_all_uses_with(source.args[0])
+                    node.replace_all_uses_with(dq.q)
                     gm.graph.erase_node(node)
                     folded += 1
         counts = (("sunk", sunk), ("folded", folded), ("hoisted", hoisted), ("gathered", gathered))

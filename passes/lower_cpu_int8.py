@@ -30,7 +30,7 @@ from torch import fx
 from qcompile.ir.graph import add_constant, constant_value, insert_call, op_arguments
 from qcompile.ir.meta import Fusion, Provenance, get_fusion
 from qcompile.pipeline import Pass, PassResult
-from qcompile.qdq import QParams, is_dequantize, is_quantize, qparams_of
+from qcompile.qdq import DequantizeCall, QParams, QuantizeCall, is_dequantize, qparams_of
 
 aten = torch.ops.aten
 KERNELS = {aten.linear.default: "linear", aten.conv2d.default: "conv2d"}
@@ -48,47 +48,49 @@ class _Operands:
 
 def _operands(gm: fx.GraphModule, anchor: fx.Node) -> _Operands | str:
     """The kernel's inputs read off the Q/DQ form, or why the anchor does not fit the kernel."""
-    x_dq = anchor.args[0]
-    if not is_dequantize(x_dq):
+    op = op_arguments(anchor)  # linear(input, weight, bias) and conv2d(input, weight, bias, ...)
+    x_dq = DequantizeCall.of(op["input"])
+    if x_dq is None:
         return "input is not dequantized from integers (not quantized by the plan)"
-    if x_dq.args[0].meta["val"].dtype != torch.uint8 or x_dq.args[3] is not None:
+    if x_dq.integer_dtype != torch.uint8 or x_dq.axis is not None:
         return "input is not uint8 per-tensor"
-    w_dq = anchor.args[1]
-    if not is_dequantize(w_dq) or constant_value(gm, w_dq.args[0]) is None:
+    w_dq = DequantizeCall.of(op["weight"])
+    weight_q = constant_value(gm, w_dq.q) if w_dq is not None else None
+    if weight_q is None:
         return "weight is not a dequantized int8 constant"
-    w = qparams_of(gm, w_dq)
-    weight_q = constant_value(gm, w_dq.args[0])
+    w = qparams_of(gm, w_dq.node)
     if not w.static or weight_q.dtype != torch.int8 or w.axis not in (None, 0) or bool(w.zero_point.any()):
         return "weight is not int8 symmetric per output channel"
     channels = weight_q.shape[0]
-    bias_arg = anchor.args[2] if len(anchor.args) > 2 else None
-    if is_dequantize(bias_arg):
-        bias = _dequantized_constant(gm, bias_arg)
+    bias_dq = DequantizeCall.of(op["bias"])
+    if bias_dq is not None:
+        bias = _dequantized_constant(gm, bias_dq)
     else:
-        bias = constant_value(gm, bias_arg)
-        if bias_arg is not None and bias is None:
+        bias = constant_value(gm, op["bias"])
+        if op["bias"] is not None and bias is None:
             return "bias is computed in the graph"
-    if anchor.target == aten.conv2d.default and not isinstance(constant_value(gm, x_dq.args[1]), torch.Tensor):
+    if anchor.target == aten.conv2d.default and not isinstance(constant_value(gm, x_dq.scale), torch.Tensor):
         return "conv2d kernel packs with a static input scale (dynamic quantization is linear-only)"
-    return _Operands(x_dq.args[0], x_dq.args[1], x_dq.args[2], w_dq.args[0],
+    return _Operands(x_dq.q, x_dq.scale, x_dq.zero_point, w_dq.q,
                      w.scale.reshape(-1).expand(channels).contiguous().float(), bias)
 
 
-def _dequantized_constant(gm: fx.GraphModule, dq: fx.Node) -> torch.Tensor:
-    params = qparams_of(gm, dq)
-    return torch.ops.qc.dequantize(constant_value(gm, dq.args[0]), params.scale, params.zero_point, params.axis,
+def _dequantized_constant(gm: fx.GraphModule, dq: DequantizeCall) -> torch.Tensor:
+    params = qparams_of(gm, dq.node)
+    return torch.ops.qc.dequantize(constant_value(gm, dq.q), params.scale, params.zero_point, params.axis,
                                    torch.float32)
 
 
 def _uint8_static_source(gm: fx.GraphModule, value: fx.Node) -> tuple[fx.Node, float, int] | None:
     """``(q, S, Z)`` when ``value`` is ``dequantize(q, S, Z)`` of a uint8 tensor with constant
     per-tensor qparams: what a convolution's sum post-op can read instead of the float."""
-    if not is_dequantize(value) or value.args[0].meta["val"].dtype != torch.uint8:
+    dq = DequantizeCall.of(value)
+    if dq is None or dq.integer_dtype != torch.uint8:
         return None
     params = qparams_of(gm, value)
     if not params.static or params.axis is not None:
         return None
-    return value.args[0], float(params.scale.reshape(())), int(params.zero_point.reshape(()))
+    return dq.q, float(params.scale.reshape(())), int(params.zero_point.reshape(()))
 
 
 def _pair(values: list[int]) -> list[int]:
@@ -100,13 +102,14 @@ def _pair(values: list[int]) -> list[int]:
 def _requantize_target(gm: fx.GraphModule, last: fx.Node) -> tuple[list[fx.Node], QParams] | None:
     """The quantize users of ``last`` when all of them agree on one static uint8 per-tensor format."""
     users = list(last.users)
-    if not users or not all(is_quantize(u) for u in users):
+    calls = [QuantizeCall.of(u) for u in users]
+    if not users or None in calls:
         return None
     params = [qparams_of(gm, u) for u in users]
     first = params[0]
-    if not first.static or first.axis is not None or users[0].args[6] != torch.uint8:
+    if not first.static or first.axis is not None or calls[0].dtype != torch.uint8:
         return None
-    if any(not p.same_as(first) or u.args[4:7] != users[0].args[4:7] for p, u in zip(params, users)):
+    if any(not p.same_as(first) or c.integer_format != calls[0].integer_format for p, c in zip(params, calls)):
         return None
     return users, first
 
@@ -137,7 +140,7 @@ class LowerCpuInt8(Pass):
                 continue
             operands = _operands(gm, anchor)
             if isinstance(operands, str):
-                if is_dequantize(anchor.args[1]):
+                if is_dequantize(op_arguments(anchor)["weight"]):
                     kept[anchor.name] = operands
                 continue
             self._lower(gm, anchor, operands)
@@ -154,12 +157,12 @@ class LowerCpuInt8(Pass):
         if node.op != "call_function" or node.target != aten.max_pool2d.default:
             return False
         pool = op_arguments(node)
-        if node.args[0].meta["val"].dtype != torch.uint8 or pool["ceil_mode"] or list(pool["dilation"]) != [1, 1]:
+        if pool["self"].meta["val"].dtype != torch.uint8 or pool["ceil_mode"] or list(pool["dilation"]) != [1, 1]:
             return False
         kernel, padding = _pair(pool["kernel_size"]), _pair(pool["padding"])
         if any(2 * p >= k for p, k in zip(padding, kernel)):
             return False  # the kernel starts from the tap at the padding offset, which must lie inside
-        args = (node.args[0], kernel, _pair(pool["stride"] or kernel), padding)
+        args = (pool["self"], kernel, _pair(pool["stride"] or kernel), padding)
         pooled = insert_call(gm, torch.ops.qc.max_pool2d_uint8.default, args, before=node,
                              provenance=Provenance(self.name, "max_pool2d", (node.name,)), meta_from=node)
         node.replace_all_uses_with(pooled)

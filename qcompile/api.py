@@ -30,6 +30,7 @@ from qcompile.input_check import check_call
 from qcompile.ir.meta import get_provenance, stand_ins
 from qcompile.kernel_check import check_kernels
 from qcompile.memory import release_freed_memory
+from qcompile.onednn import Int8KernelCall
 from qcompile.outliers import quantized_linear_inputs, smoothing_plan
 from qcompile.pass_manager import PassManager
 from qcompile.passes.annotate import Annotate
@@ -37,13 +38,13 @@ from qcompile.passes.smooth_outliers import SmoothOutliers
 from qcompile.pipeline import Instrument, Pass, Pipeline, PipelineResult
 from qcompile.plan import resolved_plan
 from qcompile.qconfig import QConfig, op_kind
+from qcompile.qdq import DequantizeCall
 from qcompile.report import CompileReport, describe_plan, node_sqnr
 from qcompile.targets import Target, get_target
 
 if TYPE_CHECKING:
     from qcompile.onnx_export import OnnxExport
 
-KERNEL_OPS = ("linear_int8", "conv2d_int8")
 # The report's SQNR runs the float and the Q/DQ graph on this many calibration batches at most.
 SQNR_BATCHES = 8
 
@@ -91,19 +92,14 @@ def _kernel_descriptions(lowered: fx.GraphModule) -> dict[str, str]:
     merged kernel it was cut from; for a table lookup, the int8 rows it reads."""
     kernels, by_node = {}, {}
     for node in lowered.graph.nodes:
-        name = getattr(node.target, "__name__", "")
-        if node.op == "call_function" and name.split(".")[0] in KERNEL_OPS:
-            provenance = get_provenance(node)
-            post_op, out_dtype = node.args[-1], node.args[-2]
-            fused = [p for p in ("+add" if name.startswith("linear") and node.args[6] is not None else "",
-                                 f"+{post_op}" if post_op != "none" else "") if p]
-            dtype = str(out_dtype).removeprefix("torch.")
-            by_node[node] = kernels[provenance.sources[0]] = f"qc.{name.split('.')[0]}{''.join(fused)} -> {dtype}"
+        call = Int8KernelCall.of(node)
+        if call is not None:
+            by_node[node] = kernels[get_provenance(node).sources[0]] = call.describe()
     for source, stand_in in stand_ins(lowered.graph).items():
-        producer = stand_in.args[0] if stand_in.args else None
+        producer = next(iter(stand_in.all_input_nodes), None)  # the value the stand-in slices or reads
         if producer in by_node:
             kernels[source] = f"{by_node[producer]} (a slice of one merged GEMM)"
-        elif getattr(producer, "target", None) == torch.ops.qc.dequantize.default:
+        elif DequantizeCall.of(producer) is not None:
             dtype = str(stand_in.meta["val"].dtype).removeprefix("torch.")
             kernels[source] = f"int8 rows looked up, then dequantized -> {dtype}"
     return kernels

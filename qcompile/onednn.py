@@ -21,12 +21,15 @@ keeps packing out of the steady state.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
+from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, fx
 from torch.nn import functional as F
 from torch.utils.weak import WeakIdKeyDictionary
 
+from qcompile.ir.graph import op_arguments
 from qcompile.kernel_check import register_kernel
 
 # post_op name -> (oneDNN post-op name, algorithm): oneDNN's GELU takes its approximation as
@@ -248,3 +251,33 @@ def reference_conv2d_int8(x, x_scale, x_zero_point, weight, weight_scale, bias, 
 
 register_kernel(linear_int8, reference_linear_int8)
 register_kernel(conv2d_int8, reference_conv2d_int8)
+
+
+@dataclass(frozen=True)
+class Int8KernelCall:
+    """A ``qc.linear_int8`` / ``qc.conv2d_int8`` node read by argument name: what the report
+    and later passes need of a kernel (its input, output format, fused epilogue)."""
+
+    node: fx.Node
+    kernel: str  # "linear_int8" or "conv2d_int8"
+    x: fx.Node
+    other: Any
+    out_dtype: torch.dtype
+    post_op: str
+
+    @classmethod
+    def of(cls, node: object) -> Int8KernelCall | None:
+        if not isinstance(node, fx.Node) or node.op != "call_function" or node.target not in INT8_KERNELS:
+            return None
+        arguments = op_arguments(node)
+        return cls(node, INT8_KERNELS[node.target], arguments["x"], arguments["other"], arguments["out_dtype"],
+                   arguments["post_op"])
+
+    def describe(self) -> str:
+        """How the report names it: ``qc.linear_int8+add+gelu -> uint8``."""
+        fused = ("+add" if self.other is not None and self.kernel == "linear_int8" else "") + (
+            f"+{self.post_op}" if self.post_op != "none" else "")
+        return f"qc.{self.kernel}{fused} -> {str(self.out_dtype).removeprefix('torch.')}"
+
+
+INT8_KERNELS = {torch.ops.qc.linear_int8.default: "linear_int8", torch.ops.qc.conv2d_int8.default: "conv2d_int8"}

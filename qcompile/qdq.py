@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from qcompile.ir.graph import constant_value, describe_node
+from qcompile.ir.graph import constant_value, describe_node, op_arguments
 from qcompile.ir.verify import register_invariant
 from qcompile.observers import Observer
 
@@ -70,15 +70,64 @@ class QParams:
         return self.scale is other.scale and self.zero_point is other.zero_point
 
 
+@dataclass(frozen=True)
+class QuantizeCall:
+    """``qc.quantize(x, scale, zero_point, axis, qmin, qmax, dtype)``, read by argument name."""
+
+    node: fx.Node
+    x: fx.Node
+    scale: fx.Node
+    zero_point: fx.Node
+    axis: int | None
+    qmin: int
+    qmax: int
+    dtype: torch.dtype
+
+    @classmethod
+    def of(cls, node: object) -> QuantizeCall | None:
+        """The view of ``node`` when it is a quantize, else None."""
+        return cls(node, **op_arguments(node)) if is_quantize(node) else None
+
+    @property
+    def integer_format(self) -> tuple[int, int, torch.dtype]:
+        """(qmin, qmax, dtype): two quantizes with equal qparams and format give equal integers."""
+        return self.qmin, self.qmax, self.dtype
+
+
+@dataclass(frozen=True)
+class DequantizeCall:
+    """``qc.dequantize(q, scale, zero_point, axis, out_dtype)``, read by argument name."""
+
+    node: fx.Node
+    q: fx.Node
+    scale: fx.Node
+    zero_point: fx.Node
+    axis: int | None
+    out_dtype: torch.dtype
+
+    @classmethod
+    def of(cls, node: object) -> DequantizeCall | None:
+        """The view of ``node`` when it is a dequantize, else None."""
+        return cls(node, **op_arguments(node)) if is_dequantize(node) else None
+
+    @property
+    def integer_dtype(self) -> torch.dtype | None:
+        """The dtype of the integers it reads (from the fake value export recorded)."""
+        val = self.q.meta.get("val") if isinstance(self.q, fx.Node) else None
+        return val.dtype if isinstance(val, torch.Tensor) else None
+
+
 def qparams_of(gm: fx.GraphModule, node: fx.Node) -> QParams:
     """The qparams a quantize or dequantize node applies."""
-    scale_node, zero_point_node, axis = node.args[1], node.args[2], node.args[3]
-    scale = constant_value(gm, scale_node)
-    zero_point = constant_value(gm, zero_point_node)
+    call = QuantizeCall.of(node) or DequantizeCall.of(node)
+    if call is None:
+        raise TypeError(f"{describe_node(node)} is neither a quantize nor a dequantize")
+    scale = constant_value(gm, call.scale)
+    zero_point = constant_value(gm, call.zero_point)
     return QParams(
-        scale if scale is not None else scale_node,
-        zero_point if zero_point is not None else zero_point_node,
-        axis,
+        scale if scale is not None else call.scale,
+        zero_point if zero_point is not None else call.zero_point,
+        call.axis,
     )
 
 
@@ -105,7 +154,7 @@ def dequantize_reads_integers(gm: fx.GraphModule) -> list[str]:
     for node in gm.graph.nodes:
         if not is_dequantize(node):
             continue
-        source = node.args[0]
+        source = DequantizeCall.of(node).q
         val = source.meta.get("val") if isinstance(source, fx.Node) else None
         if isinstance(val, torch.Tensor) and val.is_floating_point() and val.dtype not in _FLOAT8:
             problems.append(f"{describe_node(node)} dequantizes {val.dtype}, not integers")
