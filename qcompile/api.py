@@ -30,7 +30,6 @@ from qcompile.input_check import check_call
 from qcompile.ir.meta import get_provenance, stand_ins
 from qcompile.kernel_check import check_kernels
 from qcompile.memory import release_freed_memory
-from qcompile.onednn import Int8KernelCall
 from qcompile.outliers import quantized_linear_inputs, smoothing_plan
 from qcompile.pass_manager import PassManager
 from qcompile.passes.annotate import Annotate
@@ -87,14 +86,16 @@ def _example(
     )
 
 
-def _kernel_descriptions(lowered: fx.GraphModule) -> dict[str, str]:
-    """What each planned node became, by name: its kernel; for a piece of a merged linear, the
-    merged kernel it was cut from; for a table lookup, the int8 rows it reads."""
+def _kernel_descriptions(lowered: fx.GraphModule, target: Target) -> dict[str, str]:
+    """What each planned node became, by name: its kernel, as the target describes it; for a
+    piece of a merged linear, the merged kernel it was cut from; for a table lookup, the int8
+    rows it reads."""
     kernels, by_node = {}, {}
     for node in lowered.graph.nodes:
-        call = Int8KernelCall.of(node)
-        if call is not None:
-            by_node[node] = kernels[get_provenance(node).sources[0]] = call.describe()
+        description = target.describe_kernel(node) if node.op == "call_function" else None
+        provenance = get_provenance(node)
+        if description is not None and provenance is not None and provenance.sources:
+            by_node[node] = kernels[provenance.sources[0]] = description
     for source, stand_in in stand_ins(lowered.graph).items():
         producer = next(iter(stand_in.all_input_nodes), None)  # the value the stand-in slices or reads
         if producer in by_node:
@@ -245,7 +246,7 @@ def compile(
     sqnr, report.output_sqnr_db = node_sqnr(planned, qdq, sqnr_calls)
     report.sqnr_batches = len(sqnr_calls)
     release_freed_memory()
-    report.nodes = describe_plan(planned, _kernel_descriptions(lowered.graph_module), kept, sqnr, target.unlowered)
+    report.nodes = describe_plan(planned, _kernel_descriptions(lowered.graph_module, target), kept, sqnr, target.unlowered)
     report.plan = resolved_plan(planned, qdq)
     _restore_buffers((lowered.graph_module, qdq), initial_buffers)
     return QuantizedModel(lowered.graph_module, qdq, report, (args, kwargs))

@@ -281,3 +281,9 @@ class Int8KernelCall:
 
 
 INT8_KERNELS = {torch.ops.qc.linear_int8.default: "linear_int8", torch.ops.qc.conv2d_int8.default: "conv2d_int8"}
+
+
+def describe_int8_kernel(node: fx.Node) -> str | None:
+    """The report's name for a oneDNN int8 kernel node (cpu-int8's ``describe_kernel``)."""
+    call = Int8KernelCall.of(node)
+    return call.describe() if call is not None else None

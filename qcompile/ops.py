@@ -5,6 +5,7 @@ zero-point tensors, never on torch's quantized tensor types. ``axis`` is ``None`
 per-tensor parameters (one-element tensors) or the channel axis for per-channel ones.
 
     quantize:    q = clamp(round(r / S) + Z, qmin, qmax)   (round half to even, as oneDNN and ONNX do)
+                 q = fp8(clamp(r / S, -max, max))         (float8 storage: the cast rounds to nearest)
     dequantize:  r = S · (q − Z)
 
 Each op has a fake kernel so graphs that contain it can be exported and shape-propagated.
@@ -57,6 +58,8 @@ def quantize(
     # Round before adding Z, as ONNX's QuantizeLinear does: in float32, r/S + Z can land on a
     # .5 tie that r/S did not, and the exported model must give the same integers.
     scaled = torch.div(x.to(torch.float32), s)
+    if dtype.is_floating_point:  # float8: saturate to the finite range, round to nearest in the cast
+        return scaled.add_(z).clamp_(qmin, qmax).to(dtype)
     if qmax - qmin >= _ROUNDING_WINDOW:  # int32 (bias) ranges: the plain sequence
         return scaled.round_().add_(z).clamp_(qmin, qmax).to(torch.int32).to(dtype)
     # Adding 1.5 * 2**23 rounds r/S half to even (float32 values within 2**22 of it are exactly

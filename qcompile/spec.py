@@ -105,21 +105,22 @@ class QuantSpec:
 
     @property
     def qmin(self) -> int:
-        self._require_integer()
+        """The lowest value ``quantize`` clamps to: the integer range's, or for float8 minus its
+        largest finite magnitude (-448 for E4M3, -57344 for E5M2; both integers)."""
+        if self.is_float8:
+            return -int(torch.finfo(self.storage_dtype).max)
         return _INTEGER_RANGES[self.dtype][1]
 
     @property
     def qmax(self) -> int:
-        self._require_integer()
+        """The highest value ``quantize`` clamps to (see :attr:`qmin`)."""
+        if self.is_float8:
+            return int(torch.finfo(self.storage_dtype).max)
         return _INTEGER_RANGES[self.dtype][2]
 
     @property
     def axis(self) -> int | None:
         return None if isinstance(self.granularity, PerTensor) else self.granularity.axis
-
-    def _require_integer(self) -> None:
-        if self.is_float8:
-            raise ValueError(f"{self.dtype} has no integer range")
 
     def __str__(self) -> str:
         scheme = "sym" if self.symmetric else "affine"

@@ -19,7 +19,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
+from torch import fx
+
 from qcompile.errors import QCompileError
+from qcompile.onednn import describe_int8_kernel
 from qcompile.pipeline import Pass, Pipeline
 from qcompile.qconfig import OpQuantConfig, QConfig, int8_preset
 from qcompile.spec import PerChannel, PerTensor
@@ -88,6 +91,8 @@ class Target:
     properties_after_prepare: frozenset[str] = field(default_factory=frozenset)
     # What the report says of a quantized node that no lowering pass turned into a kernel.
     unlowered: str = "reference Q/DQ, not lowered"
+    # How the report names a kernel node of this target's lowered graph (None: not a kernel).
+    describe_kernel: Callable[[fx.Node], str | None] = lambda node: None
 
     def with_pass(self, new_pass: Pass, *, after: str | None = None, before: str | None = None,
                   stage: str | None = None) -> Target:
@@ -161,6 +166,7 @@ register_target(
         dynamic_prepare=f"{_CLEANUP},annotate",
         dynamic_convert="convert{dynamic=true},eliminate-dequant,eliminate-dead-code",
         properties_after_prepare=frozenset({"bn-folded", "annotated"}),
+        describe_kernel=describe_int8_kernel,
     )
 )
 
