@@ -35,7 +35,7 @@ from qcompile.pass_manager import PassManager
 from qcompile.passes.annotate import Annotate
 from qcompile.passes.smooth_outliers import SmoothOutliers
 from qcompile.pipeline import Instrument, Pass, Pipeline, PipelineResult
-from qcompile.plan import resolved_plan
+from qcompile.plan import plan_qconfig, resolved_plan
 from qcompile.qconfig import QConfig, op_kind
 from qcompile.qdq import DequantizeCall
 from qcompile.report import CompileReport, describe_plan, node_sqnr
@@ -181,6 +181,7 @@ def compile(
     verify: bool = False,
     progress: bool | None = None,
     outlier_smoothing: float | None = 0.75,
+    plan: str | Path | dict[str, Any] | None = None,
 ) -> QuantizedModel:
     """Quantize ``model`` for ``target``; see the module docstring for how inputs are found.
 
@@ -189,12 +190,20 @@ def compile(
     the outliers are split into a float matmul, elsewhere channels are scaled into the weights
     with this migration strength (SmoothQuant's alpha, 0 to 1; see ``qcompile.outliers``). None
     leaves the channels as they are. Smoothing, an outlying batch left out of calibration and
-    the report's SQNR read the calibration data again, so a one-shot iterator is kept in a list."""
+    the report's SQNR read the calibration data again, so a one-shot iterator is kept in a list.
+
+    ``plan``: a plan written by ``qm.report.write_plan`` (a path or its JSON), replayed instead of
+    a ``qconfig``: every node gets the specs the plan lists (edited plans too: a node whose
+    entry has no inputs stays float), so the same model and data give the same Q/DQ graph."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"compile() needs an nn.Module, got {type(model).__name__}")
     if outlier_smoothing is not None and not 0.0 <= outlier_smoothing <= 1.0:
         raise QCompileError(f"outlier_smoothing is a migration strength between 0 and 1 (or None for off), "
                             f"got {outlier_smoothing}")
+    if plan is not None:
+        if qconfig is not None:
+            raise QCompileError("compile takes a qconfig or a plan to replay, not both")
+        qconfig = plan_qconfig(plan)
     target = target if isinstance(target, Target) else get_target(target)
     args, kwargs, calibration_data = _example(model, example_inputs, example_kwargs, calibration_data)
     dynamic = calibration_data is None

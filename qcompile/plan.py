@@ -9,13 +9,18 @@ compiles, reviewed, or checked by a script.
 
 from __future__ import annotations
 
+import json
+import re
+from pathlib import Path
 from typing import Any
 
 from torch import fx
 
+from qcompile.errors import QCompileError
 from qcompile.ir.meta import EdgeQuant, get_qspec, source_module
-from qcompile.qconfig import op_kind
+from qcompile.qconfig import OpQuantConfig, QConfig, op_kind
 from qcompile.qdq import is_dequantize, is_quantize, qparams_of
+from qcompile.spec import PerChannel, PerGroup, PerTensor, QuantSpec
 
 
 def _scalar_qparams(gm: fx.GraphModule, node: fx.Node) -> dict[str, float | int]:
@@ -60,6 +65,8 @@ def resolved_plan(planned: fx.GraphModule, qdq: fx.GraphModule | None = None) ->
                 "index": index, "role": edge.role, "dtype": spec.dtype, "symmetric": spec.symmetric,
                 "granularity": str(spec.granularity), "observer": spec.observer,
             }
+            if spec.observer == "percentile":
+                described["percentile"] = spec.percentile
             if edge.observe_at:
                 described["observe_at"] = edge.observe_at
             described.update(_calibrated(qdq, edge, node.name, index))
@@ -68,3 +75,38 @@ def resolved_plan(planned: fx.GraphModule, qdq: fx.GraphModule | None = None) ->
             entry["inputs"] = inputs
         entries.append(entry)
     return entries
+
+
+_GRANULARITY = re.compile(r"per-tensor|per-channel\((-?\d+)\)|per-group\((-?\d+),(\d+)\)")
+
+
+def _spec(described: dict[str, Any]) -> QuantSpec:
+    match = _GRANULARITY.fullmatch(described["granularity"])
+    if match is None:
+        raise QCompileError(f"plan: granularity '{described['granularity']}' is not per-tensor, per-channel(axis) "
+                            "or per-group(axis,size)")
+    channel, group_axis, group_size = match.groups()
+    granularity = (PerChannel(int(channel)) if channel is not None else
+                   PerGroup(int(group_axis), int(group_size)) if group_axis is not None else PerTensor())
+    extra = {"percentile": described["percentile"]} if "percentile" in described else {}
+    return QuantSpec(described["dtype"], described["symmetric"], granularity, described["observer"], **extra)
+
+
+def plan_qconfig(plan: str | Path | dict[str, Any]) -> QConfig:
+    """The QConfig that replays a plan written by ``report.write_plan``: each node it lists gets
+    the specs it lists (or stays float, with an edited plan too), every other node stays float.
+    The same model and calibration data then give the same Q/DQ graph."""
+    data = json.loads(Path(plan).read_text()) if isinstance(plan, (str, Path)) else plan
+    try:
+        entries = data["nodes"]
+        config = QConfig()
+        for entry in entries:
+            if "shares_qparams_of" in entry:
+                continue
+            specs = {e["role"]: _spec(e) for e in entry.get("inputs", ()) if e["role"] in ("activation", "weight")}
+            chosen = OpQuantConfig(specs.get("activation"), specs.get("weight")) if specs else None
+            config = config.set_node(entry["node"], chosen)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise QCompileError(f"plan {plan if not isinstance(plan, dict) else ''}: not a qcompile plan "
+                            f"({type(exc).__name__}: {exc})") from exc
+    return config

@@ -59,9 +59,12 @@ class QConfig:
     by_module_type: dict[str, Choice] = field(default_factory=dict)
     by_module_regex: tuple[tuple[str, Choice], ...] = ()
     by_module_name: dict[str, Choice] = field(default_factory=dict)
+    # Per graph node, the most specific of all: what a replayed plan (qcompile.plan) sets.
+    by_node: dict[str, Choice] = field(default_factory=dict)
 
     def __str__(self) -> str:
-        rules = len(self.by_op) + len(self.by_module_type) + len(self.by_module_regex) + len(self.by_module_name)
+        rules = (len(self.by_op) + len(self.by_module_type) + len(self.by_module_regex) + len(self.by_module_name)
+                 + len(self.by_node))
         return f"<QConfig with {rules} rules>"
 
     def set_default(self, config: Choice) -> QConfig:
@@ -81,8 +84,13 @@ class QConfig:
     def set_module_name(self, name: str, config: Choice) -> QConfig:
         return dataclasses.replace(self, by_module_name={**self.by_module_name, name: config})
 
+    def set_node(self, name: str, config: Choice) -> QConfig:
+        return dataclasses.replace(self, by_node={**self.by_node, name: config})
+
     def resolve(self, node: fx.Node) -> tuple[Choice, str]:
         """The config for ``node`` and a description of the rule that chose it."""
+        if node.name in self.by_node:
+            return self.by_node[node.name], f"node '{node.name}' of a replayed plan"
         chain = _module_chain(node)
         for path, _ in chain:
             if path in self.by_module_name:

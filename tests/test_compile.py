@@ -195,3 +195,30 @@ def test_dumps_of_a_whole_compile_are_one_numbered_sequence(tmp_path):
     assert [int(d[:3]) for d in diffs] == list(range(1, len(ran) + 1))
     stages = (tmp_path / "pipeline.txt").read_text().splitlines()
     assert len(stages) == 4 and stages[0].startswith("001: canonicalize") and "lower-cpu-int8" in stages[-1]
+
+
+def test_a_written_plan_replays_to_the_same_qdq_graph_and_an_edited_one_keeps_its_float_node(tmp_path):
+    data = batches((4, 16))
+    first = qcompile.compile(TinyBlock(), calibration_data=data, progress=False)
+    path = first.report.write_plan(tmp_path / "plan.json")
+    replayed = qcompile.compile(TinyBlock(), calibration_data=data, progress=False, plan=path)
+    # The same ops, constants and numbers; only the recorded reasons differ ("replayed plan").
+    assert _without_annotations(replayed.qdq_graph_module) == _without_annotations(first.qdq_graph_module)
+    x = batches((3, 16), count=1, seed=9)[0][0]
+    assert torch.equal(replayed(x), first(x))
+    assert all("replayed plan" in n["rule"] for n in replayed.report.plan if "inputs" in n)
+
+    edited = json.loads(path.read_text())
+    second = next(n for n in edited["nodes"] if n["node"] == "linear_1")
+    del second["inputs"]  # the user sets the second linear to float
+    replayed = qcompile.compile(TinyBlock(), calibration_data=data, progress=False, plan=edited)
+    precision = {n.name: n.precision for n in replayed.report.nodes}
+    assert (precision["linear"], precision["linear_1"]) == ("int8", "float")
+    with pytest.raises(qcompile.QCompileError, match="a qconfig or a plan"):
+        qcompile.compile(TinyBlock(), calibration_data=data, plan=edited, qconfig=qcompile.int8_preset())
+
+
+def _without_annotations(gm):
+    import re
+
+    return re.sub(r"  \{qc\.qspec=.*\}$", "", qcompile.print_graph(gm), flags=re.M)
