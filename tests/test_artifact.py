@@ -184,3 +184,21 @@ def test_tensor_names_must_be_the_ones_the_header_lists(tmp_path, saved):
     path = rewrite(saved[1], tmp_path / "n.qc", lambda d: d["tensors"].append("weight:../../etc/passwd"))
     with pytest.raises(qcompile.QCompileError, match="tensors in the file"):
         qcompile.load(path)
+
+
+@pytest.mark.parametrize("member, payload_kind", [
+    ("data/weights/model_weights_config.json", "use_pickle weights"),
+    ("data/constants/opaque_obj_0", "an opaque pickled constant"),
+    ("../../outside.qc.json", "a path outside the archive"),
+])
+def test_archives_with_pickled_weights_opaque_constants_or_traversal_are_refused_unread(tmp_path, member, payload_kind):
+    marker = tmp_path / "ran"
+    crafted = io.BytesIO()
+    with zipfile.ZipFile(crafted, "w") as archive:
+        archive.writestr("archive_format", "pt2")
+        archive.writestr(member, __import__("pickle").dumps(Payload(marker)))
+    path = tmp_path / "crafted.qc"
+    path.write_bytes(crafted.getvalue())
+    with pytest.raises(qcompile.QCompileError, match="zip archive"):
+        qcompile.load(path)
+    assert not marker.exists() and not (tmp_path.parent.parent / "outside.qc.json").exists(), payload_kind
