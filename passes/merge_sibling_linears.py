@@ -26,11 +26,11 @@ from typing import ClassVar
 import torch
 from torch import fx
 
-from qcompile.ir.graph import add_constant, constant_value, insert_call, remove_dead_nodes
+from qcompile.ir.graph import add_constant, constant_value, insert_call, op_arguments, remove_dead_nodes
 from qcompile.ir.meta import Provenance, STANDS_FOR
 from qcompile.pipeline import Pass, PassResult
 from qcompile.passes.fuse_patterns import fusion_group
-from qcompile.qdq import DEQUANTIZE, is_dequantize, is_quantize
+from qcompile.qdq import DEQUANTIZE, DequantizeCall, is_quantize
 
 aten = torch.ops.aten
 LINEAR = aten.linear.default
@@ -58,17 +58,18 @@ def _operand(gm: fx.GraphModule, node: object) -> _Operand | None:
     value = constant_value(gm, node)
     if value is not None:
         return _Operand(value)
-    if not is_dequantize(node) or node.args[3] not in (0, None):
+    dq = DequantizeCall.of(node)
+    if dq is None or dq.axis not in (0, None):
         return None
-    values, scale, zero_point = (constant_value(gm, a) for a in node.args[:3])
+    values, scale, zero_point = (constant_value(gm, a) for a in (dq.q, dq.scale, dq.zero_point))
     if values is None or scale is None or zero_point is None:
         return None
     rows = values.shape[0]
     if scale.numel() == 1 and zero_point.numel() == 1:
         scale, zero_point = scale.reshape(1).expand(rows), zero_point.reshape(1).expand(rows)
-    elif node.args[3] != 0 or scale.numel() != rows or zero_point.numel() != rows:
+    elif dq.axis != 0 or scale.numel() != rows or zero_point.numel() != rows:
         return None
-    return _Operand(values, scale.reshape(rows), zero_point.reshape(rows), node.args[4])
+    return _Operand(values, scale.reshape(rows), zero_point.reshape(rows), dq.out_dtype)
 
 
 def _plain_float_output(node: fx.Node) -> bool:
@@ -83,8 +84,9 @@ def _sibling_key(gm: fx.GraphModule, node: fx.Node) -> tuple | None:
     """What siblings must share to stack, or None when ``node`` cannot join a merge."""
     if node.op != "call_function" or node.target != LINEAR or node.kwargs or not _plain_float_output(node):
         return None
-    weight = _operand(gm, node.args[1])
-    bias_arg = node.args[2] if len(node.args) > 2 else None
+    linear = op_arguments(node)
+    weight = _operand(gm, linear["weight"])
+    bias_arg = linear["bias"]
     bias = None if bias_arg is None else _operand(gm, bias_arg)
     if weight is None or (bias_arg is not None and bias is None):
         return None
@@ -112,8 +114,9 @@ class MergeSiblingLinears(Pass):
         groups: dict[tuple[fx.Node, tuple], list[fx.Node]] = defaultdict(list)
         for node in gm.graph.nodes:
             key = _sibling_key(gm, node)
-            if key is not None and isinstance(node.args[0], fx.Node):
-                groups[(node.args[0], key)].append(node)
+            x = op_arguments(node)["input"] if key is not None else None
+            if isinstance(x, fx.Node):
+                groups[(x, key)].append(node)
         merged = {}
         for siblings in groups.values():
             if len(siblings) > 1:
@@ -125,12 +128,13 @@ class MergeSiblingLinears(Pass):
     def _merge(self, gm: fx.GraphModule, siblings: list[fx.Node]) -> fx.Node:
         first = siblings[0]
         provenance = Provenance(self.name, "merge", tuple(s.name for s in siblings))
-        weights = [_operand(gm, s.args[1]) for s in siblings]
+        linears = [op_arguments(s) for s in siblings]
+        weights = [_operand(gm, linear["weight"]) for linear in linears]
         weight = _stacked(gm, weights, f"{first.name}_merged_weight", first, provenance)
-        has_bias = len(first.args) > 2 and first.args[2] is not None
-        bias = (_stacked(gm, [_operand(gm, s.args[2]) for s in siblings], f"{first.name}_merged_bias", first,
-                         provenance) if has_bias else None)
-        merged = insert_call(gm, LINEAR, (first.args[0], weight, bias), before=first, provenance=provenance,
+        has_bias = linears[0]["bias"] is not None
+        bias = (_stacked(gm, [_operand(gm, linear["bias"]) for linear in linears], f"{first.name}_merged_bias",
+                         first, provenance) if has_bias else None)
+        merged = insert_call(gm, LINEAR, (linears[0]["input"], weight, bias), before=first, provenance=provenance,
                              meta_from=first)
         dim = merged.meta["val"].dim() - 1
         bounds = torch.tensor([0, *(w.values.shape[0] for w in weights)]).cumsum(0).tolist()
