@@ -35,11 +35,18 @@ from onnxscript import opset21 as op
 from torch import fx
 
 from qcompile.capture import export_program
-from qcompile.ir.graph import add_constant, constant_value, copy_graph_module, remove_dead_nodes
+from qcompile.ir.graph import (
+    add_constant,
+    constant_value,
+    copy_graph_module,
+    op_arguments,
+    remove_dead_nodes,
+    set_argument,
+)
 from qcompile.errors import NodeError, QCompileError
 from qcompile.observers import Observer
 from qcompile.onnx_check import CrossCheck, cross_check
-from qcompile.qdq import DEQUANTIZE, QUANTIZE, is_dequantize
+from qcompile.qdq import DEQUANTIZE, QUANTIZE, DequantizeCall, QuantizeCall
 
 OPSET = 21
 # The full range of each integer storage type: ONNX's QuantizeLinear saturates to exactly these.
@@ -118,11 +125,11 @@ def _check_exportable(gm: fx.GraphModule) -> None:
             hint = (" (dynamic quantization: compile with calibration_data for a static QDQ file)"
                     if node.target.name().startswith("qc::choose_qparams") else "")
             raise NodeError(node, f"op {node.target.name()} has no ONNX translation{hint}")
-        if node.target == QUANTIZE:
-            _, _, _, _, qmin, qmax, dtype = node.args
-            if _FULL_RANGES.get(dtype) != (qmin, qmax):
-                raise NodeError(node, f"quantize to {dtype} with range [{qmin}, {qmax}]: ONNX QuantizeLinear "
-                                      "saturates to the full range of its type, so this range cannot be exported")
+        quantize = QuantizeCall.of(node)
+        if quantize is not None and _FULL_RANGES.get(quantize.dtype) != (quantize.qmin, quantize.qmax):
+            raise NodeError(node, f"quantize to {quantize.dtype} with range [{quantize.qmin}, {quantize.qmax}]: ONNX "
+                                  "QuantizeLinear saturates to the full range of its type, so this range cannot be "
+                                  "exported")
 
 
 def _writable(path: Path) -> None:
@@ -153,14 +160,15 @@ def _float_matmul_biases(gm: fx.GraphModule) -> None:
     per linear. Gemm and Conv keep the int32 bias: their QDQ fusions (QGemm, QLinearConv) take it.
     """
     for node in list(gm.graph.nodes):
-        if node.target != torch.ops.aten.linear.default or len(node.args) < 3 or not is_dequantize(node.args[2]):
+        linear = op_arguments(node) if node.target == torch.ops.aten.linear.default else None
+        bias = DequantizeCall.of(linear["bias"]) if linear is not None else None
+        if bias is None:
             continue
-        bias = node.args[2]
-        stored = [constant_value(gm, a) for a in bias.args[:3]]
-        if any(t is None for t in stored) or node.args[0].meta["val"].dim() <= 2:
+        stored = [constant_value(gm, a) for a in (bias.q, bias.scale, bias.zero_point)]
+        if any(t is None for t in stored) or linear["input"].meta["val"].dim() <= 2:
             continue
-        value = torch.ops.qc.dequantize(*stored, *bias.args[3:])
-        node.update_arg(2, add_constant(gm, value, f"{bias.args[0].target}_float", before=node))
+        value = torch.ops.qc.dequantize(*stored, bias.axis, bias.out_dtype)
+        set_argument(node, "bias", add_constant(gm, value, f"{bias.q.target}_float", before=node))
 
 
 def _residual_adds_as_sums(gm: fx.GraphModule) -> None:

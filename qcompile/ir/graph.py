@@ -176,6 +176,19 @@ def op_arguments(node: fx.Node) -> dict[str, Any]:
     return arguments
 
 
+def set_argument(node: fx.Node, name: str, value: Any) -> None:
+    """Replace a call's argument by schema name, wherever the call spelled it (keyword or position)."""
+    if name in node.kwargs:
+        node.update_kwarg(name, value)
+        return
+    names = [a.name for a in node.target._schema.arguments]
+    index = names.index(name)
+    if index < len(node.args):
+        node.update_arg(index, value)
+    else:
+        node.update_kwarg(name, value)
+
+
 def is_mutating(node: fx.Node) -> bool:
     """Whether a node writes into one of its inputs (``add_``, ``copy_``, ``detach_``...)."""
     schema = getattr(node.target, "_schema", None)
