@@ -43,7 +43,7 @@ from qcompile.ir.graph import add_constant, constant_value, insert_call, remove_
 from qcompile.ir.meta import Provenance
 from qcompile.pipeline import Pass, PassResult
 from qcompile.outliers import LINEAR, ZERO_PRESERVING
-from qcompile.passes.fuse_patterns import residual_operand
+from qcompile.targets.cpu_int8.fuse_patterns import residual_operand
 
 aten = torch.ops.aten
 

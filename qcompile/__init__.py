@@ -4,7 +4,7 @@ One ATen-level fx graph from ``torch.export``, pure passes under a pass manager,
 real int8 kernels or ONNX QDQ. This module is the public API, the same one built-in passes use.
 """
 
-from qcompile import bf16_kernels, onednn, ops, uint8_kernels  # noqa: F401  (register torch.ops.qc.*)
+from qcompile import ops  # noqa: F401  (registers qc.quantize / qc.dequantize; targets register their kernels)
 from qcompile.api import QuantizedModel, compile, load
 from qcompile.calibration import calibrate
 from qcompile.capture import capture
@@ -190,7 +190,7 @@ _ONNX_EXPORT = ("export_onnx", "OnnxExport", "CrossCheck")
 def __getattr__(name: str):
     """The ONNX exporter loads onnxscript, so it is imported on first use, not with qcompile."""
     if name in _ONNX_EXPORT:
-        from qcompile import onnx_check, onnx_export
+        from qcompile.targets.onnx_qdq import check, export
 
-        return getattr(onnx_export, name, None) or getattr(onnx_check, name)
+        return getattr(export, name, None) or getattr(check, name)
     raise AttributeError(f"module 'qcompile' has no attribute '{name}'")

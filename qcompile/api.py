@@ -42,7 +42,7 @@ from qcompile.report import CompileReport, describe_plan, node_sqnr
 from qcompile.targets import Target, get_target
 
 if TYPE_CHECKING:
-    from qcompile.onnx_export import OnnxExport
+    from qcompile.targets.onnx_qdq.export import OnnxExport
 
 # The report's SQNR runs the float and the Q/DQ graph on this many calibration batches at most.
 SQNR_BATCHES = 8
@@ -134,8 +134,8 @@ class QuantizedModel(nn.Module):
 
     def export_onnx(self, path: str | Path, *, check: bool = True, tolerance_steps: float = 1.0) -> OnnxExport:
         """Write the Q/DQ graph as an ONNX QDQ file, cross-checked in ONNX Runtime on the example
-        inputs (see :func:`qcompile.onnx_export.export_onnx`)."""
-        from qcompile.onnx_export import export_onnx  # onnxscript loads only when exporting
+        inputs (see :func:`qcompile.targets.onnx_qdq.export.export_onnx`)."""
+        from qcompile.targets.onnx_qdq.export import export_onnx  # onnxscript loads only when exporting
 
         args, kwargs = self.example
         return export_onnx(self.qdq_graph_module, path, args, kwargs, check=check, tolerance_steps=tolerance_steps)

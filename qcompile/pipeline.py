@@ -100,6 +100,7 @@ def _qualified(cls: type) -> str:
 def registered_passes() -> dict[str, type[Pass]]:
     """Every pass class with a name, built-in or user-defined, by name."""
     import qcompile.passes  # noqa: F401  (importing registers the built-in passes)
+    import qcompile.targets  # noqa: F401  (and each built-in target's own passes)
 
     return dict(_PASS_REGISTRY)
 

@@ -1,7 +1,7 @@
 """fuse-patterns (passes/fuse_patterns.py): marks kernel groups, changes nothing else."""
 
 import torch
-from qcompile.passes import FusePatterns
+from qcompile.targets.cpu_int8 import FusePatterns
 
 import qcompile
 from qcompile.testing import assert_pass_contract, check_graph

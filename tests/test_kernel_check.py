@@ -5,10 +5,10 @@ import torch
 from torch import nn
 
 import qcompile
-from qcompile.bf16_kernels import reference_attention_bf16
+from qcompile.targets.cpu_int8.bf16_kernels import reference_attention_bf16
 from qcompile.kernel_check import KernelMismatchError, check_kernels, difference, register_kernel
-from qcompile.onednn import reference_conv2d_int8, reference_linear_int8
-from qcompile.uint8_kernels import reference_max_pool2d_uint8
+from qcompile.targets.cpu_int8.onednn import reference_conv2d_int8, reference_linear_int8
+from qcompile.targets.cpu_int8.uint8_kernels import reference_max_pool2d_uint8
 
 G = torch.Generator().manual_seed(0)
 

@@ -1,7 +1,8 @@
 """lower-cpu-int8 (passes/lower_cpu_int8.py): Q/DQ groups become oneDNN kernels with the output dtype their consumers want."""
 
 import torch
-from qcompile.passes import EliminateDequant, FusePatterns, LowerCpuInt8
+from qcompile.passes import EliminateDequant
+from qcompile.targets.cpu_int8 import FusePatterns, LowerCpuInt8
 
 import qcompile
 from qcompile.testing import assert_outputs_close, assert_pass_contract, check_graph

@@ -1,7 +1,7 @@
 """lower-float-bf16 (passes/lower_float_bf16.py): attention and float linears to bf16 kernels, within bf16 rounding of fp32."""
 
 import torch
-from qcompile.passes import LowerFloatBf16
+from qcompile.targets.cpu_int8 import LowerFloatBf16
 
 import qcompile
 from qcompile.testing import assert_outputs_close, assert_pass_contract, check_graph

@@ -1,7 +1,7 @@
 """merge-sibling-linears (passes/merge_sibling_linears.py): linears reading one value become one GEMM and its slices."""
 
 import torch
-from qcompile.passes import MergeSiblingLinears
+from qcompile.targets.cpu_int8 import MergeSiblingLinears
 
 import qcompile
 from qcompile.testing import assert_outputs_close, assert_pass_contract, check_graph

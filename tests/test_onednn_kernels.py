@@ -80,7 +80,7 @@ def test_fused_residual_add_then_relu():
 
 
 def test_weights_are_packed_once_per_tensor():
-    from qcompile.onednn import packed_linear_weight
+    from qcompile.targets.cpu_int8.onednn import packed_linear_weight
 
     w_q = quantized_problem()[3]
     assert packed_linear_weight(w_q) is packed_linear_weight(w_q)

@@ -11,7 +11,7 @@ from onnxscript import opset21 as op
 from qcompile.passes import InsertObservers
 
 import qcompile
-from qcompile import onnx_export
+from qcompile.targets.onnx_qdq import export as onnx_export
 from qcompile.qdq import DEQUANTIZE
 from tests.models import (
     SentenceEmbedder,

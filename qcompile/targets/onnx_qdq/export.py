@@ -16,7 +16,7 @@ A graph that cannot be exported fails before anything is written, naming the nod
 left in it (never calibrated), an op without an ONNX translation (the lowered kernels, dynamic
 quantization's ``qc.choose_qparams``, a user's custom op), or an integer range ONNX cannot
 express (narrow ranges, int4 in int8 storage). After writing, the file is checked with
-``onnx.checker`` (full check) and cross-checked in ONNX Runtime (:mod:`qcompile.onnx_check`).
+``onnx.checker`` (full check) and cross-checked in ONNX Runtime (:mod:`qcompile.targets.onnx_qdq.check`).
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ from qcompile.ir.graph import (
 )
 from qcompile.errors import NodeError, QCompileError
 from qcompile.observers import Observer
-from qcompile.onnx_check import CrossCheck, cross_check
+from qcompile.targets.onnx_qdq.check import CrossCheck, cross_check
 from qcompile.qdq import DEQUANTIZE, QUANTIZE, DequantizeCall, QuantizeCall
 
 OPSET = 21

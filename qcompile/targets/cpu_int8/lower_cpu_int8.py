@@ -31,6 +31,8 @@ from qcompile.ir.graph import add_constant, constant_value, insert_call, op_argu
 from qcompile.ir.meta import Fusion, Provenance, get_fusion
 from qcompile.pipeline import Pass, PassResult
 from qcompile.qdq import DequantizeCall, QParams, QuantizeCall, is_dequantize, qparams_of
+from qcompile.targets.cpu_int8.onednn import conv2d_int8, linear_int8
+from qcompile.targets.cpu_int8.uint8_kernels import max_pool2d_uint8
 
 aten = torch.ops.aten
 KERNELS = {aten.linear.default: "linear", aten.conv2d.default: "conv2d"}
@@ -163,7 +165,7 @@ class LowerCpuInt8(Pass):
         if any(2 * p >= k for p, k in zip(padding, kernel)):
             return False  # the kernel starts from the tap at the padding offset, which must lie inside
         args = (pool["self"], kernel, _pair(pool["stride"] or kernel), padding)
-        pooled = insert_call(gm, torch.ops.qc.max_pool2d_uint8.default, args, before=node,
+        pooled = insert_call(gm, max_pool2d_uint8._opoverload, args, before=node,
                              provenance=Provenance(self.name, "max_pool2d", (node.name,)), meta_from=node)
         node.replace_all_uses_with(pooled)
         gm.graph.erase_node(node)
@@ -195,10 +197,10 @@ class LowerCpuInt8(Pass):
         bias = add_constant(gm, ops.bias, f"{name}_bias", before=anchor) if ops.bias is not None else None
         x = (ops.x_q, ops.x_scale, ops.x_zero_point, ops.weight_q, weight_scale, bias)
         if anchor.target == aten.linear.default:
-            target, args = torch.ops.qc.linear_int8.default, (*x, other, out_scale, out_zero_point, out_dtype, post_op)
+            target, args = linear_int8._opoverload, (*x, other, out_scale, out_zero_point, out_dtype, post_op)
         else:
             conv = op_arguments(anchor)
-            target = torch.ops.qc.conv2d_int8.default
+            target = conv2d_int8._opoverload
             args = (*x, other, other_scale, other_zero_point, list(conv["stride"]), list(conv["padding"]),
                     list(conv["dilation"]), conv["groups"], out_scale, out_zero_point, out_dtype, post_op)
         provenance = Provenance(self.name, KERNELS[anchor.target], tuple(nodes))

@@ -25,6 +25,8 @@ from torch import fx
 from qcompile.ir.graph import add_constant, constant_value, infer_fake_value, insert_call, op_arguments
 from qcompile.ir.meta import Provenance
 from qcompile.pipeline import Pass, PassResult
+from qcompile.targets.cpu_int8.bf16_kernels import attention_bf16, linear_bf16
+from qcompile.targets.cpu_int8.onednn import linear_int8
 
 SDPA = torch.ops.aten.scaled_dot_product_attention.default
 LINEAR = torch.ops.aten.linear.default
@@ -49,8 +51,8 @@ def _attention_unsupported(node: fx.Node) -> str | None:
 LAYOUT_OPS = frozenset({torch.ops.aten.view.default, torch.ops.aten.reshape.default, torch.ops.aten.transpose.int,
                         torch.ops.aten.permute.default, torch.ops.aten.unsqueeze.default,
                         torch.ops.aten.slice.Tensor})
-INT8_LINEAR = torch.ops.qc.linear_int8.default
-ATTENTION_BF16 = torch.ops.qc.attention_bf16.default
+INT8_LINEAR = linear_int8._opoverload
+ATTENTION_BF16 = attention_bf16._opoverload
 OUT_DTYPE = 9  # qc.linear_int8's out_dtype argument
 
 
@@ -116,7 +118,7 @@ class LowerFloatBf16(Pass):
                 weight = constant_value(gm, node.args[1])
                 weight_bf16 = add_constant(gm, weight.to(torch.bfloat16), f"{node.args[1].target}_bf16", before=node)
                 bias = node.args[2] if len(node.args) > 2 else None
-                _replace(gm, node, torch.ops.qc.linear_bf16.default, (node.args[0], weight_bf16, bias), self.name)
+                _replace(gm, node, linear_bf16._opoverload, (node.args[0], weight_bf16, bias), self.name)
                 linears += 1
         if attention:
             _int8_producers_write_bf16(gm)

@@ -1,5 +1,8 @@
 """Targets as data: what a backend can run in integer arithmetic, and the pipelines that get there.
 
+A target is one folder under ``qcompile/targets/`` (its kernels, its passes, its registration)
+and one :func:`register_target` call; this module is the data model and the registry.
+
 A target names its operator rules (which op kinds it has quantized kernels for, which of their
 arguments are activations, weight and bias, and which specs those kernels accept), the QConfig
 preset used when the user gives none, and three pipelines:
@@ -22,9 +25,8 @@ from dataclasses import dataclass, field, replace
 from torch import fx
 
 from qcompile.errors import QCompileError
-from qcompile.onednn import describe_int8_kernel
 from qcompile.pipeline import Pass, Pipeline
-from qcompile.qconfig import OpQuantConfig, QConfig, int8_preset
+from qcompile.qconfig import OpQuantConfig, QConfig
 from qcompile.spec import PerChannel, PerTensor
 
 
@@ -141,54 +143,7 @@ def targets() -> dict[str, Target]:
     return dict(_TARGETS)
 
 
-_CLEANUP = "canonicalize,fold-batchnorm,eliminate-dead-code"
+# The clean-up every target's prepare stage starts with.
+CLEANUP = "canonicalize,fold-batchnorm,eliminate-dead-code"
 
-register_target(
-    Target(
-        name="cpu-int8",
-        description="oneDNN int8 kernels on x86 CPUs: uint8 activations, int8 per-channel weights",
-        op_rules={
-            "linear": OpRule(),
-            "conv2d": OpRule(),
-            # A table lookup reads its int8 rows and dequantizes them with their own scales.
-            "embedding": OpRule(activations=(), weight=0, bias=None, lookup_indices=1),
-            # A residual add between convolutions: the convolution's sum post-op, which reads
-            # the other input as uint8, so the block's output leaves the kernel as uint8.
-            "add": OpRule(activations=(0, 1), weight=None, bias=None,
-                          producers=("conv2d", "relu", "max_pool2d"), epilogue_of=("conv2d",)),
-        },
-        preset=int8_preset,
-        prepare=f"{_CLEANUP},annotate,insert-observers",
-        convert="convert,eliminate-dequant,eliminate-dead-code",
-        # Fusion is read off the Q/DQ graph, so a saved Q/DQ program lowers the same way.
-        lower="canonicalize,merge-sibling-linears,fuse-patterns,lower-cpu-int8,lower-float-bf16,relax-views,"
-              "eliminate-dead-code",
-        dynamic_prepare=f"{_CLEANUP},annotate",
-        dynamic_convert="convert{dynamic=true},eliminate-dequant,eliminate-dead-code",
-        properties_after_prepare=frozenset({"bn-folded", "annotated"}),
-        describe_kernel=describe_int8_kernel,
-    )
-)
-
-register_target(
-    Target(
-        name="onnx-qdq",
-        description="ONNX QDQ for ONNX Runtime (export_onnx): uint8 activations, int8 per-channel weights, "
-                    "residual adds between convolutions in int8 so that they fuse into QLinearConv/QLinearAdd",
-        op_rules={
-            "linear": OpRule(),
-            "conv2d": OpRule(),
-            "embedding": OpRule(activations=(), weight=0, bias=None, lookup_indices=1),
-            "add": OpRule(activations=(0, 1), weight=None, bias=None,
-                          producers=("conv2d", "relu", "max_pool2d")),
-        },
-        preset=int8_preset,
-        prepare=f"{_CLEANUP},annotate,insert-observers",
-        convert="convert,eliminate-dequant,eliminate-dead-code",
-        lower="eliminate-dead-code",  # the model runs as its Q/DQ graph; ONNX Runtime runs the file
-        properties_after_prepare=frozenset({"bn-folded", "annotated"}),
-        unlowered="Q/DQ for ONNX Runtime (export_onnx)",
-    )
-)
-
-__all__ = ["OpRule", "Target", "get_target", "register_target", "targets"]
+__all__ = ["CLEANUP", "STAGES", "OpRule", "Target", "get_target", "register_target", "targets"]

@@ -29,7 +29,7 @@ from torch import fx
 from qcompile.ir.graph import add_constant, constant_value, insert_call, op_arguments, remove_dead_nodes
 from qcompile.ir.meta import Provenance, STANDS_FOR
 from qcompile.pipeline import Pass, PassResult
-from qcompile.passes.fuse_patterns import fusion_group
+from qcompile.targets.cpu_int8.fuse_patterns import fusion_group
 from qcompile.qdq import DEQUANTIZE, DequantizeCall, is_quantize
 
 aten = torch.ops.aten

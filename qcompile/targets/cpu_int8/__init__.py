@@ -1,0 +1,50 @@
+"""cpu-int8: oneDNN int8 kernels on x86 CPUs, all of it in this folder.
+
+* kernels: ``onednn`` (``qc.linear_int8``, ``qc.conv2d_int8``), ``uint8_kernels``
+  (``qc.max_pool2d_uint8``), ``bf16_kernels`` (``qc.attention_bf16``, ``qc.linear_bf16``), each
+  registering its Q/DQ reference with :mod:`qcompile.kernel_check`;
+* passes: ``merge-sibling-linears``, ``fuse-patterns`` (the groups one oneDNN kernel runs),
+  ``lower-cpu-int8``, ``lower-float-bf16``;
+* the target: op rules, preset, pipelines, and how the report names a kernel node.
+"""
+
+from qcompile.qconfig import int8_preset
+from qcompile.targets.base import CLEANUP, OpRule, Target, register_target
+from qcompile.targets.cpu_int8.bf16_kernels import attention_bf16, linear_bf16
+from qcompile.targets.cpu_int8.fuse_patterns import FusePatterns
+from qcompile.targets.cpu_int8.lower_cpu_int8 import LowerCpuInt8
+from qcompile.targets.cpu_int8.lower_float_bf16 import LowerFloatBf16
+from qcompile.targets.cpu_int8.merge_sibling_linears import MergeSiblingLinears
+from qcompile.targets.cpu_int8.onednn import conv2d_int8, describe_int8_kernel, linear_int8
+from qcompile.targets.cpu_int8.uint8_kernels import max_pool2d_uint8
+
+register_target(
+    Target(
+        name="cpu-int8",
+        description="oneDNN int8 kernels on x86 CPUs: uint8 activations, int8 per-channel weights",
+        op_rules={
+            "linear": OpRule(),
+            "conv2d": OpRule(),
+            # A table lookup reads its int8 rows and dequantizes them with their own scales.
+            "embedding": OpRule(activations=(), weight=0, bias=None, lookup_indices=1),
+            # A residual add between convolutions: the convolution's sum post-op, which reads
+            # the other input as uint8, so the block's output leaves the kernel as uint8.
+            "add": OpRule(activations=(0, 1), weight=None, bias=None,
+                          producers=("conv2d", "relu", "max_pool2d"), epilogue_of=("conv2d",)),
+        },
+        preset=int8_preset,
+        prepare=f"{CLEANUP},annotate,insert-observers",
+        convert="convert,eliminate-dequant,eliminate-dead-code",
+        # Fusion is read off the Q/DQ graph, so a saved Q/DQ program lowers the same way.
+        lower="canonicalize,merge-sibling-linears,fuse-patterns,lower-cpu-int8,lower-float-bf16,relax-views,"
+              "eliminate-dead-code",
+        dynamic_prepare=f"{CLEANUP},annotate",
+        dynamic_convert="convert{dynamic=true},eliminate-dequant,eliminate-dead-code",
+        properties_after_prepare=frozenset({"bn-folded", "annotated"}),
+        describe_kernel=describe_int8_kernel,
+    )
+)
+
+
+__all__ = ["FusePatterns", "LowerCpuInt8", "LowerFloatBf16", "MergeSiblingLinears", "attention_bf16", "conv2d_int8",
+           "linear_bf16", "linear_int8", "max_pool2d_uint8"]

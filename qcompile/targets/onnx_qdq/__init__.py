@@ -1,0 +1,31 @@
+"""onnx-qdq: the Q/DQ graph as an ONNX QDQ file that ONNX Runtime fuses into its int8 kernels.
+
+* ``export``: the exporter (``export_onnx``), loaded on first use (it imports onnxscript);
+* ``check``: the ONNX Runtime cross-check of every file written;
+* the target: op rules and pipelines (the model runs as its Q/DQ graph in torch).
+"""
+
+from qcompile.qconfig import int8_preset
+from qcompile.targets.base import CLEANUP, OpRule, Target, register_target
+
+register_target(
+    Target(
+        name="onnx-qdq",
+        description="ONNX QDQ for ONNX Runtime (export_onnx): uint8 activations, int8 per-channel weights, "
+                    "residual adds between convolutions in int8 so that they fuse into QLinearConv/QLinearAdd",
+        op_rules={
+            "linear": OpRule(),
+            "conv2d": OpRule(),
+            "embedding": OpRule(activations=(), weight=0, bias=None, lookup_indices=1),
+            "add": OpRule(activations=(0, 1), weight=None, bias=None,
+                          producers=("conv2d", "relu", "max_pool2d")),
+        },
+        preset=int8_preset,
+        prepare=f"{CLEANUP},annotate,insert-observers",
+        convert="convert,eliminate-dequant,eliminate-dead-code",
+        lower="eliminate-dead-code",  # the model runs as its Q/DQ graph; ONNX Runtime runs the file
+        properties_after_prepare=frozenset({"bn-folded", "annotated"}),
+        unlowered="Q/DQ for ONNX Runtime (export_onnx)",
+    )
+)
+
