@@ -24,7 +24,7 @@ import torch
 from torch import fx
 from torch.utils import _pytree as pytree
 
-from qcompile.ir.meta import get_qspec, source_module, stand_ins
+from qcompile.ir.meta import QuantAnnotation, get_qspec, source_module, stand_ins
 from qcompile.pipeline import PassRecord
 from qcompile.qconfig import op_kind
 
@@ -146,7 +146,7 @@ class NodeReport:
     name: str
     op: str
     module: str
-    precision: str  # "int8" or "float"
+    precision: str  # "int8" or "fp8" (lowered to a kernel), "int8-ref" / "fp8-ref" (reference Q/DQ), "float"
     detail: str  # the kernel it lowered to, or why it stays float
     sqnr_db: float | None = None
 
@@ -251,11 +251,16 @@ def describe_plan(
         module = source_module(node)
         module_text = f"{module[0]} ({module[1]})" if module else ""
         if plan.quantized and node.name in lowered_kernels:
-            precision, detail = "int8", lowered_kernels[node.name]
+            precision, detail = _format(plan), lowered_kernels[node.name]
         elif plan.quantized:
-            precision = "int8-ref"
+            precision = f"{_format(plan)}-ref"
             detail = f"{unlowered}: {kept[node.name]}" if node.name in kept else unlowered
         else:
             precision, detail = "float", plan.float_reason or ""
         reports.append(NodeReport(node.name, op_kind(node), module_text, precision, detail, sqnr.get(node.name)))
     return reports
+
+
+def _format(plan: QuantAnnotation) -> str:
+    """How the report names a quantized node's number format: fp8 where any edge is float8."""
+    return "fp8" if any(edge.spec.is_float8 for _, edge in plan.inputs) else "int8"

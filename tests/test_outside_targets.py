@@ -35,7 +35,7 @@ def test_an_fp8_spec_gets_through_convert_and_runs_as_a_reference_qdq_graph():
     with torch.no_grad():
         cosine = torch.nn.functional.cosine_similarity(qm(x).flatten(), model(x).flatten(), dim=0)
     assert cosine > 0.999  # E4M3 keeps 3 mantissa bits: about int8's error on this block
-    assert [n.precision for n in qm.report.nodes] == ["int8-ref", "int8-ref"]
+    assert [n.precision for n in qm.report.nodes] == ["fp8-ref", "fp8-ref"]
 
 
 def test_fp8_quantize_saturates_and_rounds_to_the_nearest_e4m3_value():

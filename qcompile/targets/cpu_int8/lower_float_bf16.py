@@ -22,11 +22,18 @@ from typing import ClassVar
 import torch
 from torch import fx
 
-from qcompile.ir.graph import add_constant, constant_value, infer_fake_value, insert_call, op_arguments
+from qcompile.ir.graph import (
+    add_constant,
+    constant_value,
+    infer_fake_value,
+    insert_call,
+    op_arguments,
+    set_argument,
+)
 from qcompile.ir.meta import Provenance
 from qcompile.pipeline import Pass, PassResult
 from qcompile.targets.cpu_int8.bf16_kernels import attention_bf16, linear_bf16
-from qcompile.targets.cpu_int8.onednn import linear_int8
+from qcompile.targets.cpu_int8.onednn import Int8KernelCall
 
 SDPA = torch.ops.aten.scaled_dot_product_attention.default
 LINEAR = torch.ops.aten.linear.default
@@ -40,7 +47,7 @@ def _attention_unsupported(node: fx.Node) -> str | None:
         return "causal masking"
     if arguments.get("enable_gqa"):
         return "grouped-query attention"
-    q, k = node.args[0].meta["val"], node.args[1].meta["val"]
+    q, k = arguments["query"].meta["val"], arguments["key"].meta["val"]
     if q.dim() != 4 or q.shape[1] != k.shape[1]:
         return "not [batch, heads, length, depth] with equal heads"
     return None
@@ -51,9 +58,7 @@ def _attention_unsupported(node: fx.Node) -> str | None:
 LAYOUT_OPS = frozenset({torch.ops.aten.view.default, torch.ops.aten.reshape.default, torch.ops.aten.transpose.int,
                         torch.ops.aten.permute.default, torch.ops.aten.unsqueeze.default,
                         torch.ops.aten.slice.Tensor})
-INT8_LINEAR = linear_int8._opoverload
 ATTENTION_BF16 = attention_bf16._opoverload
-OUT_DTYPE = 9  # qc.linear_int8's out_dtype argument
 
 
 def _layout_paths_to_attention(node: fx.Node) -> list[fx.Node] | None:
@@ -61,8 +66,8 @@ def _layout_paths_to_attention(node: fx.Node) -> list[fx.Node] | None:
     in its query, key or value (through layout ops only); None otherwise."""
     layout = []
     for user in node.users:
-        if user.target == ATTENTION_BF16 and all(a is not node for a in user.args[3:]):
-            continue
+        if user.target == ATTENTION_BF16 and op_arguments(user)["mask"] is not node:
+            continue  # read as query, key or value: the bf16 operands
         if user.op != "call_function" or user.target not in LAYOUT_OPS:
             return None
         below = _layout_paths_to_attention(user)
@@ -76,12 +81,13 @@ def _int8_producers_write_bf16(gm: fx.GraphModule) -> None:
     """Switch int8 linears whose output only feeds the bf16 attention to bf16 output."""
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     for node in gm.graph.nodes:
-        if node.target != INT8_LINEAR or node.args[OUT_DTYPE] != torch.float32:
+        call = Int8KernelCall.of(node)
+        if call is None or call.kernel != "linear_int8" or call.out_dtype != torch.float32:
             continue
         layout = _layout_paths_to_attention(node)
         if not layout:
             continue
-        node.update_arg(OUT_DTYPE, torch.bfloat16)
+        set_argument(node, "out_dtype", torch.bfloat16)
         for changed in [node, *sorted(set(layout), key=order.__getitem__)]:
             infer_fake_value(changed)
 
@@ -109,16 +115,17 @@ class LowerFloatBf16(Pass):
                     kept[node.name] = reason
                     continue
                 arguments = op_arguments(node)
-                scale = arguments["scale"] or 1.0 / math.sqrt(node.args[0].meta["val"].shape[-1])
-                operands = node.args[:3]
+                scale = arguments["scale"] or 1.0 / math.sqrt(arguments["query"].meta["val"].shape[-1])
+                operands = (arguments["query"], arguments["key"], arguments["value"])
                 args = (*operands, arguments["attn_mask"], float(scale), node.meta["val"].dtype)
                 _replace(gm, node, ATTENTION_BF16, args, self.name)
                 attention += 1
             elif node.target == LINEAR and self._float_linear(gm, node):
-                weight = constant_value(gm, node.args[1])
-                weight_bf16 = add_constant(gm, weight.to(torch.bfloat16), f"{node.args[1].target}_bf16", before=node)
-                bias = node.args[2] if len(node.args) > 2 else None
-                _replace(gm, node, linear_bf16._opoverload, (node.args[0], weight_bf16, bias), self.name)
+                linear = op_arguments(node)
+                weight = constant_value(gm, linear["weight"])
+                weight_bf16 = add_constant(gm, weight.to(torch.bfloat16), f"{linear['weight'].target}_bf16",
+                                           before=node)
+                _replace(gm, node, linear_bf16._opoverload, (linear["input"], weight_bf16, linear["bias"]), self.name)
                 linears += 1
         if attention:
             _int8_producers_write_bf16(gm)
@@ -129,6 +136,7 @@ class LowerFloatBf16(Pass):
 
     @staticmethod
     def _float_linear(gm: fx.GraphModule, node: fx.Node) -> bool:
-        weight = constant_value(gm, node.args[1])
-        x = node.args[0].meta.get("val")
+        linear = op_arguments(node)
+        weight = constant_value(gm, linear["weight"])
+        x = linear["input"].meta.get("val")
         return weight is not None and weight.dtype == torch.float32 and x is not None and x.dtype == torch.float32
