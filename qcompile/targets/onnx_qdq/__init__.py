@@ -1,5 +1,7 @@
 """onnx-qdq: the Q/DQ graph as an ONNX QDQ file that ONNX Runtime fuses into its int8 kernels.
 
+* ``arrange``: passes that arrange the export's copy for ONNX Runtime's optimizer
+  (``onnx-float-matmul-biases``, ``onnx-residual-sums``);
 * ``export``: the exporter (``export_onnx``), loaded on first use (it imports onnxscript);
 * ``check``: the ONNX Runtime cross-check of every file written;
 * the target: op rules and pipelines (the model runs as its Q/DQ graph in torch).
@@ -7,6 +9,7 @@
 
 from qcompile.qconfig import int8_preset
 from qcompile.targets.base import CLEANUP, OpRule, Target, register_target
+from qcompile.targets.onnx_qdq.arrange import FloatMatmulBiases, ResidualAddsAsSums
 
 register_target(
     Target(
@@ -29,3 +32,5 @@ register_target(
     )
 )
 
+
+__all__ = ["FloatMatmulBiases", "ResidualAddsAsSums"]

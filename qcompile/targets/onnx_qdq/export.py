@@ -35,18 +35,13 @@ from onnxscript import opset21 as op
 from torch import fx
 
 from qcompile.capture import export_program
-from qcompile.ir.graph import (
-    add_constant,
-    constant_value,
-    copy_graph_module,
-    op_arguments,
-    remove_dead_nodes,
-    set_argument,
-)
+from qcompile.ir.graph import constant_value
 from qcompile.errors import NodeError, QCompileError
 from qcompile.observers import Observer
+from qcompile.pass_manager import PassManager
+from qcompile.qdq import DEQUANTIZE, QUANTIZE, QuantizeCall
+from qcompile.targets.onnx_qdq.arrange import ARRANGE_FOR_ONNX_RUNTIME, UNFUSED_SUM
 from qcompile.targets.onnx_qdq.check import CrossCheck, cross_check
-from qcompile.qdq import DEQUANTIZE, QUANTIZE, DequantizeCall, QuantizeCall
 
 OPSET = 21
 # The full range of each integer storage type: ONNX's QuantizeLinear saturates to exactly these.
@@ -74,25 +69,10 @@ def _dequantize_linear(q, scale, zero_point, axis: int | None, out_dtype):
     return op.DequantizeLinear(q, scale, zero_point, axis=axis)
 
 
-@torch.library.custom_op("qc::unfused_sum", mutates_args=())
-def unfused_sum(values: list[torch.Tensor]) -> torch.Tensor:
-    """The broadcast sum of ``values``, written to ONNX as one ``Sum`` (see ``_residual_adds_as_sums``)."""
-    total = values[0] + values[1]
-    for value in values[2:]:
-        total = total + value
-    return total
-
-
-@unfused_sum.register_fake
-def _(values):
-    return torch.empty_like(values[0])
-
-
 def _sum(values):
     return op.Sum(*values)
 
 
-UNFUSED_SUM = torch.ops.qc.unfused_sum.default
 TRANSLATIONS = {QUANTIZE: _quantize_linear, DEQUANTIZE: _dequantize_linear, UNFUSED_SUM: _sum}
 
 
@@ -151,66 +131,10 @@ def _float_bytes(gm: fx.GraphModule) -> int:
     return sum(t.numel() * 4 for t in constants.values() if isinstance(t, torch.Tensor))
 
 
-def _float_matmul_biases(gm: fx.GraphModule) -> None:
-    """Linears with batched (rank > 2) inputs take their bias as a float constant, the
-    dequantized int32 values, exactly what the Q/DQ graph adds.
-
-    The exporter writes those linears as MatMul + Add; ONNX Runtime folds a *constant* bias Add
-    into BiasGelu, but not one computed by DequantizeLinear, which would leave a separate Add
-    per linear. Gemm and Conv keep the int32 bias: their QDQ fusions (QGemm, QLinearConv) take it.
-    """
-    for node in list(gm.graph.nodes):
-        linear = op_arguments(node) if node.target == torch.ops.aten.linear.default else None
-        bias = DequantizeCall.of(linear["bias"]) if linear is not None else None
-        if bias is None:
-            continue
-        stored = [constant_value(gm, a) for a in (bias.q, bias.scale, bias.zero_point)]
-        if any(t is None for t in stored) or linear["input"].meta["val"].dim() <= 2:
-            continue
-        value = torch.ops.qc.dequantize(*stored, bias.axis, bias.out_dtype)
-        set_argument(node, "bias", add_constant(gm, value, f"{bias.q.target}_float", before=node))
-
-
-def _residual_adds_as_sums(gm: fx.GraphModule) -> None:
-    """A float add whose only reader is a LayerNorm (a transformer's residual) is written as Sum,
-    with the constant bias of a linear operand moved into it.
-
-    ONNX Runtime fuses Add -> LayerNormalization into SkipLayerNormalization, whose CPU kernel
-    is a scalar loop with a division per element: measured 3.4x slower than the Add and the
-    LayerNormalization it replaces (all-MiniLM: 44 of 214 ms per batch). Sum computes the same
-    values and is left alone by that fusion; taking the linear's bias as a third input keeps the
-    bias from costing an Add of its own.
-    """
-    for node in list(gm.graph.nodes):
-        users = list(node.users)
-        if (node.target != torch.ops.aten.add.Tensor or len(node.args) != 2 or node.kwargs
-                or len(users) != 1 or users[0].target != torch.ops.aten.layer_norm.default
-                or users[0].args[0] is not node):
-            continue
-        operands = list(node.args)
-        if not all(isinstance(x, fx.Node) and x.meta["val"].shape == node.meta["val"].shape for x in operands):
-            continue
-        for linear in operands:
-            if (linear.target == torch.ops.aten.linear.default and len(linear.users) == 1 and len(linear.args) > 2
-                    and constant_value(gm, linear.args[2]) is not None):
-                operands.append(linear.args[2])
-                linear.update_arg(2, None)
-                break
-        with gm.graph.inserting_before(node):
-            summed = gm.graph.call_function(UNFUSED_SUM, (operands,))
-        summed.meta.update(node.meta)
-        node.replace_all_uses_with(summed)
-        gm.graph.erase_node(node)
-
-
 def _for_onnx_runtime(gm: fx.GraphModule) -> fx.GraphModule:
-    """A copy of ``gm`` with the same values, arranged for ONNX Runtime's CPU graph optimizer."""
-    gm = copy_graph_module(gm)
-    _float_matmul_biases(gm)
-    _residual_adds_as_sums(gm)
-    remove_dead_nodes(gm)
-    gm.recompile()
-    return gm
+    """``gm`` with the same values, arranged for ONNX Runtime's CPU graph optimizer by the passes
+    of :mod:`.arrange`, run (dumped, verified, skippable) like every other pipeline."""
+    return PassManager(ARRANGE_FOR_ONNX_RUNTIME, initial_properties={"qdq"})(gm).graph_module
 
 
 def to_onnx(gm: fx.GraphModule, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[onnx.ModelProto, fx.GraphModule]:

@@ -1,0 +1,56 @@
+"""onnx-float-matmul-biases and onnx-residual-sums (targets/onnx_qdq/arrange.py): the export's
+copy arranged for ONNX Runtime, values unchanged."""
+
+import pytest
+import torch
+
+import qcompile
+from qcompile.targets.onnx_qdq import FloatMatmulBiases, ResidualAddsAsSums
+from qcompile.testing import assert_graph_diff, assert_outputs_close, assert_pass_contract
+from tests.models import TinyBlock
+
+
+@pytest.fixture(scope="module")
+def block():
+    """TinyBlock's Q/DQ graph on [batch, tokens, width]: linear -> gelu -> linear + x -> LayerNorm."""
+    data = [(torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(i)),) for i in range(3)]
+    qm = qcompile.compile(TinyBlock(), target="onnx-qdq", calibration_data=data, progress=False,
+                          outlier_smoothing=None)
+    return qm.qdq_graph_module, data[0][0]
+
+
+def test_structure_batched_linears_take_their_bias_as_a_float_constant(block):
+    gm, x = block
+    after = assert_pass_contract(FloatMatmulBiases(), gm, [x])
+    assert_graph_diff(gm, after, exact=False,
+                      added=["aten.linear.default({{.*}}up_bias_q_float)", "constant up_bias_q_float : f32[32]"],
+                      removed=["aten.linear.default({{.*}}%dequantize"])
+    assert_outputs_close(gm, after, [x], rtol=1e-6)
+
+
+def test_structure_the_residual_add_into_layer_norm_is_a_sum_holding_the_linear_bias(block):
+    gm, x = block
+    biased = FloatMatmulBiases()(gm).graph_module
+    after = assert_pass_contract(ResidualAddsAsSums(), biased, [x])
+    assert_graph_diff(biased, after, exact=False,
+                      added=["qc.unfused_sum.default([%linear_1, %x, %down_bias_q_float])"],
+                      removed=["aten.add.Tensor(%linear_1, %x)"])
+    assert_outputs_close(gm, after, [x], rtol=1e-5)
+
+
+def test_negative_an_add_that_is_not_a_layer_norm_input_stays_an_add():
+    class AddNotNormed(torch.nn.Module):
+        def forward(self, x, y):
+            return torch.relu(x + y)
+
+    gm = qcompile.capture(AddNotNormed(), (torch.randn(2, 4), torch.randn(2, 4)))
+    result = ResidualAddsAsSums()(gm)
+    assert not result.modified and result.stats == {}
+
+
+def test_the_export_runs_them_as_a_pipeline_that_dumps_like_any_other(block, tmp_path, monkeypatch):
+    gm, x = block
+    monkeypatch.setenv("QCOMPILE_DUMP_DIR", str(tmp_path / "dumps"))
+    qcompile.export_onnx(gm, tmp_path / "block.onnx", (x,))
+    dumped = sorted(p.name for p in (tmp_path / "dumps").glob("*.diff"))
+    assert dumped[:2] == ["001_onnx-float-matmul-biases.diff", "002_onnx-residual-sums.diff"]
