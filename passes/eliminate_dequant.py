@@ -16,7 +16,7 @@
          can write uint8 directly)
 
 Sinking the dequantize is what lets a lowered graph run a transpose + reshape on uint8 bytes
-instead of float32, and hands the lowering a ``dequantize -> linear`` pair to match. Both
+instead of float32, and hands the lowering a ``dequantize -> linear`` pair to match. All four
 rewrites are exact, so the pass preserves semantics bit for bit.
 """
 

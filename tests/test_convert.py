@@ -1,4 +1,4 @@
-"""convert (passes/convert_to_qdq.py): observers to Q/DQ, weights to int8 constants, bias to int32 with the derived scale."""
+"""convert (passes/convert.py): observers to Q/DQ, weights to int8 constants, bias to int32 with the derived scale."""
 
 import pytest
 import torch
