@@ -104,7 +104,8 @@ def _own_written_buffers(gm: fx.GraphModule) -> None:
     for name in sorted(written):
         owner_name, _, attr = name.rpartition(".")
         owner = gm.get_submodule(owner_name)
-        owner.register_buffer(attr, getattr(owner, attr).detach().clone(), persistent=attr in owner.state_dict())
+        owner.register_buffer(attr, getattr(owner, attr).detach().clone(),
+                              persistent=attr not in owner._non_persistent_buffers_set)
 
 
 def _written_arguments(node: fx.Node) -> list[Any]:
@@ -131,11 +132,10 @@ def _python_state_kept(model: nn.Module) -> Iterator[None]:
     finally:
         for module, originals, copies in saved:
             for key, original in originals.items():
-                if vars(module).get(key, _MISSING) is not original or not _same(original, copies[key]):
-                    vars(module)[key] = copies[key]
-
-
-_MISSING = object()
+                if _same(original, copies[key]):
+                    vars(module)[key] = original  # rebound (``self.steps += 1``): the user's own object back
+                else:
+                    vars(module)[key] = copies[key]  # changed in place (``self.seen.append``): its copy
 
 
 def _copied(attributes: dict[str, Any]) -> dict[str, Any]:
@@ -149,6 +149,10 @@ def _copied(attributes: dict[str, Any]) -> dict[str, Any]:
 
 
 def _same(original: Any, copy_: Any) -> bool:
+    """Whether ``original`` still equals its copy; objects without a value equality of their own
+    cannot tell, and are taken as unchanged (so the user keeps the very object)."""
+    if type(original).__eq__ is object.__eq__:
+        return True
     try:
         return bool(original == copy_)
     except Exception:
