@@ -1,7 +1,12 @@
-"""The built-in pass library, one pass per module; importing it registers every pass by name."""
+"""The built-in target-independent passes, one per module, and their one explicit list.
+
+:data:`BUILTIN_PASSES` is what pipeline text can name besides the registered targets' own
+passes (``Target.passes``) and user passes given to :func:`qcompile.register_pass`.
+"""
 
 from qcompile.passes.annotate import Annotate
 from qcompile.passes.apply_rules import ApplyRules
+from qcompile.passes.calibrate import Calibrate
 from qcompile.passes.canonicalize import Canonicalize
 from qcompile.passes.convert import Convert
 from qcompile.passes.eliminate_dead_code import EliminateDeadCode
@@ -11,9 +16,20 @@ from qcompile.passes.insert_observers import InsertObservers
 from qcompile.passes.relax_views import RelaxViews
 from qcompile.passes.smooth_outliers import SmoothOutliers
 
+from qcompile.pipeline import Pass, register_pass
+
+BUILTIN_PASSES: tuple[type[Pass], ...] = (
+    Canonicalize, FoldBatchNorm, EliminateDeadCode, ApplyRules, SmoothOutliers, Annotate, InsertObservers,
+    Calibrate, Convert, EliminateDequant, RelaxViews,
+)
+for _pass in BUILTIN_PASSES:
+    register_pass(_pass)
+
 __all__ = [
+    "BUILTIN_PASSES",
     "Annotate",
     "ApplyRules",
+    "Calibrate",
     "Canonicalize",
     "Convert",
     "EliminateDeadCode",

@@ -18,25 +18,30 @@ adds it before rounding, and quantizes its other input:
 
     add(conv2d(...), identity)  ->  qc.qspec = [1=activation:uint8/affine@identity]
 
-Ops a QConfig rule asked for but the target cannot run are counted in the stats, which
-``compile`` turns into a warning.
+Ops a QConfig rule asked for but the target cannot run are ``unsupported`` diagnostics, which
+``compile`` turns into warnings. Inside a compile the pass plans for the compile's target and
+QConfig (:meth:`Annotate.run`); on its own, for the target it names (cpu-int8 by default) and
+that target's preset.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import ClassVar
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import fx
 
 from qcompile.ir.graph import constant_value
 from qcompile.ir.meta import EdgeQuant, QuantAnnotation, get_qspec, set_qspec
-from qcompile.pipeline import Pass, PassResult
+from qcompile.pipeline import Diagnostic, Pass, PassResult
 from qcompile.qconfig import OpQuantConfig, QConfig, op_kind
 from qcompile.qdq import observation_root
 from qcompile.spec import QuantSpec
 from qcompile.targets import OpRule, Target, get_target
+
+if TYPE_CHECKING:
+    from qcompile.context import CompileContext
 
 
 def _float_input_reason(node: fx.Node, index: int) -> str | None:
@@ -136,11 +141,19 @@ class Annotate(Pass):
     establishes: ClassVar[frozenset[str]] = frozenset({"annotated"})
     preserves_semantics: ClassVar[bool] = True
 
-    target: str = "cpu-int8"
+    # None: the compile's target (cpu-int8 outside a compile).
+    target: str | None = None
     qconfig: QConfig | None = None
 
+    def run(self, gm: fx.GraphModule, context: CompileContext | None = None) -> PassResult:
+        """Plan for the compile's target and QConfig, where this pass names neither."""
+        if context is None:
+            return self(gm)
+        return replace(self, target=self.target or context.target.name,
+                       qconfig=self.qconfig if self.qconfig is not None else context.qconfig)(gm)
+
     def call(self, gm: fx.GraphModule) -> PassResult:
-        target: Target = get_target(self.target)
+        target: Target = get_target(self.target or "cpu-int8")
         qconfig = self.qconfig if self.qconfig is not None else target.preset()
         plans: dict[fx.Node, QuantAnnotation] = {}
         unsupported: dict[str, str] = {}
@@ -188,7 +201,5 @@ class Annotate(Pass):
                 set_qspec(node, plan)
                 modified = True
         quantized = sum(plan.quantized for plan in plans.values())
-        stats: dict[str, object] = {"quantized": quantized}
-        if unsupported:
-            stats["unsupported"] = unsupported
-        return PassResult(gm, modified, stats)
+        diagnostics = tuple(Diagnostic(node, "unsupported", reason) for node, reason in unsupported.items())
+        return PassResult(gm, modified, {"quantized": quantized}, diagnostics)

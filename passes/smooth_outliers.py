@@ -29,12 +29,17 @@ multiplied by it (SmoothQuant's migration):
 One elementwise multiply, and the linear keeps its fused post-op (a split here would put an
 add between the linear and its GELU, which oneDNN cannot fuse). Per-channel weight scales
 absorb the range far better than one per-tensor activation scale.
+
+Inside a compile, the pass measures its channels itself (:meth:`SmoothOutliers.run`): the
+inputs of the linears the QConfig quantizes, over the context's calibration data, with the
+compile's ``outlier_smoothing`` as the migration strength; with no data, or smoothing off, it
+leaves the graph as it is. Given ``outliers`` explicitly, it applies just those.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import ClassVar
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import fx
@@ -42,8 +47,12 @@ from torch import fx
 from qcompile.ir.graph import add_constant, constant_value, insert_call, remove_dead_nodes
 from qcompile.ir.meta import Provenance
 from qcompile.pipeline import Pass, PassResult
-from qcompile.outliers import LINEAR, ZERO_PRESERVING
+from qcompile.outliers import LINEAR, ZERO_PRESERVING, quantized_linear_inputs, smoothing_plan
+from qcompile.qconfig import op_kind
 from qcompile.targets.cpu_int8.fuse_patterns import residual_operand
+
+if TYPE_CHECKING:
+    from qcompile.context import CompileContext
 
 aten = torch.ops.aten
 
@@ -90,6 +99,17 @@ class SmoothOutliers(Pass):
 
     # (value name, ((channel, factor), ...)) pairs: what qcompile.outliers found on calibration data.
     outliers: tuple[tuple[str, tuple[tuple[int, float], ...]], ...] = ()
+
+    def run(self, gm: fx.GraphModule, context: CompileContext | None = None) -> PassResult:
+        """Measure the channels on the compile's calibration data, then smooth them."""
+        if self.outliers or context is None or context.dynamic or context.outlier_smoothing is None:
+            return self(gm)
+        qconfig, rules = context.resolved_qconfig(), context.target.op_rules
+        quantized = {n.name for n in gm.graph.nodes
+                     if n.op == "call_function" and op_kind(n) in rules and qconfig.resolve(n)[0] is not None}
+        outliers = smoothing_plan(gm, quantized_linear_inputs(gm, quantized), context.calibration_data,
+                                  context.example, context.outlier_smoothing)
+        return replace(self, outliers=outliers)(gm)
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         nodes = {n.name: n for n in gm.graph.nodes}

@@ -62,14 +62,18 @@ from qcompile.observers import (
     Observer,
     make_observer,
 )
+from qcompile.context import CompileContext
 from qcompile.pass_manager import PassManager
+from qcompile.passes import BUILTIN_PASSES
 from qcompile.pipeline import (
+    Diagnostic,
     Instrument,
     Pass,
     PassRecord,
     PassResult,
     Pipeline,
     PipelineResult,
+    register_pass,
     registered_passes,
 )
 from qcompile.qconfig import OpQuantConfig, QConfig, int8_preset
@@ -88,6 +92,9 @@ from qcompile.spec import PerChannel, PerGroup, PerTensor, QuantSpec, compute_qp
 from qcompile.targets import OpRule, Target, get_target, register_target, targets
 
 __all__ = [
+    "BUILTIN_PASSES",
+    "CompileContext",
+    "Diagnostic",
     "ArtifactError",
     "CalibrationError",
     "CaptureError",
@@ -168,6 +175,7 @@ __all__ = [
     "print_graph",
     "register_invariant",
     "register_kernel",
+    "register_pass",
     "register_rule_set",
     "register_target",
     "registered_passes",

@@ -23,20 +23,17 @@ import torch
 from torch import fx, nn
 
 from qcompile.artifact import ArtifactError, read_artifact, write_artifact
-from qcompile.calibration import as_call, calibrate_robustly, empty_calibration_error
+from qcompile.calibration import as_call, empty_calibration_error
 from qcompile.capture import capture, export_program
+from qcompile.context import CompileContext
 from qcompile.errors import QCompileError
 from qcompile.input_check import check_call
 from qcompile.ir.meta import get_provenance, stand_ins
 from qcompile.kernel_check import check_kernels
 from qcompile.memory import release_freed_memory
-from qcompile.outliers import quantized_linear_inputs, smoothing_plan
-from qcompile.pass_manager import PassManager
-from qcompile.passes.annotate import Annotate
-from qcompile.passes.smooth_outliers import SmoothOutliers
-from qcompile.pipeline import Instrument, Pass, Pipeline, PipelineResult
+from qcompile.pipeline import Instrument
 from qcompile.plan import plan_qconfig, resolved_plan
-from qcompile.qconfig import QConfig, op_kind
+from qcompile.qconfig import QConfig
 from qcompile.qdq import DequantizeCall
 from qcompile.report import CompileReport, describe_plan, node_sqnr
 from qcompile.targets import Target, get_target
@@ -151,22 +148,11 @@ def load(path: str | Path) -> QuantizedModel:
     except (ValueError, KeyError, TypeError) as exc:
         raise ArtifactError(f"'{path}': its report is not a qcompile report ({type(exc).__name__}: {exc})") from exc
     target = get_target(artifact.target)
-    lowered = _run(target.lower, artifact.graph_module, "lower", None, initial={"qdq"}).graph_module
     args, kwargs = artifact.example
+    context = CompileContext(target, artifact.example, properties=frozenset({"qdq"}))
+    lowered = context.run_stage("lower", target.pipeline("lower"), artifact.graph_module)
     check_kernels(lowered, [("on the saved example inputs", args, kwargs)])
     return QuantizedModel(lowered, artifact.graph_module, report, artifact.example)
-
-
-def _run(pipeline: str | Pipeline, gm: fx.GraphModule, stage: str, report: CompileReport | None, *,
-         initial: Iterable[str] = (), instruments: Iterable[Instrument] = (), verify: bool = False,
-         keep_history: bool = False) -> PipelineResult:
-    manager = PassManager(pipeline, list(instruments), verify=verify, initial_properties=initial,
-                          keep_history=keep_history)
-    result = manager(gm)
-    release_freed_memory()
-    if report is not None:
-        report.add_stage(stage, result.records)
-    return result
 
 
 def compile(
@@ -183,7 +169,9 @@ def compile(
     outlier_smoothing: float | None = 0.75,
     plan: str | Path | dict[str, Any] | None = None,
 ) -> QuantizedModel:
-    """Quantize ``model`` for ``target``; see the module docstring for how inputs are found.
+    """Quantize ``model`` for ``target``: capture, the target's stages (prepare, convert, lower)
+    run in one :class:`~qcompile.context.CompileContext`, the kernel check, the report. See the
+    module docstring for how inputs are found.
 
     ``outlier_smoothing``: with calibration data, the input channels of quantized linears are
     measured and wide ones taken out of the int8 range (``smooth-outliers``): after a GELU/ReLU
@@ -206,59 +194,68 @@ def compile(
         qconfig = plan_qconfig(plan)
     target = target if isinstance(target, Target) else get_target(target)
     args, kwargs, calibration_data = _example(model, example_inputs, example_kwargs, calibration_data)
-    dynamic = calibration_data is None
-    skipped: set[int] = set()
-    report = CompileReport(target.name, "dynamic" if dynamic else "static")
-    instruments = list(instruments)
+    report = CompileReport(target.name, "dynamic" if calibration_data is None else "static")
+    context = CompileContext(
+        target, (args, kwargs), qconfig=qconfig, report=report, outlier_smoothing=outlier_smoothing,
+        calibration_data=None if calibration_data is None else _reiterable(calibration_data),
+        progress=progress, instruments=list(instruments), verify=verify)
+    graph, initial_buffers = _capture(model, args, kwargs, report)
+    for stage, pipeline in context.stages():
+        graph = context.run_stage(stage, pipeline, graph)
+    qdq = context.snapshots["convert"]
+    report.kernel_calls_checked = check_kernels(graph, _kernel_checks(context))
+    release_freed_memory()
+    _complete_report(context, graph)
+    _restore_buffers((graph, qdq), initial_buffers)
+    return QuantizedModel(graph, qdq, report, (args, kwargs))
+
+
+def _capture(model: nn.Module, args: tuple, kwargs: dict, report: CompileReport
+             ) -> tuple[fx.GraphModule, dict[str, torch.Tensor]]:
+    """The model's graph (captured in eval mode, its flags restored) and the graph's buffers as
+    they were, to start the compiled model from."""
     start = time.perf_counter()
     with _eval_mode(model) as was_training:
-        float_gm = capture(model, args, kwargs)
-    initial_buffers = {name: b.clone() for name, b in float_gm.named_buffers()}
+        graph = capture(model, args, kwargs)
     if was_training:
         report.notes.append("the model was in training mode; it was captured in eval mode and left as it was")
     report.capture_s = round(time.perf_counter() - start, 2)
-    prepare = Pipeline.parse(target.dynamic_prepare if dynamic else target.prepare)
-    prepare = prepare.replace("annotate", Annotate(target=target.name, qconfig=qconfig))
-    if not dynamic:  # read again by smoothing, by a calibration that leaves out an outlying batch, by SQNR
-        calibration_data = _reiterable(calibration_data)
-    if not dynamic and outlier_smoothing is not None:
-        cleanup = Pipeline(prepare[: prepare.index("annotate")])
-        float_gm = _run(cleanup, float_gm, "prepare", report, instruments=instruments, verify=verify).graph_module
-        smoothing = _smoothing_pass(float_gm, target, qconfig, outlier_smoothing, calibration_data, (args, kwargs))
-        release_freed_memory()
-        prepare = Pipeline([smoothing, *prepare[prepare.index("annotate"):]])
-    prepared = _run(prepare, float_gm, "prepare", report, instruments=instruments, verify=verify,
-                    keep_history=True)
-    planned = prepared.history[prepare.index("annotate") + 1]
-    _warn_unsupported(report)
-    if dynamic:
-        report.notes.append("no calibration data: activations are quantized with scales computed at run time")
-    else:
-        report.calibration_batches, findings, skipped = calibrate_robustly(
-            prepared.graph_module, calibration_data, (args, kwargs), progress=progress)
-        report.calibration_findings = [str(f) for f in findings]
-        release_freed_memory()
-        for finding in findings:
-            warnings.warn(str(finding), stacklevel=2)
-    convert = target.dynamic_convert if dynamic else target.convert
-    qdq = _run(convert, prepared.graph_module, "convert", report, initial=target.properties_after_prepare
-               | {"observed"}, instruments=instruments, verify=verify).graph_module
-    lowered = _run(target.lower, qdq, "lower", report, initial={"qdq"}, instruments=instruments,
-                   verify=verify)
+    return graph, {name: b.clone() for name, b in graph.named_buffers()}
+
+
+def _kernel_checks(context: CompileContext) -> list[tuple[str, tuple, dict]]:
+    """The inputs kernels are checked on: the example inputs; with ``verify``, every batch."""
+    args, kwargs = context.example
     checks = [("on the example inputs", args, kwargs)]
-    if verify and not dynamic:
-        checks += ((f"on calibration batch {i}", *as_call(b)) for i, b in enumerate(calibration_data, start=1))
-    report.kernel_calls_checked = check_kernels(lowered.graph_module, checks)
-    release_freed_memory()
-    kept = next((p.stats.get("kept", {}) for p in report.passes if p.name.startswith("lower-")), {})
-    sqnr_calls = _spread(calibration_data, skipped) if not dynamic else [(args, kwargs)]
+    if context.verify and not context.dynamic:
+        checks += ((f"on calibration batch {i}", *as_call(b)) for i, b in enumerate(context.calibration_data, start=1))
+    return checks
+
+
+def _complete_report(context: CompileContext, lowered: fx.GraphModule) -> None:
+    """What calibration saw, the warnings, per-node precision and SQNR, and the plan to replay."""
+    report, target, calibration = context.report, context.target, context.calibration
+    if calibration is not None:
+        report.calibration_batches = calibration.batches
+        report.calibration_findings = [str(f) for f in calibration.findings]
+    if context.dynamic:
+        report.notes.append("no calibration data: activations are quantized with scales computed at run time")
+    for node, reason in report.diagnostics("unsupported").items():
+        warnings.warn(f"{node} stays float: {reason}", stacklevel=3)
+    for finding in report.calibration_findings:
+        warnings.warn(finding, stacklevel=3)
+    planned, qdq = context.snapshots.get("annotate"), context.snapshots["convert"]
+    if planned is None:
+        report.notes.append(f"target {target.name} runs no 'annotate': there is no per-node plan to report")
+        return
+    skipped = calibration.skipped if calibration is not None else frozenset()
+    sqnr_calls = [context.example] if context.dynamic else _spread(context.calibration_data, skipped)
     sqnr, report.output_sqnr_db = node_sqnr(planned, qdq, sqnr_calls)
     report.sqnr_batches = len(sqnr_calls)
     release_freed_memory()
-    report.nodes = describe_plan(planned, _kernel_descriptions(lowered.graph_module, target), kept, sqnr, target.unlowered)
+    kept = report.diagnostics("kept", stage="lower")
+    report.nodes = describe_plan(planned, _kernel_descriptions(lowered, target), kept, sqnr, target.unlowered)
     report.plan = resolved_plan(planned, qdq)
-    _restore_buffers((lowered.graph_module, qdq), initial_buffers)
-    return QuantizedModel(lowered.graph_module, qdq, report, (args, kwargs))
 
 
 def _restore_buffers(graphs: Iterable[fx.GraphModule], initial: dict[str, torch.Tensor]) -> None:
@@ -272,7 +269,7 @@ def _restore_buffers(graphs: Iterable[fx.GraphModule], initial: dict[str, torch.
                 buffer.copy_(value)
 
 
-def _spread(data: Iterable[Any], skipped: set[int], count: int = SQNR_BATCHES) -> list[tuple[tuple, dict]]:
+def _spread(data: Iterable[Any], skipped: frozenset[int], count: int = SQNR_BATCHES) -> list[tuple[tuple, dict]]:
     """Up to ``count`` calibration batches spread evenly over the data (outlying ones left out):
     what the report's SQNR is measured on."""
     batches = [as_call(b) for i, b in enumerate(data, start=1) if i not in skipped]
@@ -283,18 +280,3 @@ def _spread(data: Iterable[Any], skipped: set[int], count: int = SQNR_BATCHES) -
 def _reiterable(data: Iterable[Any]) -> Iterable[Any]:
     """Calibration data that can be read twice (outlier statistics, then calibration)."""
     return list(data) if iter(data) is data else data
-
-
-def _smoothing_pass(gm: fx.GraphModule, target: Target, qconfig: QConfig | None, alpha: float,
-                    data: Iterable[Any], example: tuple[tuple, dict]) -> Pass:
-    """The smooth-outliers pass for ``gm``, its channels measured on ``data``."""
-    config = qconfig if qconfig is not None else target.preset()
-    quantized = {n.name for n in gm.graph.nodes
-                 if n.op == "call_function" and op_kind(n) in target.op_rules and config.resolve(n)[0] is not None}
-    return SmoothOutliers(outliers=smoothing_plan(gm, quantized_linear_inputs(gm, quantized), data, example, alpha))
-
-
-def _warn_unsupported(report: CompileReport) -> None:
-    for p in report.passes:
-        for node, reason in p.stats.get("unsupported", {}).items():
-            warnings.warn(f"{node} stays float: {reason}", stacklevel=3)

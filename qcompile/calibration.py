@@ -123,6 +123,15 @@ class CalibrationFinding:
         return f"calibration ({where}{self.node}): {self.message}"
 
 
+@dataclass(frozen=True)
+class CalibrationOutcome:
+    """What the ``calibrate`` stage did: batches run, what it saw, the batches it left out."""
+
+    batches: int
+    findings: tuple[CalibrationFinding, ...]
+    skipped: frozenset[int]
+
+
 def observers(gm: fx.GraphModule) -> list[Observer]:
     return [m for m in gm.modules() if isinstance(m, Observer)]
 

@@ -12,11 +12,11 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import fx
 
-from qcompile.errors import PassError, QCompileError
+from qcompile.errors import CalibrationError, InputError, PassError, QCompileError
 from qcompile.instruments import DumpIR, SkipPass, Verify
 from qcompile.pipeline import (
     Instrument,
@@ -29,6 +29,9 @@ from qcompile.pipeline import (
     registered_passes,
 )
 
+if TYPE_CHECKING:
+    from qcompile.context import CompileContext
+
 __all__ = ["Instrument", "Pass", "PassManager", "PassRecord", "PassResult", "Pipeline", "PipelineResult",
            "parse_pass", "registered_passes"]
 
@@ -38,7 +41,9 @@ class PassManager:
 
     ``verify=True`` adds the :class:`Verify` instrument. ``QCOMPILE_DUMP_DIR`` adds
     :class:`DumpIR` and ``QCOMPILE_SKIP_PASSES`` (comma-separated names) adds :class:`SkipPass`,
-    so dumping and bisection need no code change.
+    so dumping and bisection need no code change. ``context`` is the compile context passes
+    that read one are given (:meth:`Pass.run`); the graph after each pass named in its
+    ``snapshot_after`` is kept there under that name.
     """
 
     def __init__(
@@ -49,6 +54,7 @@ class PassManager:
         verify: bool = False,
         initial_properties: Iterable[str] = (),
         keep_history: bool = False,
+        context: CompileContext | None = None,
     ):
         if isinstance(passes, str):
             self.pipeline = Pipeline.parse(passes)
@@ -68,6 +74,7 @@ class PassManager:
         if skip:
             self.instruments.append(SkipPass(*[s.strip() for s in skip.split(",") if s.strip()]))
         self.keep_history = keep_history
+        self.context = context
 
     def __call__(self, gm: fx.GraphModule) -> PipelineResult:
         self.pipeline.check_order(self.initial_properties)
@@ -86,15 +93,15 @@ class PassManager:
                 _run_instrument(instrument, "before", p, ran, instrument.run_before_pass, p, current, index)
             start = time.perf_counter()
             try:
-                result = p(current)
-            except PassError:
-                raise
+                result = p.run(current, self.context)
+            except (PassError, CalibrationError, InputError):
+                raise  # a bad batch or input is named as such, not as the pass's failure
             except QCompileError as exc:
                 raise PassError(p.name, str(exc), ran) from exc
             except Exception as exc:
                 raise PassError(p.name, f"{type(exc).__name__}: {exc}", ran) from exc
             record.seconds = time.perf_counter() - start
-            record.modified, record.stats = result.modified, dict(result.stats)
+            record.modified, record.stats, record.diagnostics = result.modified, dict(result.stats), result.diagnostics
             for instrument in self.instruments:
                 _run_instrument(instrument, "after", p, ran, instrument.run_after_pass, p, current, result, index)
             ran.append(p.name)
@@ -102,6 +109,8 @@ class PassManager:
             current = result.graph_module
             if self.keep_history:
                 history.append(current)
+            if self.context is not None and p.name in self.context.snapshot_after:
+                self.context.snapshots[p.name] = current
         outcome = PipelineResult(current, any_modified, records, history)
         for instrument in self.instruments:
             instrument.exit_pipeline(outcome)

@@ -1,12 +1,17 @@
 """Passes and pipelines as data: the vocabulary the pass manager and every instrument share.
 
-A pass is a pure function from the outside: ``PassResult(graph_module, modified, stats)`` from a
-graph module it never changes. Pipelines are data: a list of pass instances that prints to and
+A pass is a pure function from the outside: ``PassResult(graph_module, modified, stats,
+diagnostics)`` from a graph module it never changes. Pipelines are data: a list of pass instances that prints to and
 parses from ``"canonicalize,fold-batchnorm{opt=1}"``, and whose order is checked against each
 pass's ``requires`` / ``establishes`` / ``invalidates`` before anything runs. Everything that
 observes a run is an :class:`Instrument` with four hooks; the instruments live in
 :mod:`qcompile.instruments`, the manager that runs pipelines in :mod:`qcompile.pass_manager`,
 and both import this module, not each other.
+
+Pass names are looked up in one explicit registry: the built-in passes listed in
+:data:`qcompile.passes.BUILTIN_PASSES`, each registered target's own passes, and user passes
+given to :func:`register_pass`. Defining a class registers nothing; a class that takes a
+registered name is refused when it is defined.
 """
 
 from __future__ import annotations
@@ -16,15 +21,33 @@ import re
 import typing
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from torch import fx
 
 from qcompile.errors import PipelineOrderError, PipelineParseError
 from qcompile.ir.graph import copy_graph_module
 
+if TYPE_CHECKING:
+    from qcompile.context import CompileContext
+
 _KEBAB_CASE = re.compile(r"^[a-z][a-z0-9]*(-[a-z0-9]+)*$")
 _PASS_REGISTRY: dict[str, type[Pass]] = {}
+
+
+@dataclass(frozen=True)
+class Diagnostic:
+    """What a pass wants the user to know about one node: ``kind`` says what sort of finding it
+    is (``unsupported``: a rule asked for a format the target cannot run; ``kept``: a lowering
+    left the node as reference Q/DQ; ``calibration``: something calibration saw), ``reason``
+    why, in words."""
+
+    node: str
+    kind: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.node}: {self.reason}"
 
 
 @dataclass(frozen=True)
@@ -32,6 +55,11 @@ class PassResult:
     graph_module: fx.GraphModule
     modified: bool
     stats: Mapping[str, Any] = field(default_factory=dict)
+    diagnostics: tuple[Diagnostic, ...] = ()
+
+    def of_kind(self, kind: str) -> dict[str, str]:
+        """The reasons of this result's diagnostics of one kind, by node name."""
+        return {d.node: d.reason for d in self.diagnostics if d.kind == kind}
 
 
 @dataclass(frozen=True)
@@ -61,21 +89,24 @@ class Pass:
         if name:
             if not _KEBAB_CASE.match(name):
                 raise ValueError(f"pass name '{name}' of {cls.__qualname__} must be kebab-case")
-            taken = _PASS_REGISTRY.get(name)
-            if taken is not None and _qualified(taken) != _qualified(cls):
-                # A second class under a taken name would silently replace it in every later
-                # pipeline, built-in ones included. (The same class defined again, as a module
-                # reload does, takes its own place back.)
-                raise ValueError(f"pass name '{name}' of {_qualified(cls)} is already taken by {_qualified(taken)}; "
-                                 "give the new pass a name of its own")
-            _PASS_REGISTRY[name] = cls
+            # A second class under a registered name would be a different pass printed and
+            # dumped under the first one's name. (The same class defined again, as a module
+            # reload does, is the same pass.)
+            _check_name_free(cls)
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         """Transform ``gm``, which is this pass's own copy, and say whether anything changed."""
         raise NotImplementedError(f"{type(self).__qualname__} does not implement call()")
 
+    def run(self, gm: fx.GraphModule, context: CompileContext | None = None) -> PassResult:
+        """How the pass manager runs the pass. A pass that reads the compile context (the
+        target, the QConfig, the calibration data) overrides this to bind what it reads into
+        its options and then runs as itself, so its result is still a function of its options
+        and its graph; a pass that needs no context just runs."""
+        return self(gm)
+
     def __call__(self, gm: fx.GraphModule) -> PassResult:
-        """Run the pass on its own copy of ``gm`` and recompile: how the manager runs it too."""
+        """Run the pass on its own copy of ``gm`` and recompile."""
         result = self.call(copy_graph_module(gm))
         if not isinstance(result, PassResult):
             raise TypeError(f"call() returned {type(result).__name__}, not PassResult")
@@ -97,11 +128,26 @@ def _qualified(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def registered_passes() -> dict[str, type[Pass]]:
-    """Every pass class with a name, built-in or user-defined, by name."""
-    import qcompile.passes  # noqa: F401  (importing registers the built-in passes)
-    import qcompile.targets  # noqa: F401  (and each built-in target's own passes)
+def _check_name_free(cls: type[Pass]) -> None:
+    taken = _PASS_REGISTRY.get(cls.name)
+    if taken is not None and _qualified(taken) != _qualified(cls):
+        raise ValueError(f"pass name '{cls.name}' of {_qualified(cls)} is already taken by {_qualified(taken)}; "
+                         "give the new pass a name of its own")
 
+
+def register_pass(cls: type[Pass]) -> type[Pass]:
+    """Make ``cls`` reachable by name in pipeline text (usable as a class decorator). Built-in
+    passes are registered from their lists; a user pass is registered only by this call, and
+    one whose name is taken is refused."""
+    if not (isinstance(cls, type) and issubclass(cls, Pass)) or not cls.__dict__.get("name"):
+        raise TypeError(f"register_pass takes a Pass subclass with a name of its own, got {cls!r}")
+    _check_name_free(cls)
+    _PASS_REGISTRY[cls.name] = cls
+    return cls
+
+
+def registered_passes() -> dict[str, type[Pass]]:
+    """Every pass reachable by name, built-in or user-registered."""
     return dict(_PASS_REGISTRY)
 
 
@@ -168,7 +214,7 @@ def parse_pass(text: str) -> Pass:
     if not match:
         raise PipelineParseError(f"cannot parse pass '{text}': expected name or name{{key=value,...}}")
     name, options_text = match.groups()
-    registry = registered_passes()
+    registry = _PASS_REGISTRY
     if name not in registry:
         raise PipelineParseError(f"unknown pass '{name}' (known passes: {', '.join(sorted(registry))})")
     cls = registry[name]
@@ -265,6 +311,13 @@ class Pipeline:
         if problems:
             raise PipelineOrderError(f"pipeline '{self}' is out of order:\n  " + "\n  ".join(problems))
 
+    def properties_after(self, initial_properties: Iterable[str] = ()) -> set[str]:
+        """The graph properties that hold after this pipeline: where the next stage starts."""
+        available = set(initial_properties)
+        for p in self.passes:
+            available = (available - p.invalidates) | p.establishes
+        return available
+
 
 class Instrument:
     """Hooks around every pass; override what you need. ``should_run`` False skips a pass."""
@@ -290,6 +343,7 @@ class PassRecord:
     modified: bool = False
     seconds: float = 0.0
     stats: Mapping[str, Any] = field(default_factory=dict)
+    diagnostics: tuple[Diagnostic, ...] = ()
 
 
 @dataclass

@@ -159,6 +159,12 @@ class PassReport:
     changed: bool
     ms: float
     stats: dict[str, Any] = field(default_factory=dict)
+    # The pass's diagnostics ({"node", "kind", "reason"}; qcompile.pipeline.Diagnostic).
+    diagnostics: list[dict[str, str]] = field(default_factory=list)
+
+    def of_kind(self, kind: str) -> dict[str, str]:
+        """This pass's diagnostics of one kind: reasons by node name."""
+        return {d["node"]: d["reason"] for d in self.diagnostics if d["kind"] == kind}
 
 
 @dataclass
@@ -182,7 +188,17 @@ class CompileReport:
     def add_stage(self, stage: str, records: list[PassRecord]) -> None:
         for r in records:
             stats = json.loads(json.dumps(dict(r.stats), default=str))
-            self.passes.append(PassReport(stage, r.index, r.text, r.modified, round(r.seconds * 1e3, 2), stats))
+            diagnostics = [asdict(d) for d in r.diagnostics]
+            self.passes.append(PassReport(stage, r.index, r.text, r.modified, round(r.seconds * 1e3, 2), stats,
+                                          diagnostics))
+
+    def diagnostics(self, kind: str, stage: str | None = None) -> dict[str, str]:
+        """Every pass's diagnostics of one kind (in one stage, or all): reasons by node name."""
+        found: dict[str, str] = {}
+        for p in self.passes:
+            if stage is None or p.stage == stage:
+                found.update(p.of_kind(kind))
+        return found
 
     @property
     def int8_nodes(self) -> list[NodeReport]:
@@ -199,7 +215,7 @@ class CompileReport:
         lines += [f"  warning: {finding}" for finding in self.calibration_findings]
         lines.append(f"\n{'stage':<9}{'pass':<40}{'changed':<9}{'ms':>8}  stats")
         for p in self.passes:
-            stats = ", ".join(f"{k}={v}" for k, v in p.stats.items() if k not in ("kept", "unsupported"))
+            stats = ", ".join(f"{k}={v}" for k, v in p.stats.items())
             # A pass whose options are data (smooth-outliers' channels) shows its name only;
             # the options stay in the JSON form.
             name = p.name if len(p.name) < 40 else p.name.split("{")[0] + "{...}"

@@ -45,7 +45,8 @@ def test_qconfig_none_and_unsupported_specs_stay_float_with_the_reason():
     assert "needs quantized activations" in plans["linear"].float_reason
     assert plans["layer_norm"].float_reason == "cpu-int8 has no int8 kernel for 'layer_norm'"
     assert result.stats["quantized"] == 0
-    assert set(result.stats["unsupported"]) == {"linear", "layer_norm"}
+    assert set(result.of_kind("unsupported")) == {"linear", "layer_norm"}
+    assert {d.kind for d in result.diagnostics} == {"unsupported"}
 
 
 def test_unknown_target_lists_the_known_ones():
@@ -74,7 +75,7 @@ def test_cpu_int8_residual_add_quantizes_only_the_input_the_convolution_does_not
     CHECK: aten.add.Tensor{{.*}}qc.qspec=[1=activation:{{[^@]*}}@relu_2]
     CHECK: aten.add.Tensor{{.*}}qc.qspec=[1=activation:{{[^@]*}}@conv2d_5]
     """)
-    assert "unsupported" not in result.stats
+    assert not result.of_kind("unsupported")
 
 
 def test_cpu_int8_add_without_a_quantized_convolution_to_fuse_into_stays_float_with_the_reason(resnet):
@@ -93,7 +94,7 @@ def test_onnx_qdq_leaves_a_residual_add_on_a_float_path_float_without_warning():
     result = Annotate(target="onnx-qdq")(cleaned(TinyBlock(), x))
     add = next(n for n in result.graph_module.graph.nodes if n.name == "add")
     assert qcompile.get_qspec(add) is None
-    assert "unsupported" not in result.stats
+    assert not result.of_kind("unsupported")
 
 
 def test_a_vocabulary_table_gets_int8_rows_and_a_table_read_at_constant_indices_stays_float():

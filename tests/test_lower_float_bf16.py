@@ -46,7 +46,7 @@ def test_causal_attention_stays_with_the_reason():
 
     q, k, v, _ = inputs()
     result = LowerFloatBf16()(qcompile.capture(Causal(), (q, k, v)))
-    assert result.stats["kept"] == {"scaled_dot_product_attention": "causal masking"}
+    assert result.of_kind("kept") == {"scaled_dot_product_attention": "attention stays fp32: causal masking"}
 
 
 class SelfAttention(torch.nn.Module):

@@ -107,6 +107,7 @@ def test_a_target_registered_from_outside_lowers_to_its_own_kernel_and_is_checke
     target = qcompile.register_target(dataclasses.replace(
         cpu, name="test-int-matmul", description="int32 matmul reference kernel",
         op_rules={"linear": cpu.op_rules["linear"]}, lower="test-lower-int-matmul,eliminate-dead-code",
+        passes=(LowerIntMatmul,),
         preset=lambda: qcompile.QConfig(by_op={"linear": qcompile.int8_preset().by_op["linear"]}),
         describe_kernel=lambda node: "qctest.int_matmul_linear"
         if node.target == torch.ops.qctest.int_matmul_linear.default else None))

@@ -80,6 +80,7 @@ class BreaksNumerics(qcompile.Pass):
         return PassResult(gm, modified=True)
 
 
+@qcompile.register_pass
 @dataclass(frozen=True)
 class FailsOnNode(qcompile.Pass):
     name: ClassVar[str] = "test-fails-on-node"
@@ -271,6 +272,26 @@ def test_a_user_pass_cannot_take_a_built_in_pass_name():
             name: ClassVar[str] = "fold-batchnorm"
 
     assert qcompile.registered_passes()["fold-batchnorm"] is FoldBatchNorm
+
+
+def test_pass_names_come_from_one_explicit_registry():
+    builtin = {cls.name for cls in qcompile.BUILTIN_PASSES}
+    own = {cls.name for target in qcompile.targets().values() for cls in target.passes}
+    assert {"canonicalize", "annotate", "calibrate", "convert"} <= builtin
+    assert {"lower-cpu-int8", "onnx-residual-sums"} <= own
+    assert builtin | own <= set(qcompile.registered_passes())
+
+    @dataclass(frozen=True)
+    class Unlisted(qcompile.Pass):  # defining a pass registers nothing
+        name: ClassVar[str] = "test-unlisted"
+
+    with pytest.raises(qcompile.PipelineParseError, match="unknown pass 'test-unlisted'"):
+        qcompile.Pipeline.parse("canonicalize,test-unlisted")
+    assert str(qcompile.Pipeline([Unlisted()])) == "test-unlisted"  # an instance runs without a name lookup
+    qcompile.register_pass(Unlisted)
+    assert qcompile.Pipeline.parse("test-unlisted")[0] == Unlisted()
+    with pytest.raises(TypeError, match="a Pass subclass"):
+        qcompile.register_pass(object)
 
 
 def test_a_typo_in_the_passes_to_skip_is_an_error(conv_bn, monkeypatch):

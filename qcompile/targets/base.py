@@ -7,7 +7,9 @@ A target names its operator rules (which op kinds it has quantized kernels for, 
 arguments are activations, weight and bias, and which specs those kernels accept), the QConfig
 preset used when the user gives none, and three pipelines:
 
-* ``prepare``: capture clean-up through observer insertion (calibration runs after it);
+* ``prepare``: capture clean-up, outlier smoothing, the plan, observers and calibration
+  (:data:`PREPARE`); the passes that need the calibration data read it from the compile
+  context (:mod:`qcompile.context`);
 * ``convert``: observers to the Q/DQ form, the common ground of all targets;
 * ``lower``: Q/DQ to the target's kernels.
 
@@ -20,12 +22,12 @@ Users add targets with :func:`register_target`.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 from torch import fx
 
 from qcompile.errors import QCompileError
-from qcompile.pipeline import Pass, Pipeline
+from qcompile.pipeline import Pass, Pipeline, register_pass
 from qcompile.qconfig import OpQuantConfig, QConfig
 from qcompile.spec import PerChannel, PerTensor
 
@@ -85,40 +87,47 @@ class Target:
     description: str
     op_rules: dict[str, OpRule]
     preset: Callable[[], QConfig]
-    prepare: str
-    convert: str
-    lower: str
-    dynamic_prepare: str = ""
-    dynamic_convert: str = ""
-    properties_after_prepare: frozenset[str] = field(default_factory=frozenset)
+    # Pipeline text, or a Pipeline (with_pass puts in pass instances that need no registered name).
+    prepare: str | Pipeline
+    convert: str | Pipeline
+    lower: str | Pipeline
+    dynamic_prepare: str | Pipeline = ""
+    dynamic_convert: str | Pipeline = ""
+    # The target's own passes (its lowering), reachable by name in pipeline text once the
+    # target is registered.
+    passes: tuple[type[Pass], ...] = ()
     # What the report says of a quantized node that no lowering pass turned into a kernel.
     unlowered: str = "reference Q/DQ, not lowered"
     # How the report names a kernel node of this target's lowered graph (None: not a kernel).
     describe_kernel: Callable[[fx.Node], str | None] = lambda node: None
 
+    def pipeline(self, stage: str) -> Pipeline:
+        """A fresh copy of the pipeline of ``stage`` (``prepare``, ``dynamic_prepare``, ...)."""
+        text = getattr(self, stage)
+        return Pipeline(text) if isinstance(text, Pipeline) else Pipeline.parse(text)
+
     def with_pass(self, new_pass: Pass, *, after: str | None = None, before: str | None = None,
                   stage: str | None = None) -> Target:
         """This target with ``new_pass`` in its pipelines next to the pass named ``after`` (or
         ``before``): what ``compile(model, target=get_target("cpu-int8").with_pass(MyPass(),
-        after="annotate"))`` runs, without registering a target. ``stage`` (``prepare``,
-        ``convert``, ``lower``) says which pipeline when the anchor runs in several; the
-        dynamic pipelines follow their static stage."""
+        after="annotate"))`` runs, without registering a target or the pass. ``stage``
+        (``prepare``, ``convert``, ``lower``) says which pipeline when the anchor runs in
+        several; the dynamic pipelines follow their static stage."""
         if (after is None) == (before is None):
             raise QCompileError("with_pass needs exactly one of after= or before= (a pass name)")
         anchor = after or before
         stages = [stage] if stage else list(STAGES)
-        holding = [name for name in stages if anchor in Pipeline.parse(getattr(self, name)).names()]
+        holding = [name for name in stages if anchor in self.pipeline(name).names()]
         if len(holding) != 1:
             where = ", ".join(holding) if holding else "none of " + ", ".join(stages)
             raise QCompileError(f"with_pass: '{anchor}' runs in {where} of target '{self.name}'; "
                                 "name one stage with stage=")
         changes = {}
         for name in (holding[0], f"dynamic_{holding[0]}"):
-            text = getattr(self, name, "")
-            if text and anchor in Pipeline.parse(text).names():
-                pipeline = Pipeline.parse(text)
+            if getattr(self, name, "") and anchor in self.pipeline(name).names():
+                pipeline = self.pipeline(name)
                 (pipeline.insert_after if after else pipeline.insert_before)(anchor, new_pass)
-                changes[name] = str(pipeline)
+                changes[name] = pipeline
         return replace(self, **changes)
 
 
@@ -129,6 +138,9 @@ _TARGETS: dict[str, Target] = {}
 
 
 def register_target(target: Target) -> Target:
+    """Make ``target`` reachable by name, and its own passes by theirs."""
+    for pass_cls in target.passes:
+        register_pass(pass_cls)
     _TARGETS[target.name] = target
     return target
 
@@ -145,5 +157,9 @@ def targets() -> dict[str, Target]:
 
 # The clean-up every target's prepare stage starts with.
 CLEANUP = "canonicalize,fold-batchnorm,eliminate-dead-code"
+# Prepare with calibration data: clean up, smooth outlier channels (measured on the data), plan,
+# observe, calibrate. Without data: clean up and plan; activations get run-time scales.
+PREPARE = f"{CLEANUP},smooth-outliers,annotate,insert-observers,calibrate"
+DYNAMIC_PREPARE = f"{CLEANUP},annotate"
 
-__all__ = ["CLEANUP", "STAGES", "OpRule", "Target", "get_target", "register_target", "targets"]
+__all__ = ["CLEANUP", "DYNAMIC_PREPARE", "PREPARE", "STAGES", "OpRule", "Target", "get_target", "register_target", "targets"]

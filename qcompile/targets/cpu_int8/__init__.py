@@ -9,7 +9,7 @@
 """
 
 from qcompile.qconfig import int8_preset
-from qcompile.targets.base import CLEANUP, OpRule, Target, register_target
+from qcompile.targets.base import DYNAMIC_PREPARE, PREPARE, OpRule, Target, register_target
 from qcompile.targets.cpu_int8.bf16_kernels import attention_bf16, linear_bf16
 from qcompile.targets.cpu_int8.fuse_patterns import FusePatterns
 from qcompile.targets.cpu_int8.lower_cpu_int8 import LowerCpuInt8
@@ -33,15 +33,15 @@ register_target(
                           producers=("conv2d", "relu", "max_pool2d"), epilogue_of=("conv2d",)),
         },
         preset=int8_preset,
-        prepare=f"{CLEANUP},annotate,insert-observers",
+        prepare=PREPARE,
         convert="convert,eliminate-dequant,eliminate-dead-code",
         # Fusion is read off the Q/DQ graph, so a saved Q/DQ program lowers the same way.
         lower="canonicalize,merge-sibling-linears,fuse-patterns,lower-cpu-int8,lower-float-bf16,relax-views,"
               "eliminate-dead-code",
-        dynamic_prepare=f"{CLEANUP},annotate",
+        dynamic_prepare=DYNAMIC_PREPARE,
         dynamic_convert="convert{dynamic=true},eliminate-dequant,eliminate-dead-code",
-        properties_after_prepare=frozenset({"bn-folded", "annotated"}),
         describe_kernel=describe_int8_kernel,
+        passes=(MergeSiblingLinears, FusePatterns, LowerCpuInt8, LowerFloatBf16),
     )
 )
 

@@ -29,7 +29,7 @@ from torch import fx
 
 from qcompile.ir.graph import add_constant, constant_value, insert_call, op_arguments
 from qcompile.ir.meta import Fusion, Provenance, get_fusion
-from qcompile.pipeline import Pass, PassResult
+from qcompile.pipeline import Diagnostic, Pass, PassResult
 from qcompile.qdq import DequantizeCall, QParams, QuantizeCall, is_dequantize, qparams_of
 from qcompile.targets.cpu_int8.onednn import conv2d_int8, linear_int8
 from qcompile.targets.cpu_int8.uint8_kernels import max_pool2d_uint8
@@ -151,9 +151,8 @@ class LowerCpuInt8(Pass):
         stats: dict[str, object] = {"lowered": lowered}
         if pooled:
             stats["uint8-pools"] = pooled
-        if kept:
-            stats["kept"] = kept
-        return PassResult(gm, bool(lowered or pooled), stats)
+        diagnostics = tuple(Diagnostic(node, "kept", reason) for node, reason in kept.items())
+        return PassResult(gm, bool(lowered or pooled), stats, diagnostics)
 
     def _lower_uint8_pool(self, gm: fx.GraphModule, node: fx.Node) -> bool:
         if node.op != "call_function" or node.target != aten.max_pool2d.default:

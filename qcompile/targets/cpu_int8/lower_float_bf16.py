@@ -31,7 +31,7 @@ from qcompile.ir.graph import (
     set_argument,
 )
 from qcompile.ir.meta import Provenance
-from qcompile.pipeline import Pass, PassResult
+from qcompile.pipeline import Diagnostic, Pass, PassResult
 from qcompile.targets.cpu_int8.bf16_kernels import attention_bf16, linear_bf16
 from qcompile.targets.cpu_int8.onednn import Int8KernelCall
 
@@ -130,9 +130,8 @@ class LowerFloatBf16(Pass):
         if attention:
             _int8_producers_write_bf16(gm)
         stats: dict[str, object] = {k: v for k, v in (("attention", attention), ("linear", linears)) if v}
-        if kept:
-            stats["kept"] = kept
-        return PassResult(gm, bool(attention or linears), stats)
+        diagnostics = tuple(Diagnostic(node, "kept", f"attention stays fp32: {reason}") for node, reason in kept.items())
+        return PassResult(gm, bool(attention or linears), stats, diagnostics)
 
     @staticmethod
     def _float_linear(gm: fx.GraphModule, node: fx.Node) -> bool:

@@ -8,7 +8,7 @@
 """
 
 from qcompile.qconfig import int8_preset
-from qcompile.targets.base import CLEANUP, OpRule, Target, register_target
+from qcompile.targets.base import DYNAMIC_PREPARE, PREPARE, OpRule, Target, register_target
 from qcompile.targets.onnx_qdq.arrange import FloatMatmulBiases, ResidualAddsAsSums
 
 register_target(
@@ -24,11 +24,11 @@ register_target(
                           producers=("conv2d", "relu", "max_pool2d")),
         },
         preset=int8_preset,
-        prepare=f"{CLEANUP},annotate,insert-observers",
+        prepare=PREPARE,
         convert="convert,eliminate-dequant,eliminate-dead-code",
         lower="eliminate-dead-code",  # the model runs as its Q/DQ graph; ONNX Runtime runs the file
-        properties_after_prepare=frozenset({"bn-folded", "annotated"}),
         unlowered="Q/DQ for ONNX Runtime (export_onnx)",
+        passes=(FloatMatmulBiases, ResidualAddsAsSums),
     )
 )
 
