@@ -8,7 +8,7 @@
 """
 
 from qcompile.qconfig import int8_preset
-from qcompile.targets.base import DYNAMIC_PREPARE, PREPARE, OpRule, Target, register_target
+from qcompile.targets.base import PREPARE, OpRule, Target, register_target
 from qcompile.targets.onnx_qdq.arrange import FloatMatmulBiases, ResidualAddsAsSums
 
 register_target(
