@@ -52,6 +52,7 @@ from qcompile.ir.meta import (
     source_module,
     stand_ins,
 )
+from qcompile.ir.parser import IRParseError, parse_graph
 from qcompile.ir.printer import canonical_order, diff_graphs, print_graph
 from qcompile.ir.verify import register_invariant, verify_graph
 from qcompile.kernel_check import check_kernels, register_kernel
@@ -103,6 +104,7 @@ __all__ = [
     "EdgeQuant",
     "Fusion",
     "HistogramObserver",
+    "IRParseError",
     "InputError",
     "Instrument",
     "KernelMismatchError",
@@ -172,6 +174,7 @@ __all__ = [
     "make_observer",
     "observation_root",
     "op_arguments",
+    "parse_graph",
     "print_graph",
     "register_invariant",
     "register_kernel",

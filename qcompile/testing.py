@@ -7,13 +7,16 @@ All structural checks read the canonical text IR (never ``gm.code``):
 * :func:`assert_graph_diff` states the lines a pass adds and removes;
 * :func:`assert_outputs_close` compares two graphs on the same inputs;
 * :func:`assert_pass_contract` checks what every pass owes: an honest ``modified``, an
-  unchanged input, a green verifier, idempotence, metadata kept.
+  unchanged input, a green verifier, idempotence, metadata kept;
+* :func:`assert_rewrites` starts from literal IR (:mod:`qcompile.ir.parser`): text in, the
+  pass run under its contract, the text it must print out.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+import textwrap
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -21,7 +24,8 @@ from torch import fx
 from torch.utils import _pytree as pytree
 
 from qcompile.instruments import NumericCheck, Verify, relative_error
-from qcompile.ir.printer import changed_lines, print_graph
+from qcompile.ir.parser import example_inputs, parse_graph
+from qcompile.ir.printer import changed_lines, diff_graphs, print_graph
 from qcompile.pass_manager import PassManager
 from qcompile.pipeline import Pass, PipelineResult
 
@@ -163,4 +167,18 @@ def assert_pass_contract(p: Pass, gm: fx.GraphModule, example_args: Sequence[Any
             assert (old_val.dtype, str(old_val.shape)) == (new_val.dtype, str(new_val.shape)), (
                 f"pass '{p.name}' changed the type of {node.name}"
             )
+    return out
+
+
+def assert_rewrites(p: Pass, before: str, after: str, *, constants: Mapping[str, torch.Tensor] | None = None,
+                    sizes: Mapping[str, int] | None = None) -> fx.GraphModule:
+    """Literal IR in, literal IR out: ``before`` is parsed, ``p`` runs on it under
+    :func:`assert_pass_contract` (with the parsed inputs, so a pass that preserves semantics is
+    held to its outputs), and the result must print as ``after`` with node names (the names the
+    literal IR gave its values; nodes the pass made have the names it chose). Returns the result."""
+    gm = parse_graph(before, constants=constants, sizes=sizes)
+    out = assert_pass_contract(p, gm, example_inputs(gm))
+    actual, expected = print_graph(out, names="node"), textwrap.dedent(after).strip() + "\n"
+    assert actual == expected, (f"pass '{p.name}' printed\n{actual}\nexpected\n{expected}\n"
+                                f"its change:\n{diff_graphs(gm, out)}")
     return out
