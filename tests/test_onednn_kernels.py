@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import qcompile  # noqa: F401  (registers torch.ops.qc.*)
+import qcompile
 from qcompile.spec import PerChannel, QuantSpec, compute_qparams
 
 qc = torch.ops.qc
@@ -64,8 +64,11 @@ def test_bad_arguments_are_named():
     x_q, x_scale, x_zp, w_q, w_scale, b, *_ = quantized_problem()
     with pytest.raises(ValueError, match="activations must be uint8"):
         qlinear(x_q.to(torch.int8), x_scale, x_zp, w_q, w_scale, b)
-    with pytest.raises(ValueError, match="unknown post-op 'swish'"):
+    with pytest.raises(ValueError, match="post-op 'swish' is not one it fuses"):
         qlinear(x_q, x_scale, x_zp, w_q, w_scale, b, post_op="swish")
+    # oneDNN follows a residual add with relu only: the capability table says so, the kernel refuses.
+    with pytest.raises(ValueError, match="post-op 'gelu' after a residual add is not one it fuses .*none, relu"):
+        qlinear(x_q, x_scale, x_zp, w_q, w_scale, b, other=torch.randn(64, 48), post_op="gelu")
     with pytest.raises(ValueError, match="weights must be 2-D int8"):
         qlinear(x_q, x_scale, x_zp, w_q.float(), w_scale, b)
 
@@ -134,3 +137,27 @@ def test_conv2d_uint8_output_refuses_a_float_residual():
     *problem, y = quantized_conv_problem()
     with pytest.raises(ValueError, match="uint8 output adds a uint8 other, got torch.float32"):
         qconv(*problem, other=torch.zeros_like(y), out_scale=0.1, out_dtype=torch.uint8)
+
+
+def test_one_capability_table_feeds_the_op_rules_the_marking_and_the_kernels():
+    from qcompile.targets.cpu_int8 import capabilities
+    from qcompile.targets.cpu_int8.fuse_patterns import fusion_group
+    from qcompile.targets.cpu_int8.onednn import INT8_KERNELS
+
+    target = qcompile.get_target("cpu-int8")
+    anchors = capabilities.ANCHORS.values()
+    assert {a.kind for a in anchors} <= set(target.op_rules)
+    assert target.op_rules["add"].epilogue_of == ("conv2d",)  # the anchor whose residual add is a sum post-op
+    assert set(INT8_KERNELS.values()) == {a.kernel for a in anchors}
+    gm = qcompile.capture(_ConvGelu(), (torch.randn(1, 3, 8, 8),))
+    conv = next(n for n in gm.graph.nodes if n.target == torch.ops.aten.conv2d.default)
+    assert fusion_group(conv).unary is None  # conv2d_int8 does not fuse gelu, so the marking leaves it out
+
+
+class _ConvGelu(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        return F.gelu(self.conv(x))

@@ -5,12 +5,15 @@
   registering its Q/DQ reference with :mod:`qcompile.kernel_check`;
 * passes: ``merge-sibling-linears``, ``fuse-patterns`` (the groups one oneDNN kernel runs),
   ``lower-cpu-int8``, ``lower-float-bf16``;
+* ``capabilities``: the one table of what the kernels run, which the op rules, the marking,
+  the lowering and the kernels' argument checks read;
 * the target: op rules, preset, pipelines, and how the report names a kernel node.
 """
 
 from qcompile.qconfig import int8_preset
-from qcompile.targets.base import DYNAMIC_PREPARE, PREPARE, OpRule, Target, register_target
+from qcompile.targets.base import DYNAMIC_PREPARE, PREPARE, Target, register_target
 from qcompile.targets.cpu_int8.bf16_kernels import attention_bf16, linear_bf16
+from qcompile.targets.cpu_int8.capabilities import op_rules
 from qcompile.targets.cpu_int8.fuse_patterns import FusePatterns
 from qcompile.targets.cpu_int8.lower_cpu_int8 import LowerCpuInt8
 from qcompile.targets.cpu_int8.lower_float_bf16 import LowerFloatBf16
@@ -22,16 +25,7 @@ register_target(
     Target(
         name="cpu-int8",
         description="oneDNN int8 kernels on x86 CPUs: uint8 activations, int8 per-channel weights",
-        op_rules={
-            "linear": OpRule(),
-            "conv2d": OpRule(),
-            # A table lookup reads its int8 rows and dequantizes them with their own scales.
-            "embedding": OpRule(activations=(), weight=0, bias=None, lookup_indices=1),
-            # A residual add between convolutions: the convolution's sum post-op, which reads
-            # the other input as uint8, so the block's output leaves the kernel as uint8.
-            "add": OpRule(activations=(0, 1), weight=None, bias=None,
-                          producers=("conv2d", "relu", "max_pool2d"), epilogue_of=("conv2d",)),
-        },
+        op_rules=op_rules(),
         preset=int8_preset,
         prepare=PREPARE,
         convert="convert,eliminate-dequant,eliminate-dead-code",

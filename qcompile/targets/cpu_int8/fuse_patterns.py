@@ -1,4 +1,5 @@
-"""fuse-patterns: mark the groups that lower to one int8 kernel.
+"""fuse-patterns: mark the groups that lower to one int8 kernel (cpu-int8's group marking;
+which epilogues each kernel fuses is :mod:`qcompile.targets.cpu_int8.capabilities`).
 
     linear(x, W, b) -> gelu | relu                      one kernel, unary post-op
     linear(x, W, b) -> add(·, other) [-> relu]          one kernel, binary post-op (residual add)
@@ -23,13 +24,10 @@ from torch import fx
 from qcompile.ir.graph import op_arguments
 from qcompile.ir.meta import Fusion, get_fusion, set_fusion
 from qcompile.pipeline import Pass, PassResult
+from qcompile.targets.cpu_int8.capabilities import ANCHORS
 
 aten = torch.ops.aten
 
-ANCHORS = {aten.linear.default: ("relu", "gelu", "gelu-tanh"), aten.conv2d.default: ("relu",)}
-# oneDNN's int8 kernels follow a sum/add post-op with relu only.
-AFTER_ADD = ("relu",)
-BINARY_ANCHORS = frozenset({aten.linear.default, aten.conv2d.default})
 
 
 def _unary_kind(node: fx.Node) -> str | None:
@@ -55,7 +53,7 @@ def residual_operand(add: fx.Node, value: fx.Node) -> int | None:
     other, out = add.args[other_index], value.meta.get("val")
     if not isinstance(other, fx.Node) or not isinstance(other.meta.get("val"), torch.Tensor):
         return None
-    if other_index == 0 and other.target in BINARY_ANCHORS and _sole_user(other) is add:
+    if other_index == 0 and other.target in ANCHORS and _sole_user(other) is add:
         return None  # both operands could take the add (a ResNet shortcut conv): the first does
     other_val = other.meta["val"]
     if other_val.shape != out.shape or other_val.dtype != out.dtype:
@@ -64,17 +62,15 @@ def residual_operand(add: fx.Node, value: fx.Node) -> int | None:
 
 
 def fusion_group(anchor: fx.Node) -> Fusion:
-    unaries = ANCHORS[anchor.target]
+    capability = ANCHORS[anchor.target]
     last, add_node, add_other, unary, unary_node = anchor, None, None, None, None
     user = _sole_user(anchor)
-    if user is not None and anchor.target in BINARY_ANCHORS:
+    if user is not None:
         add_other = residual_operand(user, anchor)
         if add_other is not None:
             add_node, last = user, user
             user = _sole_user(user)
-    if add_node is not None:
-        unaries = tuple(u for u in unaries if u in AFTER_ADD)
-    if user is not None and _unary_kind(user) in unaries:
+    if user is not None and _unary_kind(user) in capability.post_ops(with_add=add_node is not None)[1:]:
         unary, unary_node, last = _unary_kind(user), user, user
     return Fusion(
         unary=unary,

@@ -31,11 +31,11 @@ from qcompile.ir.graph import add_constant, constant_value, insert_call, op_argu
 from qcompile.ir.meta import Fusion, Provenance, get_fusion
 from qcompile.pipeline import Diagnostic, Pass, PassResult
 from qcompile.qdq import DequantizeCall, QParams, QuantizeCall, is_dequantize, qparams_of
+from qcompile.targets.cpu_int8.capabilities import ANCHORS
 from qcompile.targets.cpu_int8.onednn import conv2d_int8, linear_int8
 from qcompile.targets.cpu_int8.uint8_kernels import max_pool2d_uint8
 
 aten = torch.ops.aten
-KERNELS = {aten.linear.default: "linear", aten.conv2d.default: "conv2d"}
 
 
 @dataclass
@@ -138,7 +138,7 @@ class LowerCpuInt8(Pass):
     def call(self, gm: fx.GraphModule) -> PassResult:
         lowered, kept = 0, {}
         for anchor in list(gm.graph.nodes):
-            if anchor.op != "call_function" or anchor.target not in KERNELS:
+            if anchor.op != "call_function" or anchor.target not in ANCHORS:
                 continue
             operands = _operands(gm, anchor)
             if isinstance(operands, str):
@@ -181,7 +181,8 @@ class LowerCpuInt8(Pass):
         requantize = _requantize_target(gm, last)
         other_scale, other_zero_point = 1.0, 0
         if other is not None:
-            integer_other = _uint8_static_source(gm, other) if anchor.target == aten.conv2d.default else None
+            # A sum post-op reads a uint8 other through its qparams; a binary one reads it as float.
+            integer_other = _uint8_static_source(gm, other) if ANCHORS[anchor.target].residual == "sum" else None
             if integer_other is not None:
                 other, other_scale, other_zero_point = integer_other
             elif requantize is not None:
@@ -202,7 +203,7 @@ class LowerCpuInt8(Pass):
             target = conv2d_int8._opoverload
             args = (*x, other, other_scale, other_zero_point, list(conv["stride"]), list(conv["padding"]),
                     list(conv["dilation"]), conv["groups"], out_scale, out_zero_point, out_dtype, post_op)
-        provenance = Provenance(self.name, KERNELS[anchor.target], tuple(nodes))
+        provenance = Provenance(self.name, ANCHORS[anchor.target].kind, tuple(nodes))
         kernel = insert_call(gm, target, args, before=last.next, provenance=provenance, meta_from=anchor)
         for replaced in requantize[0] if requantize else [last]:
             replaced.replace_all_uses_with(kernel)

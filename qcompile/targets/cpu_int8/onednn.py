@@ -31,15 +31,8 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from qcompile.ir.graph import op_arguments
 from qcompile.kernel_check import register_kernel
+from qcompile.targets.cpu_int8.capabilities import BY_KERNEL, POST_OPS
 
-# post_op name -> (oneDNN post-op name, algorithm): oneDNN's GELU takes its approximation as
-# the algorithm argument.
-POST_OPS: dict[str, tuple[str, str]] = {
-    "none": ("none", ""),
-    "relu": ("relu", ""),
-    "gelu": ("gelu", "none"),
-    "gelu-tanh": ("gelu", "tanh"),
-}
 # oneDNN keeps one JIT-compiled primitive per (op, shape) in a process-wide LRU cache of 1024 by
 # default; an int8 GEMM primitive takes ~0.4 MB, so a model called at many batch sizes grew by
 # ~400 MB before that bound bit (a 2-layer MLP over 1000 batch sizes: +414 MB; with 256: +93 MB,
@@ -52,11 +45,13 @@ OUTPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.uint8)
 _PACKED: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
-def _check(x: Tensor, post_op: str, out_dtype: torch.dtype, kernel: str) -> None:
+def _check(x: Tensor, post_op: str, out_dtype: torch.dtype, kernel: str, with_add: bool) -> None:
     if x.dtype != torch.uint8:
         raise ValueError(f"{kernel} activations must be uint8, got {x.dtype}")
-    if post_op not in POST_OPS:
-        raise ValueError(f"{kernel}: unknown post-op '{post_op}' (known: {', '.join(POST_OPS)})")
+    accepted = BY_KERNEL[kernel].post_ops(with_add)
+    if post_op not in accepted:
+        after = " after a residual add" if with_add else ""
+        raise ValueError(f"{kernel}: post-op '{post_op}'{after} is not one it fuses (it fuses: {', '.join(accepted)})")
     if out_dtype not in OUTPUT_DTYPES:
         raise ValueError(f"{kernel} output must be float32, bfloat16, float16 or uint8, got {out_dtype}")
 
@@ -91,7 +86,7 @@ def linear_int8(
     out_dtype: torch.dtype,
     post_op: str,
 ) -> Tensor:
-    _check(x, post_op, out_dtype, "linear_int8")
+    _check(x, post_op, out_dtype, "linear_int8", other is not None)
     if other is not None and out_dtype == torch.uint8:
         # oneDNN's binary post-op reads ``other`` in the output's dtype: a float residual would
         # be truncated to bytes. The lowering keeps such a group's output float.
@@ -101,7 +96,7 @@ def linear_int8(
     # slower. Both are copied once here when they are not already dense.
     x = x.contiguous()
     result_dtype, out_dtype = out_dtype, _kernel_dtype(out_dtype)
-    name, algorithm = POST_OPS[post_op]
+    name, algorithm = POST_OPS[post_op].onednn, POST_OPS[post_op].algorithm
     if out_dtype != torch.uint8:
         out_scale, out_zero_point = 1.0, 0
     packed = packed_linear_weight(weight)
@@ -161,7 +156,7 @@ def conv2d_int8(
     out_dtype: torch.dtype,
     post_op: str,
 ) -> Tensor:
-    _check(x, post_op, out_dtype, "conv2d_int8")
+    _check(x, post_op, out_dtype, "conv2d_int8", other is not None)
     if post_op.startswith("gelu"):
         raise ValueError("conv2d_int8 fuses relu only")
     if weight.dtype != torch.int8 or weight.dim() != 4:
@@ -177,14 +172,14 @@ def conv2d_int8(
     if other is None:
         y = torch.ops.onednn.qconv2d_pointwise(
             x, scale, zero_point, packed, weight_scale.float(), weight_zero_point, bias, stride, padding, dilation,
-            groups, float(out_scale), int(out_zero_point), out_dtype, POST_OPS[post_op][0], [], "",
+            groups, float(out_scale), int(out_zero_point), out_dtype, POST_OPS[post_op].onednn, [], "",
         )
     else:
         accumulator, other_scale, other_zero_point = _accumulator(other, other_scale, other_zero_point, out_dtype)
         y = torch.ops.onednn.qconv2d_pointwise.binary(
             x, scale, zero_point, packed, weight_scale.float(), weight_zero_point, accumulator, bias, stride, padding,
             dilation, groups, float(out_scale), int(out_zero_point), out_dtype, other_scale, other_zero_point, "sum",
-            1.0, POST_OPS[post_op][0], [], "",
+            1.0, POST_OPS[post_op].onednn, [], "",
         )
     return y.to(result_dtype)
 
@@ -213,9 +208,6 @@ def _(x, x_scale, x_zero_point, weight, weight_scale, bias, other, other_scale, 
     return x.new_empty((n, weight.shape[0], *out_hw), dtype=out_dtype)
 
 
-_UNARY = {"none": lambda y: y, "relu": torch.relu, "gelu": F.gelu, "gelu-tanh": lambda y: F.gelu(y, approximate="tanh")}
-
-
 def _reference_output(y: Tensor, out_scale: float, out_zero_point: int, out_dtype: torch.dtype) -> Tensor:
     if out_dtype == torch.uint8:
         return torch.ops.qc.quantize(y, torch.tensor(out_scale), torch.tensor(out_zero_point), None, 0, 255, torch.uint8)
@@ -234,7 +226,7 @@ def reference_linear_int8(x, x_scale, x_zero_point, weight, weight_scale, bias, 
                  None if bias is None else bias.float())
     if other is not None:
         y = y + other.float()
-    return _reference_output(_UNARY[post_op](y), out_scale, out_zero_point, out_dtype)
+    return _reference_output(POST_OPS[post_op].reference(y), out_scale, out_zero_point, out_dtype)
 
 
 def reference_conv2d_int8(x, x_scale, x_zero_point, weight, weight_scale, bias, other, other_scale,
@@ -246,7 +238,7 @@ def reference_conv2d_int8(x, x_scale, x_zero_point, weight, weight_scale, bias, 
                  None if bias is None else bias.float(), stride, padding, dilation, groups)
     if other is not None:
         y = y + (_dequantized(other, other_scale, other_zero_point) if other.dtype == torch.uint8 else other.float())
-    return _reference_output(_UNARY[post_op](y), out_scale, out_zero_point, out_dtype)
+    return _reference_output(POST_OPS[post_op].reference(y), out_scale, out_zero_point, out_dtype)
 
 
 register_kernel(linear_int8, reference_linear_int8)
@@ -280,7 +272,7 @@ class Int8KernelCall:
         return f"qc.{self.kernel}{fused} -> {str(self.out_dtype).removeprefix('torch.')}"
 
 
-INT8_KERNELS = {torch.ops.qc.linear_int8.default: "linear_int8", torch.ops.qc.conv2d_int8.default: "conv2d_int8"}
+INT8_KERNELS = {getattr(torch.ops.qc, kernel).default: kernel for kernel in BY_KERNEL}
 
 
 def describe_int8_kernel(node: fx.Node) -> str | None:

@@ -1,0 +1,85 @@
+"""What cpu-int8's oneDNN kernels run: the one table its op rules, its group marking
+(``fuse-patterns``), its lowering (``lower-cpu-int8``) and its kernels' argument checks read.
+
+    op        kernel            activations x weights    unary post-ops          residual add        after an add
+    linear    qc.linear_int8    uint8 x int8 (axis 0)    relu, gelu, gelu-tanh    binary: float other  relu
+    conv2d    qc.conv2d_int8    uint8 x int8 (axis 0)    relu                     sum: uint8 other     relu
+
+A "binary" residual add is oneDNN's binary post-op, which reads the other operand in the
+output's dtype, so the other stays float and the output must be float; a "sum" add reads a
+uint8 other through its own qparams, so a ResNet block's shortcut stays in integers. Besides
+the anchors, cpu-int8 quantizes embedding tables (int8 rows, dequantized after the lookup) and
+residual adds only as a convolution's sum epilogue.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+from qcompile.targets.base import OpRule
+
+aten = torch.ops.aten
+
+ACTIVATION_DTYPES = ("uint8",)
+WEIGHT_DTYPES = ("int8",)
+
+
+@dataclass(frozen=True)
+class PostOp:
+    """A unary epilogue: oneDNN's post-op name and algorithm, and what it computes."""
+
+    onednn: str
+    algorithm: str
+    reference: Callable[[Tensor], Tensor]
+
+
+POST_OPS: dict[str, PostOp] = {
+    "none": PostOp("none", "", lambda y: y),
+    "relu": PostOp("relu", "", torch.relu),
+    # oneDNN's GELU takes its approximation as the algorithm argument.
+    "gelu": PostOp("gelu", "none", F.gelu),
+    "gelu-tanh": PostOp("gelu", "tanh", lambda y: F.gelu(y, approximate="tanh")),
+}
+
+
+@dataclass(frozen=True)
+class Int8Anchor:
+    """An op with an int8 kernel, and the epilogues that kernel fuses."""
+
+    kind: str  # the op kind QConfig and op rules use
+    kernel: str  # the qc op it lowers to
+    unary: tuple[str, ...]
+    residual: Literal["binary", "sum"]
+    after_add: tuple[str, ...] = ("relu",)  # oneDNN follows a binary/sum post-op with relu only
+
+    def post_ops(self, with_add: bool) -> tuple[str, ...]:
+        """The unary post-op names the kernel accepts, "none" included."""
+        return ("none", *(u for u in self.unary if not with_add or u in self.after_add))
+
+
+ANCHORS: dict[torch._ops.OpOverload, Int8Anchor] = {
+    aten.linear.default: Int8Anchor("linear", "linear_int8", ("relu", "gelu", "gelu-tanh"), "binary"),
+    aten.conv2d.default: Int8Anchor("conv2d", "conv2d_int8", ("relu",), "sum"),
+}
+BY_KERNEL: dict[str, Int8Anchor] = {anchor.kernel: anchor for anchor in ANCHORS.values()}
+assert all(u in POST_OPS for anchor in ANCHORS.values() for u in anchor.unary)
+
+
+def op_rules() -> dict[str, OpRule]:
+    """cpu-int8's op rules, read off the table."""
+    rules = {anchor.kind: OpRule(activation_dtypes=ACTIVATION_DTYPES, weight_dtypes=WEIGHT_DTYPES)
+             for anchor in ANCHORS.values()}
+    # A table lookup reads its int8 rows and dequantizes them with their own scales.
+    rules["embedding"] = OpRule(activations=(), weight=0, bias=None, weight_dtypes=WEIGHT_DTYPES, lookup_indices=1)
+    # A residual add between convolutions: the sum post-op reads the other input as uint8, so
+    # the block's output leaves the kernel as uint8. Its inputs come from int8 paths only.
+    rules["add"] = OpRule(activations=(0, 1), weight=None, bias=None, activation_dtypes=ACTIVATION_DTYPES,
+                          producers=("conv2d", "relu", "max_pool2d"),
+                          epilogue_of=tuple(a.kind for a in ANCHORS.values() if a.residual == "sum"))
+    return rules
