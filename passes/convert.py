@@ -29,7 +29,7 @@ from qcompile.ir.graph import add_constant, constant_value, insert_call
 from qcompile.ir.meta import Provenance, get_qspec
 from qcompile.observers import Observer, make_observer
 from qcompile.pipeline import Pass, PassResult
-from qcompile.qdq import CHOOSE_QPARAMS, DEQUANTIZE, QUANTIZE, is_dequantize, observation_root
+from qcompile.qdq import CHOOSE_QPARAMS, DEQUANTIZE, QUANTIZE, DequantizeCall, is_dequantize, observation_root
 from qcompile.spec import QuantSpec
 
 
@@ -104,8 +104,9 @@ class Convert(Pass):
     def _activation(self, gm, node, index, spec, qparams) -> fx.Node | None:
         """The scale node of ``node``'s quantized input ``index`` (adding the dynamic Q/DQ if needed)."""
         root, chain = observation_root(node.args[index])
-        if root.op == "call_function" and root.target == DEQUANTIZE:
-            return root.args[1]
+        dequantize = DequantizeCall.of(root)
+        if dequantize is not None:
+            return dequantize.scale
         if not self.dynamic:
             raise NodeError(node, f"input {index} is planned as quantized but was never observed; run "
                                   "insert-observers and calibrate, or use convert{dynamic=true}")

@@ -18,6 +18,7 @@ from typing import ClassVar
 import torch
 from torch import fx
 
+from qcompile.ir.graph import op_arguments
 from qcompile.pipeline import Pass, PassResult
 from qcompile.kernel_check import kernel_contracts
 
@@ -43,7 +44,7 @@ class RelaxViews(Pass):
         reached = _downstream_of_kernels(gm)
         relaxed = 0
         for node in gm.graph.nodes:
-            if node.op == "call_function" and node.target == aten.view.default and node.args[0] in reached:
+            if node.op == "call_function" and node.target == aten.view.default and op_arguments(node)["self"] in reached:
                 node.target = aten.reshape.default
                 relaxed += 1
         return PassResult(gm, relaxed > 0, {"relaxed": relaxed} if relaxed else {})

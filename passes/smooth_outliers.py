@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 from torch import fx
 
-from qcompile.ir.graph import add_constant, constant_value, insert_call, remove_dead_nodes
+from qcompile.ir.graph import add_constant, constant_value, insert_call, op_arguments, remove_dead_nodes
 from qcompile.ir.meta import Provenance
 from qcompile.pipeline import Pass, PassResult
 from qcompile.outliers import LINEAR, ZERO_PRESERVING, quantized_linear_inputs, smoothing_plan
@@ -61,8 +61,8 @@ def _linear_parts(gm: fx.GraphModule, node: fx.Node) -> tuple[torch.Tensor, torc
     """A linear's constant weight and bias, or None when the weight is computed."""
     if node.op != "call_function" or node.target != LINEAR:
         return None
-    weight = constant_value(gm, node.args[1])
-    bias_arg = node.args[2] if len(node.args) > 2 else None
+    linear = op_arguments(node)
+    weight, bias_arg = constant_value(gm, linear["weight"]), linear["bias"]
     bias = constant_value(gm, bias_arg)
     if weight is None or (bias_arg is not None and bias is None):
         return None
@@ -73,7 +73,7 @@ def _foldable_producer(gm: fx.GraphModule, value: fx.Node, readers: list[fx.Node
     """The linear inside ``value = act(linear(...))`` when its outlier rows can simply be zeroed."""
     if value.target not in ZERO_PRESERVING or set(value.users) != set(readers):
         return None
-    producer = value.args[0]
+    producer = op_arguments(value)["self"]  # relu(self) / gelu(self)
     if not isinstance(producer, fx.Node) or len(producer.users) != 1 or _linear_parts(gm, producer) is None:
         return None
     return producer
@@ -119,7 +119,7 @@ class SmoothOutliers(Pass):
             value = nodes.get(name)
             if value is None or not channels:
                 continue
-            readers = [u for u in value.users if _linear_parts(gm, u) is not None and u.args[0] is value]
+            readers = [u for u in value.users if _linear_parts(gm, u) is not None and op_arguments(u)["input"] is value]
             if not readers:
                 continue
             readers.sort(key=order.__getitem__)
@@ -153,7 +153,7 @@ class SmoothOutliers(Pass):
         rows = add_constant(gm, weight[index].contiguous(), f"{producer.name}_outlier_weight", before=first)
         outlier_bias = None if bias is None else add_constant(gm, bias[index].contiguous(),
                                                               f"{producer.name}_outlier_bias", before=first)
-        outlier = insert_call(gm, LINEAR, (producer.args[0], rows, outlier_bias), before=first,
+        outlier = insert_call(gm, LINEAR, (op_arguments(producer)["input"], rows, outlier_bias), before=first,
                               provenance=provenance, meta_from=producer)
         outlier = insert_call(gm, value.target, (outlier, *value.args[1:]), kwargs=dict(value.kwargs),
                               before=first, provenance=provenance, meta_from=value)

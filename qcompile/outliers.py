@@ -24,7 +24,7 @@ import torch
 from torch import fx
 
 from qcompile.calibration import calibrate
-from qcompile.ir.graph import copy_graph_module
+from qcompile.ir.graph import copy_graph_module, op_arguments
 
 LINEAR = torch.ops.aten.linear.default
 # Activations with act(0) = 0: after them, outlier channels can be split off for free.
@@ -121,7 +121,7 @@ def quantized_linear_inputs(gm: fx.GraphModule, quantized: set[str]) -> list[str
     names = []
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target == LINEAR and node.name in quantized:
-            source = node.args[0]
+            source = op_arguments(node)["input"]
             if isinstance(source, fx.Node) and source.name not in names:
                 names.append(source.name)
     return names

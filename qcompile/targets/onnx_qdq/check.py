@@ -30,7 +30,7 @@ from torch import fx
 
 from qcompile.errors import QCompileError
 from qcompile.ir.graph import constant_value
-from qcompile.qdq import DEQUANTIZE, QUANTIZE
+from qcompile.qdq import QUANTIZE, DequantizeCall, QuantizeCall
 from qcompile.report import flat_inputs
 
 # ONNX Runtime's integer kernels, the ops its QDQ optimizer fuses Q/DQ groups into.
@@ -104,15 +104,17 @@ class _TeacherForced(fx.Interpreter):
         if node.name not in self.forced:
             return value
         theirs = self.forced[node.name]
-        scale = constant_value(self.module, node.args[1])
+        quantize = QuantizeCall.of(node)
+        scale = constant_value(self.module, quantize.scale) if quantize is not None else None
         step = float(scale.max()) if scale is not None else float("nan")
         self.checks.append(_compare(node.name, "quantized", value, theirs, 1.0, step))
         return theirs
 
 
 def _output_step(gm: fx.GraphModule, node: Any, value: torch.Tensor) -> float:
-    if isinstance(node, fx.Node) and node.target == DEQUANTIZE and node.args[3] is None:
-        return float(constant_value(gm, node.args[1]))
+    dequantize = DequantizeCall.of(node)
+    if dequantize is not None and dequantize.axis is None:
+        return float(constant_value(gm, dequantize.scale))
     if not value.is_floating_point() or value.numel() == 0:
         return 1.0
     return max(float(value.max() - value.min()) / 255, torch.finfo(torch.float32).eps)
