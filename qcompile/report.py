@@ -184,6 +184,15 @@ class CompileReport:
     notes: list[str] = field(default_factory=list)
     # The resolved plan, one dict per node (qcompile.plan.resolved_plan): what write_plan saves.
     plan: list[dict[str, Any]] = field(default_factory=list)
+    # The graph as the HTML report draws it (plan_graph): inputs and planned nodes, each with the
+    # nearest of them it reads.
+    graph: list[dict[str, Any]] = field(default_factory=list)
+    # Each observed value's (lo, hi) per calibration batch, every batch included, and the
+    # batches left out as outlying.
+    calibration_ranges: dict[str, list[list[float]]] = field(default_factory=dict)
+    calibration_skipped: list[int] = field(default_factory=list)
+    # Where the compiled model's time goes, when measured (qcompile.profile): op, calls, ms.
+    profile: list[dict[str, Any]] = field(default_factory=list)
 
     def add_stage(self, stage: str, records: list[PassRecord]) -> None:
         for r in records:
@@ -230,6 +239,13 @@ class CompileReport:
                          + f" (over {self.sqnr_batches} batch{'es' if self.sqnr_batches != 1 else ''})")
         return "\n".join(lines)
 
+    def write_html(self, path: str | Path, dumps: str | Path | None = None) -> Path:
+        """One self-contained HTML page of this report (:mod:`qcompile.html_report`); ``dumps``,
+        a folder a ``DumpIR`` wrote during the compile, adds each pass's change side by side."""
+        from qcompile.html_report import write_html  # the page's templates load only when asked for
+
+        return write_html(self, Path(path), Path(dumps) if dumps is not None else None)
+
     def write_plan(self, path: str | Path) -> Path:
         """The resolved plan as a JSON file: per node its specs, rule and calibrated qparams, or
         why it stayed float."""
@@ -275,6 +291,28 @@ def describe_plan(
             precision, detail = "float", plan.float_reason or ""
         reports.append(NodeReport(node.name, op_kind(node), module_text, precision, detail, sqnr.get(node.name)))
     return reports
+
+
+def plan_graph(planned: fx.GraphModule) -> list[dict[str, Any]]:
+    """The graph as the report draws it: the inputs and every node the plan decided on, in
+    graph order, each with the nearest of them it reads through the ops in between, and the
+    output with what it returns."""
+    shown = {n for n in planned.graph.nodes if n.op == "placeholder"
+             or ((plan := get_qspec(n)) is not None and not plan.shares_qparams_of)}
+    nearest: dict[fx.Node, list[str]] = {}
+    entries = []
+    for node in planned.graph.nodes:
+        reads: list[str] = []
+        for source in node.all_input_nodes:
+            for name in nearest.get(source, []):
+                if name not in reads:
+                    reads.append(name)
+        if node in shown or node.op == "output":
+            entries.append({"name": node.name if node.op != "output" else "output", "op": (
+                "input" if node.op == "placeholder" else "output" if node.op == "output" else op_kind(node)),
+                "inputs": reads})
+        nearest[node] = [node.name] if node in shown else reads
+    return entries
 
 
 def _format(plan: QuantAnnotation) -> str:
