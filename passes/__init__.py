@@ -13,13 +13,14 @@ from qcompile.passes.eliminate_dead_code import EliminateDeadCode
 from qcompile.passes.eliminate_dequant import EliminateDequant
 from qcompile.passes.fold_batchnorm import FoldBatchNorm
 from qcompile.passes.insert_observers import InsertObservers
+from qcompile.passes.normalize_linears import NormalizeLinears
 from qcompile.passes.relax_views import RelaxViews
 from qcompile.passes.smooth_outliers import SmoothOutliers
 
 from qcompile.pipeline import Pass, register_pass
 
 BUILTIN_PASSES: tuple[type[Pass], ...] = (
-    Canonicalize, FoldBatchNorm, EliminateDeadCode, ApplyRules, SmoothOutliers, Annotate, InsertObservers,
+    Canonicalize, NormalizeLinears, FoldBatchNorm, EliminateDeadCode, ApplyRules, SmoothOutliers, Annotate, InsertObservers,
     Calibrate, Convert, EliminateDequant, RelaxViews,
 )
 for _pass in BUILTIN_PASSES:
@@ -36,6 +37,7 @@ __all__ = [
     "EliminateDequant",
     "FoldBatchNorm",
     "InsertObservers",
+    "NormalizeLinears",
     "RelaxViews",
     "SmoothOutliers",
 ]

@@ -180,7 +180,7 @@ class SmoothOutliers(Pass):
                channels: tuple[tuple[int, float], ...]) -> None:
         provenance = Provenance(self.name, "scale", (value.name,))
         val = value.meta["val"]
-        factors = torch.ones(val.shape[-1], dtype=torch.float32)
+        factors = torch.ones(int(val.shape[-1]), dtype=torch.float32)  # channels: static, even if export kept a symbol
         for channel, factor in channels:
             factors[channel] = factor
         first = readers[0]

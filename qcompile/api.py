@@ -24,7 +24,7 @@ from torch import fx, nn
 
 from qcompile.artifact import ArtifactError, read_artifact, write_artifact
 from qcompile.calibration import as_call, empty_calibration_error
-from qcompile.capture import capture, export_program
+from qcompile.capture import capture, export_program, static_dimensions
 from qcompile.context import CompileContext
 from qcompile.errors import QCompileError
 from qcompile.input_check import check_call
@@ -219,6 +219,10 @@ def _capture(model: nn.Module, args: tuple, kwargs: dict, report: CompileReport
         graph = capture(model, args, kwargs)
     if was_training:
         report.notes.append("the model was in training mode; it was captured in eval mode and left as it was")
+    static = static_dimensions(graph)
+    report.notes.append("every input dimension is dynamic" if not static else (
+        "input dimensions kept static (the model fixes them, or the example's size there was 0 or 1), the rest "
+        "dynamic: " + ", ".join(f"{name}[{d}]={size}" for name, dims in static.items() for d, size in dims)))
     report.capture_s = round(time.perf_counter() - start, 2)
     return graph, {name: b.clone() for name, b in graph.named_buffers()}
 

@@ -1,8 +1,10 @@
 """The front end: ``torch.export`` (non-strict) to one ATen-level fx graph.
 
-The batch dimension (dim 0 of every tensor input) is captured as dynamic when export allows it;
-where the model pins it (a reshape to a literal batch, an example batch of 1), the graph stays
-static and a warning names the input. A model export cannot capture gets a :class:`CaptureError`
+Every dimension of every tensor input is captured as dynamic where export allows it (the
+batch, a sequence length, an image size); the dimensions the model pins (a position table's
+length, a reshape to a literal, a linear after a flatten, an example size of 0 or 1) stay
+static, and :func:`static_dimensions` says which, for the report. A static batch dimension is
+also a warning naming the input: the graph then only accepts that batch size. A model export cannot capture gets a :class:`CaptureError`
 that names the user module and source line at fault instead of export's bare traceback.
 """
 
@@ -26,12 +28,14 @@ from qcompile.errors import CaptureError
 from qcompile.ir.graph import aliases, is_mutating, op_arguments
 
 
-def _batch_dynamic_shapes(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+def _dynamic_shapes(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``Dim.AUTO`` for every dimension: export keeps dynamic what the model allows and
+    specializes the rest, without an error."""
     bound = inspect.signature(model.forward).bind(*args, **kwargs)
 
     def spec(value: Any) -> Any:
         if isinstance(value, torch.Tensor) and value.dim() >= 1:
-            return {0: Dim.AUTO}
+            return dict.fromkeys(range(value.dim()), Dim.AUTO)
         return None
 
     return {name: pytree.tree_map(spec, value) for name, value in bound.arguments.items()}
@@ -77,19 +81,55 @@ def capture(
     model: nn.Module,
     args: tuple[Any, ...] | list[Any] = (),
     kwargs: dict[str, Any] | None = None,
-    dynamic_batch: bool = True,
+    dynamic: bool = True,
 ) -> fx.GraphModule:
     """Capture ``model`` into an fx.GraphModule of ATen ops with ``torch.export`` (non-strict).
 
     The graph owns a copy of every buffer its forward writes (a call counter, EMA statistics):
     running it, in calibration or as the compiled model, never writes into the user's model."""
     with _python_state_kept(model):
-        program = export_program(model, args, kwargs, dynamic_batch)
+        program = export_program(model, args, kwargs, dynamic)
     gm = program.module()
+    _concrete_static_sizes(gm)
     _own_written_buffers(gm)
-    if dynamic_batch:
+    if dynamic:
         _warn_static_batch(gm)
     return gm
+
+
+def _concrete_static_sizes(gm: fx.GraphModule) -> None:
+    """Sizes export specialized (``Dim.AUTO`` on a dimension the model fixes) come back on the
+    inputs as symbols equal to a number; they become that number, so passes read a static
+    dimension as an int, the way every other value in the graph carries it."""
+
+    def concrete(size: Any) -> Any:
+        if isinstance(size, torch.SymInt):
+            number = size.node.maybe_as_int()
+            return size if number is None else number
+        return size
+
+    for node in gm.graph.nodes:
+        val = node.meta.get("val")
+        if node.op != "placeholder" or not isinstance(val, torch.Tensor):
+            continue
+        shape, stride = [concrete(s) for s in val.shape], [concrete(s) for s in val.stride()]
+        symbols_before = sum(isinstance(s, torch.SymInt) for s in (*val.shape, *val.stride()))
+        if sum(isinstance(s, torch.SymInt) for s in (*shape, *stride)) < symbols_before:
+            with val.fake_mode:
+                node.meta["val"] = torch.empty_strided(shape, stride, dtype=val.dtype, device=val.device)
+
+
+def static_dimensions(gm: fx.GraphModule) -> dict[str, list[tuple[int, int]]]:
+    """(dimension, size) of each input's static dimensions, by input name: what capture could
+    not make dynamic because the model fixes it (or the example's size there was 0 or 1)."""
+    found = {}
+    for node in gm.graph.nodes:
+        val = node.meta.get("val")
+        if node.op == "placeholder" and isinstance(val, torch.Tensor):
+            static = [(d, int(size)) for d, size in enumerate(val.shape) if not isinstance(size, torch.SymInt)]
+            if static:
+                found[str(node.target)] = static
+    return found
 
 
 def _own_written_buffers(gm: fx.GraphModule) -> None:
@@ -163,7 +203,7 @@ def export_program(
     model: nn.Module,
     args: tuple[Any, ...] | list[Any] = (),
     kwargs: dict[str, Any] | None = None,
-    dynamic_batch: bool = True,
+    dynamic: bool = True,
 ) -> torch.export.ExportedProgram:
     """The ``ExportedProgram`` behind :func:`capture`: what saving a compiled model serializes."""
     if not isinstance(model, nn.Module):
@@ -172,7 +212,7 @@ def export_program(
         args = (args,)
     args, kwargs = tuple(args), dict(kwargs or {})
     try:
-        dynamic_shapes = _batch_dynamic_shapes(model, args, kwargs) if dynamic_batch else None
+        dynamic_shapes = _dynamic_shapes(model, args, kwargs) if dynamic else None
     except TypeError as exc:
         raise CaptureError(f"example inputs do not fit {type(model).__name__}.forward: {exc}") from exc
     try:

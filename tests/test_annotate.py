@@ -104,5 +104,5 @@ def test_a_vocabulary_table_gets_int8_rows_and_a_table_read_at_constant_indices_
         out = assert_pass_contract(Annotate(), cleaned(TinyTokenEncoder(), ids), [ids])
     check_graph(out, """
     CHECK: %2 = aten.embedding.default(%1, %0){{.*}}qc.qspec=[0=weight:int8/sym/per-channel(0)/minmax]}
-    CHECK: %5 = aten.embedding.default(%3, %4){{.*}}qc.qspec=float(looked up at constant indices
+    CHECK: %7 = aten.embedding.default(%3, %6){{.*}}qc.qspec=float(looked up at constant indices
     """)

@@ -33,9 +33,9 @@ def test_conv_lowers_and_max_pool_runs_on_uint8_in_its_own_kernel():
     before = fused_qdq(TinyConvNet(), image)
     after = LowerCpuInt8()(before).graph_module
     check_graph(after, """
-    CHECK: qc.conv2d_int8.default({{.*}}, [1, 1], [1, 1], [1, 1], 1, {{.*}}, torch.uint8, 'relu') : u8[s0,8,8,8]
-    CHECK-NEXT: qc.max_pool2d_uint8.default({{%[0-9]+}}, [2, 2], [2, 2], [0, 0]) : u8[s0,8,4,4]
-    CHECK: qc.conv2d_int8.default({{.*}}, torch.uint8, 'relu') : u8[s0,16,4,4]
+    CHECK: qc.conv2d_int8.default({{.*}}, [1, 1], [1, 1], [1, 1], 1, {{.*}}, torch.uint8, 'relu') : u8[s0,8,s1,s2]
+    CHECK-NEXT: qc.max_pool2d_uint8.default({{%[0-9]+}}, [2, 2], [2, 2], [0, 0]) : u8[s0,8,(s1//2),(s2//2)]
+    CHECK: qc.conv2d_int8.default({{.*}}, torch.uint8, 'relu') : u8[s0,16,(s1//2),(s2//2)]
     CHECK: aten.flatten.using_ints
     CHECK: qc.linear_int8.default({{.*}}, torch.float32, 'none') : f32[s0,10]
     """)

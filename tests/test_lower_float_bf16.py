@@ -31,7 +31,7 @@ def test_attention_and_float_linear_lower_to_bf16():
     before = qcompile.capture(Attention(), args)
     after = assert_pass_contract(LowerFloatBf16(), before)
     check_graph(after, """
-    CHECK: qc.attention_bf16.default(%0, %1, %2, %3, 0.1767766952{{[0-9]*}}, torch.float32) : f32[s0,4,16,32]
+    CHECK: qc.attention_bf16.default(%0, %1, %2, %3, 0.1767766952{{[0-9]*}}, torch.float32) : f32[s0,s1,s2,32]
     CHECK: constant proj_weight_bf16 : bf16[32,32]
     CHECK: qc.linear_bf16.default
     """)
@@ -66,11 +66,11 @@ def test_int8_linears_that_only_feed_the_bf16_attention_write_bf16():
     qm = qcompile.compile(SelfAttention(), calibration_data=batches, progress=False, outlier_smoothing=None)
     # q, k and v run as one merged GEMM (merge-sibling-linears) whose slices feed the attention
     check_graph(qm.graph_module, """
-    CHECK: qc.linear_int8.default({{.*}}, torch.bfloat16, 'none') : bf16[s0,16,96]
-    CHECK-NEXT: aten.slice.Tensor{{.*}} : bf16[s0,16,32]
-    CHECK: aten.reshape.default{{.*}} : bf16[s0,16,4,8]
-    CHECK-NEXT: aten.transpose.int{{.*}} : bf16[s0,4,16,8]
-    CHECK: qc.attention_bf16.default({{.*}}, torch.float32) : f32[s0,4,16,8]
+    CHECK: qc.linear_int8.default({{.*}}, torch.bfloat16, 'none') : bf16[s0,s1,96]
+    CHECK-NEXT: aten.slice.Tensor{{.*}} : bf16[s0,s1,32]
+    CHECK: aten.reshape.default{{.*}} : bf16[s0,s1,4,8]
+    CHECK-NEXT: aten.transpose.int{{.*}} : bf16[s0,4,s1,8]
+    CHECK: qc.attention_bf16.default({{.*}}, torch.float32) : f32[s0,4,s1,8]
     """)
     kernels = [n for n in qm.graph_module.graph.nodes if n.target == torch.ops.qc.linear_int8.default]
     assert [n.args[9] for n in kernels] == [torch.bfloat16, torch.float32]  # the output projection stays

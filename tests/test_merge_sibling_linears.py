@@ -22,17 +22,17 @@ def test_query_key_value_projections_become_one_gemm_and_three_slices():
     assert result.stats == {"merged": {"linear_default": ["linear", "linear_1", "linear_2"]}}
     after = assert_pass_contract(MergeSiblingLinears(), before, [x])
     check_graph(after, """
-    CHECK: %4 = qc.dequantize.default(%3, %1, %2, None, torch.float32) : f32[s0,8,32]
+    CHECK: %4 = qc.dequantize.default(%3, %1, %2, None, torch.float32) : f32[s0,s1,32]
     CHECK-NEXT: %5 = constant linear_merged_weight : i8[96,32]
     CHECK-NEXT: %6 = constant linear_merged_weight_scale : f32[96]
     CHECK-NEXT: %7 = constant linear_merged_weight_zero_point : i32[96]
     CHECK-NEXT: %8 = qc.dequantize.default(%5, %6, %7, 0, torch.float32) : f32[96,32]
     CHECK-NEXT: %9 = constant linear_merged_bias : i32[96]
     CHECK: %12 = qc.dequantize.default(%9, %10, %11, 0, torch.float32) : f32[96]
-    CHECK-NEXT: %13 = aten.linear.default(%4, %8, %12) : f32[s0,8,96]
-    CHECK-NEXT: %14 = aten.slice.Tensor(%13, 2, 0, 32) : f32[s0,8,32]
-    CHECK: aten.slice.Tensor(%13, 2, 32, 64) : f32[s0,8,32]
-    CHECK: aten.slice.Tensor(%13, 2, 64, 96) : f32[s0,8,32]
+    CHECK-NEXT: %13 = aten.linear.default(%4, %8, %12) : f32[s0,s1,96]
+    CHECK-NEXT: %14 = aten.slice.Tensor(%13, 2, 0, 32) : f32[s0,s1,32]
+    CHECK: aten.slice.Tensor(%13, 2, 32, 64) : f32[s0,s1,32]
+    CHECK: aten.slice.Tensor(%13, 2, 64, 96) : f32[s0,s1,32]
     CHECK: aten.scaled_dot_product_attention.default
     """)
     # the output projection reads another value; it keeps its own GEMM

@@ -218,15 +218,33 @@ def aliases(node: fx.Node) -> list[fx.Node]:
     return found
 
 
+# Calls that change interpreter state rather than return a value: functorch's vmap nesting
+# level, which a vmapped computation (transformers' causal-mask builder) enters and leaves
+# around the ops it batches. Nothing reads their results, yet removing them leaves the batched
+# ops running at the wrong level ("your tensor may have escaped from inside a function being
+# vmapped"), so they are side effects, kept like in-place ops.
+STATEFUL_CALLS = frozenset({
+    torch._functorch.predispatch._vmap_increment_nesting,
+    torch._functorch.predispatch._vmap_decrement_nesting,
+    torch._functorch.predispatch.lazy_load_decompositions,
+})
+
+
+def is_side_effect(node: fx.Node) -> bool:
+    """Whether a node must run even when nothing reads its result."""
+    return node.is_impure() or (node.op == "call_function" and node.target in STATEFUL_CALLS)
+
+
 def remove_dead_nodes(gm: fx.GraphModule) -> int:
-    """Remove values nothing uses (side effects and in-place ops stay); returns how many.
+    """Remove values nothing uses (side effects, in-place ops and :data:`STATEFUL_CALLS` stay);
+    returns how many.
 
     Tensors no get_attr reads any more are dropped from ``gm`` too, so a converted model does
     not carry the float weights its int8 ones replaced. ``gm`` is a pass's own copy, whose
     containers are its own, so the graph the pass was given keeps them.
     """
     before = len(gm.graph.nodes)
-    gm.graph.eliminate_dead_code()
+    gm.graph.eliminate_dead_code(is_impure_node=is_side_effect)
     referenced = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
     for name, _ in [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]:
         if name not in referenced:

@@ -211,9 +211,48 @@ class _Parser:
         module.register_buffer(leaf, value)
 
     def _same_type(self, declared: str, computed: str) -> bool:
-        """Types agree where the declared one's symbols stand for the sizes they were given."""
-        text = re.sub(r"\b[su]\d+\b", lambda m: str(self.sizes.get(m[0], m[0])), declared)
-        return text.replace(" ", "") == computed.replace(" ", "")
+        """Types agree where the declared one's size expressions (``s0``, ``(s1//2)``,
+        ``s0*s1``), with the symbols standing for the sizes they were given, equal the sizes
+        the op computed."""
+        def sizes(match: re.Match[str]) -> str:
+            return "[" + ",".join(str(self._size(d)) for d in _split_dims(match[1])) + "]"
+
+        return re.sub(r"\[([^\[\]]*)\]", sizes, declared).replace(" ", "") == computed.replace(" ", "")
+
+    def _size(self, expression: str) -> int:
+        try:
+            return _arithmetic(ast.parse(expression.strip(), mode="eval").body, self.sizes)
+        except (SyntaxError, IRParseError):
+            raise IRParseError(f"cannot read the size '{expression}' (integer arithmetic on s0, s1, ... only)") from None
+
+
+def _split_dims(text: str) -> list[str]:
+    dims, depth, current = [], 0, ""
+    for ch in text:
+        depth += (ch == "(") - (ch == ")")
+        if ch == "," and depth == 0:
+            dims.append(current)
+            current = ""
+        else:
+            current += ch
+    return [d for d in [*dims, current] if d.strip()]
+
+
+_OPERATORS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.FloorDiv: operator.floordiv,
+              ast.Mod: operator.mod}
+
+
+def _arithmetic(tree: ast.AST, sizes: Mapping[str, int]) -> int:
+    """An integer size expression, symbols read from ``sizes``; nothing else is evaluated."""
+    if isinstance(tree, ast.Constant) and isinstance(tree.value, int):
+        return tree.value
+    if isinstance(tree, ast.Name) and tree.id in sizes:
+        return sizes[tree.id]
+    if isinstance(tree, ast.BinOp) and type(tree.op) in _OPERATORS:
+        return _OPERATORS[type(tree.op)](_arithmetic(tree.left, sizes), _arithmetic(tree.right, sizes))
+    if isinstance(tree, ast.UnaryOp) and isinstance(tree.op, ast.USub):
+        return -_arithmetic(tree.operand, sizes)
+    raise IRParseError(ast.unparse(tree))
 
 
 def _attribute(root: nn.Module, target: str) -> Any:

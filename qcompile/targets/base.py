@@ -156,7 +156,7 @@ def targets() -> dict[str, Target]:
 
 
 # The clean-up every target's prepare stage starts with.
-CLEANUP = "canonicalize,fold-batchnorm,eliminate-dead-code"
+CLEANUP = "canonicalize,normalize-linears,fold-batchnorm,eliminate-dead-code"
 # Prepare with calibration data: clean up, smooth outlier channels (measured on the data), plan,
 # observe, calibrate. Without data: clean up and plan; activations get run-time scales.
 PREPARE = f"{CLEANUP},smooth-outliers,annotate,insert-observers,calibrate"

@@ -115,7 +115,7 @@ class LowerFloatBf16(Pass):
                     kept[node.name] = reason
                     continue
                 arguments = op_arguments(node)
-                scale = arguments["scale"] or 1.0 / math.sqrt(arguments["query"].meta["val"].shape[-1])
+                scale = arguments["scale"] or 1.0 / math.sqrt(int(arguments["query"].meta["val"].shape[-1]))
                 operands = (arguments["query"], arguments["key"], arguments["value"])
                 args = (*operands, arguments["attn_mask"], float(scale), node.meta["val"].dtype)
                 _replace(gm, node, ATTENTION_BF16, args, self.name)
