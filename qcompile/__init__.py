@@ -64,6 +64,7 @@ from qcompile.observers import (
     make_observer,
 )
 from qcompile.context import CompileContext
+from qcompile.decoder import QuantizedDecoder, compile_decoder, greedy_decode
 from qcompile.pass_manager import PassManager
 from qcompile.passes import BUILTIN_PASSES
 from qcompile.pipeline import (
@@ -95,6 +96,9 @@ from qcompile.targets import OpRule, Target, get_target, register_target, target
 __all__ = [
     "BUILTIN_PASSES",
     "CompileContext",
+    "QuantizedDecoder",
+    "compile_decoder",
+    "greedy_decode",
     "Diagnostic",
     "ArtifactError",
     "CalibrationError",

@@ -11,10 +11,9 @@ in eval mode with its flags restored afterwards.
 
 from __future__ import annotations
 
-import contextlib
 import time
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from itertools import chain
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,7 +23,7 @@ from torch import fx, nn
 
 from qcompile.artifact import ArtifactError, read_artifact, write_artifact
 from qcompile.calibration import as_call, empty_calibration_error
-from qcompile.capture import capture, export_program, static_dimensions
+from qcompile.capture import capture, eval_mode, export_program, static_dimensions
 from qcompile.context import CompileContext
 from qcompile.errors import QCompileError
 from qcompile.input_check import check_call
@@ -43,18 +42,6 @@ if TYPE_CHECKING:
 
 # The report's SQNR runs the float and the Q/DQ graph on this many calibration batches at most.
 SQNR_BATCHES = 8
-
-
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[bool]:
-    """Eval mode for capture, the user's per-module training flags restored after."""
-    flags = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        yield any(flags.values())
-    finally:
-        for module, training in flags.items():
-            module.training = training
 
 
 def _example(
@@ -215,7 +202,7 @@ def _capture(model: nn.Module, args: tuple, kwargs: dict, report: CompileReport
     """The model's graph (captured in eval mode, its flags restored) and the graph's buffers as
     they were, to start the compiled model from."""
     start = time.perf_counter()
-    with _eval_mode(model) as was_training:
+    with eval_mode(model) as was_training:
         graph = capture(model, args, kwargs)
     if was_training:
         report.notes.append("the model was in training mode; it was captured in eval mode and left as it was")

@@ -19,7 +19,8 @@ import torch
 from torch import fx
 from tqdm.auto import tqdm
 
-from qcompile.errors import CalibrationError
+from qcompile.errors import CalibrationError, InputError
+from qcompile.input_check import check_call
 from qcompile.observers import Observer
 from qcompile.spec import MIN_SCALE
 
@@ -48,32 +49,21 @@ def as_call(batch: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
     )
 
 
-def check_batch(
-    number: int, args: tuple[Any, ...], kwargs: dict[str, Any], example: tuple[tuple[Any, ...], dict[str, Any]]
-) -> None:
-    """Raise naming the input when ``args``/``kwargs`` do not look like the example inputs."""
+def check_batch(number: int, args: tuple[Any, ...], kwargs: dict[str, Any],
+                example: tuple[tuple[Any, ...], dict[str, Any]], gm: fx.GraphModule) -> None:
+    """Raise naming the batch and the input when ``args``/``kwargs`` do not fit the graph: the
+    example's inputs and keywords, each input's dtype and every dimension the graph was captured
+    with as fixed (dynamic ones, the batch or a sequence length, may differ)."""
     example_args, example_kwargs = example
     if len(args) != len(example_args) or set(kwargs) != set(example_kwargs):
         raise CalibrationError(
             f"calibration batch {number} has {len(args)} positional inputs and keywords {sorted(kwargs)}; "
             f"the example had {len(example_args)} and {sorted(example_kwargs)}"
         )
-    named = [(f"input {i}", a, e) for i, (a, e) in enumerate(zip(args, example_args))]
-    named += [(f"input '{k}'", kwargs[k], example_kwargs[k]) for k in kwargs]
-    for name, value, expected in named:
-        if not isinstance(expected, torch.Tensor):
-            continue
-        if not isinstance(value, torch.Tensor):
-            raise CalibrationError(f"calibration batch {number}: {name} is {type(value).__name__}, not a tensor")
-        if value.dtype != expected.dtype:
-            raise CalibrationError(
-                f"calibration batch {number}: {name} has dtype {value.dtype}, the example had {expected.dtype}"
-            )
-        if value.dim() != expected.dim() or value.shape[1:] != expected.shape[1:]:
-            raise CalibrationError(
-                f"calibration batch {number}: {name} has shape {list(value.shape)}, the example had "
-                f"{list(expected.shape)} (only the batch dimension, dim 0, may differ)"
-            )
+    try:
+        check_call(gm, args, kwargs, finite=False)
+    except InputError as exc:
+        raise CalibrationError(f"calibration batch {number}: {exc}") from None
 
 
 def calibrate(
@@ -91,7 +81,7 @@ def calibrate(
     with torch.no_grad():
         for number, batch in enumerate(tqdm(data, desc="calibrating", unit="batch", disable=disable), start=1):
             args, kwargs = as_call(batch)
-            check_batch(number, args, kwargs, example)
+            check_batch(number, args, kwargs, example, gm)
             check_device(number, args, kwargs, gm)
             if number in skip:
                 continue

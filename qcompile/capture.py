@@ -41,6 +41,19 @@ def _dynamic_shapes(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, A
     return {name: pytree.tree_map(spec, value) for name, value in bound.arguments.items()}
 
 
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[bool]:
+    """Eval mode for the duration (capture, a float reference run), the user's per-module training
+    flags restored after; yields whether any module was training."""
+    flags = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield any(flags.values())
+    finally:
+        for module, training in flags.items():
+            module.training = training
+
+
 def _module_frames(exc: BaseException, model: nn.Module) -> list[tuple[str, nn.Module, str, int]]:
     """(qualified name, module, file, line) for each traceback frame running one of our modules."""
     names = {id(m): name for name, m in model.named_modules()}

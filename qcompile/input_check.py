@@ -23,8 +23,10 @@ def _shape_text(shape: Any) -> str:
     return "[" + ", ".join(str(d) if isinstance(d, int) else "any" for d in shape) + "]"
 
 
-def check_call(gm: fx.GraphModule, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-    """Raise :class:`InputError` naming the first input that does not fit the compiled graph."""
+def check_call(gm: fx.GraphModule, args: tuple[Any, ...], kwargs: dict[str, Any], *, finite: bool = True) -> None:
+    """Raise :class:`InputError` naming the first input that does not fit the compiled graph;
+    ``finite=False`` leaves non-finite values to the caller (calibration's observers name the
+    node and batch where they enter)."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     try:
         values = flat_inputs(gm, args, kwargs)
@@ -38,10 +40,10 @@ def check_call(gm: fx.GraphModule, args: tuple[Any, ...], kwargs: dict[str, Any]
     for node, value in zip(placeholders, values):
         expected = node.meta.get("val")
         if isinstance(expected, torch.Tensor):
-            _check_tensor(f"input '{node.target}'", value, expected)
+            _check_tensor(f"input '{node.target}'", value, expected, finite)
 
 
-def _check_tensor(name: str, value: Any, expected: torch.Tensor) -> None:
+def _check_tensor(name: str, value: Any, expected: torch.Tensor, finite: bool) -> None:
     if not isinstance(value, torch.Tensor):
         raise InputError(f"{name} is a {type(value).__name__}, the model was compiled for a tensor")
     if value.dtype != expected.dtype:
@@ -50,7 +52,7 @@ def _check_tensor(name: str, value: Any, expected: torch.Tensor) -> None:
     if value.dim() != len(fixed) or any(f is not None and f != v for f, v in zip(fixed, value.shape)):
         raise InputError(f"{name} has shape {list(value.shape)}; the model was compiled for "
                          f"{_shape_text(fixed)} (dimensions shown as 'any' may vary)")
-    if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+    if finite and value.is_floating_point() and not bool(torch.isfinite(value).all()):
         kind = "NaN" if bool(torch.isnan(value).any()) else "an infinite value"
         raise InputError(f"{name} contains {kind}; a quantized model would clamp it to a finite number, "
                          "so it is refused (fp32 would return NaN)")

@@ -89,7 +89,7 @@ def test_bad_input_errors_name_what_is_wrong():
     with pytest.raises(qcompile.CalibrationError, match=r"observer of 'x': batch 5 contains an infinite value"):
         qcompile.compile(TinyBlock(), calibration_data=inf_batches, progress=False)
     # Batches are numbered from 1 in every message: the second batch is batch 2, here as for NaN.
-    with pytest.raises(qcompile.CalibrationError, match=r"batch 2: input 0 has shape \[4, 15\].*only the batch"):
+    with pytest.raises(qcompile.CalibrationError, match=r"batch 2: input 'x' has shape \[4, 15\]; the model was compiled for \[any, 16\]"):
         qcompile.compile(TinyBlock(), calibration_data=[(torch.randn(4, 16),), (torch.randn(4, 15),)],
                          progress=False)
 

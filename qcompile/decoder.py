@@ -1,0 +1,128 @@
+"""Decoder language models with a KV cache: a compiled prefill, a compiled decode step, and
+the greedy loop that runs them.
+
+A causal LM serves text in two programs. *Prefill* reads the prompt and returns the logits and
+the cache, a key and a value tensor per layer, [batch, kv heads, positions, head dim]. A *decode
+step* reads one new token and the cache and returns that token's logits and the cache one
+position longer. Each is captured as a plain-tensor program (:class:`PrefillProgram`,
+:class:`StepProgram` unpack and rebuild transformers' ``DynamicCache`` around the model, so
+export sees tensors only) and compiled like any model: the cache's length, the prompt's length
+and the batch are dynamic dimensions, the rotary embeddings, RMSNorm, the causal mask and
+grouped-query attention run in the float part, the projections and MLPs in int8.
+
+Calibration follows use: prefill is calibrated on the prompts; the step on the tokens and caches
+the float model itself produces while decoding those prompts greedily for
+``calibration_steps`` tokens, so each cache length the step is calibrated on is one it meets.
+The float model and the compiled one decode with the same loop (:func:`greedy_decode`), which
+is how their tokens are compared. Prompts in one batch share a length (no padding mask).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from qcompile.api import QuantizedModel, compile
+from qcompile.capture import eval_mode
+from qcompile.errors import QCompileError
+
+Program = Callable[..., Sequence[Tensor]]
+
+
+def _flat_cache(cache: Any) -> list[Tensor]:
+    """keys and values, layer by layer: [k0, v0, k1, v1, ...]."""
+    flat = []
+    for layer in cache.layers:
+        flat += [layer.keys, layer.values]
+    return flat
+
+
+class PrefillProgram(nn.Module):
+    """``model(input_ids, use_cache=True)`` as tensors: (logits, k0, v0, k1, v1, ...)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.training = False  # the wrapper's own flag; the model's flags stay the user's
+        self.model = model
+
+    def forward(self, input_ids: Tensor) -> tuple[Tensor, ...]:
+        out = self.model(input_ids=input_ids, use_cache=True)
+        return (out.logits, *_flat_cache(out.past_key_values))
+
+
+class StepProgram(nn.Module):
+    """One decode step as tensors: (input_ids [batch, 1], k0, v0, ...) -> (logits, k0', v0', ...),
+    each cache tensor one position longer."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.training = False
+        self.model = model
+
+    def forward(self, input_ids: Tensor, *past: Tensor) -> tuple[Tensor, ...]:
+        from transformers import DynamicCache  # a transformers model is what this wraps
+
+        cache = DynamicCache()
+        for layer in range(len(past) // 2):
+            cache.update(past[2 * layer], past[2 * layer + 1], layer)
+        out = self.model(input_ids=input_ids, past_key_values=cache, use_cache=True)
+        return (out.logits, *_flat_cache(out.past_key_values))
+
+
+def greedy_decode(prefill: Program, step: Program, input_ids: Tensor, new_tokens: int) -> Tensor:
+    """The prompt followed by ``new_tokens`` greedy tokens: prefill once, then one step per token
+    with the cache growing by one position each time."""
+    with torch.no_grad():
+        logits, *cache = prefill(input_ids)
+        tokens = [input_ids]
+        for _ in range(new_tokens):
+            token = logits[:, -1].argmax(-1, keepdim=True)
+            tokens.append(token)
+            logits, *cache = step(token, *cache)
+    return torch.cat(tokens, dim=1)
+
+
+def _step_batches(prefill: Program, step: Program, prompts: Iterable[Tensor], steps: int) -> list[tuple[Tensor, ...]]:
+    """The (token, cache) inputs the step meets while the float model decodes each prompt."""
+    batches = []
+    with torch.no_grad():
+        for prompt in prompts:
+            logits, *cache = prefill(prompt)
+            for _ in range(steps):
+                token = logits[:, -1].argmax(-1, keepdim=True)
+                batches.append((token, *cache))
+                logits, *cache = step(token, *cache)
+    return batches
+
+
+@dataclass
+class QuantizedDecoder:
+    """A compiled causal LM: ``prefill`` and ``step`` are compiled models with reports of their own."""
+
+    prefill: QuantizedModel
+    step: QuantizedModel
+
+    def generate(self, input_ids: Tensor, new_tokens: int) -> Tensor:
+        """Greedy decoding, as :func:`greedy_decode` does with the float model."""
+        return greedy_decode(self.prefill, self.step, input_ids, new_tokens)
+
+
+def compile_decoder(model: nn.Module, prompts: Iterable[Tensor], *, calibration_steps: int = 8,
+                    **options: Any) -> QuantizedDecoder:
+    """Compile a transformers causal LM (``model(input_ids, past_key_values=..., use_cache=True)``)
+    into a prefill and a decode step (see the module docstring); ``prompts`` are batches of token
+    ids [batch, length], ``options`` go to :func:`qcompile.compile` for both programs."""
+    prompts = [p for p in prompts]
+    if not prompts or not all(isinstance(p, Tensor) and p.dim() == 2 for p in prompts):
+        raise QCompileError("compile_decoder needs prompts: a non-empty list of token id tensors [batch, length]")
+    if calibration_steps < 2:
+        raise QCompileError("calibration_steps must be at least 2 (the step is calibrated on growing caches)")
+    prefill, step = PrefillProgram(model), StepProgram(model)
+    with eval_mode(model):
+        step_data = _step_batches(prefill, step, prompts, calibration_steps)
+    return QuantizedDecoder(compile(prefill, calibration_data=prompts, **options),
+                            compile(step, calibration_data=step_data, **options))

@@ -1,0 +1,65 @@
+"""A decoder LM with a KV cache: compiled prefill and decode step, greedy decoding against fp32
+on a small Llama-style model trained here (rotary embeddings, RMSNorm, grouped-query attention)."""
+
+import pytest
+import torch
+
+import qcompile
+from qcompile.decoder import PrefillProgram, StepProgram
+from tests.models import train_tiny_decoder
+
+NEW_TOKENS = 32
+
+
+@pytest.fixture(scope="module")
+def trained():
+    decoder = train_tiny_decoder()
+    assert decoder.final_loss < 4.5  # it learned the text (a uniform guess is ln(vocabulary) ≈ 8)
+    prompts = [torch.stack(decoder.held_out[i:i + 4]) for i in range(0, 32, 4)]
+    parameters = {k: v.clone() for k, v in decoder.model.state_dict().items()}
+    compiled = qcompile.compile_decoder(decoder.model, prompts[:4], progress=False)
+    return decoder, compiled, prompts[4:], parameters
+
+
+def test_greedy_tokens_match_fp32_for_most_prompts(trained):
+    decoder, compiled, prompts, _ = trained
+    prefill, step = PrefillProgram(decoder.model), StepProgram(decoder.model)
+    identical = total = 0
+    for prompt in prompts:  # held-out sentences, not the calibration ones
+        expected = qcompile.greedy_decode(prefill, step, prompt, NEW_TOKENS)
+        actual = compiled.generate(prompt, NEW_TOKENS)
+        assert actual.shape == (len(prompt), prompt.shape[1] + NEW_TOKENS)
+        identical += sum(torch.equal(a, e) for a, e in zip(actual, expected))
+        total += len(prompt)
+    assert identical >= 10, f"{identical} of {total} prompts decode the same {NEW_TOKENS} tokens as fp32"
+
+
+def test_the_step_runs_on_a_growing_cache_in_int8_with_the_float_parts_where_they_belong(trained):
+    _, compiled, prompts, _ = trained
+    step = compiled.step
+    assert all(n.precision == "int8" for n in step.report.nodes)  # projections, MLPs, lm_head, embedding
+    targets = {str(n.target) for n in step.graph_module.graph.nodes if n.op == "call_function"}
+    assert "qc.linear_int8.default" in targets and "qc.attention_bf16.default" in targets
+    assert "aten.rsqrt.default" in targets  # RMSNorm stays float
+    with torch.no_grad():
+        logits, *cache = compiled.prefill(prompts[0])
+        for length in range(prompts[0].shape[1], prompts[0].shape[1] + 5):
+            assert all(c.shape[2] == length for c in cache)
+            logits, *cache = step(logits[:, -1].argmax(-1, keepdim=True), *cache)
+    # a prompt of another length and batch runs through the same compiled prefill
+    other = torch.randint(1, 100, (3, 13))
+    assert compiled.prefill(other)[0].shape[:2] == (3, 13)
+
+
+def test_the_users_decoder_is_left_as_it_was(trained):
+    decoder, _, _, parameters = trained
+    assert not decoder.model.training
+    for name, value in decoder.model.state_dict().items():
+        assert torch.equal(value, parameters[name]), name
+
+
+def test_bad_prompts_are_refused():
+    with pytest.raises(qcompile.QCompileError, match="needs prompts"):
+        qcompile.compile_decoder(torch.nn.Linear(2, 2), [])
+    with pytest.raises(qcompile.QCompileError, match="needs prompts"):
+        qcompile.compile_decoder(torch.nn.Linear(2, 2), [torch.zeros(3)])
