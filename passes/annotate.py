@@ -18,6 +18,9 @@ adds it before rounding, and quantizes its other input:
 
     add(conv2d(...), identity)  ->  qc.qspec = [1=activation:uint8/affine@identity]
 
+A weight op the target has no kernel for (``conv1d``, ``lstm``, a ``bmm`` with a constant) is
+planned as float with that reason, so the report accounts for every op with weights.
+
 Ops a QConfig rule asked for but the target cannot run are ``unsupported`` diagnostics, which
 ``compile`` turns into warnings. Inside a compile the pass plans for the compile's target and
 QConfig (:meth:`Annotate.run`); on its own, for the target it names (cpu-int8 by default) and
@@ -33,7 +36,7 @@ import torch
 from torch import fx
 
 from qcompile.ir.graph import constant_value
-from qcompile.ir.meta import EdgeQuant, QuantAnnotation, get_qspec, set_qspec
+from qcompile.ir.meta import EdgeQuant, QuantAnnotation, get_provenance, get_qspec, set_qspec
 from qcompile.pipeline import Diagnostic, Pass, PassResult
 from qcompile.qconfig import OpQuantConfig, QConfig, op_kind
 from qcompile.qdq import observation_root
@@ -42,6 +45,26 @@ from qcompile.targets import OpRule, Target, get_target
 
 if TYPE_CHECKING:
     from qcompile.context import CompileContext
+
+
+# Ops that carry learned weights: every one is in the report, int8 or float with a reason.
+WEIGHT_OP_KINDS = frozenset({
+    "linear", "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d",
+    "convolution", "embedding", "embedding_bag", "lstm", "gru", "rnn_tanh", "rnn_relu", "matmul", "mm", "bmm",
+    "addmm", "baddbmm", "_weight_norm_interface",
+})
+
+
+def is_weight_op(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether ``node`` is a weight op reading a constant floating-point matrix (or larger): a
+    ``conv1d`` with its kernel, an ``lstm`` with its parameter list, a ``matmul`` with a constant."""
+    if node.op != "call_function" or op_kind(node) not in WEIGHT_OP_KINDS:
+        return False
+    for arg in torch.utils._pytree.tree_leaves((node.args, node.kwargs)):
+        value = constant_value(gm, arg) if isinstance(arg, fx.Node) else None
+        if value is not None and value.is_floating_point() and value.dim() >= 2:
+            return True
+    return False
 
 
 def _float_input_reason(node: fx.Node, index: int) -> str | None:
@@ -168,6 +191,12 @@ class Annotate(Pass):
                     reason = f"{target.name} has no int8 kernel for '{kind}'"
                     plans[node] = QuantAnnotation(rule=why, float_reason=reason)
                     unsupported[node.name] = reason
+                elif is_weight_op(gm, node):  # reported, so that every weight op is accounted for
+                    provenance = get_provenance(node)
+                    reason = ("the outlier channels smooth-outliers split off: their product stays float by design"
+                              if provenance is not None and provenance.pass_name == "smooth-outliers"
+                              else f"{target.name} has no int8 kernel for '{kind}': its weights stay float")
+                    plans[node] = QuantAnnotation(rule=why, float_reason=reason)
                 continue
             if config is None:
                 plans[node] = QuantAnnotation(rule=why, float_reason=f"the QConfig keeps it float ({why})")

@@ -42,6 +42,8 @@ if TYPE_CHECKING:
 
 # The report's SQNR runs the float and the Q/DQ graph on this many calibration batches at most.
 SQNR_BATCHES = 8
+# Below this output SQNR (dB; about 10 % relative error in amplitude) compile warns.
+LOW_SQNR_DB = 20.0
 
 
 def _example(
@@ -246,10 +248,24 @@ def _complete_report(context: CompileContext, lowered: fx.GraphModule) -> None:
     sqnr, report.output_sqnr_db = node_sqnr(planned, qdq, sqnr_calls)
     report.sqnr_batches = len(sqnr_calls)
     release_freed_memory()
+    _warn_low_fidelity(report, sqnr)
     kept = report.diagnostics("kept", stage="lower")
     report.nodes = describe_plan(planned, _kernel_descriptions(lowered, target), kept, sqnr, target.unlowered)
     report.plan = resolved_plan(planned, qdq)
     report.graph = plan_graph(planned)
+
+
+def _warn_low_fidelity(report: CompileReport, sqnr: dict[str, float]) -> None:
+    """An output far from float is said out loud, with the node where the error entered: the
+    first planned node whose SQNR falls below ``LOW_SQNR_DB`` on the calibration data."""
+    if not report.output_sqnr_db or min(report.output_sqnr_db) >= LOW_SQNR_DB:
+        return
+    first = next((name for name, db in sqnr.items() if db < LOW_SQNR_DB), None)
+    where = f"; SQNR first falls below {LOW_SQNR_DB:g} dB at node '{first}'" if first else ""
+    message = (f"output SQNR {min(report.output_sqnr_db):.1f} dB on the calibration data: the quantized model "
+               f"is far from the float one{where} (keep the nodes from there on float, or give data like real inputs)")
+    report.notes.append(message)
+    warnings.warn(message, stacklevel=4)
 
 
 def _restore_buffers(graphs: Iterable[fx.GraphModule], initial: dict[str, torch.Tensor]) -> None:

@@ -229,9 +229,20 @@ def export_program(
     except TypeError as exc:
         raise CaptureError(f"example inputs do not fit {type(model).__name__}.forward: {exc}") from exc
     try:
-        exported = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+        return torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
     except Exception as exc:  # export raises many unrelated types; all become one clear error
+        if dynamic_shapes is None:
+            raise _capture_error(exc, model) from exc
+        dynamic_error = exc
+    # Some forwards export only with static shapes (torch.export cannot take dynamic shapes for
+    # a ``forward(*args, **kwargs)``): capture those static, and say so.
+    try:
+        exported = torch.export.export(model, args, kwargs, strict=False)
+    except Exception as exc:
         raise _capture_error(exc, model) from exc
+    reason = (str(dynamic_error).strip().splitlines() or [type(dynamic_error).__name__])[0]
+    warnings.warn(f"{type(model).__name__} was captured with static shapes: capture with dynamic dimensions failed "
+                  f"({reason[:160]}); the compiled model accepts the example's sizes only", stacklevel=3)
     return exported
 
 

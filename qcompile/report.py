@@ -229,7 +229,8 @@ class CompileReport:
             # the options stay in the JSON form.
             name = p.name if len(p.name) < 40 else p.name.split("{")[0] + "{...}"
             lines.append(f"{p.stage:<9}{name:<40}{'yes' if p.changed else 'no':<9}{p.ms:>8.1f}  {stats}")
-        lines.append(f"\n{len(self.int8_nodes)} of {len(self.nodes)} compute nodes in int8")
+        lines.append(f"\n{len(self.int8_nodes)} of {len(self.nodes)} planned nodes in int8 (every op with weights "
+                     "is one, int8 or float with its reason)")
         lines.append(f"{'node':<26}{'module':<42}{'precision':<10}{'SQNR dB':>8}  detail")
         for n in self.nodes:
             sqnr = "" if n.sqnr_db is None else f"{n.sqnr_db:.1f}"

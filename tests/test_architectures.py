@@ -79,3 +79,38 @@ def test_an_image_model_runs_at_another_image_size_and_static_dimensions_are_rep
     assert cosine.min() > 0.98
     linear = qcompile.compile(torch.nn.Linear(16, 4), calibration_data=[(torch.randn(4, 16),)], progress=False)
     assert any("x[1]=16" in note or "input[1]=16" in note for note in linear.report.notes)
+
+
+class AudioTagger(torch.nn.Module):
+    """conv1d front end -> GRU -> LSTM -> linear head: weight ops cpu-int8 has no kernel for."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv1d(4, 16, 3, padding=1)
+        self.gru = torch.nn.GRU(16, 16, batch_first=True)
+        self.lstm = torch.nn.LSTM(16, 16, batch_first=True)
+        self.head = torch.nn.Linear(16, 5)
+        self.eval()
+
+    def forward(self, x):
+        h = torch.relu(self.conv(x)).transpose(1, 2)
+        h, _ = self.gru(h)
+        h, _ = self.lstm(h)
+        return self.head(h[:, -1])
+
+
+def test_every_weight_op_is_reported_int8_or_float_with_its_reason():
+    g = torch.Generator().manual_seed(0)
+    model = AudioTagger()
+    qm = qcompile.compile(model, calibration_data=[(torch.randn(2, 4, 20, generator=g),) for _ in range(3)],
+                          progress=False)
+    nodes = {n.op: n for n in qm.report.nodes}
+    assert nodes["linear"].precision == "int8"
+    for op in ("conv1d", "gru", "lstm"):
+        assert nodes[op].precision == "float" and f"no int8 kernel for '{op}'" in nodes[op].detail, op
+    # export fixes the recurrent layers' length; the report says so, and the batch stays dynamic
+    assert any("x[2]=20" in note for note in qm.report.notes)
+    x = torch.randn(3, 4, 20, generator=g)
+    with torch.no_grad():
+        assert torch.nn.functional.cosine_similarity(qm(x), model(x)).min() > 0.99

@@ -62,3 +62,20 @@ def test_batch_of_one_is_captured_static_with_a_warning():
 def test_inputs_that_do_not_fit_forward_are_named():
     with pytest.raises(qcompile.CaptureError, match="do not fit Linear.forward"):
         qcompile.capture(nn.Linear(3, 2), (torch.randn(2, 3), torch.randn(2, 3)))
+
+
+class KeywordsOnly(nn.Module):
+    """A forward of ``**kwargs``: torch.export cannot take dynamic shapes for it."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(4, 3)
+
+    def forward(self, **inputs):
+        return self.proj(inputs["x"])
+
+
+def test_a_forward_export_cannot_capture_dynamically_is_captured_static_with_a_warning():
+    with pytest.warns(UserWarning, match="captured with static shapes.*accepts the example's sizes only"):
+        gm = qcompile.capture(KeywordsOnly(), kwargs={"x": torch.randn(2, 4)})
+    assert list(gm.graph.find_nodes(op="placeholder")[0].meta["val"].shape) == [2, 4]
