@@ -8,6 +8,9 @@
                                                      views: later reads of x read the result
     _assert_*(...), sym_constrain_range*  -> (gone)   export's runtime checks
     call_module _guards_fn(...)           -> (gone)   export's input-shape guard
+    conv2d(x, W, b, s, "valid" | "same", d, g) -> conv2d(x, W, b, s, p, d, g)
+                                                     the padding as numbers (conv1d/2d/3d): "valid"
+                                                     is 0; "same" (stride 1) is d·(k−1)/2 per side
     values nothing uses                   -> (gone)   e.g. sym_size feeding a removed assert
 
 Out-of-place forms are what every later pass matches (``nn.ReLU(inplace=True)`` exports as
@@ -84,6 +87,45 @@ class IdentityCopy(SingleOpRule):
         return _changes_memory_format(match.anchor) or _written_in_place(match["x"], match.anchor)
 
     rewrite = staticmethod(_forward_input)
+
+
+class ExplicitConvPadding(SingleOpRule):
+    """conv(x, W, b, stride, "valid" | "same", dilation, groups) -> conv.default(..., padding as numbers):
+    the overload every rule, kernel and exporter knows (EfficientNet's convolutions use "valid")."""
+
+    def __init__(self, op: Any, default: Any):
+        super().__init__(op)
+        self.name, self.default = f"explicit-{_op_name(op).split('.')[0]}-padding", default
+
+    def padding(self, match: Match) -> list[int] | str:
+        conv = op_arguments(match.anchor)
+        weight = conv["weight"].meta.get("val")
+        if not isinstance(weight, torch.Tensor):
+            return "the weight has no tensor metadata"
+        spatial = weight.dim() - 2
+        if conv["padding"] == "valid":
+            return [0] * spatial
+        dilation = list(conv["dilation"]) * (spatial if len(conv["dilation"]) == 1 else 1)
+        if any(s != 1 for s in conv["stride"]):
+            return "'same' padding with a stride other than 1"
+        total = [d * (int(k) - 1) for d, k in zip(dilation, weight.shape[2:])]
+        if any(t % 2 for t in total):
+            return "'same' padding that is not symmetric (an even kernel extent)"
+        return [t // 2 for t in total]
+
+    def check(self, match: Match) -> str | None:
+        padding = self.padding(match)
+        return padding if isinstance(padding, str) else None
+
+    def rewrite(self, match: Match) -> None:
+        conv = op_arguments(match.anchor)
+        args = (conv["input"], conv["weight"], conv["bias"], list(conv["stride"]), self.padding(match),
+                list(conv["dilation"]), conv["groups"])
+        with match.graph.inserting_before(match.anchor):
+            explicit = match.graph.call_function(self.default, args)
+        explicit.meta = dict(match.anchor.meta)
+        match.anchor.replace_all_uses_with(explicit)
+        match.graph.erase_node(match.anchor)
 
 
 def _changes_memory_format(node: fx.Node) -> str | None:
@@ -168,6 +210,9 @@ CANONICALIZE_RULES = register_rule_set(
             *(NoOpConversion(op) for op in (aten.to.dtype, aten.to.dtype_layout, aten.to.device,
                                             aten._to_copy.default, aten.type_as.default)),
             *(IdentityCopy(op) for op in (aten.clone.default, aten.detach.default, aten.alias.default)),
+            *(ExplicitConvPadding(op, default) for op, default in (
+                (aten.conv1d.padding, aten.conv1d.default), (aten.conv2d.padding, aten.conv2d.default),
+                (aten.conv3d.padding, aten.conv3d.default))),
             *(DropAssertion(op) for op in (aten._assert_tensor_metadata.default, aten._assert_scalar.default,
                                            aten._assert_async.msg, aten.sym_constrain_range_for_size.default,
                                            aten.sym_constrain_range.default)),

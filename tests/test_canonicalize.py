@@ -151,3 +151,24 @@ def test_a_write_into_a_piece_of_a_split_stays_in_place():
     out = Canonicalize()(gm).graph_module
     check_graph(out, "CHECK: aten.relu_.default")
     assert assert_outputs_close(gm, out, (x,), rtol=0.0) == 0.0
+
+
+def test_string_conv_padding_becomes_numbers_so_the_conv_is_quantized_and_lowered():
+    class Valid(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.a = torch.nn.Conv2d(3, 8, 3, padding="valid")
+            self.b = torch.nn.Conv2d(8, 8, 3, padding="same", dilation=2)
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x)))
+
+    x = torch.randn(2, 3, 12, 12)
+    gm = qcompile.capture(Valid(), (x,))
+    assert sum(n.target == torch.ops.aten.conv2d.padding for n in gm.graph.nodes) == 2
+    out = assert_pass_contract(Canonicalize(), gm, [x])
+    convs = [qcompile.op_arguments(n)["padding"] for n in out.graph.nodes if n.target == torch.ops.aten.conv2d.default]
+    assert convs == [[0, 0], [2, 2]]
+    qm = qcompile.compile(Valid(), calibration_data=[(torch.randn(2, 3, 12, 12),) for _ in range(2)], progress=False)
+    assert [n.detail.split(" ")[0] for n in qm.report.nodes] == ["qc.conv2d_int8+relu", "qc.conv2d_int8"]
