@@ -124,5 +124,29 @@ def compile_decoder(model: nn.Module, prompts: Iterable[Tensor], *, calibration_
     prefill, step = PrefillProgram(model), StepProgram(model)
     with eval_mode(model):
         step_data = _step_batches(prefill, step, prompts, calibration_steps)
-    return QuantizedDecoder(compile(prefill, calibration_data=prompts, **options),
-                            compile(step, calibration_data=step_data, **options))
+    compiled = QuantizedDecoder(compile(prefill, calibration_data=prompts, **options),
+                                compile(step, calibration_data=step_data, **options))
+    shared = share_equal_tensors(compiled.prefill, compiled.step)
+    compiled.step.report.notes.append(f"{shared / 2**20:.1f} MB of tensors shared with the prefill program")
+    return compiled
+
+
+def share_equal_tensors(source: nn.Module, target: nn.Module) -> int:
+    """Point ``target``'s buffers at ``source``'s where the values are equal (the int8 weights,
+    their scales and biases: weight quantization reads the weights only, so both programs make
+    the same ones); returns the bytes no longer held twice. Packed oneDNN weights are cached per
+    tensor, so the step also reuses the prefill's packing."""
+    by_key: dict[tuple, list[Tensor]] = {}
+    for tensor in source.buffers():
+        by_key.setdefault((tensor.dtype, tuple(tensor.shape)), []).append(tensor)
+    saved = 0
+    for module in target.modules():
+        for name, tensor in list(module._buffers.items()):
+            if tensor is None:
+                continue
+            same = next((t for t in by_key.get((tensor.dtype, tuple(tensor.shape)), [])
+                         if t is not tensor and torch.equal(t, tensor)), None)
+            if same is not None:
+                module._buffers[name] = same
+                saved += tensor.numel() * tensor.element_size()
+    return saved

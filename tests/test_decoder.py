@@ -51,6 +51,16 @@ def test_the_step_runs_on_a_growing_cache_in_int8_with_the_float_parts_where_the
     assert compiled.prefill(other)[0].shape[:2] == (3, 13)
 
 
+def test_the_step_shares_the_prefills_int8_weights(trained):
+    _, compiled, _, _ = trained
+    prefill = list(compiled.prefill.buffers())
+    int8 = [t for t in compiled.step.graph_module.buffers() if t.dtype == torch.int8]
+    # weights smoothing scaled differently in the two programs differ; every equal one is shared
+    equal = [t for t in int8 if any(p.shape == t.shape and torch.equal(p, t) for p in prefill)]
+    assert equal and all(any(p is t for p in prefill) for t in equal)
+    assert any(note.endswith("MB of tensors shared with the prefill program") for note in compiled.step.report.notes)
+
+
 def test_the_users_decoder_is_left_as_it_was(trained):
     decoder, _, _, parameters = trained
     assert not decoder.model.training
