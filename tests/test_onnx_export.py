@@ -229,3 +229,24 @@ def test_the_same_compile_exports_byte_identical_files(tmp_path):
         qm = qcompile.compile(TinyConvNet(), calibration_data=batches((4, 1, 8, 8)), progress=False)
         paths.append(qm.export_onnx(tmp_path / f"m{i}.onnx").path)
     assert paths[0].read_bytes() == paths[1].read_bytes()
+
+
+class ConvThenDepthwise(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.dw = torch.nn.Conv2d(8, 8, 3, padding=1, groups=8)
+
+    def forward(self, x):
+        return self.dw(torch.nn.functional.relu6(self.a(x)))
+
+
+def test_the_summary_says_which_quantized_weight_ops_onnx_runtime_still_runs_in_float(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    qm = qcompile.compile(ConvThenDepthwise(), calibration_data=[(torch.randn(2, 3, 16, 16, generator=g),)
+                                                                for _ in range(3)], progress=False)
+    with pytest.warns(UserWarning, match="ONNX Runtime fused 1 of the 2 quantized convolutions and linears"):
+        exported = qm.export_onnx(tmp_path / "dw.onnx")
+    assert exported.quantized_weight_ops == 2 and exported.check.int8_weight_kernels == 1
+    assert "1 run in float on dequantized weights" in str(exported)

@@ -39,7 +39,11 @@ INT8_KERNELS = frozenset({
     "QLinearConcat", "QLinearAveragePool", "QLinearGlobalAveragePool", "QLinearSigmoid",
     "QLinearLeakyRelu", "QLinearSoftmax", "QLinearWhere", "QAttention", "MatMulInteger", "ConvInteger",
 })
-FLOAT_COMPUTE = frozenset({"Conv", "MatMul", "Gemm", "FusedMatMul", "FusedConv"})
+FLOAT_COMPUTE = frozenset({"Conv", "MatMul", "Gemm", "FusedMatMul", "FusedConv", "ConvTranspose", "LSTM", "GRU",
+                           "RNN", "Einsum"})
+# The integer kernels that compute a weight op (a convolution or a matrix product with weights).
+WEIGHT_KERNELS = frozenset({"QLinearConv", "QLinearMatMul", "MatMulIntegerToFloat", "QGemm", "MatMulInteger",
+                            "ConvInteger", "QAttention"})
 
 
 @dataclass
@@ -64,6 +68,10 @@ class CrossCheck:
     @property
     def diverged(self) -> TensorCheck | None:
         return next((t for t in self.tensors if t.max_steps > self.tolerance_steps), None)
+
+    @property
+    def int8_weight_kernels(self) -> int:
+        return sum(n for op, n in self.ort_ops.items() if op in WEIGHT_KERNELS)
 
     @property
     def int8_kernels(self) -> dict[str, int]:

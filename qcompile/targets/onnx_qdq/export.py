@@ -25,6 +25,7 @@ import contextlib
 import io
 import logging
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,11 +36,11 @@ from onnxscript import opset21 as op
 from torch import fx
 
 from qcompile.capture import export_program
-from qcompile.ir.graph import constant_value
+from qcompile.ir.graph import constant_value, op_arguments
 from qcompile.errors import NodeError, QCompileError
 from qcompile.observers import Observer
 from qcompile.pass_manager import PassManager
-from qcompile.qdq import DEQUANTIZE, QUANTIZE, QuantizeCall
+from qcompile.qdq import DEQUANTIZE, QUANTIZE, DequantizeCall, QuantizeCall
 from qcompile.targets.onnx_qdq.arrange import ARRANGE_FOR_ONNX_RUNTIME, UNFUSED_SUM
 from qcompile.targets.onnx_qdq.check import CrossCheck, cross_check
 
@@ -84,13 +85,36 @@ class OnnxExport:
     bytes: int
     float_bytes: int
     check: CrossCheck | None
+    quantized_weight_ops: int = 0  # linears and convolutions the Q/DQ graph reads int8 weights for
+
+    @property
+    def unfused(self) -> str | None:
+        """What ONNX Runtime runs in float although the Q/DQ graph quantizes it, or None."""
+        if self.check is None or self.check.int8_weight_kernels >= self.quantized_weight_ops:
+            return None
+        missing = self.quantized_weight_ops - self.check.int8_weight_kernels
+        return (f"ONNX Runtime fused {self.check.int8_weight_kernels} of the {self.quantized_weight_ops} quantized "
+                f"convolutions and linears into int8 kernels; {missing} run in float on dequantized weights "
+                "(a Q/DQ pattern its optimizer does not fuse)")
 
     def __str__(self) -> str:
         lines = [f"wrote {self.path} ({self.bytes / 1e6:.1f} MB, {self.bytes / self.float_bytes:.0%} of the "
                  f"{self.float_bytes / 1e6:.1f} MB of float weights)"]
         if self.check is not None:
             lines.append(str(self.check))
+        if self.unfused:
+            lines.append(self.unfused)
         return "\n".join(lines)
+
+
+WEIGHT_OPS = frozenset({torch.ops.aten.linear.default, torch.ops.aten.conv1d.default, torch.ops.aten.conv2d.default,
+                        torch.ops.aten.conv3d.default})
+
+
+def quantized_weight_ops(gm: fx.GraphModule) -> int:
+    """Linears and convolutions whose weight comes from a dequantize: what ORT should run in int8."""
+    return sum(1 for node in gm.graph.nodes if node.op == "call_function" and node.target in WEIGHT_OPS
+               and DequantizeCall.of(op_arguments(node)["weight"]) is not None)
 
 
 def _check_exportable(gm: fx.GraphModule) -> None:
@@ -188,4 +212,7 @@ def export_onnx(
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)
-    return OnnxExport(path, path.stat().st_size, _float_bytes(gm), result)
+    exported = OnnxExport(path, path.stat().st_size, _float_bytes(gm), result, quantized_weight_ops(gm))
+    if exported.unfused:
+        warnings.warn(exported.unfused, stacklevel=3)
+    return exported
