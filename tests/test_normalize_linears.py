@@ -1,7 +1,7 @@
 """normalize-linears on literal IR: products with a constant weight become linear, exactly."""
 
 import torch
-from qcompile.passes import NormalizeLinears
+from qcompile.passes.normalize_linears import NormalizeLinears
 
 from qcompile.ir.parser import parse_graph
 from qcompile.testing import assert_rewrites
