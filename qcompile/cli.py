@@ -27,7 +27,7 @@ import importlib
 import sys
 import tempfile
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -147,21 +147,19 @@ def _describe(signature: tuple) -> str:
     return ", ".join(f"{name}: {dtype}[N,{','.join(map(str, dims))}]" for name, dtype, dims in signature)
 
 
-def _tracked(batches: list[Any], progress: Progress) -> Iterable[Any]:
+class _TrackedBatches:
     """The batches, re-iterable, each pass over them shown as a progress bar (smoothing,
     calibration and the report's SQNR each read the data)."""
 
-    class Tracked:
-        passes = 0
+    def __init__(self, batches: list[Any], progress: Progress):
+        self.batches, self.progress, self.passes = batches, progress, 0
 
-        def __iter__(self) -> Iterator[Any]:
-            Tracked.passes += 1
-            task = progress.add_task(f"calibration data, pass {Tracked.passes}", total=len(batches))
-            for batch in batches:
-                yield batch
-                progress.advance(task)
-
-    return Tracked()
+    def __iter__(self) -> Iterator[Any]:
+        self.passes += 1
+        task = self.progress.add_task(f"calibration data, pass {self.passes}", total=len(self.batches))
+        for batch in self.batches:
+            yield batch
+            self.progress.advance(task)
 
 
 def _progress() -> Progress:
@@ -211,7 +209,7 @@ def compile_command(model: str, target: str, data: str | None, out: Path | None,
             status = progress.add_task(f"compiling for {target}", total=None)
             args, kwargs = (None, example) if isinstance(example, dict) else (example, None)
             qm = compile(module, args, example_kwargs=kwargs, target=target,
-                         calibration_data=_tracked(batches, progress) if batches is not None else None,
+                         calibration_data=_TrackedBatches(batches, progress) if batches is not None else None,
                          plan=plan, progress=False, outlier_smoothing=None if no_smoothing else smoothing,
                          instruments=[DumpIR(dumps.name)] if dumps else [])
             progress.update(status, total=1, completed=1)

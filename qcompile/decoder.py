@@ -19,7 +19,7 @@ is how their tokens are compared. Prompts in one batch share a length (no paddin
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,30 +73,26 @@ class StepProgram(nn.Module):
         return (out.logits, *_flat_cache(out.past_key_values))
 
 
-def greedy_decode(prefill: Program, step: Program, input_ids: Tensor, new_tokens: int) -> Tensor:
-    """The prompt followed by ``new_tokens`` greedy tokens: prefill once, then one step per token
-    with the cache growing by one position each time."""
+def decode_steps(prefill: Program, step: Program, input_ids: Tensor, new_tokens: int) -> Iterator[tuple[Tensor, ...]]:
+    """The greedy loop: prefill once, then for each new token yield the step's inputs (the token
+    and the cache) and run the step, the cache growing by one position each time."""
     with torch.no_grad():
         logits, *cache = prefill(input_ids)
-        tokens = [input_ids]
         for _ in range(new_tokens):
             token = logits[:, -1].argmax(-1, keepdim=True)
-            tokens.append(token)
+            yield (token, *cache)
             logits, *cache = step(token, *cache)
-    return torch.cat(tokens, dim=1)
+
+
+def greedy_decode(prefill: Program, step: Program, input_ids: Tensor, new_tokens: int) -> Tensor:
+    """The prompt followed by ``new_tokens`` greedy tokens."""
+    tokens = [inputs[0] for inputs in decode_steps(prefill, step, input_ids, new_tokens)]
+    return torch.cat([input_ids, *tokens], dim=1)
 
 
 def _step_batches(prefill: Program, step: Program, prompts: Iterable[Tensor], steps: int) -> list[tuple[Tensor, ...]]:
     """The (token, cache) inputs the step meets while the float model decodes each prompt."""
-    batches = []
-    with torch.no_grad():
-        for prompt in prompts:
-            logits, *cache = prefill(prompt)
-            for _ in range(steps):
-                token = logits[:, -1].argmax(-1, keepdim=True)
-                batches.append((token, *cache))
-                logits, *cache = step(token, *cache)
-    return batches
+    return [inputs for prompt in prompts for inputs in decode_steps(prefill, step, prompt, steps)]
 
 
 @dataclass

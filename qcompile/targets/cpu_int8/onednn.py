@@ -45,10 +45,15 @@ OUTPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.uint8)
 _PACKED: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
+# The capability table's post-op lists, read once: _check runs on every kernel call.
+_ACCEPTED_POST_OPS = {(kernel, with_add): anchor.post_ops(with_add)
+                      for kernel, anchor in BY_KERNEL.items() for with_add in (False, True)}
+
+
 def _check(x: Tensor, post_op: str, out_dtype: torch.dtype, kernel: str, with_add: bool) -> None:
     if x.dtype != torch.uint8:
         raise ValueError(f"{kernel} activations must be uint8, got {x.dtype}")
-    accepted = BY_KERNEL[kernel].post_ops(with_add)
+    accepted = _ACCEPTED_POST_OPS[kernel, with_add]
     if post_op not in accepted:
         after = " after a residual add" if with_add else ""
         raise ValueError(f"{kernel}: post-op '{post_op}'{after} is not one it fuses (it fuses: {', '.join(accepted)})")
