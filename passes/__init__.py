@@ -12,16 +12,19 @@ from qcompile.passes.convert import Convert
 from qcompile.passes.eliminate_dead_code import EliminateDeadCode
 from qcompile.passes.eliminate_dequant import EliminateDequant
 from qcompile.passes.fold_batchnorm import FoldBatchNorm
+from qcompile.passes.insert_fake_quant import InsertFakeQuant
 from qcompile.passes.insert_observers import InsertObservers
+from qcompile.passes.lower_qat import LowerQat
 from qcompile.passes.normalize_linears import NormalizeLinears
 from qcompile.passes.relax_views import RelaxViews
 from qcompile.passes.smooth_outliers import SmoothOutliers
+from qcompile.passes.training_ops import TrainingOps
 
 from qcompile.pipeline import Pass, register_pass
 
 BUILTIN_PASSES: tuple[type[Pass], ...] = (
     Canonicalize, NormalizeLinears, FoldBatchNorm, EliminateDeadCode, ApplyRules, SmoothOutliers, Annotate, InsertObservers,
-    Calibrate, Convert, EliminateDequant, RelaxViews,
+    Calibrate, Convert, EliminateDequant, RelaxViews, TrainingOps, InsertFakeQuant, LowerQat,
 )
 for _pass in BUILTIN_PASSES:
     register_pass(_pass)
@@ -36,8 +39,11 @@ __all__ = [
     "EliminateDeadCode",
     "EliminateDequant",
     "FoldBatchNorm",
+    "InsertFakeQuant",
     "InsertObservers",
+    "LowerQat",
     "NormalizeLinears",
     "RelaxViews",
     "SmoothOutliers",
+    "TrainingOps",
 ]

@@ -30,12 +30,43 @@ from qcompile.ir.meta import Provenance, get_qspec
 from qcompile.observers import Observer, make_observer
 from qcompile.pipeline import Pass, PassResult
 from qcompile.qdq import CHOOSE_QPARAMS, DEQUANTIZE, QUANTIZE, DequantizeCall, is_dequantize, observation_root
-from qcompile.spec import QuantSpec
+from qcompile.spec import PerChannel, QuantSpec
 
 
 def _call(gm: fx.GraphModule, target: object, args: tuple, *, before: fx.Node, pass_name: str,
           source: fx.Node) -> fx.Node:
     return insert_call(gm, target, args, before=before, provenance=Provenance(pass_name, sources=(source.name,)))
+
+
+def quantize_dequantize(gm: fx.GraphModule, root: fx.Node, spec: QuantSpec, scale: fx.Node, zero_point: fx.Node,
+                        *, before: fx.Node, pass_name: str) -> fx.Node:
+    """``dequantize(quantize(root, S, Z), S, Z)`` inserted before ``before``: a quantized edge."""
+    q = _call(gm, QUANTIZE, (root, scale, zero_point, spec.axis, spec.qmin, spec.qmax, spec.storage_dtype),
+              before=before, pass_name=pass_name, source=root)
+    return _call(gm, DEQUANTIZE, (q, scale, zero_point, spec.axis, root.meta["val"].dtype),
+                 before=before, pass_name=pass_name, source=root)
+
+
+def quantized_constant(gm: fx.GraphModule, value: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+                       spec: QuantSpec, *, before: fx.Node, pass_name: str, source: fx.Node) -> fx.Node:
+    """``dequantize(W_q, S, Z)`` with ``W_q = quantize(value, S, Z)`` computed once and stored:
+    a quantized weight, named after the node ``source`` it stands for."""
+    value_q = torch.ops.qc.quantize(value, scale, zero_point, spec.axis, spec.qmin, spec.qmax, spec.storage_dtype)
+    base = str(source.target) if source.op == "get_attr" else source.name
+    args = [add_constant(gm, t, f"{base}_{suffix}", before=before)
+            for t, suffix in ((value_q, "q"), (scale, "scale"), (zero_point, "zero_point"))]
+    return _call(gm, DEQUANTIZE, (*args, spec.axis, value.dtype), before=before, pass_name=pass_name, source=source)
+
+
+def quantize_bias(gm: fx.GraphModule, node: fx.Node, index: int, scale: torch.Tensor, *, pass_name: str) -> None:
+    """Argument ``index`` of ``node``, a constant bias, as int32 with scale ``scale`` (S_x · S_W)."""
+    bias_node = node.args[index]
+    bias = constant_value(gm, bias_node)
+    scale = scale.reshape(-1).expand(bias.shape[0]).contiguous() if scale.numel() == 1 else scale.reshape(-1)
+    zero_point = torch.zeros_like(scale, dtype=torch.int32)
+    bias_spec = QuantSpec("int32", symmetric=True, granularity=PerChannel(0))
+    node.update_arg(index, quantized_constant(gm, bias, scale, zero_point, bias_spec, before=node,
+                                              pass_name=pass_name, source=bias_node))
 
 
 @dataclass(frozen=True)
@@ -96,10 +127,7 @@ class Convert(Pass):
         return count
 
     def _quantize_dequantize(self, gm, root, spec, scale, zero_point, *, before) -> fx.Node:
-        q = _call(gm, QUANTIZE, (root, scale, zero_point, spec.axis, spec.qmin, spec.qmax, spec.storage_dtype),
-                  before=before, pass_name=self.name, source=root)
-        return _call(gm, DEQUANTIZE, (q, scale, zero_point, spec.axis, root.meta["val"].dtype),
-                     before=before, pass_name=self.name, source=root)
+        return quantize_dequantize(gm, root, spec, scale, zero_point, before=before, pass_name=self.name)
 
     def _activation(self, gm, node, index, spec, qparams) -> fx.Node | None:
         """The scale node of ``node``'s quantized input ``index`` (adding the dynamic Q/DQ if needed)."""
@@ -131,25 +159,9 @@ class Convert(Pass):
         observer = make_observer(spec, name=f"weight '{weight_node.target}'")
         observer(weight)
         scale, zero_point = observer.qparams()
-        weight_q = torch.ops.qc.quantize(weight, scale, zero_point, spec.axis, spec.qmin, spec.qmax,
-                                         spec.storage_dtype)
-        base = str(weight_node.target)
-        args = [add_constant(gm, t, f"{base}_{suffix}", before=node)
-                for t, suffix in ((weight_q, "q"), (scale, "scale"), (zero_point, "zero_point"))]
-        dq = _call(gm, DEQUANTIZE, (*args, spec.axis, weight.dtype), before=node, pass_name=self.name,
-                   source=weight_node)
-        node.update_arg(index, dq)
+        node.update_arg(index, quantized_constant(gm, weight, scale, zero_point, spec, before=node,
+                                                  pass_name=self.name, source=weight_node))
         return scale
 
     def _bias(self, gm, node, index, spec, scale: torch.Tensor) -> None:
-        bias_node = node.args[index]
-        bias = constant_value(gm, bias_node)
-        scale = scale.reshape(-1).expand(bias.shape[0]).contiguous() if scale.numel() == 1 else scale.reshape(-1)
-        axis = 0
-        zero_point = torch.zeros_like(scale, dtype=torch.int32)
-        bias_q = torch.ops.qc.quantize(bias.float(), scale, zero_point, axis, spec.qmin, spec.qmax, torch.int32)
-        base = str(bias_node.target)
-        args = [add_constant(gm, t, f"{base}_{suffix}", before=node)
-                for t, suffix in ((bias_q, "q"), (scale, "scale"), (zero_point, "zero_point"))]
-        dq = _call(gm, DEQUANTIZE, (*args, axis, bias.dtype), before=node, pass_name=self.name, source=bias_node)
-        node.update_arg(index, dq)
+        quantize_bias(gm, node, index, scale, pass_name=self.name)

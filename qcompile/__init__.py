@@ -78,6 +78,7 @@ from qcompile.pipeline import (
     register_pass,
     registered_passes,
 )
+from qcompile.qat import Distillation, QatModel, convert_qat, prepare_qat
 from qcompile.qconfig import OpQuantConfig, QConfig, int8_preset
 from qcompile.qdq import observation_root
 from qcompile.report import CompileReport, NodeReport, sqnr_db
@@ -139,6 +140,10 @@ __all__ = [
     "QuantAnnotation",
     "QuantSpec",
     "QuantizedModel",
+    "QatModel",
+    "Distillation",
+    "prepare_qat",
+    "convert_qat",
     "Rule",
     "RuleSet",
     "RuleTracer",

@@ -46,7 +46,7 @@ SQNR_BATCHES = 8
 LOW_SQNR_DB = 20.0
 
 
-def _example(
+def find_example(
     model: nn.Module, example_inputs: Any, example_kwargs: dict | None, calibration_data: Iterable | None
 ) -> tuple[tuple[Any, ...], dict[str, Any], Iterable | None]:
     if example_inputs is not None or example_kwargs:
@@ -182,7 +182,7 @@ def compile(
             raise QCompileError("compile takes a qconfig or a plan to replay, not both")
         qconfig = plan_qconfig(plan)
     target = target if isinstance(target, Target) else get_target(target)
-    args, kwargs, calibration_data = _example(model, example_inputs, example_kwargs, calibration_data)
+    args, kwargs, calibration_data = find_example(model, example_inputs, example_kwargs, calibration_data)
     report = CompileReport(target.name, "dynamic" if calibration_data is None else "static")
     context = CompileContext(
         target, (args, kwargs), qconfig=qconfig, report=report, outlier_smoothing=outlier_smoothing,
@@ -192,9 +192,9 @@ def compile(
     for stage, pipeline in context.stages():
         graph = context.run_stage(stage, pipeline, graph)
     qdq = context.snapshots["convert"]
-    report.kernel_calls_checked = check_kernels(graph, _kernel_checks(context))
+    report.kernel_calls_checked = check_kernels(graph, kernel_checks(context))
     release_freed_memory()
-    _complete_report(context, graph)
+    complete_report(context, graph)
     _restore_buffers((graph, qdq), initial_buffers)
     return QuantizedModel(graph, qdq, report, (args, kwargs))
 
@@ -216,7 +216,7 @@ def _capture(model: nn.Module, args: tuple, kwargs: dict, report: CompileReport
     return graph, {name: b.clone() for name, b in graph.named_buffers()}
 
 
-def _kernel_checks(context: CompileContext) -> list[tuple[str, tuple, dict]]:
+def kernel_checks(context: CompileContext) -> list[tuple[str, tuple, dict]]:
     """The inputs kernels are checked on: the example inputs; with ``verify``, every batch."""
     args, kwargs = context.example
     checks = [("on the example inputs", args, kwargs)]
@@ -225,7 +225,7 @@ def _kernel_checks(context: CompileContext) -> list[tuple[str, tuple, dict]]:
     return checks
 
 
-def _complete_report(context: CompileContext, lowered: fx.GraphModule) -> None:
+def complete_report(context: CompileContext, lowered: fx.GraphModule) -> None:
     """What calibration saw, the warnings, per-node precision and SQNR, and the plan to replay."""
     report, target, calibration = context.report, context.target, context.calibration
     if calibration is not None:
@@ -245,10 +245,13 @@ def _complete_report(context: CompileContext, lowered: fx.GraphModule) -> None:
         return
     skipped = calibration.skipped if calibration is not None else frozenset()
     sqnr_calls = [context.example] if context.dynamic else _spread(context.calibration_data, skipped)
-    sqnr, report.output_sqnr_db = node_sqnr(planned, qdq, sqnr_calls)
+    sqnr, report.output_sqnr_db = node_sqnr(planned, qdq, sqnr_calls, context.snapshots.get("float-reference"))
     report.sqnr_batches = len(sqnr_calls)
     release_freed_memory()
-    _warn_low_fidelity(report, sqnr)
+    if report.mode == "qat":  # training moves the model away from the float one on purpose
+        report.notes.append("SQNR is measured against the float model as it was before QAT")
+    else:
+        _warn_low_fidelity(report, sqnr)
     kept = report.diagnostics("kept", stage="lower")
     report.nodes = describe_plan(planned, _kernel_descriptions(lowered, target), kept, sqnr, target.unlowered)
     report.plan = resolved_plan(planned, qdq)

@@ -45,13 +45,27 @@ def _dynamic_shapes(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, A
 def eval_mode(model: nn.Module) -> Iterator[bool]:
     """Eval mode for the duration (capture, a float reference run), the user's per-module training
     flags restored after; yields whether any module was training."""
+    with _mode(model, training=False) as flags:
+        yield any(flags)
+
+
+@contextlib.contextmanager
+def train_mode(model: nn.Module) -> Iterator[bool]:
+    """Training mode for the duration (QAT's capture, with dropout and BatchNorm as training ops),
+    the user's per-module flags restored after; yields whether any module was in eval mode."""
+    with _mode(model, training=True) as flags:
+        yield not all(flags)
+
+
+@contextlib.contextmanager
+def _mode(model: nn.Module, training: bool) -> Iterator[list[bool]]:
     flags = {m: m.training for m in model.modules()}
-    model.eval()
+    model.train(training)
     try:
-        yield any(flags.values())
+        yield list(flags.values())
     finally:
-        for module, training in flags.items():
-            module.training = training
+        for module, was_training in flags.items():
+            module.training = was_training
 
 
 def _module_frames(exc: BaseException, model: nn.Module) -> list[tuple[str, nn.Module, str, int]]:

@@ -66,11 +66,13 @@ def flat_inputs(gm: fx.GraphModule, args: tuple, kwargs: dict) -> list[Any]:
     return pytree.tree_leaves((tuple(args), {k: kwargs[k] for k in keys}))
 
 
-def node_sqnr(planned: fx.GraphModule, qdq: fx.GraphModule,
-              calls: list[tuple[tuple, dict]]) -> tuple[dict[str, float], list[float]]:
+def node_sqnr(planned: fx.GraphModule, qdq: fx.GraphModule, calls: list[tuple[tuple, dict]],
+              reference: fx.GraphModule | None = None) -> tuple[dict[str, float], list[float]]:
     """SQNR of each planned node and of each output, Q/DQ graph against float graph, with signal
     and noise summed over all ``calls`` (one batch is not the data: an SQNR measured on the
-    first batch only looked healthy while the model was ruined on others).
+    first batch only looked healthy while the model was ruined on others). The float values
+    come from ``reference`` when given (QAT's: the float model before training, whose nodes
+    have the planned graph's names), else from the planned graph itself.
 
     Memory: a value larger than ``SQNR_SAMPLE`` elements is compared on that many of its
     elements, the same positions in both graphs, taken at a prime stride so that no channel
@@ -83,8 +85,8 @@ def node_sqnr(planned: fx.GraphModule, qdq: fx.GraphModule,
     renamed = {n.name: source for source, n in stand_ins(qdq.graph).items() if source in names}
     sums: dict[str, list[float]] = {}
     for args, kwargs in calls:
-        reference = node_outputs(planned, names, args, kwargs, keep=_sample)
-        comparer = _Comparer(qdq, reference, renamed, sums)
+        values = node_outputs(reference if reference is not None else planned, names, args, kwargs, keep=_sample)
+        comparer = _Comparer(qdq, values, renamed, sums)
         with torch.no_grad():
             comparer.run(*flat_inputs(qdq, args, kwargs))
     sqnr = {name: _db(signal, noise) for name, (signal, noise) in sums.items()}
@@ -170,7 +172,8 @@ class PassReport:
 @dataclass
 class CompileReport:
     target: str
-    mode: str  # "static" (calibrated scales) or "dynamic" (scales computed at run time)
+    # "static" (calibrated scales), "dynamic" (scales computed at run time) or "qat" (trained scales)
+    mode: str
     calibration_batches: int = 0
     capture_s: float = 0.0
     # Kernel calls held to their Q/DQ reference at compile time (qcompile.kernel_check).

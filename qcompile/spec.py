@@ -22,11 +22,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-# Storage dtype and integer range of each quantized dtype; int4 lives in int8 storage.
+# Storage dtype and integer range of each quantized dtype: int2 to int7 (QAT's narrow weights)
+# live in int8 storage, so an int8 kernel runs them unchanged.
 _INTEGER_RANGES: dict[str, tuple[torch.dtype, int, int]] = {
     "int8": (torch.int8, -128, 127),
     "uint8": (torch.uint8, 0, 255),
-    "int4": (torch.int8, -8, 7),
+    **{f"int{bits}": (torch.int8, -(2 ** (bits - 1)), 2 ** (bits - 1) - 1) for bits in range(2, 8)},
     "int32": (torch.int32, -(2**31), 2**31 - 1),  # biases, whose scale is derived, never observed
 }
 _FLOAT8 = {"float8_e4m3fn": torch.float8_e4m3fn, "float8_e5m2": torch.float8_e5m2}
@@ -72,7 +73,8 @@ class QuantSpec:
 
     ``observer`` picks the calibration method for activations: ``minmax``, ``moving-average``,
     ``percentile`` (clip at ``percentile`` of |x|), ``entropy`` (KL-optimal clip) or ``mse``
-    (least-squares S and Z). ``learnable_scale`` marks a scale trained in QAT.
+    (least-squares S and Z). ``learnable_scale`` marks a scale trained in QAT (LSQ);
+    ``learnable_zero_point`` a zero point trained with it (LSQ+, affine specs only).
     """
 
     dtype: str = "int8"
@@ -81,6 +83,7 @@ class QuantSpec:
     observer: str = "minmax"
     percentile: float = 99.99
     learnable_scale: bool = False
+    learnable_zero_point: bool = False
 
     def __post_init__(self) -> None:
         if self.dtype not in _INTEGER_RANGES and self.dtype not in _FLOAT8:
@@ -92,6 +95,8 @@ class QuantSpec:
             raise TypeError(f"QuantSpec granularity must be PerTensor, PerChannel or PerGroup, got {self.granularity!r}")
         if not 50.0 < self.percentile <= 100.0:
             raise ValueError(f"QuantSpec percentile must be in (50, 100], got {self.percentile}")
+        if self.learnable_zero_point and self.symmetric:
+            raise ValueError("a learnable zero point needs an affine spec (symmetric=False)")
         if self.is_float8 and not self.symmetric:
             raise ValueError("float8 quantization is scale-only: use symmetric=True")
 

@@ -68,7 +68,7 @@ def test_nan_range_is_refused():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"dtype": "int3"}, "dtype 'int3'"),
+        ({"dtype": "int9"}, "dtype 'int9'"),
         ({"observer": "magic"}, "observer 'magic'"),
         ({"percentile": 30.0}, "percentile"),
         ({"dtype": "float8_e4m3fn", "symmetric": False}, "scale-only"),

@@ -27,7 +27,8 @@ from qcompile.targets.base import OpRule
 aten = torch.ops.aten
 
 ACTIVATION_DTYPES = ("uint8",)
-WEIGHT_DTYPES = ("int8",)
+# int2..int7 weights are int8 values in a narrower range: the int8 kernels run them as they are.
+WEIGHT_DTYPES = ("int8", *(f"int{bits}" for bits in range(2, 8)))
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,152 @@
+"""insert-fake-quant: the calibrated plan as trainable fake quantization (QAT's graph).
+
+Every activation observer becomes a :class:`~qcompile.fake_quant.FakeQuantize` whose scale and
+zero point start at the observer's calibrated values, and every planned weight is read through
+one whose scale starts at the weight's own range (``weight_qparams``):
+
+    o = observer_0(y)          ->   o = fq_act_0(y)                 S, Z from observer_0
+    linear(o, W, b)            ->   linear(o, fq_weight_1(W), b)    S_W from W
+
+so QAT quantizes exactly the values the PTQ plan quantizes (both come from ``annotate``).
+
+A convolution whose only user is a training BatchNorm (a ``ModeSwitchedOp`` of
+``training-ops``) is rewritten so that its weight is fake-quantized as it will be folded
+(Krishnamoorthi 2018; Jacob et al. 2018), with s = γ / √(σ²_running + ε) per output channel:
+
+    bn(conv(x, W, b))   ->   bn(conv(x, fq(W · s), None) / s + b)
+
+In training, bn normalizes with batch statistics, so the forward is the float model's up to the
+weight's rounding, and γ, β, W and the scale all train. In eval mode (or with the BatchNorm
+frozen) bn uses σ²_running and μ, and the expression equals conv(x, fq(W · s)) + (b − μ) · s + β:
+the folded convolution ``lower-qat`` emits, fake-quantized the same way.
+
+Fake-quant modules are new submodules of this pass's copy; the observers it replaces and the
+graph it was given are left as they were.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import fx
+
+from qcompile.errors import NodeError
+from qcompile.fake_quant import FakeQuantize, weight_qparams
+from qcompile.ir.graph import constant_value, infer_fake_value, op_arguments
+from qcompile.ir.meta import Provenance, get_qspec, set_provenance, source_module
+from qcompile.observers import Observer
+from qcompile.passes.training_ops import is_batch_norm_switch
+from qcompile.pipeline import Pass, PassResult
+from qcompile.qconfig import op_kind
+from qcompile.spec import QuantSpec
+
+aten = torch.ops.aten
+CONVOLUTIONS = ("conv1d", "conv2d", "conv3d")
+
+
+def _where(node: fx.Node) -> str:
+    module = source_module(node)
+    return f"{node.name} in module '{module[0]}'" if module and module[0] else node.name
+
+
+@dataclass(frozen=True)
+class InsertFakeQuant(Pass):
+    name: ClassVar[str] = "insert-fake-quant"
+    requires: ClassVar[frozenset[str]] = frozenset({"calibrated"})
+    establishes: ClassVar[frozenset[str]] = frozenset({"fake-quantized"})
+    invalidates: ClassVar[frozenset[str]] = frozenset({"observed", "calibrated"})
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        activations = weights = folded = 0
+        for node in list(gm.graph.nodes):
+            if node.op == "call_module" and isinstance(observer := gm.get_submodule(node.target), Observer):
+                if observer.batches == 0:
+                    raise NodeError(node, f"observer '{node.target}' saw no data: calibrate before insert-fake-quant")
+                scale, zero_point = observer.qparams()
+                node.target = self._register(gm, "fq_act", FakeQuantize(observer.spec, scale, zero_point,
+                                                                        observer.name))
+                set_provenance(node, Provenance(self.name, sources=(node.args[0].name,)))
+                activations += 1
+                continue
+            plan = get_qspec(node)
+            if plan is None or not plan.quantized:
+                continue
+            for index, edge in plan.inputs:
+                if edge.role != "weight":
+                    continue
+                weight = node.args[index]
+                if constant_value(gm, weight) is None:
+                    continue  # already fake-quantized: running the pass twice changes nothing
+                batch_norm = next(iter(node.users)) if len(node.users) == 1 else None
+                if op_kind(node) in CONVOLUTIONS and index == 1 and is_batch_norm_switch(gm, batch_norm):
+                    self._fold_ready(gm, node, batch_norm, edge.spec)
+                    folded += 1
+                else:
+                    node.update_arg(index, self._fake_quantize(gm, weight, constant_value(gm, weight), edge.spec,
+                                                               before=node, where=_where(node)))
+                weights += 1
+        stats = {"activations": activations, "weights": weights}
+        if folded:
+            stats["batchnorm"] = folded
+        return PassResult(gm, bool(activations or weights), stats)
+
+    def _register(self, gm: fx.GraphModule, stem: str, module: FakeQuantize) -> str:
+        number = sum(1 for name, _ in gm.named_children() if name.startswith(stem))
+        while hasattr(gm, f"{stem}_{number}"):
+            number += 1
+        gm.add_submodule(f"{stem}_{number}", module)
+        return f"{stem}_{number}"
+
+    def _fake_quantize(self, gm: fx.GraphModule, value: fx.Node, initial: torch.Tensor, spec: QuantSpec, *,
+                       before: fx.Node, where: str) -> fx.Node:
+        scale, zero_point = weight_qparams(initial, spec)
+        name = self._register(gm, "fq_weight", FakeQuantize(spec, scale, zero_point, f"weight of {where}"))
+        with gm.graph.inserting_before(before):
+            node = gm.graph.call_module(name, (value,))
+        node.meta["val"] = value.meta.get("val")
+        set_provenance(node, Provenance(self.name, sources=(value.name,)))
+        return node
+
+    def _call(self, gm: fx.GraphModule, op: object, args: tuple, before: fx.Node, source: fx.Node) -> fx.Node:
+        with gm.graph.inserting_before(before):
+            node = gm.graph.call_function(op, args)
+        infer_fake_value(node)
+        set_provenance(node, Provenance(self.name, "conv-batchnorm-qat", (source.name,)))
+        return node
+
+    def _fold_ready(self, gm: fx.GraphModule, conv: fx.Node, batch_norm: fx.Node, spec: QuantSpec) -> None:
+        """bn(conv(x, W, b)) -> bn(conv(x, fq(W · s), None) / s + b), s = γ / √(σ² + ε)."""
+        bn = batch_norm.kwargs
+        weight, bias = conv.args[1], op_arguments(conv)["bias"]
+        gamma, variance = bn["weight"], bn["running_var"]
+        if constant_value(gm, variance) is None:
+            raise NodeError(batch_norm, "BatchNorm without running statistics cannot be folded for QAT "
+                                        "(track_running_stats=False)")
+        w = constant_value(gm, weight)
+        channel = [-1] + [1] * (w.dim() - 1)           # s along the weight's output channels
+        feature = [1, -1] + [1] * (w.dim() - 2)         # s along the conv output's channel dim
+        std = self._call(gm, aten.sqrt.default,
+                         (self._call(gm, aten.add.Tensor, (variance, float(bn["eps"])), conv, batch_norm),),
+                         conv, batch_norm)
+        s = (self._call(gm, aten.reciprocal.default, (std,), conv, batch_norm) if gamma is None
+             else self._call(gm, aten.div.Tensor, (gamma, std), conv, batch_norm))
+        scaled = self._call(gm, aten.mul.Tensor, (weight, self._call(gm, aten.view.default, (s, channel), conv,
+                                                                     batch_norm)), conv, batch_norm)
+        with torch.no_grad():
+            gamma_value = constant_value(gm, gamma) if gamma is not None else torch.ones(w.shape[0])
+            initial = w * (gamma_value / torch.sqrt(constant_value(gm, variance) + float(bn["eps"]))).reshape(channel)
+        conv.update_arg(1, self._fake_quantize(gm, scaled, initial, spec, before=conv, where=_where(conv)))
+        if len(conv.args) > 2:
+            conv.update_arg(2, None)
+        else:
+            conv.update_kwarg("bias", None)
+        infer_fake_value(conv)
+        after = batch_norm
+        y = self._call(gm, aten.div.Tensor, (conv, self._call(gm, aten.view.default, (s, feature), after, conv)),
+                       after, conv)
+        if bias is not None:
+            y = self._call(gm, aten.add.Tensor, (y, self._call(gm, aten.view.default, (bias, feature), after, conv)),
+                           after, conv)
+        batch_norm.update_kwarg("input", y)

@@ -1,0 +1,214 @@
+"""lower-qat: a trained fake-quant graph becomes the Q/DQ graph every target converts and lowers.
+
+Four rewrites, each an identity on the graph's eval-mode outputs:
+
+1. Mode switches take their eval form: ``bn_mode(x, ...)`` -> ``batch_norm(x, ..., training=False)``,
+   ``dropout_mode(x)`` -> ``x``.
+2. A convolution trained for folding (``insert-fake-quant``) is folded for real, with
+   s = γ / √(σ² + ε) computed from the same constants in the same float32 ops the graph uses:
+
+       batch_norm(conv(x, fq(W · s), None) / s + b, γ, β, μ, σ²)  ->  conv(x, fq(W · s), b')
+       b' = (b − μ) · s + β
+
+   because batch_norm(y) = (y − μ) · s + β and (conv / s + b − μ) · s = conv + (b − μ) · s.
+   The running-count increment the BatchNorm left (``num_batches_tracked += 1``), read by
+   nothing, goes with it.
+3. Each weight fake-quant ``fq(W_expr)``, with ``W_expr`` computed from constants only, becomes
+   ``dequantize(W_q, S, Z)`` with ``W_q = quantize(W_expr, S, Z)`` stored once, S and Z the
+   learned ones. A spec the Q/DQ form cannot hold (per-group) becomes the float constant
+   fq(W_expr) instead: the same values, kept fake-quantized and reported (``kept``).
+4. Each activation fake-quant becomes ``dequantize(quantize(x, S, Z), S, Z)`` with the learned
+   S and Z (rounded and clamped as the fake-quant's forward uses it).
+
+Since :class:`~qcompile.fake_quant.FakeQuantize` computes exactly what ``qc.quantize`` /
+``qc.dequantize`` compute, the Q/DQ graph equals the fake-quant graph in eval mode up to the
+float rounding of the fold in (2). Biases of quantized ops become int32 with scale S_x · S_W,
+as ``convert`` stores them (half an accumulator step at most).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import fx
+from torch.utils import _pytree as pytree
+
+from qcompile.fake_quant import FakeQuantize
+from qcompile.ir.graph import (
+    add_constant,
+    constant_value,
+    infer_fake_value,
+    insert_call,
+    op_arguments,
+    remove_dead_nodes,
+    set_argument,
+)
+from qcompile.ir.meta import Provenance, get_qspec
+from qcompile.passes.convert import quantize_bias, quantize_dequantize, quantized_constant
+from qcompile.passes.training_ops import ModeSwitchedOp
+from qcompile.pipeline import Diagnostic, Pass, PassResult
+from qcompile.qdq import DequantizeCall
+from qcompile.spec import PerGroup
+
+aten = torch.ops.aten
+
+
+def _constant_expression(gm: fx.GraphModule, node: Any, memo: dict[fx.Node, Any]) -> Any:
+    """The value of ``node`` when it is computed from constants alone (get_attr and ATen calls),
+    else None; non-node arguments are themselves."""
+    if not isinstance(node, fx.Node):
+        return node
+    if node in memo:
+        return memo[node]
+    value = None
+    if node.op == "get_attr":
+        value = constant_value(gm, node)
+    elif node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
+        args, kwargs = pytree.tree_map(lambda a: _constant_expression(gm, a, memo), (node.args, node.kwargs))
+        if all(memo.get(a) is not None for a in node.all_input_nodes):
+            with torch.no_grad():
+                value = node.target(*args, **kwargs)
+    memo[node] = value
+    return value
+
+
+def _module(gm: fx.GraphModule, node: object, kind: type) -> Any:
+    if isinstance(node, fx.Node) and node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        if isinstance(module, kind):
+            return module
+    return None
+
+
+def _is_call(node: object, target: object) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target == target
+
+
+@dataclass(frozen=True)
+class LowerQat(Pass):
+    name: ClassVar[str] = "lower-qat"
+    requires: ClassVar[frozenset[str]] = frozenset({"fake-quantized"})
+    establishes: ClassVar[frozenset[str]] = frozenset({"qdq"})
+    invalidates: ClassVar[frozenset[str]] = frozenset({"fake-quantized", "mode-switched"})
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        switched = self._eval_forms(gm)
+        folded = sum(self._fold(gm, node) for node in list(gm.graph.nodes) if _is_call(node, aten.batch_norm.default))
+        weights, activations, kept = 0, 0, []
+        memo: dict[fx.Node, Any] = {}
+        for node in list(gm.graph.nodes):
+            fake_quant = _module(gm, node, FakeQuantize)
+            if fake_quant is None:
+                continue
+            (source,) = node.args
+            constant = _constant_expression(gm, source, memo)
+            scale, zero_point = fake_quant.qparams()
+            if constant is None:
+                names = [add_constant(gm, t, f"{source.name}_{suffix}", before=node)
+                         for t, suffix in ((scale, "scale"), (zero_point, "zero_point"))]
+                replacement = quantize_dequantize(gm, source, fake_quant.spec, *names, before=node,
+                                                  pass_name=self.name)
+                activations += 1
+            elif isinstance(fake_quant.spec.granularity, PerGroup):
+                with torch.no_grad():
+                    replacement = add_constant(gm, fake_quant(constant), f"{node.target}_weight", before=node)
+                kept.append(Diagnostic(str(node.target), "kept", f"{fake_quant.name}: {fake_quant.spec.granularity} "
+                                       "weights have no Q/DQ form; stored fake-quantized in float"))
+                weights += 1
+            else:
+                replacement = quantized_constant(gm, constant, scale, zero_point, fake_quant.spec, before=node,
+                                                 pass_name=self.name, source=source)
+                weights += 1
+            node.replace_all_uses_with(replacement)
+            gm.graph.erase_node(node)
+        biases = self._quantize_biases(gm)
+        removed = remove_dead_nodes(gm)
+        stats = {"weights": weights, "activations": activations, "batchnorm-folded": folded, "biases": biases,
+                 "mode-switches": switched}
+        modified = bool(switched or folded or weights or activations or biases or removed)
+        return PassResult(gm, modified, {k: v for k, v in stats.items() if v}, tuple(kept))
+
+    def _eval_forms(self, gm: fx.GraphModule) -> int:
+        count = 0
+        for node in list(gm.graph.nodes):
+            switch = _module(gm, node, ModeSwitchedOp)
+            if switch is None:
+                continue
+            if switch.op == aten.batch_norm.default:
+                replacement = insert_call(gm, switch.op, (), before=node, meta_from=node,
+                                          provenance=Provenance(self.name, sources=(node.name,)),
+                                          kwargs={**node.kwargs, switch.mode_argument: False})
+                node.replace_all_uses_with(replacement)
+            else:  # dropout in eval mode is the identity
+                node.replace_all_uses_with(node.kwargs["input"])
+            gm.graph.erase_node(node)
+            count += 1
+        return count
+
+    def _fold(self, gm: fx.GraphModule, batch_norm: fx.Node) -> bool:
+        """Rewrite (2) of the module docstring, where ``batch_norm`` ends such a chain."""
+        bn = op_arguments(batch_norm)
+        y, bias = bn["input"], None
+        if _is_call(y, aten.add.Tensor) and len(y.users) == 1 and _is_call(y.args[1], aten.view.default):
+            y, bias = y.args[0], y.args[1].args[0]
+        if not (_is_call(y, aten.div.Tensor) and len(y.users) == 1 and _is_call(y.args[1], aten.view.default)):
+            return False
+        conv, s_view = y.args
+        fake_quant = op_arguments(conv).get("weight") if isinstance(conv, fx.Node) and conv.op == "call_function" \
+            else None
+        if _module(gm, fake_quant, FakeQuantize) is None or len(conv.users) != 1:
+            return False
+        scaled = fake_quant.args[0]
+        if not (_is_call(scaled, aten.mul.Tensor) and _is_call(scaled.args[1], aten.view.default)
+                and scaled.args[1].args[0] is s_view.args[0]):
+            return False
+        memo: dict[fx.Node, Any] = {}
+        s = _constant_expression(gm, s_view.args[0], memo)
+        mean = _constant_expression(gm, bn["running_mean"], memo)
+        if s is None or mean is None:
+            return False
+        b = _constant_expression(gm, bias, memo) if bias is not None else torch.zeros_like(s)
+        beta = _constant_expression(gm, bn["bias"], memo) if bn["bias"] is not None else torch.zeros_like(s)
+        if b is None or beta is None:
+            return False
+        with torch.no_grad():
+            folded_bias = (b - mean) * s + beta
+        set_argument(conv, "bias", add_constant(gm, folded_bias, f"{conv.name}_folded_bias", before=conv))
+        infer_fake_value(conv)
+        batch_norm.replace_all_uses_with(conv)
+        gm.graph.erase_node(batch_norm)
+        self._drop_unread_counters(gm)
+        return True
+
+    def _drop_unread_counters(self, gm: fx.GraphModule) -> None:
+        """``counter.add_(1)`` on a buffer nothing else reads (a folded BatchNorm's batch count)."""
+        for node in list(gm.graph.nodes):
+            if _is_call(node, aten.add_.Tensor) and not node.users:
+                counter = op_arguments(node)["self"]
+                if counter.op == "get_attr" and len(counter.users) == 1:
+                    gm.graph.erase_node(node)
+                    gm.graph.erase_node(counter)
+
+    def _quantize_biases(self, gm: fx.GraphModule) -> int:
+        """Constant biases of ops whose input and weight are now quantized: int32 at S_x · S_W."""
+        count = 0
+        for node in gm.graph.nodes:
+            plan = get_qspec(node)
+            if plan is None or not plan.quantized or node.op != "call_function":
+                continue
+            arguments = op_arguments(node)
+            x, weight = DequantizeCall.of(arguments.get("input")), DequantizeCall.of(arguments.get("weight"))
+            bias = constant_value(gm, arguments.get("bias"))
+            x_scale = constant_value(gm, x.scale) if x is not None else None
+            w_scale = constant_value(gm, weight.scale) if weight is not None else None
+            if bias is None or x_scale is None or w_scale is None or x_scale.numel() != 1:
+                continue
+            bias_index = [a.name for a in node.target._schema.arguments].index("bias")
+            if bias_index >= len(node.args):  # quantize_bias replaces a positional argument
+                node.args = (*node.args, *[None] * (bias_index - len(node.args)), arguments["bias"])
+                node.kwargs = {k: v for k, v in node.kwargs.items() if k != "bias"}
+            quantize_bias(gm, node, bias_index, x_scale * w_scale, pass_name=self.name)
+            count += 1
+        return count

@@ -1,0 +1,194 @@
+"""Fake quantization for training: the Q/DQ round trip as a differentiable module (LSQ / LSQ+).
+
+In the forward pass a :class:`FakeQuantize` computes exactly what ``qc.quantize`` followed by
+``qc.dequantize`` compute with the same scale and zero point (same float32 division, round
+half to even, clamp), so a trained model lowers to its Q/DQ graph without moving a value:
+
+    v = x / S          q = clamp(round(v) + round(Z), qmin, qmax)          x̂ = (q − round(Z)) · S
+
+The backward pass is Learned Step Size Quantization (Esser et al. 2020) with LSQ+'s learnable
+offset (Bhalgat et al. 2020). With the straight-through estimator for round, and
+``inside`` meaning qmin ≤ round(v) + round(Z) ≤ qmax:
+
+    ∂x̂/∂x = 1 inside, 0 where clamped
+    ∂x̂/∂S = round(v) − v inside, qmin − round(Z) below, qmax − round(Z) above   (times g)
+    ∂x̂/∂Z = 0 inside, −S where clamped
+
+with LSQ's gradient scale g = 1 / √(N · Q_P): N the number of elements sharing one scale, Q_P
+the largest positive integer level. Without it the step's gradient, summed over N elements,
+dwarfs the weights' and training is unstable.
+
+Scales are per tensor, per channel (along ``axis``) or per group (``group_size`` consecutive
+elements along axis 1 of a 2-D weight share one). Integer specs of 2 to 8 bits are taken.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from qcompile.errors import QCompileError
+from qcompile.observers import make_observer
+from qcompile.spec import PerGroup, PerTensor, QuantSpec, compute_qparams
+
+
+def _grouped(x: Tensor, spec: QuantSpec) -> Tensor:
+    """``x`` with per-group elements on a last dimension of their own: [O, I] -> [O, I/g, g]."""
+    granularity = spec.granularity
+    assert isinstance(granularity, PerGroup)
+    if x.dim() != 2 or granularity.axis % 2 != 1:
+        raise QCompileError(f"per-group quantization takes 2-D weights grouped along axis 1, got {tuple(x.shape)} "
+                            f"along axis {granularity.axis}")
+    if x.shape[1] % granularity.group_size:
+        raise QCompileError(f"per-group size {granularity.group_size} does not divide the {x.shape[1]} input "
+                            "channels")
+    return x.reshape(x.shape[0], -1, granularity.group_size)
+
+
+def _shaped(param: Tensor, x: Tensor, spec: QuantSpec) -> Tensor:
+    """A scale or zero point shaped to broadcast against ``x`` (already grouped when per-group)."""
+    if isinstance(spec.granularity, PerTensor):
+        return param.reshape([1] * x.dim())
+    if isinstance(spec.granularity, PerGroup):
+        return param.reshape(x.shape[0], x.shape[1], 1)
+    shape = [1] * x.dim()
+    shape[spec.granularity.axis % x.dim()] = -1
+    return param.reshape(shape)
+
+
+class _LsqFakeQuantize(torch.autograd.Function):
+    """The forward and the LSQ/LSQ+ backward of the module docstring, on broadcast parameters."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int,
+                grad_scale: float) -> Tensor:
+        z = zero_point.round().clamp(qmin, qmax)
+        v = x.to(torch.float32) / scale
+        rounded = v.round()
+        unclamped = rounded + z
+        q = unclamped.clamp(qmin, qmax)
+        below, above = unclamped < qmin, unclamped > qmax
+        ctx.save_for_backward(v, rounded, below, above, scale, z)
+        ctx.bounds = (qmin, qmax, grad_scale)
+        ctx.shapes = (x.dtype, scale.shape, zero_point.shape)
+        return ((q - z) * scale).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        v, rounded, below, above, scale, z = ctx.saved_tensors
+        qmin, qmax, grad_scale = ctx.bounds
+        x_dtype, scale_shape, zero_point_shape = ctx.shapes
+        clamped = below | above
+        grad = grad.to(torch.float32)
+        grad_x = grad.masked_fill(clamped, 0.0).to(x_dtype) if ctx.needs_input_grad[0] else None
+        grad_scale_out = grad_zero_point = None
+        if ctx.needs_input_grad[1]:
+            step = torch.where(below, qmin - z, torch.where(above, qmax - z, rounded - v))
+            grad_scale_out = _reduce_to(grad * step * grad_scale, scale_shape)
+        if ctx.needs_input_grad[2]:
+            grad_zero_point = _reduce_to(torch.where(clamped, -grad * scale, 0.0) * grad_scale, zero_point_shape)
+        return grad_x, grad_scale_out, grad_zero_point, None, None, None
+
+
+def _reduce_to(grad: Tensor, shape: torch.Size) -> Tensor:
+    """Sum a broadcast gradient back to the parameter's shape."""
+    dims = [d for d, (g, s) in enumerate(zip(grad.shape, shape, strict=True)) if s == 1 and g != 1]
+    return grad.sum(dim=dims, keepdim=True) if dims else grad
+
+
+def fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor, spec: QuantSpec, grad_scale: float = 1.0) -> Tensor:
+    """``x`` quantized and dequantized with ``spec``'s range (module docstring), differentiable
+    in ``x``, ``scale`` and ``zero_point``."""
+    grouped = _grouped(x, spec) if isinstance(spec.granularity, PerGroup) else x
+    out = _LsqFakeQuantize.apply(grouped, _shaped(scale, grouped, spec), _shaped(zero_point, grouped, spec),
+                                 spec.qmin, spec.qmax, grad_scale)
+    return out.reshape(x.shape)
+
+
+def weight_qparams(weight: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
+    """Initial scale and zero point of a weight: its range per tensor, channel or group; with
+    ``observer="mse"``, each channel's (group's) clipping ratio in [0.5, 1] that minimizes the
+    squared rounding-plus-clipping error, which matters at 2 to 4 bits where the largest
+    weight would otherwise waste most levels."""
+    w = weight.detach().float()
+    if isinstance(spec.granularity, PerGroup):
+        grouped = _grouped(w, spec)
+        lo, hi = grouped.amin(dim=-1), grouped.amax(dim=-1)
+    elif isinstance(spec.granularity, PerTensor) or spec.observer != "mse":
+        observer = make_observer(spec if spec.observer in ("minmax", "moving-average") else
+                                 QuantSpec(spec.dtype, spec.symmetric, spec.granularity), name="weight")
+        observer(w)
+        return observer.qparams()
+    else:
+        grouped = w
+        dims = [d for d in range(w.dim()) if d != spec.granularity.axis % w.dim()]
+        lo, hi = w.amin(dim=dims), w.amax(dim=dims)
+    if spec.observer != "mse":
+        return compute_qparams(lo, hi, spec)
+    best_scale, best_zero_point, best_error = None, None, None
+    for ratio in torch.linspace(1.0, 0.5, 21).tolist():
+        scale, zero_point = compute_qparams(lo * ratio, hi * ratio, spec)
+        error = (fake_quantize(w, scale, zero_point.float(), spec) - w).square()
+        error = _per_parameter(error, w, spec)
+        if best_error is None:
+            best_scale, best_zero_point, best_error = scale, zero_point, error
+        else:
+            better = error < best_error
+            best_scale = torch.where(better, scale, best_scale)
+            best_zero_point = torch.where(better, zero_point, best_zero_point)
+            best_error = torch.minimum(error, best_error)
+    return best_scale, best_zero_point
+
+
+def _per_parameter(error: Tensor, x: Tensor, spec: QuantSpec) -> Tensor:
+    """Squared errors summed over the elements that share one parameter."""
+    if isinstance(spec.granularity, PerGroup):
+        return _grouped(error, spec).sum(dim=-1)
+    axis = spec.granularity.axis % x.dim()
+    return error.sum(dim=[d for d in range(x.dim()) if d != axis])
+
+
+class FakeQuantize(nn.Module):
+    """The trainable Q/DQ round trip of one value (a weight or an activation edge).
+
+    ``scale`` is a parameter, trained when the spec's ``learnable_scale`` says so (LSQ), else
+    fixed at its initial value; ``zero_point`` is a float parameter rounded in the forward,
+    trained when ``learnable_zero_point`` says so (LSQ+). ``enabled=False`` passes values
+    through unchanged (the float model inside the QAT graph). A scale that is no longer
+    finite and positive is an error naming the value it quantizes: training diverged there.
+    """
+
+    def __init__(self, spec: QuantSpec, scale: Tensor, zero_point: Tensor, name: str = ""):
+        super().__init__()
+        if spec.is_float8:
+            raise QCompileError(f"fake quantization of '{name}': {spec.dtype} has no integer levels; "
+                                "QAT takes integer specs of 2 to 8 bits")
+        self.spec = spec
+        self.name = name
+        self.enabled = True
+        self.scale = nn.Parameter(scale.detach().float().clone().reshape(-1) if scale.dim() else
+                                  scale.detach().float().reshape(1), requires_grad=spec.learnable_scale)
+        self.zero_point = nn.Parameter(zero_point.detach().float().clone().reshape(self.scale.shape),
+                                       requires_grad=spec.learnable_zero_point)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.enabled:
+            return x
+        if self.scale.requires_grad and not bool(torch.isfinite(self.scale).all() and (self.scale > 0).all()):
+            raise QCompileError(f"fake quantization of '{self.name}': its learned scale is no longer finite and "
+                                f"positive (min {float(self.scale.min()):.3g}); training diverged at this node "
+                                "(lower the learning rate of the scales, or clip gradients)")
+        per_scale = x.numel() / self.scale.numel()
+        grad_scale = 1.0 / math.sqrt(max(per_scale, 1.0) * self.spec.qmax)
+        return fake_quantize(x, self.scale, self.zero_point, self.spec, grad_scale)
+
+    def qparams(self) -> tuple[Tensor, Tensor]:
+        """The constants the Q/DQ graph takes: the learned scale (float32) and zero point, rounded
+        and clamped to the integer range (int32), as the forward uses them."""
+        zero_point = self.zero_point.detach().round().clamp(self.spec.qmin, self.spec.qmax).to(torch.int32)
+        return self.scale.detach().clone(), zero_point
+
+    def extra_repr(self) -> str:
+        return f"{self.name!r}, {self.spec}, enabled={self.enabled}"
