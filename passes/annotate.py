@@ -73,7 +73,7 @@ def _float_input_reason(node: fx.Node, index: int) -> str | None:
     if not isinstance(val, torch.Tensor):
         return f"input {index} is not a tensor"
     if val.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        return f"input {index} is {val.dtype}, not floating point"
+        return f"input {index} is {val.dtype}, not float32, bfloat16 or float16"
     return None
 
 

@@ -48,11 +48,12 @@ def quantize_dequantize(gm: fx.GraphModule, root: fx.Node, spec: QuantSpec, scal
 
 
 def quantized_constant(gm: fx.GraphModule, value: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
-                       spec: QuantSpec, *, before: fx.Node, pass_name: str, source: fx.Node) -> fx.Node:
+                       spec: QuantSpec, *, before: fx.Node, pass_name: str, source: fx.Node,
+                       name: str | None = None) -> fx.Node:
     """``dequantize(W_q, S, Z)`` with ``W_q = quantize(value, S, Z)`` computed once and stored:
-    a quantized weight, named after the node ``source`` it stands for."""
+    a quantized weight, its constants named ``name`` (default: after the constant ``source``)."""
     value_q = torch.ops.qc.quantize(value, scale, zero_point, spec.axis, spec.qmin, spec.qmax, spec.storage_dtype)
-    base = str(source.target) if source.op == "get_attr" else source.name
+    base = name or (str(source.target) if source.op == "get_attr" else source.name)
     args = [add_constant(gm, t, f"{base}_{suffix}", before=before)
             for t, suffix in ((value_q, "q"), (scale, "scale"), (zero_point, "zero_point"))]
     return _call(gm, DEQUANTIZE, (*args, spec.axis, value.dtype), before=before, pass_name=pass_name, source=source)

@@ -49,7 +49,7 @@ from qcompile.ir.meta import Provenance, get_qspec
 from qcompile.passes.convert import quantize_bias, quantize_dequantize, quantized_constant
 from qcompile.passes.training_ops import ModeSwitchedOp
 from qcompile.pipeline import Diagnostic, Pass, PassResult
-from qcompile.qdq import DequantizeCall
+from qcompile.qdq import DequantizeCall, observation_root
 from qcompile.spec import PerGroup
 
 aten = torch.ops.aten
@@ -80,6 +80,14 @@ def _module(gm: fx.GraphModule, node: object, kind: type) -> Any:
         if isinstance(module, kind):
             return module
     return None
+
+
+def _erase_call(gm: fx.GraphModule, node: fx.Node) -> None:
+    """Erase a ``call_module`` node, and unregister its module from this copy when nothing else
+    calls it (the module itself, shared with the graph the pass was given, is left whole)."""
+    gm.graph.erase_node(node)
+    if not any(n.op == "call_module" and n.target == node.target for n in gm.graph.nodes):
+        delattr(gm, node.target)
 
 
 def _is_call(node: object, target: object) -> bool:
@@ -118,11 +126,13 @@ class LowerQat(Pass):
                                        "weights have no Q/DQ form; stored fake-quantized in float"))
                 weights += 1
             else:
+                consumer = next(iter(node.users))
+                name = None if source.op == "get_attr" else f"{consumer.name}_weight"
                 replacement = quantized_constant(gm, constant, scale, zero_point, fake_quant.spec, before=node,
-                                                 pass_name=self.name, source=source)
+                                                 pass_name=self.name, source=source, name=name)
                 weights += 1
             node.replace_all_uses_with(replacement)
-            gm.graph.erase_node(node)
+            _erase_call(gm, node)
         biases = self._quantize_biases(gm)
         removed = remove_dead_nodes(gm)
         stats = {"weights": weights, "activations": activations, "batchnorm-folded": folded, "biases": biases,
@@ -143,7 +153,7 @@ class LowerQat(Pass):
                 node.replace_all_uses_with(replacement)
             else:  # dropout in eval mode is the identity
                 node.replace_all_uses_with(node.kwargs["input"])
-            gm.graph.erase_node(node)
+            _erase_call(gm, node)
             count += 1
         return count
 
@@ -199,7 +209,8 @@ class LowerQat(Pass):
             if plan is None or not plan.quantized or node.op != "call_function":
                 continue
             arguments = op_arguments(node)
-            x, weight = DequantizeCall.of(arguments.get("input")), DequantizeCall.of(arguments.get("weight"))
+            x = DequantizeCall.of(observation_root(arguments["input"])[0]) if "input" in arguments else None
+            weight = DequantizeCall.of(arguments.get("weight"))
             bias = constant_value(gm, arguments.get("bias"))
             x_scale = constant_value(gm, x.scale) if x is not None else None
             w_scale = constant_value(gm, weight.scale) if weight is not None else None

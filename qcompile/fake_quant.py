@@ -153,11 +153,14 @@ def _per_parameter(error: Tensor, x: Tensor, spec: QuantSpec) -> Tensor:
 class FakeQuantize(nn.Module):
     """The trainable Q/DQ round trip of one value (a weight or an activation edge).
 
-    ``scale`` is a parameter, trained when the spec's ``learnable_scale`` says so (LSQ), else
-    fixed at its initial value; ``zero_point`` is a float parameter rounded in the forward,
-    trained when ``learnable_zero_point`` says so (LSQ+). ``enabled=False`` passes values
-    through unchanged (the float model inside the QAT graph). A scale that is no longer
-    finite and positive is an error naming the value it quantizes: training diverged there.
+    The scale is trained in log space, S = exp(log_scale), as TQT does (Jain et al. 2020): it
+    stays positive, and an optimizer's step (Adam's is about its learning rate whatever the
+    gradient) changes it by a ratio, not by an amount that would overshoot a step of 1e-3 to
+    below zero. It is trained when the spec's ``learnable_scale`` says so, else fixed at its
+    initial value; ``zero_point`` is a float parameter rounded in the forward, trained when
+    ``learnable_zero_point`` says so (LSQ+). ``enabled=False`` passes values through unchanged
+    (the float model inside the QAT graph). A scale that is no longer finite is an error naming
+    the value it quantizes: training diverged there.
     """
 
     def __init__(self, spec: QuantSpec, scale: Tensor, zero_point: Tensor, name: str = ""):
@@ -168,27 +171,29 @@ class FakeQuantize(nn.Module):
         self.spec = spec
         self.name = name
         self.enabled = True
-        self.scale = nn.Parameter(scale.detach().float().clone().reshape(-1) if scale.dim() else
-                                  scale.detach().float().reshape(1), requires_grad=spec.learnable_scale)
-        self.zero_point = nn.Parameter(zero_point.detach().float().clone().reshape(self.scale.shape),
+        self.log_scale = nn.Parameter(scale.detach().float().reshape(-1).log(), requires_grad=spec.learnable_scale)
+        self.zero_point = nn.Parameter(zero_point.detach().float().clone().reshape(self.log_scale.shape),
                                        requires_grad=spec.learnable_zero_point)
+
+    @property
+    def scale(self) -> Tensor:
+        return self.log_scale.exp()
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.enabled:
             return x
-        if self.scale.requires_grad and not bool(torch.isfinite(self.scale).all() and (self.scale > 0).all()):
-            raise QCompileError(f"fake quantization of '{self.name}': its learned scale is no longer finite and "
-                                f"positive (min {float(self.scale.min()):.3g}); training diverged at this node "
-                                "(lower the learning rate of the scales, or clip gradients)")
-        per_scale = x.numel() / self.scale.numel()
+        if self.log_scale.requires_grad and not bool(torch.isfinite(self.log_scale).all()):
+            raise QCompileError(f"fake quantization of '{self.name}': its learned scale is no longer finite; "
+                                "training diverged at this node (lower the learning rate, or clip gradients)")
+        per_scale = x.numel() / self.log_scale.numel()
         grad_scale = 1.0 / math.sqrt(max(per_scale, 1.0) * self.spec.qmax)
         return fake_quantize(x, self.scale, self.zero_point, self.spec, grad_scale)
 
     def qparams(self) -> tuple[Tensor, Tensor]:
-        """The constants the Q/DQ graph takes: the learned scale (float32) and zero point, rounded
-        and clamped to the integer range (int32), as the forward uses them."""
+        """The constants the Q/DQ graph takes: the learned scale (float32, exactly as the forward
+        computes it) and the zero point, rounded and clamped to the integer range (int32)."""
         zero_point = self.zero_point.detach().round().clamp(self.spec.qmin, self.spec.qmax).to(torch.int32)
-        return self.scale.detach().clone(), zero_point
+        return self.scale.detach(), zero_point
 
     def extra_repr(self) -> str:
         return f"{self.name!r}, {self.spec}, enabled={self.enabled}"

@@ -350,7 +350,7 @@ class Distillation:
 def diverged_scale(qat: QatModel) -> str | None:
     """The first fake-quant whose scale, or its gradient, is no longer finite: where training diverged."""
     for module in qat.fake_quantizers().values():
-        for value in (module.scale, module.scale.grad):
+        for value in (module.log_scale, module.log_scale.grad):
             if value is not None and not bool(torch.isfinite(value).all()):
                 return module.name
     return None

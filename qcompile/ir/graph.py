@@ -241,14 +241,12 @@ def remove_dead_nodes(gm: fx.GraphModule) -> int:
 
     Tensors no get_attr reads any more are dropped from ``gm`` too, so a converted model does
     not carry the float weights its int8 ones replaced. ``gm`` is a pass's own copy, whose
-    containers are its own, so the graph the pass was given keeps them. Submodules no node
-    calls are unregistered from the copy, and the tensors of those it calls (an observer's, a
-    fake-quant's scale) are theirs: both are shared with the graph the pass was given, which
-    must keep them whole.
+    containers are its own, so the graph the pass was given keeps them. The tensors of modules
+    the graph calls (a fake-quant's scale) are theirs, not constants: those modules are shared
+    with the graph the pass was given, which must keep them whole.
     """
     before = len(gm.graph.nodes)
     gm.graph.eliminate_dead_code(is_impure_node=is_side_effect)
-    gm.delete_all_unused_submodules()
     referenced = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
     called = tuple(f"{n.target}." for n in gm.graph.nodes if n.op == "call_module")
     for name, _ in [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]:

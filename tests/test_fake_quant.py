@@ -1,0 +1,125 @@
+"""FakeQuantize: the forward is qc.quantize -> qc.dequantize bit for bit; the backward is LSQ/LSQ+."""
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from qcompile.errors import QCompileError
+from qcompile.fake_quant import FakeQuantize, fake_quantize, weight_qparams
+from qcompile.ops import quantize_with
+from qcompile.spec import PerChannel, PerGroup, QuantSpec
+
+
+def learnable(spec):
+    return dataclasses.replace(spec, learnable_scale=True)
+
+
+def _reference(x, scale, zero_point, spec):
+    q = quantize_with(x, scale, zero_point.to(torch.int32), spec)
+    return torch.ops.qc.dequantize(q, scale, zero_point.to(torch.int32), spec.axis, x.dtype)
+
+
+@pytest.mark.parametrize("spec, scale, zero_point", [
+    (QuantSpec("uint8", symmetric=False), torch.tensor([0.037]), torch.tensor([121.0])),
+    (QuantSpec("int8", granularity=PerChannel(0)), torch.tensor([0.01, 0.2, 0.05]), torch.zeros(3)),
+    (QuantSpec("int4", granularity=PerChannel(0)), torch.tensor([0.3, 0.11, 0.07]), torch.zeros(3)),
+    (QuantSpec("int2"), torch.tensor([0.5]), torch.zeros(1)),
+])
+def test_forward_equals_quantize_dequantize(spec, scale, zero_point):
+    torch.manual_seed(0)
+    x = torch.randn(3, 50) * 3
+    x[0, :4] = torch.tensor([0.5, 1.5, -2.5, 2.5]) * scale[0]  # ties: both round half to even
+    assert torch.equal(fake_quantize(x, scale, zero_point, spec), _reference(x, scale, zero_point, spec))
+
+
+def test_bit_widths_2_to_8_have_their_ranges():
+    for bits in range(2, 9):
+        spec = QuantSpec(f"int{bits}")
+        assert (spec.qmin, spec.qmax) == (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+        out = fake_quantize(torch.linspace(-1000, 1000, 11), torch.tensor([1.0]), torch.zeros(1), spec)
+        assert out.max() == spec.qmax and out.min() == spec.qmin
+
+
+def test_per_group_scales_apply_to_consecutive_input_channels():
+    spec = QuantSpec("int4", granularity=PerGroup(1, 2))
+    w = torch.tensor([[0.1, 0.7, 3.0, -2.0]])
+    scale = torch.tensor([[0.1, 1.0]])
+    out = fake_quantize(w, scale, torch.zeros(1, 2), spec)
+    # group 0 (S = 0.1): 0.1 -> 1 step, 0.7 -> 7 steps; group 1 (S = 1): 3 -> 3, -2 -> -2
+    torch.testing.assert_close(out, torch.tensor([[0.1, 0.7, 3.0, -2.0]]))
+    out = fake_quantize(torch.tensor([[1.0, -1.0, 9.0, 0.4]]), scale, torch.zeros(1, 2), spec)
+    torch.testing.assert_close(out, torch.tensor([[0.7, -0.8, 7.0, 0.0]]))  # clamped to [-8, 7] steps
+
+
+def test_lsq_gradients_by_hand():
+    """S = 0.5, Z = 0, int4 [-8, 7]: x/S = -6, 0.52, 1.48, 200, -200 rounds to -6, 1, 1, 7 (clamped), -8."""
+    spec = QuantSpec("int4")
+    x = torch.tensor([-3.0, 0.26, 0.74, 100.0, -100.0], requires_grad=True)
+    scale = torch.tensor([0.5], requires_grad=True)
+    out = fake_quantize(x, scale, torch.zeros(1), spec, grad_scale=1.0)
+    out.backward(torch.ones_like(out))
+    torch.testing.assert_close(x.grad, torch.tensor([1.0, 1.0, 1.0, 0.0, 0.0]))
+    # inside: round(v) - v = 0, 0.48, -0.48; above: qmax - Z = 7; below: qmin - Z = -8
+    torch.testing.assert_close(scale.grad, torch.tensor([0.0 + 0.48 - 0.48 + 7 - 8]))
+
+
+def test_lsq_plus_zero_point_gradient_is_minus_scale_where_clamped():
+    spec = QuantSpec("uint8", symmetric=False, learnable_zero_point=True)
+    x = torch.tensor([-10.0, 0.3, 100.0])
+    scale = torch.tensor([0.1])
+    zero_point = torch.tensor([20.0], requires_grad=True)
+    out = fake_quantize(x, scale, zero_point, spec, grad_scale=1.0)
+    out.backward(torch.ones_like(out))
+    # -10/0.1 + 20 = -80 < 0 (clamped), 3 + 20 inside, 1000 + 20 > 255 (clamped)
+    torch.testing.assert_close(zero_point.grad, torch.tensor([-0.1 * 2]))
+
+
+def test_scale_gradient_matches_finite_differences_where_the_value_is_clamped():
+    """Clamped elements give (q_bound − Z) · S exactly, linear in S: the finite difference is exact."""
+    spec = QuantSpec("int8")
+    x = torch.tensor([50.0, -70.0, 33.0], dtype=torch.float64)
+    s = 0.1
+    fake = FakeQuantize(learnable(spec), torch.tensor([s]), torch.zeros(1))
+    out = fake(x.float()).sum()
+    out.backward()
+    h = 1e-3
+    plus = fake_quantize(x.float(), torch.tensor([s + h]), torch.zeros(1), spec).double().sum()
+    minus = fake_quantize(x.float(), torch.tensor([s - h]), torch.zeros(1), spec).double().sum()
+    finite_difference = float(plus - minus) / (2 * h)
+    grad_scale = 1 / math.sqrt(3 * 127)
+    # the parameter is log S: ∂L/∂log S = S · ∂L/∂S
+    assert fake.log_scale.grad.item() == pytest.approx(s * finite_difference * grad_scale, rel=1e-3)
+
+
+def test_mse_weight_init_clips_the_outlier_weight_for_a_lower_error():
+    torch.manual_seed(0)
+    w = torch.randn(8, 64)
+    w[:, 0] = 12.0  # one large weight per channel
+    minmax = QuantSpec("int4", granularity=PerChannel(0))
+    mse = QuantSpec("int4", granularity=PerChannel(0), observer="mse")
+    errors = []
+    for spec in (minmax, mse):
+        scale, zero_point = weight_qparams(w, spec)
+        errors.append(float((fake_quantize(w, scale, zero_point.float(), spec) - w).square().sum()))
+    assert errors[1] < errors[0]  # ratio 1 (min-max) is a candidate, so MSE is never worse
+
+
+def test_a_diverged_scale_is_an_error_naming_the_value():
+    fake = FakeQuantize(learnable(QuantSpec("int8")), torch.tensor([0.1]), torch.zeros(1),
+                        name="relu in module 'block.act'")
+    with torch.no_grad():
+        fake.log_scale.fill_(float("nan"))
+    with pytest.raises(QCompileError, match="relu in module 'block.act'.*diverged"):
+        fake(torch.randn(4))
+
+
+def test_float8_is_refused_with_the_reason():
+    with pytest.raises(QCompileError, match="float8_e4m3fn has no integer levels"):
+        FakeQuantize(QuantSpec("float8_e4m3fn"), torch.tensor([0.1]), torch.zeros(1), name="w")
+
+
+def test_a_learnable_zero_point_needs_an_affine_spec():
+    with pytest.raises(ValueError, match="affine"):
+        QuantSpec("int8", symmetric=True, learnable_zero_point=True)

@@ -1,0 +1,298 @@
+"""QAT: training-ops, insert-fake-quant and lower-qat as graph rewrites; prepare_qat / convert_qat /
+Distillation / fit as a user meets them; the digits CNN trained at W4A8 end to end."""
+
+import copy
+import math
+import warnings
+
+import pytest
+import torch
+from qcompile.passes.insert_fake_quant import InsertFakeQuant
+from qcompile.passes.lower_qat import LowerQat
+from qcompile.passes.training_ops import TrainingOps
+from torch import nn
+
+import qcompile
+from qcompile import OpQuantConfig, PerGroup, QuantSpec
+from qcompile.capture import train_mode
+from qcompile.context import CompileContext
+from qcompile.errors import QCompileError
+from qcompile.ir.graph import copy_graph_module
+from qcompile.pipeline import Pipeline
+from qcompile.qat import QAT_PREPARE, fit, learnable
+from qcompile.targets import get_target
+from qcompile.testing import assert_graph_diff, assert_pass_contract
+
+
+class ConvBNNet(nn.Module):
+    def __init__(self, dropout: float = 0.5):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(2, 3, 3, padding=1)
+        self.bn = nn.BatchNorm2d(3)
+        self.drop = nn.Dropout(dropout)
+        self.fc = nn.Linear(3 * 4 * 4, 5)
+
+    def forward(self, x):
+        return self.fc(self.drop(torch.relu(self.bn(self.conv(x)))).flatten(1))
+
+
+def _batches(count=4, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    return [(torch.randn(8, 2, 4, 4, generator=generator),) for _ in range(count)]
+
+
+def _prepared_until(model, last: str):
+    """The QAT prepare pipeline up to (not including) the pass ``last``, as prepare_qat runs it."""
+    x = _batches(1)[0][0]
+    with train_mode(model):
+        gm = copy_graph_module(qcompile.capture(model, (x,)))
+    gm.eval()
+    target = get_target("cpu-int8")
+    context = CompileContext(target, ((x,), {}), qconfig=learnable(target.preset()), calibration_data=_batches())
+    names = QAT_PREPARE.split(",")
+    return context.run_stage("prepare", Pipeline.parse(",".join(names[:names.index(last)])), gm)
+
+
+# --- training-ops ---------------------------------------------------------------------------
+
+def test_training_ops_make_batchnorm_and_dropout_follow_the_graph_mode():
+    model = ConvBNNet().train()
+    gm = _prepared_until(model, "training-ops")
+    out = assert_pass_contract(TrainingOps(), gm)
+    assert_graph_diff(gm, out, added=[
+        "%bn_mode_0 = module[bn_mode_0](input=%conv2d, weight=%bn_weight, bias=%bn_bias, running_mean=%bn_running_mean, "
+        "running_var=%bn_running_var, momentum=0.1, eps=1e-05, cudnn_enabled=False)",
+        "%relu = aten.relu.default(%bn_mode_0)",
+        "%dropout_mode_1 = module[dropout_mode_1](input=%relu, p=0.5)",
+        "%flatten = aten.flatten.using_ints(%dropout_mode_1, 1)",
+    ], removed=[
+        "%batch_norm = aten.batch_norm.default(%conv2d, %bn_weight, %bn_bias, %bn_running_mean, %bn_running_var, True,",
+        "%relu = aten.relu.default(%batch_norm)",
+        "%dropout = aten.dropout.default(%relu, 0.5, True)",
+        "%flatten = aten.flatten.using_ints(%dropout, 1)",
+    ])
+    x = _batches(1)[0][0]
+    out.eval()
+    reference = copy.deepcopy(model).eval()
+    torch.testing.assert_close(out(x), reference(x))  # eval: running statistics, no dropout
+    out.train()
+    torch.manual_seed(3)
+    first = out(x)
+    torch.manual_seed(4)
+    assert not torch.equal(first, out(x)), "dropout is active in training mode"
+
+
+def test_a_frozen_batchnorm_keeps_its_running_statistics_while_training():
+    gm = TrainingOps()(_prepared_until(ConvBNNet(dropout=0.0).train(), "training-ops")).graph_module
+    gm.train()
+    x = _batches(1)[0][0]
+    mean = gm.bn.running_mean.clone()
+    gm(x)
+    assert not torch.equal(gm.bn.running_mean, mean), "training mode updates the running mean"
+    gm.bn_mode_0.freeze()
+    mean = gm.bn.running_mean.clone()
+    gm(x)
+    assert torch.equal(gm.bn.running_mean, mean)
+
+
+# --- insert-fake-quant ----------------------------------------------------------------------
+
+def test_insert_fake_quant_replaces_observers_and_trains_the_conv_in_its_folded_form():
+    gm = _prepared_until(ConvBNNet().train(), "insert-fake-quant")
+    out = assert_pass_contract(InsertFakeQuant(), gm)
+    assert_graph_diff(gm, out, added=[
+        "%observer_0 = module[fq_act_0](%x)",
+        "%add_tensor = aten.add.Tensor(%bn_running_var, 1e-05)",
+        "%sqrt_default = aten.sqrt.default(%add_tensor)",
+        "%div_tensor = aten.div.Tensor(%bn_weight, %sqrt_default)",
+        "%view_default = aten.view.default(%div_tensor, [-1, 1, 1, 1])",
+        "%mul_tensor = aten.mul.Tensor(%conv_weight, %view_default)",
+        "%fq_weight_0 = module[fq_weight_0](%mul_tensor)",
+        "%conv2d = aten.conv2d.default(%observer_0, %fq_weight_0, None, [1, 1], [1, 1])",
+        "%view_default_1 = aten.view.default(%div_tensor, [1, -1, 1, 1])",
+        "%div_tensor_1 = aten.div.Tensor(%conv2d, %view_default_1)",
+        "%view_default_2 = aten.view.default(%conv_bias, [1, -1, 1, 1])",
+        "%add_tensor_1 = aten.add.Tensor(%div_tensor_1, %view_default_2)",
+        "%bn_mode_0 = module[bn_mode_0](input=%add_tensor_1,",
+        "%observer_1 = module[fq_act_1](%dropout_mode_1)",
+        "%fq_weight_1 = module[fq_weight_1](%fc_weight)",
+        "%linear = aten.linear.default(%flatten, %fq_weight_1, %fc_bias)",
+    ], removed=[
+        "%observer_0 = module[observer_0](%x)",
+        "%conv2d = aten.conv2d.default(%observer_0, %conv_weight, %conv_bias,",
+        "%bn_mode_0 = module[bn_mode_0](input=%conv2d,",
+        "%observer_1 = module[observer_1](%dropout_mode_1)",
+        "%linear = aten.linear.default(%flatten, %fc_weight, %fc_bias)",
+    ], exact=False)
+    observer = gm.get_submodule("observer_0")
+    fake = out.get_submodule("fq_act_0")
+    scale, zero_point = observer.qparams()
+    assert torch.allclose(fake.scale.detach(), scale.reshape(1), rtol=1e-6) and torch.equal(fake.zero_point.detach(), zero_point.float().reshape(1))
+    assert fake.log_scale.requires_grad and not fake.zero_point.requires_grad
+
+
+def test_the_folded_form_trains_the_same_function_as_the_float_model():
+    """With fake quantization off, bn(conv(x, W·s)/s + b) in training mode is the model's own
+    conv -> BN: same output and same weight gradient, to float rounding (checked in float64)."""
+    model = ConvBNNet(dropout=0.0).train()
+    qat = qcompile.prepare_qat(model, calibration_data=_batches(), progress=False)
+    assert qat.report.passes[-1].stats["batchnorm"] == 1
+    qat.enable_fake_quant(False).double().train()
+    x = _batches(1, seed=7)[0][0].double()
+    reference = copy.deepcopy(model).double().train()
+    reference(x).square().sum().backward()
+    qat(x).square().sum().backward()
+    torch.testing.assert_close(qat.graph_module.conv.weight.grad, reference.conv.weight.grad)
+    torch.testing.assert_close(qat.graph_module.bn.weight.grad, reference.bn.weight.grad)
+    # and the gradient the graph computes is the finite-difference one
+    torch.autograd.gradcheck(lambda t: qat(t), (x[:2].clone().requires_grad_(),))
+
+
+# --- lower-qat ------------------------------------------------------------------------------
+
+def test_lower_qat_folds_batchnorm_and_makes_learned_scales_the_qdq_constants():
+    fq = InsertFakeQuant()(_prepared_until(ConvBNNet().train(), "insert-fake-quant")).graph_module
+    with torch.no_grad():
+        fq.fq_act_1.log_scale.add_(math.log(1.25))  # as if trained
+    out = assert_pass_contract(LowerQat(), fq)
+    assert_graph_diff(fq, out, added=[
+        "%quantize_default = qc.quantize.default(%x, %x_scale, %x_zero_point, None, 0, 255, torch.uint8)",
+        "%conv2d_weight_q = constant conv2d_weight_q : i8[3,2,3,3]",
+        "%conv2d_folded_bias_q = constant conv2d_folded_bias_q : i32[3]",
+        "%conv2d = aten.conv2d.default(%dequantize_default, %dequantize_default_1, %dequantize_default_4,",
+        "%relu = aten.relu.default(%conv2d)",
+        "%fc_weight_q = constant fc_weight_q : i8[5,48]",
+        "%fc_bias_q = constant fc_bias_q : i32[5]",
+    ], removed=[
+        "%bn_mode_0 = module[bn_mode_0]",
+        "%dropout_mode_1 = module[dropout_mode_1]",
+        "%fq_weight_0 = module[fq_weight_0](%mul_tensor)",
+        "%add_ = aten.add_.Tensor(%bn_num_batches_tracked, 1)",
+    ], exact=False)
+    assert torch.equal(out.relu_scale, fq.fq_act_1.scale.detach())
+    x = _batches(1, seed=5)[0][0]
+    fq.eval()
+    with torch.no_grad():
+        expected, actual = fq(x), out(x)
+    # the conv's int8 output moves by at most one step of the next quantizer, which the linear
+    # spreads over its input: |Δy| ≤ S_relu · max_row ‖W_fc‖₁
+    bound = float(out.relu_scale) * float(fq.fc.weight.abs().sum(1).max())
+    assert (actual - expected).abs().max() <= bound
+    assert (actual - expected).abs().max() < 1e-2 * expected.abs().max()
+
+
+# --- prepare_qat / convert_qat --------------------------------------------------------------
+
+def test_qat_trains_and_lowers_with_report_save_load_and_onnx(tmp_path):
+    model = ConvBNNet().train()
+    before = copy.deepcopy(model.state_dict())
+    qat = qcompile.prepare_qat(model, calibration_data=_batches(), progress=False)
+    optimizer = torch.optim.Adam(qat.parameters(), lr=1e-3)
+    for (x,) in _batches(6, seed=11):
+        optimizer.zero_grad()
+        qat(x).square().mean().backward()
+        optimizer.step()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()), "the user's model changed"
+    assert model.training
+    state = qat.state_dict()
+    assert any(k.endswith("fq_act_0.log_scale") for k in state)
+    qm = qcompile.convert_qat(qat)
+    assert qm.report.mode == "qat"
+    assert [n.precision for n in qm.report.nodes] == ["int8", "int8"]
+    assert any("against the fake-quant model" in note for note in qm.report.notes)
+    x = _batches(1, seed=9)[0][0]
+    qat.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(qm(x), qat(x), atol=2e-2 * float(qat(x).abs().max()), rtol=0)
+    saved = qm.save(tmp_path / "qat.qcm")
+    torch.testing.assert_close(qcompile.load(saved)(x), qm(x))
+    export = qm.export_onnx(tmp_path / "qat.onnx")
+    assert export.check.worst.max_steps <= 1 and export.check.int8_weight_kernels == 2
+
+    clone = qcompile.prepare_qat(ConvBNNet().train(), calibration_data=_batches(), progress=False)
+    clone.load_state_dict(state)
+    clone.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(clone(x), qat(x))
+
+
+def test_a_model_in_eval_mode_is_captured_for_training_and_said_so():
+    model = ConvBNNet().eval()
+    with pytest.warns(UserWarning, match="was in eval mode: QAT captures it in training mode"):
+        qat = qcompile.prepare_qat(model, calibration_data=_batches(), progress=False)
+    assert qat.training and not model.training
+    assert any(isinstance(m, nn.Module) and m.training for m in qat.graph_module.children())
+
+
+def test_a_model_without_trainable_parameters_is_refused():
+    model = ConvBNNet()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(QCompileError, match="no trainable parameters"):
+        qcompile.prepare_qat(model, calibration_data=_batches())
+
+
+def test_a_spec_the_target_cannot_lower_keeps_fake_quant_and_is_reported():
+    group = OpQuantConfig(None, QuantSpec("int4", granularity=PerGroup(1, 16)))
+    qat_graph = _prepared_until(ConvBNNet().train(), "insert-fake-quant")
+    from qcompile.ir.meta import EdgeQuant, QuantAnnotation, set_qspec
+    linear = next(n for n in qat_graph.graph.nodes if n.name == "linear")
+    set_qspec(linear, QuantAnnotation(inputs=((1, EdgeQuant("weight", group.weight)),), rule="test"))
+    fq = InsertFakeQuant()(qat_graph).graph_module
+    result = LowerQat()(fq)
+    assert "per-group(1,16) weights have no Q/DQ form" in next(iter(result.of_kind("kept").values()))
+    fq.eval()
+    x = _batches(1)[0][0]
+    with torch.no_grad():
+        torch.testing.assert_close(result.graph_module(x), fq(x), atol=0.05, rtol=0)
+
+
+# --- Distillation and fit -------------------------------------------------------------------
+
+def test_distillation_reads_hidden_states_by_module_name_and_fit_lowers_the_loss():
+    teacher = ConvBNNet(dropout=0.0).eval()
+    qat = qcompile.prepare_qat(teacher, calibration_data=_batches(), progress=False)
+    data = [b for (b,) in _batches(8, seed=2)]
+    with pytest.raises(QCompileError, match="not in the teacher: nope"):
+        qcompile.Distillation(qat, teacher, layers=["nope"])
+    losses = fit(qat, teacher, data, steps=40, lr=1e-3, layers=["bn"], freeze_batchnorm_after=30, progress=False)
+    assert len(losses) == 40 and all(math.isfinite(v) for v in losses)
+    assert sum(losses[-5:]) < sum(losses[:5])
+    assert not any(n.op == "call_module" and n.target.startswith("tap_") for n in qat.graph_module.graph.nodes)
+    assert qat.graph_module.bn_mode_0.frozen
+
+
+def test_a_diverging_scale_stops_fit_with_the_node_named():
+    teacher = ConvBNNet(dropout=0.0).eval()
+    qat = qcompile.prepare_qat(teacher, calibration_data=_batches(), progress=False)
+    with torch.no_grad():
+        qat.graph_module.fq_act_1.log_scale.fill_(float("nan"))
+    with pytest.raises(QCompileError, match="dropout_mode_1 in module .drop.*diverged"):
+        fit(qat, teacher, [b for (b,) in _batches(2)], steps=3, progress=False)
+
+
+# --- a real model ---------------------------------------------------------------------------
+
+def test_digits_cnn_at_w4a8_qat_matches_float_and_lowers_exactly():
+    """The scikit-learn digits CNN of examples/qat_digits.py: W4A8 QAT (cross-entropy plus
+    distillation, BatchNorm frozen for the last epoch) is at least as accurate as W4A8 PTQ,
+    within a point of fp32, and its cpu-int8 lowering classifies as the fake-quant model does."""
+    from examples.qat_digits import accuracy, digits, qat, train_float, w_a8
+
+    torch.manual_seed(0)
+    data = digits()
+    model = train_float(data)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ptq = qcompile.compile(model, calibration_data=data.calibration(), qconfig=w_a8(4), outlier_smoothing=None,
+                               progress=False)
+        trained = qat(model, data, w_a8(4))
+        lowered = qcompile.convert_qat(trained)
+    fp32, ptq_top1 = accuracy(model, data), accuracy(ptq, data)
+    qat_top1, lowered_top1 = accuracy(trained, data), accuracy(lowered, data)
+    assert qat_top1 >= ptq_top1 and qat_top1 >= fp32 - 1.0, (fp32, ptq_top1, qat_top1)
+    with torch.no_grad():
+        agree = (lowered(data.x_test).argmax(1) == trained(data.x_test).argmax(1)).float().mean().item()
+    assert agree >= 0.995 and abs(lowered_top1 - qat_top1) <= 0.5
+    assert [n.precision for n in lowered.report.nodes] == ["int8", "int8", "int8"]
