@@ -7,7 +7,9 @@ one whose scale starts at the weight's own range (``weight_qparams``):
     o = observer_0(y)          ->   o = fq_act_0(y)                 S, Z from observer_0
     linear(o, W, b)            ->   linear(o, fq_weight_1(W), b)    S_W from W
 
-so QAT quantizes exactly the values the PTQ plan quantizes (both come from ``annotate``).
+so QAT quantizes exactly the values the PTQ plan quantizes (both come from ``annotate``). The
+constant bias of such an op is rounded to the int32 steps S_x · S_W it will be stored in
+(``FakeQuantizeBias``, straight-through), so the lowered biases are the trained ones.
 
 A convolution whose only user is a training BatchNorm (a ``ModeSwitchedOp`` of
 ``training-ops``) is rewritten so that its weight is fake-quantized as it will be folded
@@ -30,17 +32,18 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-from torch import fx
+from torch import fx, nn
 
 from qcompile.errors import NodeError
-from qcompile.fake_quant import FakeQuantize, weight_qparams
-from qcompile.ir.graph import constant_value, infer_fake_value, op_arguments
+from qcompile.fake_quant import FakeQuantize, FakeQuantizeBias, weight_qparams
+from qcompile.ir.graph import constant_value, infer_fake_value, op_arguments, set_argument
 from qcompile.ir.meta import Provenance, get_qspec, set_provenance, source_module
 from qcompile.observers import Observer
 from qcompile.passes.training_ops import is_batch_norm_switch
 from qcompile.pipeline import Pass, PassResult
 from qcompile.qconfig import op_kind
-from qcompile.spec import QuantSpec
+from qcompile.qdq import observation_root
+from qcompile.spec import PerGroup, QuantSpec
 
 aten = torch.ops.aten
 CONVOLUTIONS = ("conv1d", "conv2d", "conv3d")
@@ -87,12 +90,39 @@ class InsertFakeQuant(Pass):
                     node.update_arg(index, self._fake_quantize(gm, weight, constant_value(gm, weight), edge.spec,
                                                                before=node, where=_where(node)))
                 weights += 1
-        stats = {"activations": activations, "weights": weights}
+        biases = sum(self._fake_quantize_bias(gm, node) for node in list(gm.graph.nodes))
+        stats = {"activations": activations, "weights": weights, "biases": biases}
         if folded:
             stats["batchnorm"] = folded
         return PassResult(gm, bool(activations or weights), stats)
 
-    def _register(self, gm: fx.GraphModule, stem: str, module: FakeQuantize) -> str:
+    def _fake_quantize_bias(self, gm: fx.GraphModule, node: fx.Node) -> bool:
+        """A planned op's constant bias rounded to int32 steps of S_x · S_W of its input's and
+        weight's fake-quants (``fake_quantize_bias``), as ``lower-qat`` will store it."""
+        plan = get_qspec(node)
+        if plan is None or not plan.quantized or node.op != "call_function":
+            return False
+        arguments = op_arguments(node)
+        bias, weight = arguments.get("bias"), arguments.get("weight")
+        activation = observation_root(arguments["input"])[0] if isinstance(arguments.get("input"), fx.Node) else None
+        if constant_value(gm, bias) is None or not all(
+                isinstance(n, fx.Node) and n.op == "call_module" and isinstance(gm.get_submodule(n.target), FakeQuantize)
+                for n in (weight, activation)):
+            return False
+        if isinstance(gm.get_submodule(weight.target).spec.granularity, PerGroup):
+            return False  # no integer kernel takes it: no int32 bias to round to
+        name = self._register(gm, "fq_bias", FakeQuantizeBias())
+        with gm.graph.inserting_before(node):
+            scales = [gm.graph.get_attr(f"{n.target}.log_scale") for n in (activation, weight)]
+            rounded = gm.graph.call_module(name, (bias, *scales))
+        for scale, n in zip(scales, (activation, weight), strict=True):
+            scale.meta["val"] = gm.get_submodule(n.target).log_scale.detach()
+        rounded.meta["val"] = bias.meta.get("val")
+        set_provenance(rounded, Provenance(self.name, sources=(bias.name,)))
+        set_argument(node, "bias", rounded)
+        return True
+
+    def _register(self, gm: fx.GraphModule, stem: str, module: nn.Module) -> str:
         number = sum(1 for name, _ in gm.named_children() if name.startswith(stem))
         while hasattr(gm, f"{stem}_{number}"):
             number += 1

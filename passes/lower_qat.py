@@ -3,7 +3,7 @@
 Four rewrites, each an identity on the graph's eval-mode outputs:
 
 1. Mode switches take their eval form: ``bn_mode(x, ...)`` -> ``batch_norm(x, ..., training=False)``,
-   ``dropout_mode(x)`` -> ``x``.
+   ``dropout_mode(x)`` -> ``x``, ``attention_mode(q, k, v, ...)`` -> ``sdpa(q, k, v, ..., dropout_p=0)``.
 2. A convolution trained for folding (``insert-fake-quant``) is folded for real, with
    s = γ / √(σ² + ε) computed from the same constants in the same float32 ops the graph uses:
 
@@ -23,7 +23,9 @@ Four rewrites, each an identity on the graph's eval-mode outputs:
 Since :class:`~qcompile.fake_quant.FakeQuantize` computes exactly what ``qc.quantize`` /
 ``qc.dequantize`` compute, the Q/DQ graph equals the fake-quant graph in eval mode up to the
 float rounding of the fold in (2). Biases of quantized ops become int32 with scale S_x · S_W,
-as ``convert`` stores them (half an accumulator step at most).
+as ``convert`` stores them; ``insert-fake-quant`` trained them rounded to those very steps
+(``FakeQuantizeBias``, unwrapped here first), except the folded bias b' of (2), which exists
+only now (half an accumulator step at most).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ import torch
 from torch import fx
 from torch.utils import _pytree as pytree
 
-from qcompile.fake_quant import FakeQuantize
+from qcompile.fake_quant import FakeQuantize, FakeQuantizeBias
 from qcompile.ir.graph import (
     add_constant,
     constant_value,
@@ -47,7 +49,7 @@ from qcompile.ir.graph import (
 )
 from qcompile.ir.meta import Provenance, get_qspec
 from qcompile.passes.convert import quantize_bias, quantize_dequantize, quantized_constant
-from qcompile.passes.training_ops import ModeSwitchedOp
+from qcompile.passes.training_ops import DROPOUTS, ModeSwitchedOp
 from qcompile.pipeline import Diagnostic, Pass, PassResult
 from qcompile.qdq import DequantizeCall, observation_root
 from qcompile.spec import PerGroup
@@ -102,6 +104,7 @@ class LowerQat(Pass):
     invalidates: ClassVar[frozenset[str]] = frozenset({"fake-quantized", "mode-switched"})
 
     def call(self, gm: fx.GraphModule) -> PassResult:
+        self._unwrap_biases(gm)
         switched = self._eval_forms(gm)
         folded = sum(self._fold(gm, node) for node in list(gm.graph.nodes) if _is_call(node, aten.batch_norm.default))
         weights, activations, kept = 0, 0, []
@@ -140,19 +143,31 @@ class LowerQat(Pass):
         modified = bool(switched or folded or weights or activations or biases or removed)
         return PassResult(gm, modified, {k: v for k, v in stats.items() if v}, tuple(kept))
 
+    def _unwrap_biases(self, gm: fx.GraphModule) -> None:
+        """``fq_bias(b, S_x, S_W)`` -> ``b``: the int32 bias at S_x · S_W is made below
+        from the same scales, the same values."""
+        for node in list(gm.graph.nodes):
+            if _module(gm, node, FakeQuantizeBias) is not None:
+                bias, *scales = node.args
+                node.replace_all_uses_with(bias)
+                _erase_call(gm, node)
+                for scale in scales:
+                    if not scale.users:
+                        gm.graph.erase_node(scale)
+
     def _eval_forms(self, gm: fx.GraphModule) -> int:
         count = 0
         for node in list(gm.graph.nodes):
             switch = _module(gm, node, ModeSwitchedOp)
             if switch is None:
                 continue
-            if switch.op == aten.batch_norm.default:
+            if switch.op in DROPOUTS:  # the identity in eval mode
+                node.replace_all_uses_with(node.kwargs["input"])
+            else:
                 replacement = insert_call(gm, switch.op, (), before=node, meta_from=node,
                                           provenance=Provenance(self.name, sources=(node.name,)),
-                                          kwargs={**node.kwargs, switch.mode_argument: False})
+                                          kwargs={**node.kwargs, switch.mode_argument: switch.eval_value})
                 node.replace_all_uses_with(replacement)
-            else:  # dropout in eval mode is the identity
-                node.replace_all_uses_with(node.kwargs["input"])
             _erase_call(gm, node)
             count += 1
         return count

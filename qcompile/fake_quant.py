@@ -107,6 +107,20 @@ def fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor, spec: QuantSpec,
     return out.reshape(x.shape)
 
 
+def fake_quantize_bias(bias: Tensor, activation_log_scale: Tensor, weight_log_scale: Tensor) -> Tensor:
+    """A bias rounded as the integer kernel will add it: int32 steps of S_x · S_W,
+
+        b̂ = round(b / (S_x · S_W)) · (S_x · S_W)        S = exp(log_scale), as the fake-quants compute it
+
+    with the straight-through gradient for b and none for the scales (the rounding moves b by
+    half a step of the int32 accumulator at most). Training through it makes the lowered
+    model's int32 biases the trained ones exactly: a quantized transformer can be so sensitive
+    that a 1e-5 nudge of one bias moves its output by 27 dB of SQNR."""
+    scale = (activation_log_scale.detach().exp() * weight_log_scale.detach().exp()).reshape(-1)
+    rounded = torch.div(bias.to(torch.float32), scale).round().clamp(-(2**31), 2**31 - 1) * scale
+    return bias + (rounded.to(bias.dtype) - bias).detach()
+
+
 def weight_qparams(weight: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
     """Initial scale and zero point of a weight: its range per tensor, channel or group; with
     ``observer="mse"``, each channel's (group's) clipping ratio in [0.5, 1] that minimizes the
@@ -197,3 +211,15 @@ class FakeQuantize(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.name!r}, {self.spec}, enabled={self.enabled}"
+
+
+class FakeQuantizeBias(nn.Module):
+    """:func:`fake_quantize_bias` as a graph module, called with the two fake-quants' log scales
+    (``get_attr`` nodes), so that ``enabled=False`` turns it off with them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enabled = True
+
+    def forward(self, bias: Tensor, activation_log_scale: Tensor, weight_log_scale: Tensor) -> Tensor:
+        return fake_quantize_bias(bias, activation_log_scale, weight_log_scale) if self.enabled else bias

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from qcompile.errors import QCompileError
-from qcompile.fake_quant import FakeQuantize, fake_quantize, weight_qparams
+from qcompile.fake_quant import FakeQuantize, fake_quantize, fake_quantize_bias, weight_qparams
 from qcompile.ops import quantize_with
 from qcompile.spec import PerChannel, PerGroup, QuantSpec
 
@@ -123,3 +123,17 @@ def test_float8_is_refused_with_the_reason():
 def test_a_learnable_zero_point_needs_an_affine_spec():
     with pytest.raises(ValueError, match="affine"):
         QuantSpec("int8", symmetric=True, learnable_zero_point=True)
+
+
+def test_bias_rounding_is_the_int32_bias_the_lowering_stores():
+    torch.manual_seed(0)
+    bias = torch.randn(6) * 0.3
+    activation_log_scale, weight_log_scale = torch.tensor([-3.1]), torch.randn(6) - 6
+    scale = activation_log_scale.exp() * weight_log_scale.exp()
+    spec = QuantSpec("int32", granularity=PerChannel(0))
+    zero = torch.zeros(6, dtype=torch.int32)
+    stored = torch.ops.qc.dequantize(quantize_with(bias, scale, zero, spec), scale, zero, 0, torch.float32)
+    assert torch.equal(fake_quantize_bias(bias, activation_log_scale, weight_log_scale), stored)
+    bias.requires_grad_()
+    fake_quantize_bias(bias, activation_log_scale, weight_log_scale).sum().backward()
+    assert torch.equal(bias.grad, torch.ones(6))  # straight through

@@ -64,8 +64,8 @@ def test_training_ops_make_batchnorm_and_dropout_follow_the_graph_mode():
         "%bn_mode_0 = module[bn_mode_0](input=%conv2d, weight=%bn_weight, bias=%bn_bias, running_mean=%bn_running_mean, "
         "running_var=%bn_running_var, momentum=0.1, eps=1e-05, cudnn_enabled=False)",
         "%relu = aten.relu.default(%bn_mode_0)",
-        "%dropout_mode_1 = module[dropout_mode_1](input=%relu, p=0.5)",
-        "%flatten = aten.flatten.using_ints(%dropout_mode_1, 1)",
+        "%dropout_mode_0 = module[dropout_mode_0](input=%relu, p=0.5)",
+        "%flatten = aten.flatten.using_ints(%dropout_mode_0, 1)",
     ], removed=[
         "%batch_norm = aten.batch_norm.default(%conv2d, %bn_weight, %bn_bias, %bn_running_mean, %bn_running_var, True,",
         "%relu = aten.relu.default(%batch_norm)",
@@ -115,14 +115,17 @@ def test_insert_fake_quant_replaces_observers_and_trains_the_conv_in_its_folded_
         "%view_default_2 = aten.view.default(%conv_bias, [1, -1, 1, 1])",
         "%add_tensor_1 = aten.add.Tensor(%div_tensor_1, %view_default_2)",
         "%bn_mode_0 = module[bn_mode_0](input=%add_tensor_1,",
-        "%observer_1 = module[fq_act_1](%dropout_mode_1)",
+        "%observer_1 = module[fq_act_1](%dropout_mode_0)",
         "%fq_weight_1 = module[fq_weight_1](%fc_weight)",
-        "%linear = aten.linear.default(%flatten, %fq_weight_1, %fc_bias)",
+        "%fq_act_1_log_scale = constant fq_act_1.log_scale",
+        "%fq_weight_1_log_scale = constant fq_weight_1.log_scale",
+        "%fq_bias_0 = module[fq_bias_0](%fc_bias, %fq_act_1_log_scale, %fq_weight_1_log_scale)",
+        "%linear = aten.linear.default(%flatten, %fq_weight_1, %fq_bias_0)",
     ], removed=[
         "%observer_0 = module[observer_0](%x)",
         "%conv2d = aten.conv2d.default(%observer_0, %conv_weight, %conv_bias,",
         "%bn_mode_0 = module[bn_mode_0](input=%conv2d,",
-        "%observer_1 = module[observer_1](%dropout_mode_1)",
+        "%observer_1 = module[observer_1](%dropout_mode_0)",
         "%linear = aten.linear.default(%flatten, %fc_weight, %fc_bias)",
     ], exact=False)
     observer = gm.get_submodule("observer_0")
@@ -166,7 +169,7 @@ def test_lower_qat_folds_batchnorm_and_makes_learned_scales_the_qdq_constants():
         "%fc_bias_q = constant fc_bias_q : i32[5]",
     ], removed=[
         "%bn_mode_0 = module[bn_mode_0]",
-        "%dropout_mode_1 = module[dropout_mode_1]",
+        "%dropout_mode_0 = module[dropout_mode_0]",
         "%fq_weight_0 = module[fq_weight_0](%mul_tensor)",
         "%add_ = aten.add_.Tensor(%bn_num_batches_tracked, 1)",
     ], exact=False)
@@ -268,7 +271,7 @@ def test_a_diverging_scale_stops_fit_with_the_node_named():
     qat = qcompile.prepare_qat(teacher, calibration_data=_batches(), progress=False)
     with torch.no_grad():
         qat.graph_module.fq_act_1.log_scale.fill_(float("nan"))
-    with pytest.raises(QCompileError, match="dropout_mode_1 in module .drop.*diverged"):
+    with pytest.raises(QCompileError, match="dropout_mode_0 in module .drop.*diverged"):
         fit(qat, teacher, [b for (b,) in _batches(2)], steps=3, progress=False)
 
 
@@ -296,3 +299,29 @@ def test_digits_cnn_at_w4a8_qat_matches_float_and_lowers_exactly():
         agree = (lowered(data.x_test).argmax(1) == trained(data.x_test).argmax(1)).float().mean().item()
     assert agree >= 0.995 and abs(lowered_top1 - qat_top1) <= 0.5
     assert [n.precision for n in lowered.report.nodes] == ["int8", "int8", "int8"]
+
+
+def test_minilm_qat_lowers_to_exactly_its_fake_quant_model():
+    """all-MiniLM-L6-v2: attention dropout is switched with the mode, and after a few distillation
+    steps the Q/DQ graph lower-qat makes computes what the fake-quant model computes, bit for
+    bit (biases trained at their int32 steps), while the cpu-int8 kernels run it."""
+    from tests.models import SentenceEmbedder, docstring_sentences, load_minilm, minilm_inputs
+
+    model, tokenizer = load_minilm()
+    teacher = SentenceEmbedder(model).eval()
+    sentences = docstring_sentences(24)
+    calibration = [minilm_inputs(tokenizer, sentences[i:i + 8], 32) for i in (0, 8)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qat = qcompile.prepare_qat(teacher, calibration_data=calibration, progress=False)
+    assert sum(1 for m in qat.graph_module.children() if "scaled_dot_product" in str(getattr(m, "op", ""))) == 6
+    qat.disable_dropout()
+    losses = fit(qat, teacher, [minilm_inputs(tokenizer, sentences[16:24], 32)], steps=2, lr=1e-5, scale_lr=1e-3,
+                 output_loss="cosine", layers=["model.encoder.layer.5"], progress=False)
+    assert all(math.isfinite(v) for v in losses)
+    qm = qcompile.convert_qat(qat)
+    assert "output SQNR inf dB" in qm.report.notes[-1]
+    assert sum(n.precision == "int8" for n in qm.report.nodes) == 37
+    with torch.no_grad():
+        cosine = torch.nn.functional.cosine_similarity(qm(**calibration[0]), teacher(**calibration[0])).min()
+    assert cosine > 0.98
