@@ -16,6 +16,7 @@ from qcompile.passes.insert_fake_quant import InsertFakeQuant
 from qcompile.passes.insert_observers import InsertObservers
 from qcompile.passes.lower_qat import LowerQat
 from qcompile.passes.normalize_linears import NormalizeLinears
+from qcompile.passes.prune_weights import PruneWeights
 from qcompile.passes.relax_views import RelaxViews
 from qcompile.passes.smooth_outliers import SmoothOutliers
 from qcompile.passes.training_ops import TrainingOps
@@ -25,6 +26,7 @@ from qcompile.pipeline import Pass, register_pass
 BUILTIN_PASSES: tuple[type[Pass], ...] = (
     Canonicalize, NormalizeLinears, FoldBatchNorm, EliminateDeadCode, ApplyRules, SmoothOutliers, Annotate, InsertObservers,
     Calibrate, Convert, EliminateDequant, RelaxViews, TrainingOps, InsertFakeQuant, LowerQat,
+    PruneWeights,
 )
 for _pass in BUILTIN_PASSES:
     register_pass(_pass)
@@ -43,6 +45,7 @@ __all__ = [
     "InsertObservers",
     "LowerQat",
     "NormalizeLinears",
+    "PruneWeights",
     "RelaxViews",
     "SmoothOutliers",
     "TrainingOps",

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 from torch import fx
 
-from qcompile.ir.graph import constant_value
+from qcompile.ir.graph import constant_expression, constant_value
 from qcompile.ir.meta import EdgeQuant, QuantAnnotation, get_provenance, get_qspec, set_qspec
 from qcompile.pipeline import Diagnostic, Pass, PassResult
 from qcompile.qconfig import OpQuantConfig, QConfig, op_kind
@@ -140,7 +140,7 @@ def plan_node(
     if reason is None:
         reason = next(filter(None, (_float_input_reason(node, i) for i in activations)), None)
     weight = node.args[rule.weight] if rule.weight is not None and rule.weight < len(node.args) else None
-    if reason is None and rule.weight is not None and constant_value(gm, weight) is None:
+    if reason is None and rule.weight is not None and constant_expression(gm, weight) is None:
         reason = "the weight is computed in the graph, not a constant"
     if reason is not None:
         return QuantAnnotation(rule=why, float_reason=reason)

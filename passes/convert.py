@@ -25,7 +25,7 @@ import torch
 from torch import fx
 
 from qcompile.errors import NodeError
-from qcompile.ir.graph import add_constant, constant_value, insert_call
+from qcompile.ir.graph import add_constant, constant_expression, constant_value, insert_call
 from qcompile.ir.meta import Provenance, get_qspec
 from qcompile.observers import Observer, make_observer
 from qcompile.pipeline import Pass, PassResult
@@ -156,12 +156,13 @@ class Convert(Pass):
 
     def _weight(self, gm: fx.GraphModule, node: fx.Node, index: int, spec: QuantSpec) -> torch.Tensor:
         weight_node = node.args[index]
-        weight = constant_value(gm, weight_node)
+        weight = constant_expression(gm, weight_node)
         observer = make_observer(spec, name=f"weight '{weight_node.target}'")
         observer(weight)
         scale, zero_point = observer.qparams()
+        name = None if weight_node.op == "get_attr" else f"{node.name}_weight"  # a pruned weight: mul(W, mask)
         node.update_arg(index, quantized_constant(gm, weight, scale, zero_point, spec, before=node,
-                                                  pass_name=self.name, source=weight_node))
+                                                  pass_name=self.name, source=weight_node, name=name))
         return scale
 
     def _bias(self, gm, node, index, spec, scale: torch.Tensor) -> None:

@@ -36,7 +36,7 @@ from torch import fx, nn
 
 from qcompile.errors import NodeError
 from qcompile.fake_quant import FakeQuantize, FakeQuantizeBias, weight_qparams
-from qcompile.ir.graph import constant_value, infer_fake_value, op_arguments, set_argument
+from qcompile.ir.graph import constant_expression, constant_value, infer_fake_value, op_arguments, set_argument
 from qcompile.ir.meta import Provenance, get_qspec, set_provenance, source_module
 from qcompile.observers import Observer
 from qcompile.passes.training_ops import is_batch_norm_switch
@@ -80,14 +80,15 @@ class InsertFakeQuant(Pass):
                 if edge.role != "weight":
                     continue
                 weight = node.args[index]
-                if constant_value(gm, weight) is None:
+                value = constant_expression(gm, weight)
+                if value is None:
                     continue  # already fake-quantized: running the pass twice changes nothing
                 batch_norm = next(iter(node.users)) if len(node.users) == 1 else None
                 if op_kind(node) in CONVOLUTIONS and index == 1 and is_batch_norm_switch(gm, batch_norm):
                     self._fold_ready(gm, node, batch_norm, edge.spec)
                     folded += 1
                 else:
-                    node.update_arg(index, self._fake_quantize(gm, weight, constant_value(gm, weight), edge.spec,
+                    node.update_arg(index, self._fake_quantize(gm, weight, value, edge.spec,
                                                                before=node, where=_where(node)))
                 weights += 1
         biases = sum(self._fake_quantize_bias(gm, node) for node in list(gm.graph.nodes))
@@ -154,7 +155,7 @@ class InsertFakeQuant(Pass):
         if constant_value(gm, variance) is None:
             raise NodeError(batch_norm, "BatchNorm without running statistics cannot be folded for QAT "
                                         "(track_running_stats=False)")
-        w = constant_value(gm, weight)
+        w = constant_expression(gm, weight)
         channel = [-1] + [1] * (w.dim() - 1)           # s along the weight's output channels
         feature = [1, -1] + [1] * (w.dim() - 2)         # s along the conv output's channel dim
         std = self._call(gm, aten.sqrt.default,

@@ -35,11 +35,11 @@ from typing import Any, ClassVar
 
 import torch
 from torch import fx
-from torch.utils import _pytree as pytree
 
 from qcompile.fake_quant import FakeQuantize, FakeQuantizeBias
 from qcompile.ir.graph import (
     add_constant,
+    constant_expression,
     constant_value,
     infer_fake_value,
     insert_call,
@@ -55,25 +55,6 @@ from qcompile.qdq import DequantizeCall, observation_root
 from qcompile.spec import PerGroup
 
 aten = torch.ops.aten
-
-
-def _constant_expression(gm: fx.GraphModule, node: Any, memo: dict[fx.Node, Any]) -> Any:
-    """The value of ``node`` when it is computed from constants alone (get_attr and ATen calls),
-    else None; non-node arguments are themselves."""
-    if not isinstance(node, fx.Node):
-        return node
-    if node in memo:
-        return memo[node]
-    value = None
-    if node.op == "get_attr":
-        value = constant_value(gm, node)
-    elif node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
-        args, kwargs = pytree.tree_map(lambda a: _constant_expression(gm, a, memo), (node.args, node.kwargs))
-        if all(memo.get(a) is not None for a in node.all_input_nodes):
-            with torch.no_grad():
-                value = node.target(*args, **kwargs)
-    memo[node] = value
-    return value
 
 
 def _module(gm: fx.GraphModule, node: object, kind: type) -> Any:
@@ -114,7 +95,7 @@ class LowerQat(Pass):
             if fake_quant is None:
                 continue
             (source,) = node.args
-            constant = _constant_expression(gm, source, memo)
+            constant = constant_expression(gm, source, memo)
             scale, zero_point = fake_quant.qparams()
             if constant is None:
                 names = [add_constant(gm, t, f"{source.name}_{suffix}", before=node)
@@ -190,12 +171,12 @@ class LowerQat(Pass):
                 and scaled.args[1].args[0] is s_view.args[0]):
             return False
         memo: dict[fx.Node, Any] = {}
-        s = _constant_expression(gm, s_view.args[0], memo)
-        mean = _constant_expression(gm, bn["running_mean"], memo)
+        s = constant_expression(gm, s_view.args[0], memo)
+        mean = constant_expression(gm, bn["running_mean"], memo)
         if s is None or mean is None:
             return False
-        b = _constant_expression(gm, bias, memo) if bias is not None else torch.zeros_like(s)
-        beta = _constant_expression(gm, bn["bias"], memo) if bn["bias"] is not None else torch.zeros_like(s)
+        b = constant_expression(gm, bias, memo) if bias is not None else torch.zeros_like(s)
+        beta = constant_expression(gm, bn["bias"], memo) if bn["bias"] is not None else torch.zeros_like(s)
         if b is None or beta is None:
             return False
         with torch.no_grad():

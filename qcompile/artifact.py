@@ -3,8 +3,14 @@
 A ``.qc`` file is one safetensors file. Its tensors are the Q/DQ program's weights, constants
 and example inputs; its header's metadata holds one JSON document:
 
-    {"format": 2, "target": ..., "report": ..., "program": <torch.export's graph JSON>,
-     "inputs": {"spec": <pytree spec JSON>, "leaves": [...]}, "tensors": {...}, "sha256": ...}
+    {"format": 3, "target": ..., "report": ..., "program": <torch.export's graph JSON>,
+     "inputs": {"spec": <pytree spec JSON>, "leaves": [...]}, "tensors": [...],
+     "sparse": {name: shape, ...}, "sha256": ...}
+
+An int8 tensor that is at least half zeros (a pruned weight) is stored as its nonzero values
+(``sparse:<name>:values``, in row-major order) and a bitmask of where they go
+(``sparse:<name>:mask``, eight positions a byte, most significant bit first): at 50 % sparsity
+62.5 % of its dense bytes. Version 2 files (no sparse tensors) are read as before.
 
 Loading never unpickles, never imports and never executes anything the file says:
 
@@ -45,7 +51,10 @@ from torch.utils import _pytree as pytree
 
 from qcompile.errors import ArtifactError, QCompileError
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (2, 3)
+# An int8 tensor with at least this fraction of zeros is stored as values and a bitmask.
+SPARSE_FRACTION = 0.5
 FORMAT_NAME = "qcompile"
 # Operator namespaces a saved Q/DQ program may call: ATen, its primitives, and qcompile's ops.
 ALLOWED_OP_PREFIXES = ("torch.ops.aten.", "torch.ops.prims.", "torch.ops.qc.")
@@ -99,6 +108,47 @@ def _flat_example(example: tuple[tuple, dict]) -> tuple[dict[str, Any], dict[str
     return {"spec": pytree.treespec_dumps(spec), "leaves": entries}, tensors
 
 
+def _bits(mask: torch.Tensor) -> torch.Tensor:
+    """A bool tensor's positions packed eight to a byte, most significant bit first."""
+    flat = mask.reshape(-1).to(torch.uint8)
+    flat = torch.cat([flat, flat.new_zeros(-flat.numel() % 8)]).reshape(-1, 8)
+    return (flat << torch.arange(7, -1, -1, dtype=torch.uint8)).sum(1, dtype=torch.uint8)
+
+
+def _unbits(packed: torch.Tensor, count: int) -> torch.Tensor:
+    shifts = torch.arange(7, -1, -1, dtype=torch.uint8)
+    return ((packed.unsqueeze(-1) >> shifts) & 1).reshape(-1)[:count].bool()
+
+
+def _sparse_encode(tensors: dict[str, torch.Tensor]) -> dict[str, list[int]]:
+    """Replace, in ``tensors``, each int8 tensor at least ``SPARSE_FRACTION`` zeros by its values
+    and bitmask; returns the shapes of those replaced, by name."""
+    shapes = {}
+    for name in sorted(tensors):
+        t = tensors[name]
+        if t.dtype == torch.int8 and t.numel() >= 64 and float((t == 0).float().mean()) >= SPARSE_FRACTION:
+            nonzero = t.reshape(-1) != 0
+            tensors[f"sparse:{name}:values"] = t.reshape(-1)[nonzero].clone()
+            tensors[f"sparse:{name}:mask"] = _bits(nonzero)
+            shapes[name] = list(t.shape)
+            del tensors[name]
+    return shapes
+
+
+def _sparse_decode(path: Path, tensors: dict[str, torch.Tensor], shapes: dict[str, list[int]]) -> None:
+    for name, shape in shapes.items():
+        values, packed = tensors.pop(f"sparse:{name}:values"), tensors.pop(f"sparse:{name}:mask")
+        count = int(torch.Size(shape).numel())
+        if packed.dtype != torch.uint8 or packed.numel() != (count + 7) // 8:  # before anything is allocated
+            raise ArtifactError(f"'{path}': the sparse tensor '{name}' does not match its mask")
+        nonzero = _unbits(packed, count)
+        if int(nonzero.sum()) != values.numel():
+            raise ArtifactError(f"'{path}': the sparse tensor '{name}' does not match its mask")
+        dense = torch.zeros(count, dtype=values.dtype)
+        dense[nonzero] = values
+        tensors[name] = dense.reshape(shape)
+
+
 def write_artifact(path: Path, program: torch.export.ExportedProgram, target: str, report: str) -> Path:
     """Write ``program`` (a Q/DQ program from ``torch.export``) and its report to ``path``."""
     from torch._export.serde.serialize import serialize
@@ -115,8 +165,9 @@ def write_artifact(path: Path, program: torch.export.ExportedProgram, target: st
             if not isinstance(value, torch.Tensor):
                 raise QCompileError(f"{kind} '{name}' is a {type(value).__name__}: only tensors are saved")
             tensors[f"{kind}:{name}"] = value.detach().contiguous().clone()
+    sparse = _sparse_encode(tensors)
     document = {"format": FORMAT_VERSION, "target": target, "report": report, "program": graph,
-                "inputs": inputs, "tensors": sorted(tensors)}
+                "inputs": inputs, "tensors": sorted(tensors), "sparse": sparse}
     document["sha256"] = _digest(document, tensors)
     path.write_bytes(save_safetensors(tensors, metadata={FORMAT_NAME: json.dumps(document, sort_keys=True)}))
     return path
@@ -135,14 +186,15 @@ def read_artifact(path: Path) -> Artifact:
         document = json.loads(metadata[FORMAT_NAME])
     except (SafetensorError, ValueError, KeyError, TypeError, OverflowError) as exc:
         raise ArtifactError(f"'{path}' is not a qcompile model, or is damaged: {exc}") from exc
-    if not isinstance(document, dict) or document.get("format") != FORMAT_VERSION:
+    if not isinstance(document, dict) or document.get("format") not in READABLE_VERSIONS:
         version = document.get("format") if isinstance(document, dict) else None
-        raise ArtifactError(f"'{path}' has format version {version!r}; this qcompile reads version "
-                            f"{FORMAT_VERSION} only" + (" (it was written by a newer qcompile)"
+        raise ArtifactError(f"'{path}' has format version {version!r}; this qcompile reads versions "
+                            f"{', '.join(map(str, READABLE_VERSIONS))}" + (" (it was written by a newer qcompile)"
                                                         if isinstance(version, int) and version > FORMAT_VERSION
                                                         else ""))
     _check_digest(path, document, tensors)
     try:
+        _sparse_decode(path, tensors, {str(k): [int(d) for d in v] for k, v in document.get("sparse", {}).items()})
         graph, target, report = document["program"], str(document["target"]), str(document["report"])
         check_program_json(graph)
         example = _example_from(document["inputs"], tensors)

@@ -46,6 +46,7 @@ from qcompile.fake_quant import FakeQuantize, FakeQuantizeBias
 from qcompile.ir.graph import copy_graph_module
 from qcompile.kernel_check import check_kernels
 from qcompile.passes.lower_qat import LowerQat
+from qcompile.passes.prune_weights import PruneWeights
 from qcompile.passes.training_ops import ModeSwitchedOp
 from qcompile.pass_manager import PassManager
 from qcompile.pipeline import Pipeline
@@ -199,10 +200,13 @@ def prepare_qat(
     calibration_data: Iterable[Any] | None = None,
     example_kwargs: dict[str, Any] | None = None,
     progress: bool | None = None,
+    prune: PruneWeights | None = None,
 ) -> QatModel:
     """The model's training graph with trainable fake quantization (module docstring), in
     training mode. Scales start at those calibrated on ``calibration_data`` (the example inputs
-    when there is none); ``qconfig`` defaults to the target's preset with learnable scales."""
+    when there is none); ``qconfig`` defaults to the target's preset with learnable scales.
+    ``prune`` (``PruneWeights(sparsity=0.5)`` or ``PruneWeights(pattern="2:4")``) masks the
+    planned weights by magnitude before training, and the masks hold through it."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"prepare_qat() needs an nn.Module, got {type(model).__name__}")
     if not any(p.requires_grad for p in model.parameters()):
@@ -236,7 +240,10 @@ def prepare_qat(
     context = CompileContext(target, (args, kwargs), qconfig=learnable(qconfig if qconfig is not None else
                                                                        target.preset()),
                              calibration_data=calibration_data, progress=progress, report=report)
-    graph = context.run_stage("prepare", Pipeline.parse(QAT_PREPARE), graph)
+    pipeline = Pipeline.parse(QAT_PREPARE)
+    if prune is not None:
+        pipeline.insert_after("annotate", prune)
+    graph = context.run_stage("prepare", pipeline, graph)
     for node, reason in report.diagnostics("unsupported").items():
         warnings.warn(f"{node} stays float: {reason}", stacklevel=2)
     step = max(1, len(calibration_data) // SQNR_BATCHES)

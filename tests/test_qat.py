@@ -325,3 +325,72 @@ def test_minilm_qat_lowers_to_exactly_its_fake_quant_model():
     with torch.no_grad():
         cosine = torch.nn.functional.cosine_similarity(qm(**calibration[0]), teacher(**calibration[0])).min()
     assert cosine > 0.98
+
+
+# --- pruning with QAT -----------------------------------------------------------------------
+
+def test_magnitude_masks_unstructured_and_2_of_4():
+    from qcompile.passes.prune_weights import magnitude_mask
+
+    w = torch.tensor([[0.1, -0.9, 0.3, 0.05, 2.0, -0.2, 0.0, 0.7]])
+    torch.testing.assert_close(magnitude_mask(w, "2:4", 0.5), torch.tensor([[0., 1., 1., 0., 1., 0., 0., 1.]]))
+    torch.testing.assert_close(magnitude_mask(w, "unstructured", 0.25), torch.tensor([[1., 1., 1., 0., 1., 1., 0., 1.]]))
+
+
+def test_prune_weights_masks_the_planned_weights_and_qat_keeps_the_zeros(tmp_path):
+    from qcompile.passes.prune_weights import PruneWeights
+
+    gm = _prepared_until(ConvBNNet().train(), "insert-observers")
+    out = assert_pass_contract(PruneWeights(sparsity=0.5), gm)
+    assert_graph_diff(gm, out, added=[
+        "%conv2d_prune_mask = constant conv2d_prune_mask : f32[3,2,3,3]",
+        "%mul_tensor = aten.mul.Tensor(%conv_weight, %conv2d_prune_mask)",
+        "%conv2d = aten.conv2d.default(%x, %mul_tensor, %conv_bias, [1, 1], [1, 1])",
+        "%linear_prune_mask = constant linear_prune_mask : f32[5,48]",
+        "%mul_tensor_1 = aten.mul.Tensor(%fc_weight, %linear_prune_mask)",
+        "%linear = aten.linear.default(%flatten, %mul_tensor_1, %fc_bias)",
+    ], removed=["%conv2d = aten.conv2d.default(%x, %conv_weight,", "%linear = aten.linear.default(%flatten, %fc_weight,"])
+    assert float((out.linear_prune_mask == 0).float().mean()) == 0.5
+
+    qat = qcompile.prepare_qat(ConvBNNet(dropout=0.0).train(), calibration_data=_batches(), progress=False,
+                               prune=PruneWeights(pattern="2:4"))
+    optimizer = torch.optim.Adam(qat.parameters(), lr=1e-2)
+    for (x,) in _batches(5, seed=3):
+        optimizer.zero_grad()
+        qat(x).square().mean().backward()
+        optimizer.step()
+    qm = qcompile.convert_qat(qat)
+    weight = qm.qdq_graph_module.linear_weight_q
+    assert (weight.reshape(5, -1, 4) != 0).sum(-1).max() <= 2, "2 of every 4 stay zero through training"
+    from safetensors.torch import load_file
+
+    stored = load_file(qm.save(tmp_path / "sparse.qc"))
+    values, mask = (stored[f"sparse:weight:linear_weight_q:{part}"] for part in ("values", "mask"))
+    assert values.numel() == int((weight != 0).sum()) and mask.numel() == weight.numel() // 8  # 62.5 % of dense
+    assert "weight:linear_weight_q" not in stored
+    x = _batches(1)[0][0]
+    torch.testing.assert_close(qcompile.load(tmp_path / "sparse.qc")(x), qm(x))
+
+
+def test_a_sparse_tensor_that_does_not_match_its_mask_is_refused(tmp_path):
+    import json
+    import struct
+
+    from qcompile.artifact import _digest
+    from qcompile.passes.prune_weights import PruneWeights
+    from safetensors.torch import load, save
+
+    qat = qcompile.prepare_qat(ConvBNNet(dropout=0.0).train(), calibration_data=_batches(), progress=False,
+                               prune=PruneWeights(sparsity=0.75))
+    path = qcompile.convert_qat(qat).save(tmp_path / "m.qc")
+    data = path.read_bytes()
+    header = json.loads(data[8:8 + struct.unpack("<Q", data[:8])[0]])
+    document = json.loads(header["__metadata__"]["qcompile"])
+    tensors = load(data)
+    name = next(iter(document["sparse"]))
+    document["sparse"][name] = [document["sparse"][name][0] * 1000, *document["sparse"][name][1:]]  # a huge shape
+    document.pop("sha256")
+    document["sha256"] = _digest(document, tensors)  # consistent: only the content check can refuse it
+    path.write_bytes(save(tensors, metadata={"qcompile": json.dumps(document, sort_keys=True)}))
+    with pytest.raises(qcompile.ArtifactError, match="does not match its mask"):
+        qcompile.load(path)

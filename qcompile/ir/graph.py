@@ -69,6 +69,29 @@ def constant_value(gm: fx.GraphModule, node: Any) -> torch.Tensor | None:
     return None
 
 
+def constant_expression(gm: fx.GraphModule, node: Any, memo: dict[fx.Node, Any] | None = None) -> Any:
+    """The value of ``node`` when it is computed from constants alone (get_attr and ATen calls:
+    a pruned weight ``mul(W, mask)``, a weight scaled for folding), else None; non-node arguments
+    are themselves. ``memo`` shares the values computed between calls."""
+    memo = {} if memo is None else memo
+    if not isinstance(node, fx.Node):
+        return node
+    if node in memo:
+        return memo[node]
+    value = None
+    if node.op == "get_attr":
+        value = constant_value(gm, node)
+        value = value.detach() if value is not None else None
+    elif (node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload)
+          and not node.target._schema.is_mutable and torch.Tag.nondeterministic_seeded not in node.target.tags):
+        args, kwargs = pytree.tree_map(lambda a: constant_expression(gm, a, memo), (node.args, node.kwargs))
+        if all(memo.get(a) is not None for a in node.all_input_nodes):
+            with torch.no_grad():
+                value = node.target(*args, **kwargs)
+    memo[node] = value
+    return value
+
+
 def _fake_mode(graph: fx.Graph) -> FakeTensorMode | None:
     # The first fake value decides: all of a graph's values share export's one fake mode, and
     # scanning every node per call would make passes that add constants quadratic.
