@@ -56,10 +56,10 @@ from qcompile.spec import QuantSpec
 from qcompile.targets import Target, get_target
 from qcompile.targets.base import CLEANUP
 
-# The PTQ prepare without BatchNorm folding and outlier smoothing (QAT trains BatchNorm and
-# learns its ranges), with the mode switches before the plan and fake quantization after it.
-QAT_PREPARE = ("canonicalize,normalize-linears,eliminate-dead-code,training-ops,annotate,insert-observers,calibrate,"
-               "insert-fake-quant")
+# The PTQ prepare without BatchNorm folding (QAT trains BatchNorm), with the mode switches before
+# the plan and fake quantization after it.
+QAT_PREPARE = ("canonicalize,normalize-linears,eliminate-dead-code,training-ops,smooth-outliers,annotate,"
+               "insert-observers,calibrate,insert-fake-quant")
 # The report's SQNR compares the lowered model with the trained float one on this many batches.
 SQNR_BATCHES = 8
 # Below this SQNR (dB) of the lowered model against its fake-quant model, convert_qat warns.
@@ -191,6 +191,22 @@ def _own_tensors(gm: fx.GraphModule) -> None:
                                    persistent=name not in module._non_persistent_buffers_set)
 
 
+def _train_made_weights(gm: fx.GraphModule) -> None:
+    """Weights a prepare pass made (smoothing's W ⊙ s⁻¹ and its split rows) are constant
+    buffers; the fake-quantized ones become parameters (the same tensors), so QAT trains them."""
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or not isinstance(gm.get_submodule(node.target), FakeQuantize):
+            continue
+        source = node.args[0]
+        if source.op != "get_attr":
+            continue
+        owner_name, _, name = source.target.rpartition(".")
+        owner = gm.get_submodule(owner_name)
+        if name in owner._buffers and owner._buffers[name].is_floating_point():
+            tensor = owner._buffers.pop(name)
+            owner.register_parameter(name, nn.Parameter(tensor))
+
+
 def prepare_qat(
     model: nn.Module,
     example_inputs: Any = None,
@@ -201,12 +217,15 @@ def prepare_qat(
     example_kwargs: dict[str, Any] | None = None,
     progress: bool | None = None,
     prune: PruneWeights | None = None,
+    outlier_smoothing: float | None = 0.75,
 ) -> QatModel:
     """The model's training graph with trainable fake quantization (module docstring), in
     training mode. Scales start at those calibrated on ``calibration_data`` (the example inputs
     when there is none); ``qconfig`` defaults to the target's preset with learnable scales.
     ``prune`` (``PruneWeights(sparsity=0.5)`` or ``PruneWeights(pattern="2:4")``) masks the
-    planned weights by magnitude before training, and the masks hold through it."""
+    planned weights by magnitude before training, and the masks hold through it.
+    ``outlier_smoothing`` is compile's (``smooth-outliers`` before the plan); the weights it
+    rescales are trained like the others."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"prepare_qat() needs an nn.Module, got {type(model).__name__}")
     if not any(p.requires_grad for p in model.parameters()):
@@ -239,11 +258,13 @@ def prepare_qat(
     reference = PassManager(Pipeline.parse(CLEANUP))(reference).graph_module
     context = CompileContext(target, (args, kwargs), qconfig=learnable(qconfig if qconfig is not None else
                                                                        target.preset()),
-                             calibration_data=calibration_data, progress=progress, report=report)
+                             calibration_data=calibration_data, progress=progress, report=report,
+                             outlier_smoothing=outlier_smoothing)
     pipeline = Pipeline.parse(QAT_PREPARE)
     if prune is not None:
         pipeline.insert_after("annotate", prune)
     graph = context.run_stage("prepare", pipeline, graph)
+    _train_made_weights(graph)
     for node, reason in report.diagnostics("unsupported").items():
         warnings.warn(f"{node} stays float: {reason}", stacklevel=2)
     step = max(1, len(calibration_data) // SQNR_BATCHES)
