@@ -167,7 +167,7 @@ def minilm_table(steps: int = 150) -> None:
             return embedding_agreement(torch.cat([run(**b) for b in evaluation]), reference)
 
     print(f"\nall-MiniLM-L6-v2, 256 held-out sentences (32 x 128 tokens a batch); QAT: {steps} steps of 16 x 64 "
-          "tokens, Adam (weights 1e-5, scales 1e-3), cosine + hidden-state distillation from fp32")
+          "tokens, Adam (weights 1e-6, scales 1e-3), cosine + hidden-state distillation from fp32")
     weight4 = qcompile.QuantSpec("int4", granularity=qcompile.PerChannel(0))
     formats = {"W8A8": None, "W4A8": qcompile.QConfig(by_op={
         "linear": qcompile.OpQuantConfig(INT8_ACTIVATION, weight4), "embedding": qcompile.OpQuantConfig(None, weight4)})}
@@ -185,7 +185,7 @@ def minilm_table(steps: int = 150) -> None:
         prepared = qcompile.prepare_qat(teacher, calibration_data=calibration, qconfig=qconfig, progress=False,
                                         outlier_smoothing=0.75)
         prepared.disable_dropout()
-        fit(prepared, teacher, train, steps=steps, lr=1e-5, scale_lr=1e-3, output_loss="cosine",
+        fit(prepared, teacher, train, steps=steps, lr=1e-6, scale_lr=1e-3, output_loss="cosine",
             layers=[f"model.encoder.layer.{i}" for i in range(6)], progress=False)
         minutes = (time.perf_counter() - start) / 60
         lowered = qcompile.convert_qat(prepared)

@@ -44,6 +44,7 @@ from qcompile.context import CompileContext
 from qcompile.errors import QCompileError
 from qcompile.fake_quant import FakeQuantize, FakeQuantizeBias
 from qcompile.ir.graph import copy_graph_module
+from qcompile.ir.meta import get_provenance
 from qcompile.kernel_check import check_kernels
 from qcompile.passes.lower_qat import LowerQat
 from qcompile.passes.prune_weights import PruneWeights
@@ -148,14 +149,17 @@ class QatModel(nn.Module):
         return self
 
     def tap(self, module_name: str) -> _Tap:
-        """A reader of the output of the user module ``module_name``: the value of the last node
-        computed inside it, by the graph's module stack."""
+        """A reader of the output of the user module ``module_name``: the value of the last of its
+        own ops inside it, by the graph's module stack (a value a pass added there, such as
+        smoothing's rescaled copy of the output, is not the module's output)."""
         gm = self.graph_module
         last = None
         for node in gm.graph.nodes:
             stack = node.meta.get("nn_module_stack") or {}
             val = node.meta.get("val")
-            if any(path == module_name for path, _ in stack.values()) and isinstance(val, Tensor) \
+            provenance = get_provenance(node)
+            own = provenance is None or provenance.pass_name == "training-ops"  # a switch is the op itself
+            if own and any(path == module_name for path, _ in stack.values()) and isinstance(val, Tensor) \
                     and val.is_floating_point():
                 last = node
         if last is None:
