@@ -150,7 +150,7 @@ class InsertFakeQuant(Pass):
     def _fold_ready(self, gm: fx.GraphModule, conv: fx.Node, batch_norm: fx.Node, spec: QuantSpec) -> None:
         """bn(conv(x, W, b)) -> bn(conv(x, fq(W · s), None) / s + b), s = γ / √(σ² + ε)."""
         bn = batch_norm.kwargs
-        weight, bias = conv.args[1], op_arguments(conv)["bias"]
+        weight, bias = op_arguments(conv)["weight"], op_arguments(conv)["bias"]
         gamma, variance = bn["weight"], bn["running_var"]
         if constant_value(gm, variance) is None:
             raise NodeError(batch_norm, "BatchNorm without running statistics cannot be folded for QAT "

@@ -73,6 +73,11 @@ def _erase_call(gm: fx.GraphModule, node: fx.Node) -> None:
         delattr(gm, node.target)
 
 
+def _other(node: fx.Node) -> Any:
+    """The second operand (``other``) of an elementwise ``add`` / ``div`` / ``mul``."""
+    return op_arguments(node)["other"]
+
+
 def _is_call(node: object, target: object) -> bool:
     return isinstance(node, fx.Node) and node.op == "call_function" and node.target == target
 
@@ -157,21 +162,21 @@ class LowerQat(Pass):
         """Rewrite (2) of the module docstring, where ``batch_norm`` ends such a chain."""
         bn = op_arguments(batch_norm)
         y, bias = bn["input"], None
-        if _is_call(y, aten.add.Tensor) and len(y.users) == 1 and _is_call(y.args[1], aten.view.default):
-            y, bias = y.args[0], y.args[1].args[0]
-        if not (_is_call(y, aten.div.Tensor) and len(y.users) == 1 and _is_call(y.args[1], aten.view.default)):
+        if _is_call(y, aten.add.Tensor) and len(y.users) == 1 and _is_call(_other(y), aten.view.default):
+            y, bias = op_arguments(y)["self"], op_arguments(_other(y))["self"]
+        if not (_is_call(y, aten.div.Tensor) and len(y.users) == 1 and _is_call(_other(y), aten.view.default)):
             return False
-        conv, s_view = y.args
-        fake_quant = op_arguments(conv).get("weight") if isinstance(conv, fx.Node) and conv.op == "call_function" \
-            else None
+        conv, s = op_arguments(y)["self"], op_arguments(_other(y))["self"]
+        fake_quant = (op_arguments(conv).get("weight") if isinstance(conv, fx.Node) and conv.op == "call_function"
+                      and isinstance(conv.target, torch._ops.OpOverload) else None)
         if _module(gm, fake_quant, FakeQuantize) is None or len(conv.users) != 1:
             return False
-        scaled = fake_quant.args[0]
-        if not (_is_call(scaled, aten.mul.Tensor) and _is_call(scaled.args[1], aten.view.default)
-                and scaled.args[1].args[0] is s_view.args[0]):
+        (scaled,) = fake_quant.args  # the fake-quant's one input
+        if not (_is_call(scaled, aten.mul.Tensor) and _is_call(_other(scaled), aten.view.default)
+                and op_arguments(_other(scaled))["self"] is s):
             return False
         memo: dict[fx.Node, Any] = {}
-        s = constant_expression(gm, s_view.args[0], memo)
+        s = constant_expression(gm, s, memo)
         mean = constant_expression(gm, bn["running_mean"], memo)
         if s is None or mean is None:
             return False

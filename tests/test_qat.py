@@ -319,6 +319,10 @@ def test_minilm_qat_lowers_to_exactly_its_fake_quant_model():
     smoothed = [name for name, _ in qat.named_parameters() if "smoothed_weight" in name]
     assert len(smoothed) >= 12, "the weights smoothing rescaled are trained like the others"
     qat.disable_dropout()
+    qat.tap("model.encoder.layer.0")  # the layer's LayerNorm output, not smoothing's rescaled copy of it
+    tapped = next(n.args[0] for n in qat.graph_module.graph.nodes if n.op == "call_module" and n.target == "tap_0")
+    assert tapped.target == torch.ops.aten.layer_norm.default
+    qat.remove_taps()
     losses = fit(qat, teacher, [minilm_inputs(tokenizer, sentences[16:24], 32)], steps=2, lr=1e-5, scale_lr=1e-3,
                  output_loss="cosine", layers=["model.encoder.layer.5"], progress=False)
     assert all(math.isfinite(v) for v in losses)
