@@ -248,14 +248,10 @@ def compiled_bf16_images(model: torch.nn.Module, images: torch.Tensor) -> Callab
 
 
 def digits() -> None:
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
+    from examples.qat_digits import digits as digits_data
 
-    data = load_digits()
-    x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    y = torch.tensor(data.target)
-    x_train, x_test, y_train, y_test = (torch.as_tensor(a) for a in train_test_split(
-        x.numpy(), y.numpy(), test_size=0.25, random_state=0))
+    data = digits_data()
+    x_train, x_test, y_train, y_test = data.x_train, data.x_test, data.y_train, data.y_test
     model = TinyConvNet().train()
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     torch.manual_seed(0)

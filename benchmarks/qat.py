@@ -132,19 +132,7 @@ def pruning_table(tmp: str = "/tmp") -> None:
     for bits in (8, 4):
         for prune in (None, PruneWeights(sparsity=0.5), PruneWeights(pattern="2:4")):
             torch.manual_seed(0)
-            prepared = qcompile.prepare_qat(model, calibration_data=data.calibration(), qconfig=w_a8(bits),
-                                            prune=prune, progress=False)
-            optimizer = torch.optim.Adam(prepared.parameters(), lr=QAT_LR)
-            with qcompile.Distillation(prepared, model, output_loss="kl", temperature=2.0) as distill:
-                for epoch in range(QAT_EPOCHS):
-                    if epoch == QAT_EPOCHS - 1:
-                        prepared.freeze_batchnorm()
-                    for x, y in data.batches(seed=100 + epoch):
-                        distillation, logits = distill(x)
-                        loss = F.cross_entropy(logits, y) + distillation
-                        optimizer.zero_grad()
-                        loss.backward()
-                        optimizer.step()
+            prepared = qat(model, data, w_a8(bits), epochs=QAT_EPOCHS, lr=QAT_LR, prune=prune)
             lowered = qcompile.convert_qat(prepared)
             stored, dense = weight_bytes(lowered.save(f"{tmp}/qat_pruned.qc"))
             sparsity = next((p.stats.get("sparsity") for p in prepared.report.passes if p.name.startswith("prune")), 0)

@@ -21,6 +21,7 @@ from torch.nn import functional as F
 
 import qcompile
 from qcompile import Distillation, OpQuantConfig, PerChannel, QConfig, QuantSpec
+from qcompile.passes import PruneWeights
 
 
 class DigitsCNN(nn.Module):
@@ -92,11 +93,11 @@ def w_a8(bits: int) -> QConfig:
 
 
 def qat(model: nn.Module, data: Digits, qconfig: QConfig, epochs: int = 4, lr: float = 3e-4,
-        target: str = "cpu-int8") -> qcompile.QatModel:
+        target: str = "cpu-int8", prune: PruneWeights | None = None) -> qcompile.QatModel:
     """``epochs`` of QAT: cross-entropy on the labels plus KL distillation from ``model``,
-    BatchNorm frozen for the last epoch."""
+    BatchNorm frozen for the last epoch; weights pruned by ``prune`` first, if given."""
     prepared = qcompile.prepare_qat(model, calibration_data=data.calibration(), qconfig=qconfig, target=target,
-                                    progress=False)
+                                    progress=False, prune=prune)
     optimizer = torch.optim.Adam(prepared.parameters(), lr=lr)
     with Distillation(prepared, model, output_loss="kl", temperature=2.0) as distill:
         for epoch in range(epochs):
