@@ -32,11 +32,18 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-from torch import fx, nn
+from torch import fx
 
 from qcompile.errors import NodeError
 from qcompile.fake_quant import FakeQuantize, FakeQuantizeBias, weight_qparams
-from qcompile.ir.graph import constant_expression, constant_value, infer_fake_value, op_arguments, set_argument
+from qcompile.ir.graph import (
+    add_submodule,
+    constant_expression,
+    constant_value,
+    infer_fake_value,
+    op_arguments,
+    set_argument,
+)
 from qcompile.ir.meta import Provenance, get_qspec, set_provenance, source_module
 from qcompile.observers import Observer
 from qcompile.passes.training_ops import is_batch_norm_switch
@@ -68,7 +75,7 @@ class InsertFakeQuant(Pass):
                 if observer.batches == 0:
                     raise NodeError(node, f"observer '{node.target}' saw no data: calibrate before insert-fake-quant")
                 scale, zero_point = observer.qparams()
-                node.target = self._register(gm, "fq_act", FakeQuantize(observer.spec, scale, zero_point,
+                node.target = add_submodule(gm, stem="fq_act", module=FakeQuantize(observer.spec, scale, zero_point,
                                                                         observer.name))
                 set_provenance(node, Provenance(self.name, sources=(node.args[0].name,)))
                 activations += 1
@@ -112,7 +119,7 @@ class InsertFakeQuant(Pass):
             return False
         if isinstance(gm.get_submodule(weight.target).spec.granularity, PerGroup):
             return False  # no integer kernel takes it: no int32 bias to round to
-        name = self._register(gm, "fq_bias", FakeQuantizeBias())
+        name = add_submodule(gm, stem="fq_bias", module=FakeQuantizeBias())
         with gm.graph.inserting_before(node):
             scales = [gm.graph.get_attr(f"{n.target}.log_scale") for n in (activation, weight)]
             rounded = gm.graph.call_module(name, (bias, *scales))
@@ -123,17 +130,10 @@ class InsertFakeQuant(Pass):
         set_argument(node, "bias", rounded)
         return True
 
-    def _register(self, gm: fx.GraphModule, stem: str, module: nn.Module) -> str:
-        number = sum(1 for name, _ in gm.named_children() if name.startswith(stem))
-        while hasattr(gm, f"{stem}_{number}"):
-            number += 1
-        gm.add_submodule(f"{stem}_{number}", module)
-        return f"{stem}_{number}"
-
     def _fake_quantize(self, gm: fx.GraphModule, value: fx.Node, initial: torch.Tensor, spec: QuantSpec, *,
                        before: fx.Node, where: str) -> fx.Node:
         scale, zero_point = weight_qparams(initial, spec)
-        name = self._register(gm, "fq_weight", FakeQuantize(spec, scale, zero_point, f"weight of {where}"))
+        name = add_submodule(gm, stem="fq_weight", module=FakeQuantize(spec, scale, zero_point, f"weight of {where}"))
         with gm.graph.inserting_before(before):
             node = gm.graph.call_module(name, (value,))
         node.meta["val"] = value.meta.get("val")

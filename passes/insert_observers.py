@@ -21,6 +21,7 @@ from typing import ClassVar
 
 from torch import fx
 
+from qcompile.ir.graph import add_submodule
 from qcompile.ir.meta import Provenance, get_qspec, set_provenance, source_module
 from qcompile.observers import Observer, make_observer
 from qcompile.pipeline import Pass, PassResult
@@ -57,13 +58,9 @@ class InsertObservers(Pass):
         return PassResult(gm, bool(observers), {"observers": len(observers)} if observers else {})
 
     def _observe(self, gm: fx.GraphModule, root: fx.Node, spec: object, number: int) -> fx.Node:
-        name = f"observer_{number}"
-        while hasattr(gm, name):
-            number += 1
-            name = f"observer_{number}"
         module = source_module(root)
         where = f"{root.name} in module '{module[0]}'" if module and module[0] else root.name
-        gm.add_submodule(name, make_observer(spec, name=where))
+        name = add_submodule(gm, make_observer(spec, name=where), "observer", start=number)
         with gm.graph.inserting_after(root):
             node = gm.graph.call_module(name, (root,))
         node.meta["val"] = root.meta.get("val")

@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 import torch
 from torch import fx, nn
 
-from qcompile.ir.graph import op_arguments
+from qcompile.ir.graph import add_submodule, op_arguments
 from qcompile.ir.meta import Provenance, set_provenance
 from qcompile.pipeline import Pass, PassResult
 
@@ -95,12 +95,8 @@ class TrainingOps(Pass):
                 continue
             stem = {aten.batch_norm.default: "bn_mode", aten.scaled_dot_product_attention.default: "attention_mode"
                     }.get(node.target, "dropout_mode")
-            number = sum(1 for name, _ in gm.named_children() if name.startswith(stem))
-            while hasattr(gm, f"{stem}_{number}"):
-                number += 1
-            name = f"{stem}_{number}"
-            gm.add_submodule(name, ModeSwitchedOp(node.target, mode_argument, training_value, eval_value
-                                                  ).train(gm.training))
+            switch_module = ModeSwitchedOp(node.target, mode_argument, training_value, eval_value).train(gm.training)
+            name = add_submodule(gm, switch_module, stem)
             with gm.graph.inserting_before(node):
                 switch = gm.graph.call_module(name, (), arguments)
             switch.meta = dict(node.meta)

@@ -43,7 +43,7 @@ from qcompile.capture import capture, eval_mode, train_mode
 from qcompile.context import CompileContext
 from qcompile.errors import QCompileError
 from qcompile.fake_quant import FakeQuantize, FakeQuantizeBias
-from qcompile.ir.graph import copy_graph_module
+from qcompile.ir.graph import add_submodule, copy_graph_module
 from qcompile.ir.meta import get_provenance
 from qcompile.kernel_check import check_kernels
 from qcompile.passes.lower_qat import LowerQat
@@ -165,8 +165,7 @@ class QatModel(nn.Module):
         if last is None:
             raise QCompileError(f"no value of the QAT graph was computed in module '{module_name}' "
                                 "(module names are those of model.named_modules())")
-        name = f"tap_{len([n for n, _ in gm.named_children() if n.startswith('tap_')])}"
-        gm.add_submodule(name, _Tap())
+        name = add_submodule(gm, _Tap(), "tap")
         with gm.graph.inserting_after(last):
             node = gm.graph.call_module(name, (last,))
         node.meta["val"] = last.meta["val"]

@@ -117,6 +117,17 @@ def add_constant(gm: fx.GraphModule, tensor: torch.Tensor, name_hint: str, *, be
     return node
 
 
+def add_submodule(gm: fx.GraphModule, module: torch.nn.Module, stem: str, start: int = 0) -> str:
+    """Register ``module`` on ``gm`` as ``{stem}_{i}``, the first free ``i`` from ``start``, and
+    return the name: the one place passes pick names for the modules they add (observers,
+    fake-quants, mode switches)."""
+    number = start
+    while hasattr(gm, f"{stem}_{number}"):
+        number += 1
+    gm.add_submodule(f"{stem}_{number}", module)
+    return f"{stem}_{number}"
+
+
 def infer_fake_value(node: fx.Node) -> Any:
     """Run ``node``'s target on its inputs' fake values and store the result as ``meta['val']``.
 
