@@ -7,6 +7,7 @@ passes (``Target.passes``) and user passes given to :func:`qcompile.register_pas
 from qcompile.passes.annotate import Annotate
 from qcompile.passes.apply_rules import ApplyRules
 from qcompile.passes.calibrate import Calibrate
+from qcompile.passes.cast_fp8 import CastFp8
 from qcompile.passes.canonicalize import Canonicalize
 from qcompile.passes.convert import Convert
 from qcompile.passes.eliminate_dead_code import EliminateDeadCode
@@ -25,7 +26,7 @@ from qcompile.pipeline import Pass, register_pass
 
 BUILTIN_PASSES: tuple[type[Pass], ...] = (
     Canonicalize, NormalizeLinears, FoldBatchNorm, EliminateDeadCode, ApplyRules, SmoothOutliers, Annotate, InsertObservers,
-    Calibrate, Convert, EliminateDequant, RelaxViews, TrainingOps, InsertFakeQuant, LowerQat,
+    Calibrate, CastFp8, Convert, EliminateDequant, RelaxViews, TrainingOps, InsertFakeQuant, LowerQat,
     PruneWeights,
 )
 for _pass in BUILTIN_PASSES:
@@ -36,6 +37,7 @@ __all__ = [
     "Annotate",
     "ApplyRules",
     "Calibrate",
+    "CastFp8",
     "Canonicalize",
     "Convert",
     "EliminateDeadCode",

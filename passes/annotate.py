@@ -35,13 +35,14 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 from torch import fx
 
+from qcompile.errors import NodeError
 from qcompile.ir.graph import constant_expression, constant_value
 from qcompile.ir.meta import EdgeQuant, QuantAnnotation, get_provenance, get_qspec, set_qspec
 from qcompile.pipeline import Diagnostic, Pass, PassResult
 from qcompile.qconfig import OpQuantConfig, QConfig, op_kind
 from qcompile.qdq import observation_root
 from qcompile.spec import QuantSpec
-from qcompile.targets import OpRule, Target, get_target
+from qcompile.targets import OpRule, Target, get_target, targets
 
 if TYPE_CHECKING:
     from qcompile.context import CompileContext
@@ -135,7 +136,7 @@ def plan_node(
 ) -> QuantAnnotation:
     """The node's plan: ``activations`` are the inputs to quantize (the rule's, unless an
     epilogue keeps one of them float)."""
-    activations = rule.activations if activations is None else activations
+    activations = rule.activations_of(config) if activations is None else activations
     reason = rule.unsupported(config)
     if reason is None:
         reason = next(filter(None, (_float_input_reason(node, i) for i in activations)), None)
@@ -152,10 +153,25 @@ def plan_node(
     if rule.weight is not None and config.weight is not None:
         edges.append((rule.weight, EdgeQuant("weight", config.weight)))
         bias = node.args[rule.bias] if rule.bias is not None and rule.bias < len(node.args) else None
-        if constant_value(gm, bias) is not None:
+        # A float8 kernel adds its bias in float: there is no integer accumulator to add it to.
+        if constant_value(gm, bias) is not None and not config.weight.is_float8:
             bias_spec = QuantSpec("int32", symmetric=True, granularity=config.weight.granularity)
             edges.append((rule.bias, EdgeQuant("bias", bias_spec)))
     return QuantAnnotation(inputs=tuple(edges), rule=why)
+
+
+def _float8_without_kernels(target: Target, config: OpQuantConfig, node: fx.Node, why: str) -> None:
+    """A float8 format asked of a target that reads none is a mistake, not a float fallback:
+    refuse it, listing what the target runs and which targets run float8."""
+    asked = sorted({spec.dtype for spec in (config.activation, config.weight) if spec is not None and spec.is_float8})
+    formats = {dtype for rule in target.op_rules.values() for dtype in rule.formats}
+    if not asked or formats & set(asked):
+        return
+    with_float8 = sorted(name for name, other in targets().items()
+                         if any(dtype.startswith("float8") for rule in other.op_rules.values() for dtype in rule.formats))
+    raise NodeError(node, f"the QConfig ({why}) asks for {', '.join(asked)}, which target {target.name} has no "
+                          f"kernels for: it runs {', '.join(sorted(formats))}. Targets with float8: "
+                          f"{', '.join(with_float8) or 'none'}")
 
 
 @dataclass(frozen=True)
@@ -184,6 +200,8 @@ class Annotate(Pass):
             if node.op != "call_function":
                 continue
             config, why = qconfig.resolve(node)
+            if config is not None:
+                _float8_without_kernels(target, config, node, why)
             kind = op_kind(node)
             rule = target.op_rules.get(kind)
             if rule is None:
@@ -208,7 +226,7 @@ class Annotate(Pass):
                     "looked up at constant indices: every input reads the same rows, so their rounding "
                     "would be a systematic error"))
                 continue
-            activations = rule.activations
+            activations = rule.activations_of(config)
             if rule.epilogue_of:
                 fused = epilogue_input(node, rule, plans)
                 if fused is None:

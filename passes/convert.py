@@ -11,8 +11,14 @@ error is at most half of one accumulator step).
 
 With ``dynamic=true`` there are no observers: each quantized activation gets
 ``S, Z = qc.choose_qparams(y)`` at run time, and biases stay float (their scale would only be
-known at run time). An observer that saw no data, or a planned activation that is neither
-observed nor dynamic, is an error naming the node: the graph was not calibrated.
+known at run time). A per-token spec is dynamic whatever the calibration: its scales come
+from ``qc.choose_qparams_per_token(y)``, one per row. An observer that saw no data, or a
+planned activation that is neither observed nor dynamic, is an error naming the node: the
+graph was not calibrated.
+
+``convert`` takes the integer formats; float8 edges are the ``cast-fp8`` pass's, the same
+conversion for scaled casts (:mod:`qcompile.passes.cast_fp8`), which runs first: a float8
+observer left for ``convert`` is an error naming it.
 """
 
 from __future__ import annotations
@@ -29,7 +35,15 @@ from qcompile.ir.graph import add_constant, constant_expression, constant_value,
 from qcompile.ir.meta import Provenance, get_qspec
 from qcompile.observers import Observer, make_observer
 from qcompile.pipeline import Pass, PassResult
-from qcompile.qdq import CHOOSE_QPARAMS, DEQUANTIZE, QUANTIZE, DequantizeCall, is_dequantize, observation_root
+from qcompile.qdq import (
+    CHOOSE_QPARAMS,
+    CHOOSE_QPARAMS_PER_TOKEN,
+    DEQUANTIZE,
+    QUANTIZE,
+    DequantizeCall,
+    is_dequantize,
+    observation_root,
+)
 from qcompile.spec import PerChannel, QuantSpec
 
 
@@ -79,30 +93,35 @@ class Convert(Pass):
 
     dynamic: bool = False
 
+    def takes(self, spec: QuantSpec) -> bool:
+        """Whether this pass converts edges of ``spec``: the integer formats."""
+        return not spec.is_float8
+
     def call(self, gm: fx.GraphModule) -> PassResult:
-        activation_qparams: dict[tuple[str, QuantSpec], tuple[fx.Node, fx.Node]] = {}
+        activation_qparams: dict[tuple[str, QuantSpec], tuple[fx.Node, ...]] = {}
         observed = self._replace_observers(gm, activation_qparams)
         converted = 0
         for node in list(gm.graph.nodes):
             plan = get_qspec(node)
             if plan is None or not plan.quantized:
                 continue
+            edges = [(index, edge) for index, edge in plan.inputs if self.takes(edge.spec)]
             x_scale, weights = None, 0
-            for index, edge in plan.inputs:
+            for index, edge in edges:
                 if edge.role == "activation":
                     x_scale = self._activation(gm, node, index, edge.spec, activation_qparams)
-            for index, edge in plan.inputs:
+            for index, edge in edges:
                 if edge.role == "weight" and not is_dequantize(node.args[index]):
                     w_scale = self._weight(gm, node, index, edge.spec)
                     weights += 1
             converted += weights
-            for index, edge in plan.inputs:
+            for index, edge in edges:
                 if edge.role == "bias" and weights and x_scale is not None and not self.dynamic:
                     self._bias(gm, node, index, edge.spec, constant_value(gm, x_scale) * w_scale)
         stats = {"observers": observed, "weights": converted}
-        if self.dynamic:
-            stats["dynamic"] = len(activation_qparams)
-        dynamic_edges = len(activation_qparams) if self.dynamic else 0
+        dynamic_edges = sum(1 for _, spec in activation_qparams if self.dynamic or spec.dynamic)
+        if dynamic_edges:
+            stats["dynamic"] = dynamic_edges
         return PassResult(gm, bool(observed or converted or dynamic_edges), stats)
 
     def _replace_observers(self, gm: fx.GraphModule, qparams: dict) -> int:
@@ -112,6 +131,11 @@ class Convert(Pass):
                 continue
             observer = gm.get_submodule(node.target)
             if not isinstance(observer, Observer):
+                continue
+            if not self.takes(observer.spec):
+                if observer.spec.is_float8:
+                    raise NodeError(node, f"observer '{node.target}' is planned as {observer.spec.dtype}: float8 "
+                                          "edges are converted by cast-fp8, which runs before convert")
                 continue
             if observer.batches == 0:
                 raise NodeError(node, f"observer '{node.target}' saw no data: the graph was never calibrated "
@@ -136,13 +160,16 @@ class Convert(Pass):
         dequantize = DequantizeCall.of(root)
         if dequantize is not None:
             return dequantize.scale
-        if not self.dynamic:
+        if not (self.dynamic or spec.dynamic):
             raise NodeError(node, f"input {index} is planned as quantized but was never observed; run "
-                                  "insert-observers and calibrate, or use convert{dynamic=true}")
+                                  f"insert-observers and calibrate, or use {self.name}{{dynamic=true}}")
         key = (root.name, spec)
         if key not in qparams:
             after_root = root.next
-            params = _call(gm, CHOOSE_QPARAMS, (root, spec.qmin, spec.qmax, spec.symmetric),
+            # A float8 scale is computed for the range the margin leaves (its zero point is 0).
+            qmin, qmax = spec.scale_range if spec.is_float8 else (spec.qmin, spec.qmax)
+            choose = CHOOSE_QPARAMS_PER_TOKEN if spec.dynamic else CHOOSE_QPARAMS
+            params = _call(gm, choose, (root, qmin, qmax, spec.symmetric),
                            before=after_root, pass_name=self.name, source=root)
             scale, zero_point = (
                 _call(gm, operator.getitem, (params, i), before=after_root, pass_name=self.name, source=root)

@@ -2,7 +2,8 @@
 
     shape_op(dequantize(q, S, Z), ...)     -> dequantize(shape_op(q, ...), S, Z)
         (view, reshape, permute, transpose, flatten, squeeze/unsqueeze, max-pool: ops that move
-         or select values, so they commute with the per-tensor affine map; per-tensor only)
+         or select values, so they commute with the per-tensor affine map; per-tensor only: a
+         per-token scale belongs to the rows of the value it was computed for)
     quantize(dequantize(q, S, Z), S, Z)    -> q
         (a dequantize straight into a quantize with the same qparams and range is the identity)
     embedding(dequantize(W_q, S, Z, axis=0), ids)
@@ -104,17 +105,17 @@ class EliminateDequant(Pass):
             # The data is argument 0 of the ops read here (shape ops, embedding's weight, quantize's x).
             source = node.args[0] if node.args else None
             dq, q = DequantizeCall.of(source), QuantizeCall.of(node)
-            if node.target in SHARES_QPARAMS and dq is not None and dq.axis is None:
+            if node.target in SHARES_QPARAMS and dq is not None and dq.per_tensor:
                 _sink_through(gm, node, dq, self.name)
                 sunk += 1
-            elif node.target == EMBEDDING and dq is not None and dq.axis is None:
+            elif node.target == EMBEDDING and dq is not None and dq.per_tensor:
                 _sink_through(gm, node, dq, self.name)  # a per-tensor table: a lookup moves values
                 sunk += 1
             elif node.target == EMBEDDING and dq is not None and dq.axis == 0:
                 _gather_rows(gm, node, dq, self.name)
                 gathered += 1
             elif (q is not None and isinstance(source, fx.Node) and source.target == MAX_POOL2D
-                  and len(source.users) == 1 and q.axis is None):
+                  and len(source.users) == 1 and q.per_tensor):
                 _hoist_above(gm, q, source, self.name)
                 hoisted += 1
             elif q is not None and dq is not None and _same_format(q, dq):

@@ -46,8 +46,8 @@ class InsertObservers(Pass):
             if plan is None or not plan.quantized:
                 continue
             for index, edge in plan.inputs:
-                if edge.role != "activation":
-                    continue
+                if edge.role != "activation" or edge.spec.dynamic:
+                    continue  # per-token scales are computed at run time, not observed
                 root, chain = observation_root(node.args[index])
                 if _is_observer(gm, root):
                     continue  # already observed: running the pass twice changes nothing

@@ -2,11 +2,12 @@
 
 They work on plain tensors: int8 / uint8 / int4-in-int8 storage plus float32 scale and int32
 zero-point tensors, never on torch's quantized tensor types. ``axis`` is ``None`` for
-per-tensor parameters (one-element tensors) or the channel axis for per-channel ones.
+per-tensor parameters (one-element tensors) and per-token ones (shaped [..., 1], one per row,
+broadcast as they are), or the channel axis for per-channel ones.
 
     quantize:    q = clamp(round(r / S) + Z, qmin, qmax)   (round half to even, as oneDNN and ONNX do)
                  q = fp8(clamp(r / S, -max, max))         (float8 storage: the cast rounds to nearest)
-    dequantize:  r = S · (q − Z)
+    dequantize:  r = S · (q − Z)                          (float8: decoded through a 256-entry table)
 
 Each op has a fake kernel so graphs that contain it can be exported and shape-propagated.
 """
@@ -25,13 +26,17 @@ if TYPE_CHECKING:
 
 
 def _broadcast(param: Tensor, x: Tensor, axis: int | None) -> Tensor | float:
-    """A per-channel parameter shaped to broadcast along ``axis``; a per-tensor one as a Python
-    float, since elementwise kernels take a scalar operand on their fast path (dividing by a
-    0-dim tensor is an order of magnitude slower, with bit-identical results)."""
+    """A per-channel parameter shaped to broadcast along ``axis``; a per-token one ([..., 1]) as
+    it is; a per-tensor one as a Python float, since elementwise kernels take a scalar operand on
+    their fast path (dividing by a 0-dim tensor is an order of magnitude slower, with
+    bit-identical results)."""
     if axis is None:
-        if param.numel() != 1:
-            raise ValueError(f"per-tensor quantization needs one scale, got {param.numel()}")
-        return float(param.reshape(()))
+        if param.numel() == 1:
+            return float(param.reshape(()))
+        if param.dim() == x.dim() and param.shape[-1] == 1 and param.shape[:-1] == x.shape[:-1]:
+            return param
+        raise ValueError(f"per-tensor quantization needs one scale, got {param.numel()} "
+                         f"(per-token scales are shaped {[*x.shape[:-1], 1]})")
     axis = axis % x.dim()
     if param.numel() != x.shape[axis]:
         raise ValueError(f"per-channel axis {axis} has {x.shape[axis]} channels but {param.numel()} parameters")
@@ -76,11 +81,24 @@ def _(x, scale, zero_point, axis, qmin, qmax, dtype):
     return torch.empty_like(x, dtype=dtype)
 
 
+# Every float8 code's value in float32 (exact): ATen converts float8 to float element by element,
+# four times slower than looking the byte up here.
+FLOAT8_VALUES = {dtype: torch.arange(256, dtype=torch.uint8).view(dtype).to(torch.float32)
+                 for dtype in (torch.float8_e4m3fn, torch.float8_e5m2)}
+
+
+def float8_to_float32(q: Tensor) -> Tensor:
+    """The float32 values of float8 ``q``: a table lookup of its bytes (exact, NaN included)."""
+    codes = q.reshape(-1).view(torch.uint8).to(torch.int32)
+    return FLOAT8_VALUES[q.dtype].index_select(0, codes).view(q.shape)
+
+
 @torch.library.custom_op("qc::dequantize", mutates_args=())
 def dequantize(q: Tensor, scale: Tensor, zero_point: Tensor, axis: int | None, out_dtype: torch.dtype) -> Tensor:
     s = _as_float32(_broadcast(scale, q, axis))
     z = _as_float32(_broadcast(zero_point, q, axis))
-    return ((q.to(torch.float32) - z) * s).to(out_dtype)
+    values = float8_to_float32(q) if q.dtype in FLOAT8_VALUES else q.to(torch.float32)
+    return ((values - z) * s).to(out_dtype)
 
 
 @dequantize.register_fake
@@ -99,6 +117,21 @@ def choose_qparams(x: Tensor, qmin: int, qmax: int, symmetric: bool) -> tuple[Te
 @choose_qparams.register_fake
 def _(x, qmin, qmax, symmetric):
     return x.new_empty((1,), dtype=torch.float32), x.new_empty((1,), dtype=torch.int32)
+
+
+@torch.library.custom_op("qc::choose_qparams_per_token", mutates_args=())
+def choose_qparams_per_token(x: Tensor, qmin: int, qmax: int, symmetric: bool) -> tuple[Tensor, Tensor]:
+    """A scale and zero point per row of ``x`` (over its last dimension), shaped [..., 1]: dynamic
+    per-token quantization's step. A float8 spec passes its range narrowed by the margin."""
+    lo = torch.clamp(x.amin(dim=-1, keepdim=True).float(), max=0.0)
+    hi = torch.clamp(x.amax(dim=-1, keepdim=True).float(), min=0.0)
+    return integer_qparams(lo, hi, qmin, qmax, symmetric)
+
+
+@choose_qparams_per_token.register_fake
+def _(x, qmin, qmax, symmetric):
+    shape = (*x.shape[:-1], 1)
+    return x.new_empty(shape, dtype=torch.float32), x.new_empty(shape, dtype=torch.int32)
 
 
 def quantize_with(x: Tensor, scale: Tensor, zero_point: Tensor, spec: QuantSpec) -> Tensor:

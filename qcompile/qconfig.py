@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx, nn
 
-from qcompile.spec import PerChannel, QuantSpec
+from qcompile.spec import PerChannel, PerTensor, PerToken, QuantSpec
 
 
 @dataclass(frozen=True)
@@ -124,3 +124,20 @@ def int8_preset() -> QConfig:
     config = OpQuantConfig(INT8_ACTIVATION, INT8_WEIGHT)
     return QConfig(by_op={"linear": config, "conv2d": config, "embedding": OpQuantConfig(None, INT8_WEIGHT),
                           "add": OpQuantConfig(INT8_ACTIVATION, None)})
+
+
+FP8_ACTIVATIONS = {"per-tensor": PerTensor(), "per-token": PerToken()}
+
+
+def fp8_qconfig(dtype: str = "float8_e4m3fn", activations: str | None = "per-tensor", margin: int = 0) -> QConfig:
+    """FP8 for linears and embedding tables: ``dtype`` (E4M3, or E5M2) weights per output
+    channel (rows for tables) and, unless ``activations`` is None (weight-only), activations per
+    tensor (calibrated amax) or per token (each row's amax at run time), all scaled with
+    ``margin`` (:class:`QuantSpec`). Everything else stays float, as in :func:`int8_preset`."""
+    if activations is not None and activations not in FP8_ACTIVATIONS:
+        raise ValueError(f"fp8_qconfig activations must be one of {', '.join(FP8_ACTIVATIONS)} or None, "
+                         f"got {activations!r}")
+    weight = QuantSpec(dtype, granularity=PerChannel(0), margin=margin)
+    activation = (None if activations is None
+                  else QuantSpec(dtype, granularity=FP8_ACTIVATIONS[activations], margin=margin))
+    return QConfig(by_op={"linear": OpQuantConfig(activation, weight), "embedding": OpQuantConfig(None, weight)})

@@ -20,6 +20,7 @@ from qcompile.observers import Observer
 QUANTIZE = torch.ops.qc.quantize.default
 DEQUANTIZE = torch.ops.qc.dequantize.default
 CHOOSE_QPARAMS = torch.ops.qc.choose_qparams.default
+CHOOSE_QPARAMS_PER_TOKEN = torch.ops.qc.choose_qparams_per_token.default
 
 aten = torch.ops.aten
 _FLOAT8 = (torch.float8_e4m3fn, torch.float8_e5m2)
@@ -70,6 +71,15 @@ class QParams:
         return self.scale is other.scale and self.zero_point is other.zero_point
 
 
+def _one_scale(axis: int | None, scale: object) -> bool:
+    """One scale for the whole tensor: no axis, and not per-token scales shaped [..., 1] (a
+    scale computed in the graph is one when its fake value has at most one dimension)."""
+    if axis is not None:
+        return False
+    val = scale.meta.get("val") if isinstance(scale, fx.Node) else scale
+    return not isinstance(val, torch.Tensor) or val.dim() <= 1
+
+
 @dataclass(frozen=True)
 class QuantizeCall:
     """``qc.quantize(x, scale, zero_point, axis, qmin, qmax, dtype)``, read by argument name."""
@@ -87,6 +97,10 @@ class QuantizeCall:
     def of(cls, node: object) -> QuantizeCall | None:
         """The view of ``node`` when it is a quantize, else None."""
         return cls(node, **op_arguments(node)) if is_quantize(node) else None
+
+    @property
+    def per_tensor(self) -> bool:
+        return _one_scale(self.axis, self.scale)
 
     @property
     def integer_format(self) -> tuple[int, int, torch.dtype]:
@@ -109,6 +123,10 @@ class DequantizeCall:
     def of(cls, node: object) -> DequantizeCall | None:
         """The view of ``node`` when it is a dequantize, else None."""
         return cls(node, **op_arguments(node)) if is_dequantize(node) else None
+
+    @property
+    def per_tensor(self) -> bool:
+        return _one_scale(self.axis, self.scale)
 
     @property
     def integer_dtype(self) -> torch.dtype | None:
@@ -165,11 +183,12 @@ def dequantize_reads_integers(gm: fx.GraphModule) -> list[str]:
 
 @register_invariant
 def no_observer_beside_quantize(gm: fx.GraphModule) -> list[str]:
-    """Observers belong to the calibration stage; a converted graph (one with quantize) has none left."""
-    if not any(is_quantize(n) for n in gm.graph.nodes):
-        return []
+    """Observers belong to the calibration stage: once a format family (integer, float8) has a
+    quantize, it was converted (``convert``, ``cast-fp8``) and none of its observers are left."""
+    converted = {QuantizeCall.of(n).dtype in _FLOAT8 for n in gm.graph.nodes if is_quantize(n)}
     return [
         f"{describe_node(n)} is an observer left in a converted graph"
         for n in gm.graph.nodes
-        if n.op == "call_module" and isinstance(gm.get_submodule(n.target), Observer)
+        if n.op == "call_module" and isinstance(observer := gm.get_submodule(n.target), Observer)
+        and observer.spec.is_float8 in converted
     ]

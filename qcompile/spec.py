@@ -12,6 +12,11 @@ padding and ReLU rely on):
 
 (the floor makes ±max land on ±127 exactly for int8, not on a clipped 127.5)
 
+A float8 value is stored as r / S cast to E4M3 (largest finite 448) or E5M2 (57344), saturated
+there, and S is chosen so that the largest magnitude lands on that maximum (less a margin):
+
+    float8:     S = max(|lo|, |hi|) · 2^margin / max,  Z = 0
+
 A zero range (an all-zero tensor) would give S = 0; S is floored at float32's machine epsilon,
 as torch's observers do, so quantization never divides by zero.
 """
@@ -31,6 +36,9 @@ _INTEGER_RANGES: dict[str, tuple[torch.dtype, int, int]] = {
     "int32": (torch.int32, -(2**31), 2**31 - 1),  # biases, whose scale is derived, never observed
 }
 _FLOAT8 = {"float8_e4m3fn": torch.float8_e4m3fn, "float8_e5m2": torch.float8_e5m2}
+FLOAT8_DTYPES = tuple(_FLOAT8)
+# 448 = 7·2^6: the E4M3 range narrowed by up to 2^6 stays an integer (E5M2's 57344 = 7·2^13).
+MAX_MARGIN = 6
 OBSERVERS = ("minmax", "moving-average", "percentile", "entropy", "mse")
 MIN_SCALE = torch.finfo(torch.float32).eps
 
@@ -64,7 +72,16 @@ class PerGroup:
         return f"per-group({self.axis},{self.group_size})"
 
 
-Granularity = PerTensor | PerChannel | PerGroup
+@dataclass(frozen=True)
+class PerToken:
+    """One scale per row (every index of all dimensions but the last), computed at run time from
+    the row's own range: dynamic activations only, since rows are not known before the input."""
+
+    def __str__(self) -> str:
+        return "per-token"
+
+
+Granularity = PerTensor | PerChannel | PerGroup | PerToken
 
 
 @dataclass(frozen=True)
@@ -75,6 +92,10 @@ class QuantSpec:
     ``percentile`` (clip at ``percentile`` of |x|), ``entropy`` (KL-optimal clip) or ``mse``
     (least-squares S and Z). ``learnable_scale`` marks a scale trained in QAT (LSQ);
     ``learnable_zero_point`` a zero point trained with it (LSQ+, affine specs only).
+    ``margin`` (float8 only) leaves 2^margin of headroom above the calibrated magnitude: the
+    scale is amax · 2^margin / max, so values up to 2^margin times the largest seen do not
+    saturate, at 2^margin coarser steps (an E4M3 step is relative, so only the smallest values
+    lose: they fall into the subnormals sooner).
     """
 
     dtype: str = "int8"
@@ -84,6 +105,7 @@ class QuantSpec:
     percentile: float = 99.99
     learnable_scale: bool = False
     learnable_zero_point: bool = False
+    margin: int = 0
 
     def __post_init__(self) -> None:
         if self.dtype not in _INTEGER_RANGES and self.dtype not in _FLOAT8:
@@ -91,14 +113,19 @@ class QuantSpec:
             raise ValueError(f"QuantSpec dtype '{self.dtype}' is not one of: {known}")
         if self.observer not in OBSERVERS:
             raise ValueError(f"QuantSpec observer '{self.observer}' is not one of: {', '.join(OBSERVERS)}")
-        if not isinstance(self.granularity, (PerTensor, PerChannel, PerGroup)):
-            raise TypeError(f"QuantSpec granularity must be PerTensor, PerChannel or PerGroup, got {self.granularity!r}")
+        if not isinstance(self.granularity, (PerTensor, PerChannel, PerGroup, PerToken)):
+            raise TypeError("QuantSpec granularity must be PerTensor, PerChannel, PerGroup or PerToken, "
+                            f"got {self.granularity!r}")
         if not 50.0 < self.percentile <= 100.0:
             raise ValueError(f"QuantSpec percentile must be in (50, 100], got {self.percentile}")
         if self.learnable_zero_point and self.symmetric:
             raise ValueError("a learnable zero point needs an affine spec (symmetric=False)")
         if self.is_float8 and not self.symmetric:
             raise ValueError("float8 quantization is scale-only: use symmetric=True")
+        if self.margin and not self.is_float8:
+            raise ValueError("a margin is a float8 option (an integer format's steps are uniform: widen its range)")
+        if not 0 <= self.margin <= MAX_MARGIN:
+            raise ValueError(f"QuantSpec margin must be in [0, {MAX_MARGIN}], got {self.margin}")
 
     @property
     def is_float8(self) -> bool:
@@ -125,7 +152,19 @@ class QuantSpec:
 
     @property
     def axis(self) -> int | None:
-        return None if isinstance(self.granularity, PerTensor) else self.granularity.axis
+        """The ops' ``axis`` argument: None for one scale, or per token (whose scales arrive
+        shaped to broadcast, [..., 1]); the channel axis otherwise."""
+        return None if isinstance(self.granularity, (PerTensor, PerToken)) else self.granularity.axis
+
+    @property
+    def dynamic(self) -> bool:
+        """Scales computed at run time whatever the calibration (per token)."""
+        return isinstance(self.granularity, PerToken)
+
+    @property
+    def scale_range(self) -> tuple[int, int]:
+        """The (qmin, qmax) the scale is computed for: the clamping range, narrowed by the margin."""
+        return -(-self.qmin >> self.margin), self.qmax >> self.margin
 
     def __str__(self) -> str:
         scheme = "sym" if self.symmetric else "affine"
@@ -143,9 +182,10 @@ def compute_qparams(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec) -> tupl
     lo = torch.minimum(lo, torch.zeros_like(lo))
     hi = torch.maximum(hi, torch.zeros_like(hi))
     if spec.is_float8:
-        # Scale-only: the largest magnitude maps to the format's largest finite value.
-        finite_max = torch.finfo(spec.storage_dtype).max
-        scale = torch.clamp(torch.maximum(-lo, hi) / finite_max, min=MIN_SCALE)
+        # Scale-only: the largest magnitude maps to the format's largest finite value (or
+        # 2^margin below it), amax / (max / 2^margin); the symmetric formula with that range.
+        qmin, qmax = spec.scale_range
+        scale, _ = integer_qparams(lo, hi, qmin, qmax, symmetric=True)
         return scale, torch.zeros_like(scale, dtype=torch.int32)
     return integer_qparams(lo, hi, spec.qmin, spec.qmax, spec.symmetric)
 

@@ -55,17 +55,31 @@ class OpRule:
     # their rounding error would be systematic rather than noise; such a table stays float
     # (it is also small: the vocabulary table is the one worth its bytes).
     lookup_indices: int | None = None
+    # The kernel also runs with float activations and a quantized weight (weight-only).
+    weight_only: bool = False
+    # Activation granularities the kernel takes: per-token scales come with each row.
+    activation_granularities: tuple[type, ...] = (PerTensor,)
+
+    @property
+    def formats(self) -> tuple[str, ...]:
+        """Every dtype this kernel reads, activations and weights."""
+        return tuple(dict.fromkeys((*(self.activation_dtypes if self.activations else ()), *self.weight_dtypes)))
+
+    def activations_of(self, config: OpQuantConfig) -> tuple[int, ...]:
+        """The inputs ``config`` quantizes: none for a weight-only config on a kernel that runs one."""
+        return () if config.activation is None and self.weight_only else self.activations
 
     def unsupported(self, config: OpQuantConfig) -> str | None:
         """Why ``config`` cannot run on this kernel, or None when it can."""
         act, weight = config.activation, config.weight
-        if self.activations:  # no activations: a weight-only op (a table lookup)
+        if self.activations_of(config):  # no activations: a weight-only op (a table lookup)
             if act is None:
                 return "the kernel needs quantized activations (the config gives no activation spec)"
             if act.dtype not in self.activation_dtypes:
                 return f"activation dtype {act.dtype} (kernel takes {', '.join(self.activation_dtypes)})"
-            if not isinstance(act.granularity, PerTensor):
-                return f"activation granularity {act.granularity} (kernel takes per-tensor)"
+            if not isinstance(act.granularity, self.activation_granularities):
+                taken = ", ".join(str(kind()) for kind in self.activation_granularities)
+                return f"activation granularity {act.granularity} (kernel takes {taken})"
         if self.weight is None:
             return None
         if weight is None:
@@ -161,5 +175,7 @@ CLEANUP = "canonicalize,normalize-linears,fold-batchnorm,eliminate-dead-code"
 # observe, calibrate. Without data: clean up and plan; activations get run-time scales.
 PREPARE = f"{CLEANUP},smooth-outliers,annotate,insert-observers,calibrate"
 DYNAMIC_PREPARE = f"{CLEANUP},annotate"
+# Observers to the Q/DQ form: float8 edges as scaled casts, then the integer ones; dequantizes sunk.
+CONVERT = "cast-fp8,convert,eliminate-dequant,eliminate-dead-code"
 
-__all__ = ["CLEANUP", "DYNAMIC_PREPARE", "PREPARE", "STAGES", "OpRule", "Target", "get_target", "register_target", "targets"]
+__all__ = ["CLEANUP", "CONVERT", "DYNAMIC_PREPARE", "PREPARE", "STAGES", "OpRule", "Target", "get_target", "register_target", "targets"]

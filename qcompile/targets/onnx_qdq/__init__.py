@@ -8,7 +8,8 @@
 """
 
 from qcompile.qconfig import int8_preset
-from qcompile.targets.base import PREPARE, OpRule, Target, register_target
+from qcompile.spec import FLOAT8_DTYPES, PerTensor
+from qcompile.targets.base import CONVERT, PREPARE, OpRule, Target, register_target
 from qcompile.targets.onnx_qdq.arrange import FloatMatmulBiases, ResidualAddsAsSums
 
 register_target(
@@ -17,15 +18,18 @@ register_target(
         description="ONNX QDQ for ONNX Runtime (export_onnx): uint8 activations, int8 per-channel weights, "
                     "residual adds between convolutions in int8 so that they fuse into QLinearConv/QLinearAdd",
         op_rules={
-            "linear": OpRule(),
-            "conv2d": OpRule(),
-            "embedding": OpRule(activations=(), weight=0, bias=None, lookup_indices=1),
+            # FP8 QDQ (opset 19+) runs in ONNX Runtime's CPU provider unfused; GPU runtimes fuse it.
+            "linear": OpRule(activation_dtypes=("uint8", *FLOAT8_DTYPES), weight_dtypes=("int8", *FLOAT8_DTYPES),
+                             activation_granularities=(PerTensor,)),
+            "conv2d": OpRule(activation_dtypes=("uint8", *FLOAT8_DTYPES), weight_dtypes=("int8", *FLOAT8_DTYPES)),
+            "embedding": OpRule(activations=(), weight=0, bias=None, weight_dtypes=("int8", *FLOAT8_DTYPES),
+                                lookup_indices=1),
             "add": OpRule(activations=(0, 1), weight=None, bias=None,
                           producers=("conv2d", "relu", "max_pool2d")),
         },
         preset=int8_preset,
         prepare=PREPARE,
-        convert="convert,eliminate-dequant,eliminate-dead-code",
+        convert=CONVERT,
         lower="eliminate-dead-code",  # the model runs as its Q/DQ graph; ONNX Runtime runs the file
         unlowered="Q/DQ for ONNX Runtime (export_onnx)",
         passes=(FloatMatmulBiases, ResidualAddsAsSums),

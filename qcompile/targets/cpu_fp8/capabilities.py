@@ -1,0 +1,94 @@
+"""What cpu-fp8 can run on this CPU: the one table its op rules, its preset, its lowering and
+the report read.
+
+FP8 is a storage and numerics format on most CPUs, not a speed format. Measured on an AMD Zen 4
+(AVX512-BF16 and VNNI, no AMX), 2 threads: torch's CPU ``_scaled_mm`` runs oneDNN's FP8 GEMM
+only where the CPU has AMX; elsewhere it converts both operands to fp32 element by element and
+runs an fp32 GEMM (a 1024³ product 47–56 ms against bf16's 14–16 ms; a 4096² weight at batch 1
+spends 205 ms on the conversion). So the paths, best first:
+
+    path        when                          linear computes
+    scaled-mm   the CPU has AMX (FP8 GEMM)    torch._scaled_mm(fp8(x/S_x), W_q, S_x, S_W) + b
+    bf16        always                        (S_x·fp8(x/S_x))_bf16 · (S_W·W_q)_bf16 + b
+
+The bf16 path decodes each FP8 weight once (a table lookup of its bytes, scaled per channel)
+and keeps it for the model's life; an FP8 activation is cast (vectorized), and decoded through
+a 256-entry table that already holds S_x·v for each code, so its cost is two passes over the
+activation. Where several paths exist they are timed at the node's shape (:func:`fastest_path`).
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from qcompile.spec import FLOAT8_DTYPES, PerTensor, PerToken
+from qcompile.targets.base import OpRule
+
+PATHS = ("scaled-mm", "bf16")
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags (Linux ``/proc/cpuinfo``; empty elsewhere: no AMX assumed)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
+
+
+def has_fp8_gemm() -> bool:
+    """Whether torch's CPU ``_scaled_mm`` runs a native FP8 GEMM here (oneDNN on AMX) rather
+    than converting its operands to fp32 first."""
+    flags = cpu_flags()
+    return "amx_tile" in flags and bool({"amx_int8", "amx_fp16"} & flags)
+
+
+def available_paths() -> tuple[str, ...]:
+    """The linear paths worth running on this CPU, best first; never an emulated FP8 GEMM."""
+    return PATHS if has_fp8_gemm() else ("bf16",)
+
+
+def why_path(path: str, candidates: tuple[str, ...]) -> str:
+    """The report's reason for ``path``."""
+    if path == "scaled-mm":
+        return "native FP8 GEMM (AMX)" + (", timed faster than bf16 at this shape" if len(candidates) > 1 else "")
+    if "scaled-mm" in candidates:
+        return "FP8 weights decoded once to bf16: timed faster than the FP8 GEMM at this shape"
+    return ("FP8 weights decoded once to bf16: this CPU has no FP8 GEMM (no AMX), and torch's "
+            "would convert both operands to fp32 on every call")
+
+
+def fastest_path(candidates: tuple[str, ...], run: Callable[[str], object], repeats: int = 5) -> str:
+    """The candidate with the lowest median time of ``run(path)`` (after one warm-up call each)."""
+    if len(candidates) == 1:
+        return candidates[0]
+    times = {}
+    for path in candidates:
+        run(path)
+        samples = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            run(path)
+            samples.append(time.perf_counter() - start)
+        times[path] = sorted(samples)[len(samples) // 2]
+    return min(candidates, key=times.__getitem__)
+
+
+def op_rules() -> dict[str, OpRule]:
+    """cpu-fp8's op rules: linears with FP8 weights and FP8 (per tensor or per token) or float
+    activations; embedding tables with FP8 rows."""
+    return {
+        "linear": OpRule(activation_dtypes=FLOAT8_DTYPES, weight_dtypes=FLOAT8_DTYPES, weight_only=True,
+                         activation_granularities=(PerTensor, PerToken)),
+        "embedding": OpRule(activations=(), weight=0, bias=None, weight_dtypes=FLOAT8_DTYPES, lookup_indices=1),
+    }
+
