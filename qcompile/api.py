@@ -11,6 +11,7 @@ in eval mode with its flags restored afterwards.
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from collections.abc import Iterable
@@ -27,7 +28,7 @@ from qcompile.capture import capture, eval_mode, export_program, static_dimensio
 from qcompile.context import CompileContext
 from qcompile.errors import QCompileError
 from qcompile.input_check import check_call
-from qcompile.ir.meta import get_provenance, stand_ins
+from qcompile.ir.meta import get_provenance, get_qspec, stand_ins
 from qcompile.kernel_check import check_kernels
 from qcompile.memory import release_freed_memory
 from qcompile.pipeline import Instrument
@@ -86,9 +87,10 @@ def _kernel_descriptions(lowered: fx.GraphModule, target: Target) -> dict[str, s
         producer = next(iter(stand_in.all_input_nodes), None)  # the value the stand-in slices or reads
         if producer in by_node:
             kernels[source] = f"{by_node[producer]} (a slice of one merged GEMM)"
-        elif DequantizeCall.of(producer) is not None:
+        elif (rows := DequantizeCall.of(producer)) is not None:
             dtype = str(stand_in.meta["val"].dtype).removeprefix("torch.")
-            kernels[source] = f"int8 rows looked up, then dequantized -> {dtype}"
+            stored = str(rows.integer_dtype).removeprefix("torch.")
+            kernels[source] = f"{stored} rows looked up, then dequantized -> {dtype}"
     return kernels
 
 
@@ -245,9 +247,12 @@ def complete_report(context: CompileContext, lowered: fx.GraphModule) -> None:
         return
     skipped = calibration.skipped if calibration is not None else frozenset()
     sqnr_calls = [context.example] if context.dynamic else _spread(context.calibration_data, skipped)
-    sqnr, report.output_sqnr_db = node_sqnr(planned, qdq, sqnr_calls, context.snapshots.get("float-reference"))
+    saturation: dict[str, list[int]] = {}
+    sqnr, report.output_sqnr_db = node_sqnr(planned, qdq, sqnr_calls, context.snapshots.get("float-reference"),
+                                            saturation)
     report.sqnr_batches = len(sqnr_calls)
     release_freed_memory()
+    _note_float8(report, planned, sqnr, saturation)
     if report.mode == "qat":  # training moves the model away from the float one on purpose
         report.notes.append("SQNR is measured against the float model as it was before QAT")
     else:
@@ -256,6 +261,26 @@ def complete_report(context: CompileContext, lowered: fx.GraphModule) -> None:
     report.nodes = describe_plan(planned, _kernel_descriptions(lowered, target), kept, sqnr, target.unlowered)
     report.plan = resolved_plan(planned, qdq)
     report.graph = plan_graph(planned)
+
+
+def _note_float8(report: CompileReport, planned: fx.GraphModule, sqnr: dict[str, float],
+                 saturation: dict[str, list[int]]) -> None:
+    """Say what float8 did that the user should know: values its casts saturated on the
+    calibration data (per cast value), and E5M2 activations (2 mantissa bits: a training format
+    for gradients; E4M3 is the inference one) with the SQNR they measured."""
+    for value, (over, total) in saturation.items():
+        if over:
+            report.notes.append(f"float8 saturation: {over} of {total} values of '{value}' ({over / total:.2%}) were "
+                                "beyond the format's largest value on the calibration data and were clamped to it "
+                                "(a margin keeps them)")
+    e5m2 = [node.name for node in planned.graph.nodes if (plan := get_qspec(node)) is not None
+            and any(edge.role == "activation" and edge.spec.dtype == "float8_e5m2" for _, edge in plan.inputs)]
+    if e5m2:
+        worst = min(e5m2, key=lambda name: sqnr.get(name, math.inf))
+        message = (f"{len(e5m2)} nodes read float8_e5m2 activations (2 mantissa bits, meant for gradients; "
+                   f"float8_e4m3fn has 3): SQNR down to {sqnr.get(worst, math.inf):.1f} dB at '{worst}'")
+        report.notes.append(message)
+        warnings.warn(message, stacklevel=5)
 
 
 def _warn_low_fidelity(report: CompileReport, sqnr: dict[str, float]) -> None:

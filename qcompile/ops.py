@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from qcompile.spec import QuantSpec
 
 
-def _broadcast(param: Tensor, x: Tensor, axis: int | None) -> Tensor | float:
+def broadcast_param(param: Tensor, x: Tensor, axis: int | None) -> Tensor | float:
     """A per-channel parameter shaped to broadcast along ``axis``; a per-token one ([..., 1]) as
     it is; a per-tensor one as a Python float, since elementwise kernels take a scalar operand on
     their fast path (dividing by a 0-dim tensor is an order of magnitude slower, with
@@ -58,8 +58,8 @@ def _as_float32(param: Tensor | float) -> Tensor | float:
 def quantize(
     x: Tensor, scale: Tensor, zero_point: Tensor, axis: int | None, qmin: int, qmax: int, dtype: torch.dtype
 ) -> Tensor:
-    s = _as_float32(_broadcast(scale, x, axis))
-    z = _as_float32(_broadcast(zero_point, x, axis))
+    s = _as_float32(broadcast_param(scale, x, axis))
+    z = _as_float32(broadcast_param(zero_point, x, axis))
     # Round before adding Z, as ONNX's QuantizeLinear does: in float32, r/S + Z can land on a
     # .5 tie that r/S did not, and the exported model must give the same integers.
     scaled = torch.div(x.to(torch.float32), s)
@@ -87,6 +87,14 @@ FLOAT8_VALUES = {dtype: torch.arange(256, dtype=torch.uint8).view(dtype).to(torc
                  for dtype in (torch.float8_e4m3fn, torch.float8_e5m2)}
 
 
+def float8_rounding_limit(dtype: torch.dtype) -> float:
+    """The magnitude above which a float8 cast saturates rather than rounds: its largest finite
+    value plus half the step below it (448 + 16 for E4M3, 57344 + 4096 for E5M2). Values under
+    it round to the largest value anyway; only those above lose more than half a step."""
+    finite = FLOAT8_VALUES[dtype][torch.isfinite(FLOAT8_VALUES[dtype])].unique()
+    return float(finite[-1] + (finite[-1] - finite[-2]) / 2)
+
+
 def float8_to_float32(q: Tensor) -> Tensor:
     """The float32 values of float8 ``q``: a table lookup of its bytes (exact, NaN included)."""
     codes = q.reshape(-1).view(torch.uint8).to(torch.int32)
@@ -95,8 +103,8 @@ def float8_to_float32(q: Tensor) -> Tensor:
 
 @torch.library.custom_op("qc::dequantize", mutates_args=())
 def dequantize(q: Tensor, scale: Tensor, zero_point: Tensor, axis: int | None, out_dtype: torch.dtype) -> Tensor:
-    s = _as_float32(_broadcast(scale, q, axis))
-    z = _as_float32(_broadcast(zero_point, q, axis))
+    s = _as_float32(broadcast_param(scale, q, axis))
+    z = _as_float32(broadcast_param(zero_point, q, axis))
     values = float8_to_float32(q) if q.dtype in FLOAT8_VALUES else q.to(torch.float32)
     return ((values - z) * s).to(out_dtype)
 

@@ -25,8 +25,10 @@ from torch import fx
 from torch.utils import _pytree as pytree
 
 from qcompile.ir.meta import QuantAnnotation, get_qspec, source_module, stand_ins
+from qcompile.ops import broadcast_param, float8_rounding_limit
 from qcompile.pipeline import PassRecord
 from qcompile.qconfig import op_kind
+from qcompile.qdq import QuantizeCall
 
 
 def sqnr_db(reference: torch.Tensor, approximation: torch.Tensor) -> float:
@@ -67,7 +69,8 @@ def flat_inputs(gm: fx.GraphModule, args: tuple, kwargs: dict) -> list[Any]:
 
 
 def node_sqnr(planned: fx.GraphModule, qdq: fx.GraphModule, calls: list[tuple[tuple, dict]],
-              reference: fx.GraphModule | None = None) -> tuple[dict[str, float], list[float]]:
+              reference: fx.GraphModule | None = None,
+              saturation: dict[str, list[int]] | None = None) -> tuple[dict[str, float], list[float]]:
     """SQNR of each planned node and of each output, Q/DQ graph against float graph, with signal
     and noise summed over all ``calls`` (one batch is not the data: an SQNR measured on the
     first batch only looked healthy while the model was ruined on others). The float values
@@ -78,7 +81,11 @@ def node_sqnr(planned: fx.GraphModule, qdq: fx.GraphModule, calls: list[tuple[tu
     elements, the same positions in both graphs, taken at a prime stride so that no channel
     period aliases them onto a few channels. The estimate of a noise power from n samples is
     within about 1/√n (0.4 % here, 0.02 dB) of the whole tensor's; the float graph's values then
-    take 256 KB a node instead of its activations (all-MiniLM, 8x128 tokens: 362 MB -> ~30)."""
+    take 256 KB a node instead of its activations (all-MiniLM, 8x128 tokens: 362 MB -> ~30).
+
+    ``saturation``, when given, receives for each float8 quantize (by the value it casts) the
+    count of elements the cast saturated (beyond the largest finite value by more than half a
+    step, :func:`~qcompile.ops.float8_rounding_limit`), and of all elements."""
     outputs = [a.name for a in planned.graph.output_node().all_input_nodes]
     names = {n.name for n in planned.graph.nodes
              if (plan := get_qspec(n)) is not None and not plan.shares_qparams_of} | set(outputs)
@@ -86,7 +93,7 @@ def node_sqnr(planned: fx.GraphModule, qdq: fx.GraphModule, calls: list[tuple[tu
     sums: dict[str, list[float]] = {}
     for args, kwargs in calls:
         values = node_outputs(reference if reference is not None else planned, names, args, kwargs, keep=_sample)
-        comparer = _Comparer(qdq, values, renamed, sums)
+        comparer = _Comparer(qdq, values, renamed, sums, saturation)
         with torch.no_grad():
             comparer.run(*flat_inputs(qdq, args, kwargs))
     sqnr = {name: _db(signal, noise) for name, (signal, noise) in sums.items()}
@@ -118,11 +125,21 @@ class _Comparer(fx.Interpreter):
     samples and dropping each sample there and then."""
 
     def __init__(self, gm: fx.GraphModule, reference: dict[str, torch.Tensor], renamed: dict[str, str],
-                 sums: dict[str, list[float]]):
+                 sums: dict[str, list[float]], saturation: dict[str, list[int]] | None = None):
         super().__init__(gm)
-        self.reference, self.renamed, self.sums = reference, renamed, sums
+        self.reference, self.renamed, self.sums, self.saturation = reference, renamed, sums, saturation
+
+    def _count_saturated(self, quantize: QuantizeCall) -> None:
+        x, scale = self.env[quantize.x], self.env[quantize.scale]
+        limit = torch.as_tensor(broadcast_param(scale.float(), x, quantize.axis)) * float8_rounding_limit(quantize.dtype)
+        counts = self.saturation.setdefault(quantize.x.name, [0, 0])
+        counts[0] += int((x.float().abs() > limit).sum())
+        counts[1] += x.numel()
 
     def run_node(self, node: fx.Node) -> Any:
+        quantize = QuantizeCall.of(node) if self.saturation is not None else None
+        if quantize is not None and quantize.dtype.is_floating_point and isinstance(quantize.scale, fx.Node):
+            self._count_saturated(quantize)
         value = super().run_node(node)
         name = self.renamed.get(node.name, node.name)
         y = self.reference.pop(name, None)
@@ -232,8 +249,10 @@ class CompileReport:
             # the options stay in the JSON form.
             name = p.name if len(p.name) < 40 else p.name.split("{")[0] + "{...}"
             lines.append(f"{p.stage:<9}{name:<40}{'yes' if p.changed else 'no':<9}{p.ms:>8.1f}  {stats}")
-        lines.append(f"\n{len(self.int8_nodes)} of {len(self.nodes)} planned nodes in int8 (every op with weights "
-                     "is one, int8 or float with its reason)")
+        fp8 = sum(n.precision == "fp8" for n in self.nodes)
+        formats = f"in int8, {fp8} in fp8" if fp8 else "in int8"
+        lines.append(f"\n{len(self.int8_nodes)} of {len(self.nodes)} planned nodes {formats} (every op with weights "
+                     "is one, quantized or float with its reason)")
         lines.append(f"{'node':<26}{'module':<42}{'precision':<10}{'SQNR dB':>8}  detail")
         for n in self.nodes:
             sqnr = "" if n.sqnr_db is None else f"{n.sqnr_db:.1f}"

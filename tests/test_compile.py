@@ -36,7 +36,7 @@ def test_static_compile_runs_int8_kernels_and_reports_every_planned_node():
     assert [(n.name, n.precision) for n in report.nodes] == [("linear", "int8"), ("linear_1", "int8")]
     assert report.nodes[0].detail == "qc.linear_int8+gelu -> uint8"
     assert all(n.sqnr_db > 25 for n in report.nodes)
-    assert "2 of 2 planned nodes in int8" in str(report)
+    assert "2 of 2 planned nodes in int8 (" in str(report)
 
 
 def test_no_calibration_data_means_dynamic_quantization():

@@ -12,7 +12,10 @@ a wrong axis, zero point or op translation differs by many, at the first tensor 
 and that is the tensor the error names.
 
 Differences are in units of the tensor's quantization step: its scale for quantized tensors,
-and for a float output the step a uint8 quantization of it would have, (max − min) / 255.
+and for a float output the step a uint8 quantization of it would have, (max − min) / 255. A
+float8 tensor's step depends on the magnitude, so there the unit is one code: the distance
+between two values is how many representable float8 values lie between them (a float8 byte's
+magnitude bits count up with the value, so the distance is the difference of the signed codes).
 """
 
 from __future__ import annotations
@@ -91,9 +94,25 @@ class CrossCheck:
         return "\n".join(lines)
 
 
+# ONNX's element types for the storage dtypes of quantized tensors.
+ONNX_TYPES = {torch.uint8: onnx.TensorProto.UINT8, torch.int8: onnx.TensorProto.INT8, torch.int32: onnx.TensorProto.INT32,
+              torch.float8_e4m3fn: onnx.TensorProto.FLOAT8E4M3FN, torch.float8_e5m2: onnx.TensorProto.FLOAT8E5M2}
+FLOAT8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def _signed_codes(q: torch.Tensor) -> torch.Tensor:
+    """Each float8 value's position on the number line: its magnitude bits, negated for negatives."""
+    code = q.view(torch.uint8).to(torch.int16)
+    magnitude = code & 0x7F
+    return torch.where(code >= 0x80, -magnitude, magnitude)
+
+
 def _compare(name: str, kind: str, ours: torch.Tensor, theirs: torch.Tensor, unit: float, step: float) -> TensorCheck:
     """``ours`` against ``theirs`` in steps, where one step is ``unit`` in the tensors' own values."""
-    difference = (ours.double() - theirs.double()).abs()
+    if ours.dtype in FLOAT8:
+        difference = (_signed_codes(ours) - _signed_codes(theirs)).abs()
+    else:
+        difference = (ours.double() - theirs.double()).abs()
     if difference.numel() == 0:
         return TensorCheck(name, kind, step, 0.0, 0.0)
     return TensorCheck(name, kind, step, float(difference.max()) / unit, float((difference > 0).double().mean()))
@@ -141,6 +160,13 @@ def _run_onnxruntime(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> tu
     return session.run(None, feeds), dict(ops)
 
 
+def _as_torch(value: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    """ONNX Runtime's array as a tensor of ``dtype``: float8 comes back as its bytes' own numpy type."""
+    if dtype in FLOAT8:
+        return torch.from_numpy(np.ascontiguousarray(value).view(np.uint8)).view(dtype)
+    return torch.from_numpy(value)
+
+
 def cross_check(model: onnx.ModelProto, reference: fx.GraphModule, args: tuple, kwargs: dict,
                 tolerance_steps: float = 1.0) -> CrossCheck:
     """Compare ``model`` in ONNX Runtime with ``reference`` (the program it was exported from;
@@ -151,8 +177,7 @@ def cross_check(model: onnx.ModelProto, reference: fx.GraphModule, args: tuple, 
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     for name in exposed:
-        dtype = quantize_nodes[name].meta["val"].dtype
-        elem = onnx.helper.np_dtype_to_tensor_dtype(torch.empty((), dtype=dtype).numpy().dtype)
+        elem = ONNX_TYPES[quantize_nodes[name].meta["val"].dtype]
         probe.graph.output.append(onnx.helper.make_tensor_value_info(name, elem, None))
     placeholders = [n.name for n in reference.graph.nodes if n.op == "placeholder"]
     values = dict(zip(placeholders, flat_inputs(reference, args, kwargs), strict=True))
@@ -164,7 +189,8 @@ def cross_check(model: onnx.ModelProto, reference: fx.GraphModule, args: tuple, 
              for graph_input, name in zip(model.graph.input, placeholders)}
     results, ops = _run_onnxruntime(probe, feeds)
     count = len(model.graph.output)
-    forced = {name: torch.from_numpy(value) for name, value in zip(exposed, results[count:], strict=True)}
+    forced = {name: _as_torch(value, quantize_nodes[name].meta["val"].dtype)
+              for name, value in zip(exposed, results[count:], strict=True)}
     interpreter = _TeacherForced(reference, forced)
     with torch.no_grad():
         ours = torch.utils._pytree.tree_leaves(interpreter.run(*[values[p] for p in placeholders]))

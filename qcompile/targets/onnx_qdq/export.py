@@ -44,9 +44,11 @@ from qcompile.qdq import DEQUANTIZE, QUANTIZE, DequantizeCall, QuantizeCall
 from qcompile.targets.onnx_qdq.arrange import ARRANGE_FOR_ONNX_RUNTIME, UNFUSED_SUM
 from qcompile.targets.onnx_qdq.check import CrossCheck, cross_check
 
-OPSET = 21
+OPSET = 21  # 19 added float8 QuantizeLinear/DequantizeLinear; 21 blocked scales
+FLOAT8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 # The full range of each integer storage type: ONNX's QuantizeLinear saturates to exactly these.
-_FULL_RANGES = {torch.uint8: (0, 255), torch.int8: (-128, 127), torch.int32: (-(2**31), 2**31 - 1)}
+_FULL_RANGES = {torch.uint8: (0, 255), torch.int8: (-128, 127), torch.int32: (-(2**31), 2**31 - 1),
+                torch.float8_e4m3fn: (-448, 448), torch.float8_e5m2: (-57344, 57344)}
 
 
 def _per_tensor_scale(scale):
@@ -86,6 +88,16 @@ class OnnxExport:
     float_bytes: int
     check: CrossCheck | None
     quantized_weight_ops: int = 0  # linears and convolutions the Q/DQ graph reads int8 weights for
+    float8_weight_ops: int = 0  # and those it reads float8 weights for
+
+    @property
+    def float8_note(self) -> str | None:
+        """What ONNX Runtime's CPU provider does with float8 Q/DQ, when the file has any."""
+        if not self.float8_weight_ops:
+            return None
+        return (f"{self.float8_weight_ops} linears and convolutions read FP8 weights: ONNX Runtime's CPU provider runs "
+                "FP8 QuantizeLinear/DequantizeLinear unfused (float compute on dequantized values, slower than the fp32 "
+                "file); FP8 QDQ is a format for GPU runtimes such as TensorRT")
 
     @property
     def unfused(self) -> str | None:
@@ -102,8 +114,7 @@ class OnnxExport:
                  f"{self.float_bytes / 1e6:.1f} MB of float weights)"]
         if self.check is not None:
             lines.append(str(self.check))
-        if self.unfused:
-            lines.append(self.unfused)
+        lines += [note for note in (self.unfused, self.float8_note) if note]
         return "\n".join(lines)
 
 
@@ -111,10 +122,15 @@ WEIGHT_OPS = frozenset({torch.ops.aten.linear.default, torch.ops.aten.conv1d.def
                         torch.ops.aten.conv3d.default})
 
 
-def quantized_weight_ops(gm: fx.GraphModule) -> int:
-    """Linears and convolutions whose weight comes from a dequantize: what ORT should run in int8."""
-    return sum(1 for node in gm.graph.nodes if node.op == "call_function" and node.target in WEIGHT_OPS
-               and DequantizeCall.of(op_arguments(node)["weight"]) is not None)
+def quantized_weight_ops(gm: fx.GraphModule, float8: bool = False) -> int:
+    """Linears and convolutions whose weight comes from a dequantize of integers (what ORT should
+    run in int8), or with ``float8`` of float8 values (what ORT's CPU provider runs unfused)."""
+    count = 0
+    for node in gm.graph.nodes:
+        dq = DequantizeCall.of(op_arguments(node)["weight"]) if node.target in WEIGHT_OPS else None
+        if dq is not None and (dq.integer_dtype in FLOAT8_DTYPES) == float8:
+            count += 1
+    return count
 
 
 def _check_exportable(gm: fx.GraphModule) -> None:
@@ -212,7 +228,8 @@ def export_onnx(
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)
-    exported = OnnxExport(path, path.stat().st_size, _float_bytes(gm), result, quantized_weight_ops(gm))
+    exported = OnnxExport(path, path.stat().st_size, _float_bytes(gm), result, quantized_weight_ops(gm),
+                          quantized_weight_ops(gm, float8=True))
     if exported.unfused:
         warnings.warn(exported.unfused, stacklevel=3)
     return exported
