@@ -196,6 +196,8 @@ class Annotate(Pass):
         qconfig = self.qconfig if self.qconfig is not None else target.preset()
         plans: dict[fx.Node, QuantAnnotation] = {}
         unsupported: dict[str, str] = {}
+        # How reasons name the target's kernels: by the format family it runs.
+        family = "int8" if any(d.startswith(("int", "uint")) for r in target.op_rules.values() for d in r.formats) else "fp8"
         for node in gm.graph.nodes:
             if node.op != "call_function":
                 continue
@@ -206,14 +208,14 @@ class Annotate(Pass):
             rule = target.op_rules.get(kind)
             if rule is None:
                 if config is not None and why != "default":
-                    reason = f"{target.name} has no int8 kernel for '{kind}'"
+                    reason = f"{target.name} has no {family} kernel for '{kind}'"
                     plans[node] = QuantAnnotation(rule=why, float_reason=reason)
                     unsupported[node.name] = reason
                 elif is_weight_op(gm, node):  # reported, so that every weight op is accounted for
                     provenance = get_provenance(node)
                     reason = ("the outlier channels smooth-outliers split off: their product stays float by design"
                               if provenance is not None and provenance.pass_name == "smooth-outliers"
-                              else f"{target.name} has no int8 kernel for '{kind}': its weights stay float")
+                              else f"{target.name} has no {family} kernel for '{kind}': its weights stay float")
                     plans[node] = QuantAnnotation(rule=why, float_reason=reason)
                 continue
             if config is None:

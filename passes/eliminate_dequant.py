@@ -3,7 +3,8 @@
     shape_op(dequantize(q, S, Z), ...)     -> dequantize(shape_op(q, ...), S, Z)
         (view, reshape, permute, transpose, flatten, squeeze/unsqueeze, max-pool: ops that move
          or select values, so they commute with the per-tensor affine map; per-tensor only: a
-         per-token scale belongs to the rows of the value it was computed for)
+         per-token scale belongs to the rows of the value it was computed for; ATen has no
+         float8 max-pool, so float8 values are pooled in float)
     quantize(dequantize(q, S, Z), S, Z)    -> q
         (a dequantize straight into a quantize with the same qparams and range is the identity)
     embedding(dequantize(W_q, S, Z, axis=0), ids)
@@ -37,6 +38,12 @@ from qcompile.qdq import DEQUANTIZE, QUANTIZE, SHARES_QPARAMS, DequantizeCall, Q
 aten = torch.ops.aten
 MAX_POOL2D = aten.max_pool2d.default
 EMBEDDING = aten.embedding.default
+
+
+def _runs_on(op: fx.Node, dtype: torch.dtype | None) -> bool:
+    """Whether ``op`` has an ATen kernel for values of ``dtype``: max-pooling has none for float8
+    (views and lookups move any dtype's bytes)."""
+    return op.target != MAX_POOL2D or dtype not in (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
 def _sink_through(gm: fx.GraphModule, op: fx.Node, dq: DequantizeCall, pass_name: str) -> fx.Node:
@@ -105,7 +112,7 @@ class EliminateDequant(Pass):
             # The data is argument 0 of the ops read here (shape ops, embedding's weight, quantize's x).
             source = node.args[0] if node.args else None
             dq, q = DequantizeCall.of(source), QuantizeCall.of(node)
-            if node.target in SHARES_QPARAMS and dq is not None and dq.per_tensor:
+            if node.target in SHARES_QPARAMS and dq is not None and dq.per_tensor and _runs_on(node, dq.integer_dtype):
                 _sink_through(gm, node, dq, self.name)
                 sunk += 1
             elif node.target == EMBEDDING and dq is not None and dq.per_tensor:
@@ -115,7 +122,7 @@ class EliminateDequant(Pass):
                 _gather_rows(gm, node, dq, self.name)
                 gathered += 1
             elif (q is not None and isinstance(source, fx.Node) and source.target == MAX_POOL2D
-                  and len(source.users) == 1 and q.per_tensor):
+                  and len(source.users) == 1 and q.per_tensor and _runs_on(source, q.dtype)):
                 _hoist_above(gm, q, source, self.name)
                 hoisted += 1
             elif q is not None and dq is not None and _same_format(q, dq):

@@ -24,8 +24,8 @@ def annotated(model: torch.nn.Module, *args: torch.Tensor, **annotate_options) -
     return Annotate(**annotate_options)(cleaned(model, *args)).graph_module
 
 
-def calibrated(model: torch.nn.Module, *args: torch.Tensor, batches: int = 4) -> torch.fx.GraphModule:
-    observed = InsertObservers()(annotated(model, *args)).graph_module
+def calibrated(model: torch.nn.Module, *args: torch.Tensor, batches: int = 4, **annotate_options) -> torch.fx.GraphModule:
+    observed = InsertObservers()(annotated(model, *args, **annotate_options)).graph_module
     generator = torch.Generator().manual_seed(1)
     data = [(torch.randn(args[0].shape, generator=generator),) for _ in range(batches)]
     qcompile.calibrate(observed, data, (args, {}), progress=False)

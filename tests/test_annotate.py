@@ -50,7 +50,7 @@ def test_qconfig_none_and_unsupported_specs_stay_float_with_the_reason():
 
 
 def test_unknown_target_lists_the_known_ones():
-    with pytest.raises(qcompile.QCompileError, match="unknown target 'gpu-int3'; known targets: cpu-int8"):
+    with pytest.raises(qcompile.QCompileError, match="unknown target 'gpu-int3'; known targets: cpu-fp8, cpu-int8"):
         Annotate(target="gpu-int3")(cleaned(TinyBlock(), torch.randn(2, 16)))
 
 

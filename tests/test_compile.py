@@ -76,7 +76,7 @@ def test_example_inputs_fall_back_to_dummy_inputs_then_fail_clearly():
 
 
 def test_bad_input_errors_name_what_is_wrong():
-    with pytest.raises(qcompile.QCompileError, match="unknown target 'tpu'; known targets: cpu-int8"):
+    with pytest.raises(qcompile.QCompileError, match="unknown target 'tpu'; known targets: cpu-fp8, cpu-int8, onnx-qdq"):
         qcompile.compile(TinyBlock(), (torch.randn(2, 16),), target="tpu")
     with pytest.raises(qcompile.CalibrationError, match="calibration data is empty"):
         qcompile.compile(TinyBlock(), (torch.randn(2, 16),), calibration_data=[])

@@ -1,11 +1,12 @@
-"""onnx-float-matmul-biases and onnx-residual-sums (targets/onnx_qdq/arrange.py): the export's
-copy arranged for ONNX Runtime, values unchanged."""
+"""onnx-float-matmul-biases, onnx-residual-sums and onnx-float8-relu-as-max
+(targets/onnx_qdq/arrange.py): the export's copy arranged for ONNX Runtime, values unchanged."""
 
 import pytest
 import torch
 
 import qcompile
-from qcompile.targets.onnx_qdq import FloatMatmulBiases, ResidualAddsAsSums
+from qcompile.qconfig import fp8_qconfig
+from qcompile.targets.onnx_qdq import Float8ReluAsMax, FloatMatmulBiases, ResidualAddsAsSums
 from qcompile.testing import assert_graph_diff, assert_outputs_close, assert_pass_contract
 from tests.models import TinyBlock
 
@@ -54,3 +55,17 @@ def test_the_export_runs_them_as_a_pipeline_that_dumps_like_any_other(block, tmp
     qcompile.export_onnx(gm, tmp_path / "block.onnx", (x,))
     dumped = sorted(p.name for p in (tmp_path / "dumps").glob("*.diff"))
     assert dumped[:2] == ["001_onnx-float-matmul-biases.diff", "002_onnx-residual-sums.diff"]
+
+
+def test_structure_a_relu_into_a_float8_quantize_is_a_maximum_with_zero():
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8)).eval()
+    data = [(torch.randn(4, 16, generator=torch.Generator().manual_seed(i)),) for i in range(3)]
+    gm = qcompile.compile(model, target="onnx-qdq", qconfig=fp8_qconfig(), calibration_data=data,
+                          progress=False).qdq_graph_module
+    after = assert_pass_contract(Float8ReluAsMax(), gm, [data[0][0]])
+    assert_graph_diff(gm, after, exact=False, added=["aten.maximum.default(%linear, %relu_zero)"],
+                      removed=["aten.relu.default(%linear)"])
+    assert_outputs_close(gm, after, [data[1][0]], rtol=0)
+    # an integer quantize's relu stays: uint8 with zero point 0 does clip negatives
+    int8 = qcompile.compile(model, target="onnx-qdq", calibration_data=data, progress=False).qdq_graph_module
+    assert not Float8ReluAsMax()(int8).modified

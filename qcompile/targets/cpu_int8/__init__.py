@@ -11,7 +11,7 @@
 """
 
 from qcompile.qconfig import int8_preset
-from qcompile.targets.base import DYNAMIC_PREPARE, PREPARE, Target, register_target
+from qcompile.targets.base import CONVERT, DYNAMIC_PREPARE, PREPARE, Target, register_target
 from qcompile.targets.cpu_int8.bf16_kernels import attention_bf16, linear_bf16
 from qcompile.targets.cpu_int8.capabilities import op_rules
 from qcompile.targets.cpu_int8.fuse_patterns import FusePatterns
@@ -28,12 +28,12 @@ register_target(
         op_rules=op_rules(),
         preset=int8_preset,
         prepare=PREPARE,
-        convert="convert,eliminate-dequant,eliminate-dead-code",
+        convert=CONVERT,
         # Fusion is read off the Q/DQ graph, so a saved Q/DQ program lowers the same way.
         lower="canonicalize,merge-sibling-linears,fuse-patterns,lower-cpu-int8,lower-float-bf16,relax-views,"
               "eliminate-dead-code",
         dynamic_prepare=DYNAMIC_PREPARE,
-        dynamic_convert="convert{dynamic=true},eliminate-dequant,eliminate-dead-code",
+        dynamic_convert="cast-fp8{dynamic=true},convert{dynamic=true},eliminate-dequant,eliminate-dead-code",
         describe_kernel=describe_int8_kernel,
         passes=(MergeSiblingLinears, FusePatterns, LowerCpuInt8, LowerFloatBf16),
     )

@@ -1,7 +1,7 @@
 """onnx-qdq: the Q/DQ graph as an ONNX QDQ file that ONNX Runtime fuses into its int8 kernels.
 
 * ``arrange``: passes that arrange the export's copy for ONNX Runtime's optimizer
-  (``onnx-float-matmul-biases``, ``onnx-residual-sums``);
+  (``onnx-float-matmul-biases``, ``onnx-residual-sums``, ``onnx-float8-relu-as-max``);
 * ``export``: the exporter (``export_onnx``), loaded on first use (it imports onnxscript);
 * ``check``: the ONNX Runtime cross-check of every file written;
 * the target: op rules and pipelines (the model runs as its Q/DQ graph in torch).
@@ -10,7 +10,7 @@
 from qcompile.qconfig import int8_preset
 from qcompile.spec import FLOAT8_DTYPES, PerTensor
 from qcompile.targets.base import CONVERT, PREPARE, OpRule, Target, register_target
-from qcompile.targets.onnx_qdq.arrange import FloatMatmulBiases, ResidualAddsAsSums
+from qcompile.targets.onnx_qdq.arrange import Float8ReluAsMax, FloatMatmulBiases, ResidualAddsAsSums
 
 register_target(
     Target(
@@ -32,9 +32,9 @@ register_target(
         convert=CONVERT,
         lower="eliminate-dead-code",  # the model runs as its Q/DQ graph; ONNX Runtime runs the file
         unlowered="Q/DQ for ONNX Runtime (export_onnx)",
-        passes=(FloatMatmulBiases, ResidualAddsAsSums),
+        passes=(FloatMatmulBiases, ResidualAddsAsSums, Float8ReluAsMax),
     )
 )
 
 
-__all__ = ["FloatMatmulBiases", "ResidualAddsAsSums"]
+__all__ = ["Float8ReluAsMax", "FloatMatmulBiases", "ResidualAddsAsSums"]

@@ -1,0 +1,141 @@
+"""cpu-fp8: qc.linear_fp8's paths against their reference, the lowering's graph diff and path
+choice, and all-MiniLM-L6-v2 end to end (fidelity, bytes, save/load)."""
+
+import time
+
+import pytest
+import torch
+
+import qcompile
+from qcompile.kernel_check import kernel_contracts
+from qcompile.qconfig import fp8_qconfig
+from qcompile.targets.cpu_fp8 import LowerCpuFp8, capabilities, cpu_fp8_preset
+from qcompile.targets.cpu_fp8.kernels import decoded_weight, linear_fp8, reference_linear_fp8
+from qcompile.testing import assert_outputs_close, assert_pass_contract, check_graph
+from tests.models import SentenceEmbedder, TinyBlock, docstring_sentences, minilm_inputs
+from tests.quant_stages import calibrated
+from qcompile.passes import CastFp8, EliminateDequant
+
+E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
+
+
+def fp8_weight(out_features: int, in_features: int, dtype=E4M3, seed: int = 0):
+    weight = torch.randn(out_features, in_features, generator=torch.Generator().manual_seed(seed))
+    scale = weight.abs().amax(1) / torch.finfo(dtype).max
+    return (weight / scale[:, None]).to(dtype), scale
+
+
+@pytest.mark.parametrize("path", ["bf16", "scaled-mm"])
+@pytest.mark.parametrize("activations", ["per-tensor", "per-token", "weight-only", "e5m2"])
+def test_linear_fp8_keeps_its_contract(path, activations):
+    if path == "scaled-mm" and activations == "weight-only":
+        pytest.skip("the FP8 GEMM needs FP8 activations (the lowering never picks it for weight-only)")
+    x = torch.randn(3, 5, 64, generator=torch.Generator().manual_seed(1)) * 3
+    dtype = E5M2 if activations == "e5m2" else E4M3
+    weight, weight_scale = fp8_weight(48, 64, dtype)
+    scale = {"per-tensor": torch.tensor([x.abs().max() / 448]), "e5m2": torch.tensor([x.abs().max() / 57344]),
+             "per-token": x.abs().amax(-1, keepdim=True) / 448, "weight-only": None}[activations]
+    fmt = None if scale is None else dtype
+    bias = torch.randn(48)
+    y = linear_fp8(x, scale, fmt, weight, weight_scale, bias, path)
+    expected = reference_linear_fp8(x, scale, fmt, weight, weight_scale, bias, path)
+    assert y.shape == (3, 5, 48) and y.dtype == torch.float32
+    # bf16 operands, fp32 accumulation: within two bf16 ulps of the largest output
+    assert float((y - expected).abs().max() / expected.abs().max()) < 2.0**-7
+    assert kernel_contracts()[torch.ops.qc.linear_fp8.default].precision == torch.bfloat16
+
+
+def test_weights_are_decoded_once_per_tensor():
+    weight, scale = fp8_weight(16, 32)
+    first = decoded_weight(weight, scale)
+    assert decoded_weight(weight, scale) is first and first.dtype == torch.bfloat16
+    torch.testing.assert_close(first.float(), weight.float() * scale[:, None], rtol=2.0**-8, atol=0)
+
+
+def test_bad_arguments_are_refused():
+    weight, scale = fp8_weight(8, 16)
+    x = torch.randn(2, 16)
+    with pytest.raises(ValueError, match="path 'fp4' is not one of: scaled-mm, bf16"):
+        linear_fp8(x, None, None, weight, scale, None, "fp4")
+    with pytest.raises(ValueError, match="must be 2-D float8"):
+        linear_fp8(x, None, None, weight.float(), scale, None, "bf16")
+    with pytest.raises(ValueError, match="scale and format together"):
+        linear_fp8(x, torch.tensor([0.1]), None, weight, scale, None, "bf16")
+
+
+def test_no_fp8_gemm_without_amx(monkeypatch):
+    monkeypatch.setattr(capabilities, "cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16", "avx512_vnni"}))
+    assert not capabilities.has_fp8_gemm() and capabilities.available_paths() == ("bf16",)
+    assert cpu_fp8_preset().by_op["linear"].activation is None  # weight-only: FP8 activations only add work here
+    monkeypatch.setattr(capabilities, "cpu_flags", lambda: frozenset({"amx_tile", "amx_int8", "amx_bf16"}))
+    assert capabilities.available_paths() == ("scaled-mm", "bf16")
+    assert cpu_fp8_preset().by_op["linear"].activation.dtype == "float8_e4m3fn"
+
+
+def test_fastest_path_takes_the_lowest_median():
+    def run(path):
+        time.sleep(0.002 if path == "slow" else 0.0)
+    assert capabilities.fastest_path(("slow", "fast"), run) == "fast"
+    assert capabilities.fastest_path(("only",), lambda p: pytest.fail("one candidate is not timed")) == "only"
+
+
+def qdq_fp8(model, x, qconfig):
+    observed = calibrated(model, x, qconfig=qconfig, target="cpu-fp8")
+    return EliminateDequant()(CastFp8()(observed).graph_module).graph_module
+
+
+def test_lowering_graph_diff_and_paths_in_the_diagnostics():
+    x = torch.randn(4, 16)
+    before = qdq_fp8(TinyBlock(), x, fp8_qconfig())
+    result = LowerCpuFp8(paths=("scaled-mm", "bf16"))(before)  # both timed at each linear's shape
+    out = assert_pass_contract(LowerCpuFp8(), before)
+    check_graph(out, """
+    CHECK: qc.linear_fp8.default(%0, %1, torch.float8_e4m3fn, {{%[0-9]+}}, {{%[0-9]+}}, {{%[0-9]+}}, bf16)
+    CHECK-NOT: aten.linear.default
+    CHECK: qc.linear_fp8.default
+    """)
+    assert_outputs_close(before, out, [torch.randn(6, 16)], rtol=0.02)
+    paths = result.of_kind("path")
+    assert set(paths) == {"linear", "linear_1"}
+    assert all(reason.startswith(("scaled-mm", "bf16")) and "timed" in reason for reason in paths.values())
+    assert LowerCpuFp8()(before).of_kind("path")["linear"] == (
+        "bf16 (torch.float8_e4m3fn activations): FP8 weights decoded once to bf16: this CPU has no FP8 GEMM (no AMX), "
+        "and torch's would convert both operands to fp32 on every call") or capabilities.has_fp8_gemm()
+
+
+def test_lowering_weight_only_and_per_token():
+    x = torch.randn(4, 16)
+    for qconfig, fmt in ((fp8_qconfig(activations=None), "None"), (fp8_qconfig(activations="per-token"), "torch.float8_e4m3fn")):
+        before = qdq_fp8(TinyBlock(), x, qconfig)
+        out = assert_pass_contract(LowerCpuFp8(), before)
+        check_graph(out, f"CHECK: qc.linear_fp8.default(%0, {{{{.*}}}}, {fmt}, ")
+        assert_outputs_close(before, out, [torch.randn(3, 16)], rtol=0.02)
+
+
+@pytest.fixture(scope="module")
+def minilm_fp8_data(minilm):
+    model, tokenizer = minilm
+    sentences = docstring_sentences(48)
+    calibration = [minilm_inputs(tokenizer, sentences[i:i + 8], length=32) for i in range(0, 24, 8)]
+    evaluation = minilm_inputs(tokenizer, sentences[32:48], length=24)
+    return SentenceEmbedder(model).eval(), calibration, evaluation
+
+
+@pytest.mark.parametrize("qconfig, floor", [(None, 0.9985), (fp8_qconfig(), 0.997)])
+def test_minilm_cpu_fp8(minilm_fp8_data, qconfig, floor, tmp_path):
+    embedder, calibration, evaluation = minilm_fp8_data
+    qm = qcompile.compile(embedder, calibration_data=calibration, target="cpu-fp8", qconfig=qconfig, progress=False)
+    with torch.no_grad():
+        expected = embedder(**evaluation)
+        cosine = torch.nn.functional.cosine_similarity(qm(**evaluation), expected)
+    assert cosine.min() > floor
+    lines = {n.name: n for n in qm.report.nodes}
+    linears = [n for n in qm.report.nodes if n.op == "linear"]
+    assert len(linears) == 36 and all(n.precision == "fp8" and n.detail.startswith("qc.linear_fp8 via") for n in linears)
+    assert lines["embedding"].detail == "float8_e4m3fn rows looked up, then dequantized -> float32"
+    path = qm.save(tmp_path / "minilm.qc")
+    float_bytes = sum(t.numel() * 4 for t in embedder.state_dict().values())
+    assert path.stat().st_size <= 0.27 * float_bytes
+    loaded = qcompile.load(path)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**evaluation), qm(**evaluation))
