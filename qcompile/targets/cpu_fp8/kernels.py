@@ -1,15 +1,15 @@
 """cpu-fp8's kernel: ``torch.ops.qc.linear_fp8``, what ``lower-cpu-fp8`` rewrites an FP8 linear into.
 
-    linear_fp8(x, S_x, fmt, W_q, S_W, b, path)
-        == linear(dequantize(quantize(x, S_x, fmt)), dequantize(W_q, S_W, axis=0), b)
+    linear_fp8(x_q, S_x, W_q, S_W, b, out_dtype, path)
+        == linear(dequantize(x_q, S_x), dequantize(W_q, S_W, axis=0), b)
 
-``x`` arrives in float and is cast to ``fmt`` (E4M3 or E5M2) with ``S_x`` inside the kernel:
-one scale, or one per row ([..., 1], per-token scales computed in the graph). Without ``fmt``
-the linear is weight-only and ``x`` is read as it is. ``W_q`` is the FP8 constant the Q/DQ
-graph holds, symmetric per output channel. ``path`` is the one the lowering chose
-(:mod:`.capabilities`): ``scaled-mm`` (``torch._scaled_mm``, the native FP8 GEMM on CPUs with
-AMX) or ``bf16`` (the weight decoded once per tensor into ``S_W·W_q`` in bf16 and cached, the
-activation decoded through a 256-entry table of ``S_x·v``). The result is in ``x``'s dtype.
+``x_q`` is the FP8 activation the graph's ``qc.quantize`` cast (possibly through views: the
+bytes move, not floats), with one scale or one per row ([..., 1], per-token scales computed in
+the graph); or, for a weight-only linear, the float activation itself with no scale. ``W_q``
+is the FP8 constant the Q/DQ graph holds, symmetric per output channel. ``path`` is the one the
+lowering chose (:mod:`.capabilities`): ``scaled-mm`` (``torch._scaled_mm``, the native FP8
+GEMM on CPUs with AMX) or ``bf16`` (the weight decoded once per tensor into ``S_W·W_q`` in
+bf16 and cached; the activation decoded through a 256-entry table of ``S_x·v``).
 """
 
 from __future__ import annotations
@@ -36,67 +36,64 @@ def decoded_weight(weight: Tensor, weight_scale: Tensor) -> Tensor:
     return decoded
 
 
-def _cast(x: Tensor, scale: Tensor, fmt: torch.dtype) -> Tensor:
-    """fp8(clamp(x / S, −max, max)): ``qc.quantize`` to ``fmt`` with zero point 0."""
-    finite_max = int(torch.finfo(fmt).max)
-    return torch.ops.qc.quantize(x, scale, torch.zeros_like(scale, dtype=torch.int32), None,
-                                 -finite_max, finite_max, fmt)
-
-
-def _decoded_activation(x: Tensor, scale: Tensor, fmt: torch.dtype) -> Tensor:
-    """``S_x · fp8(x / S_x)`` in bf16: the cast, then one table lookup per element (the table
-    holds S_x·v for each of the 256 codes when S_x is one number; per-row scales multiply after)."""
-    codes = _cast(x, scale, fmt).view(torch.uint8).reshape(-1).to(torch.int32)
+def _decoded_activation(x_q: Tensor, scale: Tensor) -> Tensor:
+    """``S_x · x_q`` in bf16 by one table lookup per element (the table holds S_x·v for each of
+    the 256 codes when S_x is one number; per-row scales multiply after)."""
+    codes = x_q.reshape(-1).view(torch.uint8).to(torch.int32)
     if scale.numel() == 1:
-        table = (FLOAT8_VALUES[fmt] * scale.float().reshape(())).to(torch.bfloat16)
-        return table.index_select(0, codes).view(x.shape)
-    values = FLOAT8_VALUES[fmt].to(torch.bfloat16).index_select(0, codes).view(x.shape)
+        table = (FLOAT8_VALUES[x_q.dtype] * scale.float().reshape(())).to(torch.bfloat16)
+        return table.index_select(0, codes).view(x_q.shape)
+    values = FLOAT8_VALUES[x_q.dtype].to(torch.bfloat16).index_select(0, codes).view(x_q.shape)
     return values.mul_(scale.to(torch.bfloat16))
 
 
-@torch.library.custom_op("qc::linear_fp8", mutates_args=())
-def linear_fp8(x: Tensor, x_scale: Tensor | None, x_format: torch.dtype | None, weight: Tensor,
-               weight_scale: Tensor, bias: Tensor | None, path: str) -> Tensor:
+def _check(x: Tensor, x_scale: Tensor | None, weight: Tensor, path: str) -> None:
     if path not in PATHS:
         raise ValueError(f"linear_fp8 path '{path}' is not one of: {', '.join(PATHS)}")
     if weight.dtype not in FLOAT8_VALUES or weight.dim() != 2:
         raise ValueError(f"linear_fp8 weights must be 2-D float8, got {weight.dtype} {list(weight.shape)}")
-    if (x_scale is None) != (x_format is None):
-        raise ValueError("linear_fp8 takes an activation scale and format together (or neither: weight-only)")
+    if (x_scale is None) == (x.dtype in FLOAT8_VALUES):
+        raise ValueError(f"linear_fp8 takes a float8 activation with its scale, or a float one without (weight-only); "
+                         f"got {x.dtype} {'without' if x_scale is None else 'with'} a scale")
+    if path == "scaled-mm" and x_scale is None:
+        raise ValueError("linear_fp8's scaled-mm path needs FP8 activations")
+
+
+@torch.library.custom_op("qc::linear_fp8", mutates_args=())
+def linear_fp8(x: Tensor, x_scale: Tensor | None, weight: Tensor, weight_scale: Tensor, bias: Tensor | None,
+               out_dtype: torch.dtype, path: str) -> Tensor:
+    _check(x, x_scale, weight, path)
     if path == "scaled-mm":
-        if x_format is None:
-            raise ValueError("linear_fp8's scaled-mm path needs FP8 activations")
         rows = x.reshape(-1, x.shape[-1])
-        per_row = x_scale.float().reshape(-1, 1) if x_scale.numel() > 1 else None
         # _scaled_mm pairs a row-wise weight scale (one per output channel) with row-wise activation scales.
-        scale_a = per_row if per_row is not None else x_scale.float().reshape(1, 1).expand(rows.shape[0], 1)
-        y = torch._scaled_mm(_cast(rows, per_row if per_row is not None else x_scale, x_format), weight.t(),
-                             scale_a=scale_a.contiguous(), scale_b=weight_scale.float().reshape(1, -1),
+        scale_a = x_scale.float().reshape(-1, 1)
+        if scale_a.shape[0] == 1:
+            scale_a = scale_a.expand(rows.shape[0], 1)
+        y = torch._scaled_mm(rows.contiguous(), weight.t(), scale_a=scale_a.contiguous(),
+                             scale_b=weight_scale.float().reshape(1, -1),
                              bias=None if bias is None else bias.to(torch.bfloat16), out_dtype=torch.bfloat16)
-        return y.view(*x.shape[:-1], weight.shape[0]).to(x.dtype)
-    operand = x.to(torch.bfloat16) if x_format is None else _decoded_activation(x, x_scale, x_format)
+        return y.view(*x.shape[:-1], weight.shape[0]).to(out_dtype)
+    operand = x.to(torch.bfloat16) if x_scale is None else _decoded_activation(x, x_scale)
     bias = None if bias is None else bias.to(torch.bfloat16)
-    return F.linear(operand, decoded_weight(weight, weight_scale), bias).to(x.dtype)
+    return F.linear(operand, decoded_weight(weight, weight_scale), bias).to(out_dtype)
 
 
 @linear_fp8.register_fake
-def _(x, x_scale, x_format, weight, weight_scale, bias, path):
-    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+def _(x, x_scale, weight, weight_scale, bias, out_dtype, path):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]), dtype=out_dtype)
 
 
-def reference_linear_fp8(x: Tensor, x_scale: Tensor | None, x_format: torch.dtype | None, weight: Tensor,
-                         weight_scale: Tensor, bias: Tensor | None, path: str) -> Tensor:
+def reference_linear_fp8(x: Tensor, x_scale: Tensor | None, weight: Tensor, weight_scale: Tensor,
+                         bias: Tensor | None, out_dtype: torch.dtype, path: str) -> Tensor:
     """The contract in fp32 with the reference ops the kernel replaced."""
-    operand = x.float()
-    if x_format is not None:
-        zero = torch.zeros_like(x_scale, dtype=torch.int32)
-        operand = torch.ops.qc.dequantize(_cast(x, x_scale, x_format), x_scale, zero, None, torch.float32)
-    w = torch.ops.qc.dequantize(weight, weight_scale, torch.zeros_like(weight_scale, dtype=torch.int32), 0,
-                                torch.float32)
-    return F.linear(operand, w, None if bias is None else bias.float()).to(x.dtype)
+    def dequantize(q: Tensor, scale: Tensor, axis: int | None) -> Tensor:
+        return torch.ops.qc.dequantize(q, scale, torch.zeros_like(scale, dtype=torch.int32), axis, torch.float32)
+
+    operand = x.float() if x_scale is None else dequantize(x, x_scale, None)
+    y = F.linear(operand, dequantize(weight, weight_scale, 0), None if bias is None else bias.float())
+    return y.to(out_dtype)
 
 
-# Both paths compute in bf16 (operands rounded to bf16's 8-bit mantissa, fp32 accumulation).
 register_kernel(linear_fp8, reference_linear_fp8, precision=torch.bfloat16)
 
 
@@ -108,6 +105,6 @@ def describe_fp8_kernel(node: fx.Node) -> str | None:
     if node.op != "call_function" or node.target != LINEAR_FP8:
         return None
     arguments = op_arguments(node)
-    fmt = arguments["x_format"]
-    activations = "bf16 activations (weight-only)" if fmt is None else str(fmt).removeprefix("torch.")
+    x = arguments["x"].meta["val"]
+    activations = "bf16 activations (weight-only)" if arguments["x_scale"] is None else str(x.dtype).removeprefix("torch.")
     return f"qc.linear_fp8 via {arguments['path']}, {activations}"

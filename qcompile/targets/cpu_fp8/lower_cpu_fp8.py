@@ -1,15 +1,17 @@
 """lower-cpu-fp8: FP8 linears of the Q/DQ graph to ``qc.linear_fp8`` on the path this CPU runs best.
 
-    dequantize(quantize(x, S_x, fp8), S_x) -> linear(·, dequantize(W_q, S_W, axis=0), b)
-        ->  qc.linear_fp8(x, S_x, fp8, W_q, S_W, b, path)
+    dequantize(x_q, S_x) -> linear(·, dequantize(W_q, S_W, axis=0), b)
+        ->  qc.linear_fp8(x_q, S_x, W_q, S_W, b, out_dtype, path)
     linear(x, dequantize(W_q, S_W, axis=0), b)            (weight-only)
-        ->  qc.linear_fp8(x, None, None, W_q, S_W, b, path)
+        ->  qc.linear_fp8(x, None, W_q, S_W, b, out_dtype, path)
 
-``S_x`` is a constant (static), or the node computing it (per tensor or per token, dynamic).
+``x_q`` is FP8 (a quantize's output, or views of it that ``eliminate-dequant`` moved the
+dequantize past), ``S_x`` a constant (static) or the node computing it (per tensor or per
+token, dynamic).
 The path is the best of :func:`~.capabilities.available_paths` (timed at the node's shape where
 there is more than one), and the pass's diagnostics say which path each linear took and why,
-so the report never hides a slow one. The quantize and dequantize the kernel absorbs are left
-to dead-code elimination (another reader of the same quantize keeps it).
+so the report never hides a slow one. The dequantize the kernel absorbs is left to dead-code
+elimination.
 
 A linear that does not fit (a weight that is not an FP8 constant per output channel, an
 activation cast the kernel does not make itself) stays in the reference Q/DQ form, and the
@@ -29,7 +31,7 @@ from qcompile.ir.graph import add_constant, constant_value, insert_call, op_argu
 from qcompile.ir.meta import Provenance
 from qcompile.ops import FLOAT8_VALUES
 from qcompile.pipeline import Diagnostic, Pass, PassResult
-from qcompile.qdq import DequantizeCall, QuantizeCall, qparams_of
+from qcompile.qdq import DequantizeCall, qparams_of
 from qcompile.targets.cpu_fp8.capabilities import available_paths, fastest_path, why_path
 from qcompile.targets.cpu_fp8.kernels import linear_fp8
 
@@ -40,7 +42,6 @@ LINEAR = torch.ops.aten.linear.default
 class _Operands:
     x: fx.Node
     x_scale: fx.Node | None
-    x_format: torch.dtype | None
     weight_q: fx.Node
     weight_scale: torch.Tensor
     bias: torch.Tensor | None
@@ -59,23 +60,25 @@ def _operands(gm: fx.GraphModule, linear: fx.Node) -> _Operands | str:
     bias = constant_value(gm, op["bias"])
     if op["bias"] is not None and bias is None:
         return "bias is computed in the graph"
-    x, x_scale, x_format = op["input"], None, None
+    x, x_scale = op["input"], None
     x_dq = DequantizeCall.of(x)
     if x_dq is not None:
-        quantize = QuantizeCall.of(x_dq.q)
-        if quantize is None or quantize.dtype not in FLOAT8_VALUES or quantize.axis is not None:
-            return "input is not cast to FP8 right before the linear (per tensor or per token)"
-        x, x_scale, x_format = quantize.x, quantize.scale, quantize.dtype
+        if x_dq.integer_dtype not in FLOAT8_VALUES or x_dq.axis is not None:
+            return "input is not FP8 scaled per tensor or per token"
+        zero_point = constant_value(gm, x_dq.zero_point)
+        if zero_point is not None and bool(zero_point.any()):
+            return "input has a float8 zero point other than 0"
+        x, x_scale = x_dq.q, x_dq.scale
     channels = weight_q.shape[0]
-    return _Operands(x, x_scale, x_format, w_dq.q, w.scale.reshape(-1).expand(channels).contiguous().float(), bias)
+    return _Operands(x, x_scale, w_dq.q, w.scale.reshape(-1).expand(channels).contiguous().float(), bias)
 
 
 def _timing_inputs(linear: fx.Node, ops: _Operands, weight_q: torch.Tensor) -> tuple:
     """Random inputs of the node's shape (symbolic sizes at their hint) for timing its paths."""
-    shape = [int(size) if isinstance(size, int) else size.node.hint for size in linear.args[0].meta["val"].shape]
-    x = torch.randn(shape)
-    scale = None if ops.x_format is None else torch.full((1,), 0.01)
-    return x, scale, ops.x_format, weight_q, ops.weight_scale, ops.bias
+    value = ops.x.meta["val"]
+    x = torch.randn([int(size) if isinstance(size, int) else size.node.hint for size in value.shape]).to(value.dtype)
+    scale = None if ops.x_scale is None else torch.full((1,), 0.01)
+    return x, scale, weight_q, ops.weight_scale, ops.bias, linear.meta["val"].dtype
 
 
 @dataclass(frozen=True)
@@ -99,12 +102,13 @@ class LowerCpuFp8(Pass):
                 if DequantizeCall.of(op_arguments(linear)["weight"]) is not None:
                     diagnostics.append(Diagnostic(linear.name, "kept", ops))
                 continue
-            usable = candidates if ops.x_format is not None else tuple(p for p in candidates if p != "scaled-mm")
+            usable = candidates if ops.x_scale is not None else tuple(p for p in candidates if p != "scaled-mm")
             weight_q = constant_value(gm, ops.weight_q)
             path = fastest_path(usable, lambda p: linear_fp8(*_timing_inputs(linear, ops, weight_q), p))
             self._lower(gm, linear, ops, path)
             taken[path] = taken.get(path, 0) + 1
-            activations = "weight-only, bf16 activations" if ops.x_format is None else f"{ops.x_format} activations"
+            fmt = str(ops.x.meta["val"].dtype).removeprefix("torch.")
+            activations = "weight-only, bf16 activations" if ops.x_scale is None else f"{fmt} activations"
             diagnostics.append(Diagnostic(linear.name, "path", f"{path} ({activations}): {why_path(path, usable)}"))
         return PassResult(gm, bool(taken), {"lowered": taken} if taken else {}, tuple(diagnostics))
 
@@ -112,7 +116,7 @@ class LowerCpuFp8(Pass):
         name = linear.name
         weight_scale = add_constant(gm, ops.weight_scale, f"{name}_weight_scale", before=linear)
         bias = add_constant(gm, ops.bias, f"{name}_bias", before=linear) if ops.bias is not None else None
-        args = (ops.x, ops.x_scale, ops.x_format, ops.weight_q, weight_scale, bias, path)
+        args = (ops.x, ops.x_scale, ops.weight_q, weight_scale, bias, linear.meta["val"].dtype, path)
         kernel = insert_call(gm, linear_fp8._opoverload, args, before=linear,
                              provenance=Provenance(self.name, "linear", (name,)), meta_from=linear)
         linear.replace_all_uses_with(kernel)
