@@ -179,6 +179,7 @@ class Annotate(Pass):
     name: ClassVar[str] = "annotate"
     establishes: ClassVar[frozenset[str]] = frozenset({"annotated"})
     preserves_semantics: ClassVar[bool] = True
+    decides_plan: ClassVar[bool] = True
 
     # None: the compile's target (cpu-int8 outside a compile).
     target: str | None = None
@@ -197,7 +198,9 @@ class Annotate(Pass):
         plans: dict[fx.Node, QuantAnnotation] = {}
         unsupported: dict[str, str] = {}
         # How reasons name the target's kernels: by the format family it runs.
-        family = "int8" if any(d.startswith(("int", "uint")) for r in target.op_rules.values() for d in r.formats) else "fp8"
+        formats = {d for r in target.op_rules.values() for d in r.formats}
+        family = " or ".join(name for name, prefixes in (("int8", ("int", "uint")), ("fp8", ("float8",)))
+                             if any(d.startswith(prefixes) for d in formats)) or "quantized"
         for node in gm.graph.nodes:
             if node.op != "call_function":
                 continue

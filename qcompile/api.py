@@ -241,7 +241,7 @@ def complete_report(context: CompileContext, lowered: fx.GraphModule) -> None:
         warnings.warn(f"{node} stays float: {reason}", stacklevel=3)
     for finding in report.calibration_findings:
         warnings.warn(finding, stacklevel=3)
-    planned, qdq = context.snapshots.get("annotate"), context.snapshots["convert"]
+    planned, qdq = context.snapshots.get("plan"), context.snapshots["convert"]
     if planned is None:
         report.notes.append(f"target {target.name} runs no 'annotate': there is no per-node plan to report")
         return

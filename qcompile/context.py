@@ -11,8 +11,9 @@ Passes that need more than the graph read it through :meth:`Pass.run` instead of
 target up themselves: ``annotate`` the target and the QConfig, ``smooth-outliers`` the
 calibration data and the migration strength, ``calibrate`` the data (and it leaves its outcome,
 the batches it used and left out, in :attr:`CompileContext.calibration`). The graph after each
-pass named in ``snapshot_after`` and after each stage is kept in ``snapshots`` by that name (the
-report reads the plan ``annotate`` made and the stage ``convert`` produced), and the graph
+pass named in ``snapshot_after`` and after each stage is kept in ``snapshots`` by that name, the
+graph after the last pass that decides the plan as ``plan`` (the report reads that plan and the
+stage ``convert`` produced), and the graph
 properties a stage establishes are where the next stage's order check starts.
 """
 

@@ -64,7 +64,9 @@ def quantize(
     # .5 tie that r/S did not, and the exported model must give the same integers.
     scaled = torch.div(x.to(torch.float32), s)
     if dtype.is_floating_point:  # float8: saturate to the finite range, round to nearest in the cast
-        return scaled.add_(z).clamp_(qmin, qmax).to(dtype)
+        if isinstance(z, Tensor) or z != 0.0:  # the zero point of a float8 format is 0: skip a pass over x
+            scaled.add_(z)
+        return scaled.clamp_(qmin, qmax).to(dtype)
     if qmax - qmin >= _ROUNDING_WINDOW:  # int32 (bias) ranges: the plain sequence
         return scaled.round_().add_(z).clamp_(qmin, qmax).to(torch.int32).to(dtype)
     # Adding 1.5 * 2**23 rounds r/S half to even (float32 values within 2**22 of it are exactly

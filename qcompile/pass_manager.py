@@ -43,7 +43,8 @@ class PassManager:
     :class:`DumpIR` and ``QCOMPILE_SKIP_PASSES`` (comma-separated names) adds :class:`SkipPass`,
     so dumping and bisection need no code change. ``context`` is the compile context passes
     that read one are given (:meth:`Pass.run`); the graph after each pass named in its
-    ``snapshot_after`` is kept there under that name.
+    ``snapshot_after`` is kept there under that name, and after each pass that decides the plan
+    (``Pass.decides_plan``) under ``plan``.
     """
 
     def __init__(
@@ -111,6 +112,8 @@ class PassManager:
                 history.append(current)
             if self.context is not None and p.name in self.context.snapshot_after:
                 self.context.snapshots[p.name] = current
+            if self.context is not None and p.decides_plan:
+                self.context.snapshots["plan"] = current
         outcome = PipelineResult(current, any_modified, records, history)
         for instrument in self.instruments:
             instrument.exit_pipeline(outcome)

@@ -80,6 +80,9 @@ class Pass:
     establishes: ClassVar[frozenset[str]] = frozenset()
     invalidates: ClassVar[frozenset[str]] = frozenset()
     preserves_semantics: ClassVar[bool] = False
+    # The pass decides the plan (annotate, or one that revises it): the graph after the last such
+    # pass is the compile context's snapshot "plan", which the report and the saved plan read.
+    decides_plan: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

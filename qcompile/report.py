@@ -28,6 +28,7 @@ from qcompile.ir.meta import QuantAnnotation, get_qspec, source_module, stand_in
 from qcompile.ops import broadcast_param, float8_rounding_limit
 from qcompile.pipeline import PassRecord
 from qcompile.qconfig import op_kind
+from qcompile.observers import Observer
 from qcompile.qdq import QuantizeCall
 
 
@@ -37,9 +38,17 @@ def sqnr_db(reference: torch.Tensor, approximation: torch.Tensor) -> float:
 
 
 class _Recorder(fx.Interpreter):
+    """Keeps the named values; observers pass their input through untouched (a planned graph
+    may hold calibrated ones, whose state is not this run's to change)."""
+
     def __init__(self, gm: fx.GraphModule, names: set[str], keep: Callable[[torch.Tensor], torch.Tensor]):
         super().__init__(gm)
         self.names, self.keep, self.values = names, keep, {}
+
+    def call_module(self, target: Any, args: tuple, kwargs: dict) -> Any:
+        if isinstance(self.module.get_submodule(target), Observer):
+            return args[0]
+        return super().call_module(target, args, kwargs)
 
     def run_node(self, node: fx.Node) -> Any:
         value = super().run_node(node)

@@ -1,6 +1,7 @@
 """cpu-fp8: qc.linear_fp8's paths against their reference, the lowering's graph diff and path
 choice, and all-MiniLM-L6-v2 end to end (fidelity, bytes, save/load)."""
 
+import re
 import time
 
 import pytest
@@ -9,9 +10,10 @@ import torch
 import qcompile
 from qcompile.kernel_check import kernel_contracts
 from qcompile.qconfig import fp8_qconfig
-from qcompile.targets.cpu_fp8 import LowerCpuFp8, capabilities, cpu_fp8_preset
+from qcompile.targets.cpu_fp8 import Fp8OrInt8, LowerCpuFp8, capabilities, cpu_fp8_preset
+from qcompile.targets.cpu_fp8 import fp8_or_int8
 from qcompile.targets.cpu_fp8.kernels import decoded_weight, linear_fp8, reference_linear_fp8
-from qcompile.testing import assert_outputs_close, assert_pass_contract, check_graph
+from qcompile.testing import assert_graph_diff, assert_outputs_close, assert_pass_contract, check_graph
 from tests.models import SentenceEmbedder, TinyBlock, docstring_sentences, minilm_inputs
 from tests.quant_stages import calibrated
 from qcompile.passes import CastFp8, EliminateDequant
@@ -93,10 +95,12 @@ def test_lowering_graph_diff_and_paths_in_the_diagnostics():
     before = qdq_fp8(TinyBlock(), x, fp8_qconfig())
     result = LowerCpuFp8(paths=("scaled-mm", "bf16"))(before)  # both timed at each linear's shape
     out = assert_pass_contract(LowerCpuFp8(), before)
+    # the first linear writes bf16: GELU runs in bf16 and the FP8 cast reads it
     check_graph(out, """
-    CHECK: qc.linear_fp8.default({{%[0-9]+}}, %1, {{%[0-9]+}}, {{%[0-9]+}}, {{%[0-9]+}}, torch.float32, 'bf16')
+    CHECK: qc.linear_fp8.default({{%[0-9]+}}, %1, {{%[0-9]+}}, {{%[0-9]+}}, {{%[0-9]+}}, torch.bfloat16, 'bf16') : bf16
+    CHECK: aten.gelu.default({{%[0-9]+}}) : bf16
     CHECK-NOT: aten.linear.default
-    CHECK: qc.linear_fp8.default
+    CHECK: qc.linear_fp8.default({{.*}}, torch.float32, 'bf16') : f32
     """)
     assert_outputs_close(before, out, [torch.randn(6, 16)], rtol=0.02)
     paths = result.of_kind("path")
@@ -115,6 +119,57 @@ def test_lowering_weight_only_and_per_token():
         out = assert_pass_contract(LowerCpuFp8(), before)
         check_graph(out, f"CHECK: qc.linear_fp8.default({operands}, ")
         assert_outputs_close(before, out, [torch.randn(3, 16)], rtol=0.02)
+
+
+def run_in_context(p, gm, x):
+    """``p`` as a compile runs it: through the pass manager, with the example inputs in the context."""
+    context = qcompile.CompileContext(qcompile.get_target("cpu-fp8"), ((x,), {}))
+    result = qcompile.PassManager([p], context=context, initial_properties={"annotated", "observed", "calibrated"})(gm)
+    return result, result.records[0]
+
+
+def test_fp8_or_int8_plans_int8_where_it_is_as_faithful():
+    x = torch.randn(64, 16, generator=torch.Generator().manual_seed(3))
+    before = calibrated(TinyBlock(), x, qconfig=fp8_qconfig(), target="cpu-fp8")
+    result, record = run_in_context(Fp8OrInt8(), before, x)
+    after = result.graph_module
+    assert_graph_diff(before, after, exact=False,
+                      added=["%observer_0 = module[observer_2](%x)", "%linear = {{.*}}0=activation:uint8/affine/per-tensor{{.*}}"],
+                      removed=["%observer_0 = module[observer_0](%x)"])
+    # well-behaved activations: INT8's uniform grid beats E4M3's 3-bit mantissa at both linears
+    formats = {d.node: d.reason for d in record.diagnostics if d.kind == "format"}
+    assert set(formats) == {"linear", "linear_1"} and all(r.startswith("int8: SQNR") for r in formats.values())
+    int8, fp8 = (float(v) for v in re.findall(r"([\d.]+) dB", formats["linear"]))
+    assert int8 > fp8 + 3
+    plan = dict(qcompile.ir.meta.get_qspec(next(n for n in after.graph.nodes if n.name == "linear")).inputs)
+    assert (plan[0].spec.dtype, plan[1].spec.dtype, plan[2].spec.dtype) == ("uint8", "int8", "int32")
+    observer = after.get_submodule("observer_2")
+    assert observer.spec.dtype == "uint8" and observer.batches == before.get_submodule("observer_0").batches
+    assert_outputs_close(before, after, [x], rtol=0)  # observers pass values through: same outputs
+
+
+def test_fp8_or_int8_keeps_fp8_where_outliers_make_int8_worse():
+    # one input channel 300 times the others (its weights as much smaller, as in a transformer whose
+    # LayerNorm scales one channel up): a uniform grid over its range leaves the rest a step or two
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32)).eval()
+    with torch.no_grad():
+        model[0].weight[:, 3] /= 300
+    x = torch.randn(64, 16, generator=torch.Generator().manual_seed(0))
+    x[:, 3] *= 300
+    before = calibrated(model, x, qconfig=fp8_qconfig(), target="cpu-fp8")
+    before.get_submodule("observer_0").reset()
+    before.get_submodule("observer_0")(x)  # calibrated on these very inputs
+    result, record = run_in_context(Fp8OrInt8(), before, x)
+    (reason,) = [d.reason for d in record.diagnostics if d.kind == "format"]
+    assert reason.startswith("fp8: SQNR") and not result.modified, reason
+
+
+def test_fp8_or_int8_changes_nothing_where_the_cpu_has_an_fp8_gemm(monkeypatch):
+    monkeypatch.setattr(fp8_or_int8, "has_fp8_gemm", lambda: True)
+    x = torch.randn(8, 16)
+    before = calibrated(TinyBlock(), x, qconfig=fp8_qconfig(), target="cpu-fp8")
+    result, record = run_in_context(Fp8OrInt8(), before, x)
+    assert not result.modified and record.stats == {"skipped": "this CPU has an FP8 GEMM"}
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +192,14 @@ def test_minilm_cpu_fp8(minilm_fp8_data, qconfig, floor, tmp_path):
     assert cosine.mean() > floor[0] and cosine.min() > floor[1]
     lines = {n.name: n for n in qm.report.nodes}
     linears = [n for n in qm.report.nodes if n.op == "linear"]
-    assert len(linears) == 36 and all(n.precision == "fp8" and n.detail.startswith("qc.linear_fp8 via") for n in linears)
+    assert len(linears) == 36
+    for n in linears:  # every linear on a kernel: FP8 ones on the bf16 path, those fp8-or-int8 moved on oneDNN's
+        assert (n.precision, n.detail.split(" ")[0]) in {("fp8", "qc.linear_fp8"), ("int8", "qc.linear_int8"),
+                                                         ("int8", "qc.linear_int8+add")}, n
+    if qconfig is not None:
+        # FFN down-projections read GELU's outliers: in the first layers FP8's relative steps keep them better
+        assert lines["linear_5"].precision == "fp8" and lines["linear_11"].precision == "fp8"
+        assert sum(n.precision == "int8" for n in linears) >= 12
     assert lines["embedding"].detail == "float8_e4m3fn rows looked up, then dequantized -> float32"
     path = qm.save(tmp_path / "minilm.qc")
     float_bytes = sum(t.numel() * 4 for t in embedder.state_dict().values())

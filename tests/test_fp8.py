@@ -4,8 +4,6 @@ graph diff."""
 
 import math
 
-import numpy as np
-import onnx
 import onnxruntime as ort
 import pytest
 import torch

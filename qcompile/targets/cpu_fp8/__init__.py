@@ -2,6 +2,8 @@
 
 * ``capabilities``: what this CPU runs (a native FP8 GEMM needs AMX) and the op rules;
 * ``kernels``: ``qc.linear_fp8`` and its paths (``scaled-mm``, ``bf16``);
+* ``fp8_or_int8``: plans a W8A8 linear as INT8 where INT8 is as faithful and the CPU has no FP8
+  GEMM (oneDNN's u8s8 GEMM is then the fast one);
 * ``lower_cpu_fp8``: the lowering pass, which picks a path per linear and says why;
 * the target: op rules, the preset (chosen by the CPU), pipelines, how the report names a kernel.
 
@@ -13,15 +15,24 @@ Outlier smoothing is not run: E4M3's relative steps already cover outlier channe
 """
 
 from qcompile.qconfig import QConfig, fp8_qconfig
-from qcompile.targets.base import CLEANUP, DYNAMIC_PREPARE, Target, register_target
+from torch import fx
+
+from qcompile.targets.base import CLEANUP, CONVERT, DYNAMIC_PREPARE, Target, register_target
 from qcompile.targets.cpu_fp8.capabilities import has_fp8_gemm, op_rules
+from qcompile.targets.cpu_fp8.fp8_or_int8 import Fp8OrInt8
 from qcompile.targets.cpu_fp8.kernels import describe_fp8_kernel, linear_fp8
 from qcompile.targets.cpu_fp8.lower_cpu_fp8 import LowerCpuFp8
+from qcompile.targets.cpu_int8.onednn import describe_int8_kernel
 
 
 def cpu_fp8_preset() -> QConfig:
     """W8A8 E4M3 on a CPU with an FP8 GEMM, weight-only E4M3 elsewhere (see the module doc)."""
     return fp8_qconfig(activations="per-tensor" if has_fp8_gemm() else None)
+
+
+def describe_kernel(node: fx.Node) -> str | None:
+    """The report's name for a kernel node: an FP8 linear, or a linear fp8-or-int8 made INT8."""
+    return describe_fp8_kernel(node) or describe_int8_kernel(node)
 
 
 register_target(
@@ -31,14 +42,17 @@ register_target(
                     "decoded once into bf16 GEMMs",
         op_rules=op_rules(),
         preset=cpu_fp8_preset,
-        prepare=f"{CLEANUP},annotate,insert-observers,calibrate",
-        convert="cast-fp8,eliminate-dequant,eliminate-dead-code",
-        lower="canonicalize,merge-sibling-linears,lower-cpu-fp8,lower-float-bf16,relax-views,eliminate-dead-code",
+        prepare=f"{CLEANUP},annotate,insert-observers,calibrate,fp8-or-int8",
+        convert=CONVERT,
+        # The linears fp8-or-int8 planned as INT8 run on cpu-int8's kernels. Attention is lowered
+        # before the FP8 linears, so that they see which of them feed the bf16 attention.
+        lower="canonicalize,merge-sibling-linears,fuse-patterns,lower-cpu-int8,lower-float-bf16,lower-cpu-fp8,"
+              "relax-views,eliminate-dead-code",
         dynamic_prepare=DYNAMIC_PREPARE,
-        dynamic_convert="cast-fp8{dynamic=true},eliminate-dequant,eliminate-dead-code",
-        describe_kernel=describe_fp8_kernel,
-        passes=(LowerCpuFp8,),
+        dynamic_convert="cast-fp8{dynamic=true},convert{dynamic=true},eliminate-dequant,eliminate-dead-code",
+        describe_kernel=describe_kernel,
+        passes=(Fp8OrInt8, LowerCpuFp8),
     )
 )
 
-__all__ = ["LowerCpuFp8", "cpu_fp8_preset", "linear_fp8"]
+__all__ = ["Fp8OrInt8", "LowerCpuFp8", "cpu_fp8_preset", "linear_fp8"]

@@ -24,10 +24,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
 
 from qcompile.spec import FLOAT8_DTYPES, PerTensor, PerToken
 from qcompile.targets.base import OpRule
+from qcompile.targets.cpu_int8.capabilities import ACTIVATION_DTYPES, WEIGHT_DTYPES
 
 PATHS = ("scaled-mm", "bf16")
 
@@ -85,9 +85,11 @@ def fastest_path(candidates: tuple[str, ...], run: Callable[[str], object], repe
 
 def op_rules() -> dict[str, OpRule]:
     """cpu-fp8's op rules: linears with FP8 weights and FP8 (per tensor or per token) or float
-    activations; embedding tables with FP8 rows."""
+    activations, or INT8 ones (what ``fp8-or-int8`` plans, run on cpu-int8's kernels);
+    embedding tables with FP8 rows."""
     return {
-        "linear": OpRule(activation_dtypes=FLOAT8_DTYPES, weight_dtypes=FLOAT8_DTYPES, weight_only=True,
+        "linear": OpRule(activation_dtypes=(*FLOAT8_DTYPES, *ACTIVATION_DTYPES),
+                         weight_dtypes=(*FLOAT8_DTYPES, *WEIGHT_DTYPES), weight_only=True,
                          activation_granularities=(PerTensor, PerToken)),
         "embedding": OpRule(activations=(), weight=0, bias=None, weight_dtypes=FLOAT8_DTYPES, lookup_indices=1),
     }

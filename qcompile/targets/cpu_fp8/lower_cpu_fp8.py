@@ -13,6 +13,10 @@ there is more than one), and the pass's diagnostics say which path each linear t
 so the report never hides a slow one. The dequantize the kernel absorbs is left to dead-code
 elimination.
 
+A linear's output is written in bf16 when every reader takes it in bf16 anyway (the bf16
+attention, a weight-only linear, an FP8 cast), possibly through views and GELU/ReLU, which
+then run in bf16 too: converting to fp32 and back was a third of a MiniLM call's copies.
+
 A linear that does not fit (a weight that is not an FP8 constant per output channel, an
 activation cast the kernel does not make itself) stays in the reference Q/DQ form, and the
 pass says why. Embedding tables need no kernel: ``eliminate-dequant`` already gathers their FP8
@@ -31,11 +35,27 @@ from qcompile.ir.graph import add_constant, constant_value, insert_call, op_argu
 from qcompile.ir.meta import Provenance
 from qcompile.ops import FLOAT8_VALUES
 from qcompile.pipeline import Diagnostic, Pass, PassResult
-from qcompile.qdq import DequantizeCall, qparams_of
+from qcompile.qdq import DequantizeCall, QuantizeCall, qparams_of
+from qcompile.targets.cpu_int8.lower_float_bf16 import LAYOUT_OPS, bf16_paths, reads_as_attention_operand, write_bf16
 from qcompile.targets.cpu_fp8.capabilities import available_paths, fastest_path, why_path
 from qcompile.targets.cpu_fp8.kernels import linear_fp8
 
-LINEAR = torch.ops.aten.linear.default
+aten = torch.ops.aten
+LINEAR = aten.linear.default
+LINEAR_FP8 = linear_fp8._opoverload
+# Ops a bf16 value passes through on its way to a bf16 reader, computing in bf16.
+BF16_THROUGH = LAYOUT_OPS | {aten.gelu.default, aten.relu.default}
+
+
+def _reads_bf16(user: fx.Node, value: fx.Node) -> bool:
+    """``user`` rounds ``value`` to bf16 (or casts it to FP8) whatever its dtype."""
+    if reads_as_attention_operand(user, value):
+        return True
+    if user.target == LINEAR_FP8:
+        arguments = op_arguments(user)
+        return arguments["x"] is value and arguments["x_scale"] is None
+    quantize = QuantizeCall.of(user)
+    return quantize is not None and quantize.x is value and quantize.dtype in FLOAT8_VALUES
 
 
 @dataclass
@@ -110,7 +130,23 @@ class LowerCpuFp8(Pass):
             fmt = str(ops.x.meta["val"].dtype).removeprefix("torch.")
             activations = "weight-only, bf16 activations" if ops.x_scale is None else f"{fmt} activations"
             diagnostics.append(Diagnostic(linear.name, "path", f"{path} ({activations}): {why_path(path, usable)}"))
-        return PassResult(gm, bool(taken), {"lowered": taken} if taken else {}, tuple(diagnostics))
+        bf16_outputs = self._write_bf16(gm)
+        stats: dict[str, object] = {"lowered": taken} if taken else {}
+        if bf16_outputs:
+            stats["bf16-outputs"] = bf16_outputs
+        return PassResult(gm, bool(taken), stats, tuple(diagnostics))
+
+    @staticmethod
+    def _write_bf16(gm: fx.GraphModule) -> int:
+        switched = 0
+        for node in list(gm.graph.nodes):
+            if node.target != LINEAR_FP8 or op_arguments(node)["out_dtype"] != torch.float32 or not node.users:
+                continue
+            paths = bf16_paths(node, _reads_bf16, BF16_THROUGH)
+            if paths is not None:
+                write_bf16(node, paths)
+                switched += 1
+        return switched
 
     def _lower(self, gm: fx.GraphModule, linear: fx.Node, ops: _Operands, path: str) -> None:
         name = linear.name

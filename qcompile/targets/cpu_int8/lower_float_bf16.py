@@ -16,6 +16,7 @@ bytes. The pass changes numerics (bf16 rounding), so it does not claim to preser
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -61,35 +62,53 @@ LAYOUT_OPS = frozenset({torch.ops.aten.view.default, torch.ops.aten.reshape.defa
 ATTENTION_BF16 = attention_bf16._opoverload
 
 
-def _layout_paths_to_attention(node: fx.Node) -> list[fx.Node] | None:
-    """The layout ops between ``node`` and the bf16 attention, when every use of ``node`` ends
-    in its query, key or value (through layout ops only); None otherwise."""
+def bf16_paths(node: fx.Node, reads_bf16: Callable[[fx.Node, fx.Node], bool],
+               through: frozenset = LAYOUT_OPS) -> list[fx.Node] | None:
+    """The ops between ``node`` and the ops that read it in bf16, when every use of ``node``
+    ends in one (``reads_bf16(user, value)``) through ``through`` ops only; None otherwise.
+    Such a value may be written in bf16 by its producer: its readers round it to bf16 anyway."""
     layout = []
     for user in node.users:
-        if user.target == ATTENTION_BF16 and op_arguments(user)["mask"] is not node:
-            continue  # read as query, key or value: the bf16 operands
-        if user.op != "call_function" or user.target not in LAYOUT_OPS:
+        if reads_bf16(user, node):
+            continue
+        if user.op != "call_function" or user.target not in through:
             return None
-        below = _layout_paths_to_attention(user)
+        below = bf16_paths(user, reads_bf16, through)
         if below is None:
             return None
         layout += [user, *below]
     return layout
 
 
+def reads_as_attention_operand(user: fx.Node, value: fx.Node) -> bool:
+    """``value`` is the bf16 attention's query, key or value (not its mask)."""
+    return user.target == ATTENTION_BF16 and op_arguments(user)["mask"] is not value
+
+
+def write_bf16(node: fx.Node, paths: list[fx.Node]) -> None:
+    """Switch kernel ``node`` to bf16 output; the ops on ``paths`` below it, now computing in
+    bf16, are replaced by new nodes (a value keeps its dtype for as long as its node lives)."""
+    graph = node.graph
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    set_argument(node, "out_dtype", torch.bfloat16)
+    infer_fake_value(node)
+    for old in sorted(set(paths), key=order.__getitem__):
+        with graph.inserting_before(old):
+            new = graph.node_copy(old, lambda n: n)
+        old.replace_all_uses_with(new)
+        graph.erase_node(old)
+        infer_fake_value(new)
+
+
 def _int8_producers_write_bf16(gm: fx.GraphModule) -> None:
     """Switch int8 linears whose output only feeds the bf16 attention to bf16 output."""
-    order = {n: i for i, n in enumerate(gm.graph.nodes)}
     for node in gm.graph.nodes:
         call = Int8KernelCall.of(node)
         if call is None or call.kernel != "linear_int8" or call.out_dtype != torch.float32:
             continue
-        layout = _layout_paths_to_attention(node)
-        if not layout:
-            continue
-        set_argument(node, "out_dtype", torch.bfloat16)
-        for changed in [node, *sorted(set(layout), key=order.__getitem__)]:
-            infer_fake_value(changed)
+        layout = bf16_paths(node, reads_as_attention_operand)
+        if layout:
+            write_bf16(node, layout)
 
 
 def _replace(gm: fx.GraphModule, node: fx.Node, target: object, args: tuple, pass_name: str) -> None:
