@@ -271,7 +271,7 @@ def prepare_qat(
     for node, reason in report.diagnostics("unsupported").items():
         warnings.warn(f"{node} stays float: {reason}", stacklevel=2)
     step = max(1, len(calibration_data) // SQNR_BATCHES)
-    qat = QatModel(graph, target.name, (args, kwargs), {"annotate": context.snapshots["annotate"],
+    qat = QatModel(graph, target.name, (args, kwargs), {"plan": context.snapshots["plan"],
                                                         "float-reference": reference},
                    calibration_data[::step][:SQNR_BATCHES], report, context.properties)
     return qat.train()
