@@ -94,6 +94,7 @@ TRANSFORMER_VARIANTS = [
     Variant("INT8 W8A8 + smoothing (cpu-int8)", "cpu-int8", None, smoothing=True),
     Variant("INT8 W8, per-token dynamic A8", "study-reference", int8_config(activations="per-token")),
     Variant("INT8 weight-only", "study-reference", int8_config(activations=None)),
+    Variant("FP8 E4M3 W8A8, every linear FP8", "study-reference", fp8_qconfig(E4M3)),
     Variant("FP8 E4M3 W8A8 (cpu-fp8)", "cpu-fp8", fp8_qconfig(E4M3)),
     Variant("FP8 E4M3 W8A8 + smoothing", "study-reference", fp8_qconfig(E4M3), smoothing=True),
     Variant("FP8 E4M3 W8, per-token A8 (cpu-fp8)", "cpu-fp8", fp8_qconfig(E4M3, "per-token")),
@@ -109,9 +110,14 @@ def artifact_bytes(qm: qcompile.QuantizedModel) -> int:
 
 
 def worst_layers(qm: qcompile.QuantizedModel, count: int = 3) -> str:
+    """The lowest node SQNRs; for a cpu-fp8 mix, how many linears fp8-or-int8 planned as INT8."""
     nodes = sorted((n for n in qm.report.nodes if n.sqnr_db is not None and n.precision != "float"),
                    key=lambda n: n.sqnr_db)
-    return ", ".join(f"{n.module.split(' ')[0].removeprefix('model.encoder.')} {n.sqnr_db:.1f}" for n in nodes[:count])
+    text = ", ".join(f"{n.module.split(' ')[0].removeprefix('model.encoder.')} {n.sqnr_db:.1f}" for n in nodes[:count])
+    decided = next((p.stats for p in qm.report.passes if p.name.startswith("fp8-or-int8") and p.stats.get("int8")), None)
+    if decided:
+        text += f" ({decided['int8']} of {decided['int8'] + decided['fp8']} W8A8 linears INT8 by fp8-or-int8)"
+    return text
 
 
 def interleaved_ms(calls: dict[str, Callable[[], object]], repeats: int = REPEATS) -> dict[str, float]:

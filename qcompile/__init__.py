@@ -79,7 +79,7 @@ from qcompile.pipeline import (
     registered_passes,
 )
 from qcompile.qat import Distillation, QatModel, convert_qat, prepare_qat
-from qcompile.qconfig import OpQuantConfig, QConfig, int8_preset
+from qcompile.qconfig import OpQuantConfig, QConfig, fp8_qconfig, int8_preset
 from qcompile.qdq import observation_root
 from qcompile.report import CompileReport, NodeReport, sqnr_db
 from qcompile.rewrite import (
@@ -91,7 +91,7 @@ from qcompile.rewrite import (
     register_rule_set,
     trace_rules,
 )
-from qcompile.spec import PerChannel, PerGroup, PerTensor, QuantSpec, compute_qparams
+from qcompile.spec import PerChannel, PerGroup, PerTensor, PerToken, QuantSpec, compute_qparams
 from qcompile.targets import OpRule, Target, get_target, register_target, targets
 
 __all__ = [
@@ -130,6 +130,7 @@ __all__ = [
     "PerChannel",
     "PerGroup",
     "PerTensor",
+    "PerToken",
     "Pipeline",
     "PipelineOrderError",
     "PipelineParseError",
@@ -177,6 +178,7 @@ __all__ = [
     "get_target",
     "infer_fake_value",
     "insert_call",
+    "fp8_qconfig",
     "int8_preset",
     "is_mutating",
     "load",

@@ -35,7 +35,11 @@ from torch.nn import functional as F
 import qcompile
 from qcompile.kernel_check import check_kernels
 
-TARGETS = ("cpu-int8", "onnx-qdq")
+# What each model is compiled for: a target and a QConfig (None: the target's preset). cpu-fp8's
+# preset here is weight-only E4M3; its W8A8 form also exercises fp8-or-int8's INT8/FP8 mix.
+CONFIGS = {"cpu-int8": ("cpu-int8", None), "onnx-qdq": ("onnx-qdq", None), "cpu-fp8": ("cpu-fp8", None),
+           "cpu-fp8 w8a8": ("cpu-fp8", qcompile.fp8_qconfig())}
+TARGETS = tuple(CONFIGS)
 
 
 class SequenceModel(nn.Module):
@@ -198,7 +202,8 @@ def check_case(case: Case, target: str, folder: Path) -> str:
     state = {k: v.clone() for k, v in model.state_dict().items()}
     calibration, fresh = [(x,) for x in case.inputs[:-1]], case.inputs[-1]
     try:
-        qm = qcompile.compile(model, calibration_data=calibration, target=target, progress=False)
+        name, qconfig = CONFIGS[target]
+        qm = qcompile.compile(model, calibration_data=calibration, target=name, qconfig=qconfig, progress=False)
     except qcompile.KernelMismatchError:
         raise  # compile caught a wrong kernel before the user got it: still a lowering bug
     except qcompile.QCompileError as exc:
@@ -210,7 +215,7 @@ def check_case(case: Case, target: str, folder: Path) -> str:
     cosine = F.cosine_similarity(out.flatten().double(), reference.flatten().double(), dim=0)
     assert out.shape == reference.shape and (cosine > 0.99 or torch.allclose(out, reference, atol=1e-3)), \
         f"lowered and Q/DQ graphs disagree end to end: cosine {float(cosine):.4f}"
-    loaded = qcompile.load(qm.save(folder / f"{case.seed}-{target}.qc"))
+    loaded = qcompile.load(qm.save(folder / f"{case.seed}-{target.replace(' ', '-')}.qc"))
     assert torch.equal(loaded(fresh), out), "the loaded model answers differently"
     if target == "onnx-qdq":
         qm.export_onnx(folder / f"{case.seed}.onnx")
