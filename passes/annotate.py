@@ -41,7 +41,7 @@ from qcompile.ir.meta import EdgeQuant, QuantAnnotation, get_provenance, get_qsp
 from qcompile.pipeline import Diagnostic, Pass, PassResult
 from qcompile.qconfig import OpQuantConfig, QConfig, op_kind
 from qcompile.qdq import observation_root
-from qcompile.spec import QuantSpec
+from qcompile.spec import PerGroup, QuantSpec
 from qcompile.targets import OpRule, Target, get_target, targets
 
 if TYPE_CHECKING:
@@ -153,8 +153,11 @@ def plan_node(
     if rule.weight is not None and config.weight is not None:
         edges.append((rule.weight, EdgeQuant("weight", config.weight)))
         bias = node.args[rule.bias] if rule.bias is not None and rule.bias < len(node.args) else None
-        # A float8 kernel adds its bias in float: there is no integer accumulator to add it to.
-        if constant_value(gm, bias) is not None and not config.weight.is_float8:
+        # An int32 bias is added to the integer accumulator at S_x · S_W: without quantized
+        # activations (weight-only), with float8 or with a scale per group there is none to add it to.
+        integer_accumulator = activations and not config.weight.is_float8 and not isinstance(
+            config.weight.granularity, PerGroup)
+        if constant_value(gm, bias) is not None and integer_accumulator:
             bias_spec = QuantSpec("int32", symmetric=True, granularity=config.weight.granularity)
             edges.append((rule.bias, EdgeQuant("bias", bias_spec)))
     return QuantAnnotation(inputs=tuple(edges), rule=why)

@@ -5,7 +5,8 @@
                                            qc.dequantize(b_q, S_x·S_W, 0, axis=0))
 
 S and Z come from each observer's statistics; W_q from the weight's own range (per output
-channel by default), computed once here. The bias is stored as int32 with the derived scale
+channel by default, or per group of inputs: ``view(dequantize(W_q, S, Z), [out, in])`` with
+W_q viewed [out, in / size, size] and one S per group), computed once here. The bias is stored as int32 with the derived scale
 S_x · S_W, so that an integer kernel can add it to the int32 accumulator exactly (its rounding
 error is at most half of one accumulator step).
 
@@ -30,7 +31,7 @@ from typing import ClassVar
 import torch
 from torch import fx
 
-from qcompile.errors import NodeError
+from qcompile.errors import NodeError, QCompileError
 from qcompile.ir.graph import add_constant, constant_expression, constant_value, insert_call
 from qcompile.ir.meta import Provenance, get_qspec
 from qcompile.observers import Observer, make_observer
@@ -44,7 +45,7 @@ from qcompile.qdq import (
     is_dequantize,
     observation_root,
 )
-from qcompile.spec import PerChannel, QuantSpec
+from qcompile.spec import PerChannel, PerGroup, QuantSpec, compute_qparams, grouped
 
 
 def _call(gm: fx.GraphModule, target: object, args: tuple, *, before: fx.Node, pass_name: str,
@@ -71,6 +72,26 @@ def quantized_constant(gm: fx.GraphModule, value: torch.Tensor, scale: torch.Ten
     args = [add_constant(gm, t, f"{base}_{suffix}", before=before)
             for t, suffix in ((value_q, "q"), (scale, "scale"), (zero_point, "zero_point"))]
     return _call(gm, DEQUANTIZE, (*args, spec.axis, value.dtype), before=before, pass_name=pass_name, source=source)
+
+
+def quantized_group_constant(gm: fx.GraphModule, value: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+                             spec: QuantSpec, *, before: fx.Node, pass_name: str, source: fx.Node,
+                             name: str | None = None) -> fx.Node:
+    """A weight quantized per group: ``view(dequantize(W_q, S, Z), [out, in])`` where ``W_q`` is
+    the weight viewed [out, in / size, size] (:func:`~qcompile.spec.grouped`) and ``S``, ``Z``
+    are [out, in / size, 1], one per group, broadcast over its elements."""
+    values = grouped(value, spec)
+    shape = (*values.shape[:2], 1)
+    dequantized = quantized_constant(gm, values, scale.reshape(shape), zero_point.reshape(shape), spec, before=before,
+                                     pass_name=pass_name, source=source, name=name)
+    return _call(gm, torch.ops.aten.view.default, (dequantized, list(value.shape)), before=before, pass_name=pass_name,
+                 source=source)
+
+
+def group_qparams(value: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each group's scale and zero point from its own range, shaped [out, in / size, 1]."""
+    values = grouped(value, spec)
+    return compute_qparams(values.amin(-1, keepdim=True), values.amax(-1, keepdim=True), spec)
 
 
 def quantize_bias(gm: fx.GraphModule, node: fx.Node, index: int, scale: torch.Tensor, *, pass_name: str) -> None:
@@ -184,10 +205,18 @@ class Convert(Pass):
     def _weight(self, gm: fx.GraphModule, node: fx.Node, index: int, spec: QuantSpec) -> torch.Tensor:
         weight_node = node.args[index]
         weight = constant_expression(gm, weight_node)
+        name = None if weight_node.op == "get_attr" else f"{node.name}_weight"  # a pruned weight: mul(W, mask)
+        if isinstance(spec.granularity, PerGroup):
+            try:
+                scale, zero_point = group_qparams(weight, spec)
+            except QCompileError as exc:
+                raise NodeError(node, str(exc)) from None
+            node.update_arg(index, quantized_group_constant(gm, weight, scale, zero_point, spec, before=node,
+                                                            pass_name=self.name, source=weight_node, name=name))
+            return scale
         observer = make_observer(spec, name=f"weight '{weight_node.target}'")
         observer(weight)
         scale, zero_point = observer.qparams()
-        name = None if weight_node.op == "get_attr" else f"{node.name}_weight"  # a pruned weight: mul(W, mask)
         node.update_arg(index, quantized_constant(gm, weight, scale, zero_point, spec, before=node,
                                                   pass_name=self.name, source=weight_node, name=name))
         return scale

@@ -15,8 +15,8 @@ Four rewrites, each an identity on the graph's eval-mode outputs:
    nothing, goes with it.
 3. Each weight fake-quant ``fq(W_expr)``, with ``W_expr`` computed from constants only, becomes
    ``dequantize(W_q, S, Z)`` with ``W_q = quantize(W_expr, S, Z)`` stored once, S and Z the
-   learned ones. A spec the Q/DQ form cannot hold (per-group) becomes the float constant
-   fq(W_expr) instead: the same values, kept fake-quantized and reported (``kept``).
+   learned ones; per group, ``view(dequantize(W_q, S, Z), [out, in])`` with ``W_q`` the weight
+   viewed [out, in / size, size] and one S per group (``convert``'s grouped form).
 4. Each activation fake-quant becomes ``dequantize(quantize(x, S, Z), S, Z)`` with the learned
    S and Z (rounded and clamped as the fake-quant's forward uses it).
 
@@ -48,9 +48,9 @@ from qcompile.ir.graph import (
     set_argument,
 )
 from qcompile.ir.meta import Provenance, get_qspec
-from qcompile.passes.convert import quantize_bias, quantize_dequantize, quantized_constant
+from qcompile.passes.convert import quantize_bias, quantize_dequantize, quantized_constant, quantized_group_constant
 from qcompile.passes.training_ops import DROPOUTS, ModeSwitchedOp
-from qcompile.pipeline import Diagnostic, Pass, PassResult
+from qcompile.pipeline import Pass, PassResult
 from qcompile.qdq import DequantizeCall, observation_root
 from qcompile.spec import PerGroup
 
@@ -109,10 +109,10 @@ class LowerQat(Pass):
                                                   pass_name=self.name)
                 activations += 1
             elif isinstance(fake_quant.spec.granularity, PerGroup):
-                with torch.no_grad():
-                    replacement = add_constant(gm, fake_quant(constant), f"{node.target}_weight", before=node)
-                kept.append(Diagnostic(str(node.target), "kept", f"{fake_quant.name}: {fake_quant.spec.granularity} "
-                                       "weights have no Q/DQ form; stored fake-quantized in float"))
+                consumer = next(iter(node.users))
+                name = None if source.op == "get_attr" else f"{consumer.name}_weight"
+                replacement = quantized_group_constant(gm, constant, scale, zero_point, fake_quant.spec, before=node,
+                                                       pass_name=self.name, source=source, name=name)
                 weights += 1
             else:
                 consumer = next(iter(node.users))

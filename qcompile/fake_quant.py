@@ -31,20 +31,7 @@ from torch import Tensor, nn
 
 from qcompile.errors import QCompileError
 from qcompile.observers import make_observer
-from qcompile.spec import PerGroup, PerTensor, QuantSpec, compute_qparams
-
-
-def _grouped(x: Tensor, spec: QuantSpec) -> Tensor:
-    """``x`` with per-group elements on a last dimension of their own: [O, I] -> [O, I/g, g]."""
-    granularity = spec.granularity
-    assert isinstance(granularity, PerGroup)
-    if x.dim() != 2 or granularity.axis % 2 != 1:
-        raise QCompileError(f"per-group quantization takes 2-D weights grouped along axis 1, got {tuple(x.shape)} "
-                            f"along axis {granularity.axis}")
-    if x.shape[1] % granularity.group_size:
-        raise QCompileError(f"per-group size {granularity.group_size} does not divide the {x.shape[1]} input "
-                            "channels")
-    return x.reshape(x.shape[0], -1, granularity.group_size)
+from qcompile.spec import PerGroup, PerTensor, QuantSpec, compute_qparams, grouped
 
 
 def _shaped(param: Tensor, x: Tensor, spec: QuantSpec) -> Tensor:
@@ -101,8 +88,8 @@ def _reduce_to(grad: Tensor, shape: torch.Size) -> Tensor:
 def fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor, spec: QuantSpec, grad_scale: float = 1.0) -> Tensor:
     """``x`` quantized and dequantized with ``spec``'s range (module docstring), differentiable
     in ``x``, ``scale`` and ``zero_point``."""
-    grouped = _grouped(x, spec) if isinstance(spec.granularity, PerGroup) else x
-    out = _LsqFakeQuantize.apply(grouped, _shaped(scale, grouped, spec), _shaped(zero_point, grouped, spec),
+    values = grouped(x, spec) if isinstance(spec.granularity, PerGroup) else x
+    out = _LsqFakeQuantize.apply(values, _shaped(scale, values, spec), _shaped(zero_point, values, spec),
                                  spec.qmin, spec.qmax, grad_scale)
     return out.reshape(x.shape)
 
@@ -128,15 +115,14 @@ def weight_qparams(weight: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
     weight would otherwise waste most levels."""
     w = weight.detach().float()
     if isinstance(spec.granularity, PerGroup):
-        grouped = _grouped(w, spec)
-        lo, hi = grouped.amin(dim=-1), grouped.amax(dim=-1)
+        values = grouped(w, spec)
+        lo, hi = values.amin(dim=-1), values.amax(dim=-1)
     elif isinstance(spec.granularity, PerTensor) or spec.observer != "mse":
         observer = make_observer(spec if spec.observer in ("minmax", "moving-average") else
                                  QuantSpec(spec.dtype, spec.symmetric, spec.granularity), name="weight")
         observer(w)
         return observer.qparams()
     else:
-        grouped = w
         dims = [d for d in range(w.dim()) if d != spec.granularity.axis % w.dim()]
         lo, hi = w.amin(dim=dims), w.amax(dim=dims)
     if spec.observer != "mse":
@@ -159,7 +145,7 @@ def weight_qparams(weight: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
 def _per_parameter(error: Tensor, x: Tensor, spec: QuantSpec) -> Tensor:
     """Squared errors summed over the elements that share one parameter."""
     if isinstance(spec.granularity, PerGroup):
-        return _grouped(error, spec).sum(dim=-1)
+        return grouped(error, spec).sum(dim=-1)
     axis = spec.granularity.axis % x.dim()
     return error.sum(dim=[d for d in range(x.dim()) if d != axis])
 

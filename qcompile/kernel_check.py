@@ -53,6 +53,20 @@ class KernelContract:
 
 _CONTRACTS: dict[Any, KernelContract] = {}
 
+BF16_UNIT_ROUNDOFF = 2.0**-8  # bf16 keeps 8 significant bits
+
+
+def bf16_linear_bound(x: Tensor, weight: Tensor) -> float:
+    """The error a GEMM with bf16 operands and fp32 accumulation may make, absolute:
+    2·u·max(|x|·|W|ᵀ) + u·max|x·Wᵀ|. Each operand is rounded once (relative u each, so a
+    product term is off by at most 2u of its magnitude, and a sum of terms by 2u of the sum of
+    their magnitudes) and the result once more; accumulation in fp32 adds nothing that shows.
+    A relative tolerance cannot stand for it where the terms cancel: the error follows Σ|x||w|
+    while the output, the sum, may be much smaller."""
+    rows = x.reshape(-1, x.shape[-1]).float()
+    magnitudes = rows.abs() @ weight.float().abs().t()
+    return float(2 * BF16_UNIT_ROUNDOFF * magnitudes.max() + BF16_UNIT_ROUNDOFF * (rows @ weight.float().t()).abs().max())
+
 
 def register_kernel(op: Any, reference: Callable[..., Tensor], precision: torch.dtype | None = None,
                     tolerance_scale: float = 1.0, bound: Callable[..., float] | None = None) -> None:

@@ -20,7 +20,7 @@ from qcompile.errors import QCompileError
 from qcompile.ir.meta import EdgeQuant, get_qspec, source_module
 from qcompile.qconfig import OpQuantConfig, QConfig, op_kind
 from qcompile.qdq import is_dequantize, is_quantize, qparams_of
-from qcompile.spec import PerChannel, PerGroup, PerTensor, QuantSpec
+from qcompile.spec import PerChannel, PerGroup, PerTensor, PerToken, QuantSpec
 
 
 def _scalar_qparams(gm: fx.GraphModule, node: fx.Node) -> dict[str, float | int]:
@@ -67,6 +67,8 @@ def resolved_plan(planned: fx.GraphModule, qdq: fx.GraphModule | None = None) ->
             }
             if spec.observer == "percentile":
                 described["percentile"] = spec.percentile
+            if spec.margin:
+                described["margin"] = spec.margin
             if edge.observe_at:
                 described["observe_at"] = edge.observe_at
             described.update(_calibrated(qdq, edge, node.name, index))
@@ -77,18 +79,19 @@ def resolved_plan(planned: fx.GraphModule, qdq: fx.GraphModule | None = None) ->
     return entries
 
 
-_GRANULARITY = re.compile(r"per-tensor|per-channel\((-?\d+)\)|per-group\((-?\d+),(\d+)\)")
+_GRANULARITY = re.compile(r"per-tensor|per-token|per-channel\((-?\d+)\)|per-group\((-?\d+),(\d+)\)")
 
 
 def _spec(described: dict[str, Any]) -> QuantSpec:
     match = _GRANULARITY.fullmatch(described["granularity"])
     if match is None:
-        raise QCompileError(f"plan: granularity '{described['granularity']}' is not per-tensor, per-channel(axis) "
-                            "or per-group(axis,size)")
+        raise QCompileError(f"plan: granularity '{described['granularity']}' is not per-tensor, per-token, "
+                            "per-channel(axis) or per-group(axis,size)")
     channel, group_axis, group_size = match.groups()
     granularity = (PerChannel(int(channel)) if channel is not None else
-                   PerGroup(int(group_axis), int(group_size)) if group_axis is not None else PerTensor())
-    extra = {"percentile": described["percentile"]} if "percentile" in described else {}
+                   PerGroup(int(group_axis), int(group_size)) if group_axis is not None else
+                   PerToken() if described["granularity"] == "per-token" else PerTensor())
+    extra = {key: described[key] for key in ("percentile", "margin") if key in described}
     return QuantSpec(described["dtype"], described["symmetric"], granularity, described["observer"], **extra)
 
 

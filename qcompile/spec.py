@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from qcompile.errors import QCompileError
+
 # Storage dtype and integer range of each quantized dtype: int2 to int7 (QAT's narrow weights)
 # live in int8 storage, so an int8 kernel runs them unchanged.
 _INTEGER_RANGES: dict[str, tuple[torch.dtype, int, int]] = {
@@ -152,9 +154,10 @@ class QuantSpec:
 
     @property
     def axis(self) -> int | None:
-        """The ops' ``axis`` argument: None for one scale, or per token (whose scales arrive
-        shaped to broadcast, [..., 1]); the channel axis otherwise."""
-        return None if isinstance(self.granularity, (PerTensor, PerToken)) else self.granularity.axis
+        """The ops' ``axis`` argument: None for one scale, per token and per group (whose scales
+        arrive shaped to broadcast: [..., 1] per row, [out, in / size, 1] against the weight
+        viewed by :func:`grouped`); the channel axis otherwise."""
+        return None if isinstance(self.granularity, (PerTensor, PerToken, PerGroup)) else self.granularity.axis
 
     @property
     def dynamic(self) -> bool:
@@ -202,3 +205,18 @@ def integer_qparams(
         scale = torch.clamp((hi - lo) / (qmax - qmin), min=MIN_SCALE)
         zero_point = torch.clamp(qmin - torch.round(lo / scale), qmin, qmax).to(torch.int32)
     return scale, zero_point
+
+
+def grouped(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """A per-group spec's view of a weight: each group on a last dimension of its own,
+    [out, in] -> [out, in / size, size], so that its scales broadcast as [out, in / size, 1]."""
+    granularity = spec.granularity
+    if not isinstance(granularity, PerGroup):
+        raise TypeError(f"grouped() takes a per-group spec, got {granularity}")
+    if x.dim() != 2 or granularity.axis % 2 != 1:
+        raise QCompileError(f"per-group quantization takes 2-D weights grouped along axis 1, got {tuple(x.shape)} "
+                            f"along axis {granularity.axis}")
+    if x.shape[1] % granularity.group_size:
+        raise QCompileError(f"per-group size {granularity.group_size} does not divide the {x.shape[1]} input "
+                            "channels")
+    return x.reshape(x.shape[0], -1, granularity.group_size)

@@ -11,6 +11,7 @@ import qcompile
 from qcompile.kernel_check import kernel_contracts
 from qcompile.qconfig import fp8_qconfig
 from qcompile.targets.cpu_fp8 import Fp8OrInt8, LowerCpuFp8, capabilities, cpu_fp8_preset
+from qcompile.targets import cpu_features
 from qcompile.targets.cpu_fp8 import fp8_or_int8
 from qcompile.targets.cpu_fp8.kernels import decoded_weight, linear_fp8, reference_linear_fp8
 from qcompile.testing import assert_graph_diff, assert_outputs_close, assert_pass_contract, check_graph
@@ -70,10 +71,10 @@ def test_bad_arguments_are_refused():
 
 
 def test_no_fp8_gemm_without_amx(monkeypatch):
-    monkeypatch.setattr(capabilities, "cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16", "avx512_vnni"}))
+    monkeypatch.setattr(cpu_features, "cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16", "avx512_vnni"}))
     assert not capabilities.has_fp8_gemm() and capabilities.available_paths() == ("bf16",)
     assert cpu_fp8_preset().by_op["linear"].activation is None  # weight-only: FP8 activations only add work here
-    monkeypatch.setattr(capabilities, "cpu_flags", lambda: frozenset({"amx_tile", "amx_int8", "amx_bf16"}))
+    monkeypatch.setattr(cpu_features, "cpu_flags", lambda: frozenset({"amx_tile", "amx_int8", "amx_bf16"}))
     assert capabilities.available_paths() == ("scaled-mm", "bf16")
     assert cpu_fp8_preset().by_op["linear"].activation.dtype == "float8_e4m3fn"
 
@@ -209,3 +210,14 @@ def test_minilm_cpu_fp8(minilm_fp8_data, qconfig, floor, size, tmp_path):
     loaded = qcompile.load(path)
     with torch.no_grad():
         torch.testing.assert_close(loaded(**evaluation), qm(**evaluation))
+
+
+def test_a_cpu_fp8_plan_replays_per_token_margins_and_the_int8_mix(tmp_path):
+    data = [(torch.randn(8, 16, generator=torch.Generator().manual_seed(i)),) for i in range(3)]
+    for qconfig in (fp8_qconfig(activations="per-token", margin=2), fp8_qconfig()):
+        first = qcompile.compile(TinyBlock(), calibration_data=data, target="cpu-fp8", qconfig=qconfig, progress=False)
+        path = first.report.write_plan(tmp_path / "plan.json")
+        replayed = qcompile.compile(TinyBlock(), calibration_data=data, target="cpu-fp8", plan=path, progress=False)
+        assert [n.precision for n in replayed.report.nodes] == [n.precision for n in first.report.nodes]
+        x = torch.randn(5, 16)
+        assert torch.equal(replayed(x), first(x))

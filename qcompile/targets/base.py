@@ -29,7 +29,7 @@ from torch import fx
 from qcompile.errors import QCompileError
 from qcompile.pipeline import Pass, Pipeline, register_pass
 from qcompile.qconfig import OpQuantConfig, QConfig
-from qcompile.spec import PerChannel, PerTensor
+from qcompile.spec import PerChannel, PerGroup, PerTensor
 
 
 @dataclass(frozen=True)
@@ -55,8 +55,10 @@ class OpRule:
     # their rounding error would be systematic rather than noise; such a table stays float
     # (it is also small: the vocabulary table is the one worth its bytes).
     lookup_indices: int | None = None
-    # The kernel also runs with float activations and a quantized weight (weight-only).
+    # The kernel also runs with float activations and a quantized weight (weight-only), whose
+    # weights may then also come in these granularities (groups of inputs sharing a scale).
     weight_only: bool = False
+    weight_only_granularities: tuple[type, ...] = ()
     # Activation granularities the kernel takes: per-token scales come with each row.
     activation_granularities: tuple[type, ...] = (PerTensor,)
 
@@ -90,8 +92,13 @@ class OpRule:
             return "affine weights (kernel takes symmetric weights, zero point 0)"
         if isinstance(weight.granularity, PerChannel) and weight.granularity.axis != 0:
             return f"weight {weight.granularity} (kernel takes output channels, axis 0)"
-        if not isinstance(weight.granularity, (PerTensor, PerChannel)):
-            return f"weight granularity {weight.granularity} (kernel takes per-tensor or per-channel)"
+        weight_only = not self.activations_of(config)
+        taken = (PerTensor, PerChannel, *(self.weight_only_granularities if weight_only else ()))
+        if isinstance(weight.granularity, PerGroup) and weight.granularity.axis not in (1, -1) and PerGroup in taken:
+            return f"weight {weight.granularity} (kernel takes groups of input channels, axis 1)"
+        if not isinstance(weight.granularity, taken):
+            names = ", ".join(("per-tensor", "per-channel", *(["per-group (weight-only)"] if PerGroup in taken else [])))
+            return f"weight granularity {weight.granularity} (kernel takes {names})"
         return None
 
 

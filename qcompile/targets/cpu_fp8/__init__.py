@@ -14,11 +14,13 @@ weight bytes). A QConfig with activation specs (``fp8_qconfig()``) gives W8A8 nu
 Outlier smoothing is not run: E4M3's relative steps already cover outlier channels.
 """
 
-from qcompile.qconfig import QConfig, fp8_qconfig
 from torch import fx
 
+from qcompile.qconfig import QConfig, fp8_qconfig
+
 from qcompile.targets.base import CLEANUP, CONVERT, DYNAMIC_PREPARE, Target, register_target
-from qcompile.targets.cpu_fp8.capabilities import has_fp8_gemm, op_rules
+from qcompile.targets.cpu_features import has_fp8_gemm
+from qcompile.targets.cpu_fp8.capabilities import op_rules
 from qcompile.targets.cpu_fp8.fp8_or_int8 import Fp8OrInt8
 from qcompile.targets.cpu_fp8.kernels import describe_fp8_kernel, linear_fp8
 from qcompile.targets.cpu_fp8.lower_cpu_fp8 import LowerCpuFp8

@@ -19,37 +19,16 @@ activation. Where several paths exist they are timed at the node's shape (:func:
 
 from __future__ import annotations
 
-import functools
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 
 from qcompile.spec import FLOAT8_DTYPES, PerTensor, PerToken
+from qcompile.targets.cpu_features import has_fp8_gemm
 from qcompile.targets.base import OpRule
 from qcompile.targets.cpu_int8.capabilities import ACTIVATION_DTYPES, WEIGHT_DTYPES
 
 PATHS = ("scaled-mm", "bf16")
-
-
-@functools.cache
-def cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags (Linux ``/proc/cpuinfo``; empty elsewhere: no AMX assumed)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return frozenset()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return frozenset(line.split(":", 1)[1].split())
-    return frozenset()
-
-
-def has_fp8_gemm() -> bool:
-    """Whether torch's CPU ``_scaled_mm`` runs a native FP8 GEMM here (oneDNN on AMX) rather
-    than converting its operands to fp32 first."""
-    flags = cpu_flags()
-    return "amx_tile" in flags and bool({"amx_int8", "amx_fp16"} & flags)
 
 
 def available_paths() -> tuple[str, ...]:

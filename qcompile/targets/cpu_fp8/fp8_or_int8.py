@@ -36,7 +36,7 @@ from qcompile.pipeline import Diagnostic, Pass, PassResult
 from qcompile.qconfig import INT8_ACTIVATION, INT8_WEIGHT
 from qcompile.report import node_outputs
 from qcompile.spec import PerTensor, QuantSpec, compute_qparams
-from qcompile.targets.cpu_fp8.capabilities import has_fp8_gemm
+from qcompile.targets.cpu_features import has_fp8_gemm
 
 if TYPE_CHECKING:
     from qcompile.context import CompileContext
@@ -89,13 +89,20 @@ class Fp8OrInt8(Pass):
         args, kwargs = context.example
         inputs = node_outputs(gm, {n.args[0].name for n in readers}, args, kwargs,
                               keep=lambda x: x.reshape(-1, x.shape[-1])[:SAMPLE_ROWS].float().clone())
+        with torch.no_grad():
+            scores = self._measure(gm, groups, inputs)
+        return replace(self, scores=tuple(scores))(gm)
+
+    @classmethod
+    def _measure(cls, gm: fx.GraphModule, groups: dict[fx.Node, list[fx.Node]],
+                 inputs: dict[str, torch.Tensor]) -> list[tuple[str, float, float]]:
         scores = []
         for observer_node, nodes in groups.items():
             observer = gm.get_submodule(observer_node.target)
             for node in nodes:
-                fp8, int8 = self._scores(gm, node, inputs[node.args[0].name], observer)
+                fp8, int8 = cls._scores(gm, node, inputs[node.args[0].name], observer)
                 scores.append((node.name, round(fp8, 2), round(int8, 2)))
-        return replace(self, scores=tuple(scores))(gm)
+        return scores
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         if self._skipped():

@@ -1,14 +1,17 @@
 """cpu-int8: oneDNN int8 kernels on x86 CPUs, all of it in this folder.
 
 * kernels: ``onednn`` (``qc.linear_int8``, ``qc.conv2d_int8``), ``uint8_kernels``
-  (``qc.max_pool2d_uint8``), ``bf16_kernels`` (``qc.attention_bf16``, ``qc.linear_bf16``), each
-  registering its Q/DQ reference with :mod:`qcompile.kernel_check`;
+  (``qc.max_pool2d_uint8``), ``bf16_kernels`` (``qc.attention_bf16``, ``qc.linear_bf16``),
+  ``weight_only_kernels`` (``qc.linear_weight_only``: int8 / int4 weights, bf16 activations),
+  each registering its Q/DQ reference with :mod:`qcompile.kernel_check`;
 * passes: ``merge-sibling-linears``, ``fuse-patterns`` (the groups one oneDNN kernel runs),
-  ``lower-cpu-int8``, ``lower-float-bf16``;
+  ``lower-cpu-int8``, ``lower-weight-only``, ``lower-float-bf16``;
 * ``capabilities``: the one table of what the kernels run, which the op rules, the marking,
   the lowering and the kernels' argument checks read;
 * the target: op rules, preset, pipelines, and how the report names a kernel node.
 """
+
+from torch import fx
 
 from qcompile.qconfig import int8_preset
 from qcompile.targets.base import CONVERT, DYNAMIC_PREPARE, PREPARE, Target, register_target
@@ -19,7 +22,14 @@ from qcompile.targets.cpu_int8.lower_cpu_int8 import LowerCpuInt8
 from qcompile.targets.cpu_int8.lower_float_bf16 import LowerFloatBf16
 from qcompile.targets.cpu_int8.merge_sibling_linears import MergeSiblingLinears
 from qcompile.targets.cpu_int8.onednn import conv2d_int8, describe_int8_kernel, linear_int8
+from qcompile.targets.cpu_int8.lower_weight_only import LowerWeightOnly
 from qcompile.targets.cpu_int8.uint8_kernels import max_pool2d_uint8
+from qcompile.targets.cpu_int8.weight_only_kernels import describe_weight_only_kernel, linear_weight_only
+
+def describe_kernel(node: fx.Node) -> str | None:
+    """The report's name for one of cpu-int8's kernel nodes."""
+    return describe_int8_kernel(node) or describe_weight_only_kernel(node)
+
 
 register_target(
     Target(
@@ -30,15 +40,15 @@ register_target(
         prepare=PREPARE,
         convert=CONVERT,
         # Fusion is read off the Q/DQ graph, so a saved Q/DQ program lowers the same way.
-        lower="canonicalize,merge-sibling-linears,fuse-patterns,lower-cpu-int8,lower-float-bf16,relax-views,"
-              "eliminate-dead-code",
+        lower="canonicalize,merge-sibling-linears,fuse-patterns,lower-cpu-int8,lower-weight-only,lower-float-bf16,"
+              "relax-views,eliminate-dead-code",
         dynamic_prepare=DYNAMIC_PREPARE,
         dynamic_convert="cast-fp8{dynamic=true},convert{dynamic=true},eliminate-dequant,eliminate-dead-code",
-        describe_kernel=describe_int8_kernel,
-        passes=(MergeSiblingLinears, FusePatterns, LowerCpuInt8, LowerFloatBf16),
+        describe_kernel=describe_kernel,
+        passes=(MergeSiblingLinears, FusePatterns, LowerCpuInt8, LowerWeightOnly, LowerFloatBf16),
     )
 )
 
 
-__all__ = ["FusePatterns", "LowerCpuInt8", "LowerFloatBf16", "MergeSiblingLinears", "attention_bf16", "conv2d_int8",
-           "linear_bf16", "linear_int8", "max_pool2d_uint8"]
+__all__ = ["FusePatterns", "LowerCpuInt8", "LowerFloatBf16", "LowerWeightOnly", "MergeSiblingLinears", "attention_bf16",
+           "conv2d_int8", "linear_bf16", "linear_int8", "linear_weight_only", "max_pool2d_uint8"]

@@ -15,13 +15,14 @@ residual adds only as a convolution's sum epilogue.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from qcompile.spec import PerGroup
 from qcompile.targets.base import OpRule
 
 aten = torch.ops.aten
@@ -76,6 +77,9 @@ def op_rules() -> dict[str, OpRule]:
     """cpu-int8's op rules, read off the table."""
     rules = {anchor.kind: OpRule(activation_dtypes=ACTIVATION_DTYPES, weight_dtypes=WEIGHT_DTYPES)
              for anchor in ANCHORS.values()}
+    # A linear also runs weight-only: int8 per channel or int4 per group, on bf16 activations
+    # (weight_only_kernels; the dispatch table there says which weights each kernel takes).
+    rules["linear"] = replace(rules["linear"], weight_only=True, weight_only_granularities=(PerGroup,))
     # A table lookup reads its int8 rows and dequantizes them with their own scales.
     rules["embedding"] = OpRule(activations=(), weight=0, bias=None, weight_dtypes=WEIGHT_DTYPES, lookup_indices=1)
     # A residual add between convolutions: the sum post-op reads the other input as uint8, so

@@ -1,0 +1,124 @@
+"""Weight-only linears on cpu-int8: int8 per channel and int4 per group on bf16 activations
+(qc.linear_weight_only), the grouped Q/DQ form, the kernel dispatch and its refusals."""
+
+import pytest
+import torch
+
+import qcompile
+from qcompile import OpQuantConfig, PerChannel, PerGroup, QConfig, QuantSpec
+from qcompile.kernel_check import kernel_contracts
+from qcompile.passes import Convert
+from qcompile.targets import cpu_features
+from qcompile.targets.cpu_int8 import LowerWeightOnly
+from qcompile.targets.cpu_int8.weight_only_kernels import (
+    WEIGHT_ONLY_KERNELS,
+    dequantized_weight,
+    linear_weight_only,
+    reference_linear_weight_only,
+)
+from qcompile.testing import assert_outputs_close, assert_pass_contract, check_graph
+from tests.models import SentenceEmbedder, TinyBlock, docstring_sentences, minilm_inputs
+from tests.quant_stages import annotated
+
+INT4_G32 = QConfig(by_op={"linear": OpQuantConfig(None, QuantSpec("int4", granularity=PerGroup(1, 32)))})
+INT8_WO = QConfig(by_op={"linear": OpQuantConfig(None, QuantSpec("int8", granularity=PerChannel(0)))})
+
+
+def int4_groups(out_features=48, in_features=64, size=32, seed=0):
+    weight = torch.randn(out_features, in_features, generator=torch.Generator().manual_seed(seed))
+    grouped = weight.reshape(out_features, -1, size)
+    scale = grouped.abs().amax(-1, keepdim=True) / 7
+    return torch.round(grouped / scale).clamp(-8, 7).to(torch.int8), scale
+
+
+@pytest.mark.parametrize("kernel", ["int8pack", "int4pack"])
+def test_the_kernels_keep_their_contract(kernel):
+    x = torch.randn(3, 5, 64, generator=torch.Generator().manual_seed(1))
+    if kernel == "int4pack":
+        weight_q, scale = int4_groups()
+        group = 32
+    else:
+        weight = torch.randn(48, 64)
+        scale = weight.abs().amax(1) / 127
+        weight_q, group = torch.round(weight / scale[:, None]).to(torch.int8), 0
+    bias = torch.randn(48)
+    y = linear_weight_only(x, weight_q, scale, group, bias, kernel)
+    expected = reference_linear_weight_only(x, weight_q, scale, group, bias, kernel)
+    assert y.shape == (3, 5, 48) and y.dtype == torch.float32
+    assert float((y - expected).abs().max() / expected.abs().max()) < 2.0**-7
+    assert kernel_contracts()[torch.ops.qc.linear_weight_only.default].precision == torch.bfloat16
+
+
+def test_dequantized_grouped_weight_is_each_groups_scale_times_its_values():
+    weight_q, scale = int4_groups(4, 64)
+    w = dequantized_weight(weight_q, scale)
+    assert w.shape == (4, 64)
+    torch.testing.assert_close(w[2, 32:64], weight_q[2, 1].float() * scale[2, 1, 0])
+
+
+def test_the_dispatch_refuses_what_a_kernel_cannot_run():
+    weight_q, _ = int4_groups()
+    int4 = WEIGHT_ONLY_KERNELS["int4pack"]
+    assert int4.unsupported(weight_q, 32, 64) is None
+    assert int4.unsupported(weight_q, 16, 64) == "int4pack takes groups of 32, 64, 128, 256, not 16"
+    assert int4.unsupported(weight_q * 2, 32, 64) == "int4pack takes weights in [-8, 7]"
+    assert int4.unsupported(weight_q, 32, 48) == "int4pack needs in_features a multiple of 32, not 48"
+    with pytest.raises(ValueError, match="kernel 'int2pack' is not one of: int8pack, int4pack"):
+        linear_weight_only(torch.randn(2, 64), weight_q, torch.ones(48, 2, 1), 32, None, "int2pack")
+
+
+def test_convert_stores_groups_and_the_lowering_runs_int4pack():
+    x = torch.randn(4, 64)
+    model = TinyBlock(width=64, hidden=128)
+    qdq = Convert()(annotated(model, x, qconfig=INT4_G32)).graph_module
+    check_graph(qdq, """
+    CHECK: constant up_weight_q : i8[128,2,32]
+    CHECK: constant up_weight_scale : f32[128,2,1]
+    CHECK: qc.dequantize.default({{%[0-9]+}}, {{%[0-9]+}}, {{%[0-9]+}}, None, torch.float32) : f32[128,2,32]
+    CHECK: aten.view.default({{%[0-9]+}}, [128, 64]) : f32[128,64]
+    CHECK: aten.linear.default(%0,
+    """)
+    assert not any(n.name.endswith("bias_q") for n in qdq.graph.nodes)  # weight-only: float bias
+    out = assert_pass_contract(LowerWeightOnly(), qdq)
+    check_graph(out, """
+    CHECK: qc.linear_weight_only.default(%0, {{%[0-9]+}}, {{%[0-9]+}}, 32, {{%[0-9]+}}, 'int4pack')
+    CHECK: qc.linear_weight_only.default({{.*}}, 32, {{%[0-9]+}}, 'int4pack')
+    """)
+    assert_outputs_close(qdq, out, [torch.randn(6, 64)], rtol=0.02)
+
+
+def test_a_cpu_without_bf16_gemms_keeps_the_reference_form(monkeypatch):
+    monkeypatch.setattr(cpu_features, "cpu_flags", lambda: frozenset({"avx512f", "avx2"}))
+    qdq = Convert()(annotated(TinyBlock(width=64, hidden=128), torch.randn(4, 64), qconfig=INT8_WO)).graph_module
+    result = LowerWeightOnly()(qdq)
+    assert not result.modified
+    assert set(result.of_kind("kept").values()) == {
+        "this CPU has no native bf16 GEMM (AVX512-BF16 or AMX): the weight-only kernels would be slower than fp32"}
+
+
+def test_a_group_that_does_not_divide_the_inputs_is_an_error_naming_the_node():
+    with pytest.raises(qcompile.NodeError, match=r"per-group size 32 does not divide the 16 input channels.*linear"):
+        Convert()(annotated(TinyBlock(), torch.randn(4, 16), qconfig=INT4_G32))
+
+
+def test_minilm_weight_only(minilm, tmp_path):
+    model, tokenizer = minilm
+    embedder = SentenceEmbedder(model).eval()
+    sentences = docstring_sentences(32)
+    calibration = [minilm_inputs(tokenizer, sentences[:8], length=32)]
+    evaluation = minilm_inputs(tokenizer, sentences[16:32], length=24)
+    with torch.no_grad():
+        expected = embedder(**evaluation)
+    # int4 by round-to-nearest costs MiniLM about 0.044 of cosine (GPTQ is what closes it)
+    for qconfig, floor, detail in ((INT8_WO, 0.999, "int8pack (per channel)"),
+                                   (INT4_G32, 0.95, "int4pack (groups of 32)")):
+        qm = qcompile.compile(embedder, calibration_data=calibration, qconfig=qconfig, progress=False,
+                              outlier_smoothing=None)
+        linears = [n for n in qm.report.nodes if n.op == "linear"]
+        assert len(linears) == 36 and all(f"qc.linear_weight_only via {detail}" in n.detail for n in linears)
+        with torch.no_grad():
+            cosine = torch.nn.functional.cosine_similarity(qm(**evaluation), expected)
+        assert cosine.mean() > floor, float(cosine.mean())
+        loaded = qcompile.load(qm.save(tmp_path / "minilm.qc"))
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(**evaluation), qm(**evaluation))
