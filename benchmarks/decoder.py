@@ -1,10 +1,14 @@
-"""Decoder LM serving: prefill and per-token decode latency with a KV cache, fp32 vs bf16 vs int8.
+"""Decoder LM serving: prefill and per-token decode latency with a KV cache, fp32 vs bf16 vs int8
+vs weight-only int8 / int4 / FP8.
 
 A Llama-style model from its config (width 512, 4 layers, 8 heads / 4 KV heads, MLP 1536,
 vocabulary 8000; random weights), 2 threads. Each path runs the same greedy loop
 (:func:`qcompile.greedy_decode`): prefill of a 64-token prompt, then 32 decode steps with the
 cache growing; the table gives prefill ms and decode ms per token (medians of 3 runs), for
-batch 1 and batch 4. int8 is ``qcompile.compile_decoder`` calibrated on 4 prompt batches.
+batch 1 and batch 4. int8 is ``qcompile.compile_decoder`` calibrated on 4 prompt batches (W8A8);
+the weight-only rows quantize the linears' weights only (int8 per channel on
+``_weight_int8pack_mm``, int4 in groups of 32 or 128 on ``_weight_int4pack_mm_for_cpu``, FP8
+E4M3 per channel decoded to bf16 on cpu-fp8), activations in bf16.
 
 Run: ``python -m benchmarks.decoder``
 """
@@ -19,6 +23,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import qcompile
+from qcompile import OpQuantConfig, PerChannel, PerGroup, QConfig, QuantSpec
 from qcompile.decoder import PrefillProgram, StepProgram
 
 PROMPT, NEW_TOKENS = 64, 32
@@ -39,6 +44,11 @@ def timed_decode(prefill, step, ids: torch.Tensor) -> tuple[float, float]:
     return statistics.median(r[0] for r in runs[1:]), statistics.median(r[1] for r in runs[1:])
 
 
+def weight_only(spec: QuantSpec) -> QConfig:
+    """Every linear's weight quantized with ``spec``, activations float (run in bf16)."""
+    return QConfig(by_op={"linear": OpQuantConfig(None, spec)})
+
+
 def main() -> None:
     torch.set_num_threads(2)
     torch.manual_seed(0)
@@ -48,18 +58,24 @@ def main() -> None:
     bf16 = copy.deepcopy(model).to(torch.bfloat16)
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, 8000, (4, PROMPT), generator=g) for _ in range(4)]
-    start = time.perf_counter()
-    compiled = qcompile.compile_decoder(model, prompts, progress=False)
-    print(f"compile_decoder: {time.perf_counter() - start:.0f} s; {compiled.step.report.notes[-1]}")
     paths = {"fp32 eager": (PrefillProgram(model), StepProgram(model)),
-             "bf16 eager": (PrefillProgram(bf16), StepProgram(bf16)),
-             "qcompile int8": (compiled.prefill, compiled.step)}
-    print(f"\n{'path':<16}{'batch':>6}{'prefill ms':>12}{'ms/token':>10}{'vs fp32':>9}{'vs bf16':>9}")
+             "bf16 eager": (PrefillProgram(bf16), StepProgram(bf16))}
+    variants = {"qcompile int8": {},
+                "weight-only int8": {"qconfig": weight_only(QuantSpec("int8", granularity=PerChannel(0)))},
+                "weight-only int4 g32": {"qconfig": weight_only(QuantSpec("int4", granularity=PerGroup(1, 32)))},
+                "weight-only int4 g128": {"qconfig": weight_only(QuantSpec("int4", granularity=PerGroup(1, 128)))},
+                "weight-only FP8": {"target": "cpu-fp8"}}
+    for name, options in variants.items():
+        start = time.perf_counter()
+        compiled = qcompile.compile_decoder(model, prompts, progress=False, **options)
+        print(f"{name}: compile_decoder {time.perf_counter() - start:.0f} s; {compiled.step.report.notes[-1]}")
+        paths[name] = (compiled.prefill, compiled.step)
+    print(f"\n{'path':<24}{'batch':>6}{'prefill ms':>12}{'ms/token':>10}{'vs fp32':>9}{'vs bf16':>9}")
     for batch in (1, 4):
         ids = torch.randint(0, 8000, (batch, PROMPT), generator=g)
         results = {name: timed_decode(*programs, ids) for name, programs in paths.items()}
         for name, (prefill_ms, token_ms) in results.items():
-            print(f"{name:<16}{batch:>6}{prefill_ms:>12.1f}{token_ms:>10.2f}"
+            print(f"{name:<24}{batch:>6}{prefill_ms:>12.1f}{token_ms:>10.2f}"
                   f"{results['fp32 eager'][1] / token_ms:>8.2f}x{results['bf16 eager'][1] / token_ms:>8.2f}x")
 
 

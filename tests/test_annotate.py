@@ -36,13 +36,14 @@ def test_activation_is_observed_above_shape_ops_that_share_qparams():
 
 def test_qconfig_none_and_unsupported_specs_stay_float_with_the_reason():
     x = torch.randn(4, 16)
-    weight_only = qcompile.OpQuantConfig(None, qcompile.QuantSpec("int8", granularity=qcompile.PerChannel(0)))
-    qconfig = (qcompile.int8_preset().set_module_name("down", None).set_module_name("up", weight_only)
+    affine = qcompile.OpQuantConfig(qcompile.int8_preset().by_op["linear"].activation,
+                                    qcompile.QuantSpec("int8", symmetric=False, granularity=qcompile.PerChannel(0)))
+    qconfig = (qcompile.int8_preset().set_module_name("down", None).set_module_name("up", affine)
                .set_op("layer_norm", qcompile.int8_preset().by_op["linear"]))
     result = Annotate(qconfig=qconfig)(cleaned(TinyBlock(), x))
     plans = {n.name: qcompile.get_qspec(n) for n in result.graph_module.graph.nodes if qcompile.get_qspec(n)}
     assert plans["linear_1"].float_reason == "the QConfig keeps it float (module name 'down')"
-    assert "needs quantized activations" in plans["linear"].float_reason
+    assert plans["linear"].float_reason == "affine weights (kernel takes symmetric weights, zero point 0)"
     assert plans["layer_norm"].float_reason == "cpu-int8 has no int8 kernel for 'layer_norm'"
     assert result.stats["quantized"] == 0
     assert set(result.of_kind("unsupported")) == {"linear", "layer_norm"}
