@@ -105,8 +105,9 @@ class SmoothOutliers(Pass):
         if self.outliers or context is None or context.dynamic or context.outlier_smoothing is None:
             return self(gm)
         qconfig, rules = context.resolved_qconfig(), context.target.op_rules
-        quantized = {n.name for n in gm.graph.nodes
-                     if n.op == "call_function" and op_kind(n) in rules and qconfig.resolve(n)[0] is not None}
+        # Smoothing moves activation outliers into the weights: it is for quantized activations only.
+        quantized = {n.name for n in gm.graph.nodes if n.op == "call_function" and op_kind(n) in rules
+                     and (config := qconfig.resolve(n)[0]) is not None and config.activation is not None}
         outliers = smoothing_plan(gm, quantized_linear_inputs(gm, quantized), context.calibration_data,
                                   context.example, context.outlier_smoothing)
         return replace(self, outliers=outliers)(gm)
