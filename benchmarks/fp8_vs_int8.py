@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 import sys
 import tempfile
 import time
@@ -35,6 +34,7 @@ import qcompile
 from benchmarks.cpu_int8 import embedding_agreement, minilm_data, tensor_bytes
 from qcompile import OpQuantConfig, QConfig, QuantSpec
 from qcompile.qconfig import INT8_ACTIVATION, INT8_WEIGHT, fp8_qconfig
+from qcompile.report import sqnr_db
 from qcompile.spec import FLOAT8_DTYPES, PerChannel, PerTensor, PerToken
 from qcompile.targets.base import CONVERT, DYNAMIC_PREPARE, PREPARE, OpRule, Target, register_target
 from tests.models import SentenceEmbedder, load_minilm, resnet18, train_tiny_decoder
@@ -223,9 +223,7 @@ def cnn() -> None:
 
 
 def sqnr_text(expected: torch.Tensor, actual: torch.Tensor) -> str:
-    noise = float((actual - expected).square().sum())
-    sqnr = math.inf if noise == 0 else 10 * math.log10(float(expected.square().sum()) / noise)
-    return f"output SQNR {sqnr:.1f} dB"
+    return f"output SQNR {sqnr_db(expected, actual.detach()):.1f} dB"
 
 
 def decoder() -> None:

@@ -22,10 +22,9 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-
 from qcompile.spec import FLOAT8_DTYPES, PerTensor, PerToken
-from qcompile.targets.cpu_features import has_fp8_gemm
 from qcompile.targets.base import OpRule
+from qcompile.targets.cpu_features import has_fp8_gemm
 from qcompile.targets.cpu_int8.capabilities import ACTIVATION_DTYPES, WEIGHT_DTYPES
 
 PATHS = ("scaled-mm", "bf16")

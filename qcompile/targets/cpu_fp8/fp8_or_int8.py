@@ -20,7 +20,6 @@ diagnostics give both SQNRs per linear. On a CPU with an FP8 GEMM the pass chang
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, ClassVar
 
@@ -34,7 +33,7 @@ from qcompile.observers import MinMaxObserver, Observer, make_observer
 from qcompile.ops import quantize_with
 from qcompile.pipeline import Diagnostic, Pass, PassResult
 from qcompile.qconfig import INT8_ACTIVATION, INT8_WEIGHT
-from qcompile.report import node_outputs
+from qcompile.report import node_outputs, sqnr_db
 from qcompile.spec import PerTensor, QuantSpec, compute_qparams
 from qcompile.targets.cpu_features import has_fp8_gemm
 
@@ -54,11 +53,6 @@ def _weight_fake_quantized(weight: torch.Tensor, spec: QuantSpec) -> torch.Tenso
     observer = make_observer(spec)
     observer(weight)
     return _fake_quantize(weight, spec, *observer.qparams())
-
-
-def _sqnr_db(reference: torch.Tensor, approximation: torch.Tensor) -> float:
-    noise = float((approximation - reference).double().square().sum())
-    return math.inf if noise == 0 else 10 * math.log10(float(reference.double().square().sum()) / noise)
 
 
 @dataclass(frozen=True)
@@ -160,7 +154,7 @@ class Fp8OrInt8(Pass):
         results = []
         for activation, weight_spec in ((plan[0].spec, plan[1].spec), (INT8_ACTIVATION, INT8_WEIGHT)):
             x_q = _fake_quantize(x, activation, *compute_qparams(lo, hi, activation))
-            results.append(_sqnr_db(y, F.linear(x_q, _weight_fake_quantized(weight, weight_spec), bias)))
+            results.append(sqnr_db(y, F.linear(x_q, _weight_fake_quantized(weight, weight_spec), bias)))
         return results[0], results[1]
 
     def _plan_int8(self, gm: fx.GraphModule, observer_node: fx.Node, observer: Observer,
