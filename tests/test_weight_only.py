@@ -31,9 +31,10 @@ def int4_groups(out_features=48, in_features=64, size=32, seed=0):
     return torch.round(grouped / scale).clamp(-8, 7).to(torch.int8), scale
 
 
+@pytest.mark.parametrize("rows", [5, 40])  # the GEMV kernels, and dequantize + bf16 GEMM from GEMV_ROWS on
 @pytest.mark.parametrize("kernel", ["int8pack", "int4pack"])
-def test_the_kernels_keep_their_contract(kernel):
-    x = torch.randn(3, 5, 64, generator=torch.Generator().manual_seed(1))
+def test_the_kernels_keep_their_contract(kernel, rows):
+    x = torch.randn(3, rows, 64, generator=torch.Generator().manual_seed(1))
     if kernel == "int4pack":
         weight_q, scale = int4_groups()
         group = 32
@@ -44,7 +45,7 @@ def test_the_kernels_keep_their_contract(kernel):
     bias = torch.randn(48)
     y = linear_weight_only(x, weight_q, scale, group, bias, kernel)
     expected = reference_linear_weight_only(x, weight_q, scale, group, bias, kernel)
-    assert y.shape == (3, 5, 48) and y.dtype == torch.float32
+    assert y.shape == (3, rows, 48) and y.dtype == torch.float32
     assert float((y - expected).abs().max() / expected.abs().max()) < 2.0**-7
     assert kernel_contracts()[torch.ops.qc.linear_weight_only.default].precision == torch.bfloat16
 
