@@ -33,8 +33,8 @@ SQNR_GOOD, SQNR_POOR = 30.0, 20.0  # dB: above GOOD is green, below POOR red
 
 
 def precision_class(node: NodeReport | None, op: str = "") -> str:
-    """The colour class of a node: int8 / weight-only (a table read as int8 rows) / fp8 /
-    reference (quantized but not lowered to a kernel) / float."""
+    """The colour class of a node: int8 / weight-only (a table read as int8 rows, a linear on
+    bf16 activations) / fp8 / reference (quantized but not lowered to a kernel) / float."""
     if node is None:
         return op if op in ("input", "output") else "float"
     if node.precision.endswith("-ref"):
@@ -42,7 +42,8 @@ def precision_class(node: NodeReport | None, op: str = "") -> str:
     if node.precision == "fp8":
         return "fp8"
     if node.precision == "int8":
-        return "weight-only" if node.op == "embedding" else "int8"
+        weight_only = node.op == "embedding" or node.detail.startswith("qc.linear_weight_only")
+        return "weight-only" if weight_only else "int8"
     return "float"
 
 

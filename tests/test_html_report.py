@@ -44,6 +44,10 @@ def test_the_page_is_one_file_that_fetches_nothing(conv_report):
 def test_precision_classes_colour_weight_only_and_reference_nodes():
     node = qcompile.NodeReport("emb", "embedding", "", "int8", "int8 rows looked up")
     assert precision_class(node) == "weight-only"
+    linear = qcompile.NodeReport("l", "linear", "", "int8", "qc.linear_weight_only via int4pack (groups of 32)")
+    assert precision_class(linear) == "weight-only"
+    assert precision_class(qcompile.NodeReport("l", "linear", "", "int8", "qc.linear_int8 -> uint8")) == "int8"
+    assert precision_class(qcompile.NodeReport("l", "linear", "", "fp8", "qc.linear_fp8 via bf16")) == "fp8"
     assert precision_class(qcompile.NodeReport("l", "linear", "", "int8-ref", "")) == "reference"
     assert precision_class(qcompile.NodeReport("l", "linear", "", "float", "kept float")) == "float"
     assert precision_class(None, "input") == "input"
