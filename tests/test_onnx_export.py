@@ -178,10 +178,24 @@ def test_an_op_without_onnx_translation_is_named_with_its_node(tmp_path):
     qm = qcompile.compile(TinyBlock(), calibration_data=batches((8, 16)), progress=False)
     with pytest.raises(qcompile.QCompileError, match=r"qc::linear_int8 has no ONNX translation.*linear_int8_default.*module 'up'"):
         qcompile.export_onnx(qm.graph_module, tmp_path / "lowered.onnx", (torch.randn(8, 16),))
+    per_token = qcompile.compile(TinyBlock(), calibration_data=batches((8, 16)), target="cpu-fp8", progress=False,
+                                 qconfig=qcompile.fp8_qconfig(activations="per-token"))
+    with pytest.raises(qcompile.QCompileError, match=r"qc::choose_qparams_per_token has no ONNX translation "
+                                                     r"\(per-token scales: ONNX quantizes dynamically per tensor only"):
+        per_token.export_onnx(tmp_path / "per_token.onnx")
+    assert not (tmp_path / "per_token.onnx").exists()
+
+
+def test_dynamic_quantization_exports_as_dynamic_quantize_linear(tmp_path):
     dynamic = qcompile.compile(TinyBlock(), (torch.randn(8, 16),))
-    with pytest.raises(qcompile.QCompileError, match=r"qc::choose_qparams has no ONNX translation.*calibration_data"):
-        dynamic.export_onnx(tmp_path / "dynamic.onnx")
-    assert not (tmp_path / "dynamic.onnx").exists()
+    result = dynamic.export_onnx(tmp_path / "dynamic.onnx")
+    model = onnx.load(result.path)
+    assert sum(n.op_type == "DynamicQuantizeLinear" for n in model.graph.node) == 2
+    assert result.check.worst.max_steps <= 1  # ONNX's scale and zero point are qc.choose_qparams's
+    x = torch.randn(5, 16)
+    with torch.no_grad():
+        expected = dynamic.qdq_graph_module(x)
+    torch.testing.assert_close(torch.from_numpy(run(result.path, x)), expected, atol=0.05, rtol=0)
 
 
 def test_an_unwritable_path_is_an_error_naming_it(tmp_path):

@@ -123,3 +123,11 @@ def test_minilm_weight_only(minilm, tmp_path):
         loaded = qcompile.load(qm.save(tmp_path / "minilm.qc"))
         with torch.no_grad():
             torch.testing.assert_close(loaded(**evaluation), qm(**evaluation))
+
+
+def test_grouped_weights_are_refused_by_the_onnx_export_naming_the_node(tmp_path):
+    qm = qcompile.compile(TinyBlock(width=64, hidden=128), calibration_data=[(torch.randn(4, 64),)], qconfig=INT4_G32,
+                          progress=False)
+    with pytest.raises(qcompile.NodeError, match="scales per group or per row .* are not exported yet"):
+        qm.export_onnx(tmp_path / "grouped.onnx")
+    assert not (tmp_path / "grouped.onnx").exists()

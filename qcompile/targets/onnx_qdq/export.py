@@ -12,10 +12,11 @@ ONNX Runtime's QDQ optimizer fuses ``DQ -> MatMul`` into MatMulIntegerToFloat an
 CPU optimizer, with the same values: float bias constants for batched linears, and residual
 adds into a LayerNorm as ``Sum`` (``_for_onnx_runtime``).
 
-A graph that cannot be exported fails before anything is written, naming the node: observers
-left in it (never calibrated), an op without an ONNX translation (the lowered kernels, dynamic
-quantization's ``qc.choose_qparams``, a user's custom op), or an integer range ONNX cannot
-express (narrow ranges, int4 in int8 storage). After writing, the file is checked with
+Dynamic quantization's ``qc.choose_qparams`` (uint8, affine) is ``DynamicQuantizeLinear``'s
+scale and zero point, the same formula. A graph that cannot be exported fails before anything
+is written, naming the node: observers left in it (never calibrated), an op without an ONNX
+translation (the lowered kernels, per-token scales, a user's custom op), or an integer range
+ONNX cannot express (narrow ranges, int4 in int8 storage). After writing, the file is checked with
 ``onnx.checker`` (full check) and cross-checked in ONNX Runtime (:mod:`qcompile.targets.onnx_qdq.check`).
 """
 
@@ -40,7 +41,7 @@ from qcompile.ir.graph import constant_value, op_arguments
 from qcompile.errors import NodeError, QCompileError
 from qcompile.observers import Observer
 from qcompile.pass_manager import PassManager
-from qcompile.qdq import DEQUANTIZE, QUANTIZE, DequantizeCall, QuantizeCall
+from qcompile.qdq import CHOOSE_QPARAMS, DEQUANTIZE, QUANTIZE, DequantizeCall, QuantizeCall
 from qcompile.targets.onnx_qdq.arrange import ARRANGE_FOR_ONNX_RUNTIME, UNFUSED_SUM
 from qcompile.targets.onnx_qdq.check import CrossCheck, cross_check
 
@@ -76,7 +77,17 @@ def _sum(values):
     return op.Sum(*values)
 
 
-TRANSLATIONS = {QUANTIZE: _quantize_linear, DEQUANTIZE: _dequantize_linear, UNFUSED_SUM: _sum}
+def _choose_qparams(x, qmin: int, qmax: int, symmetric: bool):
+    """Dynamic quantization's scale and zero point as ONNX's DynamicQuantizeLinear computes them:
+    S = (max(x, 0) − min(x, 0)) / 255, Z = round(−min(x, 0) / S), the affine uint8 formula
+    ``qc.choose_qparams`` uses (checked before export: only that range is translated)."""
+    _, scale, zero_point = op.DynamicQuantizeLinear(x)
+    shape = op.Constant(value_ints=[1])
+    return op.Reshape(scale, shape), op.Reshape(op.Cast(zero_point, to=onnx.TensorProto.INT32), shape)
+
+
+TRANSLATIONS = {QUANTIZE: _quantize_linear, DEQUANTIZE: _dequantize_linear, UNFUSED_SUM: _sum,
+                CHOOSE_QPARAMS: _choose_qparams}
 
 
 @dataclass
@@ -142,9 +153,17 @@ def _check_exportable(gm: fx.GraphModule) -> None:
             continue
         namespace = node.target.namespace
         if namespace not in ("aten", "prims") and node.target not in TRANSLATIONS:
-            hint = (" (dynamic quantization: compile with calibration_data for a static QDQ file)"
-                    if node.target.name().startswith("qc::choose_qparams") else "")
+            hint = (" (per-token scales: ONNX quantizes dynamically per tensor only; plan per-tensor activations)"
+                    if node.target.name().startswith("qc::choose_qparams_per_token") else "")
             raise NodeError(node, f"op {node.target.name()} has no ONNX translation{hint}")
+        if node.target == CHOOSE_QPARAMS and tuple(node.args[1:]) != (0, 255, False):
+            raise NodeError(node, f"dynamic quantization to [{node.args[1]}, {node.args[2]}]"
+                                  f"{' symmetric' if node.args[3] else ''}: ONNX's DynamicQuantizeLinear computes uint8 "
+                                  "affine scales only")
+        call = QuantizeCall.of(node) or DequantizeCall.of(node)
+        if call is not None and call.axis is None and not call.per_tensor:
+            raise NodeError(node, "scales per group or per row (a [..., 1] scale tensor) are not exported yet: ONNX "
+                                  "needs them as blocked quantization, which this exporter does not write")
         quantize = QuantizeCall.of(node)
         if quantize is not None and _FULL_RANGES.get(quantize.dtype) != (quantize.qmin, quantize.qmax):
             raise NodeError(node, f"quantize to {quantize.dtype} with range [{quantize.qmin}, {quantize.qmax}]: ONNX "
