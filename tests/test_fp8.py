@@ -1,4 +1,4 @@
-"""FP8 numerics and the cast-fp8 pass: the scaled saturating cast against ONNX Runtime on every
+"""FP8 numerics and the cast-fp8 pass (passes/cast_fp8.py): the scaled saturating cast against ONNX Runtime on every
 code and at the formats' edges, amax scales with a margin, per-token scales, and the pass's
 graph diff."""
 
