@@ -2,8 +2,9 @@
 
 They work on plain tensors: int8 / uint8 / int4-in-int8 storage plus float32 scale and int32
 zero-point tensors, never on torch's quantized tensor types. ``axis`` is ``None`` for
-per-tensor parameters (one-element tensors) and per-token ones (shaped [..., 1], one per row,
-broadcast as they are), or the channel axis for per-channel ones.
+per-tensor parameters (one-element tensors), per-token ones (shaped [..., 1], one per row) and
+per-group ones (a weight viewed [out, groups, size] with parameters [out, groups, 1]), the last
+two broadcast as they are; or the channel axis for per-channel ones.
 
     quantize:    q = clamp(round(r / S) + Z, qmin, qmax)   (round half to even, as oneDNN and ONNX do)
                  q = fp8(clamp(r / S, -max, max))         (float8 storage: the cast rounds to nearest)
@@ -26,8 +27,8 @@ if TYPE_CHECKING:
 
 
 def broadcast_param(param: Tensor, x: Tensor, axis: int | None) -> Tensor | float:
-    """A per-channel parameter shaped to broadcast along ``axis``; a per-token one ([..., 1]) as
-    it is; a per-tensor one as a Python float, since elementwise kernels take a scalar operand on
+    """A per-channel parameter shaped to broadcast along ``axis``; a per-token or per-group one
+    ([..., 1]) as it is; a per-tensor one as a Python float, since elementwise kernels take a scalar operand on
     their fast path (dividing by a 0-dim tensor is an order of magnitude slower, with
     bit-identical results)."""
     if axis is None:
