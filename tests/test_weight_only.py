@@ -131,3 +131,22 @@ def test_grouped_weights_are_refused_by_the_onnx_export_naming_the_node(tmp_path
     with pytest.raises(qcompile.NodeError, match="scales per group or per row .* are not exported yet"):
         qm.export_onnx(tmp_path / "grouped.onnx")
     assert not (tmp_path / "grouped.onnx").exists()
+
+
+def test_qat_per_group_weights_run_on_int4pack_after_convert_qat():
+    model = TinyBlock(width=64, hidden=128)
+    data = [(torch.randn(8, 64, generator=torch.Generator().manual_seed(i)),) for i in range(4)]
+    qat = qcompile.prepare_qat(model, calibration_data=data, qconfig=INT4_G32, progress=False)
+    optimizer = torch.optim.Adam(qat.parameters(), lr=1e-3)
+    for x, in data * 3:
+        loss = (qat(x) - model(x).detach()).square().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    qm = qcompile.convert_qat(qat)
+    linears = [n for n in qm.report.nodes if n.op == "linear"]
+    assert [n.detail for n in linears] == ["qc.linear_weight_only via int4pack (groups of 32), bf16 activations"] * 2
+    qat.eval()
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(qm(x), qat(x), atol=0.02, rtol=0)  # bf16 activations against fp32 fake-quant
