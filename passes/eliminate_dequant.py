@@ -34,6 +34,7 @@ from qcompile.ir.graph import insert_call, op_arguments
 from qcompile.ir.meta import Provenance, STANDS_FOR
 from qcompile.pipeline import Pass, PassResult
 from qcompile.qdq import DEQUANTIZE, QUANTIZE, SHARES_QPARAMS, DequantizeCall, QuantizeCall, qparams_of
+from qcompile.spec import FLOAT8_STORAGE
 
 aten = torch.ops.aten
 MAX_POOL2D = aten.max_pool2d.default
@@ -43,7 +44,7 @@ EMBEDDING = aten.embedding.default
 def _runs_on(op: fx.Node, dtype: torch.dtype | None) -> bool:
     """Whether ``op`` has an ATen kernel for values of ``dtype``: max-pooling has none for float8
     (views and lookups move any dtype's bytes)."""
-    return op.target != MAX_POOL2D or dtype not in (torch.float8_e4m3fn, torch.float8_e5m2)
+    return op.target != MAX_POOL2D or dtype not in FLOAT8_STORAGE
 
 
 def _sink_through(gm: fx.GraphModule, op: fx.Node, dq: DequantizeCall, pass_name: str) -> fx.Node:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from qcompile.spec import integer_qparams
+from qcompile.spec import FLOAT8_STORAGE, integer_qparams
 
 if TYPE_CHECKING:
     from qcompile.spec import QuantSpec
@@ -87,7 +87,7 @@ def _(x, scale, zero_point, axis, qmin, qmax, dtype):
 # Every float8 code's value in float32 (exact): ATen converts float8 to float element by element,
 # four times slower than looking the byte up here.
 FLOAT8_VALUES = {dtype: torch.arange(256, dtype=torch.uint8).view(dtype).to(torch.float32)
-                 for dtype in (torch.float8_e4m3fn, torch.float8_e5m2)}
+                 for dtype in FLOAT8_STORAGE}
 
 
 def float8_rounding_limit(dtype: torch.dtype) -> float:

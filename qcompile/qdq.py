@@ -16,6 +16,7 @@ from torch import fx
 from qcompile.ir.graph import constant_value, describe_node, op_arguments
 from qcompile.ir.verify import register_invariant
 from qcompile.observers import Observer
+from qcompile.spec import FLOAT8_STORAGE as _FLOAT8
 
 QUANTIZE = torch.ops.qc.quantize.default
 DEQUANTIZE = torch.ops.qc.dequantize.default
@@ -23,7 +24,6 @@ CHOOSE_QPARAMS = torch.ops.qc.choose_qparams.default
 CHOOSE_QPARAMS_PER_TOKEN = torch.ops.qc.choose_qparams_per_token.default
 
 aten = torch.ops.aten
-_FLOAT8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 # Ops whose output keeps its input's quantization parameters: they move or select values
 # without changing them, so quantizing before or after them gives the same integers. The data

@@ -39,6 +39,7 @@ _INTEGER_RANGES: dict[str, tuple[torch.dtype, int, int]] = {
 }
 _FLOAT8 = {"float8_e4m3fn": torch.float8_e4m3fn, "float8_e5m2": torch.float8_e5m2}
 FLOAT8_DTYPES = tuple(_FLOAT8)
+FLOAT8_STORAGE = tuple(_FLOAT8.values())  # the torch dtypes float8 values are stored in
 # 448 = 7·2^6: the E4M3 range narrowed by up to 2^6 stays an integer (E5M2's 57344 = 7·2^13).
 MAX_MARGIN = 6
 OBSERVERS = ("minmax", "moving-average", "percentile", "entropy", "mse")

@@ -83,14 +83,16 @@ def _(x, x_scale, weight, weight_scale, bias, out_dtype, path):
     return x.new_empty((*x.shape[:-1], weight.shape[0]), dtype=out_dtype)
 
 
+def _dequantized(q: Tensor, scale: Tensor, axis: int | None) -> Tensor:
+    """``qc.dequantize`` of float8 values (zero point 0) to float32."""
+    return torch.ops.qc.dequantize(q, scale, torch.zeros_like(scale, dtype=torch.int32), axis, torch.float32)
+
+
 def reference_linear_fp8(x: Tensor, x_scale: Tensor | None, weight: Tensor, weight_scale: Tensor,
                          bias: Tensor | None, out_dtype: torch.dtype, path: str) -> Tensor:
     """The contract in fp32 with the reference ops the kernel replaced."""
-    def dequantize(q: Tensor, scale: Tensor, axis: int | None) -> Tensor:
-        return torch.ops.qc.dequantize(q, scale, torch.zeros_like(scale, dtype=torch.int32), axis, torch.float32)
-
-    operand = x.float() if x_scale is None else dequantize(x, x_scale, None)
-    y = F.linear(operand, dequantize(weight, weight_scale, 0), None if bias is None else bias.float())
+    operand = x.float() if x_scale is None else _dequantized(x, x_scale, None)
+    y = F.linear(operand, _dequantized(weight, weight_scale, 0), None if bias is None else bias.float())
     return y.to(out_dtype)
 
 

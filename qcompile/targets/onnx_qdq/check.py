@@ -35,6 +35,7 @@ from qcompile.errors import QCompileError
 from qcompile.ir.graph import constant_value
 from qcompile.qdq import QUANTIZE, DequantizeCall, QuantizeCall
 from qcompile.report import flat_inputs
+from qcompile.spec import FLOAT8_STORAGE as FLOAT8
 
 # ONNX Runtime's integer kernels, the ops its QDQ optimizer fuses Q/DQ groups into.
 INT8_KERNELS = frozenset({
@@ -96,7 +97,6 @@ class CrossCheck:
 
 # ONNX's element types for the integer storage dtypes of quantized tensors.
 ONNX_TYPES = {torch.uint8: onnx.TensorProto.UINT8, torch.int8: onnx.TensorProto.INT8, torch.int32: onnx.TensorProto.INT32}
-FLOAT8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
 def _signed_codes(q: torch.Tensor) -> torch.Tensor:

@@ -42,11 +42,11 @@ from qcompile.errors import NodeError, QCompileError
 from qcompile.observers import Observer
 from qcompile.pass_manager import PassManager
 from qcompile.qdq import CHOOSE_QPARAMS, DEQUANTIZE, QUANTIZE, DequantizeCall, QuantizeCall
+from qcompile.spec import FLOAT8_STORAGE
 from qcompile.targets.onnx_qdq.arrange import ARRANGE_FOR_ONNX_RUNTIME, UNFUSED_SUM
 from qcompile.targets.onnx_qdq.check import CrossCheck, cross_check
 
 OPSET = 21  # 19 added float8 QuantizeLinear/DequantizeLinear; 21 blocked scales
-FLOAT8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 # The full range of each integer storage type: ONNX's QuantizeLinear saturates to exactly these.
 _FULL_RANGES = {torch.uint8: (0, 255), torch.int8: (-128, 127), torch.int32: (-(2**31), 2**31 - 1),
                 torch.float8_e4m3fn: (-448, 448), torch.float8_e5m2: (-57344, 57344)}
@@ -139,7 +139,7 @@ def quantized_weight_ops(gm: fx.GraphModule, float8: bool = False) -> int:
     count = 0
     for node in gm.graph.nodes:
         dq = DequantizeCall.of(op_arguments(node)["weight"]) if node.target in WEIGHT_OPS else None
-        if dq is not None and (dq.integer_dtype in FLOAT8_DTYPES) == float8:
+        if dq is not None and (dq.integer_dtype in FLOAT8_STORAGE) == float8:
             count += 1
     return count
 
