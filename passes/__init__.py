@@ -10,9 +10,11 @@ from qcompile.passes.calibrate import Calibrate
 from qcompile.passes.cast_fp8 import CastFp8
 from qcompile.passes.canonicalize import Canonicalize
 from qcompile.passes.convert import Convert
+from qcompile.passes.correct_bias import CorrectBias
 from qcompile.passes.eliminate_dead_code import EliminateDeadCode
 from qcompile.passes.eliminate_dequant import EliminateDequant
 from qcompile.passes.fold_batchnorm import FoldBatchNorm
+from qcompile.passes.gptq import Gptq
 from qcompile.passes.insert_fake_quant import InsertFakeQuant
 from qcompile.passes.insert_observers import InsertObservers
 from qcompile.passes.lower_qat import LowerQat
@@ -27,7 +29,7 @@ from qcompile.pipeline import Pass, register_pass
 BUILTIN_PASSES: tuple[type[Pass], ...] = (
     Canonicalize, NormalizeLinears, FoldBatchNorm, EliminateDeadCode, ApplyRules, SmoothOutliers, Annotate, InsertObservers,
     Calibrate, CastFp8, Convert, EliminateDequant, RelaxViews, TrainingOps, InsertFakeQuant, LowerQat,
-    PruneWeights,
+    PruneWeights, Gptq, CorrectBias,
 )
 for _pass in BUILTIN_PASSES:
     register_pass(_pass)
@@ -40,9 +42,11 @@ __all__ = [
     "CastFp8",
     "Canonicalize",
     "Convert",
+    "CorrectBias",
     "EliminateDeadCode",
     "EliminateDequant",
     "FoldBatchNorm",
+    "Gptq",
     "InsertFakeQuant",
     "InsertObservers",
     "LowerQat",

@@ -6,7 +6,10 @@
 
 S and Z come from each observer's statistics; W_q from the weight's own range (per output
 channel by default, or per group of inputs: ``view(dequantize(W_q, S, Z), [out, in])`` with
-W_q viewed [out, in / size, size] and one S per group), computed once here. The bias is stored as int32 with the derived scale
+W_q viewed [out, in / size, size] and one S per group; with ``observer="mse"`` each channel's
+or group's clipping ratio that minimizes the rounding error, :func:`~qcompile.fake_quant.weight_qparams`),
+computed once here. A weight a pass before convert already rounded (``gptq``, ``correct-bias``)
+arrives in that Q/DQ form and is kept as it is. The bias is stored as int32 with the derived scale
 S_x · S_W, so that an integer kernel can add it to the int32 accumulator exactly (its rounding
 error is at most half of one accumulator step).
 
@@ -25,6 +28,7 @@ observer left for ``convert`` is an error naming it.
 from __future__ import annotations
 
 import operator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -32,9 +36,10 @@ import torch
 from torch import fx
 
 from qcompile.errors import NodeError, QCompileError
+from qcompile.fake_quant import weight_qparams
 from qcompile.ir.graph import add_constant, constant_expression, constant_value, insert_call
 from qcompile.ir.meta import Provenance, get_qspec
-from qcompile.observers import Observer, make_observer
+from qcompile.observers import Observer
 from qcompile.pipeline import Pass, PassResult
 from qcompile.qdq import (
     CHOOSE_QPARAMS,
@@ -42,10 +47,10 @@ from qcompile.qdq import (
     DEQUANTIZE,
     QUANTIZE,
     DequantizeCall,
-    is_dequantize,
     observation_root,
+    quantized_weight,
 )
-from qcompile.spec import PerChannel, PerGroup, QuantSpec, compute_qparams, grouped
+from qcompile.spec import PerChannel, PerGroup, QuantSpec, grouped
 
 
 def _call(gm: fx.GraphModule, target: object, args: tuple, *, before: fx.Node, pass_name: str,
@@ -88,10 +93,17 @@ def quantized_group_constant(gm: fx.GraphModule, value: torch.Tensor, scale: tor
                  source=source)
 
 
-def group_qparams(value: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each group's scale and zero point from its own range, shaped [out, in / size, 1]."""
-    values = grouped(value, spec)
-    return compute_qparams(values.amin(-1, keepdim=True), values.amax(-1, keepdim=True), spec)
+def planned_weights(gm: fx.GraphModule, wanted: Callable[[QuantSpec], bool]) -> list[tuple[fx.Node, int, QuantSpec]]:
+    """``(node, argument index, spec)`` of each weight the plan quantizes with a ``wanted`` spec
+    that is still float: the weights a pass rounding before ``convert`` (gptq, correct-bias) has left."""
+    found = []
+    for node in gm.graph.nodes:
+        plan = get_qspec(node)
+        if plan is None or not plan.quantized:
+            continue
+        found.extend((node, index, edge.spec) for index, edge in plan.inputs
+                     if edge.role == "weight" and wanted(edge.spec) and quantized_weight(gm, node.args[index]) is None)
+    return found
 
 
 def quantize_bias(gm: fx.GraphModule, node: fx.Node, index: int, scale: torch.Tensor, *, pass_name: str) -> None:
@@ -127,17 +139,23 @@ class Convert(Pass):
             if plan is None or not plan.quantized:
                 continue
             edges = [(index, edge) for index, edge in plan.inputs if self.takes(edge.spec)]
-            x_scale, weights = None, 0
+            x_scale, w_scale, weights = None, None, 0
             for index, edge in edges:
                 if edge.role == "activation":
                     x_scale = self._activation(gm, node, index, edge.spec, activation_qparams)
             for index, edge in edges:
-                if edge.role == "weight" and not is_dequantize(node.args[index]):
+                if edge.role != "weight":
+                    continue
+                rounded = quantized_weight(gm, node.args[index])
+                if rounded is None:
                     w_scale = self._weight(gm, node, index, edge.spec)
-                    weights += 1
-            converted += weights
+                    converted += 1
+                else:  # rounded before convert (gptq, correct-bias): its scale is the bias's
+                    w_scale = constant_value(gm, rounded[0].scale)
+                weights += 1
             for index, edge in edges:
-                if edge.role == "bias" and weights and x_scale is not None and not self.dynamic:
+                if (edge.role == "bias" and weights and x_scale is not None and w_scale is not None
+                        and not self.dynamic and DequantizeCall.of(node.args[index]) is None):
                     self._bias(gm, node, index, edge.spec, constant_value(gm, x_scale) * w_scale)
         stats = {"observers": observed, "weights": converted}
         dynamic_edges = sum(1 for _, spec in activation_qparams if self.dynamic or spec.dynamic)
@@ -204,21 +222,19 @@ class Convert(Pass):
 
     def _weight(self, gm: fx.GraphModule, node: fx.Node, index: int, spec: QuantSpec) -> torch.Tensor:
         weight_node = node.args[index]
+        if spec.rounding != "nearest" or spec.bias_correction:
+            asked = spec.rounding if spec.rounding != "nearest" else "bias correction"
+            raise NodeError(node, f"its weight is planned with {asked}, which the {asked.replace(' ', '-')} pass "
+                                  "does before convert from calibration data; this pipeline had none (or no data)")
         weight = constant_expression(gm, weight_node)
         name = None if weight_node.op == "get_attr" else f"{node.name}_weight"  # a pruned weight: mul(W, mask)
-        if isinstance(spec.granularity, PerGroup):
-            try:
-                scale, zero_point = group_qparams(weight, spec)
-            except QCompileError as exc:
-                raise NodeError(node, str(exc)) from None
-            node.update_arg(index, quantized_group_constant(gm, weight, scale, zero_point, spec, before=node,
-                                                            pass_name=self.name, source=weight_node, name=name))
-            return scale
-        observer = make_observer(spec, name=f"weight '{weight_node.target}'")
-        observer(weight)
-        scale, zero_point = observer.qparams()
-        node.update_arg(index, quantized_constant(gm, weight, scale, zero_point, spec, before=node,
-                                                  pass_name=self.name, source=weight_node, name=name))
+        try:
+            scale, zero_point = weight_qparams(weight, spec)
+        except QCompileError as exc:
+            raise NodeError(node, str(exc)) from None
+        quantized = quantized_group_constant if isinstance(spec.granularity, PerGroup) else quantized_constant
+        node.update_arg(index, quantized(gm, weight, scale, zero_point, spec, before=node, pass_name=self.name,
+                                         source=weight_node, name=name))
         return scale
 
     def _bias(self, gm, node, index, spec, scale: torch.Tensor) -> None:

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from qcompile.errors import CalibrationError, InputError
 from qcompile.input_check import check_call
+from qcompile.ir.graph import copy_graph_module, remove_dead_nodes
 from qcompile.observers import Observer
 from qcompile.spec import MIN_SCALE
 
@@ -90,6 +91,29 @@ def calibrate(
     if batches == 0:
         raise empty_calibration_error()
     return batches
+
+
+def record(
+    gm: fx.GraphModule,
+    recorders: Iterable[tuple[str, torch.nn.Module]],
+    data: Iterable[Any],
+    example: tuple[tuple[Any, ...], dict[str, Any]],
+) -> int:
+    """Run a copy of ``gm`` over ``data`` with each ``(value, recorder)``'s module called on the
+    named value, and nothing else computed: the copy's outputs become None, so only the values
+    the recorders read (and side effects) run. ``gm`` is not touched; returns the batches run."""
+    recorded = copy_graph_module(gm)
+    nodes = {n.name: n for n in recorded.graph.nodes}
+    for number, (name, recorder) in enumerate(recorders):
+        recorder._is_impure = True  # kept by dead-code elimination though nothing reads it
+        recorded.add_submodule(f"_recorder_{number}", recorder)
+        with recorded.graph.inserting_after(nodes[name]):
+            recorded.graph.call_module(f"_recorder_{number}", (nodes[name],))
+    output = recorded.graph.output_node()
+    output.args = (fx.node.map_arg(output.args[0], lambda _: None),)
+    remove_dead_nodes(recorded)
+    recorded.recompile()
+    return calibrate(recorded, data, example, progress=False)
 
 
 def check_device(number: int, args: tuple[Any, ...], kwargs: dict[str, Any], gm: fx.GraphModule) -> None:

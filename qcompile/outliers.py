@@ -23,8 +23,8 @@ from typing import Any
 import torch
 from torch import fx
 
-from qcompile.calibration import calibrate
-from qcompile.ir.graph import copy_graph_module, op_arguments
+from qcompile.calibration import record
+from qcompile.ir.graph import op_arguments
 
 LINEAR = torch.ops.aten.linear.default
 # Activations with act(0) = 0: after them, outlier channels can be split off for free.
@@ -52,25 +52,16 @@ def channel_absmax(
     batches: Iterable[Any],
     example: tuple[tuple[Any, ...], dict[str, Any]],
 ) -> dict[str, torch.Tensor]:
-    """Largest magnitude per last-dimension channel of each named value over ``batches``.
-
-    Runs a copy of ``gm`` with a recorder after each value; ``gm`` itself is not touched."""
-    recorded = copy_graph_module(gm)
-    recorders: dict[str, _ChannelAbsMax] = {}
-    nodes = {n.name: n for n in recorded.graph.nodes}
-    for name in values:
-        value = nodes[name]
-        val = value.meta.get("val")
-        if not isinstance(val, torch.Tensor) or not val.is_floating_point() or val.dim() == 0:
-            continue
-        recorders[name] = _ChannelAbsMax()
-        recorded.add_submodule(f"_absmax_{name}", recorders[name])
-        with recorded.graph.inserting_after(value):
-            recorder = recorded.graph.call_module(f"_absmax_{name}", (value,))
-        value.replace_all_uses_with(recorder, delete_user_cb=lambda user: user is not recorder)
-    recorded.recompile()
-    calibrate(recorded, batches, example, progress=False)  # the recorders are this run's observers
+    """Largest magnitude per last-dimension channel of each named value over ``batches``."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    recorders = {name: _ChannelAbsMax() for name in values if _channelled(nodes[name])}
+    record(gm, recorders.items(), batches, example)
     return {name: r.absmax for name, r in recorders.items() if r.absmax is not None}
+
+
+def _channelled(value: fx.Node) -> bool:
+    val = value.meta.get("val")
+    return isinstance(val, torch.Tensor) and val.is_floating_point() and val.dim() > 0
 
 
 def outlier_channels(absmax: torch.Tensor, ratio: float, max_fraction: float) -> tuple[tuple[int, float], ...]:

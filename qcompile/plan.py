@@ -69,6 +69,10 @@ def resolved_plan(planned: fx.GraphModule, qdq: fx.GraphModule | None = None) ->
                 described["percentile"] = spec.percentile
             if spec.margin:
                 described["margin"] = spec.margin
+            if spec.rounding != "nearest":
+                described["rounding"] = spec.rounding
+            if spec.bias_correction:
+                described["bias_correction"] = True
             if edge.observe_at:
                 described["observe_at"] = edge.observe_at
             described.update(_calibrated(qdq, edge, node.name, index))
@@ -91,7 +95,7 @@ def _spec(described: dict[str, Any]) -> QuantSpec:
     granularity = (PerChannel(int(channel)) if channel is not None else
                    PerGroup(int(group_axis), int(group_size)) if group_axis is not None else
                    PerToken() if described["granularity"] == "per-token" else PerTensor())
-    extra = {key: described[key] for key in ("percentile", "margin") if key in described}
+    extra = {key: described[key] for key in ("percentile", "margin", "rounding", "bias_correction") if key in described}
     return QuantSpec(described["dtype"], described["symmetric"], granularity, described["observer"], **extra)
 
 

@@ -135,6 +135,21 @@ class DequantizeCall:
         return val.dtype if isinstance(val, torch.Tensor) else None
 
 
+def quantized_weight(gm: fx.GraphModule, weight: object) -> tuple[DequantizeCall, int] | None:
+    """A weight already in its Q/DQ form: its dequantize and group size (0: one scale per tensor
+    or per channel), or None. Per group the form is ``view(dequantize(W_q, S, Z), [out, in])``
+    with ``W_q`` a constant [out, in / size, size]."""
+    dq = DequantizeCall.of(weight)
+    if dq is not None:
+        return dq, 0
+    if isinstance(weight, fx.Node) and weight.op == "call_function" and weight.target == aten.view.default:
+        dq = DequantizeCall.of(weight.args[0])
+        q = constant_value(gm, dq.q) if dq is not None else None
+        if q is not None and q.dim() == 3:
+            return dq, q.shape[-1]
+    return None
+
+
 def qparams_of(gm: fx.GraphModule, node: fx.Node) -> QParams:
     """The qparams a quantize or dequantize node applies."""
     call = QuantizeCall.of(node) or DequantizeCall.of(node)

@@ -43,6 +43,10 @@ FLOAT8_STORAGE = tuple(_FLOAT8.values())  # the torch dtypes float8 values are s
 # 448 = 7·2^6: the E4M3 range narrowed by up to 2^6 stays an integer (E5M2's 57344 = 7·2^13).
 MAX_MARGIN = 6
 OBSERVERS = ("minmax", "moving-average", "percentile", "entropy", "mse")
+# How a weight's values are put on its grid: each to its nearest step, or by GPTQ (the
+# ``gptq`` pass: columns rounded in turn, the error of each spread over the columns not yet
+# rounded, weighted by the calibration inputs' Hessian).
+ROUNDINGS = ("nearest", "gptq")
 MIN_SCALE = torch.finfo(torch.float32).eps
 
 
@@ -99,6 +103,11 @@ class QuantSpec:
     scale is amax · 2^margin / max, so values up to 2^margin times the largest seen do not
     saturate, at 2^margin coarser steps (an E4M3 step is relative, so only the smallest values
     lose: they fall into the subnormals sooner).
+
+    ``rounding`` (weights only) says how the weight's values are put on the grid the scale
+    defines: ``nearest`` each on its own, ``gptq`` by the ``gptq`` pass from the calibration
+    inputs. ``bias_correction`` (weights only) has the ``correct-bias`` pass take the mean
+    output error the rounded weight makes on the calibration inputs out of the bias.
     """
 
     dtype: str = "int8"
@@ -109,6 +118,8 @@ class QuantSpec:
     learnable_scale: bool = False
     learnable_zero_point: bool = False
     margin: int = 0
+    rounding: str = "nearest"
+    bias_correction: bool = False
 
     def __post_init__(self) -> None:
         if self.dtype not in _INTEGER_RANGES and self.dtype not in _FLOAT8:
@@ -125,6 +136,12 @@ class QuantSpec:
             raise ValueError("a learnable zero point needs an affine spec (symmetric=False)")
         if self.is_float8 and not self.symmetric:
             raise ValueError("float8 quantization is scale-only: use symmetric=True")
+        if self.rounding not in ROUNDINGS:
+            raise ValueError(f"QuantSpec rounding '{self.rounding}' is not one of: {', '.join(ROUNDINGS)}")
+        if (self.rounding != "nearest" or self.bias_correction) and isinstance(self.granularity, PerToken):
+            raise ValueError("rounding and bias_correction are weight options; per-token specs are activations'")
+        if self.rounding == "gptq" and self.bias_correction:
+            raise ValueError("GPTQ compensates its own rounding error; bias_correction is for round-to-nearest weights")
         if self.margin and not self.is_float8:
             raise ValueError("a margin is a float8 option (an integer format's steps are uniform: widen its range)")
         if not 0 <= self.margin <= MAX_MARGIN:
@@ -172,7 +189,8 @@ class QuantSpec:
 
     def __str__(self) -> str:
         scheme = "sym" if self.symmetric else "affine"
-        return f"{self.dtype}/{scheme}/{self.granularity}/{self.observer}"
+        rounding = ("" if self.rounding == "nearest" else f"/{self.rounding}") + ("/bias-corrected" if self.bias_correction else "")
+        return f"{self.dtype}/{scheme}/{self.granularity}/{self.observer}{rounding}"
 
 
 def compute_qparams(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:

@@ -21,10 +21,10 @@ def batches(shape, count=4, seed=0):
 
 def test_calibration_and_smoothing_are_stages_of_the_prepare_pipeline_text():
     target = qcompile.get_target("cpu-int8")
-    assert target.prepare.endswith("smooth-outliers,annotate,insert-observers,calibrate")
+    assert target.prepare.endswith("smooth-outliers,annotate,gptq,correct-bias,insert-observers,calibrate")
     qm = qcompile.compile(TinyBlock(), calibration_data=batches((4, 16)), progress=False)
     prepare = [p.name for p in qm.report.passes if p.stage == "prepare"]
-    assert prepare[-4:] == ["smooth-outliers", "annotate", "insert-observers", "calibrate"]
+    assert prepare[-6:] == ["smooth-outliers", "annotate", "gptq", "correct-bias", "insert-observers", "calibrate"]
     calibrate = next(p for p in qm.report.passes if p.name == "calibrate")
     assert calibrate.stats == {"batches": 4} and not calibrate.changed
     # Without data the dynamic stages run: no smoothing, no calibration.

@@ -6,6 +6,7 @@ import torch
 
 import qcompile
 from qcompile import OpQuantConfig, PerChannel, PerGroup, QConfig, QuantSpec
+from qcompile.ir.meta import get_qspec
 from qcompile.kernel_check import kernel_contracts
 from qcompile.passes import Convert
 from qcompile.targets import cpu_features
@@ -14,6 +15,7 @@ from qcompile.targets.cpu_int8.weight_only_kernels import (
     WEIGHT_ONLY_KERNELS,
     dequantized_weight,
     linear_weight_only,
+    linear_weight_only_bound,
     reference_linear_weight_only,
 )
 from qcompile.testing import assert_outputs_close, assert_pass_contract, check_graph
@@ -43,11 +45,44 @@ def test_the_kernels_keep_their_contract(kernel, rows):
         scale = weight.abs().amax(1) / 127
         weight_q, group = torch.round(weight / scale[:, None]).to(torch.int8), 0
     bias = torch.randn(48)
-    y = linear_weight_only(x, weight_q, scale, group, bias, kernel)
-    expected = reference_linear_weight_only(x, weight_q, scale, group, bias, kernel)
+    y = linear_weight_only(x, weight_q, scale, None, group, bias, kernel)
+    expected = reference_linear_weight_only(x, weight_q, scale, None, group, bias, kernel)
     assert y.shape == (3, rows, 48) and y.dtype == torch.float32
     assert float((y - expected).abs().max() / expected.abs().max()) < 2.0**-7
     assert kernel_contracts()[torch.ops.qc.linear_weight_only.default].precision == torch.bfloat16
+
+
+@pytest.mark.parametrize("rows", [5, 40])
+def test_affine_groups_keep_the_contract_through_int4packs_offsets(rows):
+    # (q + 8 − 8)·S + (−Z·S) = (q − Z)·S: a group's zero point rides in int4pack's offset column
+    weight = torch.rand(48, 64, generator=torch.Generator().manual_seed(2)) * 3 - 0.5  # ranges far from symmetric
+    grouped = weight.reshape(48, 2, 32)
+    lo, hi = grouped.amin(-1, keepdim=True).clamp(max=0), grouped.amax(-1, keepdim=True)
+    scale = (hi - lo) / 15
+    zero_point = (-8 - torch.round(lo / scale)).clamp(-8, 7).to(torch.int32)
+    weight_q = (torch.round(grouped / scale) + zero_point).clamp(-8, 7).to(torch.int8)
+    x = torch.randn(rows, 64, generator=torch.Generator().manual_seed(3))
+    y = linear_weight_only(x, weight_q, scale, zero_point, 32, None, "int4pack")
+    expected = reference_linear_weight_only(x, weight_q, scale, zero_point, 32, None, "int4pack")
+    torch.testing.assert_close(dequantized_weight(weight_q, scale, zero_point), weight, atol=float(scale.max()), rtol=0)
+    error = float((y - expected).abs().max())
+    assert error <= linear_weight_only_bound(x, weight_q, scale, zero_point, 32, None, "int4pack")
+    assert error > 0  # bf16 arithmetic, not the fp32 reference
+
+
+def test_an_affine_group_plan_runs_int4pack_and_an_affine_channel_plan_is_refused():
+    x = torch.randn(4, 64)
+    affine_groups = QConfig(by_op={"linear": OpQuantConfig(None, QuantSpec("int4", symmetric=False,
+                                                                           granularity=PerGroup(1, 32)))})
+    qm = qcompile.compile(TinyBlock(width=64, hidden=128), x, calibration_data=[(torch.randn(8, 64),)],
+                          qconfig=affine_groups, progress=False)
+    linears = [n for n in qm.report.nodes if n.op == "linear"]
+    assert [n.detail for n in linears] == ["qc.linear_weight_only via int4pack (groups of 32, affine), bf16 activations"] * 2
+    affine_channels = QConfig(by_op={"linear": OpQuantConfig(None, QuantSpec("int8", symmetric=False,
+                                                                             granularity=PerChannel(0)))})
+    plan = get_qspec(next(n for n in annotated(TinyBlock(width=64, hidden=128), x, qconfig=affine_channels).graph.nodes
+                          if n.name == "linear"))
+    assert not plan.quantized and "affine weights" in plan.float_reason
 
 
 def test_dequantized_grouped_weight_is_each_groups_scale_times_its_values():
@@ -64,8 +99,12 @@ def test_the_dispatch_refuses_what_a_kernel_cannot_run():
     assert int4.unsupported(weight_q, 16, 64) == "int4pack takes groups of 32, 64, 128, 256, not 16"
     assert int4.unsupported(weight_q * 2, 32, 64) == "int4pack takes weights in [-8, 7]"
     assert int4.unsupported(weight_q, 32, 48) == "int4pack needs in_features a multiple of 32, not 48"
+    assert int4.unsupported(weight_q[:10], 32, 64) == "int4pack needs out_features a multiple of 16, not 10"
     with pytest.raises(ValueError, match="kernel 'int2pack' is not one of: int8pack, int4pack"):
-        linear_weight_only(torch.randn(2, 64), weight_q, torch.ones(48, 2, 1), 32, None, "int2pack")
+        linear_weight_only(torch.randn(2, 64), weight_q, torch.ones(48, 2, 1), None, 32, None, "int2pack")
+    with pytest.raises(ValueError, match="int8pack takes symmetric weights"):
+        linear_weight_only(torch.randn(2, 64), weight_q.reshape(48, 64), torch.ones(48), torch.ones(48), 0, None,
+                           "int8pack")
 
 
 def test_convert_stores_groups_and_the_lowering_runs_int4pack():
@@ -82,8 +121,8 @@ def test_convert_stores_groups_and_the_lowering_runs_int4pack():
     assert not any(n.name.endswith("bias_q") for n in qdq.graph.nodes)  # weight-only: float bias
     out = assert_pass_contract(LowerWeightOnly(), qdq)
     check_graph(out, """
-    CHECK: qc.linear_weight_only.default(%0, {{%[0-9]+}}, {{%[0-9]+}}, 32, {{%[0-9]+}}, 'int4pack')
-    CHECK: qc.linear_weight_only.default({{.*}}, 32, {{%[0-9]+}}, 'int4pack')
+    CHECK: qc.linear_weight_only.default(%0, {{%[0-9]+}}, {{%[0-9]+}}, None, 32, {{%[0-9]+}}, 'int4pack')
+    CHECK: qc.linear_weight_only.default({{.*}}, None, 32, {{%[0-9]+}}, 'int4pack')
     """)
     assert_outputs_close(qdq, out, [torch.randn(6, 64)], rtol=0.02)
 

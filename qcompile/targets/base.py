@@ -88,12 +88,13 @@ class OpRule:
             return "the kernel needs a quantized weight (the config gives no weight spec)"
         if weight.dtype not in self.weight_dtypes:
             return f"weight dtype {weight.dtype} (kernel takes {', '.join(self.weight_dtypes)})"
-        if not weight.symmetric:
-            return "affine weights (kernel takes symmetric weights, zero point 0)"
-        if isinstance(weight.granularity, PerChannel) and weight.granularity.axis != 0:
-            return f"weight {weight.granularity} (kernel takes output channels, axis 0)"
         weight_only = not self.activations_of(config)
         taken = (PerTensor, PerChannel, *(self.weight_only_granularities if weight_only else ()))
+        # A kernel that takes weight-only groups takes each group's zero point with its scale.
+        if not weight.symmetric and not (isinstance(weight.granularity, PerGroup) and PerGroup in taken):
+            return "affine weights (kernel takes symmetric weights, zero point 0; affine only in weight-only groups)"
+        if isinstance(weight.granularity, PerChannel) and weight.granularity.axis != 0:
+            return f"weight {weight.granularity} (kernel takes output channels, axis 0)"
         if isinstance(weight.granularity, PerGroup) and weight.granularity.axis not in (1, -1) and PerGroup in taken:
             return f"weight {weight.granularity} (kernel takes groups of input channels, axis 1)"
         if not isinstance(weight.granularity, taken):
@@ -180,7 +181,7 @@ def targets() -> dict[str, Target]:
 CLEANUP = "canonicalize,normalize-linears,fold-batchnorm,eliminate-dead-code"
 # Prepare with calibration data: clean up, smooth outlier channels (measured on the data), plan,
 # observe, calibrate. Without data: clean up and plan; activations get run-time scales.
-PREPARE = f"{CLEANUP},smooth-outliers,annotate,insert-observers,calibrate"
+PREPARE = f"{CLEANUP},smooth-outliers,annotate,gptq,correct-bias,insert-observers,calibrate"
 DYNAMIC_PREPARE = f"{CLEANUP},annotate"
 # Observers to the Q/DQ form: float8 edges as scaled casts, then the integer ones; dequantizes sunk.
 CONVERT = "cast-fp8,convert,eliminate-dequant,eliminate-dead-code"

@@ -1,10 +1,11 @@
 """lower-weight-only: linears with quantized weights and float activations to ``qc.linear_weight_only``.
 
-    linear(x, dequantize(W_q, S, 0, axis=0), b)                       ->  linear_weight_only(x, W_q, S, 0, b, int8pack)
-    linear(x, view(dequantize(W_q, S, 0), [out, in]), b)   (groups)   ->  linear_weight_only(x, W_q, S, size, b, int4pack)
+    linear(x, dequantize(W_q, S, 0, axis=0), b)                    ->  linear_weight_only(x, W_q, S, None, 0, b, int8pack)
+    linear(x, view(dequantize(W_q, S, Z), [out, in]), b)   (groups)   ->  linear_weight_only(x, W_q, S, Z, size, b, int4pack)
 
 ``x`` is float (the plan quantizes no activation), ``W_q`` an integer constant per output
-channel or per group of ``size`` inputs ([out, in / size, size], scales [out, in / size, 1]).
+channel or per group of ``size`` inputs ([out, in / size, size], scales [out, in / size, 1]);
+groups may be affine (Z their zero points, None when all are 0), channels are symmetric.
 The kernel is the one :data:`~.weight_only_kernels.WEIGHT_ONLY_KERNELS` gives for the weight's
 values and grouping. Where there is none, or the CPU has no native bf16 GEMM (both kernels
 compute in bf16: emulated, they would be slower than fp32), the linear stays in the reference
@@ -22,7 +23,7 @@ from torch import fx
 from qcompile.ir.graph import add_constant, constant_value, insert_call, op_arguments
 from qcompile.ir.meta import Provenance
 from qcompile.pipeline import Diagnostic, Pass, PassResult
-from qcompile.qdq import DequantizeCall, qparams_of
+from qcompile.qdq import DequantizeCall, qparams_of, quantized_weight
 from qcompile.targets.cpu_features import has_bf16_gemm
 from qcompile.targets.cpu_int8.weight_only_kernels import WEIGHT_ONLY_KERNELS, linear_weight_only
 
@@ -34,35 +35,26 @@ LINEAR = aten.linear.default
 class _Operands:
     weight_q: fx.Node
     scale: torch.Tensor
+    zero_point: torch.Tensor | None
     group_size: int
     bias: torch.Tensor | None
     kernel: str
 
 
-def _weight(gm: fx.GraphModule, weight: fx.Node) -> tuple[DequantizeCall, int] | None:
-    """The weight's dequantize and its group size (0: per output channel), or None."""
-    dq = DequantizeCall.of(weight)
-    if dq is not None:
-        return dq, 0
-    if weight.op == "call_function" and weight.target == aten.view.default:
-        dq = DequantizeCall.of(weight.args[0])
-        q = constant_value(gm, dq.q) if dq is not None else None
-        if q is not None and q.dim() == 3:
-            return dq, q.shape[-1]
-    return None
-
-
 def _operands(gm: fx.GraphModule, linear: fx.Node) -> _Operands | str | None:
     """The kernel's inputs, why the linear cannot run on one, or None when it is not weight-only."""
     op = op_arguments(linear)
-    found = _weight(gm, op["weight"])
+    found = quantized_weight(gm, op["weight"])
     if found is None or DequantizeCall.of(op["input"]) is not None:
         return None  # float weights, or quantized activations: another lowering's
     dq, group_size = found
     weight_q = constant_value(gm, dq.q)
     params = qparams_of(gm, dq.node)
-    if weight_q is None or weight_q.dtype != torch.int8 or not params.static or bool(params.zero_point.any()):
-        return "weight is not a symmetric integer constant"
+    if weight_q is None or weight_q.dtype != torch.int8 or not params.static:
+        return "weight is not an integer constant"
+    affine = bool(params.zero_point.any())
+    if affine and not group_size:
+        return "weight is affine per channel (int8pack takes symmetric weights)"
     if group_size == 0 and params.axis not in (None, 0):
         return "weight is not scaled per output channel"
     in_features = int(op["input"].meta["val"].shape[-1])
@@ -78,7 +70,8 @@ def _operands(gm: fx.GraphModule, linear: fx.Node) -> _Operands | str | None:
     scale = params.scale.float()
     if group_size == 0:
         scale = scale.reshape(-1).expand(weight_q.shape[0]).contiguous()
-    return _Operands(dq.q, scale, group_size, bias, kernel)
+    zero_point = params.zero_point.to(torch.int8) if affine else None
+    return _Operands(dq.q, scale, zero_point, group_size, bias, kernel)
 
 
 @dataclass(frozen=True)
@@ -104,8 +97,10 @@ class LowerWeightOnly(Pass):
     def _lower(self, gm: fx.GraphModule, linear: fx.Node, ops: _Operands) -> None:
         name = linear.name
         scale = add_constant(gm, ops.scale, f"{name}_weight_scale", before=linear)
+        zero_point = (add_constant(gm, ops.zero_point, f"{name}_weight_zero_point", before=linear)
+                      if ops.zero_point is not None else None)
         bias = add_constant(gm, ops.bias, f"{name}_bias", before=linear) if ops.bias is not None else None
-        args = (op_arguments(linear)["input"], ops.weight_q, scale, ops.group_size, bias, ops.kernel)
+        args = (op_arguments(linear)["input"], ops.weight_q, scale, zero_point, ops.group_size, bias, ops.kernel)
         kernel = insert_call(gm, linear_weight_only._opoverload, args, before=linear,
                              provenance=Provenance(self.name, "linear", (name,)), meta_from=linear)
         linear.replace_all_uses_with(kernel)

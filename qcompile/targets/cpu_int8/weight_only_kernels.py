@@ -1,7 +1,10 @@
 """Weight-only linears: ``torch.ops.qc.linear_weight_only``, int8 or int4 weights, bf16 activations.
 
-    linear_weight_only(x, W_q, S, group_size, b, kernel)
-        == linear(x, dequantize(W_q, S) per output channel or per group of group_size inputs, b)
+    linear_weight_only(x, W_q, S, Z, group_size, b, kernel)
+        == linear(x, S · (W_q − Z) per output channel or per group of group_size inputs, b)
+
+Z is None (symmetric weights) or, per group only, each group's zero point: int4pack stores a
+group as (q + 8 − 8)·S + zero with zero = −Z·S, so an affine group costs nothing more.
 
 Two kernels, both from ATen, chosen by :data:`WEIGHT_ONLY_KERNELS` (the weight's values and
 grouping) where the CPU has native bf16 GEMMs:
@@ -35,7 +38,7 @@ from torch.nn import functional as F
 from torch.utils.weak import WeakIdKeyDictionary
 
 from qcompile.ir.graph import op_arguments
-from qcompile.kernel_check import bf16_linear_bound, register_kernel
+from qcompile.kernel_check import BF16_UNIT_ROUNDOFF, bf16_linear_bound, register_kernel
 
 _INT4_PACKED: WeakIdKeyDictionary = WeakIdKeyDictionary()
 INT4_INNER_K_TILES = 2  # the packing's k-tiling; in must be a multiple of 16 · this
@@ -51,6 +54,7 @@ class WeightOnlyKernel:
     qmax: int
     grouped: bool
     group_sizes: tuple[int, ...] = ()
+    out_multiple: int = 1  # the packing tiles output channels in blocks of this many
 
     def unsupported(self, weight_q: Tensor, group_size: int, in_features: int) -> str | None:
         """Why this kernel cannot run the weight, or None."""
@@ -60,12 +64,14 @@ class WeightOnlyKernel:
             return f"{self.name} takes groups of {', '.join(map(str, self.group_sizes))}, not {group_size}"
         if self.grouped and in_features % (16 * INT4_INNER_K_TILES):
             return f"{self.name} needs in_features a multiple of {16 * INT4_INNER_K_TILES}, not {in_features}"
+        if weight_q.shape[0] % self.out_multiple:
+            return f"{self.name} needs out_features a multiple of {self.out_multiple}, not {weight_q.shape[0]}"
         return None
 
 
 WEIGHT_ONLY_KERNELS = {
     "int8pack": WeightOnlyKernel("int8pack", -128, 127, grouped=False),
-    "int4pack": WeightOnlyKernel("int4pack", -8, 7, grouped=True, group_sizes=(32, 64, 128, 256)),
+    "int4pack": WeightOnlyKernel("int4pack", -8, 7, grouped=True, group_sizes=(32, 64, 128, 256), out_multiple=16),
 }
 
 
@@ -78,55 +84,69 @@ def _int4_packed(weight_q: Tensor) -> Tensor:
     return packed
 
 
-def _scales_and_zeros(scale: Tensor) -> Tensor:
-    """int4pack's [groups, out, 2] bf16 table: each group's scale, and 0 (symmetric weights)."""
-    scales = scale.reshape(scale.shape[0], -1).t().to(torch.bfloat16)
-    return torch.stack([scales, torch.zeros_like(scales)], dim=-1).contiguous()
+def _scales_and_zeros(scale: Tensor, zero_point: Tensor | None) -> Tensor:
+    """int4pack's [groups, out, 2] bf16 table: each group's scale S, and its offset −Z·S (0
+    for symmetric weights), so that (q_unsigned − 8)·S − Z·S = (q − Z)·S."""
+    scales = scale.reshape(scale.shape[0], -1).float()
+    zeros = torch.zeros_like(scales) if zero_point is None else -zero_point.reshape(scales.shape).float() * scales
+    return torch.stack([scales.t(), zeros.t()], dim=-1).to(torch.bfloat16).contiguous()
 
 
 @torch.library.custom_op("qc::linear_weight_only", mutates_args=())
-def linear_weight_only(x: Tensor, weight_q: Tensor, scale: Tensor, group_size: int, bias: Tensor | None,
-                       kernel: str) -> Tensor:
+def linear_weight_only(x: Tensor, weight_q: Tensor, scale: Tensor, zero_point: Tensor | None, group_size: int,
+                       bias: Tensor | None, kernel: str) -> Tensor:
     if kernel not in WEIGHT_ONLY_KERNELS:
         raise ValueError(f"linear_weight_only kernel '{kernel}' is not one of: {', '.join(WEIGHT_ONLY_KERNELS)}")
     if weight_q.dtype != torch.int8:
         raise ValueError(f"linear_weight_only weights are int8 storage, got {weight_q.dtype}")
+    if zero_point is not None and not WEIGHT_ONLY_KERNELS[kernel].grouped:
+        raise ValueError(f"linear_weight_only: {kernel} takes symmetric weights (no zero point)")
     rows = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)  # never fp32 into these kernels (see the module doc)
     if rows.shape[0] >= GEMV_ROWS:
-        scales = scale.reshape(-1, 1) if weight_q.dim() == 2 else scale
-        weight = (weight_q.to(torch.bfloat16) * scales.to(torch.bfloat16)).view(weight_q.shape[0], -1)
-        y = F.linear(rows, weight)
+        y = F.linear(rows, dequantized_weight(weight_q, scale, zero_point, torch.bfloat16))
     elif kernel == "int8pack":
         y = torch.ops.aten._weight_int8pack_mm(rows, weight_q, scale.reshape(-1).to(torch.bfloat16))
     else:
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, _int4_packed(weight_q), group_size,
-                                                        _scales_and_zeros(scale))
+                                                        _scales_and_zeros(scale, zero_point))
     if bias is not None:
         y = y.add_(bias.to(torch.bfloat16))
     return y.view(*x.shape[:-1], y.shape[-1]).to(x.dtype)
 
 
 @linear_weight_only.register_fake
-def _(x, weight_q, scale, group_size, bias, kernel):
+def _(x, weight_q, scale, zero_point, group_size, bias, kernel):
     return x.new_empty((*x.shape[:-1], weight_q.shape[0]))
 
 
-def dequantized_weight(weight_q: Tensor, scale: Tensor) -> Tensor:
-    """S · W_q as [out, in] float32: per channel ([out] scales) or per group ([out, groups, 1])."""
-    values = weight_q.float() * (scale.reshape(-1, 1) if weight_q.dim() == 2 else scale.float())
-    return values.reshape(weight_q.shape[0], -1)
+def dequantized_weight(weight_q: Tensor, scale: Tensor, zero_point: Tensor | None = None,
+                       dtype: torch.dtype = torch.float32) -> Tensor:
+    """S · (W_q − Z) as [out, in] in ``dtype``: per channel ([out] scales) or per group
+    ([out, groups, 1] scales and zero points)."""
+    scales = scale.reshape(-1, 1) if weight_q.dim() == 2 else scale
+    values = weight_q if zero_point is None else weight_q.to(torch.int16) - zero_point.reshape(scales.shape)
+    return (values.to(dtype) * scales.to(dtype)).reshape(weight_q.shape[0], -1)
 
 
-def reference_linear_weight_only(x: Tensor, weight_q: Tensor, scale: Tensor, group_size: int, bias: Tensor | None,
-                                 kernel: str) -> Tensor:
-    """The contract in fp32: x · (S·W_q)ᵀ + b."""
-    return F.linear(x.float(), dequantized_weight(weight_q, scale), None if bias is None else bias.float()).to(x.dtype)
+def reference_linear_weight_only(x: Tensor, weight_q: Tensor, scale: Tensor, zero_point: Tensor | None,
+                                 group_size: int, bias: Tensor | None, kernel: str) -> Tensor:
+    """The contract in fp32: x · (S·(W_q − Z))ᵀ + b."""
+    return F.linear(x.float(), dequantized_weight(weight_q, scale, zero_point),
+                    None if bias is None else bias.float()).to(x.dtype)
 
 
-def linear_weight_only_bound(x: Tensor, weight_q: Tensor, scale: Tensor, group_size: int, bias: Tensor | None,
-                             kernel: str) -> float:
-    """bf16 activations and scales, fp32 accumulation: :func:`~qcompile.kernel_check.bf16_linear_bound`."""
-    return bf16_linear_bound(x, dequantized_weight(weight_q, scale))
+def linear_weight_only_bound(x: Tensor, weight_q: Tensor, scale: Tensor, zero_point: Tensor | None,
+                             group_size: int, bias: Tensor | None, kernel: str) -> float:
+    """bf16 activations and scales, fp32 accumulation (:func:`~qcompile.kernel_check.bf16_linear_bound`).
+    An affine group's offset −Z·S is rounded to bf16 apart from S·q, so each weight may be off
+    by u·S·(|q| + |Z|): the product terms are bounded for weights of that magnitude."""
+    weight = dequantized_weight(weight_q, scale, zero_point)
+    if zero_point is None:
+        return bf16_linear_bound(x, weight)
+    magnitude = dequantized_weight(weight_q.to(torch.int16).abs() + zero_point.reshape(scale.shape).abs(), scale)
+    rows = x.reshape(-1, x.shape[-1]).float()
+    return float(2 * BF16_UNIT_ROUNDOFF * (rows.abs() @ magnitude.t()).max()
+                 + BF16_UNIT_ROUNDOFF * (rows @ weight.t()).abs().max())
 
 
 register_kernel(linear_weight_only, reference_linear_weight_only, precision=torch.bfloat16,
@@ -142,4 +162,5 @@ def describe_weight_only_kernel(node: fx.Node) -> str | None:
         return None
     arguments = op_arguments(node)
     grouping = f"groups of {arguments['group_size']}" if arguments["group_size"] else "per channel"
+    grouping += ", affine" if arguments["zero_point"] is not None else ""
     return f"qc.linear_weight_only via {arguments['kernel']} ({grouping}), bf16 activations"

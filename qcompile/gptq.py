@@ -1,0 +1,121 @@
+"""GPTQ: round a weight's columns one at a time, each column's error spread over the columns
+not yet rounded, so that the layer's output on the calibration inputs moves as little as it can.
+
+For a layer ``y = x Wᵀ`` (a linear, or a convolution read as one over its input patches) with
+calibration inputs X [n, k], the output error of a rounded weight Ŵ is ‖X (W − Ŵ)ᵀ‖², a
+quadratic form in the Hessian H = XᵀX / n, one per output row. Rounding column j to the grid
+and solving for the best update of the columns after it (Optimal Brain Quantization) gives
+
+    e = (w_j − ŵ_j) / [H⁻¹]_jj          W[:, j:] −= e · [U]_{j, j:}       (U = chol(H⁻¹), upper)
+
+where U's rows are the inverse Hessian's Cholesky factor: each step's update and the next
+step's inverse follow from it without refactoring. Columns go in blocks (a block's updates
+are applied to the columns after it in one matrix product), in decreasing order of H's
+diagonal (*act-order*: the columns the inputs use most are rounded while the most columns are
+left to absorb their error). The grid is fixed before any column moves (*static groups*): each
+group's scale and zero point are the ones round-to-nearest would use, so the weight is stored
+in its natural order and kernels need no permutation. H is damped by ``damping`` x its mean
+diagonal so its factorisation exists for inputs that span few directions; a column no input
+ever reached (H_jj = 0) is decoupled from the others, so it is rounded to nearest and moves
+none of them.
+
+Rounding is the spec's own ``qc.quantize`` / ``qc.dequantize``, so every format (int2..int8,
+float8) and granularity (per tensor, channel, group) rounds exactly as the Q/DQ graph will.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from qcompile.spec import PerChannel, PerGroup, QuantSpec
+
+DAMPING = 0.01
+BLOCK_SIZE = 128
+
+
+class HessianRecorder(nn.Module):
+    """Accumulates XᵀX and the row count of the rows ``rows(x)`` makes of each input it is called on."""
+
+    def __init__(self, rows: Callable[[Tensor], Tensor]) -> None:
+        super().__init__()
+        self.rows = rows
+        self.xtx: Tensor | None = None
+        self.count = 0
+
+    def forward(self, x: Tensor) -> Tensor:
+        rows = self.rows(x.detach()).float()
+        product = (rows.T @ rows).double()
+        self.xtx = product if self.xtx is None else self.xtx + product
+        self.count += rows.shape[0]
+        return x
+
+    def hessian(self) -> Tensor:
+        """H = XᵀX / n (float64)."""
+        if self.xtx is None:
+            raise ValueError("the recorder saw no input")
+        return self.xtx / max(self.count, 1)
+
+
+def elementwise(param: Tensor, spec: QuantSpec, shape: torch.Size) -> Tensor:
+    """A scale or zero point as one value per element of the 2-D weight ``shape`` [out, k]: per
+    group [out, k / size, 1], per output channel [out], per tensor one value."""
+    out, k = shape
+    if isinstance(spec.granularity, PerGroup):
+        size = spec.granularity.group_size
+        return param.reshape(out, k // size, 1).expand(out, k // size, size).reshape(out, k)
+    if isinstance(spec.granularity, PerChannel):
+        return param.reshape(out, 1).expand(out, k)
+    return param.reshape(1, 1).expand(out, k)
+
+
+def _round(column: Tensor, scale: Tensor, zero_point: Tensor, spec: QuantSpec) -> Tensor:
+    """``dequantize(quantize(column))`` with one scale per row, as the Q/DQ graph computes it."""
+    q = torch.ops.qc.quantize(column, scale, zero_point, 0, spec.qmin, spec.qmax, spec.storage_dtype)
+    return torch.ops.qc.dequantize(q, scale, zero_point, 0, column.dtype)
+
+
+def upper_inverse_factor(hessian: Tensor, damping: float) -> tuple[Tensor, float]:
+    """U with UᵀU = (H + λI)⁻¹, λ = damping x mean diag(H), and the λ used: the damping grows
+    tenfold (up to four times) while H + λI is not positive definite in float64."""
+    mean_diagonal = float(hessian.diagonal().mean())
+    for attempt in range(5):
+        damp = damping * 10**attempt * mean_diagonal
+        damped = hessian + damp * torch.eye(hessian.shape[0], dtype=hessian.dtype)
+        factor, info = torch.linalg.cholesky_ex(damped)
+        if int(info) == 0:
+            inverse = torch.cholesky_inverse(factor)
+            return torch.linalg.cholesky(inverse, upper=True), damp
+    raise ValueError(f"the calibration Hessian is not positive definite even damped by {damp:.3g}")
+
+
+def gptq_round(weight: Tensor, hessian: Tensor, scale: Tensor, zero_point: Tensor, spec: QuantSpec, *,
+               damping: float = DAMPING, block_size: int = BLOCK_SIZE, act_order: bool = True) -> Tensor:
+    """The GPTQ-rounded values of ``weight`` [out, k] (on the grid of ``scale`` / ``zero_point``,
+    given per element, [out, k]) for inputs with Hessian ``hessian`` [k, k] (module doc)."""
+    w = weight.detach().float().clone()
+    h = hessian.detach().double().clone()
+    dead = h.diagonal() == 0
+    h[dead, dead] = 1.0
+    order = torch.argsort(h.diagonal(), descending=True, stable=True) if act_order else torch.arange(w.shape[1])
+    w, h = w[:, order], h[order][:, order]
+    scale, zero_point = scale[:, order].contiguous(), zero_point[:, order].contiguous()
+    upper, _ = upper_inverse_factor(h, damping)
+    upper = upper.float()
+    rounded = torch.empty_like(w)
+    for start in range(0, w.shape[1], block_size):
+        stop = min(start + block_size, w.shape[1])
+        block, inverse = w[:, start:stop].clone(), upper[start:stop, start:stop]
+        errors = torch.empty_like(block)
+        for i in range(stop - start):
+            column = block[:, i]
+            rounded[:, start + i] = _round(column, scale[:, start + i], zero_point[:, start + i], spec)
+            error = (column - rounded[:, start + i]) / inverse[i, i]
+            block[:, i:] -= error.unsqueeze(1) * inverse[i, i:].unsqueeze(0)
+            errors[:, i] = error
+        w[:, stop:] -= errors @ upper[start:stop, stop:]
+    restored = torch.empty_like(rounded)
+    restored[:, order] = rounded
+    return restored

@@ -1,0 +1,228 @@
+"""GPTQ: the rounding (qcompile/gptq.py) and the pass that applies it (passes/gptq.py)."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from qcompile.passes import Annotate, Gptq
+
+import qcompile
+from qcompile import OpQuantConfig, PerChannel, PerGroup, QConfig, QuantSpec
+from qcompile.context import CompileContext
+from qcompile.fake_quant import weight_qparams
+from qcompile.gptq import HessianRecorder, elementwise, gptq_round, upper_inverse_factor
+from qcompile.ir.graph import constant_expression
+from qcompile.pass_manager import PassManager
+from qcompile.passes.gptq import input_rows, levels
+from qcompile.qdq import quantized_weight
+from qcompile.targets import get_target
+from qcompile.testing import assert_graph_diff
+from tests.models import TinyBlock, TinyConvNet
+from tests.quant_stages import cleaned
+
+INT4_G32 = QuantSpec("int4", granularity=PerGroup(1, 32), rounding="gptq")
+INT4_CHANNEL = QuantSpec("int4", granularity=PerChannel(0), rounding="gptq")
+
+
+def correlated_inputs(n: int, k: int, seed: int = 0) -> torch.Tensor:
+    """Rows with strongly correlated, unequal-variance features (as a layer's inputs are)."""
+    generator = torch.Generator().manual_seed(seed)
+    mixing = torch.randn(k, k, generator=generator) / k**0.5 + torch.eye(k)
+    return (torch.randn(n, k, generator=generator) * torch.linspace(0.2, 3.0, k)) @ mixing
+
+
+def rtn(weight, scale, zero_point, spec):
+    """Each element rounded to nearest with its own scale and zero point (given per element)."""
+    values, scale, zero_point = (t.reshape(-1, 1) for t in (weight, scale, zero_point))
+    q = torch.ops.qc.quantize(values, scale, zero_point, None, spec.qmin, spec.qmax, spec.storage_dtype)
+    return torch.ops.qc.dequantize(q, scale, zero_point, None, torch.float32).reshape(weight.shape)
+
+
+def test_two_columns_by_hand():
+    # H = [[1, ρ], [ρ, 1]]: with column 0 rounded (δ0 = q0 − w0), the δ1 minimizing δᵀHδ is −ρ·δ0,
+    # so column 1 is rounded from w1 + ρ·(w0 − q0), not from w1.
+    spec = QuantSpec("int8", granularity=PerChannel(0))
+    rho, weight = 0.9, torch.tensor([[0.4, 0.3]])
+    hessian = torch.tensor([[1.0, rho], [rho, 1.0]], dtype=torch.float64)
+    ones, zeros = torch.ones(1, 2), torch.zeros(1, 2, dtype=torch.int32)
+    rounded = gptq_round(weight, hessian, ones, zeros, spec, damping=0.0, act_order=False)
+    # w0 = 0.4 -> 0; w1 + 0.9·0.4 = 0.66 -> 1 (round to nearest would give 0)
+    torch.testing.assert_close(rounded, torch.tensor([[0.0, 1.0]]))
+
+
+def test_an_identity_hessian_is_round_to_nearest():
+    # Uncorrelated inputs of equal variance: no column can absorb another's error.
+    weight = torch.randn(16, 64)
+    spec = QuantSpec("int4", granularity=PerGroup(1, 32))
+    scale, zero_point = weight_qparams(weight, spec)
+    s, z = elementwise(scale, spec, weight.shape), elementwise(zero_point, spec, weight.shape)
+    rounded = gptq_round(weight, torch.eye(64, dtype=torch.float64), s, z, spec)
+    torch.testing.assert_close(rounded, rtn(weight, s, z, spec), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("spec", [QuantSpec("int4", granularity=PerGroup(1, 32)),
+                                  QuantSpec("int4", symmetric=False, granularity=PerGroup(1, 32)),
+                                  QuantSpec("int8", granularity=PerChannel(0)),
+                                  QuantSpec("float8_e4m3fn", granularity=PerChannel(0))])
+@pytest.mark.parametrize("act_order", [True, False])
+def test_gptq_lands_on_the_grid_and_beats_round_to_nearest_on_the_output(spec, act_order):
+    x = correlated_inputs(2048, 64)
+    weight = torch.randn(24, 64)
+    scale, zero_point = weight_qparams(weight, spec)
+    s, z = elementwise(scale, spec, weight.shape), elementwise(zero_point, spec, weight.shape)
+    rounded = gptq_round(weight, (x.T @ x).double() / len(x), s, z, spec, act_order=act_order)
+    torch.testing.assert_close(rtn(rounded, s, z, spec), rounded, rtol=0, atol=0)  # every value on its grid
+    gptq_error = (x @ (rounded - weight).T).square().mean()
+    rtn_error = (x @ (rtn(weight, s, z, spec) - weight).T).square().mean()
+    assert gptq_error < 0.8 * rtn_error
+
+
+def test_the_hessian_recorder_accumulates_xtx_over_calls():
+    recorder = HessianRecorder(lambda x: x.reshape(-1, x.shape[-1]))
+    a, b = torch.randn(3, 5, 8), torch.randn(7, 8)
+    recorder(a)
+    recorder(b)
+    rows = torch.cat([a.reshape(-1, 8), b])
+    torch.testing.assert_close(recorder.hessian(), (rows.T @ rows).double() / 22)
+
+
+def test_damping_grows_until_the_factorisation_exists():
+    singular = torch.zeros(4, 4, dtype=torch.float64)
+    singular[0, 0] = 1.0
+    singular[1, 1] = -1e-3  # not positive semi-definite: float rounding of a rank-deficient XᵀX can do this
+    upper, damp = upper_inverse_factor(singular, 0.0001)
+    assert damp > 1e-3 and torch.allclose(upper.T @ upper, torch.linalg.inv(singular + damp * torch.eye(4, dtype=torch.float64)))
+
+
+def test_a_convolution_reads_its_input_patches_as_rows():
+    model = TinyConvNet()
+    x = torch.randn(2, 1, 8, 8)
+    gm = cleaned(model, x)
+    conv = next(n for n in gm.graph.nodes if n.target == torch.ops.aten.conv2d.default and n.name == "conv2d_1")
+    rows = input_rows(gm, conv, 1, INT4_CHANNEL)
+    weight = constant_expression(gm, conv.args[1])
+    h = torch.randn(2, 8, 4, 4)
+    expected = F.conv2d(h, weight, padding=1).permute(0, 2, 3, 1).reshape(-1, weight.shape[0])
+    torch.testing.assert_close(rows(h) @ weight.reshape(weight.shape[0], -1).T, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_levels_put_parallel_ops_together_and_chained_ones_apart():
+    class Attention(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.k, self.v, self.o = (torch.nn.Linear(8, 8) for _ in range(4))
+
+        def forward(self, x):
+            return self.o(torch.softmax(self.q(x) @ self.k(x).T, -1) @ self.v(x))
+
+    gm = cleaned(Attention().eval(), torch.randn(4, 8))
+    linears = [n for n in gm.graph.nodes if n.target == torch.ops.aten.linear.default]
+    assert [[n.name for n in level] for level in levels(gm, linears)] == [["linear", "linear_1", "linear_2"],
+                                                                          ["linear_3"]]
+
+
+def planned(model, x, spec):
+    return Annotate(qconfig=QConfig(by_op={"linear": OpQuantConfig(None, spec)}))(cleaned(model, x)).graph_module
+
+
+@pytest.mark.parametrize("sequential", [False, True])
+def test_the_pass_writes_the_qdq_form_convert_keeps(sequential):
+    model, x = TinyBlock(width=64, hidden=128), torch.randn(16, 64)
+    data = [(torch.randn(64, 64),) for _ in range(4)]
+    before = planned(model, x, INT4_G32)
+    context = CompileContext(get_target("cpu-int8"), ((x,), {}), calibration_data=data)
+    after = PassManager([Gptq(sequential=sequential)], context=context, initial_properties=frozenset({"annotated"}))(before).graph_module
+    assert_graph_diff(before, after, removed=[
+        "%linear = aten.linear.default(%x, %up_weight, %up_bias)",
+        "%linear_1 = aten.linear.default(%gelu, %down_weight, %down_bias)",
+        "constant up.weight", "constant down.weight",
+    ], added=[
+        "constant up_weight_q : i8[128,2,32]", "constant up_weight_scale : f32[128,2,1]",
+        "constant up_weight_zero_point : i32[128,2,1]",
+        "%dequantize_default = qc.dequantize.default(%up_weight_q, %up_weight_scale, %up_weight_zero_point, None, "
+        "torch.float32) : f32[128,2,32]",
+        "%view_default = aten.view.default(%dequantize_default, [128, 64]) : f32[128,64]",
+        "%linear = aten.linear.default(%x, %view_default, %up_bias) : f32[s0,128]",
+        "constant down_weight_q : i8[64,4,32]", "constant down_weight_scale : f32[64,4,1]",
+        "constant down_weight_zero_point : i32[64,4,1]",
+        "%dequantize_default_1 = qc.dequantize.default(%down_weight_q, %down_weight_scale, %down_weight_zero_point, "
+        "None, torch.float32) : f32[64,4,32]",
+        "%view_default_1 = aten.view.default(%dequantize_default_1, [64, 128]) : f32[64,128]",
+        "%linear_1 = aten.linear.default(%gelu, %view_default_1, %down_bias) : f32[s0,64]",
+    ])
+    # the scales are round-to-nearest's own (static groups): only the integers differ
+    up = quantized_weight(after, next(n for n in after.graph.nodes if n.name == "linear").args[1])[0]
+    scale, _ = weight_qparams(model.up.weight.detach(), INT4_G32)
+    torch.testing.assert_close(constant_expression(after, up.scale), scale.reshape(128, 2, 1))
+
+
+def test_a_gptq_plan_without_calibration_data_is_an_error_naming_the_node():
+    model, x = TinyBlock(width=64, hidden=128), torch.randn(16, 64)
+    with pytest.raises(qcompile.NodeError, match="rounding='gptq', which reads calibration data.*module 'up'"):
+        Gptq()(planned(model, x, INT4_G32))
+    with pytest.raises(qcompile.QCompileError, match="pass 'convert': its weight is planned with gptq.*no data.*'up'"):
+        qcompile.compile(model, x, qconfig=QConfig(by_op={"linear": OpQuantConfig(None, INT4_G32)}))  # dynamic
+
+
+def test_compile_with_gptq_is_closer_to_float_than_round_to_nearest_and_replays():
+    torch.manual_seed(0)
+    model = TinyBlock(width=64, hidden=128)
+    model.up.weight.data *= torch.linspace(0.3, 3.0, 64)  # columns of unequal weight, as trained layers have
+    offset = torch.randn(64) * 2
+    data = [(torch.randn(32, 64) @ (torch.eye(64) + 0.3 * torch.randn(64, 64)) + offset,) for _ in range(8)]
+    test = torch.randn(256, 64) @ (torch.eye(64) + 0.3 * torch.randn(64, 64)) + offset
+    errors = {}
+    for rounding in ("nearest", "gptq"):
+        spec = QuantSpec("int4", granularity=PerGroup(1, 32), rounding=rounding)
+        qm = qcompile.compile(model, data[0], calibration_data=data, progress=False,
+                              qconfig=QConfig(by_op={"linear": OpQuantConfig(None, spec)}))
+        errors[rounding] = float((qm(test) - model(test)).square().mean())
+    assert errors["gptq"] < 0.7 * errors["nearest"]
+    plan = {"target": "cpu-int8", "nodes": qm.report.plan}
+    assert {e["rounding"] for n in plan["nodes"] for e in n.get("inputs", ()) if e["role"] == "weight"} == {"gptq"}
+    plan = json.loads(json.dumps(plan))
+    replayed = qcompile.compile(model, data[0], calibration_data=data, plan=plan, progress=False)
+    torch.testing.assert_close(replayed(test), qm(test), rtol=0, atol=0)
+    assert torch.equal(model.up.weight, model.up.weight.clone())  # and the model is the user's still
+
+
+def test_gptq_with_quantized_activations_keeps_the_int32_bias_and_lowers_to_int8_kernels():
+    model, x = TinyBlock(width=64, hidden=128), torch.randn(16, 64)
+    weights = {name: p.detach().clone() for name, p in model.named_parameters()}
+    data = [(torch.randn(32, 64),) for _ in range(4)]
+    spec = QuantSpec("int8", granularity=PerChannel(0), rounding="gptq")
+    qm = qcompile.compile(model, x, calibration_data=data, progress=False,
+                          qconfig=QConfig(by_op={"linear": OpQuantConfig(QuantSpec("uint8", symmetric=False), spec)}))
+    assert any(n.name.endswith("bias_q") for n in qm.qdq_graph_module.graph.nodes)
+    linears = [n for n in qm.report.nodes if n.op == "linear"]
+    assert all("linear_int8" in n.detail for n in linears)
+    assert all(torch.equal(p, weights[name]) for name, p in model.named_parameters())
+
+
+def test_a_grouped_convolution_is_rounded_to_nearest_with_a_diagnostic():
+    class Depthwise(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(4, 4, 3, groups=4)
+
+        def forward(self, x):
+            return self.conv(x)
+
+    x = torch.randn(2, 4, 8, 8)
+    gm = Annotate(target="onnx-qdq", qconfig=QConfig(by_op={"conv2d": OpQuantConfig(
+        QuantSpec("uint8", symmetric=False), QuantSpec("int8", granularity=PerChannel(0), rounding="gptq"))}))(
+        cleaned(Depthwise().eval(), x)).graph_module
+    context = CompileContext(get_target("onnx-qdq"), ((x,), {}), calibration_data=[(x,)])
+    result = PassManager([Gptq()], context=context, initial_properties=frozenset({"annotated"}))(gm)
+    (record,) = result.records
+    assert record.stats == {"rounded": 1, "nearest": 1}
+    assert [str(d) for d in record.diagnostics] == ["conv2d: GPTQ left it at round-to-nearest: a convolution in 4 groups"]
+
+
+def test_spec_checks():
+    with pytest.raises(ValueError, match="rounding 'optimal' is not one of: nearest, gptq"):
+        QuantSpec("int4", rounding="optimal")
+    with pytest.raises(ValueError, match="GPTQ compensates its own rounding error"):
+        QuantSpec("int4", rounding="gptq", bias_correction=True)
+    assert str(INT4_G32) == "int4/sym/per-group(1,32)/minmax/gptq"
