@@ -1,4 +1,4 @@
-"""onnx-float-matmul-biases, onnx-residual-sums and onnx-float8-relu-as-max
+"""onnx-blocked-weights, onnx-float-matmul-biases, onnx-residual-sums and onnx-float8-relu-as-max
 (targets/onnx_qdq/arrange.py): the export's copy arranged for ONNX Runtime, values unchanged."""
 
 import pytest
@@ -6,7 +6,7 @@ import torch
 
 import qcompile
 from qcompile.qconfig import fp8_qconfig
-from qcompile.targets.onnx_qdq import Float8ReluAsMax, FloatMatmulBiases, ResidualAddsAsSums
+from qcompile.targets.onnx_qdq import BlockedWeights, Float8ReluAsMax, FloatMatmulBiases, ResidualAddsAsSums
 from qcompile.testing import assert_graph_diff, assert_outputs_close, assert_pass_contract
 from tests.models import TinyBlock
 
@@ -54,7 +54,8 @@ def test_the_export_runs_them_as_a_pipeline_that_dumps_like_any_other(block, tmp
     monkeypatch.setenv("QCOMPILE_DUMP_DIR", str(tmp_path / "dumps"))
     qcompile.export_onnx(gm, tmp_path / "block.onnx", (x,))
     dumped = sorted(p.name for p in (tmp_path / "dumps").glob("*.diff"))
-    assert dumped[:2] == ["001_onnx-float-matmul-biases.diff", "002_onnx-residual-sums.diff"]
+    assert dumped[:3] == ["001_onnx-blocked-weights.diff", "002_onnx-float-matmul-biases.diff",
+                          "003_onnx-residual-sums.diff"]
 
 
 def test_structure_a_relu_into_a_float8_quantize_is_a_maximum_with_zero():
@@ -69,3 +70,23 @@ def test_structure_a_relu_into_a_float8_quantize_is_a_maximum_with_zero():
     # an integer quantize's relu stays: uint8 with zero point 0 does clip negatives
     int8 = qcompile.compile(model, target="onnx-qdq", calibration_data=data, progress=False).qdq_graph_module
     assert not Float8ReluAsMax()(int8).modified
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_structure_a_grouped_weight_is_a_blocked_dequantize_into_a_matmul(symmetric):
+    x = torch.randn(3, 5, 64)
+    spec = qcompile.QuantSpec("int4", symmetric=symmetric, granularity=qcompile.PerGroup(1, 32))
+    qm = qcompile.compile(TinyBlock(width=64, hidden=128), calibration_data=[(x,)], progress=False,
+                          qconfig=qcompile.QConfig(by_op={"linear": qcompile.OpQuantConfig(None, spec)}))
+    gm = qm.qdq_graph_module
+    after = assert_pass_contract(BlockedWeights(), gm, [x])
+    assert_graph_diff(gm, after, exact=False, added=[
+        "constant linear_blocked_q : i8[64,128]", "constant linear_blocked_scale : f32[2,128]",
+        "constant linear_blocked_zero_point : i32[2,128]",
+        "qc.dequantize_blocked.default(%linear_blocked_q, %linear_blocked_scale, %linear_blocked_zero_point, 32, 4)"
+        " : f32[64,128]",
+        "aten.matmul.default(%x, %dequantize_blocked_default) : f32[s0,s1,128]",
+        "aten.add.Tensor(%matmul_default, %up_bias) : f32[s0,s1,128]",
+    ], removed=["aten.linear.default(%x, %view_default, %up_bias)"])
+    # the same products as the grouped dequantize: bit for bit
+    torch.testing.assert_close(after(x), gm(x), rtol=0, atol=0)

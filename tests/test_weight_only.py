@@ -1,11 +1,14 @@
 """Weight-only linears on cpu-int8: int8 per channel and int4 per group on bf16 activations
 (qc.linear_weight_only), the grouped Q/DQ form, the kernel dispatch and its refusals."""
 
+import onnx
+import onnxruntime as ort
 import pytest
 import torch
 
 import qcompile
 from qcompile import OpQuantConfig, PerChannel, PerGroup, QConfig, QuantSpec
+from qcompile.ir.graph import constant_expression
 from qcompile.ir.meta import get_qspec
 from qcompile.kernel_check import kernel_contracts
 from qcompile.passes import Convert
@@ -164,12 +167,32 @@ def test_minilm_weight_only(minilm, tmp_path):
             torch.testing.assert_close(loaded(**evaluation), qm(**evaluation))
 
 
-def test_grouped_weights_are_refused_by_the_onnx_export_naming_the_node(tmp_path):
-    qm = qcompile.compile(TinyBlock(width=64, hidden=128), calibration_data=[(torch.randn(4, 64),)], qconfig=INT4_G32,
-                          progress=False)
-    with pytest.raises(qcompile.NodeError, match="scales per group or per row .* are not exported yet"):
-        qm.export_onnx(tmp_path / "grouped.onnx")
-    assert not (tmp_path / "grouped.onnx").exists()
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_grouped_weights_export_as_int4_blocks_onnx_runtime_runs_as_matmulnbits(tmp_path, symmetric):
+    spec = QuantSpec("int4", symmetric=symmetric, granularity=PerGroup(1, 32))
+    x = torch.randn(4, 64)
+    qm = qcompile.compile(TinyBlock(width=64, hidden=128), x, calibration_data=[(torch.randn(16, 64),)],
+                          qconfig=QConfig(by_op={"linear": OpQuantConfig(None, spec)}), progress=False)
+    exported = qm.export_onnx(tmp_path / "grouped.onnx")
+    assert exported.check.ort_ops["MatMulNBits"] == 2 and exported.check.worst.max_steps < 1e-2
+    assert exported.check.default_accuracy_steps is not None and "MatMulNBits x2" in str(exported)
+    model = onnx.load(tmp_path / "grouped.onnx")
+    blocked = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
+    initializers = {t.name: t for t in model.graph.initializer}
+    assert [initializers[n.input[0]].data_type for n in blocked] == [onnx.TensorProto.INT4] * 2
+    assert exported.bytes < 0.4 * exported.float_bytes
+    # ONNX Runtime's DequantizeLinear of the INT4 blocks equals the grouped dequantize in torch, bit for bit
+    model.graph.output.extend(onnx.helper.make_tensor_value_info(n.output[0], onnx.TensorProto.FLOAT, None)
+                              for n in blocked)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    weights = session.run(None, {model.graph.input[0].name: x.numpy()})[1:]
+    qdq = qm.qdq_graph_module
+    views = [n.args[1] for n in qdq.graph.nodes if n.target == torch.ops.aten.linear.default]
+    for view, theirs in zip(views, weights, strict=True):
+        ours = constant_expression(qdq, view)
+        assert torch.equal(torch.from_numpy(theirs), ours.t())
 
 
 def test_qat_per_group_weights_run_on_int4pack_after_convert_qat():

@@ -10,7 +10,7 @@
 from qcompile.qconfig import int8_preset
 from qcompile.spec import FLOAT8_DTYPES, PerTensor
 from qcompile.targets.base import CONVERT, PREPARE, OpRule, Target, register_target
-from qcompile.targets.onnx_qdq.arrange import Float8ReluAsMax, FloatMatmulBiases, ResidualAddsAsSums
+from qcompile.targets.onnx_qdq.arrange import BlockedWeights, Float8ReluAsMax, FloatMatmulBiases, ResidualAddsAsSums
 
 register_target(
     Target(
@@ -32,9 +32,9 @@ register_target(
         convert=CONVERT,
         lower="eliminate-dead-code",  # the model runs as its Q/DQ graph; ONNX Runtime runs the file
         unlowered="Q/DQ for ONNX Runtime (export_onnx)",
-        passes=(FloatMatmulBiases, ResidualAddsAsSums, Float8ReluAsMax),
+        passes=(BlockedWeights, FloatMatmulBiases, ResidualAddsAsSums, Float8ReluAsMax),
     )
 )
 
 
-__all__ = ["Float8ReluAsMax", "FloatMatmulBiases", "ResidualAddsAsSums"]
+__all__ = ["BlockedWeights", "Float8ReluAsMax", "FloatMatmulBiases", "ResidualAddsAsSums"]

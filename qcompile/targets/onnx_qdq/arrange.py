@@ -3,11 +3,14 @@
     linear(x, W, dequantize(b_q, S_b, 0)) -> linear(x, W, b)           rank(x) > 2, b = S_b·b_q
     layer_norm(add(linear(x, W, b), r))   -> layer_norm(unfused_sum([linear(x, W), r, b]))
     quantize(relu(x), S, 0, float8)       -> quantize(maximum(x, 0), S, 0, float8)
+    linear(x, view(dequantize(W_q, S, Z), [out, in]), b)   (groups)
+                                          -> matmul(x, dequantize_blocked(W_qᵀ, Sᵀ, Zᵀ, size)) + b
 
 They run on the export's own copy of the graph (``export_onnx``), never on the model that
 runs in torch, as the pipeline :data:`ARRANGE_FOR_ONNX_RUNTIME`, so dumps, verification and
 ``QCOMPILE_SKIP_PASSES`` see them like any other pass. ``qc.unfused_sum`` is written to ONNX
-as one ``Sum`` (its translation lives with the exporter).
+as one ``Sum`` and ``qc.dequantize_blocked`` as one blocked ``DequantizeLinear`` (their
+translations live with the exporter).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from torch import fx
 from qcompile.ir.graph import add_constant, constant_value, insert_call, op_arguments, set_argument
 from qcompile.ir.meta import Provenance
 from qcompile.pipeline import Pass, PassResult
-from qcompile.qdq import DequantizeCall, QuantizeCall
+from qcompile.qdq import DequantizeCall, QuantizeCall, quantized_weight
 
 aten = torch.ops.aten
 
@@ -41,6 +44,28 @@ def _(values):
 
 
 UNFUSED_SUM = unfused_sum._opoverload
+
+
+@torch.library.custom_op("qc::dequantize_blocked", mutates_args=())
+def dequantize_blocked(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, block_size: int,
+                       bits: int) -> torch.Tensor:
+    """ONNX's blocked DequantizeLinear along axis 0, in float32:
+
+        y[k, n] = (q[k, n] − Z[k // block_size, n]) · S[k // block_size, n]
+
+    the same products ``qc.dequantize`` forms for a group, so the values are bit for bit the
+    grouped weight's. ``bits`` is the integer width the file stores ``q`` in (4 or 8)."""
+    s = scale.repeat_interleave(block_size, 0).to(torch.float32)
+    z = zero_point.repeat_interleave(block_size, 0).to(torch.float32)
+    return (q.to(torch.float32) - z) * s
+
+
+@dequantize_blocked.register_fake
+def _(q, scale, zero_point, block_size, bits):
+    return torch.empty_like(q, dtype=torch.float32)
+
+
+DEQUANTIZE_BLOCKED = dequantize_blocked._opoverload
 
 
 @dataclass(frozen=True)
@@ -155,4 +180,51 @@ class Float8ReluAsMax(Pass):
         return PassResult(gm, bool(changed), {"relus": changed} if changed else {})
 
 
-ARRANGE_FOR_ONNX_RUNTIME = "onnx-float-matmul-biases,onnx-residual-sums,onnx-float8-relu-as-max,eliminate-dead-code"
+@dataclass(frozen=True)
+class BlockedWeights(Pass):
+    """A linear with per-group weights becomes a MatMul on a blocked DequantizeLinear.
+
+        linear(x, view(dequantize(W_q, S, Z), [out, in]), b)  ->  matmul(x, dequantize_blocked(W_qᵀ, Sᵀ, Zᵀ, size)) + b
+
+    with W_q [out, in / size, size] stored transposed as [in, out] and S, Z as [in / size, out]:
+    ONNX blocks run along an axis of the tensor itself, and x·Wᵀ is x times that [in, out]
+    matrix. Values in [-8, 7] are written as INT4 (two a byte), wider ones as INT8. ONNX
+    Runtime fuses a constant INT4 blocked DequantizeLinear along axis 0 into its MatMul as
+    ``MatMulNBits`` (and the bias Add into it), its 4-bit weight-only kernel.
+    """
+
+    name: ClassVar[str] = "onnx-blocked-weights"
+    requires: ClassVar[frozenset[str]] = frozenset({"qdq"})
+    preserves_semantics: ClassVar[bool] = True
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        changed = 0
+        for node in list(gm.graph.nodes):
+            if node.op != "call_function" or node.target != aten.linear.default:
+                continue
+            linear = op_arguments(node)
+            found = quantized_weight(gm, linear["weight"])
+            if found is None or not found[1]:
+                continue
+            dq, size = found
+            stored = [constant_value(gm, a) for a in (dq.q, dq.scale, dq.zero_point)]
+            if any(t is None for t in stored):
+                continue
+            q, scale, zero_point = (t.reshape(t.shape[0], -1).t().contiguous() for t in stored)
+            bits = 4 if int(q.min()) >= -8 and int(q.max()) <= 7 else 8
+            provenance = Provenance(self.name, "blocked", (node.name,))
+            constants = [add_constant(gm, t, f"{node.name}_blocked_{suffix}", before=node)
+                         for t, suffix in ((q, "q"), (scale, "scale"), (zero_point.to(torch.int32), "zero_point"))]
+            weight = insert_call(gm, DEQUANTIZE_BLOCKED, (*constants, size, bits), before=node, provenance=provenance)
+            result = insert_call(gm, aten.matmul.default, (linear["input"], weight), before=node, provenance=provenance,
+                                 meta_from=node)
+            if linear["bias"] is not None:
+                result = insert_call(gm, aten.add.Tensor, (result, linear["bias"]), before=node,
+                                     provenance=provenance, meta_from=node)
+            node.replace_all_uses_with(result)
+            gm.graph.erase_node(node)
+            changed += 1
+        return PassResult(gm, bool(changed), {"blocked": changed} if changed else {})
+
+
+ARRANGE_FOR_ONNX_RUNTIME = "onnx-blocked-weights,onnx-float-matmul-biases,onnx-residual-sums,onnx-float8-relu-as-max,eliminate-dead-code"

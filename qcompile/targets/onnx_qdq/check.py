@@ -11,6 +11,12 @@ integer inputs on both sides. An honest export differs by at most one step (a ro
 a wrong axis, zero point or op translation differs by many, at the first tensor it touches,
 and that is the tensor the error names.
 
+Blocked 4-bit weights (``DequantizeLinear`` into ``MatMul``) become ONNX Runtime's
+``MatMulNBits``, which by default (``accuracy_level`` 4) quantizes its activations to int8 per
+block: not what the file says. The check runs the session with
+``session.qdq_matmulnbits_accuracy_level=1`` (float activations, the file's values), and runs
+the file once more with ONNX Runtime's defaults to report how far those outputs move.
+
 Differences are in units of the tensor's quantization step: its scale for quantized tensors,
 and for a float output the step a uint8 quantization of it would have, (max − min) / 255. A
 float8 tensor's step depends on the magnitude, so there the unit is one code: the distance
@@ -48,6 +54,10 @@ FLOAT_COMPUTE = frozenset({"Conv", "MatMul", "Gemm", "FusedMatMul", "FusedConv",
 # The integer kernels that compute a weight op (a convolution or a matrix product with weights).
 WEIGHT_KERNELS = frozenset({"QLinearConv", "QLinearMatMul", "MatMulIntegerToFloat", "QGemm", "MatMulInteger",
                             "ConvInteger", "QAttention"})
+# ONNX Runtime's weight-only kernel, fused from a constant 4-bit blocked DequantizeLinear into a MatMul.
+MATMUL_NBITS = "MatMulNBits"
+# Float activations in MatMulNBits (ONNX Runtime's default, 4, quantizes them to int8 per block).
+FLOAT_ACCURACY = {"session.qdq_matmulnbits_accuracy_level": "1"}
 
 
 @dataclass
@@ -64,6 +74,9 @@ class CrossCheck:
     tensors: list[TensorCheck]
     tolerance_steps: float
     ort_ops: dict[str, int]  # op counts of ONNX Runtime's optimized graph
+    # With MatMulNBits: the outputs' largest distance, in steps, between the check's session and
+    # one with ONNX Runtime's default accuracy level (int8 activations inside MatMulNBits).
+    default_accuracy_steps: float | None = None
 
     @property
     def worst(self) -> TensorCheck:
@@ -92,6 +105,11 @@ class CrossCheck:
             f"{worst.max_steps:.3g} steps (tolerance {self.tolerance_steps:g})",
             f"ONNX Runtime int8 kernels: {fused}; float compute left: {floats}",
         ]
+        if self.default_accuracy_steps is not None:
+            lines.append(f"ONNX Runtime weight-only kernels: {MATMUL_NBITS} x{self.ort_ops[MATMUL_NBITS]} (4-bit blocked "
+                         f"weights); checked with float activations (session.qdq_matmulnbits_accuracy_level=1); at "
+                         f"ONNX Runtime's default accuracy level 4 they quantize their activations to int8, which "
+                         f"moves the outputs by {self.default_accuracy_steps:.3g} steps")
         return "\n".join(lines)
 
 
@@ -146,11 +164,14 @@ def _output_step(gm: fx.GraphModule, node: Any, value: torch.Tensor) -> float:
     return max(float(value.max() - value.min()) / 255, torch.finfo(torch.float32).eps)
 
 
-def _run_onnxruntime(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> tuple[list[np.ndarray], dict[str, int]]:
+def _run_onnxruntime(model: onnx.ModelProto, feeds: dict[str, np.ndarray], config: dict[str, str] | None = None
+                     ) -> tuple[list[np.ndarray], dict[str, int]]:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3  # the hardware-specific-model warning on saving the optimized graph
+    for key, value in (config or {}).items():
+        options.add_session_config_entry(key, value)
     with tempfile.TemporaryDirectory() as folder:
         optimized = Path(folder) / "optimized.onnx"
         options.optimized_model_filepath = str(optimized)
@@ -189,7 +210,7 @@ def cross_check(model: onnx.ModelProto, reference: fx.GraphModule, args: tuple, 
         raise QCompileError(f"the ONNX file has {len(model.graph.input)} inputs, the Q/DQ graph {len(placeholders)}")
     feeds = {graph_input.name: values[name].detach().cpu().numpy()
              for graph_input, name in zip(model.graph.input, placeholders)}
-    results, ops = _run_onnxruntime(probe, feeds)
+    results, ops = _run_onnxruntime(probe, feeds, FLOAT_ACCURACY)
     count = len(model.graph.output)
     forced = {name: _as_torch(value, quantize_nodes[name].meta["val"].dtype)
               for name, value in zip(exposed, results[count:], strict=True)}
@@ -203,6 +224,11 @@ def cross_check(model: onnx.ModelProto, reference: fx.GraphModule, args: tuple, 
         step = _output_step(reference, node, mine)
         checks.append(_compare(graph_output.name, "output", mine, theirs, step, step))
     result = CrossCheck(checks, tolerance_steps, ops)
+    if MATMUL_NBITS in ops:
+        defaults, _ = _run_onnxruntime(model, feeds)
+        result.default_accuracy_steps = max(
+            _compare("", "output", torch.from_numpy(a), torch.from_numpy(b), check.step, check.step).max_steps
+            for a, b, check in zip(defaults, results[:count], checks[-count:], strict=True))
     first = result.diverged
     if first is not None:
         raise QCompileError(

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+from collections import Counter
 import logging
 import os
 import warnings
@@ -31,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 import torch
 from onnxscript import opset21 as op
@@ -43,7 +45,7 @@ from qcompile.observers import Observer
 from qcompile.pass_manager import PassManager
 from qcompile.qdq import CHOOSE_QPARAMS, DEQUANTIZE, QUANTIZE, DequantizeCall, QuantizeCall
 from qcompile.spec import FLOAT8_STORAGE
-from qcompile.targets.onnx_qdq.arrange import ARRANGE_FOR_ONNX_RUNTIME, UNFUSED_SUM
+from qcompile.targets.onnx_qdq.arrange import ARRANGE_FOR_ONNX_RUNTIME, DEQUANTIZE_BLOCKED, UNFUSED_SUM
 from qcompile.targets.onnx_qdq.check import CrossCheck, cross_check
 
 OPSET = 21  # 19 added float8 QuantizeLinear/DequantizeLinear; 21 blocked scales
@@ -86,8 +88,39 @@ def _choose_qparams(x, qmin: int, qmax: int, symmetric: bool):
     return op.Reshape(scale, shape), op.Reshape(op.Cast(zero_point, to=onnx.TensorProto.INT32), shape)
 
 
+def _dequantize_blocked(q, scale, zero_point, block_size: int, bits: int):
+    """Blocked DequantizeLinear along axis 0 (opset 21). The integers are cast to INT4 / INT8
+    here and the casts of constants folded into initializers after export
+    (:func:`_fold_integer_casts`): ONNX Runtime fuses the DequantizeLinear only when its input
+    is a constant."""
+    dtype = onnx.TensorProto.INT4 if bits == 4 else onnx.TensorProto.INT8
+    return op.DequantizeLinear(op.Cast(q, to=dtype), scale, op.Cast(zero_point, to=dtype), axis=0,
+                               block_size=block_size)
+
+
 TRANSLATIONS = {QUANTIZE: _quantize_linear, DEQUANTIZE: _dequantize_linear, UNFUSED_SUM: _sum,
-                CHOOSE_QPARAMS: _choose_qparams}
+                CHOOSE_QPARAMS: _choose_qparams, DEQUANTIZE_BLOCKED: _dequantize_blocked}
+
+
+def _fold_integer_casts(model: onnx.ModelProto) -> int:
+    """Each ``Cast`` of an initializer to INT4 / INT8 replaced by an initializer of that type
+    (exact: the values were checked to fit when the graph was arranged); returns how many."""
+    initializers = {t.name: t for t in model.graph.initializer}
+    readers = Counter(name for node in model.graph.node for name in node.input)
+    folded = []
+    for node in model.graph.node:
+        to = next((a.i for a in node.attribute if a.name == "to"), None) if node.op_type == "Cast" else None
+        if to not in (onnx.TensorProto.INT4, onnx.TensorProto.INT8) or node.input[0] not in initializers:
+            continue
+        values = onnx.numpy_helper.to_array(initializers[node.input[0]])
+        model.graph.initializer.append(onnx.helper.make_tensor(node.output[0], to, values.shape,
+                                                               values.astype(np.int8).flatten().tolist()))
+        folded.append(node)
+        if readers[node.input[0]] == 1:
+            model.graph.initializer.remove(initializers[node.input[0]])
+    for node in folded:
+        model.graph.node.remove(node)
+    return len(folded)
 
 
 @dataclass
@@ -162,8 +195,8 @@ def _check_exportable(gm: fx.GraphModule) -> None:
                                   "affine scales only")
         call = QuantizeCall.of(node) or DequantizeCall.of(node)
         if call is not None and call.axis is None and not call.per_tensor:
-            raise NodeError(node, "scales per group or per row (a [..., 1] scale tensor) are not exported yet: ONNX "
-                                  "needs them as blocked quantization, which this exporter does not write")
+            raise NodeError(node, "scales per row (a [..., 1] scale tensor) are not exported: ONNX quantizes "
+                                  "per tensor, per axis or in blocks of a constant (per-group linear weights)")
         quantize = QuantizeCall.of(node)
         if quantize is not None and _FULL_RANGES.get(quantize.dtype) != (quantize.qmin, quantize.qmax):
             raise NodeError(node, f"quantize to {quantize.dtype} with range [{quantize.qmin}, {quantize.qmax}]: ONNX "
@@ -199,8 +232,9 @@ def _for_onnx_runtime(gm: fx.GraphModule) -> fx.GraphModule:
 def to_onnx(gm: fx.GraphModule, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[onnx.ModelProto, fx.GraphModule]:
     """The Q/DQ graph as an ONNX model (batch dimension dynamic), nothing written or checked; and
     the re-exported graph it was translated from, whose node names are the model's value names."""
-    _check_exportable(gm)
-    program = export_program(_for_onnx_runtime(gm), args, kwargs)
+    arranged = _for_onnx_runtime(gm)
+    _check_exportable(arranged)
+    program = export_program(arranged, args, kwargs)
     quiet = logging.getLogger("torch.onnx")
     level, quiet.level = quiet.level, logging.ERROR  # per-op registry chatter about torchvision
     try:
@@ -212,7 +246,9 @@ def to_onnx(gm: fx.GraphModule, args: tuple[Any, ...], kwargs: dict[str, Any]) -
         raise QCompileError(f"torch.onnx could not translate the Q/DQ graph: {lines[0] if lines else exc}") from exc
     finally:
         quiet.level = level
-    return exported.model_proto, program.module()
+    model = exported.model_proto
+    _fold_integer_casts(model)
+    return model, program.module()
 
 
 def export_onnx(
