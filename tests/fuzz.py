@@ -25,7 +25,7 @@ import sys
 import tempfile
 import traceback
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -34,11 +34,16 @@ from torch.nn import functional as F
 
 import qcompile
 from qcompile.kernel_check import check_kernels
+from qcompile.qconfig import INT8_ACTIVATION, INT8_WEIGHT
 
 # What each model is compiled for: a target and a QConfig (None: the target's preset). cpu-fp8's
-# preset here is weight-only E4M3; its W8A8 form also exercises fp8-or-int8's INT8/FP8 mix.
+# preset here is weight-only E4M3; its W8A8 form also exercises fp8-or-int8's INT8/FP8 mix. The
+# rounding config has GPTQ round the linears' weights and bias correction the convolutions'.
+_ROUNDED = qcompile.QConfig(by_op={
+    "linear": qcompile.OpQuantConfig(INT8_ACTIVATION, replace(INT8_WEIGHT, rounding="gptq")),
+    "conv2d": qcompile.OpQuantConfig(INT8_ACTIVATION, replace(INT8_WEIGHT, bias_correction=True))})
 CONFIGS = {"cpu-int8": ("cpu-int8", None), "onnx-qdq": ("onnx-qdq", None), "cpu-fp8": ("cpu-fp8", None),
-           "cpu-fp8 w8a8": ("cpu-fp8", qcompile.fp8_qconfig())}
+           "cpu-fp8 w8a8": ("cpu-fp8", qcompile.fp8_qconfig()), "cpu-int8 gptq, bias-corrected": ("cpu-int8", _ROUNDED)}
 TARGETS = tuple(CONFIGS)
 
 
@@ -215,7 +220,7 @@ def check_case(case: Case, target: str, folder: Path) -> str:
     cosine = F.cosine_similarity(out.flatten().double(), reference.flatten().double(), dim=0)
     assert out.shape == reference.shape and (cosine > 0.99 or torch.allclose(out, reference, atol=1e-3)), \
         f"lowered and Q/DQ graphs disagree end to end: cosine {float(cosine):.4f}"
-    loaded = qcompile.load(qm.save(folder / f"{case.seed}-{target.replace(' ', '-')}.qc"))
+    loaded = qcompile.load(qm.save(folder / f"{case.seed}-{target.replace(' ', '-').replace(',', '')}.qc"))
     assert torch.equal(loaded(fresh), out), "the loaded model answers differently"
     if target == "onnx-qdq":
         qm.export_onnx(folder / f"{case.seed}.onnx")
