@@ -93,6 +93,15 @@ def quantized_group_constant(gm: fx.GraphModule, value: torch.Tensor, scale: tor
                  source=source)
 
 
+def quantized_weight_constant(gm: fx.GraphModule, value: torch.Tensor, scale: torch.Tensor,
+                              zero_point: torch.Tensor, spec: QuantSpec, *, before: fx.Node, pass_name: str,
+                              source: fx.Node, name: str | None = None) -> fx.Node:
+    """A weight's Q/DQ form for its spec: :func:`quantized_group_constant` per group, else
+    :func:`quantized_constant`."""
+    quantized = quantized_group_constant if isinstance(spec.granularity, PerGroup) else quantized_constant
+    return quantized(gm, value, scale, zero_point, spec, before=before, pass_name=pass_name, source=source, name=name)
+
+
 def planned_weights(gm: fx.GraphModule, wanted: Callable[[QuantSpec], bool]) -> list[tuple[fx.Node, int, QuantSpec]]:
     """``(node, argument index, spec)`` of each weight the plan quantizes with a ``wanted`` spec
     that is still float: the weights a pass rounding before ``convert`` (gptq, correct-bias) has left."""
@@ -232,9 +241,8 @@ class Convert(Pass):
             scale, zero_point = weight_qparams(weight, spec)
         except QCompileError as exc:
             raise NodeError(node, str(exc)) from None
-        quantized = quantized_group_constant if isinstance(spec.granularity, PerGroup) else quantized_constant
-        node.update_arg(index, quantized(gm, weight, scale, zero_point, spec, before=node, pass_name=self.name,
-                                         source=weight_node, name=name))
+        node.update_arg(index, quantized_weight_constant(gm, weight, scale, zero_point, spec, before=node,
+                                                         pass_name=self.name, source=weight_node, name=name))
         return scale
 
     def _bias(self, gm, node, index, spec, scale: torch.Tensor) -> None:

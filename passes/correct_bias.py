@@ -41,9 +41,9 @@ from qcompile.ir.graph import (
     remove_dead_nodes,
     set_argument,
 )
-from qcompile.passes.convert import planned_weights, quantized_constant, quantized_group_constant
+from qcompile.passes.convert import planned_weights, quantized_weight_constant
 from qcompile.pipeline import Diagnostic, Pass, PassResult
-from qcompile.spec import PerGroup, QuantSpec
+from qcompile.spec import QuantSpec
 
 if TYPE_CHECKING:
     from qcompile.context import CompileContext
@@ -93,9 +93,8 @@ def _write_weight(gm: fx.GraphModule, node: fx.Node, index: int, spec: QuantSpec
         scale, zero_point = weight_qparams(weight, spec)
     except QCompileError as exc:
         raise NodeError(node, str(exc)) from None
-    quantized = quantized_group_constant if isinstance(spec.granularity, PerGroup) else quantized_constant
-    replacement = quantized(gm, weight, scale, zero_point, spec, before=node, pass_name=pass_name,
-                            source=node.args[index])
+    replacement = quantized_weight_constant(gm, weight, scale, zero_point, spec, before=node, pass_name=pass_name,
+                                            source=node.args[index])
     node.update_arg(index, replacement)
     return replacement
 

@@ -40,7 +40,7 @@ from qcompile.errors import NodeError, QCompileError
 from qcompile.gptq import BLOCK_SIZE, DAMPING, HessianRecorder, elementwise, gptq_round
 from qcompile.fake_quant import weight_qparams
 from qcompile.ir.graph import constant_value, copy_graph_module, op_arguments, remove_dead_nodes
-from qcompile.passes.convert import planned_weights, quantized_constant, quantized_group_constant
+from qcompile.passes.convert import planned_weights, quantized_weight_constant
 from qcompile.pipeline import Diagnostic, Pass, PassResult
 from qcompile.spec import PerChannel, PerGroup, QuantSpec
 
@@ -114,7 +114,8 @@ class Gptq(Pass):
         found = planned(gm)
         if self.rounded is not None or context is None or context.dynamic or not found:
             return self(gm)
-        work, weights, nearest = copy_graph_module(gm), [], []
+        # The graph the Hessians are measured on: sequentially, a copy taking each level's rounded weights.
+        work, weights, nearest = copy_graph_module(gm) if self.sequential else gm, [], []
         for level in levels(gm, [node for node, _, _ in found]) if self.sequential else [[n for n, _, _ in found]]:
             level_names = {node.name for node in level}
             todo = [(n, i, s) for n, i, s in planned(work) if n.name in level_names]
@@ -179,9 +180,7 @@ def _write(gm: fx.GraphModule, rounded: RoundedWeights, pass_name: str) -> int:
         if node.name not in chosen:
             continue
         values, scale, zero_point = chosen[node.name]
-        quantized = quantized_group_constant if isinstance(spec.granularity, PerGroup) else quantized_constant
-        source = node.args[index]
-        node.update_arg(index, quantized(gm, values, scale, zero_point, spec, before=node, pass_name=pass_name,
-                                         source=source))
+        node.update_arg(index, quantized_weight_constant(gm, values, scale, zero_point, spec, before=node,
+                                                         pass_name=pass_name, source=node.args[index]))
         written += 1
     return written

@@ -48,11 +48,10 @@ from qcompile.ir.graph import (
     set_argument,
 )
 from qcompile.ir.meta import Provenance, get_qspec
-from qcompile.passes.convert import quantize_bias, quantize_dequantize, quantized_constant, quantized_group_constant
+from qcompile.passes.convert import quantize_bias, quantize_dequantize, quantized_weight_constant
 from qcompile.passes.training_ops import DROPOUTS, ModeSwitchedOp
 from qcompile.pipeline import Pass, PassResult
 from qcompile.qdq import DequantizeCall, observation_root
-from qcompile.spec import PerGroup
 
 aten = torch.ops.aten
 
@@ -108,17 +107,11 @@ class LowerQat(Pass):
                 replacement = quantize_dequantize(gm, source, fake_quant.spec, *names, before=node,
                                                   pass_name=self.name)
                 activations += 1
-            elif isinstance(fake_quant.spec.granularity, PerGroup):
-                consumer = next(iter(node.users))
-                name = None if source.op == "get_attr" else f"{consumer.name}_weight"
-                replacement = quantized_group_constant(gm, constant, scale, zero_point, fake_quant.spec, before=node,
-                                                       pass_name=self.name, source=source, name=name)
-                weights += 1
             else:
                 consumer = next(iter(node.users))
                 name = None if source.op == "get_attr" else f"{consumer.name}_weight"
-                replacement = quantized_constant(gm, constant, scale, zero_point, fake_quant.spec, before=node,
-                                                 pass_name=self.name, source=source, name=name)
+                replacement = quantized_weight_constant(gm, constant, scale, zero_point, fake_quant.spec, before=node,
+                                                        pass_name=self.name, source=source, name=name)
                 weights += 1
             node.replace_all_uses_with(replacement)
             _erase_call(gm, node)
