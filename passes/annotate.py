@@ -160,7 +160,7 @@ def plan_node(
         if constant_value(gm, bias) is not None and integer_accumulator:
             bias_spec = QuantSpec("int32", symmetric=True, granularity=config.weight.granularity)
             edges.append((rule.bias, EdgeQuant("bias", bias_spec)))
-    return QuantAnnotation(inputs=tuple(edges), rule=why)
+    return QuantAnnotation(inputs=tuple(edges), rule=why, smooth=config.smooth)
 
 
 def _float8_without_kernels(target: Target, config: OpQuantConfig, node: fx.Node, why: str) -> None:

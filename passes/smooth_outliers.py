@@ -105,9 +105,11 @@ class SmoothOutliers(Pass):
         if self.outliers or context is None or context.dynamic or context.outlier_smoothing is None:
             return self(gm)
         qconfig, rules = context.resolved_qconfig(), context.target.op_rules
-        # Smoothing moves activation outliers into the weights: it is for quantized activations only.
+        # Smoothing moves activation outliers into the weights: it is for quantized activations
+        # only, and for the linears whose config does not opt out.
         quantized = {n.name for n in gm.graph.nodes if n.op == "call_function" and op_kind(n) in rules
-                     and (config := qconfig.resolve(n)[0]) is not None and config.activation is not None}
+                     and (config := qconfig.resolve(n)[0]) is not None and config.activation is not None
+                     and config.smooth}
         outliers = smoothing_plan(gm, quantized_linear_inputs(gm, quantized), context.calibration_data,
                                   context.example, context.outlier_smoothing)
         return replace(self, outliers=outliers)(gm)

@@ -79,9 +79,10 @@ from qcompile.pipeline import (
     registered_passes,
 )
 from qcompile.qat import Distillation, QatModel, convert_qat, prepare_qat
-from qcompile.qconfig import OpQuantConfig, QConfig, fp8_qconfig, int8_preset
+from qcompile.qconfig import Candidate, OpQuantConfig, QConfig, fp8_qconfig, int8_preset
 from qcompile.qdq import observation_root
 from qcompile.report import CompileReport, NodeReport, sqnr_db
+from qcompile.sensitivity import Sensitivity, output_cosine, sensitivity
 from qcompile.rewrite import (
     Match,
     Rule,
@@ -96,6 +97,10 @@ from qcompile.targets import OpRule, Target, get_target, register_target, target
 
 __all__ = [
     "BUILTIN_PASSES",
+    "Candidate",
+    "Sensitivity",
+    "output_cosine",
+    "sensitivity",
     "CompileContext",
     "QuantizedDecoder",
     "compile_decoder",

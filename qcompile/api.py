@@ -31,11 +31,13 @@ from qcompile.input_check import check_call
 from qcompile.ir.meta import get_provenance, get_qspec, stand_ins
 from qcompile.kernel_check import check_kernels
 from qcompile.memory import release_freed_memory
+from qcompile.mixed_precision import compile_within_budget
 from qcompile.pipeline import Instrument
 from qcompile.plan import plan_qconfig, resolved_plan
-from qcompile.qconfig import QConfig
+from qcompile.qconfig import Candidate, QConfig
 from qcompile.qdq import DequantizeCall
 from qcompile.report import CompileReport, describe_plan, node_sqnr, plan_graph
+from qcompile.sensitivity import Metric
 from qcompile.targets import Target, get_target
 
 if TYPE_CHECKING:
@@ -159,6 +161,11 @@ def compile(
     progress: bool | None = None,
     outlier_smoothing: float | None = 0.75,
     plan: str | Path | dict[str, Any] | None = None,
+    accuracy_budget: float | None = None,
+    metric: Metric | None = None,
+    eval_data: Iterable[Any] | None = None,
+    objective: str = "latency",
+    candidates: dict[str, tuple[Candidate, ...]] | None = None,
 ) -> QuantizedModel:
     """Quantize ``model`` for ``target``: capture, the target's stages (prepare, convert, lower)
     run in one :class:`~qcompile.context.CompileContext`, the kernel check, the report. See the
@@ -173,12 +180,29 @@ def compile(
 
     ``plan``: a plan written by ``qm.report.write_plan`` (a path or its JSON), replayed instead of
     a ``qconfig``: every node gets the specs the plan lists (edited plans too: a node whose
-    entry has no inputs stays float), so the same model and data give the same Q/DQ graph."""
+    entry has no inputs stays float), so the same model and data give the same Q/DQ graph.
+
+    ``accuracy_budget``: instead of one format for every node, search per node
+    (:mod:`qcompile.mixed_precision`): the fastest (``objective="size"``: smallest) formats among
+    the target's ``candidates`` whose loss, the drop of ``metric`` (default: output cosine) on
+    ``eval_data`` (default: the calibration data), stays within the budget, verified on the
+    compiled model and repaired until it holds. The report's notes and ``report.budget`` say
+    what was chosen, predicted and measured; each node's plan rule says why."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"compile() needs an nn.Module, got {type(model).__name__}")
     if outlier_smoothing is not None and not 0.0 <= outlier_smoothing <= 1.0:
         raise QCompileError(f"outlier_smoothing is a migration strength between 0 and 1 (or None for off), "
                             f"got {outlier_smoothing}")
+    if accuracy_budget is not None:
+        if qconfig is not None or plan is not None:
+            raise QCompileError("compile searches the formats under an accuracy_budget: give no qconfig or plan with it")
+        if calibration_data is None:
+            raise QCompileError("an accuracy_budget needs calibration_data (the search calibrates each format)")
+        return compile_within_budget(
+            model, example_inputs, accuracy_budget=accuracy_budget, calibration_data=calibration_data,
+            eval_data=eval_data, metric=metric, objective=objective, target=target, candidates=candidates,
+            example_kwargs=example_kwargs, instruments=instruments, verify=verify, progress=progress,
+            outlier_smoothing=outlier_smoothing)
     if plan is not None:
         if qconfig is not None:
             raise QCompileError("compile takes a qconfig or a plan to replay, not both")

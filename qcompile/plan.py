@@ -79,6 +79,8 @@ def resolved_plan(planned: fx.GraphModule, qdq: fx.GraphModule | None = None) ->
             inputs.append(described)
         if inputs:
             entry["inputs"] = inputs
+            if not plan.smooth:
+                entry["smooth"] = False
         entries.append(entry)
     return entries
 
@@ -111,7 +113,8 @@ def plan_qconfig(plan: str | Path | dict[str, Any]) -> QConfig:
             if "shares_qparams_of" in entry:
                 continue
             specs = {e["role"]: _spec(e) for e in entry.get("inputs", ()) if e["role"] in ("activation", "weight")}
-            chosen = OpQuantConfig(specs.get("activation"), specs.get("weight")) if specs else None
+            chosen = OpQuantConfig(specs.get("activation"), specs.get("weight"),
+                                   smooth=entry.get("smooth", True)) if specs else None
             config = config.set_node(entry["node"], chosen)
     except (KeyError, TypeError, ValueError) as exc:
         raise QCompileError(f"plan {plan if not isinstance(plan, dict) else ''}: not a qcompile plan "

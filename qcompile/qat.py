@@ -75,7 +75,7 @@ def learnable(qconfig: QConfig) -> QConfig:
         return None if s is None else dataclasses.replace(s, learnable_scale=True)
 
     def choice(c: OpQuantConfig | None) -> OpQuantConfig | None:
-        return None if c is None else OpQuantConfig(spec(c.activation), spec(c.weight))
+        return None if c is None else dataclasses.replace(c, activation=spec(c.activation), weight=spec(c.weight))
 
     return QConfig(
         default=choice(qconfig.default),
@@ -84,6 +84,7 @@ def learnable(qconfig: QConfig) -> QConfig:
         by_module_regex=tuple((k, choice(v)) for k, v in qconfig.by_module_regex),
         by_module_name={k: choice(v) for k, v in qconfig.by_module_name.items()},
         by_node={k: choice(v) for k, v in qconfig.by_node.items()},
+        node_reasons=dict(qconfig.node_reasons),
     )
 
 

@@ -24,13 +24,30 @@ from qcompile.spec import PerChannel, PerTensor, PerToken, QuantSpec
 
 @dataclass(frozen=True)
 class OpQuantConfig:
-    """Specs for an op's activation inputs and its weight; ``None`` leaves that edge float."""
+    """Specs for an op's activation inputs and its weight; ``None`` leaves that edge float.
+
+    ``smooth``: a linear whose activations are quantized has its input's outlier channels
+    smoothed (``smooth-outliers``) when the compile smooths; False opts this linear out. A
+    value several linears read is smoothed when any of them asks (the rewrite is exact in
+    float, so the others read the same function).
+    """
 
     activation: QuantSpec | None = None
     weight: QuantSpec | None = None
+    smooth: bool = True
 
 
 Choice = OpQuantConfig | None  # None keeps the node float
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One format a precision search (``qcompile.sensitivity``, ``compile(accuracy_budget=...)``)
+    may give a node: a short name for tables and plans, and its config (None: float, which the
+    target runs in its float kernels)."""
+
+    name: str
+    config: Choice
 
 
 def op_kind(node: fx.Node) -> str:
@@ -59,8 +76,10 @@ class QConfig:
     by_module_type: dict[str, Choice] = field(default_factory=dict)
     by_module_regex: tuple[tuple[str, Choice], ...] = ()
     by_module_name: dict[str, Choice] = field(default_factory=dict)
-    # Per graph node, the most specific of all: what a replayed plan (qcompile.plan) sets.
+    # Per graph node, the most specific of all: what a replayed plan (qcompile.plan) and the
+    # accuracy-budget search (qcompile.mixed_precision) set, with why in ``node_reasons``.
     by_node: dict[str, Choice] = field(default_factory=dict)
+    node_reasons: dict[str, str] = field(default_factory=dict)
 
     def __str__(self) -> str:
         rules = (len(self.by_op) + len(self.by_module_type) + len(self.by_module_regex) + len(self.by_module_name)
@@ -84,13 +103,15 @@ class QConfig:
     def set_module_name(self, name: str, config: Choice) -> QConfig:
         return dataclasses.replace(self, by_module_name={**self.by_module_name, name: config})
 
-    def set_node(self, name: str, config: Choice) -> QConfig:
-        return dataclasses.replace(self, by_node={**self.by_node, name: config})
+    def set_node(self, name: str, config: Choice, reason: str | None = None) -> QConfig:
+        """``config`` for the graph node ``name``; ``reason`` is what the plan says chose it."""
+        reasons = {**self.node_reasons, name: reason} if reason else self.node_reasons
+        return dataclasses.replace(self, by_node={**self.by_node, name: config}, node_reasons=reasons)
 
     def resolve(self, node: fx.Node) -> tuple[Choice, str]:
         """The config for ``node`` and a description of the rule that chose it."""
         if node.name in self.by_node:
-            return self.by_node[node.name], f"node '{node.name}' of a replayed plan"
+            return self.by_node[node.name], self.node_reasons.get(node.name, f"node '{node.name}' of a replayed plan")
         chain = _module_chain(node)
         for path, _ in chain:
             if path in self.by_module_name:

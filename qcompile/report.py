@@ -61,10 +61,21 @@ def node_outputs(gm: fx.GraphModule, names: set[str], args: tuple, kwargs: dict,
                  keep: Callable[[torch.Tensor], torch.Tensor] = lambda value: value) -> dict[str, torch.Tensor]:
     """The values of the named nodes when ``gm`` runs on ``args``/``kwargs``, each as ``keep``
     stores it (as it is, by default)."""
+    return run_recording(gm, names, args, kwargs, keep)[1]
+
+
+def run_recording(gm: fx.GraphModule, names: set[str], args: tuple, kwargs: dict,
+                  keep: Callable[[torch.Tensor], torch.Tensor] = lambda value: value
+                  ) -> tuple[Any, dict[str, torch.Tensor]]:
+    """``gm``'s outputs for a call, in the structure ``gm(*args, **kwargs)`` returns, and the
+    values of the named nodes as ``node_outputs`` keeps them."""
     recorder = _Recorder(gm, names, keep)
     with torch.no_grad():
-        recorder.run(*flat_inputs(gm, args, kwargs))
-    return recorder.values
+        flat = recorder.run(*flat_inputs(gm, args, kwargs))
+    info = getattr(gm.graph._codegen, "pytree_info", None)
+    if info is not None and info.out_spec is not None:
+        flat = pytree.tree_unflatten(pytree.tree_leaves(flat), info.out_spec)
+    return flat, recorder.values
 
 
 def flat_inputs(gm: fx.GraphModule, args: tuple, kwargs: dict) -> list[Any]:
@@ -101,7 +112,7 @@ def node_sqnr(planned: fx.GraphModule, qdq: fx.GraphModule, calls: list[tuple[tu
     renamed = {n.name: source for source, n in stand_ins(qdq.graph).items() if source in names}
     sums: dict[str, list[float]] = {}
     for args, kwargs in calls:
-        values = node_outputs(reference if reference is not None else planned, names, args, kwargs, keep=_sample)
+        values = node_outputs(reference if reference is not None else planned, names, args, kwargs, keep=sample)
         comparer = _Comparer(qdq, values, renamed, sums, saturation)
         with torch.no_grad():
             comparer.run(*flat_inputs(qdq, args, kwargs))
@@ -112,7 +123,7 @@ def node_sqnr(planned: fx.GraphModule, qdq: fx.GraphModule, calls: list[tuple[tu
 SQNR_SAMPLE = 1 << 16
 
 
-def _sample(value: torch.Tensor) -> torch.Tensor:
+def sample(value: torch.Tensor) -> torch.Tensor:
     """At most ``SQNR_SAMPLE`` elements of a float value, in float32, at a prime stride."""
     if not value.is_floating_point():
         return value
@@ -152,9 +163,9 @@ class _Comparer(fx.Interpreter):
         value = super().run_node(node)
         name = self.renamed.get(node.name, node.name)
         y = self.reference.pop(name, None)
-        sample = _sample(value) if y is not None and isinstance(value, torch.Tensor) else None
-        if sample is not None and y.is_floating_point() and sample.is_floating_point() and sample.shape == y.shape:
-            error = sample - y
+        kept = sample(value) if y is not None and isinstance(value, torch.Tensor) else None
+        if kept is not None and y.is_floating_point() and kept.is_floating_point() and kept.shape == y.shape:
+            error = kept - y
             sums = self.sums.setdefault(name, [0.0, 0.0])
             sums[0] += float(y.double().square().sum())
             sums[1] += float(error.double().square().sum())
@@ -222,6 +233,9 @@ class CompileReport:
     calibration_skipped: list[int] = field(default_factory=list)
     # Where the compiled model's time goes, when measured (qcompile.profile): op, calls, ms.
     profile: list[dict[str, Any]] = field(default_factory=list)
+    # compile(accuracy_budget=...): the budget, each compile's formats with the predicted and
+    # measured loss, and the sensitivity table they came from (qcompile.mixed_precision).
+    budget: dict[str, Any] = field(default_factory=dict)
 
     def add_stage(self, stage: str, records: list[PassRecord]) -> None:
         for r in records:

@@ -23,3 +23,18 @@ def resnet():
 @pytest.fixture
 def image_batch():
     return torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def latency_cache(tmp_path_factory):
+    """Measured latencies (qcompile.latency) go to a folder of this session, not the user's cache."""
+    import os
+
+    folder = tmp_path_factory.mktemp("qcompile-cache")
+    previous = os.environ.get("QCOMPILE_CACHE_DIR")
+    os.environ["QCOMPILE_CACHE_DIR"] = str(folder)
+    yield folder
+    if previous is None:
+        del os.environ["QCOMPILE_CACHE_DIR"]
+    else:
+        os.environ["QCOMPILE_CACHE_DIR"] = previous

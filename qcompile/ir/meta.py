@@ -64,13 +64,15 @@ class QuantAnnotation:
     """The plan for one node: its quantized input edges (by argument index), or why it stays float.
 
     ``rule`` names the QConfig rule that decided; ``shares_qparams_of`` marks a shape op whose
-    output keeps its input's qparams.
+    output keeps its input's qparams; ``smooth`` is False when the config opted the node out of
+    outlier smoothing (a replayed plan must opt it out again).
     """
 
     inputs: tuple[tuple[int, EdgeQuant], ...] = ()
     rule: str = ""
     float_reason: str | None = None
     shares_qparams_of: str | None = None
+    smooth: bool = True
 
     @property
     def quantized(self) -> bool:

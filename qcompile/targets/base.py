@@ -22,13 +22,13 @@ Users add targets with :func:`register_target`.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from torch import fx
 
 from qcompile.errors import QCompileError
 from qcompile.pipeline import Pass, Pipeline, register_pass
-from qcompile.qconfig import OpQuantConfig, QConfig
+from qcompile.qconfig import Candidate, OpQuantConfig, QConfig
 from qcompile.spec import PerChannel, PerGroup, PerTensor
 
 
@@ -122,6 +122,9 @@ class Target:
     unlowered: str = "reference Q/DQ, not lowered"
     # How the report names a kernel node of this target's lowered graph (None: not a kernel).
     describe_kernel: Callable[[fx.Node], str | None] = lambda node: None
+    # Per op kind, the formats a precision search (qcompile.sensitivity) tries, each one a
+    # kernel of this target; op kinds not listed keep the preset's plan in a search.
+    candidates: dict[str, tuple[Candidate, ...]] = field(default_factory=dict)
 
     def pipeline(self, stage: str) -> Pipeline:
         """A fresh copy of the pipeline of ``stage`` (``prepare``, ``dynamic_prepare``, ...)."""

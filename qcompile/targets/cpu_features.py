@@ -9,6 +9,7 @@ bf16 GEMMs of the weight-only and FP8 paths need AVX512-BF16 or AMX-BF16 to beat
 from __future__ import annotations
 
 import functools
+import hashlib
 from pathlib import Path
 
 
@@ -35,3 +36,17 @@ def has_fp8_gemm() -> bool:
 def has_bf16_gemm() -> bool:
     """Whether bf16 GEMMs run natively (AVX512-BF16 or AMX-BF16) rather than emulated in fp32."""
     return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+
+
+@functools.cache
+def cpu_signature() -> str:
+    """This CPU's model name and a digest of its flags: the key measured latencies are cached
+    under, so a table measured on one machine is never read on another."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        text = ""
+    model = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")),
+                 "unknown CPU")
+    digest = hashlib.sha256(" ".join(sorted(cpu_flags())).encode()).hexdigest()[:12]
+    return f"{model} [{digest}]"

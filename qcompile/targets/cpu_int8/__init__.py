@@ -16,7 +16,7 @@ from torch import fx
 from qcompile.qconfig import int8_preset
 from qcompile.targets.base import CONVERT, DYNAMIC_PREPARE, PREPARE, Target, register_target
 from qcompile.targets.cpu_int8.bf16_kernels import attention_bf16, linear_bf16
-from qcompile.targets.cpu_int8.capabilities import op_rules
+from qcompile.targets.cpu_int8.capabilities import op_rules, search_candidates
 from qcompile.targets.cpu_int8.fuse_patterns import FusePatterns
 from qcompile.targets.cpu_int8.lower_cpu_int8 import LowerCpuInt8
 from qcompile.targets.cpu_int8.lower_float_bf16 import LowerFloatBf16
@@ -45,6 +45,7 @@ register_target(
         dynamic_prepare=DYNAMIC_PREPARE,
         dynamic_convert="cast-fp8{dynamic=true},convert{dynamic=true},eliminate-dequant,eliminate-dead-code",
         describe_kernel=describe_kernel,
+        candidates=search_candidates(),
         passes=(MergeSiblingLinears, FusePatterns, LowerCpuInt8, LowerWeightOnly, LowerFloatBf16),
     )
 )

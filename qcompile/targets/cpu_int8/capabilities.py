@@ -22,7 +22,8 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from qcompile.spec import PerGroup
+from qcompile.qconfig import INT8_ACTIVATION, INT8_WEIGHT, Candidate, OpQuantConfig
+from qcompile.spec import PerGroup, QuantSpec
 from qcompile.targets.base import OpRule
 
 aten = torch.ops.aten
@@ -88,3 +89,20 @@ def op_rules() -> dict[str, OpRule]:
                           producers=("conv2d", "relu", "max_pool2d"),
                           epilogue_of=tuple(a.kind for a in ANCHORS.values() if a.residual == "sum"))
     return rules
+
+
+def search_candidates() -> dict[str, tuple[Candidate, ...]]:
+    """The formats a precision search tries, per op kind, each one a kernel here: int8 with and
+    without outlier smoothing, weight-only int8 per channel and int4 in groups of 32 (affine,
+    clip searched by MSE: the best round-to-nearest int4 measured on all-MiniLM) on bf16
+    activations, and float (bf16 GEMMs where the CPU has them)."""
+    int8 = OpQuantConfig(INT8_ACTIVATION, INT8_WEIGHT, smooth=False)
+    linear = (
+        Candidate("int8", int8),
+        Candidate("int8-smooth", replace(int8, smooth=True)),
+        Candidate("w8", OpQuantConfig(None, INT8_WEIGHT)),
+        Candidate("w4-g32", OpQuantConfig(None, QuantSpec("int4", False, PerGroup(1, 32), "mse"))),
+        Candidate("float", None),
+    )
+    return {"linear": linear, "conv2d": (Candidate("int8", OpQuantConfig(INT8_ACTIVATION, INT8_WEIGHT)),
+                                         Candidate("float", None))}
