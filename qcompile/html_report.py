@@ -58,6 +58,7 @@ def write_html(report: CompileReport, path: Path, dumps: Path | None = None) -> 
         _section("Calibration ranges", _calibration(report)),
         _section("Kernel profile", _profile(report)),
         _section("Plan", _plan_table(report)),
+        *([_section("Precision search", _precision_search(report))] if report.budget else []),
     ])
     title = f"qcompile report: {report.target}"
     page = (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{_e(title)}</title>"
@@ -318,6 +319,31 @@ def _profile(report: CompileReport) -> str:
             + rows + "</table>")
 
 
+def _precision_search(report: CompileReport) -> str:
+    """compile(accuracy_budget=...): each compile's loss, predicted and measured, then the
+    sensitivity plot and table, each node's chosen format marked."""
+    from qcompile.sensitivity import Sensitivity
+
+    budget = report.budget
+    table = Sensitivity.from_json(budget["sensitivity"])
+    rounds = "".join(f'<li>compile {i}: predicted {r["predicted_loss"]:.2e}, measured {r["measured_loss"]:.2e}, '
+                     f'cost {r["cost"]:.4g}</li>' for i, r in enumerate(budget["rounds"], start=1))
+    chosen = budget["rounds"][-1]["choices"]
+    header = "".join(f"<th>{_e(h)}</th>" for h in ("node", "module", *table.candidates))
+    rows = []
+    for node in table.nodes:
+        cells = [f"<td>{_e(node.name)}</td><td>{_e(node.module)}</td>"]
+        for name, m in table.of(node.name).items():
+            text = "float (not run)" if m.float_reason else f"{m.loss:.1e} · {m.latency_ms:.3f} ms"
+            mark = ' class="chosen"' if chosen.get(node.name) == name else ""
+            cells.append(f"<td{mark}>{_e(text)}</td>")
+        rows.append("<tr>" + "".join(cells) + "</tr>")
+    return (f'<p>accuracy budget {budget["accuracy_budget"]:g} ({_e(budget["metric"])} drop, objective '
+            f'{_e(budget["objective"])}), measured on {budget["evaluation_batches"]} batches</p><ul>{rounds}</ul>'
+            f"{table.svg()}<table id=\"search\"><thead><tr>{header}</tr></thead><tbody>{''.join(rows)}"
+            "</tbody></table>")
+
+
 def _plan_table(report: CompileReport) -> str:
     header = "".join(f'<th data-column="{i}">{_e(h)}</th>'
                      for i, h in enumerate(("node", "op", "module", "precision", "SQNR dB", "detail")))
@@ -350,6 +376,7 @@ td.del{background:#fce8e6}td.add{background:#e6f4ea}td.hunk{background:#e8f0fe;c
 .axis{font-size:10px;text-anchor:end}.grid{stroke:#eee}
 .ranges .batch{fill:#4285f4}.ranges .outlier{fill:#d93025}
 table.profile .bar{display:inline-block;height:.7em;background:#4285f4}
+#search td.chosen{background:#e6f4ea;font-weight:600}
 #plan th{cursor:pointer;background:#f1f3f4}#plan th.sorted-asc::after{content:" ▲"}#plan th.sorted-desc::after{content:" ▼"}
 tr.int8 td:nth-child(4){color:#2e9e5b}tr.float td:nth-child(4){color:#5f6368}tr.reference td:nth-child(4){color:#b06000}
 """

@@ -140,6 +140,12 @@ class Sensitivity:
         return cls(**data)
 
     def write_svg(self, path: str) -> str:
+        """:meth:`svg` as a file."""
+        with open(path, "w") as file:
+            file.write(self.svg())
+        return path
+
+    def svg(self) -> str:
         """A plot of the table: per node (in graph order), each candidate's loss on a log scale."""
         width, height, left, top, bottom = max(480, 16 * len(self.nodes) + 140), 320, 60, 20, 110
         losses = [m.loss for m in self.measurements if m.loss > 0 and not m.float_reason]
@@ -172,9 +178,7 @@ class Sensitivity:
             parts.append(f'<text x="{left + 70 * j}" y="{height - 4}" fill="{colors[j % len(colors)]}">'
                          f'{html.escape(name)}</text>')
         parts.append("</svg>")
-        with open(path, "w") as file:
-            file.write("\n".join(parts) + "\n")
-        return path
+        return "\n".join(parts) + "\n"
 
 
 def _db(value: float) -> str:

@@ -108,6 +108,10 @@ def test_a_budget_is_met_by_the_compiled_model_and_its_plan_replays(block_data, 
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     table = qcompile.Sensitivity.from_json(qm.report.budget["sensitivity"])
     assert {n.name for n in table.nodes} == set(final["choices"])
+    page = qm.report.write_html(tmp_path / "report.html").read_text()
+    assert 'id="section-precision-search"' in page and page.count('class="chosen"') == len(final["choices"])
+    # the report, budget and all, survives the saved format
+    assert qcompile.load(qm.save(tmp_path / "m.qc")).report.budget == qm.report.budget
 
 
 def test_a_budget_that_cannot_hold_is_said(block_data):
