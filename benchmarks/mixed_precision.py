@@ -59,6 +59,7 @@ def main(budgets: list[float]) -> None:
             for chosen in rounds[-1]["choices"].values():
                 counts[chosen] = counts.get(chosen, 0) + 1
             details[name] += "; " + ", ".join(f"{k} x{v}" for k, v in counts.items())
+            print(f"{name}: " + ", ".join(f"{node} {chosen}" for node, chosen in rounds[-1]["choices"].items()))
             print(qcompile.Sensitivity.from_json(qm.report.budget["sensitivity"]))
     batch = held_out[0]
     times = interleaved_ms({name: (lambda m=m: m(**batch)) for name, m in models.items()}, REPEATS)
