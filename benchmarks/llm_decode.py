@@ -1,0 +1,111 @@
+"""Decode at batch 1 on a ~0.5 B-parameter decoder: weight-only int8 / int4 against bf16.
+
+A Qwen2-0.5B-shaped model from its config (width 896, 24 layers, 14 heads / 2 KV heads, MLP
+4864, vocabulary 151,936, tied embeddings; 494 M parameters; random weights), 2 threads. Each
+path prefills a 64-token prompt, then decodes 64 tokens greedily with the KV cache growing;
+the table gives prefill ms, decode ms per token and tokens/s (median of 2 runs after a warm-up),
+the bytes of the weights, and the share of the 64 tokens equal to bf16's (random weights give
+near-flat logits, so this is a stress test of argmax flips, not a quality figure: the trained
+tiny decoder's agreement is in ``benchmarks.fp8_vs_int8 decoder``).
+
+qcompile rows are ``compile_decoder`` with every linear weight-only (int8 per channel on
+``_weight_int8pack_mm``; int4 in groups of 128, round to nearest, on
+``_weight_int4pack_mm_for_cpu``), activations bf16, and the token table in int8 rows. torchao's int4 weight-only CPU path is tried
+and its error printed when this torchao has none.
+
+Run: ``python -m benchmarks.llm_decode``
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+import qcompile
+from benchmarks.cpu_int8 import tensor_bytes
+from qcompile import OpQuantConfig, PerChannel, PerGroup, QConfig, QuantSpec
+from qcompile.decoder import PrefillProgram, StepProgram
+from qcompile.qconfig import INT8_WEIGHT
+
+PROMPT, NEW_TOKENS = 64, 64
+CONFIG = Qwen2Config(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                     num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=4096,
+                     tie_word_embeddings=True, rope_theta=1e6)
+
+
+def decode(prefill: Callable, step: Callable, ids: torch.Tensor) -> tuple[float, float, torch.Tensor]:
+    """(prefill ms, decode ms per token, the tokens), timings the median of 2 runs after a warm-up."""
+    runs, tokens = [], None
+    for _ in range(3):
+        with torch.no_grad():
+            start = time.perf_counter()
+            logits, *cache = prefill(ids)
+            middle = time.perf_counter()
+            produced = []
+            for _ in range(NEW_TOKENS):
+                token = logits[:, -1].argmax(-1, keepdim=True)
+                produced.append(token)
+                logits, *cache = step(token, *cache)
+            end = time.perf_counter()
+        runs.append(((middle - start) * 1e3, (end - middle) * 1e3 / NEW_TOKENS))
+        tokens = torch.cat(produced, 1)
+    return statistics.median(r[0] for r in runs[1:]), statistics.median(r[1] for r in runs[1:]), tokens
+
+
+def torchao_int4(model: torch.nn.Module) -> tuple[Callable, Callable]:
+    from torchao.quantization import Int4WeightOnlyConfig, quantize_
+
+    quantize_(model, Int4WeightOnlyConfig(group_size=128))
+    prefill, step = PrefillProgram(model), StepProgram(model)
+    step(torch.zeros(1, 1, dtype=torch.long), *prefill(torch.zeros(1, 4, dtype=torch.long))[1:])  # a CPU kernel?
+    return prefill, step
+
+
+def main() -> None:
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(CONFIG).eval()
+    bf16 = Qwen2ForCausalLM(CONFIG).to(torch.bfloat16).eval()
+    bf16.load_state_dict(model.state_dict())
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, CONFIG.vocab_size, (1, PROMPT), generator=g)
+    prompts = [torch.randint(0, CONFIG.vocab_size, (1, 32), generator=g) for _ in range(2)]
+    paths: dict[str, tuple[Callable, Callable, int, str]] = {
+        "bf16 eager": (PrefillProgram(bf16), StepProgram(bf16), tensor_bytes(bf16), "")}
+    formats = {"qcompile W8 (weight-only int8)": QuantSpec("int8", granularity=PerChannel(0)),
+               "qcompile W4 g128 (weight-only int4)": QuantSpec("int4", granularity=PerGroup(1, 128))}
+    for name, spec in formats.items():
+        start = time.perf_counter()
+        compiled = qcompile.compile_decoder(model, prompts, calibration_steps=2, progress=False,
+                                            qconfig=QConfig(by_op={"linear": OpQuantConfig(None, spec),
+                                                                   "embedding": OpQuantConfig(None, INT8_WEIGHT)}))
+        seconds = time.perf_counter() - start
+        paths[name] = (compiled.prefill, compiled.step, tensor_bytes(compiled.prefill.graph_module),
+                       f"compile_decoder {seconds:.0f} s")
+        print(f"{name}: {compiled.step.report.notes[-1]}")
+    try:
+        ao = Qwen2ForCausalLM(CONFIG).to(torch.bfloat16).eval()
+        ao.load_state_dict(model.state_dict())
+        prefill, step = torchao_int4(ao)
+        paths["torchao int4 weight-only"] = (prefill, step, tensor_bytes(ao), "")
+    except Exception as exc:  # a baseline that does not run here is a row of its own
+        print(f"torchao int4 weight-only: does not run on this CPU build ({type(exc).__name__}: {str(exc)[:160]})")
+    results = {name: decode(prefill, step, ids) for name, (prefill, step, _, _) in paths.items()}
+    reference = results["bf16 eager"][2]
+    print(f"\nQwen2-0.5B-shaped decoder (494 M parameters, random weights), batch 1, {PROMPT}-token prompt, "
+          f"{NEW_TOKENS} greedy tokens, 2 threads")
+    print(f"{'path':<38}{'prefill ms':>11}{'ms/token':>10}{'tokens/s':>10}{'vs bf16':>9}{'weights MB':>12}"
+          f"{'= bf16':>8}  note")
+    for name, (prefill_ms, token_ms, tokens) in results.items():
+        agreement = (tokens == reference).float().mean().item()
+        print(f"{name:<38}{prefill_ms:>11.1f}{token_ms:>10.2f}{1e3 / token_ms:>10.2f}"
+              f"{results['bf16 eager'][1] / token_ms:>8.2f}x{paths[name][2] / 2**20:>12.0f}{agreement:>8.3f}  "
+              f"{paths[name][3]}")
+
+
+if __name__ == "__main__":
+    main()
