@@ -62,6 +62,10 @@ def _offered(table: Sensitivity, node: str) -> list[Measurement]:
     return [m for m in table.of(node).values() if m.float_reason is None]
 
 
+def _total_cost(table: Sensitivity, choices: dict[str, str], objective: str) -> float:
+    return sum(_cost(table.of(n)[c], objective) for n, c in choices.items())
+
+
 def predicted_loss(table: Sensitivity, choices: dict[str, str]) -> float:
     """``L0 + Σ ℓ(n, c_n)``, negative isolated losses counted as 0."""
     return table.baseline_loss + sum(max(0.0, table.of(n)[c].loss) for n, c in choices.items())
@@ -105,8 +109,7 @@ def solve(table: Sensitivity, budget: float, objective: str = "latency") -> Assi
 
 def _most_accurate(table: Sensitivity, nodes: list[str], objective: str) -> Assignment:
     choices = {n: min(_offered(table, n), key=lambda m: (m.loss, _cost(m, objective))).candidate for n in nodes}
-    return Assignment(choices, predicted_loss(table, choices),
-                      sum(_cost(table.of(n)[c], objective) for n, c in choices.items()))
+    return Assignment(choices, predicted_loss(table, choices), _total_cost(table, choices, objective))
 
 
 def repair(table: Sensitivity, assignment: Assignment, excess: float, objective: str = "latency") -> Assignment | None:
@@ -129,8 +132,7 @@ def repair(table: Sensitivity, assignment: Assignment, excess: float, objective:
         removed += gain
         if removed >= excess:
             break
-    return Assignment(choices, predicted_loss(table, choices),
-                      sum(_cost(table.of(n)[c], objective) for n, c in choices.items()))
+    return Assignment(choices, predicted_loss(table, choices), _total_cost(table, choices, objective))
 
 
 def budget_qconfig(table: Sensitivity, assignment: Assignment, target: Target,

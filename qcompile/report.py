@@ -34,7 +34,7 @@ from qcompile.qdq import QuantizeCall
 
 def sqnr_db(reference: torch.Tensor, approximation: torch.Tensor) -> float:
     reference, approximation = reference.double(), approximation.double()
-    return _db(reference.pow(2).sum().item(), (reference - approximation).pow(2).sum().item())
+    return power_ratio_db(reference.pow(2).sum().item(), (reference - approximation).pow(2).sum().item())
 
 
 class _Recorder(fx.Interpreter):
@@ -116,7 +116,7 @@ def node_sqnr(planned: fx.GraphModule, qdq: fx.GraphModule, calls: list[tuple[tu
         comparer = _Comparer(qdq, values, renamed, sums, saturation)
         with torch.no_grad():
             comparer.run(*flat_inputs(qdq, args, kwargs))
-    sqnr = {name: _db(signal, noise) for name, (signal, noise) in sums.items()}
+    sqnr = {name: power_ratio_db(signal, noise) for name, (signal, noise) in sums.items()}
     return sqnr, [sqnr[name] for name in outputs if name in sqnr]
 
 
@@ -172,7 +172,7 @@ class _Comparer(fx.Interpreter):
         return value
 
 
-def _db(signal: float, noise: float) -> float:
+def power_ratio_db(signal: float, noise: float) -> float:
     if noise == 0.0:
         return math.inf
     if signal == 0.0:

@@ -55,7 +55,7 @@ from qcompile.latency import LatencyTable, WeightOpShape
 from qcompile.pipeline import Pipeline
 from qcompile.qconfig import Candidate, op_kind
 from qcompile.qdq import DequantizeCall, QuantizeCall
-from qcompile.report import CompileReport, sample, run_recording
+from qcompile.report import CompileReport, power_ratio_db, run_recording, sample
 from qcompile.spec import PerGroup, QuantSpec
 from qcompile.targets import Target, get_target
 from qcompile.targets.base import CLEANUP
@@ -125,7 +125,7 @@ class Sensitivity:
             for name in self.candidates:
                 m = self.of(node.name).get(name)
                 cells.append("" if m is None else "float" if m.float_reason else
-                             f"{m.loss:.1e} {_db(m.sqnr_db)} {m.latency_ms:.3f}ms")
+                             f"{m.loss:.1e} {_db_text(m.sqnr_db)} {m.latency_ms:.3f}ms")
             lines.append(f"{node.name:<22}{node.module[:33]:<34}" + "".join(f"{c:>24}" for c in cells))
         return "\n".join(lines)
 
@@ -181,7 +181,7 @@ class Sensitivity:
         return "\n".join(parts) + "\n"
 
 
-def _db(value: float) -> str:
+def _db_text(value: float) -> str:
     return "inf" if math.isinf(value) else f"{value:.0f}dB"
 
 
@@ -357,7 +357,7 @@ def _measure_candidate(table: Sensitivity, cleaned: fx.GraphModule, graph: fx.Gr
             signal += exact.pow(2).sum().item()
             noise += (exact - approx).pow(2).sum().item()
         loss = base_score - _score(metric, references, outputs)
-        sqnr = math.inf if noise == 0 else 10 * math.log10(max(signal, 1e-30) / noise)
+        sqnr = power_ratio_db(signal, noise)
         extra = smoothing.get(node.name, 0.0) if candidate.config is not None and candidate.config.smooth else 0.0
         table.measurements.append(Measurement(node.name, candidate.name, loss, sqnr, cost + extra, bytes_))
     return table.float_score - base_score
@@ -385,7 +385,8 @@ def isolate(qdq: fx.GraphModule, planned: fx.GraphModule, to_float: set[str]) ->
             for value in node.all_input_nodes:
                 dq = DequantizeCall.of(value)
                 quantize = QuantizeCall.of(dq.q) if dq is not None else None
-                if quantize is not None and observers.get(quantize.x.name, {""}) <= to_float:
+                readers = observers.get(quantize.x.name) if quantize is not None else None
+                if readers and readers <= to_float:
                     node.replace_input_with(value, quantize.x)
             continue
         if node.name not in to_float:
