@@ -7,12 +7,14 @@ STAMP := $(VENV)/.installed
 
 N ?= 1000
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py $(wildcard qcompile/csrc/*)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch first and pinned: the CPU wheel on local disk, never a CUDA download.
-	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[test,examples]'
+	$(PY) -m pip install --quiet torch==2.13.0 'setuptools>=68' wheel
+	# The native kernels (qcompile/csrc) compile against that torch: no isolated build env,
+	# which would fetch a second torch. A compile error stops here.
+	$(PY) -m pip install --quiet --no-build-isolation -e '.[test,examples]'
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -28,4 +30,4 @@ bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m benchmarks.compile_time
 
 clean:
-	rm -rf $(VENV) dumps build *.egg-info
+	rm -rf $(VENV) dumps build *.egg-info qcompile/_native*.so

@@ -12,6 +12,10 @@ standard-library docstrings, 256 to calibrate and 256 others to evaluate: mean-p
 cosine vs fp32 and top-1 nearest-neighbour agreement), ResNet-18 (batch 8 x 3 x 224 x 224),
 and a CNN trained here on scikit-learn's digits (top-1 accuracy).
 
+Under the MiniLM and ResNet tables, a "limit" line: the oneDNN int8 kernels' own time in qcompile's
+model (profiled), what the model would take if everything around them were free, and the top 10
+ops by self time.
+
 Run: ``python -m benchmarks.cpu_int8 [minilm] [resnet] [digits]`` (all three by default).
 """
 
@@ -29,6 +33,7 @@ import torch.nn.functional as F
 import qcompile
 from benchmarks.ort_baselines import float_onnx_file, quantize_static_file, session_runner
 from benchmarks.timing import median_ms
+from qcompile.profile import profile_ops
 from tests.models import (
     SentenceEmbedder,
     TinyConvNet,
@@ -63,6 +68,22 @@ def print_table(title: str, rows: list[Row], fp32_ms: float, bf16_ms: float) -> 
         size = f"{r.size_mb:.2f}" if r.size_mb is not None else ""
         print(f"{r.name:<34}{r.ms:>9.1f}{fp32_ms / r.ms:>8.2f}x{bf16_ms / r.ms:>8.2f}x{size:>8}  {r.quality}"
               + (f"  ({r.note})" if r.note else ""))
+
+
+# The int8 kernels whose time alone is a workload's limit on this CPU.
+INT8_KERNEL_OPS = ("onednn::qlinear_pointwise", "onednn::qconv2d_pointwise")
+
+
+def print_limit_and_profile(row: Row, call: Callable[[], object]) -> None:
+    """qcompile's row against its limit, the oneDNN int8 GEMMs / convolutions alone at the
+    throughput they reach in the model (everything else free), and its top 10 ops by self time."""
+    ops = profile_ops(call, top=10_000)
+    limit = sum(op["ms"] for op in ops if op["op"] in INT8_KERNEL_OPS)
+    print(f"limit: int8 kernels alone {limit:.1f} ms; {row.name} at {row.ms:.1f} ms is {row.ms / limit:.2f}x the limit "
+          f"(the rest: {row.ms - limit:.1f} ms)")
+    print(f"  {'op (qcompile, top 10 by self time)':<44}{'calls':>7}{'ms':>9}")
+    for op in ops[:10]:
+        print(f"  {op['op']:<44}{op['calls']:>7}{op['ms']:>9.2f}")
 
 
 def attempt(name: str, build: Callable[[], Row]) -> Row:
@@ -140,13 +161,17 @@ def minilm() -> None:
     rows.append(attempt("torchao PT2E + Inductor int8", lambda: pt2e_int8(fp32, batch, calibration, row)))
     rows.append(attempt("OpenVINO + NNCF int8", lambda: openvino_int8(fp32, batch, calibration, row)))
     rows.append(attempt("ONNX Runtime quantize_static", lambda: ort_static(fp32, batch, calibration, row)))
+    compiled = None
     for name, options in [("qcompile cpu-int8", {}), ("qcompile, no outlier smoothing", {"outlier_smoothing": None})]:
         start = time.perf_counter()
         qm = qcompile.compile(fp32, calibration_data=calibration, progress=False, **options)
         seconds = time.perf_counter() - start
         rows.append(row(name, qm, tensor_bytes(qm.graph_module), f"compile {seconds:.0f} s"))
+        if compiled is None:  # the default row is the one profiled
+            compiled = qm
     print_table("all-MiniLM-L6-v2, batch 32 x 128 tokens (ms per batch; embeddings vs fp32 on 256 sentences)",
                 rows, rows[0].ms, rows[1].ms)
+    print_limit_and_profile(rows[-2], lambda: compiled(**batch))
 
 
 def pt2e_int8(model, batch, calibration, row) -> Row:
@@ -240,6 +265,7 @@ def resnet() -> None:
     rows.append(row("qcompile cpu-int8", qm, tensor_bytes(qm.graph_module),
                     f"compile {time.perf_counter() - start:.0f} s"))
     print_table("ResNet-18, batch 8 x 3 x 224 x 224 (ms per batch)", rows, rows[0].ms, rows[1].ms)
+    print_limit_and_profile(rows[-1], lambda: qm(images))
 
 
 def compiled_bf16_images(model: torch.nn.Module, images: torch.Tensor) -> Callable:

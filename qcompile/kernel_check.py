@@ -40,14 +40,14 @@ class KernelContract:
     """``reference(*args, **kwargs)`` computes what the kernel must, with reference ops. A float
     output is held to the tolerance of ``precision`` (the dtype the kernel computes in; by
     default its output's) times ``tolerance_scale``, for kernels that are lower-precision
-    algorithms (bf16 attention rounds its scores and probabilities)."""
+    algorithms (a bf16 linear rounds its operands)."""
 
     reference: Callable[..., Tensor]
     precision: torch.dtype | None = None
     tolerance_scale: float = 1.0
     # The largest absolute error the kernel's algorithm can make on these very inputs (a
-    # rounding analysis), for kernels whose error grows with the data: bf16 attention's grows
-    # with the logits. The check allows the larger of this and the relative tolerance.
+    # rounding analysis), for kernels whose error grows with the data: a bf16 GEMM's grows with
+    # its reduction length and operands. The check allows the larger of this and the relative tolerance.
     bound: Callable[..., float] | None = None
 
 

@@ -10,6 +10,9 @@ two broadcast as they are; or the channel axis for per-channel ones.
                  q = fp8(clamp(r / S, -max, max))         (float8 storage: the cast rounds to nearest)
     dequantize:  r = S · (q − Z)                          (float8: decoded through a 256-entry table)
 
+A per-tensor quantize to uint8 / int8 (every activation the int8 kernels read) runs as one native
+pass (``qcompile/csrc/quantize.cpp``); the other forms are ATen ops. Both give the same integers.
+
 Each op has a fake kernel so graphs that contain it can be exported and shape-propagated.
 """
 
@@ -20,6 +23,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from qcompile import native
 from qcompile.spec import FLOAT8_STORAGE, integer_qparams
 
 if TYPE_CHECKING:
@@ -61,6 +65,8 @@ def quantize(
 ) -> Tensor:
     s = _as_float32(broadcast_param(scale, x, axis))
     z = _as_float32(broadcast_param(zero_point, x, axis))
+    if isinstance(s, float) and isinstance(z, float) and dtype in native.INTEGER_STORAGE:
+        return native.quantize_per_tensor(x, s, int(z), qmin, qmax, dtype)  # the same integers, one pass
     # Round before adding Z, as ONNX's QuantizeLinear does: in float32, r/S + Z can land on a
     # .5 tie that r/S did not, and the exported model must give the same integers.
     scaled = torch.div(x.to(torch.float32), s)

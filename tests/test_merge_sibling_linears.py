@@ -97,7 +97,7 @@ def test_the_report_names_each_projection_with_the_merged_kernel_it_runs_in():
                           progress=False)
     details = {n.name: (n.precision, n.detail) for n in qm.report.nodes}
     for projection in ("linear", "linear_1", "linear_2"):
-        assert details[projection] == ("int8", "qc.linear_int8 -> bfloat16 (a slice of one merged GEMM)")
+        assert details[projection] == ("int8", "qc.linear_int8 -> float32 (a slice of one merged GEMM)")
     assert details["linear_3"][0] == "int8"
     with torch.no_grad():
         assert torch.nn.functional.cosine_similarity(qm(x).flatten(), model(x).flatten(), dim=0) > 0.99

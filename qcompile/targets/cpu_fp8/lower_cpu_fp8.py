@@ -13,8 +13,8 @@ there is more than one), and the pass's diagnostics say which path each linear t
 so the report never hides a slow one. The dequantize the kernel absorbs is left to dead-code
 elimination.
 
-A linear's output is written in bf16 when every reader takes it in bf16 anyway (the bf16
-attention, a weight-only linear, an FP8 cast), possibly through views and GELU/ReLU, which
+A linear's output is written in bf16 when every reader takes it in bf16 anyway (a weight-only
+linear, an FP8 cast), possibly through views and GELU/ReLU, which
 then run in bf16 too: converting to fp32 and back was a third of a MiniLM call's copies.
 
 A linear that does not fit (a weight that is not an FP8 constant per output channel, an
@@ -25,32 +25,70 @@ rows before dequantizing them, and ``qc.dequantize`` decodes FP8 through a table
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 from torch import fx
 
-from qcompile.ir.graph import add_constant, constant_value, insert_call, op_arguments
+from qcompile.ir.graph import add_constant, constant_value, infer_fake_value, insert_call, op_arguments, set_argument
 from qcompile.ir.meta import Provenance
 from qcompile.ops import FLOAT8_VALUES
 from qcompile.pipeline import Diagnostic, Pass, PassResult
 from qcompile.qdq import DequantizeCall, QuantizeCall, qparams_of
-from qcompile.targets.cpu_int8.lower_float_bf16 import LAYOUT_OPS, bf16_paths, reads_as_attention_operand, write_bf16
 from qcompile.targets.cpu_fp8.capabilities import available_paths, fastest_path, why_path
 from qcompile.targets.cpu_fp8.kernels import linear_fp8
 
 aten = torch.ops.aten
 LINEAR = aten.linear.default
 LINEAR_FP8 = linear_fp8._opoverload
+
+# Ops that only select or relayout values on the way from a linear to its readers: views,
+# transposes, and the slices that cut merged query/key/value projections apart.
+LAYOUT_OPS = frozenset({torch.ops.aten.view.default, torch.ops.aten.reshape.default, torch.ops.aten.transpose.int,
+                        torch.ops.aten.permute.default, torch.ops.aten.unsqueeze.default,
+                        torch.ops.aten.slice.Tensor})
+
+
+def bf16_paths(node: fx.Node, reads_bf16: Callable[[fx.Node, fx.Node], bool],
+               through: frozenset = LAYOUT_OPS) -> list[fx.Node] | None:
+    """The ops between ``node`` and the ops that read it in bf16, when every use of ``node``
+    ends in one (``reads_bf16(user, value)``) through ``through`` ops only; None otherwise.
+    Such a value may be written in bf16 by its producer: its readers round it to bf16 anyway."""
+    layout = []
+    for user in node.users:
+        if reads_bf16(user, node):
+            continue
+        if user.op != "call_function" or user.target not in through:
+            return None
+        below = bf16_paths(user, reads_bf16, through)
+        if below is None:
+            return None
+        layout += [user, *below]
+    return layout
+
+
+def write_bf16(node: fx.Node, paths: list[fx.Node]) -> None:
+    """Switch kernel ``node`` to bf16 output; the ops on ``paths`` below it, now computing in
+    bf16, are replaced by new nodes (a value keeps its dtype for as long as its node lives)."""
+    graph = node.graph
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    set_argument(node, "out_dtype", torch.bfloat16)
+    infer_fake_value(node)
+    for old in sorted(set(paths), key=order.__getitem__):
+        with graph.inserting_before(old):
+            new = graph.node_copy(old, lambda n: n)
+        old.replace_all_uses_with(new)
+        graph.erase_node(old)
+        infer_fake_value(new)
+
 # Ops a bf16 value passes through on its way to a bf16 reader, computing in bf16.
 BF16_THROUGH = LAYOUT_OPS | {aten.gelu.default, aten.relu.default}
 
 
 def _reads_bf16(user: fx.Node, value: fx.Node) -> bool:
     """``user`` rounds ``value`` to bf16 (or casts it to FP8) whatever its dtype."""
-    if reads_as_attention_operand(user, value):
-        return True
     if user.target == LINEAR_FP8:
         arguments = op_arguments(user)
         return arguments["x"] is value and arguments["x_scale"] is None

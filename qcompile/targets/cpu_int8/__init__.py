@@ -1,7 +1,8 @@
 """cpu-int8: oneDNN int8 kernels on x86 CPUs, all of it in this folder.
 
 * kernels: ``onednn`` (``qc.linear_int8``, ``qc.conv2d_int8``), ``uint8_kernels``
-  (``qc.max_pool2d_uint8``), ``bf16_kernels`` (``qc.attention_bf16``, ``qc.linear_bf16``),
+  (``qc.max_pool2d_uint8``), ``attention`` (``qc.attention``, the native fused fp32 attention),
+  ``bf16_kernels`` (``qc.linear_bf16``),
   ``weight_only_kernels`` (``qc.linear_weight_only``: int8 / int4 weights, bf16 activations),
   each registering its Q/DQ reference with :mod:`qcompile.kernel_check`;
 * passes: ``merge-sibling-linears``, ``fuse-patterns`` (the groups one oneDNN kernel runs),
@@ -15,7 +16,8 @@ from torch import fx
 
 from qcompile.qconfig import int8_preset
 from qcompile.targets.base import CONVERT, DYNAMIC_PREPARE, PREPARE, Target, register_target
-from qcompile.targets.cpu_int8.bf16_kernels import attention_bf16, linear_bf16
+from qcompile.targets.cpu_int8.attention import attention
+from qcompile.targets.cpu_int8.bf16_kernels import linear_bf16
 from qcompile.targets.cpu_int8.capabilities import op_rules, search_candidates
 from qcompile.targets.cpu_int8.fuse_patterns import FusePatterns
 from qcompile.targets.cpu_int8.lower_cpu_int8 import LowerCpuInt8
@@ -51,5 +53,5 @@ register_target(
 )
 
 
-__all__ = ["FusePatterns", "LowerCpuInt8", "LowerFloatBf16", "LowerWeightOnly", "MergeSiblingLinears", "attention_bf16",
+__all__ = ["FusePatterns", "LowerCpuInt8", "LowerFloatBf16", "LowerWeightOnly", "MergeSiblingLinears", "attention",
            "conv2d_int8", "linear_bf16", "linear_int8", "linear_weight_only", "max_pool2d_uint8"]

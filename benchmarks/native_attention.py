@@ -1,0 +1,103 @@
+"""Kernel benchmark: ``qc.attention`` (the native fused kernel) against ATen's ways to attend.
+
+Shapes: all-MiniLM's layer at batch 32 x 128 tokens (12 heads of 32), unpadded and with a
+Hugging Face padding mask keeping 40 of 128 positions (short sentences in a padded batch); a
+Llama-style decode step (batch 1, 14 query heads on 2 key/value heads of 64, a 512-token cache);
+and its 128-token causal prefill. Operands arrive as a projection's transposed output and the
+result is turned back into [batch, length, width], as in a model, so every row pays its own
+relayouts. Rows, all in this run (2 threads, median of 20 after 3 warm-ups): ATen's fp32
+``scaled_dot_product_attention``, the same with bf16 operands, bf16 batched matmuls + softmax
+(the form the int8 target ran before), and ``qc.attention`` on each instruction set this CPU has.
+The error column is the largest difference from fp64 attention, relative to the output's range.
+
+Run: ``python -m benchmarks.native_attention``
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.timing import median_ms
+from qcompile import native
+from qcompile.targets.cpu_int8 import attention  # noqa: F401  (torch.ops.qc.attention)
+
+LOWEST = torch.finfo(torch.float32).min
+
+
+def workloads() -> dict[str, dict]:
+    g = torch.Generator().manual_seed(0)
+
+    def heads(batch, n, length, depth):
+        return torch.randn(batch, length, n, depth, generator=g).transpose(1, 2)
+
+    minilm = [heads(32, 12, 128, 32) for _ in range(3)]
+    padded = torch.zeros(32, 1, 1, 128)
+    padded[..., 40:] = LOWEST
+    return {
+        "MiniLM 32x12x128x32": dict(qkv=minilm, mask=torch.zeros(32, 1, 1, 128), causal=False),
+        "MiniLM, 40 of 128 kept": dict(qkv=minilm, mask=padded, causal=False),
+        "decode 1x14/2x1+512x64": dict(qkv=[heads(1, 14, 1, 64), heads(1, 2, 512, 64), heads(1, 2, 512, 64)],
+                                       mask=None, causal=False),
+        "prefill 1x14/2x128x64 causal": dict(qkv=[heads(1, 14, 128, 64), heads(1, 2, 128, 64), heads(1, 2, 128, 64)],
+                                             mask=None, causal=True),
+    }
+
+
+def merged(out: torch.Tensor) -> torch.Tensor:
+    batch, n, length, depth = out.shape
+    return out.transpose(1, 2).reshape(batch, length, n * depth)
+
+
+def aten(q, k, v, mask, causal, dtype=torch.float32):
+    gqa = q.shape[1] != k.shape[1]
+    q, k, v = (t.to(dtype) for t in (q, k, v))
+    mask = None if mask is None else mask.clamp(min=torch.finfo(dtype).min).to(dtype)
+    return merged(F.scaled_dot_product_attention(q, k, v, mask, is_causal=causal, enable_gqa=gqa)).float()
+
+
+def bf16_bmm(q, k, v, mask, causal):
+    """softmax(Q·Kᵀ + mask)·V with bf16 batched matmuls (MHA, no causal: the MiniLM rows only)."""
+    batch, n, length, depth = q.shape
+    qb = (q * depth**-0.5).to(torch.bfloat16).reshape(-1, length, depth)
+    kb, vb = (t.to(torch.bfloat16).reshape(-1, t.shape[2], t.shape[3]) for t in (k, v))
+    scores = torch.bmm(qb, kb.transpose(1, 2)).view(batch, n, length, -1)
+    scores = scores + mask.clamp(min=torch.finfo(torch.bfloat16).min).to(torch.bfloat16)
+    out = torch.bmm(torch.softmax(scores, -1).view(-1, length, kb.shape[1]), vb)
+    return merged(out.view(batch, n, length, -1)).float()
+
+
+def native_attention(q, k, v, mask, causal):
+    return merged(torch.ops.qc.attention(q, k, v, mask, None, causal, torch.float32))
+
+
+def main() -> None:
+    torch.set_num_threads(2)
+    isas = [isa for isa in native.ISAS if isa == "portable" or native.detected_isa() == isa]
+    print(f"{'workload':<30}{'kernel':<34}{'ms':>8}{'vs fp32':>9}{'error':>10}")
+    for name, w in workloads().items():
+        q, k, v = w["qkv"]
+        mask, causal = w["mask"], w["causal"]
+        exact = aten(q.double(), k.double(), v.double(), None if mask is None else mask.double(), causal,
+                     torch.float64)
+        rows = [("ATen SDPA fp32", lambda: aten(q, k, v, mask, causal)),
+                ("ATen SDPA bf16", lambda: aten(q, k, v, mask, causal, torch.bfloat16))]
+        if mask is not None:
+            rows.append(("bf16 bmm + softmax", lambda: bf16_bmm(q, k, v, mask, causal)))
+        for isa in isas:
+            rows.append((f"qc.attention ({isa})", lambda isa=isa: _on(isa, lambda: native_attention(q, k, v, mask, causal))))
+        fp32_ms = None
+        for label, run in rows:
+            ms = median_ms(run, repeats=20, warmup=3)
+            fp32_ms = fp32_ms or ms
+            error = float((run().double() - exact).abs().max() / exact.abs().max())
+            print(f"{name:<30}{label:<34}{ms:>8.2f}{fp32_ms / ms:>8.2f}x{error:>10.1e}")
+
+
+def _on(isa: str, run):
+    with native.running_on(isa):
+        return run()
+
+
+if __name__ == "__main__":
+    main()

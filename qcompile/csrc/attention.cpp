@@ -1,0 +1,347 @@
+// qc::attention: softmax(Q·Kᵀ·scale + mask)·V for one (batch, head) at a time, in one pass.
+//
+// The float part of an int8 transformer spends most of its time in attention when it is run as
+// ATen ops: a batched matmul writes every score to memory, a mask add and a softmax read and
+// write them again, and a second batched matmul reads them back (all-MiniLM at 32 x 128: 12.6 MB
+// of scores per layer, passed over four times). Here one task owns one head: it packs Kᵀ and V
+// into cache-sized buffers, computes a few query rows' scores, masks and normalizes them while
+// they are in registers and L1, and multiplies them into V straight away. Nothing the size of
+// the score matrix is ever written.
+//
+// scale None is 1/sqrt(depth), as for torch's scaled_dot_product_attention.
+// Numerics: fp32 throughout (operands, dot products, exponentials, sums), so the result is the
+// fp32 reference's to within rounding order. q·scale is formed first, as ATen's math path does.
+// A row whose every position is masked is all zeros, as torch's scaled_dot_product_attention
+// gives. With is_causal, row i keeps the positions j <= i (the top-left alignment torch uses).
+// Grouped-query heads: query head h reads key/value head h / (heads / kv_heads).
+//
+// Operands may be any strided fp32 or bf16 tensors whose last dimension is dense (the
+// transposed views a projection's output arrives as are read in place). The output is laid out
+// [batch, length, heads, depth] and returned as the [batch, heads, length, depth] view, so the
+// usual transpose(1, 2).reshape(batch, length, heads * depth) after attention is free.
+//
+// Two code paths, chosen at run time by CPU features: AVX-512 (16 floats per register, the score
+// and output loops blocked four query rows at a time) and portable C++.
+
+#include "attention.h"
+
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "isa.h"
+
+namespace qcompile {
+namespace {
+
+constexpr int64_t kColumns = 32;  // scores and outputs are computed 32 columns (two registers) at a time
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+
+// One (batch, head) pair: row pointers and row strides, in elements; each row is dense.
+struct Head {
+  const float* q; int64_t q_row;
+  const float* k; int64_t k_row;
+  const float* v; int64_t v_row;
+  const float* mask; int64_t mask_row;  // nullptr without a mask; mask_row is 0 when rows share one
+  float* out; int64_t out_row;
+};
+
+struct Sizes {
+  int64_t lq, lk, depth, v_depth;  // lk: the key positions computed (see kept_columns)
+  int64_t lk_pad, v_pad;  // all key positions and v_depth, rounded up to kColumns: buffer strides
+  float scale;
+  bool causal;
+};
+
+// Thread-local work space for one head: Kᵀ [depth][lk_pad], V [lk][v_pad], the scaled query rows of
+// a block [4][depth], their scores / probabilities [4][lk_pad] and outputs [4][v_pad].
+struct Workspace {
+  std::vector<float> kt, v, q, p, o;
+  explicit Workspace(const Sizes& s)
+      : kt(s.depth * s.lk_pad, 0.f), v(s.lk * s.v_pad, 0.f), q(4 * s.depth), p(4 * s.lk_pad), o(4 * s.v_pad) {}
+};
+
+// Kᵀ and V packed densely for the positions computed. Columns of Kᵀ past them (zeros, or an earlier
+// head's) give scores the softmax never reads; padding columns of V (zeros) give outputs never stored.
+void pack(const Head& h, const Sizes& s, Workspace& w) {
+  for (int64_t j = 0; j < s.lk; ++j) {
+    const float* k = h.k + j * h.k_row;
+    for (int64_t d = 0; d < s.depth; ++d) w.kt[d * s.lk_pad + j] = k[d];
+    std::copy(h.v + j * h.v_row, h.v + j * h.v_row + s.v_depth, w.v.data() + j * s.v_pad);
+  }
+}
+
+// Mask values at or below kDropped remove a position, and a row with some value at or above
+// kAnchor keeps one: with scores far below 1e19, such a removed position's exponential underflows
+// to exactly 0 in the reference too, so it need not be computed.
+constexpr float kDropped = -1e30f;
+constexpr float kAnchor = -1e20f;
+
+// The key positions one head computes: up to the last one any row of its mask keeps, when every
+// row keeps one (padding at the end of a sequence is never read); else all of them.
+int64_t kept_columns(const float* mask, int64_t mask_row, int64_t rows, int64_t lk) {
+  if (mask == nullptr) return lk;
+  int64_t last = -1;
+  for (int64_t i = 0; i < (mask_row == 0 ? 1 : rows); ++i) {
+    const float* m = mask + i * mask_row;
+    bool anchored = false;
+    for (int64_t j = 0; j < lk; ++j) {
+      if (m[j] > kDropped) last = std::max(last, j);
+      anchored = anchored || m[j] >= kAnchor;
+    }
+    if (!anchored) return lk;
+  }
+  return last + 1;
+}
+
+// The number of positions row i may attend to before the mask: all, or j <= i when causal.
+int64_t visible(const Sizes& s, int64_t i) { return s.causal ? std::min(s.lk, i + 1) : s.lk; }
+
+// ---------------------------------------------------------------------------------------------
+// Portable path.
+
+void head_portable(const Head& h, const Sizes& s, Workspace& w) {
+  pack(h, s, w);
+  float* p = w.p.data();
+  float* o = w.o.data();
+  for (int64_t i = 0; i < s.lq; ++i) {
+    const float* q = h.q + i * h.q_row;
+    std::fill(p, p + s.lk_pad, 0.f);
+    for (int64_t d = 0; d < s.depth; ++d) {
+      const float qd = q[d] * s.scale;
+      const float* kt = w.kt.data() + d * s.lk_pad;
+      for (int64_t j = 0; j < s.lk; ++j) p[j] += qd * kt[j];
+    }
+    const int64_t n = visible(s, i);
+    const float* mask = h.mask ? h.mask + i * h.mask_row : nullptr;
+    float top = kNegInf;
+    for (int64_t j = 0; j < n; ++j) {
+      if (mask) p[j] += mask[j];
+      top = std::max(top, p[j]);
+    }
+    float sum = 0.f;
+    for (int64_t j = 0; j < s.lk; ++j) {
+      p[j] = (j < n && top != kNegInf) ? std::exp(p[j] - top) : 0.f;
+      sum += p[j];
+    }
+    const float inv = sum > 0.f ? 1.f / sum : 0.f;
+    std::fill(o, o + s.v_depth, 0.f);
+    for (int64_t j = 0; j < s.lk; ++j) {
+      const float* v = w.v.data() + j * s.v_pad;
+      for (int64_t e = 0; e < s.v_depth; ++e) o[e] += p[j] * v[e];
+    }
+    float* out = h.out + i * h.out_row;
+    for (int64_t e = 0; e < s.v_depth; ++e) out[e] = o[e] * inv;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// AVX-512 path.
+
+#define QC_AVX512 __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,fma")))
+
+// e^x for x <= 0, to about 1 ulp: x = n·ln2 + r with |r| <= ln2/2, e^r by Cephes' expf polynomial,
+// scaled by 2^n. Inputs below -87.3 (e^x under float's normal range, -inf included) give exactly 0,
+// as std::exp's result does after the softmax's sum.
+QC_AVX512 inline __m512 exp_nonpositive(__m512 x) {
+  const __m512 underflow = _mm512_set1_ps(-87.3f);
+  const __mmask16 zero = _mm512_cmp_ps_mask(x, underflow, _CMP_LT_OQ);
+  x = _mm512_max_ps(x, underflow);
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
+  y = _mm512_fmadd_ps(_mm512_mul_ps(y, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+  return _mm512_maskz_scalef_ps(static_cast<__mmask16>(~zero), y, n);
+}
+
+QC_AVX512 inline __mmask16 tail_mask(int64_t remaining) {
+  return remaining >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << remaining) - 1u);
+}
+
+// scores[r][j] = Σ_d q[r][d]·Kᵀ[d][j] for R rows, 32 columns per step (2·R accumulators).
+template <int R>
+QC_AVX512 void scores_avx512(const Sizes& s, const float* q, const float* kt, float* p) {
+  for (int64_t j = 0; j < s.lk; j += kColumns) {
+    __m512 acc[R][2];
+    for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+    for (int64_t d = 0; d < s.depth; ++d) {
+      const __m512 k0 = _mm512_loadu_ps(kt + d * s.lk_pad + j);
+      const __m512 k1 = _mm512_loadu_ps(kt + d * s.lk_pad + j + 16);
+      for (int r = 0; r < R; ++r) {
+        const __m512 qd = _mm512_set1_ps(q[r * s.depth + d]);
+        acc[r][0] = _mm512_fmadd_ps(qd, k0, acc[r][0]);
+        acc[r][1] = _mm512_fmadd_ps(qd, k1, acc[r][1]);
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      _mm512_storeu_ps(p + r * s.lk_pad + j, acc[r][0]);
+      _mm512_storeu_ps(p + r * s.lk_pad + j + 16, acc[r][1]);
+    }
+  }
+}
+
+// One row's scores (+ mask) turned into unnormalized probabilities in place; returns their sum.
+// Positions from n to lk get probability 0.
+QC_AVX512 float softmax_row_avx512(float* p, const float* mask, int64_t n, int64_t lk) {
+  __m512 top = _mm512_set1_ps(kNegInf);
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 m = tail_mask(n - j);
+    __m512 x = _mm512_maskz_loadu_ps(m, p + j);
+    if (mask) x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(m, mask + j));
+    _mm512_mask_storeu_ps(p + j, m, x);
+    top = _mm512_mask_max_ps(top, m, top, x);
+  }
+  const float peak = _mm512_reduce_max_ps(top);
+  if (peak == kNegInf) {
+    std::fill(p, p + lk, 0.f);
+    return 0.f;
+  }
+  const __m512 shift = _mm512_set1_ps(peak);
+  __m512 sum = _mm512_setzero_ps();
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 m = tail_mask(n - j);
+    const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, p + j), shift));
+    _mm512_mask_storeu_ps(p + j, m, e);
+    sum = _mm512_mask_add_ps(sum, m, sum, e);
+  }
+  std::fill(p + n, p + lk, 0.f);
+  return _mm512_reduce_add_ps(sum);
+}
+
+// out[r][e] = Σ_j p[r][j]·V[j][e] for R rows, 32 output columns per step.
+template <int R>
+QC_AVX512 void outputs_avx512(const Sizes& s, const float* p, const float* v, float* o) {
+  for (int64_t e = 0; e < s.v_pad; e += kColumns) {
+    __m512 acc[R][2];
+    for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < s.lk; ++j) {
+      const __m512 v0 = _mm512_loadu_ps(v + j * s.v_pad + e);
+      const __m512 v1 = _mm512_loadu_ps(v + j * s.v_pad + e + 16);
+      for (int r = 0; r < R; ++r) {
+        const __m512 pj = _mm512_set1_ps(p[r * s.lk_pad + j]);
+        acc[r][0] = _mm512_fmadd_ps(pj, v0, acc[r][0]);
+        acc[r][1] = _mm512_fmadd_ps(pj, v1, acc[r][1]);
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      _mm512_storeu_ps(o + r * s.v_pad + e, acc[r][0]);
+      _mm512_storeu_ps(o + r * s.v_pad + e + 16, acc[r][1]);
+    }
+  }
+}
+
+// Query rows i0 .. i0 + R - 1 of one head.
+template <int R>
+QC_AVX512 void rows_avx512(const Head& h, const Sizes& s, Workspace& w, int64_t i0) {
+  for (int r = 0; r < R; ++r) {
+    const float* q = h.q + (i0 + r) * h.q_row;
+    for (int64_t d = 0; d < s.depth; ++d) w.q[r * s.depth + d] = q[d] * s.scale;
+  }
+  scores_avx512<R>(s, w.q.data(), w.kt.data(), w.p.data());
+  float inv[R];
+  for (int r = 0; r < R; ++r) {
+    const int64_t i = i0 + r;
+    const float sum = softmax_row_avx512(w.p.data() + r * s.lk_pad, h.mask ? h.mask + i * h.mask_row : nullptr,
+                                         visible(s, i), s.lk);
+    inv[r] = sum > 0.f ? 1.f / sum : 0.f;
+  }
+  outputs_avx512<R>(s, w.p.data(), w.v.data(), w.o.data());
+  for (int r = 0; r < R; ++r) {
+    const float* o = w.o.data() + r * s.v_pad;
+    float* out = h.out + (i0 + r) * h.out_row;
+    for (int64_t e = 0; e < s.v_depth; ++e) out[e] = o[e] * inv[r];
+  }
+}
+
+QC_AVX512 void head_avx512(const Head& h, const Sizes& s, Workspace& w) {
+  pack(h, s, w);
+  int64_t i = 0;
+  for (; i + 4 <= s.lq; i += 4) rows_avx512<4>(h, s, w, i);
+  for (; i < s.lq; ++i) rows_avx512<1>(h, s, w, i);
+}
+
+// ---------------------------------------------------------------------------------------------
+
+// A [batch, heads, rows, depth] operand as fp32 with a dense last dimension (copied only if not).
+at::Tensor operand(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.dim() == 4, "qc::attention: ", name, " must be [batch, heads, length, depth], got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16,
+              "qc::attention: ", name, " must be float32 or bfloat16, got ", t.scalar_type());
+  at::Tensor f = t.to(at::kFloat);
+  return f.stride(3) == 1 ? f : f.contiguous();
+}
+
+}  // namespace
+
+at::Tensor attention(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+                     const std::optional<at::Tensor>& mask, std::optional<double> scale, bool is_causal,
+                     at::ScalarType out_dtype) {
+  const at::Tensor q = operand(query, "query"), k = operand(key, "key"), v = operand(value, "value");
+  const int64_t batch = q.size(0), heads = q.size(1), kv_heads = k.size(1);
+  TORCH_CHECK(k.size(0) == batch && v.size(0) == batch, "qc::attention: batch sizes differ: query ", q.sizes(),
+              ", key ", k.sizes(), ", value ", v.sizes());
+  TORCH_CHECK(v.size(1) == kv_heads && kv_heads > 0 && heads % kv_heads == 0,
+              "qc::attention: query heads (", heads, ") must be a multiple of key/value heads (", k.size(1), ", ",
+              v.size(1), ")");
+  TORCH_CHECK(k.size(3) == q.size(3) && v.size(2) == k.size(2), "qc::attention: query ", q.sizes(), ", key ",
+              k.sizes(), " and value ", v.sizes(), " do not fit together");
+  const double factor = scale.has_value() ? *scale : 1.0 / std::sqrt(static_cast<double>(q.size(3)));
+  Sizes s{q.size(2), k.size(2), q.size(3), v.size(3), 0, 0, static_cast<float>(factor), is_causal};
+  s.lk_pad = round_up(std::max<int64_t>(s.lk, 1), kColumns);
+  s.v_pad = round_up(std::max<int64_t>(s.v_depth, 1), kColumns);
+
+  at::Tensor m;
+  TORCH_CHECK(!(is_causal && mask.has_value() && mask->defined()),
+              "qc::attention: give a mask or is_causal, not both (as for scaled_dot_product_attention)");
+  if (mask.has_value() && mask->defined()) {
+    m = *mask;
+    if (m.scalar_type() == at::kBool) {
+      m = at::where(m, at::zeros({}, at::kFloat), at::full({}, kNegInf, at::kFloat));
+    }
+    TORCH_CHECK(m.is_floating_point(), "qc::attention: mask must be bool or float, got ", m.scalar_type());
+    m = m.to(at::kFloat).expand({batch, heads, s.lq, s.lk});
+    if (m.stride(3) != 1) m = m.contiguous();
+  }
+  at::Tensor out = at::empty({batch, s.lq, heads, s.v_depth}, q.options()).permute({0, 2, 1, 3});
+  if (batch * heads * s.lq == 0) return out.to(out_dtype);
+
+  const Isa isa = active_isa();
+  const int64_t group = heads / kv_heads;
+  at::parallel_for(0, batch * heads, 1, [&](int64_t begin, int64_t end) {
+    Workspace w(s);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t b = t / heads, hq = t % heads, hk = hq / group;
+      Head h{q.data_ptr<float>() + b * q.stride(0) + hq * q.stride(1), q.stride(2),
+             k.data_ptr<float>() + b * k.stride(0) + hk * k.stride(1), k.stride(2),
+             v.data_ptr<float>() + b * v.stride(0) + hk * v.stride(1), v.stride(2),
+             nullptr, 0,
+             out.data_ptr<float>() + b * out.stride(0) + hq * out.stride(1), out.stride(2)};
+      Sizes head = s;
+      if (m.defined()) {
+        h.mask = m.data_ptr<float>() + b * m.stride(0) + hq * m.stride(1);
+        h.mask_row = m.stride(2);
+        head.lk = kept_columns(h.mask, h.mask_row, s.lq, s.lk);
+      }
+      switch (isa) {
+        case Isa::Avx512: head_avx512(h, head, w); break;
+        case Isa::Portable: head_portable(h, head, w); break;
+      }
+    }
+  });
+  return out_dtype == at::kFloat ? out : out.to(out_dtype);
+}
+
+}  // namespace qcompile

@@ -1,0 +1,30 @@
+// The qcompile._native extension: registers the native qc:: operators with torch's dispatcher
+// (importing the module is what makes torch.ops.qc.attention exist), exposes which instruction
+// set they run, and the kernels Python ops call directly (qc.quantize's per-tensor path).
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include "attention.h"
+#include "isa.h"
+#include "quantize.h"
+
+TORCH_LIBRARY_FRAGMENT(qc, m) {
+  m.def("attention(Tensor query, Tensor key, Tensor value, Tensor? mask, float? scale, bool is_causal, "
+        "ScalarType out_dtype) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(qc, CPU, m) { m.impl("attention", &qcompile::attention); }
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
+  module.def("quantize_per_tensor", &qcompile::quantize_per_tensor,
+             "clamp(round(x / scale) + zero_point, qmin, qmax) as uint8 or int8, in one pass (qc.quantize's "
+             "per-tensor integer path).");
+  module.def("isa", [] { return qcompile::isa_name(qcompile::active_isa()); },
+             "The instruction set the native kernels use now: 'avx512' or 'portable'.");
+  module.def("detected_isa", [] { return qcompile::isa_name(qcompile::detected_isa()); },
+             "The best instruction set this CPU offers the native kernels.");
+  module.def(
+      "use_isa",
+      [](const std::string& name) { qcompile::use_isa(qcompile::isa_named(name)); },
+      "Run the native kernels on this instruction set, one this CPU has (tests run every path this way).");
+}

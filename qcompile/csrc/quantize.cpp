@@ -1,0 +1,80 @@
+// q = clamp(round(x / S) + Z, qmin, qmax) for one scale and zero point, written as uint8 or int8.
+//
+// The same integers as qc.quantize's ATen form, bit for bit: x / S is a true fp32 division (not a
+// multiply by 1/S, which rounds differently), rounded half to even before Z is added (as ONNX's
+// QuantizeLinear does), then clamped. ATen needs four passes over the tensor and a narrowing cast
+// that it does not vectorize; here each element is read once and its byte written once.
+
+#include "quantize.h"
+
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <cmath>
+#include <type_traits>
+
+#include "isa.h"
+
+namespace qcompile {
+namespace {
+
+constexpr int64_t kGrain = 1 << 15;  // elements per parallel task
+
+template <typename T>
+void quantize_portable(const float* x, T* q, int64_t n, float scale, float zero_point, float qmin, float qmax) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = std::nearbyint(x[i] / scale) + zero_point;  // the default rounding mode: half to even
+    q[i] = static_cast<T>(std::fmin(std::fmax(v, qmin), qmax));
+  }
+}
+
+template <typename T>
+__attribute__((target("avx512f,avx512dq,avx512bw,avx512vl"))) void quantize_avx512(
+    const float* x, T* q, int64_t n, float scale, float zero_point, float qmin, float qmax) {
+  const __m512 s = _mm512_set1_ps(scale), z = _mm512_set1_ps(zero_point);
+  const __m512 lo = _mm512_set1_ps(qmin), hi = _mm512_set1_ps(qmax);
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = n - i >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (n - i)) - 1u);
+    __m512 v = _mm512_div_ps(_mm512_maskz_loadu_ps(m, x + i), s);
+    v = _mm512_add_ps(_mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), z);
+    const __m512i k = _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(v, lo), hi));
+    if constexpr (std::is_same_v<T, uint8_t>) {
+      _mm_mask_storeu_epi8(q + i, m, _mm512_cvtusepi32_epi8(k));
+    } else {
+      _mm_mask_storeu_epi8(q + i, m, _mm512_cvtsepi32_epi8(k));
+    }
+  }
+}
+
+template <typename T>
+void quantize(const float* x, T* q, int64_t n, float scale, float zero_point, float qmin, float qmax) {
+  const bool avx512 = active_isa() == Isa::Avx512;
+  at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
+    if (avx512) {
+      quantize_avx512(x + begin, q + begin, end - begin, scale, zero_point, qmin, qmax);
+    } else {
+      quantize_portable(x + begin, q + begin, end - begin, scale, zero_point, qmin, qmax);
+    }
+  });
+}
+
+}  // namespace
+
+at::Tensor quantize_per_tensor(const at::Tensor& x, double scale, int64_t zero_point, int64_t qmin, int64_t qmax,
+                               at::ScalarType dtype) {
+  TORCH_CHECK(dtype == at::kByte || dtype == at::kChar, "quantize_per_tensor writes uint8 or int8, got ", dtype);
+  const int64_t lowest = dtype == at::kByte ? 0 : -128, highest = dtype == at::kByte ? 255 : 127;
+  TORCH_CHECK(lowest <= qmin && qmin <= qmax && qmax <= highest, "quantize_per_tensor: range [", qmin, ", ", qmax,
+              "] does not fit ", dtype);
+  const at::Tensor values = x.to(at::kFloat).contiguous();
+  at::Tensor q = at::empty(x.sizes(), x.options().dtype(dtype));
+  const float s = static_cast<float>(scale), z = static_cast<float>(zero_point);
+  if (dtype == at::kByte) {
+    quantize(values.data_ptr<float>(), q.data_ptr<uint8_t>(), values.numel(), s, z, qmin, qmax);
+  } else {
+    quantize(values.data_ptr<float>(), q.data_ptr<int8_t>(), values.numel(), s, z, qmin, qmax);
+  }
+  return q;
+}
+
+}  // namespace qcompile

@@ -1,0 +1,54 @@
+"""qcompile's native kernels: the ``qcompile._native`` extension, built from ``qcompile/csrc`` at install.
+
+Importing it registers the native ``qc::`` operators with torch's dispatcher. They run on
+torch's own thread pool, on the best instruction set this CPU has (AVX-512, or a portable C++
+path chosen at run time). A missing or broken build is an import error that says how to
+rebuild: no operator quietly falls back to a slower path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch  # the extension links against torch's libraries: loaded first
+
+try:
+    from qcompile import _native
+except ImportError as error:  # pragma: no cover - exercised only by a broken install
+    raise ImportError(
+        f"qcompile's native kernels (qcompile._native, built from qcompile/csrc) did not load: {error}. "
+        "Reinstall after torch==2.13.0 with `pip install --no-build-isolation -e .` (it needs a C++17 compiler)."
+    ) from error
+
+ISAS = ("portable", "avx512")
+INTEGER_STORAGE = (torch.uint8, torch.int8)
+
+
+def quantize_per_tensor(x: torch.Tensor, scale: float, zero_point: int, qmin: int, qmax: int,
+                        dtype: torch.dtype) -> torch.Tensor:
+    """clamp(round(x / scale) + zero_point, qmin, qmax) as ``dtype`` (uint8 or int8), in one pass:
+    the integers ``qc.quantize``'s ATen form gives, bit for bit."""
+    return _native.quantize_per_tensor(x, scale, zero_point, qmin, qmax, dtype)
+
+
+def isa() -> str:
+    """The instruction set the native kernels use now: ``"avx512"`` or ``"portable"``."""
+    return _native.isa()
+
+
+def detected_isa() -> str:
+    """The best instruction set this CPU offers them."""
+    return _native.detected_isa()
+
+
+@contextmanager
+def running_on(name: str) -> Iterator[None]:
+    """Run the native kernels on ``name`` (one this CPU has) inside the block: how tests cover
+    every code path on one machine."""
+    before = isa()
+    _native.use_isa(name)
+    try:
+        yield
+    finally:
+        _native.use_isa(before)

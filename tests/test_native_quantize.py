@@ -1,0 +1,39 @@
+"""qc.quantize's native per-tensor path: the same integers as the formula, on every instruction set."""
+
+import pytest
+import torch
+
+from qcompile import native
+
+ISAS = [isa for isa in native.ISAS if isa == "portable" or native.detected_isa() == isa]
+
+
+def formula(x, scale, zero_point, qmin, qmax, dtype):
+    """clamp(round(x / S) + Z, qmin, qmax), round half to even, in ATen ops."""
+    return torch.clamp(torch.round(x.float() / scale) + zero_point, qmin, qmax).to(dtype)
+
+
+def values():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 97, generator=g) * 4
+    # ties at every parity, both signs, saturation both ways
+    x[0, :8] = torch.tensor([0.01, 0.03, 0.05, -0.01, -0.03, 1e9, -1e9, 0.0])
+    return x
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("zero_point, qmin, qmax, dtype", [
+    (128, 0, 255, torch.uint8), (0, -128, 127, torch.int8), (3, -8, 7, torch.int8), (0, -127, 127, torch.int8)])
+def test_native_quantize_equals_the_formula(isa, zero_point, qmin, qmax, dtype):
+    x = values()
+    for case in (x, x[:, 1::3], x.bfloat16(), x[:1, :13]):
+        with native.running_on(isa):
+            q = torch.ops.qc.quantize(case, torch.tensor([0.02]), torch.tensor([zero_point], dtype=torch.int32),
+                                      None, qmin, qmax, dtype)
+        assert q.dtype == dtype and q.shape == case.shape
+        assert torch.equal(q, formula(case, 0.02, zero_point, qmin, qmax, dtype)), isa
+
+
+def test_a_range_the_storage_cannot_hold_is_refused():
+    with pytest.raises(RuntimeError, match=r"range \[0, 300\] does not fit"):
+        native.quantize_per_tensor(torch.randn(4), 0.1, 0, 0, 300, torch.uint8)
