@@ -42,6 +42,26 @@ def detected_isa() -> str:
     return _native.detected_isa()
 
 
+def has_vnni() -> bool:
+    """Whether the few-row int8 linear runs on AVX512-VNNI here (this CPU has it and the kernels
+    are not held to the portable path)."""
+    return isa() == "avx512" and _native.has_vnni()
+
+
+def pack_u8s8_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """An int8 [out, in] weight packed in VNNI blocks for :func:`linear_u8s8`, and its column sums."""
+    return _native.pack_u8s8_weight(weight)
+
+
+def linear_u8s8(x: torch.Tensor, x_scale: float, x_zero_point: int, packed: torch.Tensor, column_sums: torch.Tensor,
+                weight_scale: torch.Tensor, bias: torch.Tensor | None, other: torch.Tensor | None, relu: bool,
+                out_scale: float, out_zero_point: int, out_dtype: torch.dtype) -> torch.Tensor:
+    """S_x·S_W·(x·Wᵀ − Z_x·ΣW) + b (+ other), relu if asked; float32 / bfloat16, or uint8 requantized
+    with ``out_scale`` / ``out_zero_point``: ``qc.linear_int8``'s contract for a few rows."""
+    return _native.linear_u8s8(x, x_scale, x_zero_point, packed, column_sums, weight_scale, bias, other, relu,
+                               out_scale, out_zero_point, out_dtype)
+
+
 @contextmanager
 def running_on(name: str) -> Iterator[None]:
     """Run the native kernels on ``name`` (one this CPU has) inside the block: how tests cover

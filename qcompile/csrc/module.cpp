@@ -1,11 +1,12 @@
 // The qcompile._native extension: registers the native qc:: operators with torch's dispatcher
 // (importing the module is what makes torch.ops.qc.attention exist), exposes which instruction
-// set they run, and the kernels Python ops call directly (qc.quantize's per-tensor path).
+// set they run, and the kernels Python ops call directly (qc.quantize's per-tensor path, qc.linear_int8's few-row path).
 #include <torch/extension.h>
 #include <torch/library.h>
 
 #include "attention.h"
 #include "isa.h"
+#include "linear_u8s8.h"
 #include "quantize.h"
 
 TORCH_LIBRARY_FRAGMENT(qc, m) {
@@ -16,6 +17,12 @@ TORCH_LIBRARY_FRAGMENT(qc, m) {
 TORCH_LIBRARY_IMPL(qc, CPU, m) { m.impl("attention", &qcompile::attention); }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
+  module.def("pack_u8s8_weight", &qcompile::pack_u8s8_weight,
+             "(packed, column sums) of an int8 [out, in] weight for linear_u8s8.");
+  module.def("has_vnni", &qcompile::has_vnni, "Whether this CPU has AVX512-VNNI.");
+  module.def("linear_u8s8", &qcompile::linear_u8s8,
+             "S_x·S_W·(x·Wᵀ − Z_x·ΣW) + b (+ other), relu if asked, as float32 / bfloat16 or requantized uint8: "
+             "qc.linear_int8 for a few rows.");
   module.def("quantize_per_tensor", &qcompile::quantize_per_tensor,
              "clamp(round(x / scale) + zero_point, qmin, qmax) as uint8 or int8, in one pass (qc.quantize's "
              "per-tensor integer path).");

@@ -1,0 +1,173 @@
+// A uint8 x int8 linear for a few rows, on AVX512-VNNI: what a batch-1 decode step and small
+// models run, where oneDNN's per-call cost (about 60-90 µs at one row, measured) dwarfs the math.
+//
+//   acc[m][n] = Σ_k x[m][k]·W[n][k]                        (exact int32: VPDPBUSD adds four u8·s8
+//                                                             products into int32, no saturation)
+//   y[m][n]   = S_x·S_W[n]·(acc[m][n] − Z_x·Σ_k W[n][k]) + b[n] (+ other[m][n]),  then relu if asked
+//   out       = y (fp32 / bf16), or clamp(round(y / S_out) + Z_out, 0, 255) as uint8
+//
+// The weight is packed once (pack_u8s8_weight) into VNNI blocks: 16 output channels x 4 inputs
+// per 64 bytes, output channels padded to a multiple of 64 and inputs to a multiple of 4 with
+// zeros, with its column sums Σ_k W[n][k] for the zero-point correction. The kernel keeps 4 rows
+// x 64 outputs of int32 accumulators in registers (16 independent chains) and streams the weight
+// once per 4 rows.
+
+#include "linear_u8s8.h"
+
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <immintrin.h>
+
+#include <cmath>
+#include <cstring>
+
+#include "isa.h"
+
+namespace qcompile {
+namespace {
+
+constexpr int64_t kBlock = 16;          // output channels per register
+constexpr int64_t kGroup = 4 * kBlock;  // output channels per task step (4 registers)
+
+int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+
+struct Epilogue {
+  float x_scale, x_zero_point;
+  const float* weight_scale;
+  const int32_t* column_sums;
+  const float* bias;   // or nullptr
+  const float* other;  // [rows][n] or nullptr
+  bool relu;
+  at::ScalarType out_dtype;
+  float out_scale, out_zero_point;
+  void* out;
+  int64_t n;
+};
+
+// One row's outputs n0 .. n0 + count from its int32 sums.
+void finish(const Epilogue& e, const int32_t* acc, int64_t row, int64_t n0, int64_t count) {
+  for (int64_t j = 0; j < count; ++j) {
+    const int64_t n = n0 + j;
+    float y = e.x_scale * e.weight_scale[n] *
+              static_cast<float>(static_cast<int64_t>(acc[j]) - static_cast<int64_t>(e.x_zero_point) * e.column_sums[n]);
+    if (e.bias) y += e.bias[n];
+    if (e.other) y += e.other[row * e.n + n];
+    if (e.relu) y = std::fmax(y, 0.f);
+    const int64_t at = row * e.n + n;
+    if (e.out_dtype == at::kByte) {
+      const float q = std::nearbyint(y / e.out_scale) + e.out_zero_point;
+      static_cast<uint8_t*>(e.out)[at] = static_cast<uint8_t>(std::fmin(std::fmax(q, 0.f), 255.f));
+    } else if (e.out_dtype == at::kBFloat16) {
+      static_cast<c10::BFloat16*>(e.out)[at] = c10::BFloat16(y);
+    } else {
+      static_cast<float*>(e.out)[at] = y;
+    }
+  }
+}
+
+#define QC_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
+
+// Rows r0 .. r0 + R - 1, output channels of one group (64) starting at block g·4.
+template <int R>
+QC_VNNI void group_vnni(const uint8_t* x, int64_t k_pad, const int8_t* packed, int64_t group, int64_t r0,
+                        const Epilogue& e) {
+  __m512i acc[R][4];
+  for (int r = 0; r < R; ++r)
+    for (int b = 0; b < 4; ++b) acc[r][b] = _mm512_setzero_si512();
+  const int8_t* w = packed + group * 4 * k_pad * kBlock;  // 4 blocks, each [k_pad/4][16][4]
+  const int64_t block_bytes = k_pad * kBlock;
+  for (int64_t k = 0; k < k_pad; k += 4) {
+    __m512i wb[4];
+    for (int b = 0; b < 4; ++b) wb[b] = _mm512_loadu_si512(w + b * block_bytes + k * kBlock);
+    for (int r = 0; r < R; ++r) {
+      int32_t four;
+      std::memcpy(&four, x + (r0 + r) * k_pad + k, sizeof four);
+      const __m512i xb = _mm512_set1_epi32(four);
+      for (int b = 0; b < 4; ++b) acc[r][b] = _mm512_dpbusd_epi32(acc[r][b], xb, wb[b]);
+    }
+  }
+  alignas(64) int32_t sums[kGroup];
+  const int64_t n0 = group * kGroup, count = std::min<int64_t>(kGroup, e.n - n0);
+  for (int r = 0; r < R; ++r) {
+    for (int b = 0; b < 4; ++b) _mm512_store_si512(sums + b * kBlock, acc[r][b]);
+    finish(e, sums, r0 + r, n0, count);
+  }
+}
+
+QC_VNNI void rows_vnni(const uint8_t* x, int64_t rows, int64_t k_pad, const int8_t* packed, int64_t g0, int64_t g1,
+                       const Epilogue& e) {
+  for (int64_t g = g0; g < g1; ++g) {
+    int64_t r = 0;
+    for (; r + 4 <= rows; r += 4) group_vnni<4>(x, k_pad, packed, g, r, e);
+    for (; r < rows; ++r) group_vnni<1>(x, k_pad, packed, g, r, e);
+  }
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> pack_u8s8_weight(const at::Tensor& weight) {
+  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kChar, "pack_u8s8_weight: a 2-D int8 weight, got ",
+              weight.scalar_type(), " ", weight.sizes());
+  const at::Tensor w = weight.contiguous();
+  const int64_t n = w.size(0), k = w.size(1), n_pad = round_up(std::max<int64_t>(n, 1), kGroup),
+                k_pad = round_up(std::max<int64_t>(k, 1), 4);
+  at::Tensor packed = at::zeros({n_pad * k_pad}, w.options());
+  at::Tensor sums = at::zeros({n}, w.options().dtype(at::kInt));
+  const int8_t* src = w.data_ptr<int8_t>();
+  int8_t* dst = packed.data_ptr<int8_t>();
+  int32_t* column_sums = sums.data_ptr<int32_t>();
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t block = i / kBlock, lane = i % kBlock;
+    for (int64_t j = 0; j < k; ++j) {
+      dst[block * k_pad * kBlock + (j / 4) * kBlock * 4 + lane * 4 + j % 4] = src[i * k + j];
+      column_sums[i] += src[i * k + j];
+    }
+  }
+  return {packed, sums};
+}
+
+bool has_vnni() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl");
+}
+
+at::Tensor linear_u8s8(const at::Tensor& x, double x_scale, int64_t x_zero_point, const at::Tensor& packed,
+                       const at::Tensor& column_sums, const at::Tensor& weight_scale,
+                       const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& other, bool relu,
+                       double out_scale, int64_t out_zero_point, at::ScalarType out_dtype) {
+  TORCH_CHECK(x.scalar_type() == at::kByte, "linear_u8s8: activations must be uint8, got ", x.scalar_type());
+  const int64_t n = column_sums.numel(), k = x.size(-1), rows = x.numel() / std::max<int64_t>(k, 1);
+  const int64_t k_pad = round_up(std::max<int64_t>(k, 1), 4), groups = round_up(std::max<int64_t>(n, 1), kGroup) / kGroup;
+  TORCH_CHECK(packed.numel() == groups * kGroup * k_pad, "linear_u8s8: the packed weight is for another input width");
+  TORCH_CHECK(weight_scale.numel() == n && weight_scale.scalar_type() == at::kFloat,
+              "linear_u8s8: one float32 weight scale per output channel");
+  TORCH_CHECK(out_dtype == at::kFloat || out_dtype == at::kBFloat16 || out_dtype == at::kByte,
+              "linear_u8s8: output float32, bfloat16 or uint8, got ", out_dtype);
+  at::Tensor xs = x.reshape({rows, k});
+  if (k_pad != k) xs = at::constant_pad_nd(xs, {0, k_pad - k}, 0);
+  xs = xs.contiguous();
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = n;
+  at::Tensor out = at::empty(shape, x.options().dtype(out_dtype));
+  at::Tensor b, o;
+  if (bias.has_value() && bias->defined()) b = bias->to(at::kFloat).contiguous();
+  if (other.has_value() && other->defined()) {
+    TORCH_CHECK(other->numel() == rows * n, "linear_u8s8: other must have the output's ", rows * n, " elements");
+    o = other->to(at::kFloat).contiguous();
+  }
+  Epilogue e{static_cast<float>(x_scale), static_cast<float>(x_zero_point), weight_scale.data_ptr<float>(),
+             column_sums.data_ptr<int32_t>(), b.defined() ? b.data_ptr<float>() : nullptr,
+             o.defined() ? o.data_ptr<float>() : nullptr, relu, out_dtype, static_cast<float>(out_scale),
+             static_cast<float>(out_zero_point), out.data_ptr(), n};
+  TORCH_CHECK(active_isa() == Isa::Avx512 && has_vnni(),
+              "linear_u8s8 runs on AVX512-VNNI only (this CPU, or the ISA the kernels are held to, lacks it)");
+  // A task is at least 2^17 multiply-adds: waking a second thread for less costs more than it saves.
+  const int64_t grain = std::max<int64_t>(1, (1 << 17) / std::max<int64_t>(1, rows * k_pad * kGroup));
+  const uint8_t* xp = xs.data_ptr<uint8_t>();
+  const int8_t* wp = packed.data_ptr<int8_t>();
+  at::parallel_for(0, groups, grain, [&](int64_t g0, int64_t g1) { rows_vnni(xp, rows, k_pad, wp, g0, g1, e); });
+  return out;
+}
+
+}  // namespace qcompile

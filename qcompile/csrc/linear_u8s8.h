@@ -1,0 +1,22 @@
+// The few-row uint8 x int8 linear (linear_u8s8.cpp says how and why).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <tuple>
+
+namespace qcompile {
+
+// (packed weight, column sums) for linear_u8s8, from a [out, in] int8 weight.
+std::tuple<at::Tensor, at::Tensor> pack_u8s8_weight(const at::Tensor& weight);
+
+// Whether this CPU has AVX512-VNNI (without it qc.linear_int8 runs oneDNN at every row count).
+bool has_vnni();
+
+at::Tensor linear_u8s8(const at::Tensor& x, double x_scale, int64_t x_zero_point, const at::Tensor& packed,
+                       const at::Tensor& column_sums, const at::Tensor& weight_scale,
+                       const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& other, bool relu,
+                       double out_scale, int64_t out_zero_point, at::ScalarType out_dtype);
+
+}  // namespace qcompile
