@@ -171,24 +171,27 @@ QC_AVX512 inline __mmask16 tail_mask(int64_t remaining) {
   return remaining >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << remaining) - 1u);
 }
 
-// scores[r][j] = Σ_d q[r][d]·Kᵀ[d][j] for R rows, 32 columns per step (2·R accumulators).
+// c[r][0 .. columns) = Σ_i a[r][i]·b[i][0 .. columns) for R rows, 32 columns per step (2·R
+// accumulators), columns rounded up to 32 inside b's and c's rows: a block of rows' scores (a the
+// scaled queries, b Kᵀ) and their outputs (a the probabilities, b V).
 template <int R>
-QC_AVX512 void scores_avx512(const Sizes& s, const float* q, const float* kt, float* p) {
-  for (int64_t j = 0; j < s.lk; j += kColumns) {
+QC_AVX512 void rows_times_matrix(const float* a, int64_t a_row, const float* b, int64_t b_row, int64_t inner,
+                                 int64_t columns, float* c, int64_t c_row) {
+  for (int64_t j = 0; j < columns; j += kColumns) {
     __m512 acc[R][2];
     for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
-    for (int64_t d = 0; d < s.depth; ++d) {
-      const __m512 k0 = _mm512_loadu_ps(kt + d * s.lk_pad + j);
-      const __m512 k1 = _mm512_loadu_ps(kt + d * s.lk_pad + j + 16);
+    for (int64_t i = 0; i < inner; ++i) {
+      const __m512 b0 = _mm512_loadu_ps(b + i * b_row + j);
+      const __m512 b1 = _mm512_loadu_ps(b + i * b_row + j + 16);
       for (int r = 0; r < R; ++r) {
-        const __m512 qd = _mm512_set1_ps(q[r * s.depth + d]);
-        acc[r][0] = _mm512_fmadd_ps(qd, k0, acc[r][0]);
-        acc[r][1] = _mm512_fmadd_ps(qd, k1, acc[r][1]);
+        const __m512 ai = _mm512_set1_ps(a[r * a_row + i]);
+        acc[r][0] = _mm512_fmadd_ps(ai, b0, acc[r][0]);
+        acc[r][1] = _mm512_fmadd_ps(ai, b1, acc[r][1]);
       }
     }
     for (int r = 0; r < R; ++r) {
-      _mm512_storeu_ps(p + r * s.lk_pad + j, acc[r][0]);
-      _mm512_storeu_ps(p + r * s.lk_pad + j + 16, acc[r][1]);
+      _mm512_storeu_ps(c + r * c_row + j, acc[r][0]);
+      _mm512_storeu_ps(c + r * c_row + j + 16, acc[r][1]);
     }
   }
 }
@@ -221,28 +224,6 @@ QC_AVX512 float softmax_row_avx512(float* p, const float* mask, int64_t n, int64
   return _mm512_reduce_add_ps(sum);
 }
 
-// out[r][e] = Σ_j p[r][j]·V[j][e] for R rows, 32 output columns per step.
-template <int R>
-QC_AVX512 void outputs_avx512(const Sizes& s, const float* p, const float* v, float* o) {
-  for (int64_t e = 0; e < s.v_pad; e += kColumns) {
-    __m512 acc[R][2];
-    for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
-    for (int64_t j = 0; j < s.lk; ++j) {
-      const __m512 v0 = _mm512_loadu_ps(v + j * s.v_pad + e);
-      const __m512 v1 = _mm512_loadu_ps(v + j * s.v_pad + e + 16);
-      for (int r = 0; r < R; ++r) {
-        const __m512 pj = _mm512_set1_ps(p[r * s.lk_pad + j]);
-        acc[r][0] = _mm512_fmadd_ps(pj, v0, acc[r][0]);
-        acc[r][1] = _mm512_fmadd_ps(pj, v1, acc[r][1]);
-      }
-    }
-    for (int r = 0; r < R; ++r) {
-      _mm512_storeu_ps(o + r * s.v_pad + e, acc[r][0]);
-      _mm512_storeu_ps(o + r * s.v_pad + e + 16, acc[r][1]);
-    }
-  }
-}
-
 // Query rows i0 .. i0 + R - 1 of one head.
 template <int R>
 QC_AVX512 void rows_avx512(const Head& h, const Sizes& s, Workspace& w, int64_t i0) {
@@ -250,7 +231,7 @@ QC_AVX512 void rows_avx512(const Head& h, const Sizes& s, Workspace& w, int64_t 
     const float* q = h.q + (i0 + r) * h.q_row;
     for (int64_t d = 0; d < s.depth; ++d) w.q[r * s.depth + d] = q[d] * s.scale;
   }
-  scores_avx512<R>(s, w.q.data(), w.kt.data(), w.p.data());
+  rows_times_matrix<R>(w.q.data(), s.depth, w.kt.data(), s.lk_pad, s.depth, s.lk, w.p.data(), s.lk_pad);
   float inv[R];
   for (int r = 0; r < R; ++r) {
     const int64_t i = i0 + r;
@@ -258,7 +239,7 @@ QC_AVX512 void rows_avx512(const Head& h, const Sizes& s, Workspace& w, int64_t 
                                          visible(s, i), s.lk);
     inv[r] = sum > 0.f ? 1.f / sum : 0.f;
   }
-  outputs_avx512<R>(s, w.p.data(), w.v.data(), w.o.data());
+  rows_times_matrix<R>(w.p.data(), s.lk_pad, w.v.data(), s.v_pad, s.lk, s.v_pad, w.o.data(), s.v_pad);
   for (int r = 0; r < R; ++r) {
     const float* o = w.o.data() + r * s.v_pad;
     float* out = h.out + (i0 + r) * h.out_row;
