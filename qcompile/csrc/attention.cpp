@@ -60,7 +60,8 @@ struct Sizes {
 };
 
 // Thread-local work space for one head: Kᵀ [depth][lk_pad], V [lk][v_pad], the scaled query rows of
-// a block [4][depth], their scores / probabilities [4][lk_pad] and outputs [4][v_pad].
+// a block [4][depth], their scores / probabilities [4][lk_pad] and outputs [4][v_pad] (a row read
+// unpacked uses q and p only).
 struct Workspace {
   std::vector<float> kt, v, q, p, o;
   explicit Workspace(const Sizes& s)
@@ -247,7 +248,40 @@ QC_AVX512 void rows_avx512(const Head& h, const Sizes& s, Workspace& w, int64_t 
   }
 }
 
+// One query row read straight from K's and V's rows, without packing them: a decode step's
+// (one new token against the whole cache), where packing the cache would cost more than the
+// products. Scores are dot products over depth; the output accumulates p[j]·V[j] row by row.
+QC_AVX512 void row_unpacked_avx512(const Head& h, const Sizes& s, Workspace& w, int64_t i) {
+  float* q = w.q.data();
+  for (int64_t d = 0; d < s.depth; ++d) q[d] = h.q[i * h.q_row + d] * s.scale;
+  float* p = w.p.data();
+  for (int64_t j = 0; j < s.lk; ++j) {
+    const float* k = h.k + j * h.k_row;
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t d = 0; d < s.depth; d += 16) {
+      const __mmask16 m = tail_mask(s.depth - d);
+      acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, q + d), _mm512_maskz_loadu_ps(m, k + d), acc);
+    }
+    p[j] = _mm512_reduce_add_ps(acc);
+  }
+  const float sum = softmax_row_avx512(p, h.mask ? h.mask + i * h.mask_row : nullptr, visible(s, i), s.lk);
+  const float inv = sum > 0.f ? 1.f / sum : 0.f;
+  float* out = h.out + i * h.out_row;
+  for (int64_t e = 0; e < s.v_depth; e += 16) {
+    const __mmask16 m = tail_mask(s.v_depth - e);
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t j = 0; j < s.lk; ++j) {
+      acc = _mm512_fmadd_ps(_mm512_set1_ps(p[j]), _mm512_maskz_loadu_ps(m, h.v + j * h.v_row + e), acc);
+    }
+    _mm512_mask_storeu_ps(out + e, m, _mm512_mul_ps(acc, _mm512_set1_ps(inv)));
+  }
+}
+
 QC_AVX512 void head_avx512(const Head& h, const Sizes& s, Workspace& w) {
+  if (s.lq < 4) {  // no block of four rows to share a packed K and V
+    for (int64_t i = 0; i < s.lq; ++i) row_unpacked_avx512(h, s, w, i);
+    return;
+  }
   pack(h, s, w);
   int64_t i = 0;
   for (; i + 4 <= s.lq; i += 4) rows_avx512<4>(h, s, w, i);
