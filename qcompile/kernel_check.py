@@ -122,19 +122,26 @@ class _Checker(fx.Interpreter):
         if contract is not None:
             args, kwargs = self.fetch_args_kwargs_from_env(node)
             expected = contract.reference(*args, **kwargs)
-            error, allowed = difference(value, expected, contract.precision)
-            allowed *= contract.tolerance_scale
-            if error > allowed and contract.bound is not None and value.is_floating_point():
-                largest = float(expected.float().abs().max())  # the bound is absolute; error is relative to this
-                allowed = max(allowed, contract.bound(*args, **kwargs) / largest if largest else float("inf"))
-            if error > allowed:
-                unit = "steps" if value.dtype == torch.uint8 else "of the largest magnitude"
-                raise KernelMismatchError(
-                    f"kernel {describe_node(node)} differs from its Q/DQ reference {self.where}: "
-                    f"{error:.3g} {unit} (allowed {allowed:.3g}); "
-                    "keep its module float with QConfig.set_module_name(..., None) and report this")
+            outputs = zip(value, expected) if isinstance(value, tuple) else [(value, expected)]
+            for output, reference in outputs:  # a kernel with several outputs holds each to its reference
+                self._compare(node, contract, output, reference, args, kwargs)
             self.checked += 1
         return value
+
+
+    def _compare(self, node: fx.Node, contract: KernelContract, value: Tensor, expected: Tensor, args: tuple,
+                 kwargs: dict) -> None:
+        error, allowed = difference(value, expected, contract.precision)
+        allowed *= contract.tolerance_scale
+        if error > allowed and contract.bound is not None and value.is_floating_point():
+            largest = float(expected.float().abs().max())  # the bound is absolute; error is relative to this
+            allowed = max(allowed, contract.bound(*args, **kwargs) / largest if largest else float("inf"))
+        if error > allowed:
+            unit = "steps" if value.dtype == torch.uint8 else "of the largest magnitude"
+            raise KernelMismatchError(
+                f"kernel {describe_node(node)} differs from its Q/DQ reference {self.where}: "
+                f"{error:.3g} {unit} (allowed {allowed:.3g}); "
+                "keep its module float with QConfig.set_module_name(..., None) and report this")
 
 
 def check_kernels(gm: fx.GraphModule, calls: Iterable[tuple[str, tuple, dict]]) -> int:

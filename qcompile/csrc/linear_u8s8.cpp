@@ -127,9 +127,12 @@ std::tuple<at::Tensor, at::Tensor> pack_u8s8_weight(const at::Tensor& weight) {
 }
 
 bool has_vnni() {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512vl");
+  static const bool vnni = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl");
+  }();
+  return vnni;
 }
 
 at::Tensor linear_u8s8(const at::Tensor& x, double x_scale, int64_t x_zero_point, const at::Tensor& packed,

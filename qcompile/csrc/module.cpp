@@ -1,20 +1,26 @@
 // The qcompile._native extension: registers the native qc:: operators with torch's dispatcher
-// (importing the module is what makes torch.ops.qc.attention exist), exposes which instruction
+// (importing the module is what makes torch.ops.qc.attention and qc.layer_norm_quantize exist), exposes which instruction
 // set they run, and the kernels Python ops call directly (qc.quantize's per-tensor path, qc.linear_int8's few-row path).
 #include <torch/extension.h>
 #include <torch/library.h>
 
 #include "attention.h"
 #include "isa.h"
+#include "layer_norm_quantize.h"
 #include "linear_u8s8.h"
 #include "quantize.h"
 
 TORCH_LIBRARY_FRAGMENT(qc, m) {
   m.def("attention(Tensor query, Tensor key, Tensor value, Tensor? mask, float? scale, bool is_causal, "
         "ScalarType out_dtype) -> Tensor");
+  m.def("layer_norm_quantize(Tensor x, Tensor? weight, Tensor? bias, float eps, Tensor? multiplier, float scale, "
+        "int zero_point, int qmin, int qmax, ScalarType dtype) -> (Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(qc, CPU, m) { m.impl("attention", &qcompile::attention); }
+TORCH_LIBRARY_IMPL(qc, CPU, m) {
+  m.impl("attention", &qcompile::attention);
+  m.impl("layer_norm_quantize", &qcompile::layer_norm_quantize);
+}
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("pack_u8s8_weight", &qcompile::pack_u8s8_weight,

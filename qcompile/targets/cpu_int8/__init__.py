@@ -2,11 +2,12 @@
 
 * kernels: ``onednn`` (``qc.linear_int8``, ``qc.conv2d_int8``), ``uint8_kernels``
   (``qc.max_pool2d_uint8``), ``attention`` (``qc.attention``, the native fused fp32 attention),
+  ``layer_norm_quantize`` (``qc.layer_norm_quantize``, native, and the pass that makes it),
   ``bf16_kernels`` (``qc.linear_bf16``),
   ``weight_only_kernels`` (``qc.linear_weight_only``: int8 / int4 weights, bf16 activations),
   each registering its Q/DQ reference with :mod:`qcompile.kernel_check`;
 * passes: ``merge-sibling-linears``, ``fuse-patterns`` (the groups one oneDNN kernel runs),
-  ``lower-cpu-int8``, ``lower-weight-only``, ``lower-float-bf16``;
+  ``lower-cpu-int8``, ``lower-weight-only``, ``lower-float-bf16``, ``fuse-layer-norm-quantize``;
 * ``capabilities``: the one table of what the kernels run, which the op rules, the marking,
   the lowering and the kernels' argument checks read;
 * the target: op rules, preset, pipelines, and how the report names a kernel node.
@@ -20,6 +21,7 @@ from qcompile.targets.cpu_int8.attention import attention
 from qcompile.targets.cpu_int8.bf16_kernels import linear_bf16
 from qcompile.targets.cpu_int8.capabilities import op_rules, search_candidates
 from qcompile.targets.cpu_int8.fuse_patterns import FusePatterns
+from qcompile.targets.cpu_int8.layer_norm_quantize import FuseLayerNormQuantize, layer_norm_quantize
 from qcompile.targets.cpu_int8.lower_cpu_int8 import LowerCpuInt8
 from qcompile.targets.cpu_int8.lower_float_bf16 import LowerFloatBf16
 from qcompile.targets.cpu_int8.merge_sibling_linears import MergeSiblingLinears
@@ -43,15 +45,15 @@ register_target(
         convert=CONVERT,
         # Fusion is read off the Q/DQ graph, so a saved Q/DQ program lowers the same way.
         lower="canonicalize,merge-sibling-linears,fuse-patterns,lower-cpu-int8,lower-weight-only,lower-float-bf16,"
-              "relax-views,eliminate-dead-code",
+              "fuse-layer-norm-quantize,relax-views,eliminate-dead-code",
         dynamic_prepare=DYNAMIC_PREPARE,
         dynamic_convert="cast-fp8{dynamic=true},convert{dynamic=true},eliminate-dequant,eliminate-dead-code",
         describe_kernel=describe_kernel,
         candidates=search_candidates(),
-        passes=(MergeSiblingLinears, FusePatterns, LowerCpuInt8, LowerWeightOnly, LowerFloatBf16),
+        passes=(MergeSiblingLinears, FusePatterns, LowerCpuInt8, LowerWeightOnly, LowerFloatBf16, FuseLayerNormQuantize),
     )
 )
 
 
-__all__ = ["FusePatterns", "LowerCpuInt8", "LowerFloatBf16", "LowerWeightOnly", "MergeSiblingLinears", "attention",
-           "conv2d_int8", "linear_bf16", "linear_int8", "linear_weight_only", "max_pool2d_uint8"]
+__all__ = ["FuseLayerNormQuantize", "FusePatterns", "LowerCpuInt8", "LowerFloatBf16", "LowerWeightOnly", "MergeSiblingLinears", "attention",
+           "conv2d_int8", "layer_norm_quantize", "linear_bf16", "linear_int8", "linear_weight_only", "max_pool2d_uint8"]

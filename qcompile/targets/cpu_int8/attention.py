@@ -11,7 +11,7 @@ matrix: each head's scores are masked, exponentiated and multiplied into V while
 cache, and key positions a mask removes from every row (a padded batch's tail) are skipped.
 Fewer than four query rows (a decode step) are read straight from K's and V's rows instead.
 It computes in fp32, so its contract is the fp32 reference to fp32 tolerance.
-``python -m benchmarks.native_attention`` (2 threads, AMD Zen 4): all-MiniLM's layer (32 x 12
+``python -m benchmarks.native_kernels`` (2 threads, AMD Zen 4): all-MiniLM's layer (32 x 12
 heads x 128 x 32) 8.5 ms against 16.9 for ATen's fp32 SDPA and 17.8 for the bf16 batched
 matmul + softmax form it replaced (which also rounded scores and probabilities to bf16); 4.5 ms
 with 40 of 128 positions kept; a 512-token GQA decode step 0.05 ms (ATen 0.07); a 128-token

@@ -1,6 +1,8 @@
-"""Kernel benchmark: ``qc.attention`` (the native fused kernel) against ATen's ways to attend.
+"""Kernel benchmark: the native kernels (``qcompile/csrc``) against the ATen ops they replace.
 
-Shapes: all-MiniLM's layer at batch 32 x 128 tokens (12 heads of 32), unpadded and with a
+``qc.layer_norm_quantize`` against ATen's LayerNorm + smoothing multiply + ``qc.quantize`` on a
+MiniLM activation (32 x 128 x 384), and ``qc.attention`` against ATen's ways to attend. Attention
+shapes: all-MiniLM's layer at batch 32 x 128 tokens (12 heads of 32), unpadded and with a
 Hugging Face padding mask keeping 40 of 128 positions (short sentences in a padded batch); a
 Llama-style decode step (batch 1, 14 query heads on 2 key/value heads of 64, a 512-token cache);
 and its 128-token causal prefill. Operands arrive as a projection's transposed output and the
@@ -10,7 +12,7 @@ relayouts. Rows, all in this run (2 threads, median of 20 after 3 warm-ups): ATe
 (the form the int8 target ran before), and ``qc.attention`` on each instruction set this CPU has.
 The error column is the largest difference from fp64 attention, relative to the output's range.
 
-Run: ``python -m benchmarks.native_attention``
+Run: ``python -m benchmarks.native_kernels``
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import torch.nn.functional as F
 
 from benchmarks.timing import median_ms
 from qcompile import native
-from qcompile.targets.cpu_int8 import attention  # noqa: F401  (torch.ops.qc.attention)
+from qcompile.targets.cpu_int8 import attention  # noqa: F401  (torch.ops.qc.attention, qc.layer_norm_quantize)
 
 LOWEST = torch.finfo(torch.float32).min
 
@@ -71,8 +73,31 @@ def native_attention(q, k, v, mask, causal):
     return merged(torch.ops.qc.attention(q, k, v, mask, None, causal, torch.float32))
 
 
+def layer_norm_quantize() -> None:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(32, 128, 384, generator=g)
+    weight, bias, multiplier = torch.randn(384, generator=g), torch.randn(384, generator=g), torch.rand(384) + 0.5
+    scale, zero_point = torch.tensor([0.03]), torch.tensor([120], dtype=torch.int32)
+
+    def aten_ops():
+        y = F.layer_norm(x, [384], weight, bias, 1e-12)
+        return y, torch.ops.qc.quantize(y * multiplier, scale, zero_point, None, 0, 255, torch.uint8)
+
+    aten_ms = median_ms(aten_ops, repeats=50, warmup=5)
+    print(f"{'LayerNorm + multiply + quantize, 32x128x384':<64}{'ATen':<10}{aten_ms:>8.2f}")
+    for isa in native.ISAS:
+        if isa != "portable" and native.detected_isa() != isa:
+            continue
+        with native.running_on(isa):
+            ms = median_ms(lambda: torch.ops.qc.layer_norm_quantize(x, weight, bias, 1e-12, multiplier, 0.03, 120, 0,
+                                                                   255, torch.uint8), repeats=50, warmup=5)
+        print(f"{'':<64}{isa:<10}{ms:>8.2f}  {aten_ms / ms:.2f}x")
+    print()
+
+
 def main() -> None:
     torch.set_num_threads(2)
+    layer_norm_quantize()
     isas = [isa for isa in native.ISAS if isa == "portable" or native.detected_isa() == isa]
     print(f"{'workload':<30}{'kernel':<34}{'ms':>8}{'vs fp32':>9}{'error':>10}")
     for name, w in workloads().items():
