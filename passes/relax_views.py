@@ -4,7 +4,7 @@
 
 ``torch.export`` records ``view`` where the float model's tensors were dense; a lowered kernel
 may return another layout (oneDNN's convolutions and the uint8 pool write channels-last, the
-bf16 attention returns a dense tensor where SDPA returned a transposed one), and a ``view``
+native attention returns a [batch, length, heads, depth] layout where SDPA returned a dense one), and a ``view``
 across it fails on every call. ``reshape`` is the same value: a view where the strides allow
 one, a copy only where they do not. Only views that can see a kernel's layout (downstream of a
 kernel node) change; the graph is functional after export, so no write goes through a view.

@@ -1,7 +1,7 @@
 """Where a compiled model's time goes, and how long it takes: measured, never assumed.
 
 ``profile_ops`` runs the model under torch's profiler and sums self time per operator (the
-oneDNN kernels, the bf16 attention, the float glue between them); ``median_ms`` is the latency
+oneDNN kernels, the native attention, the float glue between them); ``median_ms`` is the latency
 the ``bench`` command compares, a median over repeated calls after warm-up calls.
 """
 

@@ -46,8 +46,8 @@ register_target(
         preset=cpu_fp8_preset,
         prepare=f"{CLEANUP},annotate,insert-observers,calibrate,fp8-or-int8",
         convert=CONVERT,
-        # The linears fp8-or-int8 planned as INT8 run on cpu-int8's kernels. Attention is lowered
-        # before the FP8 linears, so that they see which of them feed the bf16 attention.
+        # The linears fp8-or-int8 planned as INT8 run on cpu-int8's kernels; attention and float
+        # linears go to cpu-int8's native and bf16 kernels before the FP8 linears are lowered.
         lower="canonicalize,merge-sibling-linears,fuse-patterns,lower-cpu-int8,lower-float-bf16,lower-cpu-fp8,"
               "relax-views,eliminate-dead-code",
         dynamic_prepare=DYNAMIC_PREPARE,
