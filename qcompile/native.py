@@ -23,6 +23,7 @@ except ImportError as error:  # pragma: no cover - exercised only by a broken in
 
 ISAS = ("portable", "avx512")
 INTEGER_STORAGE = (torch.uint8, torch.int8)
+_VNNI = _native.has_vnni()  # a CPU flag: read once, not on every int8 linear call
 
 
 def quantize_per_tensor(x: torch.Tensor, scale: float, zero_point: int, qmin: int, qmax: int,
@@ -45,7 +46,7 @@ def detected_isa() -> str:
 def has_vnni() -> bool:
     """Whether the few-row int8 linear runs on AVX512-VNNI here (this CPU has it and the kernels
     are not held to the portable path)."""
-    return isa() == "avx512" and _native.has_vnni()
+    return _VNNI and isa() == "avx512"
 
 
 def pack_u8s8_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -34,14 +34,13 @@
 #include <vector>
 
 #include "isa.h"
+#include "simd.h"
 
 namespace qcompile {
 namespace {
 
 constexpr int64_t kColumns = 32;  // scores and outputs are computed 32 columns (two registers) at a time
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-
-int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
 // One (batch, head) pair: row pointers and row strides, in elements; each row is dense.
 struct Head {
@@ -145,8 +144,6 @@ void head_portable(const Head& h, const Sizes& s, Workspace& w) {
 // ---------------------------------------------------------------------------------------------
 // AVX-512 path.
 
-#define QC_AVX512 __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,fma")))
-
 // e^x for x <= 0, to about 1 ulp: x = n·ln2 + r with |r| <= ln2/2, e^r by Cephes' expf polynomial,
 // scaled by 2^n. Inputs below -87.3 (e^x under float's normal range, -inf included) give exactly 0,
 // as std::exp's result does after the softmax's sum.
@@ -166,10 +163,6 @@ QC_AVX512 inline __m512 exp_nonpositive(__m512 x) {
   y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
   y = _mm512_fmadd_ps(_mm512_mul_ps(y, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.f)));
   return _mm512_maskz_scalef_ps(static_cast<__mmask16>(~zero), y, n);
-}
-
-QC_AVX512 inline __mmask16 tail_mask(int64_t remaining) {
-  return remaining >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << remaining) - 1u);
 }
 
 // c[r][0 .. columns) = Σ_i a[r][i]·b[i][0 .. columns) for R rows, 32 columns per step (2·R

@@ -13,13 +13,11 @@
 #include "layer_norm_quantize.h"
 
 #include <ATen/Parallel.h>
-#include <immintrin.h>
-
 #include <algorithm>
 #include <cmath>
-#include <type_traits>
 
 #include "isa.h"
+#include "simd.h"
 
 namespace qcompile {
 namespace {
@@ -46,26 +44,20 @@ void row_portable(const float* x, float* y, T* q, const Params& p) {
     if (p.gamma) v *= p.gamma[c];
     if (p.beta) v += p.beta[c];
     y[c] = v;
-    const float t = p.multiplier ? v * p.multiplier[c] : v;
-    q[c] = static_cast<T>(std::fmin(std::fmax(std::nearbyint(t / p.scale) + p.zero_point, p.qmin), p.qmax));
+    q[c] = static_cast<T>(quantize_value(p.multiplier ? v * p.multiplier[c] : v, p.scale, p.zero_point, p.qmin,
+                                         p.qmax));
   }
-}
-
-#define QC_AVX512 __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl")))
-
-QC_AVX512 inline __mmask16 lanes(int64_t remaining) {
-  return remaining >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << remaining) - 1u);
 }
 
 template <typename T>
 QC_AVX512 void row_avx512(const float* x, float* y, T* q, const Params& p) {
   __m512 sum = _mm512_setzero_ps();
-  for (int64_t c = 0; c < p.width; c += 16) sum = _mm512_add_ps(sum, _mm512_maskz_loadu_ps(lanes(p.width - c), x + c));
+  for (int64_t c = 0; c < p.width; c += 16) sum = _mm512_add_ps(sum, _mm512_maskz_loadu_ps(tail_mask(p.width - c), x + c));
   const float mean = _mm512_reduce_add_ps(sum) / static_cast<float>(p.width);
   const __m512 mu = _mm512_set1_ps(mean);
   __m512 squares = _mm512_setzero_ps();
   for (int64_t c = 0; c < p.width; c += 16) {
-    const __mmask16 m = lanes(p.width - c);
+    const __mmask16 m = tail_mask(p.width - c);
     const __m512 d = _mm512_maskz_sub_ps(m, _mm512_maskz_loadu_ps(m, x + c), mu);
     squares = _mm512_fmadd_ps(d, d, squares);
   }
@@ -73,19 +65,13 @@ QC_AVX512 void row_avx512(const float* x, float* y, T* q, const Params& p) {
   const __m512 r = _mm512_set1_ps(rstd), s = _mm512_set1_ps(p.scale), z = _mm512_set1_ps(p.zero_point);
   const __m512 lo = _mm512_set1_ps(p.qmin), hi = _mm512_set1_ps(p.qmax);
   for (int64_t c = 0; c < p.width; c += 16) {
-    const __mmask16 m = lanes(p.width - c);
+    const __mmask16 m = tail_mask(p.width - c);
     __m512 v = _mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + c), mu), r);
     if (p.gamma) v = _mm512_mul_ps(v, _mm512_maskz_loadu_ps(m, p.gamma + c));
     if (p.beta) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, p.beta + c));
     _mm512_mask_storeu_ps(y + c, m, v);
     if (p.multiplier) v = _mm512_mul_ps(v, _mm512_maskz_loadu_ps(m, p.multiplier + c));
-    v = _mm512_roundscale_ps(_mm512_div_ps(v, s), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m512i k = _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(_mm512_add_ps(v, z), lo), hi));
-    if constexpr (std::is_same_v<T, uint8_t>) {
-      _mm_mask_storeu_epi8(q + c, m, _mm512_cvtusepi32_epi8(k));
-    } else {
-      _mm_mask_storeu_epi8(q + c, m, _mm512_cvtsepi32_epi8(k));
-    }
+    store_quantized(q + c, m, v, s, z, lo, hi);
   }
 }
 

@@ -22,14 +22,13 @@
 #include <cstring>
 
 #include "isa.h"
+#include "simd.h"
 
 namespace qcompile {
 namespace {
 
 constexpr int64_t kBlock = 16;          // output channels per register
 constexpr int64_t kGroup = 4 * kBlock;  // output channels per task step (4 registers)
-
-int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
 struct Epilogue {
   float x_scale, x_zero_point;
@@ -55,8 +54,7 @@ void finish(const Epilogue& e, const int32_t* acc, int64_t row, int64_t n0, int6
     if (e.relu) y = std::fmax(y, 0.f);
     const int64_t at = row * e.n + n;
     if (e.out_dtype == at::kByte) {
-      const float q = std::nearbyint(y / e.out_scale) + e.out_zero_point;
-      static_cast<uint8_t*>(e.out)[at] = static_cast<uint8_t>(std::fmin(std::fmax(q, 0.f), 255.f));
+      static_cast<uint8_t*>(e.out)[at] = static_cast<uint8_t>(quantize_value(y, e.out_scale, e.out_zero_point, 0.f, 255.f));
     } else if (e.out_dtype == at::kBFloat16) {
       static_cast<c10::BFloat16*>(e.out)[at] = c10::BFloat16(y);
     } else {

@@ -8,12 +8,9 @@
 #include "quantize.h"
 
 #include <ATen/Parallel.h>
-#include <immintrin.h>
-
-#include <cmath>
-#include <type_traits>
 
 #include "isa.h"
+#include "simd.h"
 
 namespace qcompile {
 namespace {
@@ -22,27 +19,17 @@ constexpr int64_t kGrain = 1 << 15;  // elements per parallel task
 
 template <typename T>
 void quantize_portable(const float* x, T* q, int64_t n, float scale, float zero_point, float qmin, float qmax) {
-  for (int64_t i = 0; i < n; ++i) {
-    const float v = std::nearbyint(x[i] / scale) + zero_point;  // the default rounding mode: half to even
-    q[i] = static_cast<T>(std::fmin(std::fmax(v, qmin), qmax));
-  }
+  for (int64_t i = 0; i < n; ++i) q[i] = static_cast<T>(quantize_value(x[i], scale, zero_point, qmin, qmax));
 }
 
 template <typename T>
-__attribute__((target("avx512f,avx512dq,avx512bw,avx512vl"))) void quantize_avx512(
-    const float* x, T* q, int64_t n, float scale, float zero_point, float qmin, float qmax) {
+QC_AVX512 void quantize_avx512(const float* x, T* q, int64_t n, float scale, float zero_point, float qmin,
+                               float qmax) {
   const __m512 s = _mm512_set1_ps(scale), z = _mm512_set1_ps(zero_point);
   const __m512 lo = _mm512_set1_ps(qmin), hi = _mm512_set1_ps(qmax);
   for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 m = n - i >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (n - i)) - 1u);
-    __m512 v = _mm512_div_ps(_mm512_maskz_loadu_ps(m, x + i), s);
-    v = _mm512_add_ps(_mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), z);
-    const __m512i k = _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(v, lo), hi));
-    if constexpr (std::is_same_v<T, uint8_t>) {
-      _mm_mask_storeu_epi8(q + i, m, _mm512_cvtusepi32_epi8(k));
-    } else {
-      _mm_mask_storeu_epi8(q + i, m, _mm512_cvtsepi32_epi8(k));
-    }
+    const __mmask16 m = tail_mask(n - i);
+    store_quantized(q + i, m, _mm512_maskz_loadu_ps(m, x + i), s, z, lo, hi);
   }
 }
 

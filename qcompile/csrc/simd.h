@@ -1,0 +1,42 @@
+// What the native kernels share: padding arithmetic, the AVX-512 target and its tail masks, and the
+// quantize step q = clamp(round(v / S) + Z, qmin, qmax) (a true division, rounded half to even
+// before Z is added, as qc.quantize and ONNX's QuantizeLinear do) in scalar and vector form.
+#pragma once
+
+#include <immintrin.h>
+
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+
+namespace qcompile {
+
+inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+
+// The AVX-512 path of every kernel: what isa.cpp requires before it chooses Isa::Avx512.
+#define QC_AVX512 __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,fma")))
+
+// The lanes of the 16-float step starting `remaining` elements before the end.
+QC_AVX512 inline __mmask16 tail_mask(int64_t remaining) {
+  return remaining >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << remaining) - 1u);
+}
+
+// The default rounding mode, round half to even, is nearbyint's.
+inline float quantize_value(float v, float scale, float zero_point, float qmin, float qmax) {
+  return std::fmin(std::fmax(std::nearbyint(v / scale) + zero_point, qmin), qmax);
+}
+
+// quantize_value on 16 lanes, the `m` lanes stored as T (uint8 or int8) at q.
+template <typename T>
+QC_AVX512 inline void store_quantized(T* q, __mmask16 m, __m512 v, __m512 scale, __m512 zero_point, __m512 qmin,
+                                      __m512 qmax) {
+  v = _mm512_roundscale_ps(_mm512_div_ps(v, scale), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512i k = _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(_mm512_add_ps(v, zero_point), qmin), qmax));
+  if constexpr (std::is_same_v<T, uint8_t>) {
+    _mm_mask_storeu_epi8(q, m, _mm512_cvtusepi32_epi8(k));
+  } else {
+    _mm_mask_storeu_epi8(q, m, _mm512_cvtsepi32_epi8(k));
+  }
+}
+
+}  // namespace qcompile
