@@ -2,8 +2,8 @@
 
 A quantized model cannot follow fp32 semantics for a non-finite input: ``quantize`` clamps NaN
 and ±inf to finite integers, and the answer would come back finite and plausible. So a NaN or
-infinite value in a floating-point input is an error naming the input (one ``isfinite`` pass
-per input, small next to the model). A wrong dtype or a wrong size in a dimension the graph was
+infinite value in a floating-point input is an error naming the input (one native read of
+each input, ``native.all_finite``, small next to the model). A wrong dtype or a wrong size in a dimension the graph was
 captured with as fixed is an error naming the input too, instead of a raw oneDNN message from
 deep inside a kernel. Dimensions captured as dynamic (the batch) take any size.
 """
@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import fx
 
+from qcompile import native
 from qcompile.errors import InputError
 from qcompile.report import flat_inputs
 
@@ -52,7 +53,7 @@ def _check_tensor(name: str, value: Any, expected: torch.Tensor, finite: bool) -
     if value.dim() != len(fixed) or any(f is not None and f != v for f, v in zip(fixed, value.shape)):
         raise InputError(f"{name} has shape {list(value.shape)}; the model was compiled for "
                          f"{_shape_text(fixed)} (dimensions shown as 'any' may vary)")
-    if finite and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+    if finite and value.is_floating_point() and not native.all_finite(value):
         kind = "NaN" if bool(torch.isnan(value).any()) else "an infinite value"
         raise InputError(f"{name} contains {kind}; a quantized model would clamp it to a finite number, "
                          "so it is refused (fp32 would return NaN)")

@@ -23,6 +23,7 @@ except ImportError as error:  # pragma: no cover - exercised only by a broken in
 
 ISAS = ("portable", "avx512")
 INTEGER_STORAGE = (torch.uint8, torch.int8)
+FEW_ROWS = _native.FEW_ROWS  # qc.linear_int8 runs the native VNNI kernel up to this many rows, oneDNN above
 _VNNI = _native.has_vnni()  # a CPU flag: read once, not on every int8 linear call
 
 
@@ -31,6 +32,19 @@ def quantize_per_tensor(x: torch.Tensor, scale: float, zero_point: int, qmin: in
     """clamp(round(x / scale) + zero_point, qmin, qmax) as ``dtype`` (uint8 or int8), in one pass:
     the integers ``qc.quantize``'s ATen form gives, bit for bit."""
     return _native.quantize_per_tensor(x, scale, zero_point, qmin, qmax, dtype)
+
+
+def all_finite(x: torch.Tensor) -> bool:
+    """Whether ``x`` holds no NaN and no infinity: ``torch.isfinite(x).all()`` in one read of a
+    float32 tensor (what a compiled model checks of every input on every call)."""
+    return _native.all_finite(x)
+
+
+def broadcast_param(param: torch.Tensor, x: torch.Tensor, axis: int | None) -> torch.Tensor:
+    """A quantization parameter shaped to broadcast against ``x`` as ``qc.quantize`` reads it: along
+    ``axis`` for a per-channel one, as it is for per-token / per-group ones ([..., 1]), 0-dim for a
+    per-tensor one; a ValueError for a shape that is none of these."""
+    return _native.broadcast_param(param, x, axis)
 
 
 def isa() -> str:
@@ -61,6 +75,16 @@ def linear_u8s8(x: torch.Tensor, x_scale: float, x_zero_point: int, packed: torc
     with ``out_scale`` / ``out_zero_point``: ``qc.linear_int8``'s contract for a few rows."""
     return _native.linear_u8s8(x, x_scale, x_zero_point, packed, column_sums, weight_scale, bias, other, relu,
                                out_scale, out_zero_point, out_dtype)
+
+
+def packs_made() -> int:
+    """How many weight packs the int8 kernels have made (each weight once, again after an in-place write)."""
+    return _native.packs_made()
+
+
+def packed_weights() -> int:
+    """How many live weights the int8 kernels hold packed (a dead weight's entry is dropped here)."""
+    return _native.packed_weights()
 
 
 @contextmanager

@@ -25,7 +25,8 @@ from torch import fx
 from torch.utils import _pytree as pytree
 
 from qcompile.ir.meta import QuantAnnotation, get_qspec, source_module, stand_ins
-from qcompile.ops import broadcast_param, float8_rounding_limit
+from qcompile.native import broadcast_param
+from qcompile.ops import float8_rounding_limit
 from qcompile.pipeline import PassRecord
 from qcompile.qconfig import op_kind
 from qcompile.observers import Observer
@@ -151,7 +152,7 @@ class _Comparer(fx.Interpreter):
 
     def _count_saturated(self, quantize: QuantizeCall) -> None:
         x, scale = self.env[quantize.x], self.env[quantize.scale]
-        limit = torch.as_tensor(broadcast_param(scale.float(), x, quantize.axis)) * float8_rounding_limit(quantize.dtype)
+        limit = broadcast_param(scale.float(), x, quantize.axis) * float8_rounding_limit(quantize.dtype)
         counts = self.saturation.setdefault(quantize.x.name, [0, 0])
         counts[0] += int((x.float().abs() > limit).sum())
         counts[1] += x.numel()

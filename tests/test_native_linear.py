@@ -5,7 +5,8 @@ import torch
 
 from qcompile import native
 from qcompile.kernel_check import difference
-from qcompile.targets.cpu_int8.onednn import FEW_ROWS, reference_linear_int8
+from qcompile.native import FEW_ROWS
+from qcompile.targets.cpu_int8.onednn import reference_linear_int8
 
 pytestmark = pytest.mark.skipif(not native.has_vnni(), reason="this CPU has no AVX512-VNNI: oneDNN runs every row count")
 

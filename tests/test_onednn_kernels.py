@@ -5,7 +5,9 @@ import torch
 import torch.nn.functional as F
 
 import qcompile
+from qcompile import native
 from qcompile.spec import PerChannel, QuantSpec, compute_qparams
+from qcompile.targets.cpu_int8.capabilities import BY_KERNEL, POST_OPS
 
 qc = torch.ops.qc
 ACT = QuantSpec("uint8", symmetric=False)
@@ -82,11 +84,39 @@ def test_fused_residual_add_then_relu():
     assert torch.equal(other, other.clone())  # the addend is read, never accumulated into
 
 
-def test_weights_are_packed_once_per_tensor():
-    from qcompile.targets.cpu_int8.onednn import packed_linear_weight
+@pytest.mark.parametrize("rows", [1, 64])  # the few-row kernel's VNNI blocks and oneDNN's blocked layout
+def test_a_weight_is_packed_once_again_after_an_in_place_write_and_released_with_it(rows):
+    x_q, x_scale, x_zp, w_q, w_scale, b, ref_x, ref_w = quantized_problem()
+    x_q, w_q = x_q[:rows], w_q.clone()
+    before = native.packs_made()
+    first = qlinear(x_q, x_scale, x_zp, w_q, w_scale, b)
+    torch.testing.assert_close(qlinear(x_q, x_scale, x_zp, w_q, w_scale, b), first)
+    assert native.packs_made() == before + 1  # the second call read the cached pack
+    with torch.no_grad():
+        w_q.neg_()  # a user's in-place write: the stale pack would give the old outputs
+    flipped = qlinear(x_q, x_scale, x_zp, w_q, w_scale, b)
+    assert native.packs_made() == before + 2
+    torch.testing.assert_close(flipped, F.linear(ref_x[:rows], -ref_w, b), rtol=1e-4, atol=1e-4)
+    live = native.packed_weights()
+    del w_q
+    assert native.packed_weights() == live - 1
 
-    w_q = quantized_problem()[3]
-    assert packed_linear_weight(w_q) is packed_linear_weight(w_q)
+
+@pytest.mark.parametrize("kernel", ["linear_int8", "conv2d_int8"])
+def test_the_kernels_fuse_exactly_the_post_ops_the_capability_table_names(kernel):
+    """The capability table (what fuse-patterns groups) and the kernels' own table (how oneDNN runs
+    each post-op) agree: every listed post-op runs, every other one is refused."""
+    anchor = BY_KERNEL[kernel]
+    x_q, x_scale, x_zp, w_q, w_scale, b, *_ = quantized_problem() if kernel == "linear_int8" else quantized_conv_problem()
+    run = qlinear if kernel == "linear_int8" else qconv
+    for with_add in (False, True):
+        other = run(x_q, x_scale, x_zp, w_q, w_scale, b) if with_add else None
+        for post_op in POST_OPS:
+            if post_op in anchor.post_ops(with_add):
+                run(x_q, x_scale, x_zp, w_q, w_scale, b, other=other, post_op=post_op)
+            else:
+                with pytest.raises(ValueError, match=f"post-op '{post_op}'.* is not one it fuses"):
+                    run(x_q, x_scale, x_zp, w_q, w_scale, b, other=other, post_op=post_op)
 
 
 def quantized_conv_problem(seed=3):

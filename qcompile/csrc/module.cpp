@@ -1,16 +1,27 @@
 // The qcompile._native extension: registers the native qc:: operators with torch's dispatcher
-// (importing the module is what makes torch.ops.qc.attention and qc.layer_norm_quantize exist), exposes which instruction
-// set they run, and the kernels Python ops call directly (qc.quantize's per-tensor path, qc.linear_int8's few-row path).
+// (importing the module is what makes torch.ops.qc.quantize, dequantize, linear_int8, conv2d_int8, attention and
+// layer_norm_quantize exist), exposes which instruction set they run, and the kernels and helpers Python calls directly.
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include "all_finite.h"
 #include "attention.h"
+#include "int8_kernels.h"
 #include "isa.h"
 #include "layer_norm_quantize.h"
 #include "linear_u8s8.h"
+#include "qdq.h"
 #include "quantize.h"
+#include "weight_cache.h"
 
 TORCH_LIBRARY_FRAGMENT(qc, m) {
+  m.def("quantize(Tensor x, Tensor scale, Tensor zero_point, int? axis, int qmin, int qmax, ScalarType dtype) -> Tensor");
+  m.def("dequantize(Tensor q, Tensor scale, Tensor zero_point, int? axis, ScalarType out_dtype) -> Tensor");
+  m.def("linear_int8(Tensor x, Tensor x_scale, Tensor x_zero_point, Tensor weight, Tensor weight_scale, Tensor? bias, "
+        "Tensor? other, float out_scale, int out_zero_point, ScalarType out_dtype, str post_op) -> Tensor");
+  m.def("conv2d_int8(Tensor x, Tensor x_scale, Tensor x_zero_point, Tensor weight, Tensor weight_scale, Tensor? bias, "
+        "Tensor? other, float other_scale, int other_zero_point, int[] stride, int[] padding, int[] dilation, "
+        "int groups, float out_scale, int out_zero_point, ScalarType out_dtype, str post_op) -> Tensor");
   m.def("attention(Tensor query, Tensor key, Tensor value, Tensor? mask, float? scale, bool is_causal, "
         "ScalarType out_dtype) -> Tensor");
   m.def("layer_norm_quantize(Tensor x, Tensor? weight, Tensor? bias, float eps, Tensor? multiplier, float scale, "
@@ -18,6 +29,10 @@ TORCH_LIBRARY_FRAGMENT(qc, m) {
 }
 
 TORCH_LIBRARY_IMPL(qc, CPU, m) {
+  m.impl("quantize", &qcompile::quantize);
+  m.impl("dequantize", &qcompile::dequantize);
+  m.impl("linear_int8", &qcompile::linear_int8);
+  m.impl("conv2d_int8", &qcompile::conv2d_int8);
   m.impl("attention", &qcompile::attention);
   m.impl("layer_norm_quantize", &qcompile::layer_norm_quantize);
 }
@@ -25,10 +40,16 @@ TORCH_LIBRARY_IMPL(qc, CPU, m) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("pack_u8s8_weight", &qcompile::pack_u8s8_weight,
              "(packed, column sums) of an int8 [out, in] weight for linear_u8s8.");
+  module.attr("FEW_ROWS") = qcompile::kFewRows;
+  module.def("packs_made", &qcompile::packs_made, "How many weight packs the int8 kernels have made.");
+  module.def("packed_weights", &qcompile::packed_weights, "How many live weights the int8 kernels hold packed.");
   module.def("has_vnni", &qcompile::has_vnni, "Whether this CPU has AVX512-VNNI.");
   module.def("linear_u8s8", &qcompile::linear_u8s8,
              "S_x·S_W·(x·Wᵀ − Z_x·ΣW) + b (+ other), relu if asked, as float32 / bfloat16 or requantized uint8: "
              "qc.linear_int8 for a few rows.");
+  module.def("all_finite", &qcompile::all_finite, "Whether x holds no NaN and no infinity (one read of it).");
+  module.def("broadcast_param", &qcompile::broadcast_param,
+             "A quantization parameter shaped to broadcast against x (0-dim when per tensor).");
   module.def("quantize_per_tensor", &qcompile::quantize_per_tensor,
              "clamp(round(x / scale) + zero_point, qmin, qmax) as uint8 or int8, in one pass (qc.quantize's "
              "per-tensor integer path).");

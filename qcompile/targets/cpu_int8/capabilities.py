@@ -33,21 +33,13 @@ ACTIVATION_DTYPES = ("uint8",)
 WEIGHT_DTYPES = ("int8", *(f"int{bits}" for bits in range(2, 8)))
 
 
-@dataclass(frozen=True)
-class PostOp:
-    """A unary epilogue: oneDNN's post-op name and algorithm, and what it computes."""
-
-    onednn: str
-    algorithm: str
-    reference: Callable[[Tensor], Tensor]
-
-
-POST_OPS: dict[str, PostOp] = {
-    "none": PostOp("none", "", lambda y: y),
-    "relu": PostOp("relu", "", torch.relu),
-    # oneDNN's GELU takes its approximation as the algorithm argument.
-    "gelu": PostOp("gelu", "none", F.gelu),
-    "gelu-tanh": PostOp("gelu", "tanh", lambda y: F.gelu(y, approximate="tanh")),
+# The unary epilogues by name, and what each computes: the kernels' contract. How oneDNN runs each
+# (its post-op name and algorithm) is the kernels' own table, in qcompile/csrc/int8_kernels.cpp.
+POST_OPS: dict[str, Callable[[Tensor], Tensor]] = {
+    "none": lambda y: y,
+    "relu": torch.relu,
+    "gelu": F.gelu,
+    "gelu-tanh": lambda y: F.gelu(y, approximate="tanh"),
 }
 
 

@@ -197,10 +197,10 @@ class LowerCpuInt8(Pass):
         bias = add_constant(gm, ops.bias, f"{name}_bias", before=anchor) if ops.bias is not None else None
         x = (ops.x_q, ops.x_scale, ops.x_zero_point, ops.weight_q, weight_scale, bias)
         if anchor.target == aten.linear.default:
-            target, args = linear_int8._opoverload, (*x, other, out_scale, out_zero_point, out_dtype, post_op)
+            target, args = linear_int8, (*x, other, out_scale, out_zero_point, out_dtype, post_op)
         else:
             conv = op_arguments(anchor)
-            target = conv2d_int8._opoverload
+            target = conv2d_int8
             args = (*x, other, other_scale, other_zero_point, list(conv["stride"]), list(conv["padding"]),
                     list(conv["dilation"]), conv["groups"], out_scale, out_zero_point, out_dtype, post_op)
         provenance = Provenance(self.name, ANCHORS[anchor.target].kind, tuple(nodes))

@@ -1,0 +1,206 @@
+// oneDNN int8 kernels as qcompile ops, called without a Python frame: each call is checked, finds
+// its packed weight and reaches oneDNN (or the few-row VNNI kernel) in C++, a few microseconds
+// where the Python custom op spent about 20 (measured: one 384x384 row, 23 µs through the Python
+// op against 3.6 for the kernel alone).
+//
+// Contract, checked in tests and at compile time (kernel_check.py) against the reference ops:
+//
+//   op(x_q, ...) == quantize_out(unary(dequantize(x_q) ⊛ dequantize(w_q) + b [+ other]))
+//
+// Activations are uint8 with a scale and zero point (one-element tensors, so one op serves static
+// scales and scales computed at run time); weights plain int8, symmetric per output channel; bias
+// float; `other` an optional residual added before the unary post-op (float for linear, oneDNN's
+// binary post-op; for conv2d float, or uint8 read through other_scale / other_zero_point, oneDNN's
+// sum post-op); the output float32 / bfloat16 / float16 (for float consumers) or uint8
+// requantized with out_scale / out_zero_point (for the next int8 op).
+//
+// Weights are packed on first use and cached per weight tensor (weight_cache.h): oneDNN's blocked
+// layout for its GEMM and convolution, VNNI blocks for the few-row kernel. A convolution's layout
+// depends on the input's spatial size, so it is packed for the first call's input shape (one packed
+// without it is reordered again on every call).
+
+#include "int8_kernels.h"
+
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/stack.h>
+
+#include <string>
+
+#include "isa.h"
+#include "linear_u8s8.h"
+#include "weight_cache.h"
+
+namespace qcompile {
+namespace {
+
+// A fused unary epilogue: its name in the graph, and the oneDNN post-op and algorithm that run it.
+// capabilities.py says which of these each op's groups may carry; oneDNN follows a residual add with
+// relu only.
+struct PostOp {
+  std::string_view name, onednn, algorithm;
+  bool after_add;
+};
+constexpr PostOp kLinearPostOps[] = {
+    {"none", "none", "", true}, {"relu", "relu", "", true}, {"gelu", "gelu", "none", false},
+    {"gelu-tanh", "gelu", "tanh", false}};
+constexpr PostOp kConvPostOps[] = {{"none", "none", "", true}, {"relu", "relu", "", true}};
+
+template <size_t N>
+const PostOp& post_op_named(const PostOp (&table)[N], std::string_view kernel, std::string_view name, bool with_add) {
+  std::string accepted;
+  for (const PostOp& op : table) {
+    if (with_add && !op.after_add) continue;
+    if (op.name == name) return op;
+    accepted += (accepted.empty() ? "" : ", ") + std::string(op.name);
+  }
+  TORCH_CHECK_VALUE(false, kernel, ": post-op '", name, "'", with_add ? " after a residual add" : "",
+                    " is not one it fuses (it fuses: ", accepted, ")");
+}
+
+void check_operands(const at::Tensor& x, at::ScalarType out_dtype, std::string_view kernel) {
+  TORCH_CHECK_VALUE(x.scalar_type() == at::kByte, kernel, " activations must be uint8, got ",
+                    dtype_name(x.scalar_type()));
+  TORCH_CHECK_VALUE(out_dtype == at::kFloat || out_dtype == at::kBFloat16 || out_dtype == at::kHalf ||
+                        out_dtype == at::kByte,
+                    kernel, " output must be float32, bfloat16, float16 or uint8, got ", dtype_name(out_dtype));
+}
+
+// What oneDNN writes for out_dtype: it has no float16 epilogue here, so a float16 model's kernels
+// write float32, cast once after the kernel.
+at::ScalarType kernel_dtype(at::ScalarType out_dtype) { return out_dtype == at::kHalf ? at::kFloat : out_dtype; }
+
+c10::IValue no_post_op_args() { return c10::List<std::optional<c10::Scalar>>(); }
+
+at::Tensor call(const char* name, const char* overload, torch::jit::Stack stack) {
+  c10::Dispatcher::singleton().findSchemaOrThrow(name, overload).callBoxed(stack);
+  return stack[0].toTensor();
+}
+
+std::optional<at::Tensor> as_float(const std::optional<at::Tensor>& tensor) {
+  if (!tensor.has_value() || !tensor->defined()) return std::nullopt;
+  return tensor->to(at::kFloat);
+}
+
+at::Tensor linear_few_rows(const at::Tensor& x, const at::Tensor& x_scale, const at::Tensor& x_zero_point,
+                           const at::Tensor& weight, const at::Tensor& weight_scale,
+                           const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& other,
+                           double out_scale, int64_t out_zero_point, at::ScalarType out_dtype, bool relu) {
+  static WeightCache cache;
+  const Packed packed = cache.get(weight, weight_scale, [&] {
+    auto [blocks, column_sums] = pack_u8s8_weight(weight);
+    return Packed{blocks, column_sums, weight_scale.to(at::kFloat).contiguous()};
+  });
+  return linear_u8s8(x, x_scale.item<double>(), x_zero_point.item<int64_t>(), packed[0], packed[1], packed[2], bias,
+                     other, relu, out_scale, out_zero_point, kernel_dtype(out_dtype));
+}
+
+// Zero weight zero points, one per output channel: oneDNN's GEMM reads them as a tensor.
+at::Tensor weight_zero_points(const at::Tensor& weight_scale) {
+  return at::zeros({weight_scale.numel()}, weight_scale.options().dtype(at::kLong));
+}
+
+}  // namespace
+
+std::string dtype_name(at::ScalarType dtype) { return "torch." + std::string(c10::getDtypeNames(dtype).first); }
+
+at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& x_scale, const at::Tensor& x_zero_point,
+                       const at::Tensor& weight, const at::Tensor& weight_scale, const std::optional<at::Tensor>& bias,
+                       const std::optional<at::Tensor>& other, double out_scale, int64_t out_zero_point,
+                       at::ScalarType out_dtype, std::string_view post_op) {
+  static constexpr std::string_view kKernel = "linear_int8";
+  check_operands(x, out_dtype, kKernel);
+  const bool with_add = other.has_value() && other->defined();
+  const PostOp& unary = post_op_named(kLinearPostOps, kKernel, post_op, with_add);
+  TORCH_CHECK_VALUE(weight.scalar_type() == at::kChar && weight.dim() == 2, "linear_int8 weights must be 2-D int8, got ",
+                    dtype_name(weight.scalar_type()), " ", weight.sizes());
+  // oneDNN's binary post-op reads `other` in the output's dtype: a float residual would be truncated
+  // to bytes. The lowering keeps such a group's output float.
+  TORCH_CHECK_VALUE(!(with_add && out_dtype == at::kByte),
+                    "linear_int8 adds a float other into a float output only, not a uint8 one");
+  const int64_t k = x.size(-1), rows = k > 0 ? x.numel() / k : 0;
+  if ((unary.name == "none" || unary.name == "relu") && has_vnni() && active_isa() == Isa::Avx512 &&
+      rows <= kFewRows) {
+    return linear_few_rows(x, x_scale, x_zero_point, weight, weight_scale, bias, other, out_scale, out_zero_point,
+                           out_dtype, unary.name == "relu")
+        .to(out_dtype);
+  }
+  static WeightCache cache;
+  const at::Tensor packed = cache.get(weight, at::Tensor(), [&] {
+    return Packed{call("onednn::qlinear_prepack", "", {weight, c10::IValue()})};
+  })[0];
+  const at::ScalarType written = kernel_dtype(out_dtype);
+  if (written != at::kByte) out_scale = 1.0, out_zero_point = 0;
+  // oneDNN reads x and other as dense row-major matrices: a strided view is read as if it were one
+  // (garbage), or, for some layouts, taken down a reference path thousands of times slower. Both are
+  // copied once here when they are not already dense.
+  const at::Tensor scale = x_scale.reshape({}).to(at::kFloat), zero_point = x_zero_point.reshape({}).to(at::kLong);
+  const at::Tensor w_scale = weight_scale.to(at::kFloat);
+  at::Tensor y;
+  if (!with_add) {
+    y = call("onednn::qlinear_pointwise", "tensor",
+             {x.contiguous(), scale, zero_point, packed, w_scale, weight_zero_points(weight_scale), as_float(bias),
+              out_scale, out_zero_point, written, std::string(unary.onednn), no_post_op_args(),
+              std::string(unary.algorithm)});
+  } else {
+    y = call("onednn::qlinear_pointwise", "binary_tensor",
+             {x.contiguous(), scale, zero_point, packed, w_scale, weight_zero_points(weight_scale),
+              other->to(written).contiguous(), as_float(bias), out_scale, out_zero_point, written, 1.0, 0,
+              std::string("add"), 1.0, std::string(unary.onednn), no_post_op_args(), std::string(unary.algorithm)});
+  }
+  return y.to(out_dtype);
+}
+
+at::Tensor conv2d_int8(const at::Tensor& x, const at::Tensor& x_scale, const at::Tensor& x_zero_point,
+                       const at::Tensor& weight, const at::Tensor& weight_scale, const std::optional<at::Tensor>& bias,
+                       const std::optional<at::Tensor>& other, double other_scale, int64_t other_zero_point,
+                       at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                       double out_scale, int64_t out_zero_point, at::ScalarType out_dtype, std::string_view post_op) {
+  static constexpr std::string_view kKernel = "conv2d_int8";
+  check_operands(x, out_dtype, kKernel);
+  const bool with_add = other.has_value() && other->defined();
+  const PostOp& unary = post_op_named(kConvPostOps, kKernel, post_op, with_add);
+  TORCH_CHECK_VALUE(weight.scalar_type() == at::kChar && weight.dim() == 4, "conv2d_int8 weights must be 4-D int8, got ",
+                    dtype_name(weight.scalar_type()), " ", weight.sizes());
+  const at::ScalarType written = kernel_dtype(out_dtype);
+  if (written != at::kByte) out_scale = 1.0, out_zero_point = 0;
+  const double scale = x_scale.item<double>();
+  const int64_t zero_point = x_zero_point.item<int64_t>();
+  const at::Tensor w_scale = weight_scale.to(at::kFloat);
+  static WeightCache cache;
+  const at::Tensor packed = cache.get(weight, weight_scale, [&] {
+    return Packed{call("onednn::qconv_prepack", "",
+                       {weight, w_scale, scale, zero_point, stride.vec(), padding.vec(), dilation.vec(), groups,
+                        x.sizes().vec()})};
+  })[0];
+  at::Tensor y;
+  if (!with_add) {
+    y = call("onednn::qconv2d_pointwise", "",
+             {x, scale, zero_point, packed, w_scale, weight_zero_points(weight_scale), as_float(bias), stride.vec(),
+              padding.vec(), dilation.vec(), groups, out_scale, out_zero_point, written, std::string(unary.onednn),
+              no_post_op_args(), std::string()});
+  } else {
+    // oneDNN's sum post-op adds into a buffer of the output's dtype and overwrites it, so the kernel
+    // gets its own channels-last copy: uint8 (with its qparams) for a uint8 output, else float.
+    at::Tensor accumulator;
+    if (written == at::kByte) {
+      TORCH_CHECK_VALUE(other->scalar_type() == at::kByte, "conv2d_int8 with a uint8 output adds a uint8 other, got ",
+                        dtype_name(other->scalar_type()));
+      accumulator = other->clone(at::MemoryFormat::ChannelsLast);
+    } else {
+      at::Tensor values = *other;
+      if (values.scalar_type() == at::kByte) {  // r = S·(q − Z), as qc.dequantize computes it
+        values = (values.to(at::kFloat) - static_cast<double>(other_zero_point)) * other_scale;
+      }
+      accumulator = values.to(written).clone(at::MemoryFormat::ChannelsLast);
+      other_scale = 1.0, other_zero_point = 0;
+    }
+    y = call("onednn::qconv2d_pointwise", "binary",
+             {x, scale, zero_point, packed, w_scale, weight_zero_points(weight_scale), accumulator, as_float(bias),
+              stride.vec(), padding.vec(), dilation.vec(), groups, out_scale, out_zero_point, written, other_scale,
+              other_zero_point, std::string("sum"), c10::Scalar(1.0), std::string(unary.onednn), no_post_op_args(),
+              std::string()});
+  }
+  return y.to(out_dtype);
+}
+
+}  // namespace qcompile
