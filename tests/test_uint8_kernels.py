@@ -19,6 +19,16 @@ def test_max_pool2d_uint8_equals_aten(kernel, stride, padding, channels_last):
     assert actual.is_contiguous(memory_format=torch.channels_last) == channels_last
 
 
+@pytest.mark.parametrize("shape, kernel, stride, padding", [
+    ((8, 64, 56, 56), 3, 2, 1),  # ResNet's stem pool, split across threads
+    ((1, 1, 1, 1), 1, 1, 0), ((3, 7, 2, 5), 2, 1, 0), ((2, 3, 9, 9), 3, 3, 1)])
+def test_max_pool2d_uint8_equals_aten_on_every_layout(shape, kernel, stride, padding):
+    x = torch.randint(0, 256, shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    expected = F.max_pool2d(x.float(), kernel, stride, padding).to(torch.uint8)
+    for case in (x, x.contiguous(memory_format=torch.channels_last), x.repeat_interleave(2, dim=1)[:, ::2]):
+        assert torch.equal(torch.ops.qc.max_pool2d_uint8(case, [kernel] * 2, [stride] * 2, [padding] * 2), expected)
+
+
 def test_max_pool2d_uint8_refuses_float():
     with pytest.raises(ValueError, match="takes a 4-D uint8 tensor, got torch.float32"):
         torch.ops.qc.max_pool2d_uint8(torch.zeros(1, 1, 4, 4), [2, 2], [2, 2], [0, 0])

@@ -28,6 +28,7 @@
 
 #include "isa.h"
 #include "linear_u8s8.h"
+#include "names.h"
 #include "weight_cache.h"
 
 namespace qcompile {
@@ -100,8 +101,6 @@ at::Tensor weight_zero_points(const at::Tensor& weight_scale) {
 }
 
 }  // namespace
-
-std::string dtype_name(at::ScalarType dtype) { return "torch." + std::string(c10::getDtypeNames(dtype).first); }
 
 at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& x_scale, const at::Tensor& x_zero_point,
                        const at::Tensor& weight, const at::Tensor& weight_scale, const std::optional<at::Tensor>& bias,

@@ -23,7 +23,4 @@ at::Tensor conv2d_int8(const at::Tensor& x, const at::Tensor& x_scale, const at:
                        at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                        double out_scale, int64_t out_zero_point, at::ScalarType out_dtype, std::string_view post_op);
 
-// A dtype as Python prints it ("torch.float32"), for error messages.
-std::string dtype_name(at::ScalarType dtype);
-
 }  // namespace qcompile

@@ -1,6 +1,6 @@
 // The qcompile._native extension: registers the native qc:: operators with torch's dispatcher
-// (importing the module is what makes torch.ops.qc.quantize, dequantize, linear_int8, conv2d_int8, attention and
-// layer_norm_quantize exist), exposes which instruction set they run, and the kernels and helpers Python calls directly.
+// (importing the module is what makes torch.ops.qc.quantize, dequantize, linear_int8, conv2d_int8, max_pool2d_uint8,
+// attention and layer_norm_quantize exist), exposes which instruction set they run, and the kernels and helpers Python calls directly.
 #include <torch/extension.h>
 #include <torch/library.h>
 
@@ -10,11 +10,13 @@
 #include "isa.h"
 #include "layer_norm_quantize.h"
 #include "linear_u8s8.h"
+#include "max_pool2d_uint8.h"
 #include "qdq.h"
 #include "quantize.h"
 #include "weight_cache.h"
 
 TORCH_LIBRARY_FRAGMENT(qc, m) {
+  m.def("max_pool2d_uint8(Tensor x, int[] kernel_size, int[] stride, int[] padding) -> Tensor");
   m.def("quantize(Tensor x, Tensor scale, Tensor zero_point, int? axis, int qmin, int qmax, ScalarType dtype) -> Tensor");
   m.def("dequantize(Tensor q, Tensor scale, Tensor zero_point, int? axis, ScalarType out_dtype) -> Tensor");
   m.def("linear_int8(Tensor x, Tensor x_scale, Tensor x_zero_point, Tensor weight, Tensor weight_scale, Tensor? bias, "
@@ -29,6 +31,7 @@ TORCH_LIBRARY_FRAGMENT(qc, m) {
 }
 
 TORCH_LIBRARY_IMPL(qc, CPU, m) {
+  m.impl("max_pool2d_uint8", &qcompile::max_pool2d_uint8);
   m.impl("quantize", &qcompile::quantize);
   m.impl("dequantize", &qcompile::dequantize);
   m.impl("linear_int8", &qcompile::linear_int8);

@@ -17,7 +17,7 @@
 
 #include "qdq.h"
 
-#include "int8_kernels.h"
+#include "names.h"
 #include "quantize.h"
 
 namespace qcompile {

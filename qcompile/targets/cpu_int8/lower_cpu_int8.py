@@ -164,7 +164,7 @@ class LowerCpuInt8(Pass):
         if any(2 * p >= k for p, k in zip(padding, kernel)):
             return False  # the kernel starts from the tap at the padding offset, which must lie inside
         args = (pool["self"], kernel, _pair(pool["stride"] or kernel), padding)
-        pooled = insert_call(gm, max_pool2d_uint8._opoverload, args, before=node,
+        pooled = insert_call(gm, max_pool2d_uint8, args, before=node,
                              provenance=Provenance(self.name, "max_pool2d", (node.name,)), meta_from=node)
         node.replace_all_uses_with(pooled)
         gm.graph.erase_node(node)
