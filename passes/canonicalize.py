@@ -3,11 +3,18 @@
     dropout(x, p, train=False)            -> x        (and feature/alpha dropout)
     to(x, dtype) with x already that dtype -> x        (to.dtype, to.device, _to_copy, type_as)
     clone(x) / detach(x) / alias(x)       -> x        (unless x or the result is written in place)
+    pad(x, [0, 0, ...]) / constant_pad_nd -> x        a pad of nothing (TF-style "same" padding
+                                                     computes one per layer, mostly zeros), same
+                                                     condition; kept, it is a copy and a float
+                                                     op between two int8 convolutions
     relu_(x), add_(x, y), ... in place    -> relu(x), add(x, y), ...   when x is a fresh value
                                                      (not an input, weight or view) that nothing
                                                      views: later reads of x read the result
     _assert_*(...), sym_constrain_range*  -> (gone)   export's runtime checks
     call_module _guards_fn(...)           -> (gone)   export's input-shape guard
+    conv2d(pad(x, [l, l, t, t]), W, b, s, p, d, g) -> conv2d(x, W, b, s, p + (t, l), d, g)
+                                                     a symmetric zero pad before a convolution is its
+                                                     padding (the kernels pad without a copy)
     conv2d(x, W, b, s, "valid" | "same", d, g) -> conv2d(x, W, b, s, p, d, g)
                                                      the padding as numbers (conv1d/2d/3d): "valid"
                                                      is 0; "same" (stride 1) is d·(k−1)/2 per side
@@ -15,8 +22,9 @@
 
 Out-of-place forms are what every later pass matches (``nn.ReLU(inplace=True)`` exports as
 ``relu_``, ``out += identity`` as ``add_``), and a value written in place cannot be fused or
-quantized on its own. Every rewrite keeps the value bit for bit, so the pass claims to
-preserve semantics and the NumericCheck instrument holds it to that.
+quantized on its own. Every rewrite keeps the value bit for bit (folding a pad into a
+convolution adds the same zeros, with the convolution's own summation order), so the pass
+claims to preserve semantics and the NumericCheck instrument holds it to that.
 """
 
 from __future__ import annotations
@@ -89,6 +97,18 @@ class IdentityCopy(SingleOpRule):
     rewrite = staticmethod(_forward_input)
 
 
+class NothingPadded(SingleOpRule):
+    """pad(x, [0, ...]) -> x, constant_pad_nd(x, [0, ...]) -> x: the same values, any mode"""
+
+    def check(self, match: Match) -> str | None:
+        amounts = op_arguments(match.anchor)["pad"]
+        if not all(isinstance(a, int) and a == 0 for a in amounts):
+            return f"pads {list(amounts)}"
+        return _written_in_place(match["x"], match.anchor)
+
+    rewrite = staticmethod(_forward_input)
+
+
 class ExplicitConvPadding(SingleOpRule):
     """conv(x, W, b, stride, "valid" | "same", dilation, groups) -> conv.default(..., padding as numbers):
     the overload every rule, kernel and exporter knows (EfficientNet's convolutions use "valid")."""
@@ -125,6 +145,45 @@ class ExplicitConvPadding(SingleOpRule):
             explicit = match.graph.call_function(self.default, args)
         explicit.meta = dict(match.anchor.meta)
         match.anchor.replace_all_uses_with(explicit)
+        match.graph.erase_node(match.anchor)
+
+
+class PadIntoConv(SingleOpRule):
+    """conv2d(pad(x, [l, l, t, t], 0), ..., padding p) -> conv2d(x, ..., padding p + (t, l)): both
+    add the same zeros around x. The pad stays for its other users, if any."""
+
+    def __init__(self) -> None:
+        super().__init__(aten.conv2d.default)
+        self.name = "pad-into-conv2d"
+
+    def added(self, match: Match) -> list[int] | str:
+        pad = op_arguments(match.anchor)["input"]
+        if not isinstance(pad, fx.Node) or pad.target not in (aten.pad.default, aten.constant_pad_nd.default):
+            return "the input is not padded"
+        padded = op_arguments(pad)
+        if padded.get("mode", "constant") != "constant" or (padded.get("value") or 0) != 0:
+            return f"pads with {padded.get('mode')} {padded.get('value')}, not zeros"
+        amounts = list(padded["pad"])
+        if len(amounts) != 4 or not all(isinstance(a, int) and a >= 0 for a in amounts):
+            return f"pads {amounts}, not the last two dimensions"
+        left, right, top, bottom = amounts
+        if left != right or top != bottom:
+            return f"pads {amounts}: not the same on both sides"
+        return [top, left]
+
+    def check(self, match: Match) -> str | None:
+        added = self.added(match)
+        return added if isinstance(added, str) else None
+
+    def rewrite(self, match: Match) -> None:
+        conv, (top, left) = op_arguments(match.anchor), self.added(match)
+        padding = list(conv["padding"]) * (2 if len(conv["padding"]) == 1 else 1)
+        args = (op_arguments(conv["input"])["self"], conv["weight"], conv["bias"], list(conv["stride"]),
+                [padding[0] + top, padding[1] + left], list(conv["dilation"]), conv["groups"])
+        with match.graph.inserting_before(match.anchor):
+            folded = match.graph.call_function(aten.conv2d.default, args)
+        folded.meta = dict(match.anchor.meta)
+        match.anchor.replace_all_uses_with(folded)
         match.graph.erase_node(match.anchor)
 
 
@@ -210,9 +269,11 @@ CANONICALIZE_RULES = register_rule_set(
             *(NoOpConversion(op) for op in (aten.to.dtype, aten.to.dtype_layout, aten.to.device,
                                             aten._to_copy.default, aten.type_as.default)),
             *(IdentityCopy(op) for op in (aten.clone.default, aten.detach.default, aten.alias.default)),
+            *(NothingPadded(op) for op in (aten.pad.default, aten.constant_pad_nd.default)),
             *(ExplicitConvPadding(op, default) for op, default in (
                 (aten.conv1d.padding, aten.conv1d.default), (aten.conv2d.padding, aten.conv2d.default),
                 (aten.conv3d.padding, aten.conv3d.default))),
+            PadIntoConv(),
             *(DropAssertion(op) for op in (aten._assert_tensor_metadata.default, aten._assert_scalar.default,
                                            aten._assert_async.msg, aten.sym_constrain_range_for_size.default,
                                            aten.sym_constrain_range.default)),

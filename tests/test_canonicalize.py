@@ -172,3 +172,30 @@ def test_string_conv_padding_becomes_numbers_so_the_conv_is_quantized_and_lowere
     assert convs == [[0, 0], [2, 2]]
     qm = qcompile.compile(Valid(), calibration_data=[(torch.randn(2, 3, 12, 12),) for _ in range(2)], progress=False)
     assert [n.detail.split(" ")[0] for n in qm.report.nodes] == ["qc.conv2d_int8+relu", "qc.conv2d_int8"]
+
+
+def test_a_pad_of_nothing_goes_and_a_real_pad_stays():
+    """TF-style "same" padding (HF MobileNet, EfficientNet) pads every layer, mostly by nothing: a
+    copy and a float op between two int8 convolutions."""
+    class TfPadded(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.a, self.b = torch.nn.Conv2d(3, 8, 3), torch.nn.Conv2d(8, 8, 3, stride=2)
+            self.c = torch.nn.Conv2d(8, 8, 3, padding=(0, 1), groups=8)
+
+        def forward(self, x):
+            y = torch.relu(self.a(torch.nn.functional.pad(x, [0, 0, 0, 0])))
+            y = self.b(torch.nn.functional.pad(y, [0, 1, 0, 1]))
+            return self.c(torch.nn.functional.pad(y, [2, 2, 1, 1]))  # a symmetric pad: the conv's own
+
+    x = torch.randn(2, 3, 12, 12)
+    gm = qcompile.capture(TfPadded(), (x,))
+    out = assert_pass_contract(Canonicalize(), gm, [x])
+    check_graph(out, """
+    CHECK-NOT: [0, 0, 0, 0]
+    CHECK: aten.pad.default({{.*}}, [0, 1, 0, 1])
+    CHECK-NOT: aten.pad
+    CHECK: aten.conv2d.default({{.*}}, [1, 1], [1, 3], [1, 1], 8)
+    """)
+    assert_outputs_close(gm, out, (x,), rtol=1e-6)  # the same zeros: a convolution's summation order apart

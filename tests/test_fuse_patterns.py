@@ -47,3 +47,35 @@ def test_conv_residual_add_relu_is_one_group(resnet):
     CHECK: aten.conv2d.default{{.*}}fuse(add+relu->relu_2)
     """)
     assert qcompile.print_graph(out).count("fuse(add+relu") == 8  # every block end of ResNet-18
+
+
+def test_relu6_after_a_conv_or_a_linear_is_its_epilogue_and_the_output_stays_uint8():
+    """MobileNet's conv -> ReLU6 (hardtanh(0, 6)) -> conv: one kernel writing uint8 for the next,
+    equal to the Q/DQ graph; a clamp to other bounds is no ReLU6 and stays a float op."""
+    class Relu6Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.a, self.b = torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.Conv2d(16, 16, 3, padding=1, groups=16)
+            self.c, self.relu6 = torch.nn.Conv2d(16, 16, 1), torch.nn.ReLU6()
+            self.fc, self.head = torch.nn.Linear(16, 32), torch.nn.Linear(32, 4)
+
+        def forward(self, x):
+            y = self.b(torch.nn.functional.relu6(self.a(x) * 3))  # a's relu6 is after a multiply: float
+            y = torch.clamp(self.c(self.relu6(self.b(y))), -1.0, 6.0)  # nn.ReLU6 is hardtanh(0, 6)
+            return self.head(torch.nn.functional.relu6(self.fc(y.mean((2, 3)))))
+
+    model = Relu6Net().eval()
+    batches = [(torch.randn(4, 3, 10, 10),) for _ in range(3)]
+    qm = qcompile.compile(model, calibration_data=batches, progress=False)
+    check_graph(qm.graph_module, """
+    CHECK: qc.conv2d_int8.default({{.*}}'none') : f32
+    CHECK: aten.relu6.default
+    CHECK: qc.conv2d_int8.default({{.*}}'relu6') : u8
+    CHECK: qc.conv2d_int8.default({{.*}}'none') : f32
+    CHECK: aten.clamp.default
+    CHECK: qc.linear_int8.default({{.*}}'relu6') : u8
+    """)
+    x = torch.randn(8, 3, 10, 10)
+    with torch.no_grad():
+        torch.testing.assert_close(qm(x), qm.qdq_graph_module(x), rtol=0.0, atol=1e-3)

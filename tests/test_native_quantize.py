@@ -37,3 +37,14 @@ def test_native_quantize_equals_the_formula(isa, zero_point, qmin, qmax, dtype):
 def test_a_range_the_storage_cannot_hold_is_refused():
     with pytest.raises(RuntimeError, match=r"range \[0, 300\] does not fit"):
         native.quantize_per_tensor(torch.randn(4), 0.1, 0, 0, 300, torch.uint8)
+
+
+def test_a_dense_layout_is_kept_and_a_strided_view_is_read_right():
+    """A convolution's channels-last output is quantized in place of its layout, for the next one."""
+    x = torch.randn(2, 16, 5, 7).contiguous(memory_format=torch.channels_last)
+    for case in (x, x[:, :, 1:4], x.permute(0, 1, 3, 2)):
+        q = torch.ops.qc.quantize(case, torch.tensor([0.02]), torch.tensor([3], dtype=torch.int32), None, 0, 255,
+                                  torch.uint8)
+        assert torch.equal(q, formula(case, 0.02, 3, 0, 255, torch.uint8))
+    assert torch.ops.qc.quantize(x, torch.tensor([0.02]), torch.tensor([3], dtype=torch.int32), None, 0, 255,
+                                 torch.uint8).is_contiguous(memory_format=torch.channels_last)

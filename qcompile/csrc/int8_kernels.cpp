@@ -34,17 +34,25 @@
 namespace qcompile {
 namespace {
 
-// A fused unary epilogue: its name in the graph, and the oneDNN post-op and algorithm that run it.
-// capabilities.py says which of these each op's groups may carry; oneDNN follows a residual add with
-// relu only.
+// A fused unary epilogue: its name in the graph, and the oneDNN post-op, algorithm and bounds that
+// run it. capabilities.py says which of these each op's groups may carry; oneDNN follows a residual
+// add with relu only.
 struct PostOp {
   std::string_view name, onednn, algorithm;
   bool after_add;
+  bool clip6 = false;  // hardtanh's bounds [0, 6]: ReLU6
+
+  c10::IValue args() const {
+    c10::List<std::optional<c10::Scalar>> bounds;
+    if (clip6) bounds.push_back(c10::Scalar(0.0)), bounds.push_back(c10::Scalar(6.0));
+    return bounds;
+  }
 };
 constexpr PostOp kLinearPostOps[] = {
-    {"none", "none", "", true}, {"relu", "relu", "", true}, {"gelu", "gelu", "none", false},
-    {"gelu-tanh", "gelu", "tanh", false}};
-constexpr PostOp kConvPostOps[] = {{"none", "none", "", true}, {"relu", "relu", "", true}};
+    {"none", "none", "", true}, {"relu", "relu", "", true}, {"relu6", "hardtanh", "", false, true},
+    {"gelu", "gelu", "none", false}, {"gelu-tanh", "gelu", "tanh", false}};
+constexpr PostOp kConvPostOps[] = {
+    {"none", "none", "", true}, {"relu", "relu", "", true}, {"relu6", "hardtanh", "", false, true}};
 
 template <size_t N>
 const PostOp& post_op_named(const PostOp (&table)[N], std::string_view kernel, std::string_view name, bool with_add) {
@@ -69,8 +77,6 @@ void check_operands(const at::Tensor& x, at::ScalarType out_dtype, std::string_v
 // What oneDNN writes for out_dtype: it has no float16 epilogue here, so a float16 model's kernels
 // write float32, cast once after the kernel.
 at::ScalarType kernel_dtype(at::ScalarType out_dtype) { return out_dtype == at::kHalf ? at::kFloat : out_dtype; }
-
-c10::IValue no_post_op_args() { return c10::List<std::optional<c10::Scalar>>(); }
 
 at::Tensor call(const char* name, const char* overload, torch::jit::Stack stack) {
   c10::Dispatcher::singleton().findSchemaOrThrow(name, overload).callBoxed(stack);
@@ -138,13 +144,13 @@ at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& x_scale, const at:
   if (!with_add) {
     y = call("onednn::qlinear_pointwise", "tensor",
              {x.contiguous(), scale, zero_point, packed, w_scale, weight_zero_points(weight_scale), as_float(bias),
-              out_scale, out_zero_point, written, std::string(unary.onednn), no_post_op_args(),
+              out_scale, out_zero_point, written, std::string(unary.onednn), unary.args(),
               std::string(unary.algorithm)});
   } else {
     y = call("onednn::qlinear_pointwise", "binary_tensor",
              {x.contiguous(), scale, zero_point, packed, w_scale, weight_zero_points(weight_scale),
               other->to(written).contiguous(), as_float(bias), out_scale, out_zero_point, written, 1.0, 0,
-              std::string("add"), 1.0, std::string(unary.onednn), no_post_op_args(), std::string(unary.algorithm)});
+              std::string("add"), 1.0, std::string(unary.onednn), unary.args(), std::string(unary.algorithm)});
   }
   return y.to(out_dtype);
 }
@@ -176,7 +182,7 @@ at::Tensor conv2d_int8(const at::Tensor& x, const at::Tensor& x_scale, const at:
     y = call("onednn::qconv2d_pointwise", "",
              {x, scale, zero_point, packed, w_scale, weight_zero_points(weight_scale), as_float(bias), stride.vec(),
               padding.vec(), dilation.vec(), groups, out_scale, out_zero_point, written, std::string(unary.onednn),
-              no_post_op_args(), std::string()});
+              unary.args(), std::string()});
   } else {
     // oneDNN's sum post-op adds into a buffer of the output's dtype and overwrites it, so the kernel
     // gets its own channels-last copy: uint8 (with its qparams) for a uint8 output, else float.
@@ -196,7 +202,7 @@ at::Tensor conv2d_int8(const at::Tensor& x, const at::Tensor& x_scale, const at:
     y = call("onednn::qconv2d_pointwise", "binary",
              {x, scale, zero_point, packed, w_scale, weight_zero_points(weight_scale), accumulator, as_float(bias),
               stride.vec(), padding.vec(), dilation.vec(), groups, out_scale, out_zero_point, written, other_scale,
-              other_zero_point, std::string("sum"), c10::Scalar(1.0), std::string(unary.onednn), no_post_op_args(),
+              other_zero_point, std::string("sum"), c10::Scalar(1.0), std::string(unary.onednn), unary.args(),
               std::string()});
   }
   return y.to(out_dtype);

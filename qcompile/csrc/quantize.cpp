@@ -53,8 +53,11 @@ at::Tensor quantize_per_tensor(const at::Tensor& x, double scale, int64_t zero_p
   const int64_t lowest = dtype == at::kByte ? 0 : -128, highest = dtype == at::kByte ? 255 : 127;
   TORCH_CHECK(lowest <= qmin && qmin <= qmax && qmax <= highest, "quantize_per_tensor: range [", qmin, ", ", qmax,
               "] does not fit ", dtype);
-  const at::Tensor values = x.to(at::kFloat).contiguous();
-  at::Tensor q = at::empty(x.sizes(), x.options().dtype(dtype));
+  // Any dense layout is read as it lies and written in the same strides (a convolution's
+  // channels-last output stays channels-last for the next one); only a strided view is copied.
+  at::Tensor values = x.to(at::kFloat);
+  if (!values.is_non_overlapping_and_dense()) values = values.contiguous();
+  at::Tensor q = at::empty_like(values, values.options().dtype(dtype));
   const float s = static_cast<float>(scale), z = static_cast<float>(zero_point);
   if (dtype == at::kByte) {
     quantize(values.data_ptr<float>(), q.data_ptr<uint8_t>(), values.numel(), s, z, qmin, qmax);

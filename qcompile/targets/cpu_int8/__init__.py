@@ -26,6 +26,7 @@ from qcompile.targets.cpu_int8.lower_cpu_int8 import LowerCpuInt8
 from qcompile.targets.cpu_int8.lower_float_bf16 import LowerFloatBf16
 from qcompile.targets.cpu_int8.merge_sibling_linears import MergeSiblingLinears
 from qcompile.targets.cpu_int8.onednn import conv2d_int8, describe_int8_kernel, linear_int8
+from qcompile.targets.cpu_int8.quantize_before_pad import QuantizeBeforePad
 from qcompile.targets.cpu_int8.lower_weight_only import LowerWeightOnly
 from qcompile.targets.cpu_int8.uint8_kernels import max_pool2d_uint8
 from qcompile.targets.cpu_int8.weight_only_kernels import describe_weight_only_kernel, linear_weight_only
@@ -44,16 +45,17 @@ register_target(
         prepare=PREPARE,
         convert=CONVERT,
         # Fusion is read off the Q/DQ graph, so a saved Q/DQ program lowers the same way.
-        lower="canonicalize,merge-sibling-linears,fuse-patterns,lower-cpu-int8,lower-weight-only,lower-float-bf16,"
+        lower="canonicalize,merge-sibling-linears,quantize-before-pad,fuse-patterns,lower-cpu-int8,lower-weight-only,lower-float-bf16,"
               "fuse-layer-norm-quantize,relax-views,eliminate-dead-code",
         dynamic_prepare=DYNAMIC_PREPARE,
         dynamic_convert="cast-fp8{dynamic=true},convert{dynamic=true},eliminate-dequant,eliminate-dead-code",
         describe_kernel=describe_kernel,
         candidates=search_candidates(),
-        passes=(MergeSiblingLinears, FusePatterns, LowerCpuInt8, LowerWeightOnly, LowerFloatBf16, FuseLayerNormQuantize),
+        passes=(MergeSiblingLinears, QuantizeBeforePad, FusePatterns, LowerCpuInt8, LowerWeightOnly, LowerFloatBf16, FuseLayerNormQuantize),
     )
 )
 
 
-__all__ = ["FuseLayerNormQuantize", "FusePatterns", "LowerCpuInt8", "LowerFloatBf16", "LowerWeightOnly", "MergeSiblingLinears", "attention",
+__all__ = ["FuseLayerNormQuantize", "FusePatterns", "LowerCpuInt8", "LowerFloatBf16", "LowerWeightOnly", "MergeSiblingLinears",
+           "QuantizeBeforePad", "attention",
            "conv2d_int8", "layer_norm_quantize", "linear_bf16", "linear_int8", "linear_weight_only", "max_pool2d_uint8"]

@@ -2,8 +2,8 @@
 (``fuse-patterns``), its lowering (``lower-cpu-int8``) and its kernels' argument checks read.
 
     op        kernel            activations x weights    unary post-ops          residual add        after an add
-    linear    qc.linear_int8    uint8 x int8 (axis 0)    relu, gelu, gelu-tanh    binary: float other  relu
-    conv2d    qc.conv2d_int8    uint8 x int8 (axis 0)    relu                     sum: uint8 other     relu
+    linear    qc.linear_int8    uint8 x int8 (axis 0)    relu, relu6, gelu(-tanh) binary: float other  relu
+    conv2d    qc.conv2d_int8    uint8 x int8 (axis 0)    relu, relu6              sum: uint8 other     relu
 
 A "binary" residual add is oneDNN's binary post-op, which reads the other operand in the
 output's dtype, so the other stays float and the output must be float; a "sum" add reads a
@@ -40,6 +40,7 @@ POST_OPS: dict[str, Callable[[Tensor], Tensor]] = {
     "relu": torch.relu,
     "gelu": F.gelu,
     "gelu-tanh": lambda y: F.gelu(y, approximate="tanh"),
+    "relu6": lambda y: F.hardtanh(y, 0.0, 6.0),  # MobileNet's activation, clamp(y, 0, 6)
 }
 
 
@@ -59,8 +60,8 @@ class Int8Anchor:
 
 
 ANCHORS: dict[torch._ops.OpOverload, Int8Anchor] = {
-    aten.linear.default: Int8Anchor("linear", "linear_int8", ("relu", "gelu", "gelu-tanh"), "binary"),
-    aten.conv2d.default: Int8Anchor("conv2d", "conv2d_int8", ("relu",), "sum"),
+    aten.linear.default: Int8Anchor("linear", "linear_int8", ("relu", "relu6", "gelu", "gelu-tanh"), "binary"),
+    aten.conv2d.default: Int8Anchor("conv2d", "conv2d_int8", ("relu", "relu6"), "sum"),
 }
 BY_KERNEL: dict[str, Int8Anchor] = {anchor.kernel: anchor for anchor in ANCHORS.values()}
 assert all(u in POST_OPS for anchor in ANCHORS.values() for u in anchor.unary)

@@ -1,9 +1,9 @@
 """fuse-patterns: mark the groups that lower to one int8 kernel (cpu-int8's group marking;
 which epilogues each kernel fuses is :mod:`qcompile.targets.cpu_int8.capabilities`).
 
-    linear(x, W, b) -> gelu | relu                      one kernel, unary post-op
+    linear(x, W, b) -> gelu | relu | relu6              one kernel, unary post-op
     linear(x, W, b) -> add(·, other) [-> relu]          one kernel, binary post-op (residual add)
-    conv2d(x, W, b, ...) -> relu                         one kernel, unary post-op
+    conv2d(x, W, b, ...) -> relu | relu6                 one kernel, unary post-op
     conv2d(x, W, b, ...) -> add(·, other) [-> relu]      one kernel, sum post-op (ResNet's block end)
 
 Marking, not rewriting: the anchor gets a ``qc.fusion`` record naming the group's nodes, and
@@ -33,6 +33,13 @@ aten = torch.ops.aten
 def _unary_kind(node: fx.Node) -> str | None:
     if node.target == aten.relu.default:
         return "relu"
+    if node.target == aten.relu6.default:
+        return "relu6"
+    if node.target in (aten.hardtanh.default, aten.clamp.default):  # nn.ReLU6 exports as hardtanh(y, 0, 6)
+        bounds = op_arguments(node)
+        low, high = (bounds["min_val"], bounds["max_val"]) if node.target == aten.hardtanh.default else (
+            bounds["min"], bounds["max"])
+        return "relu6" if (low, high) == (0, 6) else None
     if node.target == aten.gelu.default:
         return "gelu-tanh" if op_arguments(node)["approximate"] == "tanh" else "gelu"
     return None
