@@ -6,7 +6,7 @@ import torch
 from qcompile import native
 from qcompile.kernel_check import difference
 from qcompile.native import FEW_ROWS
-from qcompile.targets.cpu_int8.onednn import reference_linear_int8
+from qcompile.targets.cpu_int8.onednn import reference_conv2d_int8, reference_linear_int8
 
 pytestmark = pytest.mark.skipif(not native.has_vnni(), reason="this CPU has no AVX512-VNNI: oneDNN runs every row count")
 
@@ -58,3 +58,33 @@ def test_the_portable_isa_is_refused_by_the_vnni_kernel():
     packed, sums = native.pack_u8s8_weight(w)
     with native.running_on("portable"), pytest.raises(RuntimeError, match="runs on AVX512-VNNI only"):
         native.linear_u8s8(x, 0.02, 117, packed, sums, ws, b, None, False, 1.0, 0, torch.float32)
+
+
+def conv_operands(batch, channels, size, outputs, kernel, seed=0, channels_last=False):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 256, (batch, channels, size, size), dtype=torch.uint8, generator=g)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    w = torch.randint(-127, 128, (outputs, channels, kernel, kernel), dtype=torch.int8, generator=g)
+    return (x, torch.tensor([0.02]), torch.tensor([117], dtype=torch.int32), w,
+            torch.rand(outputs, generator=g) * 0.01, torch.randn(outputs, generator=g))
+
+
+@pytest.mark.parametrize("shape", [(16, 1, 8, 8, 3), (2, 8, 4, 16, 3), (3, 5, 7, 70, 1), (1, 3, 9, 4, 5)])
+@pytest.mark.parametrize("geometry", [([1, 1], [1, 1], [1, 1]), ([2, 1], [0, 2], [1, 1]), ([1, 1], [2, 2], [2, 2])])
+@pytest.mark.parametrize("epilogue", ["float", "uint8+relu", "bfloat16", "no bias"])
+def test_small_convolutions_hold_the_contract(shape, geometry, epilogue):
+    """Convolutions under the size where oneDNN's fixed cost dominates run as im2col and the VNNI
+    kernel (padding reads the zero point): the conv2d_int8 contract, in either input layout."""
+    stride, padding, dilation = geometry
+    for channels_last in (False, True):
+        x, xs, xz, w, ws, b = conv_operands(*shape, channels_last=channels_last)
+        bias, out_scale, out_zero_point, out_dtype, post_op = {
+            "float": (b, 1.0, 0, torch.float32, "none"), "uint8+relu": (b, 0.05, 100, torch.uint8, "relu"),
+            "bfloat16": (b, 1.0, 0, torch.bfloat16, "none"), "no bias": (None, 1.0, 0, torch.float32, "relu")}[epilogue]
+        args = (x, xs, xz, w, ws, bias, None, 1.0, 0, stride, padding, dilation, 1, out_scale, out_zero_point,
+                out_dtype, post_op)
+        out = torch.ops.qc.conv2d_int8(*args)
+        reference = reference_conv2d_int8(*args)
+        error, allowed = difference(out, reference)
+        assert out.dtype == reference.dtype and out.shape == reference.shape and error <= allowed, (channels_last, error)

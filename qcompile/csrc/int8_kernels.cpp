@@ -22,6 +22,7 @@
 #include "int8_kernels.h"
 
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/Parallel.h>
 #include <ATen/core/stack.h>
 
 #include <string>
@@ -101,6 +102,61 @@ at::Tensor linear_few_rows(const at::Tensor& x, const at::Tensor& x_scale, const
                      other, relu, out_scale, out_zero_point, kernel_dtype(out_dtype));
 }
 
+// A convolution small enough that oneDNN's fixed cost per call is most of its time, as im2col and
+// the VNNI GEMM: each output pixel's window becomes a row of kh·kw·C bytes, tap by tap, each tap
+// the pixel's C channels (one copy from a channels-last input; taps outside the input are the zero
+// point, which is what a real zero quantizes to, so padding adds exact zeros), multiplied by the
+// weight viewed [O, kh·kw·C]. The [pixels, O] result is the output in channels-last order, as
+// oneDNN writes it.
+at::Tensor conv_small(const at::Tensor& x, const at::Tensor& x_scale, const at::Tensor& x_zero_point,
+                      const at::Tensor& weight, const at::Tensor& weight_scale, const std::optional<at::Tensor>& bias,
+                      at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t out_h,
+                      int64_t out_w, double out_scale, int64_t out_zero_point, at::ScalarType out_dtype, bool relu) {
+  static WeightCache cache;
+  const int64_t batch = x.size(0), channels = x.size(1), h = x.size(2), w = x.size(3);
+  const int64_t outputs = weight.size(0), kh = weight.size(2), kw = weight.size(3);
+  // Rows are padded to whole VNNI steps of 4 inputs, with weight columns of zeros there.
+  const int64_t depth = kh * kw * channels, stride_k = (depth + 3) / 4 * 4, rows = batch * out_h * out_w;
+  const Packed packed = cache.get(weight, weight_scale, [&] {
+    const at::Tensor matrix = weight.permute({0, 2, 3, 1}).reshape({outputs, depth});
+    auto [blocks, column_sums] = pack_u8s8_weight(at::constant_pad_nd(matrix, {0, stride_k - depth}, 0));
+    return Packed{blocks, column_sums, weight_scale.to(at::kFloat).contiguous()};
+  });
+  const int64_t zero_point = x_zero_point.item<int64_t>();
+  const at::Tensor input = x.contiguous(at::MemoryFormat::ChannelsLast);  // [n][h][w][c] in memory
+  at::Tensor cols = at::empty({rows, stride_k}, x.options());
+  const uint8_t* in = input.const_data_ptr<uint8_t>();
+  uint8_t* out = cols.data_ptr<uint8_t>();
+  const uint8_t zero = static_cast<uint8_t>(zero_point);
+  const int64_t grain = std::max<int64_t>(1, (1 << 14) / stride_k);
+  at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
+    int64_t n = r0 / (out_h * out_w), oh = r0 / out_w % out_h, ow = r0 % out_w;  // then stepped, not divided
+    for (int64_t r = r0; r < r1; ++r) {
+      uint8_t* row = out + r * stride_k;
+      for (int64_t i = 0; i < kh; ++i) {
+        const int64_t ih = oh * stride[0] - padding[0] + i * dilation[0];
+        for (int64_t j = 0; j < kw; ++j, row += channels) {
+          const int64_t iw = ow * stride[1] - padding[1] + j * dilation[1];
+          if (ih >= 0 && ih < h && iw >= 0 && iw < w) {
+            const uint8_t* tap = in + ((n * h + ih) * w + iw) * channels;
+            for (int64_t c = 0; c < channels; ++c) row[c] = tap[c];
+          } else {
+            for (int64_t c = 0; c < channels; ++c) row[c] = zero;
+          }
+        }
+      }
+      for (int64_t k = depth; k < stride_k; ++k) *row++ = 0;
+      if (++ow == out_w) {
+        ow = 0;
+        if (++oh == out_h) oh = 0, ++n;
+      }
+    }
+  });
+  const at::Tensor y = linear_u8s8(cols, x_scale.item<double>(), zero_point, packed[0], packed[1], packed[2], bias,
+                                   std::nullopt, relu, out_scale, out_zero_point, kernel_dtype(out_dtype));
+  return y.view({batch, out_h, out_w, outputs}).permute({0, 3, 1, 2});
+}
+
 // Zero weight zero points, one per output channel: oneDNN's GEMM reads them as a tensor.
 at::Tensor weight_zero_points(const at::Tensor& weight_scale) {
   return at::zeros({weight_scale.numel()}, weight_scale.options().dtype(at::kLong));
@@ -124,7 +180,7 @@ at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& x_scale, const at:
                     "linear_int8 adds a float other into a float output only, not a uint8 one");
   const int64_t k = x.size(-1), rows = k > 0 ? x.numel() / k : 0;
   if ((unary.name == "none" || unary.name == "relu") && has_vnni() && active_isa() == Isa::Avx512 &&
-      rows <= kFewRows) {
+      rows <= kFewRows && k <= kMaxDepth) {
     return linear_few_rows(x, x_scale, x_zero_point, weight, weight_scale, bias, other, out_scale, out_zero_point,
                            out_dtype, unary.name == "relu")
         .to(out_dtype);
@@ -168,6 +224,18 @@ at::Tensor conv2d_int8(const at::Tensor& x, const at::Tensor& x_scale, const at:
                     dtype_name(weight.scalar_type()), " ", weight.sizes());
   const at::ScalarType written = kernel_dtype(out_dtype);
   if (written != at::kByte) out_scale = 1.0, out_zero_point = 0;
+  TORCH_CHECK_VALUE(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2,
+                    "conv2d_int8: stride, padding and dilation have two entries each");
+  const int64_t out_h = (x.size(2) + 2 * padding[0] - dilation[0] * (weight.size(2) - 1) - 1) / stride[0] + 1;
+  const int64_t out_w = (x.size(3) + 2 * padding[1] - dilation[1] * (weight.size(3) - 1) - 1) / stride[1] + 1;
+  const int64_t macs = x.size(0) * out_h * out_w * weight.size(0) * (weight.size(1) * weight.size(2) * weight.size(3));
+  if (!with_add && groups == 1 && (unary.name == "none" || unary.name == "relu") && has_vnni() &&
+      active_isa() == Isa::Avx512 && macs <= kSmallConvMacs &&
+      weight.size(1) * weight.size(2) * weight.size(3) <= kMaxDepth) {
+    return conv_small(x, x_scale, x_zero_point, weight, weight_scale, bias, stride, padding, dilation, out_h, out_w,
+                      out_scale, out_zero_point, out_dtype, unary.name == "relu")
+        .to(out_dtype);
+  }
   const double scale = x_scale.item<double>();
   const int64_t zero_point = x_zero_point.item<int64_t>();
   const at::Tensor w_scale = weight_scale.to(at::kFloat);

@@ -12,6 +12,12 @@ namespace qcompile {
 // Rows up to which linear_int8 runs the native VNNI kernel instead of oneDNN.
 constexpr int64_t kFewRows = 16;
 
+// Multiply-adds up to which conv2d_int8 (ungrouped, no residual add) runs as im2col and the VNNI
+// kernel instead of oneDNN, whose fixed cost is about 40 µs a call. Measured (2 threads, Zen 4):
+// 16x8x4x4 -> 16 channels, 3x3 (2^18 MACs): 19 µs against 42; 16x1x8x8 -> 8 (2^16): 49 against
+// 54; from 2^24 on oneDNN is 2-4 times faster.
+constexpr int64_t kSmallConvMacs = int64_t{1} << 20;
+
 at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& x_scale, const at::Tensor& x_zero_point,
                        const at::Tensor& weight, const at::Tensor& weight_scale, const std::optional<at::Tensor>& bias,
                        const std::optional<at::Tensor>& other, double out_scale, int64_t out_zero_point,

@@ -1,5 +1,6 @@
 // A uint8 x int8 linear for a few rows, on AVX512-VNNI: what a batch-1 decode step and small
-// models run, where oneDNN's per-call cost (about 60-90 µs at one row, measured) dwarfs the math.
+// models run, where oneDNN's per-call cost (about 60-90 µs at one row, measured) dwarfs the math;
+// also the GEMM of a small convolution (its pixels' im2col rows, int8_kernels.cpp).
 //
 //   acc[m][n] = Σ_k x[m][k]·W[n][k]                        (exact int32: VPDPBUSD adds four u8·s8
 //                                                             products into int32, no saturation)
@@ -29,6 +30,7 @@ namespace {
 
 constexpr int64_t kBlock = 16;          // output channels per register
 constexpr int64_t kGroup = 4 * kBlock;  // output channels per task step (4 registers)
+constexpr int64_t kRowBlock = 64;       // rows per task
 
 struct Epilogue {
   float x_scale, x_zero_point;
@@ -43,61 +45,81 @@ struct Epilogue {
   int64_t n;
 };
 
-// One row's outputs n0 .. n0 + count from its int32 sums.
-void finish(const Epilogue& e, const int32_t* acc, int64_t row, int64_t n0, int64_t count) {
-  for (int64_t j = 0; j < count; ++j) {
-    const int64_t n = n0 + j;
-    float y = e.x_scale * e.weight_scale[n] *
-              static_cast<float>(static_cast<int64_t>(acc[j]) - static_cast<int64_t>(e.x_zero_point) * e.column_sums[n]);
-    if (e.bias) y += e.bias[n];
-    if (e.other) y += e.other[row * e.n + n];
-    if (e.relu) y = std::fmax(y, 0.f);
-    const int64_t at = row * e.n + n;
-    if (e.out_dtype == at::kByte) {
-      static_cast<uint8_t*>(e.out)[at] = static_cast<uint8_t>(quantize_value(y, e.out_scale, e.out_zero_point, 0.f, 255.f));
-    } else if (e.out_dtype == at::kBFloat16) {
-      static_cast<c10::BFloat16*>(e.out)[at] = c10::BFloat16(y);
-    } else {
-      static_cast<float*>(e.out)[at] = y;
-    }
+// QC_AVX512's features and VNNI: a superset, so the shared AVX-512 helpers inline here.
+#define QC_VNNI __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,fma,avx512vnni")))
+
+// float32 -> bfloat16, rounded to nearest even (NaN stays a quiet NaN), as c10::BFloat16(y) does.
+QC_VNNI inline __m256i to_bfloat16(__m512 y) {
+  const __m512i bits = _mm512_castps_si512(y);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
+  rounded = _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(y, y, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+  return _mm512_cvtepi32_epi16(rounded);
+}
+
+// One row's outputs n0 .. n0 + 15 (the lanes of mask m) from their int32 sums, in the order of
+// the formula above: (S_x·S_W[n])·(acc − Z_x·ΣW[n]) + b[n] (+ other), relu, then stored.
+QC_VNNI void finish(const Epilogue& e, __m512i acc, int64_t row, int64_t n0, __mmask16 m) {
+  const __m512i correction = _mm512_mullo_epi32(_mm512_set1_epi32(static_cast<int32_t>(e.x_zero_point)),
+                                                _mm512_maskz_loadu_epi32(m, e.column_sums + n0));
+  const __m512 scale = _mm512_mul_ps(_mm512_set1_ps(e.x_scale), _mm512_maskz_loadu_ps(m, e.weight_scale + n0));
+  __m512 y = _mm512_mul_ps(scale, _mm512_cvtepi32_ps(_mm512_sub_epi32(acc, correction)));
+  if (e.bias) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(m, e.bias + n0));
+  const int64_t at = row * e.n + n0;
+  if (e.other) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(m, e.other + at));
+  if (e.relu) y = _mm512_max_ps(y, _mm512_setzero_ps());
+  if (e.out_dtype == at::kByte) {
+    store_quantized(static_cast<uint8_t*>(e.out) + at, m, y, _mm512_set1_ps(e.out_scale),
+                    _mm512_set1_ps(e.out_zero_point), _mm512_setzero_ps(), _mm512_set1_ps(255.f));
+  } else if (e.out_dtype == at::kBFloat16) {
+    _mm256_mask_storeu_epi16(static_cast<c10::BFloat16*>(e.out) + at, m, to_bfloat16(y));
+  } else {
+    _mm512_mask_storeu_ps(static_cast<float*>(e.out) + at, m, y);
   }
 }
 
-#define QC_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
-
-// Rows r0 .. r0 + R - 1, output channels of one group (64) starting at block g·4.
-template <int R>
+// Rows r0 .. r0 + R - 1 through B registers of 16 output channels of one group (64): B < 4 only for
+// the last group of a layer with fewer outputs left (a small convolution's 8 or 16 channels).
+template <int R, int B>
 QC_VNNI void group_vnni(const uint8_t* x, int64_t k_pad, const int8_t* packed, int64_t group, int64_t r0,
                         const Epilogue& e) {
-  __m512i acc[R][4];
+  __m512i acc[R][B];
   for (int r = 0; r < R; ++r)
-    for (int b = 0; b < 4; ++b) acc[r][b] = _mm512_setzero_si512();
+    for (int b = 0; b < B; ++b) acc[r][b] = _mm512_setzero_si512();
   const int8_t* w = packed + group * 4 * k_pad * kBlock;  // 4 blocks, each [k_pad/4][16][4]
   const int64_t block_bytes = k_pad * kBlock;
   for (int64_t k = 0; k < k_pad; k += 4) {
-    __m512i wb[4];
-    for (int b = 0; b < 4; ++b) wb[b] = _mm512_loadu_si512(w + b * block_bytes + k * kBlock);
+    __m512i wb[B];
+    for (int b = 0; b < B; ++b) wb[b] = _mm512_loadu_si512(w + b * block_bytes + k * kBlock);
     for (int r = 0; r < R; ++r) {
       int32_t four;
       std::memcpy(&four, x + (r0 + r) * k_pad + k, sizeof four);
       const __m512i xb = _mm512_set1_epi32(four);
-      for (int b = 0; b < 4; ++b) acc[r][b] = _mm512_dpbusd_epi32(acc[r][b], xb, wb[b]);
+      for (int b = 0; b < B; ++b) acc[r][b] = _mm512_dpbusd_epi32(acc[r][b], xb, wb[b]);
     }
   }
-  alignas(64) int32_t sums[kGroup];
-  const int64_t n0 = group * kGroup, count = std::min<int64_t>(kGroup, e.n - n0);
+  const int64_t n0 = group * kGroup;
   for (int r = 0; r < R; ++r) {
-    for (int b = 0; b < 4; ++b) _mm512_store_si512(sums + b * kBlock, acc[r][b]);
-    finish(e, sums, r0 + r, n0, count);
+    for (int b = 0; b < B; ++b) finish(e, acc[r][b], r0 + r, n0 + b * kBlock, tail_mask(e.n - n0 - b * kBlock));
   }
 }
 
-QC_VNNI void rows_vnni(const uint8_t* x, int64_t rows, int64_t k_pad, const int8_t* packed, int64_t g0, int64_t g1,
+template <int B>
+QC_VNNI void rows_of_width(const uint8_t* x, int64_t r0, int64_t r1, int64_t k_pad, const int8_t* packed,
+                           int64_t group, const Epilogue& e) {
+  int64_t r = r0;
+  for (; r + 4 <= r1; r += 4) group_vnni<4, B>(x, k_pad, packed, group, r, e);
+  for (; r < r1; ++r) group_vnni<1, B>(x, k_pad, packed, group, r, e);
+}
+
+// Rows r0 .. r1 - 1 through one group of outputs, as many registers of it as hold outputs.
+QC_VNNI void rows_vnni(const uint8_t* x, int64_t r0, int64_t r1, int64_t k_pad, const int8_t* packed, int64_t group,
                        const Epilogue& e) {
-  for (int64_t g = g0; g < g1; ++g) {
-    int64_t r = 0;
-    for (; r + 4 <= rows; r += 4) group_vnni<4>(x, k_pad, packed, g, r, e);
-    for (; r < rows; ++r) group_vnni<1>(x, k_pad, packed, g, r, e);
+  switch (std::min<int64_t>(4, (e.n - group * kGroup + kBlock - 1) / kBlock)) {
+    case 1: return rows_of_width<1>(x, r0, r1, k_pad, packed, group, e);
+    case 2: return rows_of_width<2>(x, r0, r1, k_pad, packed, group, e);
+    case 3: return rows_of_width<3>(x, r0, r1, k_pad, packed, group, e);
+    default: return rows_of_width<4>(x, r0, r1, k_pad, packed, group, e);
   }
 }
 
@@ -141,6 +163,7 @@ at::Tensor linear_u8s8(const at::Tensor& x, double x_scale, int64_t x_zero_point
   const int64_t n = column_sums.numel(), k = x.size(-1), rows = x.numel() / std::max<int64_t>(k, 1);
   const int64_t k_pad = round_up(std::max<int64_t>(k, 1), 4), groups = round_up(std::max<int64_t>(n, 1), kGroup) / kGroup;
   TORCH_CHECK(packed.numel() == groups * kGroup * k_pad, "linear_u8s8: the packed weight is for another input width");
+  TORCH_CHECK(k_pad <= kMaxDepth, "linear_u8s8: ", k, " inputs; its int32 sums hold up to ", kMaxDepth);
   TORCH_CHECK(weight_scale.numel() == n && weight_scale.scalar_type() == at::kFloat,
               "linear_u8s8: one float32 weight scale per output channel");
   TORCH_CHECK(out_dtype == at::kFloat || out_dtype == at::kBFloat16 || out_dtype == at::kByte,
@@ -163,11 +186,20 @@ at::Tensor linear_u8s8(const at::Tensor& x, double x_scale, int64_t x_zero_point
              static_cast<float>(out_zero_point), out.data_ptr(), n};
   TORCH_CHECK(active_isa() == Isa::Avx512 && has_vnni(),
               "linear_u8s8 runs on AVX512-VNNI only (this CPU, or the ISA the kernels are held to, lacks it)");
+  // Tasks are (block of up to kRowBlock rows, group of 64 outputs), a block's groups in a row so
+  // its rows stay in cache: a small convolution (many pixel rows, few outputs) splits by rows.
   // A task is at least 2^17 multiply-adds: waking a second thread for less costs more than it saves.
-  const int64_t grain = std::max<int64_t>(1, (1 << 17) / std::max<int64_t>(1, rows * k_pad * kGroup));
+  const int64_t row_blocks = std::max<int64_t>(1, (rows + kRowBlock - 1) / kRowBlock);
+  const int64_t task_rows = std::min(rows, kRowBlock);
+  const int64_t grain = std::max<int64_t>(1, (1 << 17) / std::max<int64_t>(1, task_rows * k_pad * kGroup));
   const uint8_t* xp = xs.data_ptr<uint8_t>();
   const int8_t* wp = packed.data_ptr<int8_t>();
-  at::parallel_for(0, groups, grain, [&](int64_t g0, int64_t g1) { rows_vnni(xp, rows, k_pad, wp, g0, g1, e); });
+  at::parallel_for(0, row_blocks * groups, grain, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t block = t / groups;
+      rows_vnni(xp, block * kRowBlock, std::min(rows, (block + 1) * kRowBlock), k_pad, wp, t % groups, e);
+    }
+  });
   return out;
 }
 

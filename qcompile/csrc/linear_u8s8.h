@@ -11,6 +11,10 @@ namespace qcompile {
 // (packed weight, column sums) for linear_u8s8, from a [out, in] int8 weight.
 std::tuple<at::Tensor, at::Tensor> pack_u8s8_weight(const at::Tensor& weight);
 
+// The longest reduction it takes: its int32 sums and zero-point corrections (at most 255·128 per
+// input) cannot overflow below this.
+constexpr int64_t kMaxDepth = 65536;
+
 // Whether this CPU has AVX512-VNNI (without it qc.linear_int8 runs oneDNN at every row count).
 bool has_vnni();
 
