@@ -1,12 +1,14 @@
 """cpu-int8: oneDNN int8 kernels on x86 CPUs, all of it in this folder.
 
-* kernels: ``onednn`` (``qc.linear_int8``, ``qc.conv2d_int8``), ``uint8_kernels``
-  (``qc.max_pool2d_uint8``), ``attention`` (``qc.attention``, the native fused fp32 attention),
+* kernels (native operators from ``qcompile/csrc``, each with its fake kernel here):
+  ``onednn`` (``qc.linear_int8``, ``qc.conv2d_int8``), ``uint8_kernels`` (``qc.max_pool2d_uint8``),
+  ``attention`` (``qc.attention``, the native fused fp32 attention),
   ``layer_norm_quantize`` (``qc.layer_norm_quantize``, native, and the pass that makes it),
   ``bf16_kernels`` (``qc.linear_bf16``),
   ``weight_only_kernels`` (``qc.linear_weight_only``: int8 / int4 weights, bf16 activations),
   each registering its Q/DQ reference with :mod:`qcompile.kernel_check`;
-* passes: ``merge-sibling-linears``, ``fuse-patterns`` (the groups one oneDNN kernel runs),
+* passes: ``merge-sibling-linears``, ``quantize-before-pad`` (one-sided pads on the integers),
+  ``fuse-patterns`` (the groups one oneDNN kernel runs),
   ``lower-cpu-int8``, ``lower-weight-only``, ``lower-float-bf16``, ``fuse-layer-norm-quantize``;
 * ``capabilities``: the one table of what the kernels run, which the op rules, the marking,
   the lowering and the kernels' argument checks read;
