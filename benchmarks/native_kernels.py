@@ -12,6 +12,10 @@ relayouts. Rows, all in this run (2 threads, median of 20 after 3 warm-ups): ATe
 (the form the int8 target ran before), and ``qc.attention`` on each instruction set this CPU has.
 The error column is the largest difference from fp64 attention, relative to the output's range.
 
+A first table gives what one call of the int8 path's operators costs (a decode step's shapes,
+one row of 384): each operator through ``torch.ops.qc`` against its kernel alone, the difference
+being the dispatch a compiled model pays per node.
+
 Run: ``python -m benchmarks.native_kernels``
 """
 
@@ -73,6 +77,30 @@ def native_attention(q, k, v, mask, causal):
     return merged(torch.ops.qc.attention(q, k, v, mask, None, causal, torch.float32))
 
 
+def call_cost() -> None:
+    """µs per call, through the operator and for the kernel alone (one row: a decode step)."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randint(0, 256, (1, 384), dtype=torch.uint8, generator=g)
+    weight = torch.randint(-127, 128, (384, 384), dtype=torch.int8, generator=g)
+    weight_scale, bias, values = torch.rand(384, generator=g) / 100, torch.randn(384, generator=g), torch.randn(1, 384)
+    scale, zero_point = torch.tensor([0.02]), torch.tensor([117], dtype=torch.int32)
+    packed, sums = native.pack_u8s8_weight(weight)
+    rows = [("qc.quantize 1x384", lambda: torch.ops.qc.quantize(values, scale, zero_point, None, 0, 255, torch.uint8),
+             lambda: native.quantize_per_tensor(values, 0.02, 117, 0, 255, torch.uint8))]
+    if native.has_vnni():
+        rows.append(("qc.linear_int8 1x384x384",
+                     lambda: torch.ops.qc.linear_int8(x, scale, zero_point, weight, weight_scale, bias, None, 1.0, 0,
+                                                      torch.float32, "none"),
+                     lambda: native.linear_u8s8(x, 0.02, 117, packed, sums, weight_scale, bias, None, False, 1.0, 0,
+                                                torch.float32)))
+    print(f"{'one call (µs)':<64}{'operator':>10}{'kernel':>10}")
+    for label, operator, kernel in rows:
+        op_us = median_ms(operator, repeats=2000, warmup=200) * 1e3
+        kernel_us = median_ms(kernel, repeats=2000, warmup=200) * 1e3
+        print(f"{label:<64}{op_us:>10.1f}{kernel_us:>10.1f}")
+    print()
+
+
 def layer_norm_quantize() -> None:
     g = torch.Generator().manual_seed(1)
     x = torch.randn(32, 128, 384, generator=g)
@@ -97,6 +125,7 @@ def layer_norm_quantize() -> None:
 
 def main() -> None:
     torch.set_num_threads(2)
+    call_cost()
     layer_norm_quantize()
     isas = [isa for isa in native.ISAS if isa == "portable" or native.detected_isa() == isa]
     print(f"{'workload':<30}{'kernel':<34}{'ms':>8}{'vs fp32':>9}{'error':>10}")
