@@ -89,15 +89,25 @@ std::optional<at::Tensor> as_float(const std::optional<at::Tensor>& tensor) {
   return tensor->to(at::kFloat);
 }
 
+// The VNNI kernel's form of an [O, K] int8 matrix: its blocks, column sums and float32 scales.
+Packed vnni_packed(const at::Tensor& matrix, const at::Tensor& weight_scale) {
+  auto [blocks, column_sums] = pack_u8s8_weight(matrix);
+  return Packed{blocks, column_sums, weight_scale.to(at::kFloat).contiguous()};
+}
+
+// oneDNN's form of a weight: its prepacked tensor, float32 scales and zero weight zero points (its
+// GEMM reads them as a tensor), all made once instead of on every call.
+Packed onednn_packed(const at::Tensor& prepacked, const at::Tensor& weight_scale) {
+  return Packed{prepacked, weight_scale.to(at::kFloat).contiguous(),
+                at::zeros({weight_scale.numel()}, weight_scale.options().dtype(at::kLong))};
+}
+
 at::Tensor linear_few_rows(const at::Tensor& x, const at::Tensor& x_scale, const at::Tensor& x_zero_point,
                            const at::Tensor& weight, const at::Tensor& weight_scale,
                            const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& other,
                            double out_scale, int64_t out_zero_point, at::ScalarType out_dtype, bool relu) {
   static WeightCache cache;
-  const Packed packed = cache.get(weight, weight_scale, [&] {
-    auto [blocks, column_sums] = pack_u8s8_weight(weight);
-    return Packed{blocks, column_sums, weight_scale.to(at::kFloat).contiguous()};
-  });
+  const Packed packed = cache.get(weight, weight_scale, [&] { return vnni_packed(weight, weight_scale); });
   return linear_u8s8(x, x_scale.item<double>(), x_zero_point.item<int64_t>(), packed[0], packed[1], packed[2], bias,
                      other, relu, out_scale, out_zero_point, kernel_dtype(out_dtype));
 }
@@ -119,8 +129,7 @@ at::Tensor conv_small(const at::Tensor& x, const at::Tensor& x_scale, const at::
   const int64_t depth = kh * kw * channels, stride_k = (depth + 3) / 4 * 4, rows = batch * out_h * out_w;
   const Packed packed = cache.get(weight, weight_scale, [&] {
     const at::Tensor matrix = weight.permute({0, 2, 3, 1}).reshape({outputs, depth});
-    auto [blocks, column_sums] = pack_u8s8_weight(at::constant_pad_nd(matrix, {0, stride_k - depth}, 0));
-    return Packed{blocks, column_sums, weight_scale.to(at::kFloat).contiguous()};
+    return vnni_packed(at::constant_pad_nd(matrix, {0, stride_k - depth}, 0), weight_scale);
   });
   const int64_t zero_point = x_zero_point.item<int64_t>();
   const at::Tensor input = x.contiguous(at::MemoryFormat::ChannelsLast);  // [n][h][w][c] in memory
@@ -157,11 +166,6 @@ at::Tensor conv_small(const at::Tensor& x, const at::Tensor& x_scale, const at::
   return y.view({batch, out_h, out_w, outputs}).permute({0, 3, 1, 2});
 }
 
-// Zero weight zero points, one per output channel: oneDNN's GEMM reads them as a tensor.
-at::Tensor weight_zero_points(const at::Tensor& weight_scale) {
-  return at::zeros({weight_scale.numel()}, weight_scale.options().dtype(at::kLong));
-}
-
 }  // namespace
 
 at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& x_scale, const at::Tensor& x_zero_point,
@@ -186,26 +190,23 @@ at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& x_scale, const at:
         .to(out_dtype);
   }
   static WeightCache cache;
-  const at::Tensor packed = cache.get(weight, at::Tensor(), [&] {
-    return Packed{call("onednn::qlinear_prepack", "", {weight, c10::IValue()})};
-  })[0];
+  const Packed packed = cache.get(weight, weight_scale, [&] {
+    return onednn_packed(call("onednn::qlinear_prepack", "", {weight, c10::IValue()}), weight_scale);
+  });
   const at::ScalarType written = kernel_dtype(out_dtype);
   if (written != at::kByte) out_scale = 1.0, out_zero_point = 0;
   // oneDNN reads x and other as dense row-major matrices: a strided view is read as if it were one
   // (garbage), or, for some layouts, taken down a reference path thousands of times slower. Both are
   // copied once here when they are not already dense.
   const at::Tensor scale = x_scale.reshape({}).to(at::kFloat), zero_point = x_zero_point.reshape({}).to(at::kLong);
-  const at::Tensor w_scale = weight_scale.to(at::kFloat);
   at::Tensor y;
   if (!with_add) {
     y = call("onednn::qlinear_pointwise", "tensor",
-             {x.contiguous(), scale, zero_point, packed, w_scale, weight_zero_points(weight_scale), as_float(bias),
-              out_scale, out_zero_point, written, std::string(unary.onednn), unary.args(),
+             {x.contiguous(), scale, zero_point, packed[0], packed[1], packed[2], as_float(bias), out_scale, out_zero_point, written, std::string(unary.onednn), unary.args(),
               std::string(unary.algorithm)});
   } else {
     y = call("onednn::qlinear_pointwise", "binary_tensor",
-             {x.contiguous(), scale, zero_point, packed, w_scale, weight_zero_points(weight_scale),
-              other->to(written).contiguous(), as_float(bias), out_scale, out_zero_point, written, 1.0, 0,
+             {x.contiguous(), scale, zero_point, packed[0], packed[1], packed[2], other->to(written).contiguous(), as_float(bias), out_scale, out_zero_point, written, 1.0, 0,
               std::string("add"), 1.0, std::string(unary.onednn), unary.args(), std::string(unary.algorithm)});
   }
   return y.to(out_dtype);
@@ -238,17 +239,17 @@ at::Tensor conv2d_int8(const at::Tensor& x, const at::Tensor& x_scale, const at:
   }
   const double scale = x_scale.item<double>();
   const int64_t zero_point = x_zero_point.item<int64_t>();
-  const at::Tensor w_scale = weight_scale.to(at::kFloat);
   static WeightCache cache;
-  const at::Tensor packed = cache.get(weight, weight_scale, [&] {
-    return Packed{call("onednn::qconv_prepack", "",
-                       {weight, w_scale, scale, zero_point, stride.vec(), padding.vec(), dilation.vec(), groups,
-                        x.sizes().vec()})};
-  })[0];
+  const Packed packed = cache.get(weight, weight_scale, [&] {
+    return onednn_packed(call("onednn::qconv_prepack", "",
+                              {weight, weight_scale.to(at::kFloat), scale, zero_point, stride.vec(), padding.vec(),
+                               dilation.vec(), groups, x.sizes().vec()}),
+                         weight_scale);
+  });
   at::Tensor y;
   if (!with_add) {
     y = call("onednn::qconv2d_pointwise", "",
-             {x, scale, zero_point, packed, w_scale, weight_zero_points(weight_scale), as_float(bias), stride.vec(),
+             {x, scale, zero_point, packed[0], packed[1], packed[2], as_float(bias), stride.vec(),
               padding.vec(), dilation.vec(), groups, out_scale, out_zero_point, written, std::string(unary.onednn),
               unary.args(), std::string()});
   } else {
@@ -268,7 +269,7 @@ at::Tensor conv2d_int8(const at::Tensor& x, const at::Tensor& x_scale, const at:
       other_scale = 1.0, other_zero_point = 0;
     }
     y = call("onednn::qconv2d_pointwise", "binary",
-             {x, scale, zero_point, packed, w_scale, weight_zero_points(weight_scale), accumulator, as_float(bias),
+             {x, scale, zero_point, packed[0], packed[1], packed[2], accumulator, as_float(bias),
               stride.vec(), padding.vec(), dilation.vec(), groups, out_scale, out_zero_point, written, other_scale,
               other_zero_point, std::string("sum"), c10::Scalar(1.0), std::string(unary.onednn), unary.args(),
               std::string()});
