@@ -12,6 +12,9 @@ relayouts. Rows, all in this run (2 threads, median of 20 after 3 warm-ups): ATe
 (the form the int8 target ran before), and ``qc.attention`` on each instruction set this CPU has.
 The error column is the largest difference from fp64 attention, relative to the output's range.
 
+A recurrence table: ATen's GRU / LSTM layer against its input product (one fp32 linear over
+every step) plus ``qc.gru_recurrence`` / ``qc.lstm_recurrence``, on each instruction set.
+
 A first table gives what one call of the int8 path's operators costs (a decode step's shapes,
 one row of 384): each operator through ``torch.ops.qc`` against its kernel alone, the difference
 being the dispatch a compiled model pays per node.
@@ -26,7 +29,7 @@ import torch.nn.functional as F
 
 from benchmarks.timing import median_ms
 from qcompile import native
-from qcompile.targets.cpu_int8 import attention  # noqa: F401  (torch.ops.qc.attention, qc.layer_norm_quantize)
+from qcompile.targets.cpu_int8 import attention  # noqa: F401  (torch.ops.qc.attention, qc.layer_norm_quantize, ...)
 
 LOWEST = torch.finfo(torch.float32).min
 
@@ -123,10 +126,38 @@ def layer_norm_quantize() -> None:
     print()
 
 
+def recurrence() -> None:
+    """A GRU / LSTM layer as ATen runs it against its input product (one fp32 linear over every
+    step) followed by ``qc.gru_recurrence`` / ``qc.lstm_recurrence``."""
+    print(f"{'recurrent layer (batch x steps x inputs -> hidden)':<64}{'kernel':<10}{'ms':>8}")
+    for batch, steps, inputs, hidden in ((6, 64, 64, 64), (1, 32, 256, 1024), (16, 100, 80, 256)):
+        for kind in ("gru", "lstm"):
+            torch.manual_seed(0)
+            layer = (torch.nn.GRU if kind == "gru" else torch.nn.LSTM)(inputs, hidden, batch_first=True).eval()
+            x, h0 = torch.randn(batch, steps, inputs), torch.zeros(batch, hidden)
+            states = (h0,) if kind == "gru" else (h0, h0)
+            op = torch.ops.qc.gru_recurrence if kind == "gru" else torch.ops.qc.lstm_recurrence
+
+            def split(op=op, layer=layer, x=x, states=states):
+                gates_x = F.linear(x, layer.weight_ih_l0, layer.bias_ih_l0)
+                return op(gates_x, *states, layer.weight_hh_l0, layer.bias_hh_l0, False, True)
+
+            label = f"{kind.upper()} {batch}x{steps}x{inputs} -> {hidden}"
+            with torch.no_grad():
+                aten_ms = median_ms(lambda layer=layer, x=x: layer(x), repeats=20, warmup=3)
+                print(f"{label:<64}{'ATen':<10}{aten_ms:>8.3f}")
+                for isa in native.ISAS:
+                    if isa == "portable" or native.detected_isa() == isa:
+                        ms = median_ms(lambda isa=isa, split=split: _on(isa, split), repeats=20, warmup=3)
+                        print(f"{'':<64}{isa:<10}{ms:>8.3f}  {aten_ms / ms:.2f}x")
+    print()
+
+
 def main() -> None:
     torch.set_num_threads(2)
     call_cost()
     layer_norm_quantize()
+    recurrence()
     isas = [isa for isa in native.ISAS if isa == "portable" or native.detected_isa() == isa]
     print(f"{'workload':<30}{'kernel':<34}{'ms':>8}{'vs fp32':>9}{'error':>10}")
     for name, w in workloads().items():

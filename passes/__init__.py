@@ -9,6 +9,7 @@ from qcompile.passes.apply_rules import ApplyRules
 from qcompile.passes.calibrate import Calibrate
 from qcompile.passes.cast_fp8 import CastFp8
 from qcompile.passes.canonicalize import Canonicalize
+from qcompile.passes.conv1d_as_conv2d import Conv1dAsConv2d
 from qcompile.passes.convert import Convert
 from qcompile.passes.correct_bias import CorrectBias
 from qcompile.passes.eliminate_dead_code import EliminateDeadCode
@@ -27,7 +28,7 @@ from qcompile.passes.training_ops import TrainingOps
 from qcompile.pipeline import Pass, register_pass
 
 BUILTIN_PASSES: tuple[type[Pass], ...] = (
-    Canonicalize, NormalizeLinears, FoldBatchNorm, EliminateDeadCode, ApplyRules, SmoothOutliers, Annotate, InsertObservers,
+    Canonicalize, NormalizeLinears, FoldBatchNorm, Conv1dAsConv2d, EliminateDeadCode, ApplyRules, SmoothOutliers, Annotate, InsertObservers,
     Calibrate, CastFp8, Convert, EliminateDequant, RelaxViews, TrainingOps, InsertFakeQuant, LowerQat,
     PruneWeights, Gptq, CorrectBias,
 )
@@ -41,6 +42,7 @@ __all__ = [
     "Calibrate",
     "CastFp8",
     "Canonicalize",
+    "Conv1dAsConv2d",
     "Convert",
     "CorrectBias",
     "EliminateDeadCode",

@@ -52,8 +52,15 @@ if TYPE_CHECKING:
 WEIGHT_OP_KINDS = frozenset({
     "linear", "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d",
     "convolution", "embedding", "embedding_bag", "lstm", "gru", "rnn_tanh", "rnn_relu", "matmul", "mm", "bmm",
-    "addmm", "baddbmm", "_weight_norm_interface",
+    "addmm", "baddbmm", "_weight_norm_interface", "gru_recurrence", "lstm_recurrence",
 })
+
+# Weight ops a pass made float on purpose, and why: the report's reason for them.
+FLOAT_BY_DESIGN = {
+    "smooth-outliers": "the outlier channels smooth-outliers split off: their product stays float by design",
+    "split-recurrent": ("the recurrent product (a few rows a step) runs in the fused fp32 recurrence, faster than "
+                        "a per-step int8 GEMM; its input product is an int8 linear"),
+}
 
 
 def is_weight_op(gm: fx.GraphModule, node: fx.Node) -> bool:
@@ -219,9 +226,8 @@ class Annotate(Pass):
                     unsupported[node.name] = reason
                 elif is_weight_op(gm, node):  # reported, so that every weight op is accounted for
                     provenance = get_provenance(node)
-                    reason = ("the outlier channels smooth-outliers split off: their product stays float by design"
-                              if provenance is not None and provenance.pass_name == "smooth-outliers"
-                              else f"{target.name} has no {family} kernel for '{kind}': its weights stay float")
+                    reason = FLOAT_BY_DESIGN.get(provenance.pass_name if provenance is not None else "",
+                                                 f"{target.name} has no {family} kernel for '{kind}': its weights stay float")
                     plans[node] = QuantAnnotation(rule=why, float_reason=reason)
                 continue
             if config is None:

@@ -82,22 +82,24 @@ def test_an_image_model_runs_at_another_image_size_and_static_dimensions_are_rep
 
 
 class AudioTagger(torch.nn.Module):
-    """conv1d front end -> GRU -> LSTM -> linear head: weight ops cpu-int8 has no kernel for."""
+    """conv1d front end -> GRU -> LSTM with a projection -> linear head, and a transposed
+    convolution: weight ops of every kind the report accounts for."""
 
     def __init__(self):
         super().__init__()
         torch.manual_seed(0)
         self.conv = torch.nn.Conv1d(4, 16, 3, padding=1)
         self.gru = torch.nn.GRU(16, 16, batch_first=True)
-        self.lstm = torch.nn.LSTM(16, 16, batch_first=True)
-        self.head = torch.nn.Linear(16, 5)
+        self.lstm = torch.nn.LSTM(16, 16, batch_first=True, proj_size=8)
+        self.up = torch.nn.ConvTranspose1d(8, 4, 2, stride=2)
+        self.head = torch.nn.Linear(8, 5)
         self.eval()
 
     def forward(self, x):
         h = torch.relu(self.conv(x)).transpose(1, 2)
         h, _ = self.gru(h)
         h, _ = self.lstm(h)
-        return self.head(h[:, -1])
+        return self.head(h[:, -1]) + self.up(h.transpose(1, 2)).mean()
 
 
 def test_every_weight_op_is_reported_int8_or_float_with_its_reason():
@@ -105,10 +107,17 @@ def test_every_weight_op_is_reported_int8_or_float_with_its_reason():
     model = AudioTagger()
     qm = qcompile.compile(model, calibration_data=[(torch.randn(2, 4, 20, generator=g),) for _ in range(3)],
                           progress=False)
-    nodes = {n.op: n for n in qm.report.nodes}
-    assert nodes["linear"].precision == "int8"
-    for op in ("conv1d", "gru", "lstm"):
-        assert nodes[op].precision == "float" and f"no int8 kernel for '{op}'" in nodes[op].detail, op
+    nodes: dict[str, list] = {}
+    for n in qm.report.nodes:
+        nodes.setdefault(n.op, []).append(n)
+    # conv1d runs as a 2-D convolution; the GRU's input product is a linear, its recurrence float
+    assert [n.precision for n in nodes["conv2d"]] == ["int8"] and nodes["conv2d"][0].module.startswith("conv ")
+    assert [n.precision for n in nodes["linear"]] == ["int8", "int8"]  # the GRU's input product, the head
+    assert "fused fp32 recurrence" in nodes["gru_recurrence"][0].detail
+    # an LSTM with a projection and a transposed convolution have no kernel: float, with the reason
+    for op in ("lstm", "conv_transpose1d"):
+        (node,) = nodes[op]
+        assert node.precision == "float" and f"no int8 kernel for '{op}'" in node.detail, op
     # export fixes the recurrent layers' length; the report says so, and the batch stays dynamic
     assert any("x[2]=20" in note for note in qm.report.notes)
     x = torch.randn(3, 4, 20, generator=g)

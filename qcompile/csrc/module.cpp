@@ -1,6 +1,6 @@
 // The qcompile._native extension: registers the native qc:: operators with torch's dispatcher
 // (importing the module is what makes torch.ops.qc.quantize, dequantize, linear_int8, conv2d_int8, max_pool2d_uint8,
-// attention and layer_norm_quantize exist), exposes which instruction set they run, and the kernels and helpers Python calls directly.
+// attention, layer_norm_quantize, gru_recurrence and lstm_recurrence exist), exposes which instruction set they run, and the kernels and helpers Python calls directly.
 #include <torch/extension.h>
 #include <torch/library.h>
 
@@ -13,6 +13,7 @@
 #include "max_pool2d_uint8.h"
 #include "qdq.h"
 #include "quantize.h"
+#include "recurrence.h"
 #include "weight_cache.h"
 
 TORCH_LIBRARY_FRAGMENT(qc, m) {
@@ -28,6 +29,10 @@ TORCH_LIBRARY_FRAGMENT(qc, m) {
         "ScalarType out_dtype) -> Tensor");
   m.def("layer_norm_quantize(Tensor x, Tensor? weight, Tensor? bias, float eps, Tensor? multiplier, float scale, "
         "int zero_point, int qmin, int qmax, ScalarType dtype) -> (Tensor, Tensor)");
+  m.def("gru_recurrence(Tensor gates_x, Tensor h0, Tensor w_hh, Tensor? b_hh, bool reverse, bool batch_first) "
+        "-> (Tensor, Tensor)");
+  m.def("lstm_recurrence(Tensor gates_x, Tensor h0, Tensor c0, Tensor w_hh, Tensor? b_hh, bool reverse, "
+        "bool batch_first) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(qc, CPU, m) {
@@ -38,6 +43,8 @@ TORCH_LIBRARY_IMPL(qc, CPU, m) {
   m.impl("conv2d_int8", &qcompile::conv2d_int8);
   m.impl("attention", &qcompile::attention);
   m.impl("layer_norm_quantize", &qcompile::layer_norm_quantize);
+  m.impl("gru_recurrence", &qcompile::gru_recurrence);
+  m.impl("lstm_recurrence", &qcompile::lstm_recurrence);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {

@@ -1,6 +1,7 @@
-// What the native kernels share: padding arithmetic, the AVX-512 target and its tail masks, and the
+// What the native kernels share: padding arithmetic, the AVX-512 target and its tail masks, the
 // quantize step q = clamp(round(v / S) + Z, qmin, qmax) (a true division, rounded half to even
-// before Z is added, as qc.quantize and ONNX's QuantizeLinear do) in scalar and vector form.
+// before Z is added, as qc.quantize and ONNX's QuantizeLinear do) in scalar and vector form, and
+// a vector e^x.
 #pragma once
 
 #include <immintrin.h>
@@ -37,6 +38,27 @@ QC_AVX512 inline void store_quantized(T* q, __mmask16 m, __m512 v, __m512 scale,
   } else {
     _mm_mask_storeu_epi8(q, m, _mm512_cvtsepi32_epi8(k));
   }
+}
+
+// e^x for x <= 0, to about 1 ulp: x = n·ln2 + r with |r| <= ln2/2, e^r by Cephes' expf polynomial,
+// scaled by 2^n. Inputs below -87.3 (e^x under float's normal range, -inf included) give exactly 0,
+// as std::exp's result does after a sum (a softmax's, or sigmoid's 1 + e^x).
+QC_AVX512 inline __m512 exp_nonpositive(__m512 x) {
+  const __m512 underflow = _mm512_set1_ps(-87.3f);
+  const __mmask16 zero = _mm512_cmp_ps_mask(x, underflow, _CMP_LT_OQ);
+  x = _mm512_max_ps(x, underflow);
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
+  y = _mm512_fmadd_ps(_mm512_mul_ps(y, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+  return _mm512_maskz_scalef_ps(static_cast<__mmask16>(~zero), y, n);
 }
 
 }  // namespace qcompile

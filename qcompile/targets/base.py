@@ -181,12 +181,13 @@ def targets() -> dict[str, Target]:
 
 
 # The clean-up every target's prepare stage starts with.
-CLEANUP = "canonicalize,normalize-linears,fold-batchnorm,eliminate-dead-code"
+CLEANUP = "canonicalize,normalize-linears,fold-batchnorm,conv1d-as-conv2d,eliminate-dead-code"
 # Prepare with calibration data: clean up, smooth outlier channels (measured on the data), plan,
-# observe, calibrate. Without data: clean up and plan; activations get run-time scales.
-PREPARE = f"{CLEANUP},smooth-outliers,annotate,gptq,correct-bias,insert-observers,calibrate"
+# observe, calibrate (PLAN: what follows the clean-up, after a target's own rewrites). Without data: clean up and plan; activations get run-time scales.
+PLAN = "smooth-outliers,annotate,gptq,correct-bias,insert-observers,calibrate"
+PREPARE = f"{CLEANUP},{PLAN}"
 DYNAMIC_PREPARE = f"{CLEANUP},annotate"
 # Observers to the Q/DQ form: float8 edges as scaled casts, then the integer ones; dequantizes sunk.
 CONVERT = "cast-fp8,convert,eliminate-dequant,eliminate-dead-code"
 
-__all__ = ["CLEANUP", "CONVERT", "DYNAMIC_PREPARE", "PREPARE", "STAGES", "OpRule", "Target", "get_target", "register_target", "targets"]
+__all__ = ["CLEANUP", "CONVERT", "DYNAMIC_PREPARE", "PLAN", "PREPARE", "STAGES", "OpRule", "Target", "get_target", "register_target", "targets"]

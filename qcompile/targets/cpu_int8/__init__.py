@@ -3,11 +3,12 @@
 * kernels (native operators from ``qcompile/csrc``, each with its fake kernel here):
   ``onednn`` (``qc.linear_int8``, ``qc.conv2d_int8``), ``uint8_kernels`` (``qc.max_pool2d_uint8``),
   ``attention`` (``qc.attention``, the native fused fp32 attention),
+  ``recurrence`` (``qc.gru_recurrence``, ``qc.lstm_recurrence``: a GRU's / LSTM's steps, native fp32),
   ``layer_norm_quantize`` (``qc.layer_norm_quantize``, native, and the pass that makes it),
   ``bf16_kernels`` (``qc.linear_bf16``),
   ``weight_only_kernels`` (``qc.linear_weight_only``: int8 / int4 weights, bf16 activations),
   each registering its Q/DQ reference with :mod:`qcompile.kernel_check`;
-* passes: ``merge-sibling-linears``, ``quantize-before-pad`` (one-sided pads on the integers),
+* passes: ``split-recurrent`` (a GRU / LSTM as its input linear and its recurrence), ``merge-sibling-linears``, ``quantize-before-pad`` (one-sided pads on the integers),
   ``fuse-patterns`` (the groups one oneDNN kernel runs),
   ``lower-cpu-int8``, ``lower-weight-only``, ``lower-float-bf16``, ``fuse-layer-norm-quantize``;
 * ``capabilities``: the one table of what the kernels run, which the op rules, the marking,
@@ -18,7 +19,7 @@
 from torch import fx
 
 from qcompile.qconfig import int8_preset
-from qcompile.targets.base import CONVERT, DYNAMIC_PREPARE, PREPARE, Target, register_target
+from qcompile.targets.base import CLEANUP, CONVERT, PLAN, Target, register_target
 from qcompile.targets.cpu_int8.attention import attention
 from qcompile.targets.cpu_int8.bf16_kernels import linear_bf16
 from qcompile.targets.cpu_int8.capabilities import op_rules, search_candidates
@@ -29,6 +30,8 @@ from qcompile.targets.cpu_int8.lower_float_bf16 import LowerFloatBf16
 from qcompile.targets.cpu_int8.merge_sibling_linears import MergeSiblingLinears
 from qcompile.targets.cpu_int8.onednn import conv2d_int8, describe_int8_kernel, linear_int8
 from qcompile.targets.cpu_int8.quantize_before_pad import QuantizeBeforePad
+from qcompile.targets.cpu_int8.recurrence import gru_recurrence, lstm_recurrence
+from qcompile.targets.cpu_int8.split_recurrent import SplitRecurrent
 from qcompile.targets.cpu_int8.lower_weight_only import LowerWeightOnly
 from qcompile.targets.cpu_int8.uint8_kernels import max_pool2d_uint8
 from qcompile.targets.cpu_int8.weight_only_kernels import describe_weight_only_kernel, linear_weight_only
@@ -44,20 +47,21 @@ register_target(
         description="oneDNN int8 kernels on x86 CPUs: uint8 activations, int8 per-channel weights",
         op_rules=op_rules(),
         preset=int8_preset,
-        prepare=PREPARE,
+        # A GRU / LSTM splits into its input linear (planned like any other) and its recurrence.
+        prepare=f"{CLEANUP},split-recurrent,{PLAN}",
         convert=CONVERT,
         # Fusion is read off the Q/DQ graph, so a saved Q/DQ program lowers the same way.
         lower="canonicalize,merge-sibling-linears,quantize-before-pad,fuse-patterns,lower-cpu-int8,lower-weight-only,lower-float-bf16,"
               "fuse-layer-norm-quantize,relax-views,eliminate-dead-code",
-        dynamic_prepare=DYNAMIC_PREPARE,
+        dynamic_prepare=f"{CLEANUP},split-recurrent,annotate",
         dynamic_convert="cast-fp8{dynamic=true},convert{dynamic=true},eliminate-dequant,eliminate-dead-code",
         describe_kernel=describe_kernel,
         candidates=search_candidates(),
-        passes=(MergeSiblingLinears, QuantizeBeforePad, FusePatterns, LowerCpuInt8, LowerWeightOnly, LowerFloatBf16, FuseLayerNormQuantize),
+        passes=(SplitRecurrent, MergeSiblingLinears, QuantizeBeforePad, FusePatterns, LowerCpuInt8, LowerWeightOnly, LowerFloatBf16, FuseLayerNormQuantize),
     )
 )
 
 
 __all__ = ["FuseLayerNormQuantize", "FusePatterns", "LowerCpuInt8", "LowerFloatBf16", "LowerWeightOnly", "MergeSiblingLinears",
-           "QuantizeBeforePad", "attention",
-           "conv2d_int8", "layer_norm_quantize", "linear_bf16", "linear_int8", "linear_weight_only", "max_pool2d_uint8"]
+           "QuantizeBeforePad", "SplitRecurrent", "attention", "conv2d_int8", "gru_recurrence", "layer_norm_quantize",
+           "linear_bf16", "linear_int8", "linear_weight_only", "lstm_recurrence", "max_pool2d_uint8"]
