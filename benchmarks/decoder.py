@@ -8,7 +8,9 @@ cache growing; the table gives prefill ms and decode ms per token (medians of 3 
 batch 1 and batch 4. int8 is ``qcompile.compile_decoder`` calibrated on 4 prompt batches (W8A8);
 the weight-only rows quantize the linears' weights only (int8 per channel on
 ``_weight_int8pack_mm``, int4 in groups of 32 or 128 on ``_weight_int4pack_mm_for_cpu``, FP8
-E4M3 per channel decoded to bf16 on cpu-fp8), activations in bf16.
+E4M3 per channel decoded to bf16 on cpu-fp8), activations in bf16. The ONNX Runtime row is the
+same W8A8 plan on target onnx-qdq, its prefill and step exported (``export_onnx``) and run by
+ONNX Runtime's CPU provider (2 intra-op threads) in the same loop.
 
 Run: ``python -m benchmarks.decoder``
 """
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import statistics
+import tempfile
 import time
 
 import torch
@@ -70,6 +73,16 @@ def main() -> None:
         compiled = qcompile.compile_decoder(model, prompts, progress=False, **options)
         print(f"{name}: compile_decoder {time.perf_counter() - start:.0f} s; {compiled.step.report.notes[-1]}")
         paths[name] = (compiled.prefill, compiled.step)
+    with tempfile.TemporaryDirectory() as folder:
+        start = time.perf_counter()
+        onnx_qdq = qcompile.compile_decoder(model, prompts, target="onnx-qdq", progress=False)
+        exported = onnx_qdq.export_onnx(folder, threads=2)
+        print(f"ONNX Runtime int8: compile_decoder + export {time.perf_counter() - start:.0f} s")
+        paths["ONNX Runtime int8"] = (exported.prefill, exported.step)
+        _table(paths, g)
+
+
+def _table(paths: dict, g: torch.Generator) -> None:
     print(f"\n{'path':<24}{'batch':>6}{'prefill ms':>12}{'ms/token':>10}{'vs fp32':>9}{'vs bf16':>9}")
     for batch in (1, 4):
         ids = torch.randint(0, 8000, (batch, PROMPT), generator=g)

@@ -178,11 +178,16 @@ class Row:
 
 def set_batchnorm_statistics(model: torch.nn.Module, batches: list[Any], call: Callable) -> None:
     """Running statistics from data, as a trained network has (random-init statistics of 0 and 1
-    make deep BN-free activations vanish or explode)."""
+    make deep BN-free activations vanish or explode), and the affine parameters at PyTorch's
+    defaults γ = 1, β = 0: transformers' initializer draws γ from N(0, 0.02²), which shrinks
+    every BatchNorm's output fiftyfold (EfficientNet's output fell to 1e-28)."""
     norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     if not norms:
         return
     for m in norms:
+        if m.affine:
+            torch.nn.init.ones_(m.weight)
+            torch.nn.init.zeros_(m.bias)
         m.reset_running_stats()
         m.momentum = None  # a cumulative average over the batches
         m.train()

@@ -14,13 +14,15 @@ Calibration follows use: prefill is calibrated on the prompts; the step on the t
 the float model itself produces while decoding those prompts greedily for
 ``calibration_steps`` tokens, so each cache length the step is calibrated on is one it meets.
 The float model and the compiled one decode with the same loop (:func:`greedy_decode`), which
-is how their tokens are compared. Prompts in one batch share a length (no padding mask).
+is how their tokens are compared; so does ONNX Runtime, once both programs are exported
+(:meth:`QuantizedDecoder.export_onnx`, target ``onnx-qdq``). Prompts in one batch share a length (no padding mask).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -104,6 +106,34 @@ class QuantizedDecoder:
 
     def generate(self, input_ids: Tensor, new_tokens: int) -> Tensor:
         """Greedy decoding, as :func:`greedy_decode` does with the float model."""
+        return greedy_decode(self.prefill, self.step, input_ids, new_tokens)
+
+    def export_onnx(self, folder: str | Path, *, threads: int | None = None, **options: Any) -> OnnxDecoder:
+        """Write ``prefill.onnx`` and ``step.onnx`` into ``folder`` (each cross-checked in ONNX
+        Runtime, see :meth:`QuantizedModel.export_onnx`; batch, prompt and cache lengths stay
+        dynamic) and return the decoder that runs them in ONNX Runtime (on ``threads`` intra-op
+        threads, ONNX Runtime's default when None)."""
+        from qcompile.targets.onnx_qdq.runtime import OnnxRuntimeProgram  # onnxruntime loads only here
+
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise QCompileError(f"export_onnx: '{folder}' is not a folder")
+        exports = {name: getattr(self, name).export_onnx(folder / f"{name}.onnx", **options)
+                   for name in ("prefill", "step")}
+        return OnnxDecoder(OnnxRuntimeProgram(exports["prefill"].path, threads),
+                           OnnxRuntimeProgram(exports["step"].path, threads), exports["prefill"], exports["step"])
+
+
+@dataclass
+class OnnxDecoder:
+    """A causal LM as two ONNX files run by ONNX Runtime, with the same greedy loop."""
+
+    prefill: Program
+    step: Program
+    prefill_export: Any  # what each export wrote and how its cross-check went (OnnxExport)
+    step_export: Any
+
+    def generate(self, input_ids: Tensor, new_tokens: int) -> Tensor:
         return greedy_decode(self.prefill, self.step, input_ids, new_tokens)
 
 

@@ -73,3 +73,24 @@ def test_bad_prompts_are_refused():
         qcompile.compile_decoder(torch.nn.Linear(2, 2), [])
     with pytest.raises(qcompile.QCompileError, match="needs prompts"):
         qcompile.compile_decoder(torch.nn.Linear(2, 2), [torch.zeros(3)])
+
+
+def test_onnx_runtime_decodes_the_exported_prefill_and_step_as_the_qdq_programs_do(trained, tmp_path):
+    decoder, _, prompts, _ = trained
+    calibration = [torch.stack(decoder.held_out[i:i + 4]) for i in range(0, 16, 4)]
+    compiled = qcompile.compile_decoder(decoder.model, calibration, target="onnx-qdq", progress=False)
+    exported = compiled.export_onnx(tmp_path)
+    assert {p.name for p in tmp_path.iterdir()} == {"prefill.onnx", "step.onnx"}
+    for export in (exported.prefill_export, exported.step_export):  # projections, MLPs, lm_head as int8 kernels
+        assert export.check.int8_kernels["MatMulIntegerToFloat"] >= 2 * 7
+    past = exported.step.session.get_inputs()[1].shape  # batch and cache length stay dynamic
+    assert isinstance(past[0], str) and isinstance(past[2], str)
+    prefill, step = PrefillProgram(decoder.model), StepProgram(decoder.model)
+    same_as_torch = same_as_fp32 = total = 0
+    for prompt in prompts[:4]:
+        in_onnx_runtime = exported.generate(prompt, NEW_TOKENS)
+        same_as_torch += sum(map(torch.equal, in_onnx_runtime, compiled.generate(prompt, NEW_TOKENS)))
+        same_as_fp32 += sum(map(torch.equal, in_onnx_runtime, qcompile.greedy_decode(prefill, step, prompt, NEW_TOKENS)))
+        total += len(prompt)
+    assert same_as_torch >= total - 1, f"{same_as_torch} of {total}"  # a near-tie may round the other way
+    assert same_as_fp32 >= total // 2, f"{same_as_fp32} of {total}"

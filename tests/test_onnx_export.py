@@ -264,3 +264,4 @@ def test_the_summary_says_which_quantized_weight_ops_onnx_runtime_still_runs_in_
         exported = qm.export_onnx(tmp_path / "dw.onnx")
     assert exported.quantized_weight_ops == 2 and exported.check.int8_weight_kernels == 1
     assert "1 run in float on dequantized weights" in str(exported)
+    assert exported.unfused_ops == ("conv2d_1 (dw Conv2d)",)  # named: the depthwise one, whose output is float

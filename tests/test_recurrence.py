@@ -154,3 +154,17 @@ def test_rnn_models_without_calibration_data_quantize_the_input_products_at_run_
     assert qm.report.mode == "dynamic"
     with torch.no_grad():
         assert F.cosine_similarity(qm(x), model(x)).min() > 0.999
+
+
+def test_the_split_recurrence_exports_to_onnx_runtimes_gru_and_lstm(tmp_path):
+    torch.manual_seed(0)
+    model = Tagger().eval()
+    g = torch.Generator().manual_seed(1)
+    qm = qcompile.compile(model, calibration_data=[(torch.randn(8, 4, 30, generator=g),) for _ in range(4)],
+                          progress=False)
+    with pytest.warns(UserWarning, match=r"run in float on dequantized weights.*: conv2d \(conv Conv1d\)"):
+        exported = qm.export_onnx(tmp_path / "tagger.onnx")  # the cross-check holds ORT to the Q/DQ graph
+    assert exported.check.worst.max_steps < 1e-2
+    assert exported.check.ort_ops["GRU"] == 1 and exported.check.ort_ops["LSTM"] == 4
+    assert exported.check.int8_kernels["MatMulIntegerToFloat"] == 5  # the input products
+    assert exported.bytes < 1.2 * exported.float_bytes  # the identity input weights are made at load time

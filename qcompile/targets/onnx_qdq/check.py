@@ -77,6 +77,8 @@ class CrossCheck:
     # With MatMulNBits: the outputs' largest distance, in steps, between the check's session and
     # one with ONNX Runtime's default accuracy level (int8 activations inside MatMulNBits).
     default_accuracy_steps: float | None = None
+    # The Q/DQ graph's dequantize nodes whose weights ONNX Runtime's float Conv/MatMul/Gemm read.
+    float_weight_reads: tuple[str, ...] = ()
 
     @property
     def worst(self) -> TensorCheck:
@@ -164,8 +166,25 @@ def _output_step(gm: fx.GraphModule, node: Any, value: torch.Tensor) -> float:
     return max(float(value.max() - value.min()) / 255, torch.finfo(torch.float32).eps)
 
 
+@dataclass(frozen=True)
+class OptimizedGraph:
+    """What ONNX Runtime made of a file: its op counts, and the dequantized weights its float
+    convolutions and matrix products still read (the DequantizeLinear outputs, named as the
+    Q/DQ graph's dequantize nodes)."""
+
+    ops: dict[str, int]
+    float_weight_reads: tuple[str, ...]
+
+    @staticmethod
+    def of(model: onnx.ModelProto) -> OptimizedGraph:
+        dequantized = {out for node in model.graph.node if node.op_type == "DequantizeLinear" for out in node.output}
+        reads = tuple(node.input[1] for node in model.graph.node
+                      if node.op_type in FLOAT_COMPUTE and len(node.input) > 1 and node.input[1] in dequantized)
+        return OptimizedGraph(dict(Counter(node.op_type for node in model.graph.node)), reads)
+
+
 def _run_onnxruntime(model: onnx.ModelProto, feeds: dict[str, np.ndarray], config: dict[str, str] | None = None
-                     ) -> tuple[list[np.ndarray], dict[str, int]]:
+                     ) -> tuple[list[np.ndarray], OptimizedGraph]:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -176,8 +195,8 @@ def _run_onnxruntime(model: onnx.ModelProto, feeds: dict[str, np.ndarray], confi
         optimized = Path(folder) / "optimized.onnx"
         options.optimized_model_filepath = str(optimized)
         session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        ops = Counter(node.op_type for node in onnx.load(str(optimized), load_external_data=False).graph.node)
-    return session.run(None, feeds), dict(ops)
+        graph = OptimizedGraph.of(onnx.load(str(optimized), load_external_data=False))
+    return session.run(None, feeds), graph
 
 
 def _as_torch(value: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
@@ -210,7 +229,8 @@ def cross_check(model: onnx.ModelProto, reference: fx.GraphModule, args: tuple, 
         raise QCompileError(f"the ONNX file has {len(model.graph.input)} inputs, the Q/DQ graph {len(placeholders)}")
     feeds = {graph_input.name: values[name].detach().cpu().numpy()
              for graph_input, name in zip(model.graph.input, placeholders)}
-    results, ops = _run_onnxruntime(probe, feeds, FLOAT_ACCURACY)
+    results, optimized = _run_onnxruntime(probe, feeds, FLOAT_ACCURACY)
+    ops = optimized.ops
     count = len(model.graph.output)
     forced = {name: _as_torch(value, quantize_nodes[name].meta["val"].dtype)
               for name, value in zip(exposed, results[count:], strict=True)}
@@ -223,7 +243,7 @@ def cross_check(model: onnx.ModelProto, reference: fx.GraphModule, args: tuple, 
         theirs = torch.from_numpy(theirs)
         step = _output_step(reference, node, mine)
         checks.append(_compare(graph_output.name, "output", mine, theirs, step, step))
-    result = CrossCheck(checks, tolerance_steps, ops)
+    result = CrossCheck(checks, tolerance_steps, ops, float_weight_reads=optimized.float_weight_reads)
     if MATMUL_NBITS in ops:
         defaults, _ = _run_onnxruntime(model, feeds)
         result.default_accuracy_steps = max(

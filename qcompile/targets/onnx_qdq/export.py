@@ -40,6 +40,7 @@ from torch import fx
 
 from qcompile.capture import export_program
 from qcompile.ir.graph import constant_value, op_arguments
+from qcompile.ir.meta import source_module
 from qcompile.errors import NodeError, QCompileError
 from qcompile.observers import Observer
 from qcompile.pass_manager import PassManager
@@ -98,8 +99,46 @@ def _dequantize_blocked(q, scale, zero_point, block_size: int, bits: int):
                                block_size=block_size)
 
 
+# PyTorch's gate blocks in ONNX's order: GRU r, z, n -> z, r, h; LSTM i, f, g, o -> i, o, f, c.
+_ONNX_GATE_ORDER = {3: (1, 0, 2), 4: (0, 3, 1, 2)}
+
+
+def _recurrent(onnx_op, gates_x, states, w_hh, b_hh, reverse: bool, batch_first: bool, **attributes):
+    """``qc.gru_recurrence`` / ``qc.lstm_recurrence`` as ONNX's GRU / LSTM, exactly: the input
+    gates Gx go in as X with W the identity in ONNX's gate order (X·Wᵀ = Gx, each output one
+    product by 1), R = W_hh's gate blocks reordered, B = [0, b_hh reordered]; time-major inside
+    (ONNX Runtime's CPU RNNs take layout 0). The identity is made in the graph (EyeLike), which
+    ONNX Runtime folds when it loads the file, so the file does not hold it."""
+    gates, hidden = w_hh.shape[0] // w_hh.shape[1], w_hh.shape[1]
+    rows = np.concatenate([np.arange(g * hidden, (g + 1) * hidden) for g in _ONNX_GATE_ORDER[gates]])
+    order = op.Constant(value=onnx.numpy_helper.from_array(rows.astype(np.int64)))
+    square = op.ConstantOfShape(op.Constant(value_ints=[gates * hidden, gates * hidden]))
+    selection = op.Unsqueeze(op.Gather(op.EyeLike(square), order, axis=0), [0])
+    recurrent = op.Unsqueeze(op.Gather(w_hh, order, axis=0), [0])
+    zeros = op.Constant(value=onnx.numpy_helper.from_array(np.zeros(gates * hidden, dtype=np.float32)))
+    bias = op.Unsqueeze(op.Concat(zeros, zeros if b_hh is None else op.Gather(b_hh, order, axis=0), axis=0), [0])
+    x = op.Transpose(gates_x, perm=[1, 0, 2]) if batch_first else gates_x
+    outputs = onnx_op(x, selection, recurrent, bias, None,
+                      *(op.Unsqueeze(state, [0]) for state in states), hidden_size=hidden,
+                      direction="reverse" if reverse else "forward", **attributes)
+    y = op.Squeeze(outputs[0], [1])  # [steps, 1 direction, batch, hidden]
+    return (op.Transpose(y, perm=[1, 0, 2]) if batch_first else y, *(op.Squeeze(s, [0]) for s in outputs[1:]))
+
+
+def _gru_recurrence(gates_x, h0, w_hh, b_hh, reverse: bool, batch_first: bool):
+    return _recurrent(lambda *a, **k: op.GRU(*a, **k, linear_before_reset=1), gates_x, (h0,), w_hh, b_hh,
+                      reverse, batch_first)
+
+
+def _lstm_recurrence(gates_x, h0, c0, w_hh, b_hh, reverse: bool, batch_first: bool):
+    return _recurrent(lambda x, w, r, b, lens, h, c, **k: op.LSTM(x, w, r, b, lens, h, c, **k), gates_x, (h0, c0),
+                      w_hh, b_hh, reverse, batch_first)
+
+
 TRANSLATIONS = {QUANTIZE: _quantize_linear, DEQUANTIZE: _dequantize_linear, UNFUSED_SUM: _sum,
-                CHOOSE_QPARAMS: _choose_qparams, DEQUANTIZE_BLOCKED: _dequantize_blocked}
+                CHOOSE_QPARAMS: _choose_qparams, DEQUANTIZE_BLOCKED: _dequantize_blocked,
+                torch.ops.qc.gru_recurrence.default: _gru_recurrence,
+                torch.ops.qc.lstm_recurrence.default: _lstm_recurrence}
 
 
 def _fold_integer_casts(model: onnx.ModelProto) -> int:
@@ -133,6 +172,8 @@ class OnnxExport:
     check: CrossCheck | None
     quantized_weight_ops: int = 0  # linears and convolutions the Q/DQ graph reads int8 weights for
     float8_weight_ops: int = 0  # and those it reads float8 weights for
+    # The quantized weight ops ONNX Runtime runs in float: node name and user module.
+    unfused_ops: tuple[str, ...] = ()
 
     @property
     def float8_note(self) -> str | None:
@@ -145,13 +186,14 @@ class OnnxExport:
 
     @property
     def unfused(self) -> str | None:
-        """What ONNX Runtime runs in float although the Q/DQ graph quantizes it, or None."""
+        """What ONNX Runtime runs in float although the Q/DQ graph quantizes it, named, or None."""
         if self.check is None or self.check.int8_weight_kernels >= self.quantized_weight_ops:
             return None
         missing = self.quantized_weight_ops - self.check.int8_weight_kernels
+        named = f": {', '.join(self.unfused_ops)}" if self.unfused_ops else ""
         return (f"ONNX Runtime fused {self.check.int8_weight_kernels} of the {self.quantized_weight_ops} quantized "
                 f"convolutions and linears into int8 kernels; {missing} run in float on dequantized weights "
-                "(a Q/DQ pattern its optimizer does not fuse)")
+                f"(a Q/DQ pattern its optimizer does not fuse){named}")
 
     def __str__(self) -> str:
         lines = [f"wrote {self.path} ({self.bytes / 1e6:.1f} MB, {self.bytes / self.float_bytes:.0%} of the "
@@ -175,6 +217,22 @@ def quantized_weight_ops(gm: fx.GraphModule, float8: bool = False) -> int:
         if dq is not None and (dq.integer_dtype in FLOAT8_STORAGE) == float8:
             count += 1
     return count
+
+
+def unfused_weight_ops(reference: fx.GraphModule, check: CrossCheck | None) -> tuple[str, ...]:
+    """The weight ops of ``reference`` (the exported program) whose dequantized weight ONNX
+    Runtime's float Conv/MatMul/Gemm read, as ``node (module Class)``."""
+    if check is None:
+        return ()
+    nodes = {node.name: node for node in reference.graph.nodes}
+    named = []
+    for read in dict.fromkeys(check.float_weight_reads):
+        for user in (nodes[read].users if read in nodes else ()):
+            if user.op != "call_function" or user.target not in (*WEIGHT_OPS, torch.ops.aten.matmul.default):
+                continue
+            module = source_module(user)
+            named.append(f"{user.name} ({module[0]} {module[1]})" if module else user.name)
+    return tuple(named)
 
 
 def _check_exportable(gm: fx.GraphModule) -> None:
@@ -284,7 +342,7 @@ def export_onnx(
     finally:
         partial.unlink(missing_ok=True)
     exported = OnnxExport(path, path.stat().st_size, _float_bytes(gm), result, quantized_weight_ops(gm),
-                          quantized_weight_ops(gm, float8=True))
+                          quantized_weight_ops(gm, float8=True), unfused_weight_ops(reference, result))
     if exported.unfused:
         warnings.warn(exported.unfused, stacklevel=3)
     return exported
