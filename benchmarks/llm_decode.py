@@ -10,8 +10,11 @@ tiny decoder's agreement is in ``benchmarks.fp8_vs_int8 decoder``).
 
 qcompile rows are ``compile_decoder`` with every linear weight-only (int8 per channel on
 ``_weight_int8pack_mm``; int4 in groups of 128, round to nearest, on
-``_weight_int4pack_mm_for_cpu``), activations bf16, and the token table in int8 rows. torchao's int4 weight-only CPU path is tried
-and its error printed when this torchao has none.
+``_weight_int4pack_mm_for_cpu``), activations bf16, and the token table in int8 rows. The ONNX
+Runtime row is the W4 plan's prefill and step exported (``QuantizedDecoder.export_onnx``: blocked
+INT4 DequantizeLinear, which ONNX Runtime fuses into MatMulNBits) and run by ONNX Runtime's CPU
+provider in the same loop. torchao's int4 weight-only CPU path is tried and its error printed
+when this torchao has none.
 
 Run: ``python -m benchmarks.llm_decode``
 """
@@ -19,8 +22,10 @@ Run: ``python -m benchmarks.llm_decode``
 from __future__ import annotations
 
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
@@ -78,6 +83,7 @@ def main() -> None:
         "bf16 eager": (PrefillProgram(bf16), StepProgram(bf16), tensor_bytes(bf16), "")}
     formats = {"qcompile W8 (weight-only int8)": QuantSpec("int8", granularity=PerChannel(0)),
                "qcompile W4 g128 (weight-only int4)": QuantSpec("int4", granularity=PerGroup(1, 128))}
+    compiled_by_name = {}
     for name, spec in formats.items():
         start = time.perf_counter()
         compiled = qcompile.compile_decoder(model, prompts, calibration_steps=2, progress=False,
@@ -87,6 +93,14 @@ def main() -> None:
         paths[name] = (compiled.prefill, compiled.step, tensor_bytes(compiled.prefill.graph_module),
                        f"compile_decoder {seconds:.0f} s")
         print(f"{name}: {compiled.step.report.notes[-1]}")
+        compiled_by_name[name] = compiled
+    with tempfile.TemporaryDirectory() as folder:  # ONNX Runtime reads the files when its sessions start
+        start = time.perf_counter()
+        exported = compiled_by_name["qcompile W4 g128 (weight-only int4)"].export_onnx(folder, threads=2)
+        size = sum(path.stat().st_size for path in Path(folder).iterdir()) // 2  # both files hold the weights
+        paths["ONNX Runtime W4 g128 (MatMulNBits)"] = (exported.prefill, exported.step, size,
+                                                       f"the same plan exported, {time.perf_counter() - start:.0f} s; "
+                                                       f"ONNX Runtime's default accuracy level (int8 activations)")
     try:
         ao = Qwen2ForCausalLM(CONFIG).to(torch.bfloat16).eval()
         ao.load_state_dict(model.state_dict())

@@ -3,14 +3,18 @@
 A ``.qc`` file is one safetensors file. Its tensors are the Q/DQ program's weights, constants
 and example inputs; its header's metadata holds one JSON document:
 
-    {"format": 3, "target": ..., "report": ..., "program": <torch.export's graph JSON>,
+    {"format": 4, "target": ..., "report": ..., "program": <torch.export's graph JSON>,
      "inputs": {"spec": <pytree spec JSON>, "leaves": [...]}, "tensors": [...],
-     "sparse": {name: shape, ...}, "sha256": ...}
+     "sparse": {name: shape, ...}, "nibbles": {name: shape, ...}, "sha256": ...}
 
 An int8 tensor that is at least half zeros (a pruned weight) is stored as its nonzero values
 (``sparse:<name>:values``, in row-major order) and a bitmask of where they go
 (``sparse:<name>:mask``, eight positions a byte, most significant bit first): at 50 % sparsity
-62.5 % of its dense bytes. Version 2 files (no sparse tensors) are read as before.
+62.5 % of its dense bytes. Then every int8 tensor whose values all fit in four bits (int4 and
+narrower weights, the values of a sparse one) is stored two values a byte
+(``nibbles:<name>``: element 2i in the low four bits, 2i+1 in the high, two's complement), half
+its bytes. Both are exact, and decided by the values alone. Versions 2 and 3 (no nibbles, and
+for 2 no sparse tensors) are read as before.
 
 Loading never unpickles, never imports and never executes anything the file says:
 
@@ -51,8 +55,8 @@ from torch.utils import _pytree as pytree
 
 from qcompile.errors import ArtifactError, QCompileError
 
-FORMAT_VERSION = 3
-READABLE_VERSIONS = (2, 3)
+FORMAT_VERSION = 4
+READABLE_VERSIONS = (2, 3, 4)
 # An int8 tensor with at least this fraction of zeros is stored as values and a bitmask.
 SPARSE_FRACTION = 0.5
 FORMAT_NAME = "qcompile"
@@ -149,6 +153,31 @@ def _sparse_decode(path: Path, tensors: dict[str, torch.Tensor], shapes: dict[st
         tensors[name] = dense.reshape(shape)
 
 
+def _nibble_encode(tensors: dict[str, torch.Tensor]) -> dict[str, list[int]]:
+    """Replace, in ``tensors``, each int8 tensor of values in [-8, 7] by its values packed two a
+    byte; returns the shapes of those replaced, by name."""
+    shapes = {}
+    for name in sorted(tensors):
+        t = tensors[name]
+        if t.dtype == torch.int8 and t.numel() >= 64 and int(t.min()) >= -8 and int(t.max()) <= 7:
+            flat = t.reshape(-1).view(torch.uint8) & 0x0F
+            flat = torch.cat([flat, flat.new_zeros(flat.numel() % 2)]).reshape(-1, 2)
+            tensors[f"nibbles:{name}"] = flat[:, 0] | (flat[:, 1] << 4)
+            shapes[name] = list(t.shape)
+            del tensors[name]
+    return shapes
+
+
+def _nibble_decode(path: Path, tensors: dict[str, torch.Tensor], shapes: dict[str, list[int]]) -> None:
+    for name, shape in shapes.items():
+        packed = tensors.pop(f"nibbles:{name}")
+        count = int(torch.Size(shape).numel())
+        if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != (count + 1) // 2:
+            raise ArtifactError(f"'{path}': the packed tensor '{name}' does not match its shape {shape}")
+        pairs = torch.stack([packed & 0x0F, packed >> 4], dim=1).reshape(-1)[:count].view(torch.int8)
+        tensors[name] = torch.where(pairs > 7, pairs - 16, pairs).reshape(shape)  # sign from bit 3
+
+
 def write_artifact(path: Path, program: torch.export.ExportedProgram, target: str, report: str) -> Path:
     """Write ``program`` (a Q/DQ program from ``torch.export``) and its report to ``path``."""
     from torch._export.serde.serialize import serialize
@@ -166,8 +195,9 @@ def write_artifact(path: Path, program: torch.export.ExportedProgram, target: st
                 raise QCompileError(f"{kind} '{name}' is a {type(value).__name__}: only tensors are saved")
             tensors[f"{kind}:{name}"] = value.detach().contiguous().clone()
     sparse = _sparse_encode(tensors)
+    nibbles = _nibble_encode(tensors)
     document = {"format": FORMAT_VERSION, "target": target, "report": report, "program": graph,
-                "inputs": inputs, "tensors": sorted(tensors), "sparse": sparse}
+                "inputs": inputs, "tensors": sorted(tensors), "sparse": sparse, "nibbles": nibbles}
     document["sha256"] = _digest(document, tensors)
     path.write_bytes(save_safetensors(tensors, metadata={FORMAT_NAME: json.dumps(document, sort_keys=True)}))
     return path
@@ -194,7 +224,8 @@ def read_artifact(path: Path) -> Artifact:
                                                         else ""))
     _check_digest(path, document, tensors)
     try:
-        _sparse_decode(path, tensors, {str(k): [int(d) for d in v] for k, v in document.get("sparse", {}).items()})
+        for key, decode in (("nibbles", _nibble_decode), ("sparse", _sparse_decode)):  # the reverse of writing
+            decode(path, tensors, {str(k): [int(d) for d in v] for k, v in document.get(key, {}).items()})
         graph, target, report = document["program"], str(document["target"]), str(document["report"])
         check_program_json(graph)
         example = _example_from(document["inputs"], tensors)

@@ -202,3 +202,38 @@ def test_archives_with_pickled_weights_opaque_constants_or_traversal_are_refused
     with pytest.raises(qcompile.QCompileError, match="zip archive"):
         qcompile.load(path)
     assert not marker.exists() and not (tmp_path.parent.parent / "outside.qc.json").exists(), payload_kind
+
+
+def test_four_bit_values_are_stored_two_a_byte_and_read_back_exactly(tmp_path):
+    from safetensors.torch import load_file
+
+    from qcompile.artifact import _nibble_decode, _nibble_encode
+    from tests.models import TinyBlock
+
+    every = {"w": torch.arange(-8, 8, dtype=torch.int8).repeat(5)[:-1].reshape(79),  # odd count, all 16 values
+             "wide": torch.tensor([-9, 0] * 40, dtype=torch.int8), "float": torch.zeros(80)}
+    tensors = dict(every)
+    shapes = _nibble_encode(tensors)
+    assert shapes == {"w": [79]} and tensors["nibbles:w"].numel() == 40 and "wide" in tensors
+    _nibble_decode(tmp_path, tensors, shapes)
+    assert torch.equal(tensors["w"], every["w"])
+
+    int4 = qcompile.QConfig(by_op={"linear": qcompile.OpQuantConfig(None, qcompile.QuantSpec(
+        "int4", granularity=qcompile.PerGroup(1, 8)))})
+    g = torch.Generator().manual_seed(0)
+    qm = qcompile.compile(TinyBlock(), calibration_data=[(torch.randn(4, 16, generator=g),)], qconfig=int4,
+                          progress=False)
+    path = qm.save(tmp_path / "int4.qc")
+    stored = load_file(path)
+    packed = [name for name in stored if name.startswith("nibbles:")]
+    assert len(packed) == 2 and not [n for n, t in stored.items() if t.dtype == torch.int8]
+    x = torch.randn(3, 16, generator=g)
+    torch.testing.assert_close(qcompile.load(path)(x), qm(x), rtol=0, atol=0)
+
+
+def test_a_packed_tensor_that_does_not_match_its_shape_is_refused(tmp_path):
+    from qcompile.artifact import _nibble_decode
+
+    tensors = {"nibbles:w": torch.zeros(10, dtype=torch.uint8)}
+    with pytest.raises(qcompile.ArtifactError, match=r"the packed tensor 'w' does not match its shape \[4000\]"):
+        _nibble_decode(tmp_path / "m.qc", tensors, {"w": [4000]})
