@@ -11,10 +11,12 @@ warm-up calls), on the same calibration data:
   smoothing (``outlier_smoothing=None``), which shows what ``smooth-outliers`` buys.
 
 Workloads: all-MiniLM-L6-v2 (batch 32 x 128, the sentences and metrics of the cpu-int8
-benchmark: mean-pooled embedding cosine vs torch fp32 and nearest-neighbour agreement) and
-ResNet-18 (batch 8 x 3 x 224 x 224: top-1 agreement with torch fp32).
+benchmark: mean-pooled embedding cosine vs torch fp32 and nearest-neighbour agreement),
+ResNet-18 (batch 8 x 3 x 224 x 224: top-1 agreement with torch fp32), and the zoo's
+MobileNet-v2 and EfficientNet (batch 8 x 3 x 128 x 128: depthwise convolutions, SiLU,
+squeeze-excite, one-sided padding).
 
-Run: ``python -m benchmarks.onnx_qdq [minilm] [resnet]`` (both by default).
+Run: ``python -m benchmarks.onnx_qdq [minilm] [resnet] [mobilenet-v2] [efficientnet]`` (all by default).
 """
 
 from __future__ import annotations
@@ -104,9 +106,33 @@ def resnet() -> None:
             [("qcompile onnx-qdq", {})])
 
 
+def zoo_cnn(name: str) -> None:
+    """A convolutional row of the architecture zoo (random weights, BatchNorm statistics from data):
+    depthwise convolutions, SiLU and squeeze-excite (EfficientNet), ReLU6 and residual chains
+    (MobileNet-v2), TF-style one-sided padding (both)."""
+    from benchmarks.zoo import ZOO, run, set_batchnorm_statistics
+
+    torch.manual_seed(0)
+    model, inputs = ZOO[name]()
+    model.eval()
+    calibration = [inputs(8, 128, seed) for seed in range(4)]
+    set_batchnorm_statistics(model, calibration, run)
+    images = {"pixel_values": inputs(8, 128, 100)[0]}
+    with torch.no_grad():
+        reference = model(**images)
+
+    def quality(run: Callable[[dict], torch.Tensor]) -> str:
+        cosine = torch.nn.functional.cosine_similarity(run(images).flatten(1), reference.flatten(1)).min()
+        return f"cosine vs fp32 {cosine:.4f} (random weights: see the zoo's bf16 floor)"
+
+    compare(model, images, [{"pixel_values": c[0]} for c in calibration], images, quality,
+            f"HF {name} (zoo config) in ONNX Runtime, batch 8 x 3 x 128 x 128", [("qcompile onnx-qdq", {})])
+
+
 def main() -> None:
     torch.set_num_threads(2)
-    workloads = {"minilm": minilm, "resnet": resnet}
+    workloads = {"minilm": minilm, "resnet": resnet, "mobilenet-v2": lambda: zoo_cnn("mobilenet-v2"),
+                 "efficientnet": lambda: zoo_cnn("efficientnet")}
     for name in sys.argv[1:] or list(workloads):
         workloads[name]()
 

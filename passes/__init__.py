@@ -21,6 +21,7 @@ from qcompile.passes.insert_observers import InsertObservers
 from qcompile.passes.lower_qat import LowerQat
 from qcompile.passes.normalize_linears import NormalizeLinears
 from qcompile.passes.prune_weights import PruneWeights
+from qcompile.passes.quantize_before_pad import QuantizeBeforePad
 from qcompile.passes.relax_views import RelaxViews
 from qcompile.passes.smooth_outliers import SmoothOutliers
 from qcompile.passes.training_ops import TrainingOps
@@ -30,7 +31,7 @@ from qcompile.pipeline import Pass, register_pass
 BUILTIN_PASSES: tuple[type[Pass], ...] = (
     Canonicalize, NormalizeLinears, FoldBatchNorm, Conv1dAsConv2d, EliminateDeadCode, ApplyRules, SmoothOutliers, Annotate, InsertObservers,
     Calibrate, CastFp8, Convert, EliminateDequant, RelaxViews, TrainingOps, InsertFakeQuant, LowerQat,
-    PruneWeights, Gptq, CorrectBias,
+    PruneWeights, Gptq, CorrectBias, QuantizeBeforePad,
 )
 for _pass in BUILTIN_PASSES:
     register_pass(_pass)
@@ -54,6 +55,7 @@ __all__ = [
     "LowerQat",
     "NormalizeLinears",
     "PruneWeights",
+    "QuantizeBeforePad",
     "RelaxViews",
     "SmoothOutliers",
     "TrainingOps",

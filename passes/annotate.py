@@ -101,6 +101,36 @@ def _on_float_path(node: fx.Node, rule: OpRule) -> bool:
     return False
 
 
+# Ops a convolution kernel runs in its epilogue (QLinearConv clamps to its output range): a
+# quantized output belongs after them.
+EPILOGUE_KINDS = frozenset({"relu", "relu6", "hardtanh", "clamp"})
+
+
+def _epilogue_end(node: fx.Node) -> fx.Node:
+    """The last of the epilogue ops that follow ``node``, each the only reader of the one before."""
+    while len(node.users) == 1:
+        (user,) = node.users
+        if user.op != "call_function" or op_kind(user) not in EPILOGUE_KINDS:
+            break
+        node = user
+    return node
+
+
+def _read_float(node: fx.Node, plans: dict[fx.Node, QuantAnnotation]) -> bool:
+    """Whether a reader of ``node``'s output takes it as a float: one that is not planned to
+    quantize that edge and not a shape op observed above."""
+    for user in node.users:
+        plan = plans.get(user)
+        if plan is not None and plan.shares_qparams_of:
+            continue
+        quantized = plan is not None and any(
+            edge.role == "activation" and index < len(user.args) and user.args[index] is node
+            for index, edge in plan.inputs)
+        if not quantized:
+            return True
+    return False
+
+
 def _computed_from_constants(node: object) -> bool:
     """Whether ``node``'s values depend on no input (shapes of inputs do not count)."""
     stack, seen = [node], set()
@@ -256,6 +286,14 @@ class Annotate(Pass):
                 if edge.role == "activation":
                     for shape_op in observation_root(node.args[index])[1]:
                         plans[shape_op] = QuantAnnotation(rule=why, shares_qparams_of=edge.observe_at)
+        for node, plan in list(plans.items()):
+            rule = target.op_rules.get(op_kind(node))
+            if rule is None or not rule.quantized_output or not plan.quantized:
+                continue
+            end = _epilogue_end(node)
+            if _read_float(end, plans):
+                spec = next(edge.spec for _, edge in plan.inputs if edge.role == "activation")
+                plans[node] = replace(plan, output=EdgeQuant("activation", spec, observe_at=end.name))
         modified = False
         for node, plan in plans.items():
             if get_qspec(node) != plan:

@@ -6,7 +6,9 @@
                                       linear(z, W, b)
 
 One observer per (observed value, spec): the three projections reading one LayerNorm output
-share it, so they get the same qparams and one quantize. Only the edges the plan quantizes read
+share it, so they get the same qparams and one quantize. A node whose plan quantizes its own
+output (``QuantAnnotation.output``) gets an observer after it (after the epilogue ops its
+``observe_at`` names), which its readers read. Only the edges the plan quantizes read
 the observer; other users of the value keep reading it directly. Weights are not observed
 here: they are constants, and ``convert`` measures them directly.
 
@@ -32,6 +34,13 @@ def _is_observer(gm: fx.GraphModule, node: fx.Node) -> bool:
     return node.op == "call_module" and isinstance(gm.get_submodule(node.target), Observer)
 
 
+def _reads_with_another_spec(user: fx.Node, node: fx.Node, spec: object) -> bool:
+    """Whether ``user`` plans its edge from ``node`` with a spec of its own (it gets its own observer)."""
+    plan = get_qspec(user)
+    return plan is not None and any(edge.role == "activation" and edge.spec != spec and index < len(user.args)
+                                    and user.args[index] is node for index, edge in plan.inputs)
+
+
 @dataclass(frozen=True)
 class InsertObservers(Pass):
     name: ClassVar[str] = "insert-observers"
@@ -41,10 +50,17 @@ class InsertObservers(Pass):
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         observers: dict[tuple[fx.Node, object], fx.Node] = {}
+        by_name = {node.name: node for node in gm.graph.nodes}
         for node in list(gm.graph.nodes):
             plan = get_qspec(node)
             if plan is None or not plan.quantized:
                 continue
+            end = by_name.get(plan.output.observe_at or node.name) if plan.output is not None else None
+            if end is not None and not any(_is_observer(gm, user) for user in end.users):
+                observers[(end, plan.output.spec)] = observer = self._observe(gm, end, plan.output.spec, len(observers))
+                for user in list(end.users):
+                    if user is not observer and not _reads_with_another_spec(user, end, plan.output.spec):
+                        user.replace_input_with(end, observer)
             for index, edge in plan.inputs:
                 if edge.role != "activation" or edge.spec.dynamic:
                     continue  # per-token scales are computed at run time, not observed

@@ -44,6 +44,24 @@ def _calibrated(qdq: fx.GraphModule | None, edge: EdgeQuant, consumer: str, inde
     return _scalar_qparams(qdq, source) if is_dequantize(source) else {}
 
 
+def _described(edge: EdgeQuant) -> dict[str, Any]:
+    """An edge's spec as the plan JSON writes it."""
+    spec = edge.spec
+    described: dict[str, Any] = {"role": edge.role, "dtype": spec.dtype, "symmetric": spec.symmetric,
+                                 "granularity": str(spec.granularity), "observer": spec.observer}
+    if spec.observer == "percentile":
+        described["percentile"] = spec.percentile
+    if spec.margin:
+        described["margin"] = spec.margin
+    if spec.rounding != "nearest":
+        described["rounding"] = spec.rounding
+    if spec.bias_correction:
+        described["bias_correction"] = True
+    if edge.observe_at:
+        described["observe_at"] = edge.observe_at
+    return described
+
+
 def resolved_plan(planned: fx.GraphModule, qdq: fx.GraphModule | None = None) -> list[dict[str, Any]]:
     """One entry per node the plan decided on, in graph order."""
     entries = []
@@ -58,25 +76,10 @@ def resolved_plan(planned: fx.GraphModule, qdq: fx.GraphModule | None = None) ->
             entry["shares_qparams_of"] = plan.shares_qparams_of
         elif plan.float_reason:
             entry["float_reason"] = plan.float_reason
-        inputs = []
-        for index, edge in plan.inputs:
-            spec = edge.spec
-            described: dict[str, Any] = {
-                "index": index, "role": edge.role, "dtype": spec.dtype, "symmetric": spec.symmetric,
-                "granularity": str(spec.granularity), "observer": spec.observer,
-            }
-            if spec.observer == "percentile":
-                described["percentile"] = spec.percentile
-            if spec.margin:
-                described["margin"] = spec.margin
-            if spec.rounding != "nearest":
-                described["rounding"] = spec.rounding
-            if spec.bias_correction:
-                described["bias_correction"] = True
-            if edge.observe_at:
-                described["observe_at"] = edge.observe_at
-            described.update(_calibrated(qdq, edge, node.name, index))
-            inputs.append(described)
+        inputs = [{"index": index, **_described(edge), **_calibrated(qdq, edge, node.name, index)}
+                  for index, edge in plan.inputs]
+        if plan.output is not None:  # derived from the target's rules on replay; written for the reader
+            entry["output"] = _described(plan.output)
         if inputs:
             entry["inputs"] = inputs
             if not plan.smooth:

@@ -4,9 +4,10 @@ import warnings
 
 import pytest
 import torch
-from qcompile.passes import Annotate
+from qcompile.passes import Annotate, InsertObservers
 
 import qcompile
+from qcompile.ir.meta import get_qspec
 from qcompile.testing import assert_pass_contract, check_graph
 from tests.models import TinyBlock, TinyConvNet, TinyTokenEncoder
 from tests.quant_stages import cleaned
@@ -106,4 +107,41 @@ def test_a_vocabulary_table_gets_int8_rows_and_a_table_read_at_constant_indices_
     check_graph(out, """
     CHECK: %2 = aten.embedding.default(%1, %0){{.*}}qc.qspec=[0=weight:int8/sym/per-channel(0)/minmax]}
     CHECK: %7 = aten.embedding.default(%3, %6){{.*}}qc.qspec=float(looked up at constant indices
+    """)
+
+
+class SiluAndReluHeads(torch.nn.Module):
+    """conv -> SiLU (float), conv -> ReLU -> mean (float), conv -> conv (int8 throughout)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.b = torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.c = torch.nn.Conv2d(8, 8, 1)
+
+    def forward(self, x):
+        h = torch.nn.functional.silu(self.a(x))
+        return torch.relu(self.c(self.b(h))).mean((2, 3))
+
+
+def test_onnx_qdq_quantizes_a_convolution_output_read_in_float_after_its_relu():
+    x = torch.randn(2, 3, 8, 8)
+    out = assert_pass_contract(Annotate(target="onnx-qdq"), cleaned(SiluAndReluHeads(), x), [x])
+    plans = {n.name: get_qspec(n) for n in out.graph.nodes if get_qspec(n) is not None}
+    outputs = {name: plan.output and plan.output.observe_at for name, plan in plans.items()}
+    # SiLU reads a's output float; c's ReLU output goes to a float mean; b feeds c, already quantized
+    assert outputs == {"conv2d": "conv2d", "conv2d_1": None, "conv2d_2": "relu"}
+    assert str(plans["conv2d"]).endswith("out=activation:uint8/affine/per-tensor/minmax@conv2d]")
+    # cpu-int8's kernels write float: no output edge there
+    assert all(get_qspec(n) is None or get_qspec(n).output is None
+               for n in Annotate()(cleaned(SiluAndReluHeads(), x)).graph_module.graph.nodes)
+    observed = InsertObservers()(out).graph_module
+    check_graph(observed, """
+    CHECK: %4 = aten.conv2d.default
+    CHECK-NEXT: module[observer_0](%4)
+    CHECK-NEXT: aten.silu.default
+    CHECK: %15 = aten.relu.default
+    CHECK-NEXT: module[observer_3](%15)
+    CHECK-NEXT: aten.mean.dim(%16
     """)

@@ -54,8 +54,8 @@ def test_the_export_runs_them_as_a_pipeline_that_dumps_like_any_other(block, tmp
     monkeypatch.setenv("QCOMPILE_DUMP_DIR", str(tmp_path / "dumps"))
     qcompile.export_onnx(gm, tmp_path / "block.onnx", (x,))
     dumped = sorted(p.name for p in (tmp_path / "dumps").glob("*.diff"))
-    assert dumped[:3] == ["001_onnx-blocked-weights.diff", "002_onnx-float-matmul-biases.diff",
-                          "003_onnx-residual-sums.diff"]
+    assert dumped[:4] == ["001_quantize-before-pad.diff", "002_onnx-blocked-weights.diff",
+                          "003_onnx-float-matmul-biases.diff", "004_onnx-residual-sums.diff"]
 
 
 def test_structure_a_relu_into_a_float8_quantize_is_a_maximum_with_zero():

@@ -265,3 +265,40 @@ def test_the_summary_says_which_quantized_weight_ops_onnx_runtime_still_runs_in_
     assert exported.quantized_weight_ops == 2 and exported.check.int8_weight_kernels == 1
     assert "1 run in float on dequantized weights" in str(exported)
     assert exported.unfused_ops == ("conv2d_1 (dw Conv2d)",)  # named: the depthwise one, whose output is float
+
+
+class EfficientBlocks(torch.nn.Module):
+    """What EfficientNet and MobileNet do around their convolutions: a TF-style one-sided pad
+    before a strided stem, SiLU, squeeze-excite, and residual adds onto the previous block's sum."""
+
+    def __init__(self, width=16):
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = torch.nn.Conv2d(3, width, 3, stride=2)
+        self.blocks = torch.nn.ModuleList(torch.nn.ModuleDict({
+            "dw": torch.nn.Conv2d(width, width, 3, padding=1, groups=width),
+            "reduce": torch.nn.Conv2d(width, 4, 1), "expand": torch.nn.Conv2d(4, width, 1),
+            "project": torch.nn.Conv2d(width, width, 1)}) for _ in range(2))
+
+    def forward(self, x):
+        h = self.stem(torch.nn.functional.pad(x, (0, 1, 0, 1)))
+        for block in self.blocks:
+            y = torch.nn.functional.silu(block["dw"](h))
+            scale = torch.sigmoid(block["expand"](torch.nn.functional.silu(block["reduce"](y.mean((2, 3), keepdim=True)))))
+            h = h + block["project"](y * scale)
+        return h
+
+
+def test_onnx_runtime_runs_every_convolution_of_silu_squeeze_excite_and_padded_blocks_in_int8(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    qm = qcompile.compile(EfficientBlocks(), target="onnx-qdq", progress=False,
+                          calibration_data=[(torch.randn(2, 3, 17, 17, generator=g),) for _ in range(4)])
+    exported = qm.export_onnx(tmp_path / "blocks.onnx")
+    assert exported.quantized_weight_ops == 9 and exported.unfused is None
+    assert exported.check.int8_kernels["QLinearConv"] == 9 and exported.check.ort_ops.get("Pad") == 1
+    # the first add's sum is read quantized by the second add (QLinearAdd); the second one's sum is
+    # the model's float output, an Add of dequantized values
+    assert exported.check.int8_kernels["QLinearAdd"] == 1 and exported.check.ort_ops["Add"] == 1
+    x = torch.randn(2, 3, 17, 17, generator=g)
+    with torch.no_grad():
+        assert torch.nn.functional.cosine_similarity(qm(x).flatten(1), EfficientBlocks()(x).flatten(1)).min() > 0.99

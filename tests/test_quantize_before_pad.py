@@ -3,7 +3,7 @@
 import torch
 
 import qcompile
-from qcompile.targets.cpu_int8.quantize_before_pad import QuantizeBeforePad
+from qcompile.passes.quantize_before_pad import QuantizeBeforePad
 from qcompile.testing import assert_outputs_close, assert_pass_contract, check_graph
 
 

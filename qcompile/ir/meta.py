@@ -65,7 +65,10 @@ class QuantAnnotation:
 
     ``rule`` names the QConfig rule that decided; ``shares_qparams_of`` marks a shape op whose
     output keeps its input's qparams; ``smooth`` is False when the config opted the node out of
-    outlier smoothing (a replayed plan must opt it out again).
+    outlier smoothing (a replayed plan must opt it out again). ``output`` quantizes the node's
+    own output for readers that would read it float, where the target's kernel must end in a
+    quantize (ONNX Runtime fuses DequantizeLinear → Conv → QuantizeLinear, never an
+    unquantized Conv).
     """
 
     inputs: tuple[tuple[int, EdgeQuant], ...] = ()
@@ -73,6 +76,7 @@ class QuantAnnotation:
     float_reason: str | None = None
     shares_qparams_of: str | None = None
     smooth: bool = True
+    output: EdgeQuant | None = None
 
     @property
     def quantized(self) -> bool:
@@ -86,7 +90,8 @@ class QuantAnnotation:
             return f"shares({self.shares_qparams_of})"
         if self.float_reason:
             return f"float({self.float_reason})"
-        return "[" + ", ".join(f"{i}={edge}" for i, edge in self.inputs) + "]"
+        edges = [f"{i}={edge}" for i, edge in self.inputs] + ([f"out={self.output}"] if self.output else [])
+        return "[" + ", ".join(edges) + "]"
 
 
 @dataclass(frozen=True)

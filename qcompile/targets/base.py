@@ -61,6 +61,9 @@ class OpRule:
     weight_only_granularities: tuple[type, ...] = ()
     # Activation granularities the kernel takes: per-token scales come with each row.
     activation_granularities: tuple[type, ...] = (PerTensor,)
+    # The kernel exists only with a quantized output (ONNX Runtime's QLinearConv): an output some
+    # reader would take float is quantized with the activation spec, and read dequantized.
+    quantized_output: bool = False
 
     @property
     def formats(self) -> tuple[str, ...]:

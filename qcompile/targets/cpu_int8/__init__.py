@@ -8,7 +8,7 @@
   ``bf16_kernels`` (``qc.linear_bf16``),
   ``weight_only_kernels`` (``qc.linear_weight_only``: int8 / int4 weights, bf16 activations),
   each registering its Q/DQ reference with :mod:`qcompile.kernel_check`;
-* passes: ``split-recurrent`` (a GRU / LSTM as its input linear and its recurrence), ``merge-sibling-linears``, ``quantize-before-pad`` (one-sided pads on the integers),
+* passes: ``split-recurrent`` (a GRU / LSTM as its input linear and its recurrence), ``merge-sibling-linears``,
   ``fuse-patterns`` (the groups one oneDNN kernel runs),
   ``lower-cpu-int8``, ``lower-weight-only``, ``lower-float-bf16``, ``fuse-layer-norm-quantize``;
 * ``capabilities``: the one table of what the kernels run, which the op rules, the marking,
@@ -29,7 +29,6 @@ from qcompile.targets.cpu_int8.lower_cpu_int8 import LowerCpuInt8
 from qcompile.targets.cpu_int8.lower_float_bf16 import LowerFloatBf16
 from qcompile.targets.cpu_int8.merge_sibling_linears import MergeSiblingLinears
 from qcompile.targets.cpu_int8.onednn import conv2d_int8, describe_int8_kernel, linear_int8
-from qcompile.targets.cpu_int8.quantize_before_pad import QuantizeBeforePad
 from qcompile.targets.cpu_int8.recurrence import gru_recurrence, lstm_recurrence
 from qcompile.targets.cpu_int8.split_recurrent import SplitRecurrent
 from qcompile.targets.cpu_int8.lower_weight_only import LowerWeightOnly
@@ -57,11 +56,11 @@ register_target(
         dynamic_convert="cast-fp8{dynamic=true},convert{dynamic=true},eliminate-dequant,eliminate-dead-code",
         describe_kernel=describe_kernel,
         candidates=search_candidates(),
-        passes=(SplitRecurrent, MergeSiblingLinears, QuantizeBeforePad, FusePatterns, LowerCpuInt8, LowerWeightOnly, LowerFloatBf16, FuseLayerNormQuantize),
+        passes=(SplitRecurrent, MergeSiblingLinears, FusePatterns, LowerCpuInt8, LowerWeightOnly, LowerFloatBf16, FuseLayerNormQuantize),
     )
 )
 
 
 __all__ = ["FuseLayerNormQuantize", "FusePatterns", "LowerCpuInt8", "LowerFloatBf16", "LowerWeightOnly", "MergeSiblingLinears",
-           "QuantizeBeforePad", "SplitRecurrent", "attention", "conv2d_int8", "gru_recurrence", "layer_norm_quantize",
+           "SplitRecurrent", "attention", "conv2d_int8", "gru_recurrence", "layer_norm_quantize",
            "linear_bf16", "linear_int8", "linear_weight_only", "lstm_recurrence", "max_pool2d_uint8"]

@@ -21,11 +21,16 @@ register_target(
             # FP8 QDQ (opset 19+) runs in ONNX Runtime's CPU provider unfused; GPU runtimes fuse it.
             "linear": OpRule(activation_dtypes=("uint8", *FLOAT8_DTYPES), weight_dtypes=("int8", *FLOAT8_DTYPES),
                              activation_granularities=(PerTensor,)),
-            "conv2d": OpRule(activation_dtypes=("uint8", *FLOAT8_DTYPES), weight_dtypes=("int8", *FLOAT8_DTYPES)),
+            # QLinearConv: ONNX Runtime fuses DequantizeLinear -> Conv -> QuantizeLinear only, so a
+            # convolution read in float (SiLU, squeeze-excite, the model's output) quantizes its output.
+            "conv2d": OpRule(activation_dtypes=("uint8", *FLOAT8_DTYPES), weight_dtypes=("int8", *FLOAT8_DTYPES),
+                             quantized_output=True),
             "embedding": OpRule(activations=(), weight=0, bias=None, weight_dtypes=("int8", *FLOAT8_DTYPES),
                                 lookup_indices=1),
+            # QLinearAdd: between int8 convolutions, and in a chain of residual adds (MobileNet's
+            # blocks add onto the previous block's sum, with no ReLU between).
             "add": OpRule(activations=(0, 1), weight=None, bias=None,
-                          producers=("conv2d", "relu", "max_pool2d")),
+                          producers=("conv2d", "relu", "max_pool2d", "add")),
         },
         preset=int8_preset,
         prepare=PREPARE,

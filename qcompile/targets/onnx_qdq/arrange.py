@@ -7,7 +7,8 @@
                                           -> matmul(x, dequantize_blocked(W_qᵀ, Sᵀ, Zᵀ, size)) + b
 
 They run on the export's own copy of the graph (``export_onnx``), never on the model that
-runs in torch, as the pipeline :data:`ARRANGE_FOR_ONNX_RUNTIME`, so dumps, verification and
+runs in torch, as the pipeline :data:`ARRANGE_FOR_ONNX_RUNTIME`, after the target-independent
+``quantize-before-pad`` (a one-sided pad moved onto the integers, so DQ→Conv→Q fuses), so dumps, verification and
 ``QCOMPILE_SKIP_PASSES`` see them like any other pass. ``qc.unfused_sum`` is written to ONNX
 as one ``Sum`` and ``qc.dequantize_blocked`` as one blocked ``DequantizeLinear`` (their
 translations live with the exporter).
@@ -227,4 +228,4 @@ class BlockedWeights(Pass):
         return PassResult(gm, bool(changed), {"blocked": changed} if changed else {})
 
 
-ARRANGE_FOR_ONNX_RUNTIME = "onnx-blocked-weights,onnx-float-matmul-biases,onnx-residual-sums,onnx-float8-relu-as-max,eliminate-dead-code"
+ARRANGE_FOR_ONNX_RUNTIME = "quantize-before-pad,onnx-blocked-weights,onnx-float-matmul-biases,onnx-residual-sums,onnx-float8-relu-as-max,eliminate-dead-code"

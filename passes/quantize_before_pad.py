@@ -10,7 +10,10 @@ side only, which no convolution's padding can state (a symmetric pad is folded i
 convolution by ``canonicalize``). Left float, it sits between two int8 convolutions: the first
 writes float, the pad copies float, the quantize reads it again. Moved, the first convolution's
 group ends at the quantize, so it writes uint8 in its epilogue, and the pad copies bytes
-(MobileNet-v2 at batch 8: 20 ms of copies and fills gone, with the folded pads).
+(MobileNet-v2 at batch 8: 20 ms of copies and fills gone, with the folded pads). In an ONNX
+file the float Pad also sat between a DequantizeLinear and its Conv, so ONNX Runtime ran those
+convolutions in float on dequantized weights; moved, the pad runs on uint8 and each DQ→Conv→Q
+fuses into a QLinearConv. cpu-int8's lowering and the ONNX export's arrangement both run it.
 
 The pad must be the quantize's only input path (its sole user), the quantize per tensor into
 integers with constant parameters.
