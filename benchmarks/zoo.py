@@ -12,8 +12,8 @@ cpu-int8 on 4 calibration batches, and measured in this run (2 threads, median o
   ResNet-50 gives 0.84 in bf16 and 0.80 under input noise 40 dB down);
 * latency against fp32 eager and bf16 eager on those inputs;
 * the int8 share of weight ops (every op with weights is in the report, int8 or float with a reason);
-* the ONNX QDQ export, cross-checked in ONNX Runtime: its int8 kernels against the float
-  Conv/MatMul/Gemm ONNX Runtime still runs.
+* the ONNX QDQ export (the model compiled for target onnx-qdq on the same data), cross-checked in
+  ONNX Runtime: its int8 kernels against the float Conv/MatMul/Gemm/GRU/LSTM ONNX Runtime still runs.
 
 Configs are reduced (4 layers, width 256, 128 tokens; images 3x128x128) so that the whole table
 runs in minutes; run ``python -m benchmarks.zoo [name ...]`` for some rows only.
@@ -230,8 +230,9 @@ def measure(name: str, build: Callable) -> Row:
     precisions = [n.precision for n in qm.report.nodes]
     row.weight_ops = f"{precisions.count('int8')}/{len(precisions)}"
     with tempfile.TemporaryDirectory() as folder:
-        try:
-            exported = qm.export_onnx(Path(folder) / "m.onnx")
+        try:  # the target made for ONNX Runtime, on the same data
+            onnx_qdq = qcompile.compile(model, target="onnx-qdq", calibration_data=calibration, progress=False)
+            exported = onnx_qdq.export_onnx(Path(folder) / "m.onnx")
             ops = exported.check.ort_ops
             floats = sum(n for op, n in ops.items() if op in FLOAT_COMPUTE)
             row.onnx = f"{sum(exported.check.int8_kernels.values())} int8 / {floats} float"

@@ -126,12 +126,18 @@ class Tagger(torch.nn.Module):
         return self.head(y[:, -1]) + last[0].mean(-1, keepdim=True)
 
 
-def test_rnn_models_run_int8_input_products_and_the_native_recurrence(tmp_path):
+@pytest.fixture(scope="module")
+def tagger():
+    """The Tagger and its cpu-int8 compile on 4 batches."""
     torch.manual_seed(0)
     model = Tagger().eval()
     g = torch.Generator().manual_seed(1)
-    qm = qcompile.compile(model, calibration_data=[(torch.randn(8, 4, 30, generator=g),) for _ in range(4)],
-                          progress=False)
+    return model, qcompile.compile(model, calibration_data=[(torch.randn(8, 4, 30, generator=g),) for _ in range(4)],
+                                   progress=False)
+
+
+def test_rnn_models_run_int8_input_products_and_the_native_recurrence(tagger, tmp_path):
+    model, qm = tagger
     details = {n.name: (n.precision, n.detail) for n in qm.report.nodes}
     assert sum(p == "int8" for p, _ in details.values()) == 1 + 4 + 1 + 1  # conv, 4 LSTM inputs, GRU input, head
     recurrent = [d for p, d in details.values() if p == "float"]
@@ -156,12 +162,8 @@ def test_rnn_models_without_calibration_data_quantize_the_input_products_at_run_
         assert F.cosine_similarity(qm(x), model(x)).min() > 0.999
 
 
-def test_the_split_recurrence_exports_to_onnx_runtimes_gru_and_lstm(tmp_path):
-    torch.manual_seed(0)
-    model = Tagger().eval()
-    g = torch.Generator().manual_seed(1)
-    qm = qcompile.compile(model, calibration_data=[(torch.randn(8, 4, 30, generator=g),) for _ in range(4)],
-                          progress=False)
+def test_the_split_recurrence_exports_to_onnx_runtimes_gru_and_lstm(tagger, tmp_path):
+    _, qm = tagger
     with pytest.warns(UserWarning, match=r"run in float on dequantized weights.*: conv2d \(conv Conv1d\)"):
         exported = qm.export_onnx(tmp_path / "tagger.onnx")  # the cross-check holds ORT to the Q/DQ graph
     assert exported.check.worst.max_steps < 1e-2
