@@ -11,13 +11,15 @@ and the precision search, the int8 convolution kernels with their fused ReLU and
 and the ONNX exporter (ONNX Runtime's QLinearConv).
 
 So that a stack of 1-D convolutions stays one 4-D chain (a fused ReLU, uint8 between the
-kernels), the squeeze moves past the pointwise ops that follow, and a squeeze met by the next
-convolution's unsqueeze cancels:
+kernels), the squeeze moves past the ops that follow it and commute with it, and a squeeze met by
+the next convolution's unsqueeze cancels:
 
-    f(squeeze(y, -2))               ->  squeeze(f(y), -2)      (f pointwise: relu, gelu, clamp, ...)
+    f(squeeze(y, -2))               ->  squeeze(f(y), -2)      (f pointwise: relu, gelu, clamp, ...;
+                                                                or BatchNorm, per channel)
     unsqueeze(squeeze(y, -2), -2)   ->  y                      (y of height 1)
 
-Runs after ``fold-batchnorm``, which folds BatchNorm1d into the 1-D form; the model's own weight
+Runs after ``fold-batchnorm``, which folds BatchNorm1d into the 1-D form (QAT, which trains
+BatchNorm, runs it before: the BatchNorm then follows the 2-D convolution); the model's own weight
 is never changed (the 4-D copy is the graph's).
 """
 
@@ -35,13 +37,16 @@ from qcompile.pipeline import Pass, PassResult
 
 aten = torch.ops.aten
 
-# Ops that apply one function to each element of their first argument, whatever its shape
-# (their other arguments are scalars), so they commute with a squeeze.
-POINTWISE = frozenset({
-    aten.relu.default, aten.relu6.default, aten.hardtanh.default, aten.clamp.default, aten.gelu.default,
-    aten.silu.default, aten.sigmoid.default, aten.tanh.default, aten.hardswish.default, aten.leaky_relu.default,
-    aten.elu.default,
-})
+# Ops that commute with squeezing a height of 1 out of [N, C, 1, L], by the argument they read it
+# through: elementwise functions (their other arguments are scalars), and BatchNorm, whose
+# statistics per channel C run over every other position, the same positions in either shape
+# (a training BatchNorm in QAT, which keeps it unfolded).
+COMMUTING = {
+    **dict.fromkeys((aten.relu.default, aten.relu6.default, aten.hardtanh.default, aten.clamp.default,
+                     aten.gelu.default, aten.silu.default, aten.sigmoid.default, aten.tanh.default,
+                     aten.hardswish.default, aten.leaky_relu.default, aten.elu.default), "self"),
+    aten.batch_norm.default: "input",
+}
 
 
 def _height_squeeze(node: object) -> fx.Node | None:
@@ -57,17 +62,18 @@ def _height_squeeze(node: object) -> fx.Node | None:
 
 
 def _sink_squeeze(gm: fx.GraphModule, squeeze: fx.Node, provenance: Provenance) -> None:
-    """Move ``squeeze`` past each single pointwise reader in turn: the reader is made again on the
+    """Move ``squeeze`` past each single commuting reader in turn: the reader is made again on the
     4-D value, and its readers read that through a new squeeze."""
     while len(squeeze.users) == 1:
         (reader,) = squeeze.users
-        if reader.op != "call_function" or reader.target not in POINTWISE or op_arguments(reader)["self"] is not squeeze:
+        argument = COMMUTING.get(reader.target) if reader.op == "call_function" else None
+        if argument is None or op_arguments(reader)[argument] is not squeeze:
             return
-        pointwise = insert_call(gm, reader.target, reader.args, kwargs=dict(reader.kwargs), before=reader,
-                                provenance=provenance, meta_from=reader)
-        set_argument(pointwise, "self", op_arguments(squeeze)["self"])
-        infer_fake_value(pointwise)
-        moved = insert_call(gm, aten.squeeze.dim, (pointwise, -2), before=reader, provenance=provenance,
+        commuted = insert_call(gm, reader.target, reader.args, kwargs=dict(reader.kwargs), before=reader,
+                               provenance=provenance, meta_from=reader)
+        set_argument(commuted, argument, op_arguments(squeeze)["self"])
+        infer_fake_value(commuted)
+        moved = insert_call(gm, aten.squeeze.dim, (commuted, -2), before=reader, provenance=provenance,
                             meta_from=reader)
         reader.replace_all_uses_with(moved)
         gm.graph.erase_node(reader)

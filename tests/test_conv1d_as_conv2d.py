@@ -110,3 +110,23 @@ def test_conv1d_models_export_to_onnx_runtime_int8_convolutions(audio, tmp_path)
     # its ReLU, since ONNX Runtime fuses a QDQ convolution only into a quantize.
     assert result.check.int8_kernels == {"QLinearConv": 2, "QGemm": 1} and result.unfused is None
     assert result.check.worst.max_steps <= 1
+
+
+def test_a_batchnorm_after_the_conv1d_moves_inside_the_squeeze_with_its_relu():
+    # (QAT's is a training BatchNorm: the same rewrite; eval here, so running it changes no statistics)
+    gm = parse_graph("""
+        %x = input x : f32[4,2,16]
+        %w = constant conv.weight : f32[6,2,3]
+        %y = aten.conv1d.default(%x, %w, None, [1], [1]) : f32[4,6,16]
+        %g = constant bn.weight : f32[6]
+        %b = constant bn.bias : f32[6]
+        %m = constant bn.running_mean : f32[6]
+        %v = constant bn.running_var : f32[6]
+        %n = aten.batch_norm.default(%y, %g, %b, %m, %v, False, 0.1, 1e-05, False) : f32[4,6,16]
+        %r = aten.relu.default(%n) : f32[4,6,16]
+        return (%r,)
+    """, constants={"bn.running_var": torch.rand(6) + 0.5})
+    out = assert_pass_contract(Conv1dAsConv2d(), gm, (torch.randn(4, 2, 16),))
+    ops = [str(n.target) for n in out.graph.nodes if n.op == "call_function"]
+    assert ops == ["aten.unsqueeze.default", "aten.conv2d.default", "aten.batch_norm.default", "aten.relu.default",
+                   "aten.squeeze.dim"]

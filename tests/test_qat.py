@@ -221,6 +221,40 @@ def test_qat_trains_and_lowers_with_report_save_load_and_onnx(tmp_path):
         torch.testing.assert_close(clone(x), qat(x))
 
 
+class Conv1dBNNet(nn.Module):
+    """An audio front end in training: conv1d -> BatchNorm1d -> ReLU, pooled, a linear head."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv1d(2, 6, 3, padding=1)
+        self.bn = nn.BatchNorm1d(6)
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.bn(self.conv(x))).mean(-1))
+
+
+def test_a_conv1d_with_batchnorm1d_trains_in_folded_form_and_lowers_to_the_int8_convolution():
+    generator = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(8, 2, 20, generator=generator),) for _ in range(6)]
+    qat = qcompile.prepare_qat(Conv1dBNNet().train(), calibration_data=batches[:3], progress=False,
+                               outlier_smoothing=None)
+    ops = [str(n.target) for n in qat.graph_module.graph.nodes if n.op == "call_function"]
+    assert "aten.conv2d.default" in ops and "aten.conv1d.default" not in ops  # the BatchNorm follows the 2-D conv
+    optimizer = torch.optim.Adam(qat.parameters(), lr=1e-3)
+    for (x,) in batches[3:]:
+        optimizer.zero_grad()
+        qat(x).square().mean().backward()
+        optimizer.step()
+    qm = qcompile.convert_qat(qat)
+    assert [n.detail.split(" ")[0] for n in qm.report.nodes] == ["qc.conv2d_int8+relu", "qc.linear_int8"]
+    qat.eval()
+    x = batches[0][0]
+    with torch.no_grad():
+        torch.testing.assert_close(qm(x), qat(x), atol=2e-2 * float(qat(x).abs().max()), rtol=0)
+
+
 def test_a_model_in_eval_mode_is_captured_for_training_and_said_so():
     model = ConvBNNet().eval()
     with pytest.warns(UserWarning, match="was in eval mode: QAT captures it in training mode"):
