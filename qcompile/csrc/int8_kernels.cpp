@@ -21,10 +21,12 @@
 
 #include "int8_kernels.h"
 
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/stack.h>
 
+#include <mutex>
+#include <optional>
 #include <string>
 
 #include "isa.h"
@@ -79,10 +81,31 @@ void check_operands(const at::Tensor& x, at::ScalarType out_dtype, std::string_v
 // write float32, cast once after the kernel.
 at::ScalarType kernel_dtype(at::ScalarType out_dtype) { return out_dtype == at::kHalf ? at::kFloat : out_dtype; }
 
-at::Tensor call(const char* name, const char* overload, torch::jit::Stack stack) {
-  c10::Dispatcher::singleton().findSchemaOrThrow(name, overload).callBoxed(stack);
-  return stack[0].toTensor();
-}
+// One of torch's oneDNN operators, called through the dispatcher: found by name on its first call
+// and kept, so a kernel call does not look its operator up again.
+class OnednnOp {
+ public:
+  constexpr OnednnOp(const char* name, const char* overload) : name_(name), overload_(overload) {}
+
+  at::Tensor operator()(torch::jit::Stack stack) const {
+    std::call_once(found_, [this] { handle_.emplace(c10::Dispatcher::singleton().findSchemaOrThrow(name_, overload_)); });
+    handle_->callBoxed(stack);
+    return stack[0].toTensor();
+  }
+
+ private:
+  const char* name_;
+  const char* overload_;
+  mutable std::once_flag found_;
+  mutable std::optional<c10::OperatorHandle> handle_;
+};
+
+const OnednnOp kLinearPrepack{"onednn::qlinear_prepack", ""};
+const OnednnOp kLinear{"onednn::qlinear_pointwise", "tensor"};
+const OnednnOp kLinearAdd{"onednn::qlinear_pointwise", "binary_tensor"};
+const OnednnOp kConvPrepack{"onednn::qconv_prepack", ""};
+const OnednnOp kConv{"onednn::qconv2d_pointwise", ""};
+const OnednnOp kConvSum{"onednn::qconv2d_pointwise", "binary"};
 
 std::optional<at::Tensor> as_float(const std::optional<at::Tensor>& tensor) {
   if (!tensor.has_value() || !tensor->defined()) return std::nullopt;
@@ -191,7 +214,7 @@ at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& x_scale, const at:
   }
   static WeightCache cache;
   const Packed packed = cache.get(weight, weight_scale, [&] {
-    return onednn_packed(call("onednn::qlinear_prepack", "", {weight, c10::IValue()}), weight_scale);
+    return onednn_packed(kLinearPrepack({weight, c10::IValue()}), weight_scale);
   });
   const at::ScalarType written = kernel_dtype(out_dtype);
   if (written != at::kByte) out_scale = 1.0, out_zero_point = 0;
@@ -201,12 +224,10 @@ at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& x_scale, const at:
   const at::Tensor scale = x_scale.reshape({}).to(at::kFloat), zero_point = x_zero_point.reshape({}).to(at::kLong);
   at::Tensor y;
   if (!with_add) {
-    y = call("onednn::qlinear_pointwise", "tensor",
-             {x.contiguous(), scale, zero_point, packed[0], packed[1], packed[2], as_float(bias), out_scale, out_zero_point, written, std::string(unary.onednn), unary.args(),
+    y = kLinear({x.contiguous(), scale, zero_point, packed[0], packed[1], packed[2], as_float(bias), out_scale, out_zero_point, written, std::string(unary.onednn), unary.args(),
               std::string(unary.algorithm)});
   } else {
-    y = call("onednn::qlinear_pointwise", "binary_tensor",
-             {x.contiguous(), scale, zero_point, packed[0], packed[1], packed[2], other->to(written).contiguous(), as_float(bias), out_scale, out_zero_point, written, 1.0, 0,
+    y = kLinearAdd({x.contiguous(), scale, zero_point, packed[0], packed[1], packed[2], other->to(written).contiguous(), as_float(bias), out_scale, out_zero_point, written, 1.0, 0,
               std::string("add"), 1.0, std::string(unary.onednn), unary.args(), std::string(unary.algorithm)});
   }
   return y.to(out_dtype);
@@ -241,15 +262,13 @@ at::Tensor conv2d_int8(const at::Tensor& x, const at::Tensor& x_scale, const at:
   const int64_t zero_point = x_zero_point.item<int64_t>();
   static WeightCache cache;
   const Packed packed = cache.get(weight, weight_scale, [&] {
-    return onednn_packed(call("onednn::qconv_prepack", "",
-                              {weight, weight_scale.to(at::kFloat), scale, zero_point, stride.vec(), padding.vec(),
+    return onednn_packed(kConvPrepack({weight, weight_scale.to(at::kFloat), scale, zero_point, stride.vec(), padding.vec(),
                                dilation.vec(), groups, x.sizes().vec()}),
                          weight_scale);
   });
   at::Tensor y;
   if (!with_add) {
-    y = call("onednn::qconv2d_pointwise", "",
-             {x, scale, zero_point, packed[0], packed[1], packed[2], as_float(bias), stride.vec(),
+    y = kConv({x, scale, zero_point, packed[0], packed[1], packed[2], as_float(bias), stride.vec(),
               padding.vec(), dilation.vec(), groups, out_scale, out_zero_point, written, std::string(unary.onednn),
               unary.args(), std::string()});
   } else {
@@ -268,8 +287,7 @@ at::Tensor conv2d_int8(const at::Tensor& x, const at::Tensor& x_scale, const at:
       accumulator = values.to(written).clone(at::MemoryFormat::ChannelsLast);
       other_scale = 1.0, other_zero_point = 0;
     }
-    y = call("onednn::qconv2d_pointwise", "binary",
-             {x, scale, zero_point, packed[0], packed[1], packed[2], accumulator, as_float(bias),
+    y = kConvSum({x, scale, zero_point, packed[0], packed[1], packed[2], accumulator, as_float(bias),
               stride.vec(), padding.vec(), dilation.vec(), groups, out_scale, out_zero_point, written, other_scale,
               other_zero_point, std::string("sum"), c10::Scalar(1.0), std::string(unary.onednn), unary.args(),
               std::string()});
