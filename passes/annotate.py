@@ -123,10 +123,7 @@ def _read_float(node: fx.Node, plans: dict[fx.Node, QuantAnnotation]) -> bool:
         plan = plans.get(user)
         if plan is not None and plan.shares_qparams_of:
             continue
-        quantized = plan is not None and any(
-            edge.role == "activation" and index < len(user.args) and user.args[index] is node
-            for index, edge in plan.inputs)
-        if not quantized:
+        if plan is None or not plan.activation_specs_from(user, node):
             return True
     return False
 

@@ -37,8 +37,7 @@ def _is_observer(gm: fx.GraphModule, node: fx.Node) -> bool:
 def _reads_with_another_spec(user: fx.Node, node: fx.Node, spec: object) -> bool:
     """Whether ``user`` plans its edge from ``node`` with a spec of its own (it gets its own observer)."""
     plan = get_qspec(user)
-    return plan is not None and any(edge.role == "activation" and edge.spec != spec and index < len(user.args)
-                                    and user.args[index] is node for index, edge in plan.inputs)
+    return plan is not None and any(other != spec for other in plan.activation_specs_from(user, node))
 
 
 @dataclass(frozen=True)

@@ -82,6 +82,11 @@ class QuantAnnotation:
     def quantized(self) -> bool:
         return bool(self.inputs)
 
+    def activation_specs_from(self, node: fx.Node, source: fx.Node) -> list[QuantSpec]:
+        """The specs this plan (of ``node``) quantizes ``source`` with, where ``node`` reads it as an activation."""
+        return [edge.spec for index, edge in self.inputs
+                if edge.role == "activation" and index < len(node.args) and node.args[index] is source]
+
     def edge(self, index: int) -> EdgeQuant | None:
         return dict(self.inputs).get(index)
 

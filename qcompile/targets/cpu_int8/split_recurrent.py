@@ -41,10 +41,14 @@ RECURRENT = {
 }
 
 
+def _layout(rnn: dict[str, Any]) -> tuple[int, int]:
+    """(directions, parameters per layer and direction) of an RNN call's arguments."""
+    return 2 if rnn["bidirectional"] else 1, 4 if rnn["has_biases"] else 2
+
+
 def _why_not(gm: fx.GraphModule, node: fx.Node) -> str | None:
     rnn = op_arguments(node)
-    directions = 2 if rnn["bidirectional"] else 1
-    per_direction = 4 if rnn["has_biases"] else 2
+    directions, per_direction = _layout(rnn)
     if rnn["train"]:
         return "runs in training mode"
     if len(rnn["params"]) != rnn["num_layers"] * directions * per_direction:
@@ -57,8 +61,7 @@ def _why_not(gm: fx.GraphModule, node: fx.Node) -> str | None:
 def _split(gm: fx.GraphModule, node: fx.Node, pass_name: str) -> None:
     kind, kernel, states = RECURRENT[node.target]
     rnn = op_arguments(node)
-    directions = 2 if rnn["bidirectional"] else 1
-    per_direction = 4 if rnn["has_biases"] else 2
+    directions, per_direction = _layout(rnn)
     initial = [rnn["hx"]] if states == 1 else list(rnn["hx"])
     provenance = Provenance(pass_name, kind, (node.name,))
 
