@@ -15,6 +15,11 @@ The error column is the largest difference from fp64 attention, relative to the 
 A recurrence table: ATen's GRU / LSTM layer against its input product (one fp32 linear over
 every step) plus ``qc.gru_recurrence`` / ``qc.lstm_recurrence``, on each instruction set.
 
+A weight-only table: int4 weights in groups of 128 at decode (1 row) and prefill (64 rows)
+shapes, rotating over enough weights (at least 64 MB) that none is cache-resident, as in a
+model: ``qc.linear_weight_only`` (the nibble kernel at one row, the blocked dequantize + bf16
+GEMM at 64) against ATen's ``_weight_int4pack_mm_for_cpu`` on the same bits and a bf16 linear.
+
 A first table gives what one call of the int8 path's operators costs (a decode step's shapes,
 one row of 384): each operator through ``torch.ops.qc`` against its kernel alone, the difference
 being the dispatch a compiled model pays per node.
@@ -104,6 +109,44 @@ def call_cost() -> None:
     print()
 
 
+def weight_only() -> None:
+    """ms per int4 g128 linear, weights rotated so that none is cache-resident (module doc)."""
+    from qcompile.targets.cpu_int8.weight_only_kernels import linear_weight_only
+
+    print(f"{'int4 g128 weight [out x in], rows (ms)':<40}{'bf16 linear':>12}{'ATen int4pack':>15}{'qcompile':>10}"
+          f"{'GB/s':>7}")
+    g = torch.Generator().manual_seed(3)
+    for outputs, inputs in ((4864, 896), (896, 4864), (4096, 4096)):
+        count = max(2, (64 << 20) // (outputs * inputs // 2))
+        weights = [torch.randint(-8, 8, (outputs, inputs // 128, 128), dtype=torch.int8, generator=g)
+                   for _ in range(count)]
+        scales = [torch.rand(outputs, inputs // 128, 1, generator=g) / 100 for _ in range(count)]
+        packed = [torch.ops.aten._convert_weight_to_int4pack_for_cpu((w.reshape(outputs, inputs).int() + 8), 2)
+                  for w in weights]
+        tables = [torch.stack([s.reshape(outputs, -1).t(), torch.zeros(inputs // 128, outputs)], -1).bfloat16().contiguous()
+                  for s in scales]
+        dense = [w.reshape(outputs, inputs).bfloat16() for w in weights[:max(2, count // 4)]]  # bf16: 4x the bytes
+        for rows in (1, 64):
+            x = torch.randn(rows, inputs, generator=g)
+            turn = iter(range(1 << 30))
+
+            def ours():
+                i = next(turn) % count
+                return linear_weight_only(x, weights[i], scales[i], None, 128, None, "int4pack")
+
+            def aten_int4():
+                i = next(turn) % count
+                return torch.ops.aten._weight_int4pack_mm_for_cpu(x.bfloat16(), packed[i], 128, tables[i]).float()
+
+            def bf16():
+                return F.linear(x.bfloat16(), dense[next(turn) % len(dense)]).float()
+
+            times = [median_ms(run, repeats=40, warmup=count) for run in (bf16, aten_int4, ours)]
+            rate = f"{outputs * inputs / 2 / (times[2] * 1e-3) / 1e9:>7.1f}" if rows == 1 else ""  # bytes bound it
+            print(f"{f'{outputs} x {inputs}, {rows}':<40}{times[0]:>12.3f}{times[1]:>15.3f}{times[2]:>10.3f}{rate}")
+    print()
+
+
 def layer_norm_quantize() -> None:
     g = torch.Generator().manual_seed(1)
     x = torch.randn(32, 128, 384, generator=g)
@@ -156,6 +199,7 @@ def recurrence() -> None:
 def main() -> None:
     torch.set_num_threads(2)
     call_cost()
+    weight_only()
     layer_norm_quantize()
     recurrence()
     isas = [isa for isa in native.ISAS if isa == "portable" or native.detected_isa() == isa]

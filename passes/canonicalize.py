@@ -18,6 +18,13 @@
     conv2d(x, W, b, s, "valid" | "same", d, g) -> conv2d(x, W, b, s, p, d, g)
                                                      the padding as numbers (conv1d/2d/3d): "valid"
                                                      is 0; "same" (stride 1) is d·(k−1)/2 per side
+    cat([e, x, ...], d) with e a constant 1-D empty tensor
+                                          -> cat([x, ...], d), or x alone when it is the only
+                                                     operand left and has the result's dtype:
+                                                     ATen's cat skips 1-D empties (a KV cache
+                                                     made empty and then extended captures as
+                                                     cat(tensor([]), past), a copy of the whole
+                                                     cache per layer and step)
     values nothing uses                   -> (gone)   e.g. sym_size feeding a removed assert
 
 Out-of-place forms are what every later pass matches (``nn.ReLU(inplace=True)`` exports as
@@ -35,7 +42,7 @@ from typing import Any, ClassVar
 import torch
 from torch import fx
 
-from qcompile.ir.graph import aliases, is_mutating, op_arguments, remove_dead_nodes, returns_alias
+from qcompile.ir.graph import aliases, constant_value, is_mutating, op_arguments, remove_dead_nodes, returns_alias
 from qcompile.pipeline import Pass, PassResult
 from qcompile.rewrite import Match, Rule, RuleSet, apply_rule_set, register_rule_set
 
@@ -281,6 +288,38 @@ CANONICALIZE_RULES = register_rule_set(
     )
 )
 
+def _is_empty_constant(gm: fx.GraphModule, node: Any) -> bool:
+    """Whether ``node`` is a constant tensor of shape [0] (read directly or through a copy)."""
+    while isinstance(node, fx.Node) and node.op == "call_function" and node.target == aten.lift_fresh_copy.default:
+        node = op_arguments(node)["self"]
+    value = constant_value(gm, node) if isinstance(node, fx.Node) else None
+    return isinstance(value, torch.Tensor) and value.shape == (0,)
+
+
+def _drop_empty_cat_operands(gm: fx.GraphModule) -> int:
+    """cat([e, x, ...]) -> cat([x, ...]) (module doc); returns how many cats changed."""
+    changed = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target != aten.cat.default:
+            continue
+        arguments = op_arguments(node)
+        kept = [t for t in arguments["tensors"] if not _is_empty_constant(gm, t)]
+        if len(kept) == len(arguments["tensors"]) or not kept:
+            continue
+        if len(kept) == 1:
+            result, operand = node.meta.get("val"), kept[0].meta.get("val")
+            if (not isinstance(result, torch.Tensor) or not isinstance(operand, torch.Tensor)
+                    or operand.dtype != result.dtype or _written_in_place(kept[0], node)):
+                continue  # the empty operand promoted the dtype, or the copy is written
+            node.replace_all_uses_with(kept[0])
+            gm.graph.erase_node(node)
+        else:
+            node.args = (kept, arguments["dim"])
+            node.kwargs = {}
+        changed += 1
+    return changed
+
+
 _GUARD_MODULE = "_guards_fn"  # the call_module torch.export adds to check input shapes
 
 
@@ -296,6 +335,9 @@ class Canonicalize(Pass):
         if functionalized:
             stats["out-of-place"] = functionalized
         stats.update(apply_rule_set(gm, CANONICALIZE_RULES, self.name))
+        emptied = _drop_empty_cat_operands(gm)
+        if emptied:
+            stats["drop-empty-cat-operands"] = emptied
         guards = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == _GUARD_MODULE]
         for node in guards:
             gm.graph.erase_node(node)

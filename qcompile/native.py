@@ -63,6 +63,15 @@ def has_vnni() -> bool:
     return _VNNI and isa() == "avx512"
 
 
+GEMV_ROWS = _native.GEMV_ROWS  # from this many rows on, qc.linear_weight_only runs a bf16 GEMM
+
+
+def has_avx512_bf16() -> bool:
+    """Whether this CPU has AVX512-BF16, which ``qc.linear_weight_only``'s int4 kernel needs (on
+    the avx512 instruction set; elsewhere int4 weights are dequantized for a bf16 GEMM)."""
+    return _native.has_avx512_bf16()
+
+
 def pack_u8s8_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """An int8 [out, in] weight packed in VNNI blocks for :func:`linear_u8s8`, and its column sums."""
     return _native.pack_u8s8_weight(weight)

@@ -199,3 +199,24 @@ def test_a_pad_of_nothing_goes_and_a_real_pad_stays():
     CHECK: aten.conv2d.default({{.*}}, [1, 1], [1, 3], [1, 1], 8)
     """)
     assert_outputs_close(gm, out, (x,), rtol=1e-6)  # the same zeros: a convolution's summation order apart
+
+
+def test_a_cat_onto_an_empty_tensor_reads_the_other_operand():
+    """A KV cache made empty and then extended (transformers' DynamicCache.update in a decode step)
+    captures as cat(tensor([]), past): a copy of the whole cache per layer and step. ATen's cat
+    skips 1-D empties, so dropping the operand is exact; one that promotes the dtype stays."""
+    class Extends(torch.nn.Module):
+        def forward(self, past, new, ids):
+            keys = torch.cat([torch.tensor([]), past], dim=-2)
+            widened = torch.cat([torch.tensor([]), ids], dim=0)  # float32 from int64: the empty one decides
+            return torch.cat([keys, new], dim=-2), widened
+
+    inputs = (torch.randn(1, 2, 5, 4), torch.randn(1, 2, 1, 4), torch.arange(3))
+    gm = qcompile.capture(Extends(), inputs)
+    out = assert_pass_contract(Canonicalize(), gm, inputs)
+    check_graph(out, """
+    CHECK: aten.cat.default([%0, %1], -2) : f32[1,s0,s1 + 1,s2]
+    """)
+    cats = [n for n in out.graph.nodes if n.target == torch.ops.aten.cat.default]
+    assert len(cats) == 2 and out(*inputs)[1].dtype == torch.float32
+    assert_outputs_close(gm, out, inputs, rtol=0)

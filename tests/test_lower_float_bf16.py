@@ -55,6 +55,31 @@ def test_causal_grouped_query_attention_lowers_and_keeps_fp32_results():
     assert_outputs_close(before, after, [q, k, v], rtol=1e-5)
 
 
+class RepeatedHeads(torch.nn.Module):
+    """Grouped-query attention as transformers' Llama/Qwen write it: each key/value head repeated
+    n times (repeat_kv) before SDPA, so a decode step copies its cache n times per layer."""
+
+    def forward(self, q, k, v):
+        def repeat_kv(x, n):
+            b, g, length, d = x.shape
+            return x[:, :, None, :, :].expand(b, g, n, length, d).reshape(b, g * n, length, d)
+
+        return torch.nn.functional.scaled_dot_product_attention(q, repeat_kv(k, 4), repeat_kv(v, 4), is_causal=True)
+
+
+def test_repeated_key_value_heads_are_read_shared_by_the_kernel():
+    g = torch.Generator().manual_seed(2)
+    q, k, v = torch.randn(1, 8, 5, 16, generator=g), torch.randn(1, 2, 5, 16, generator=g), torch.randn(1, 2, 5, 16, generator=g)
+    before = qcompile.capture(RepeatedHeads(), (q, k, v))
+    after = assert_pass_contract(LowerFloatBf16(), before)
+    check_graph(after, """
+    CHECK-NOT: aten.expand
+    CHECK: qc.attention.default(%0, %1, %2, None, None, True, torch.float32)
+    """)
+    assert_outputs_close(before, after, [q, k, v], rtol=1e-5)
+    assert LowerFloatBf16()(before).stats["grouped-query heads read shared"] == 1
+
+
 def test_attention_without_heads_stays_with_the_reason():
     class Unbatched(torch.nn.Module):
         def forward(self, q, k, v):

@@ -1,6 +1,6 @@
 // The qcompile._native extension: registers the native qc:: operators with torch's dispatcher
 // (importing the module is what makes torch.ops.qc.quantize, dequantize, linear_int8, conv2d_int8, max_pool2d_uint8,
-// attention, layer_norm_quantize, gru_recurrence and lstm_recurrence exist), exposes which instruction set they run, and the kernels and helpers Python calls directly.
+// attention, layer_norm_quantize, gru_recurrence, lstm_recurrence and linear_weight_only exist), exposes which instruction set they run, and the kernels and helpers Python calls directly.
 #include <torch/extension.h>
 #include <torch/library.h>
 
@@ -15,6 +15,7 @@
 #include "quantize.h"
 #include "recurrence.h"
 #include "weight_cache.h"
+#include "weight_only.h"
 
 TORCH_LIBRARY_FRAGMENT(qc, m) {
   m.def("max_pool2d_uint8(Tensor x, int[] kernel_size, int[] stride, int[] padding) -> Tensor");
@@ -33,6 +34,8 @@ TORCH_LIBRARY_FRAGMENT(qc, m) {
         "-> (Tensor, Tensor)");
   m.def("lstm_recurrence(Tensor gates_x, Tensor h0, Tensor c0, Tensor w_hh, Tensor? b_hh, bool reverse, "
         "bool batch_first) -> (Tensor, Tensor, Tensor)");
+  m.def("linear_weight_only(Tensor x, Tensor weight_q, Tensor scale, Tensor? zero_point, int group_size, Tensor? bias, "
+        "str kernel) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(qc, CPU, m) {
@@ -45,6 +48,7 @@ TORCH_LIBRARY_IMPL(qc, CPU, m) {
   m.impl("layer_norm_quantize", &qcompile::layer_norm_quantize);
   m.impl("gru_recurrence", &qcompile::gru_recurrence);
   m.impl("lstm_recurrence", &qcompile::lstm_recurrence);
+  m.impl("linear_weight_only", &qcompile::linear_weight_only);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
@@ -54,6 +58,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("packs_made", &qcompile::packs_made, "How many weight packs the int8 kernels have made.");
   module.def("packed_weights", &qcompile::packed_weights, "How many live weights the int8 kernels hold packed.");
   module.def("has_vnni", &qcompile::has_vnni, "Whether this CPU has AVX512-VNNI.");
+  module.def("has_avx512_bf16", &qcompile::has_avx512_bf16, "Whether this CPU has AVX512-BF16.");
+  module.attr("GEMV_ROWS") = qcompile::kGemvRows;
   module.def("linear_u8s8", &qcompile::linear_u8s8,
              "S_x·S_W·(x·Wᵀ − Z_x·ΣW) + b (+ other), relu if asked, as float32 / bfloat16 or requantized uint8: "
              "qc.linear_int8 for a few rows.");

@@ -4,7 +4,7 @@
 // int8 tensors: it prints, verifies and saves like any other, and nothing packed is ever saved.
 //
 // An entry holds a weak reference to its weight (the cache never keeps a model's weights alive)
-// and the version counters of the weight and the tensor packed with it: torch bumps a tensor's
+// and the version counters of the weight and the tensors packed with it: torch bumps a tensor's
 // version on every in-place write, so a weight changed after packing is packed again rather than
 // read stale.
 
@@ -19,6 +19,14 @@ std::atomic<int64_t> made{0};
 
 uint32_t version(const at::Tensor& tensor) {
   return tensor.defined() ? tensor.unsafeGetTensorImpl()->version_counter().current_version() : 0;
+}
+
+std::vector<std::pair<const c10::TensorImpl*, uint32_t>> identities(at::TensorList tensors) {
+  std::vector<std::pair<const c10::TensorImpl*, uint32_t>> found;
+  for (const at::Tensor& tensor : tensors) {
+    found.emplace_back(tensor.defined() ? tensor.unsafeGetTensorImpl() : nullptr, version(tensor));
+  }
+  return found;
 }
 
 // Every cache, for packed_weights(): the kernels' caches are statics that live as long as the process.
@@ -39,13 +47,13 @@ WeightCache::WeightCache() {
   caches().push_back(this);
 }
 
-Packed WeightCache::get(const at::Tensor& weight, const at::Tensor& also, const std::function<Packed()>& pack) {
+Packed WeightCache::get(const at::Tensor& weight, at::TensorList also, const std::function<Packed()>& pack) {
   const c10::TensorImpl* key = weight.unsafeGetTensorImpl();
-  const c10::TensorImpl* also_key = also.defined() ? also.unsafeGetTensorImpl() : nullptr;
+  auto also_keys = identities(also);
   std::lock_guard<std::mutex> lock(mutex_);
   const auto found = entries_.find(key);
   if (found != entries_.end() && !found->second.weight.expired() && found->second.weight_version == version(weight) &&
-      found->second.also == also_key && found->second.also_version == version(also)) {
+      found->second.also == also_keys) {
     return found->second.packed;
   }
   Packed packed = pack();
@@ -53,7 +61,7 @@ Packed WeightCache::get(const at::Tensor& weight, const at::Tensor& also, const 
   entries_.erase(key);
   drop_dead();
   entries_.emplace(key, Entry{c10::weak_intrusive_ptr<c10::TensorImpl>(weight.getIntrusivePtr()), version(weight),
-                              also_key, version(also), packed});
+                              std::move(also_keys), packed});
   return packed;
 }
 

@@ -8,6 +8,7 @@
 #include <functional>
 #include <mutex>
 #include <unordered_map>
+#include <utility>
 #include <vector>
 
 namespace qcompile {
@@ -24,9 +25,10 @@ class WeightCache {
  public:
   WeightCache();
 
-  // The packed form of `weight`, from `pack` on a miss. `also` (a weight scale, say) is part of what
-  // was packed: an entry made with another tensor there, or an older version of it, is a miss.
-  Packed get(const at::Tensor& weight, const at::Tensor& also, const std::function<Packed()>& pack);
+  // The packed form of `weight`, from `pack` on a miss. `also` (a weight scale, its zero points) is
+  // part of what was packed: an entry made with other tensors there (an undefined one counts as
+  // none), or an older version of one, is a miss.
+  Packed get(const at::Tensor& weight, at::TensorList also, const std::function<Packed()>& pack);
 
   // Drops the entries of dead weights; returns how many live ones remain.
   int64_t sweep();
@@ -35,8 +37,7 @@ class WeightCache {
   struct Entry {
     c10::weak_intrusive_ptr<c10::TensorImpl> weight;
     uint32_t weight_version;
-    const c10::TensorImpl* also;
-    uint32_t also_version;
+    std::vector<std::pair<const c10::TensorImpl*, uint32_t>> also;  // each one's identity and version
     Packed packed;
   };
 

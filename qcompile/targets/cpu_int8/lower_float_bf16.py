@@ -3,6 +3,10 @@
     aten.scaled_dot_product_attention(q, k, v, mask, is_causal)
                                     ->  qc.attention(q, k, v, mask, scale, is_causal, dtype)
                                         (scale None: 1/√depth, as for SDPA)
+    key / value  reshape(expand(unsqueeze(kv, 2), [b, g, n, L, d]), [b, g·n, L, d])  ->  kv
+                                        (repeat_kv: query head h reads kv head h // n, which is
+                                        the kernel's own grouped-query mapping, so the n copies of
+                                        the cache a decode step made per layer are not made)
     aten.linear(x, W, b)   (W constant, not quantized) ->  qc.linear_bf16(x, W_bf16, b)
 
 Attention has no weights, so int8 kernels do not apply to it; it runs as the native fused fp32
@@ -22,14 +26,15 @@ import torch
 from torch import fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from qcompile.ir.graph import add_constant, constant_value, insert_call, op_arguments
+from qcompile.ir.graph import add_constant, constant_value, insert_call, op_arguments, remove_dead_nodes
 from qcompile.ir.meta import Provenance
 from qcompile.pipeline import Diagnostic, Pass, PassResult
 from qcompile.targets.cpu_int8.attention import attention
 from qcompile.targets.cpu_int8.bf16_kernels import linear_bf16
 
-SDPA = torch.ops.aten.scaled_dot_product_attention.default
-LINEAR = torch.ops.aten.linear.default
+aten = torch.ops.aten
+SDPA = aten.scaled_dot_product_attention.default
+LINEAR = aten.linear.default
 
 
 def _attention_unsupported(node: fx.Node) -> str | None:
@@ -45,6 +50,42 @@ def _attention_unsupported(node: fx.Node) -> str | None:
     return None
 
 
+def _is_call(node: object, target: object) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target == target
+
+
+def _through_whole_slices(node: fx.Node) -> fx.Node:
+    """What ``node`` reads past slices that keep everything (``x[:, :]`` captures as
+    slice(x, d, 0, 2**63 − 1))."""
+    while _is_call(node, aten.slice.Tensor):
+        piece = op_arguments(node)
+        end = piece["end"]
+        if piece["start"] not in (None, 0) or piece["step"] != 1 or not (end is None or (isinstance(end, int) and end >= 2**62)):
+            break
+        node = piece["self"]
+    return node
+
+
+def _shared_heads(node: fx.Node) -> fx.Node | None:
+    """``kv`` when ``node`` repeats its heads as transformers' repeat_kv does (module doc), else None."""
+    if not (_is_call(node, aten.reshape.default) or _is_call(node, aten.view.default)):
+        return None
+    expanded = op_arguments(node)["self"]
+    if not _is_call(expanded, aten.expand.default):
+        return None
+    inner = _through_whole_slices(op_arguments(expanded)["self"])
+    if not _is_call(inner, aten.unsqueeze.default) or op_arguments(inner)["dim"] != 2:
+        return None
+    kv = _through_whole_slices(op_arguments(inner)["self"])
+    source, repeated, result = (n.meta.get("val") for n in (kv, expanded, node))
+    if not all(isinstance(v, torch.Tensor) for v in (source, repeated, result)) or source.dim() != 4:
+        return None
+    b, g, n, length, d = repeated.shape
+    same = [(b, source.shape[0]), (g, source.shape[1]), (length, source.shape[2]), (d, source.shape[3]),
+            (result.shape[0], b), (result.shape[1], g * n), (result.shape[2], length), (result.shape[3], d)]
+    return kv if all(statically_known_true(x == y) for x, y in same) else None
+
+
 def _replace(gm: fx.GraphModule, node: fx.Node, target: object, args: tuple, pass_name: str) -> None:
     provenance = Provenance(pass_name, sources=(node.name,))
     new = insert_call(gm, target, args, before=node, provenance=provenance, meta_from=node)
@@ -57,7 +98,7 @@ class LowerFloatBf16(Pass):
     name: ClassVar[str] = "lower-float-bf16"
 
     def call(self, gm: fx.GraphModule) -> PassResult:
-        attentions = linears = 0
+        attentions = linears = shared = 0
         kept = {}
         for node in list(gm.graph.nodes):
             if node.op != "call_function":
@@ -68,7 +109,12 @@ class LowerFloatBf16(Pass):
                     kept[node.name] = reason
                     continue
                 arguments = op_arguments(node)
-                operands = (arguments["query"], arguments["key"], arguments["value"])
+                key, value = (_shared_heads(arguments[name]) for name in ("key", "value"))
+                if key is None or value is None or key.meta["val"].shape[1] != value.meta["val"].shape[1]:
+                    key, value = arguments["key"], arguments["value"]
+                else:
+                    shared += 1
+                operands = (arguments["query"], key, value)
                 args = (*operands, arguments["attn_mask"], arguments["scale"], bool(arguments["is_causal"]),
                         node.meta["val"].dtype)
                 _replace(gm, node, attention, args, self.name)
@@ -80,7 +126,10 @@ class LowerFloatBf16(Pass):
                                            before=node)
                 _replace(gm, node, linear_bf16._opoverload, (linear["input"], weight_bf16, linear["bias"]), self.name)
                 linears += 1
-        stats: dict[str, object] = {k: v for k, v in (("attention", attentions), ("linear", linears)) if v}
+        if shared:
+            remove_dead_nodes(gm)  # the repeated heads no attention reads any more
+        stats: dict[str, object] = {k: v for k, v in (("attention", attentions), ("linear", linears),
+                                                      ("grouped-query heads read shared", shared)) if v}
         diagnostics = tuple(Diagnostic(node, "kept", f"attention stays on ATen's kernel: {reason}") for node, reason in kept.items())
         return PassResult(gm, bool(attentions or linears), stats, diagnostics)
 

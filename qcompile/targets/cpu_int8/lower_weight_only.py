@@ -101,7 +101,7 @@ class LowerWeightOnly(Pass):
                       if ops.zero_point is not None else None)
         bias = add_constant(gm, ops.bias, f"{name}_bias", before=linear) if ops.bias is not None else None
         args = (op_arguments(linear)["input"], ops.weight_q, scale, zero_point, ops.group_size, bias, ops.kernel)
-        kernel = insert_call(gm, linear_weight_only._opoverload, args, before=linear,
+        kernel = insert_call(gm, linear_weight_only, args, before=linear,
                              provenance=Provenance(self.name, "linear", (name,)), meta_from=linear)
         linear.replace_all_uses_with(kernel)
         gm.graph.erase_node(linear)
