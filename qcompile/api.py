@@ -122,13 +122,16 @@ class QuantizedModel(nn.Module):
         program = export_program(self.qdq_graph_module, args, kwargs)
         return write_artifact(Path(path), program, self.report.target, self.report.to_json(timings=False))
 
-    def export_onnx(self, path: str | Path, *, check: bool = True, tolerance_steps: float = 1.0) -> OnnxExport:
+    def export_onnx(self, path: str | Path, *, check: bool = True, tolerance_steps: float = 1.0,
+                    accuracy_level: int | str = "auto") -> OnnxExport:
         """Write the Q/DQ graph as an ONNX QDQ file, cross-checked in ONNX Runtime on the example
-        inputs (see :func:`qcompile.targets.onnx_qdq.export.export_onnx`)."""
+        inputs (see :func:`qcompile.targets.onnx_qdq.export.export_onnx`; ``accuracy_level`` is
+        that of the 4-bit weight-only ``MatMulNBits`` nodes: "auto", 1 or 4)."""
         from qcompile.targets.onnx_qdq.export import export_onnx  # onnxscript loads only when exporting
 
         args, kwargs = self.example
-        return export_onnx(self.qdq_graph_module, path, args, kwargs, check=check, tolerance_steps=tolerance_steps)
+        return export_onnx(self.qdq_graph_module, path, args, kwargs, check=check, tolerance_steps=tolerance_steps,
+                           accuracy_level=accuracy_level)
 
 
 def load(path: str | Path) -> QuantizedModel:

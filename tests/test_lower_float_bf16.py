@@ -1,7 +1,9 @@
-"""lower-float-bf16: attention to the native fused kernel (fp32) and float linears to bf16, within their rounding of fp32."""
+"""lower-float-bf16: attention to the native fused kernel (fp32) and float linears to bf16, within their rounding of
+fp32; fuse-rms-norm: a written-out RMSNorm to ATen's fused one."""
 
 import torch
-from qcompile.targets.cpu_int8 import LowerFloatBf16
+from qcompile.passes import Canonicalize
+from qcompile.targets.cpu_int8 import FuseRmsNorm, LowerFloatBf16
 
 import qcompile
 from qcompile.testing import assert_outputs_close, assert_pass_contract, check_graph
@@ -117,3 +119,37 @@ def test_int8_self_attention_reads_the_merged_projection_in_place():
     x = batches[0][0]
     with torch.no_grad():
         torch.testing.assert_close(qm(x), SelfAttention()(x), rtol=0.05, atol=0.05)
+
+
+def canonical(model, *args):
+    return Canonicalize()(qcompile.capture(model, args)).graph_module
+
+
+class RmsNormed(torch.nn.Module):
+    """transformers' LlamaRMSNorm / Qwen2RMSNorm, twice: γ on the left (theirs) and on the right."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(3)
+        self.weight, self.other = torch.nn.Parameter(torch.rand(24) + 0.5), torch.nn.Parameter(torch.rand(24))
+
+    def forward(self, x):
+        hidden = x.to(torch.float32)
+        y = self.weight * (hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype)
+        z = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + 1e-5) * self.other
+        squares = z.pow(2).mean(-1, keepdim=True)
+        return z * torch.rsqrt(squares + 1e-5) * self.other + squares  # read elsewhere: this one stays written out
+
+
+def test_a_written_out_rms_norm_becomes_atens_fused_one():
+    x = torch.randn(2, 5, 24)
+    before = canonical(RmsNormed(), x)
+    after = assert_pass_contract(FuseRmsNorm(), before)
+    check_graph(after, """
+    CHECK: aten.rms_norm.default(%0, [24], {{%[0-9]+}}, 1e-06)
+    CHECK: aten.rms_norm.default({{%[0-9]+}}, [24], {{%[0-9]+}}, 1e-05)
+    CHECK-NOT: aten.rms_norm
+    CHECK: aten.rsqrt
+    """)
+    assert_outputs_close(before, after, [x], rtol=1e-6)
+    assert FuseRmsNorm()(before).stats == {"rms-norm": 1, "rms-norm-weight-last": 1}

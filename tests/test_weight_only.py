@@ -1,6 +1,7 @@
 """Weight-only linears on cpu-int8: int8 per channel and int4 per group on bf16 activations
 (qc.linear_weight_only), the grouped Q/DQ form, the kernel dispatch and its refusals."""
 
+import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
@@ -14,6 +15,7 @@ from qcompile.kernel_check import kernel_contracts
 from qcompile.passes import Convert
 from qcompile.targets import cpu_features
 from qcompile.targets.cpu_int8 import LowerWeightOnly
+from qcompile.targets.onnx_qdq import matmul_nbits
 from qcompile.targets.cpu_int8.weight_only_kernels import (
     WEIGHT_ONLY_KERNELS,
     dequantized_weight,
@@ -234,31 +236,62 @@ def test_minilm_weight_only(minilm, tmp_path):
 
 
 @pytest.mark.parametrize("symmetric", [True, False])
-def test_grouped_weights_export_as_int4_blocks_onnx_runtime_runs_as_matmulnbits(tmp_path, symmetric):
+def test_grouped_weights_export_as_matmulnbits_holding_the_same_weights(tmp_path, symmetric):
     spec = QuantSpec("int4", symmetric=symmetric, granularity=PerGroup(1, 32))
     x = torch.randn(4, 64)
     qm = qcompile.compile(TinyBlock(width=64, hidden=128), x, calibration_data=[(torch.randn(16, 64),)],
                           qconfig=QConfig(by_op={"linear": OpQuantConfig(None, spec)}), progress=False)
-    exported = qm.export_onnx(tmp_path / "grouped.onnx")
+    exported = qm.export_onnx(tmp_path / "grouped.onnx", accuracy_level=1)
     assert exported.check.ort_ops["MatMulNBits"] == 2 and exported.check.worst.max_steps < 1e-2
-    assert exported.check.default_accuracy_steps is not None and "MatMulNBits x2" in str(exported)
+    assert exported.check.accuracy_level_steps == 0 and "MatMulNBits x2" in str(exported)
     model = onnx.load(tmp_path / "grouped.onnx")
-    blocked = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
-    initializers = {t.name: t for t in model.graph.initializer}
-    assert [initializers[n.input[0]].data_type for n in blocked] == [onnx.TensorProto.INT4] * 2
+    nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+    assert len(nbits) == 2 and not any(n.op_type == "DequantizeLinear" for n in model.graph.node)
+    assert all(onnx.helper.get_attribute_value(a) == 1 for n in nbits for a in n.attribute if a.name == "accuracy_level")
     assert exported.bytes < 0.4 * exported.float_bytes
-    # ONNX Runtime's DequantizeLinear of the INT4 blocks equals the grouped dequantize in torch, bit for bit
-    model.graph.output.extend(onnx.helper.make_tensor_value_info(n.output[0], onnx.TensorProto.FLOAT, None)
-                              for n in blocked)
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    weights = session.run(None, {model.graph.input[0].name: x.numpy()})[1:]
+    # ONNX Runtime's MatMulNBits holds the grouped dequantize in torch bit for bit: fed the identity, it returns W
     qdq = qm.qdq_graph_module
     views = [n.args[1] for n in qdq.graph.nodes if n.target == torch.ops.aten.linear.default]
-    for view, theirs in zip(views, weights, strict=True):
+    for node, view in zip(nbits, views, strict=True):
         ours = constant_expression(qdq, view)
+        single = matmul_nbits._alone(model, node, matmul_nbits.FLOAT_ACTIVATIONS)
+        session = ort.InferenceSession(single.SerializeToString(), providers=["CPUExecutionProvider"])
+        theirs = session.run(None, {node.input[0]: np.eye(ours.shape[1], dtype=np.float32)})[0]
         assert torch.equal(torch.from_numpy(theirs), ours.t())
+
+
+class OutlierInput(torch.nn.Module):
+    """Two linears: the first reads Gaussian values, the second one channel 100x the others (the
+    outlier features of LLM activations), which an int8 block quantizes coarsely."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(5)
+        self.first, self.second = torch.nn.Linear(64, 64), torch.nn.Linear(64, 32)
+        self.register_buffer("gain", torch.ones(64).index_fill(0, torch.tensor([7]), 100.0))
+
+    def forward(self, x):
+        return self.second(self.first(x) * self.gain)
+
+
+def test_each_matmulnbits_gets_int8_activations_only_where_they_are_measured_safe(tmp_path):
+    spec = QuantSpec("int4", granularity=PerGroup(1, 32))
+    x = torch.randn(16, 64)
+    qm = qcompile.compile(OutlierInput(), x, calibration_data=[(torch.randn(16, 64),)],
+                          qconfig=QConfig(by_op={"linear": OpQuantConfig(None, spec)}), progress=False)
+    exported = qm.export_onnx(tmp_path / "auto.onnx")
+    first, second = exported.check.accuracy_levels
+    assert (first.level, second.level) == (matmul_nbits.INT8_ACTIVATIONS, matmul_nbits.FLOAT_ACTIVATIONS)
+    assert first.sqnr_db >= matmul_nbits.INT8_ACTIVATION_MIN_SQNR_DB > second.sqnr_db
+    written = {n.name: a.i for n in onnx.load(tmp_path / "auto.onnx").graph.node if n.op_type == "MatMulNBits"
+               for a in n.attribute if a.name == "accuracy_level"}
+    assert written == {first.node: 4, second.node: 1}
+    assert "accuracy_level 4 (int8 activations) on 1 and 1 on the others" in str(exported)
+    everywhere = qm.export_onnx(tmp_path / "int8.onnx", accuracy_level=4)
+    assert everywhere.check.accuracy_level_steps > exported.check.accuracy_level_steps
+    with pytest.raises(qcompile.QCompileError, match="accuracy_level is 'auto', 1 .* or 4 .*, not 2"):
+        qm.export_onnx(tmp_path / "bad.onnx", accuracy_level=2)
+    assert not (tmp_path / "bad.onnx").exists()
 
 
 def test_qat_per_group_weights_run_on_int4pack_after_convert_qat():

@@ -11,11 +11,11 @@ integer inputs on both sides. An honest export differs by at most one step (a ro
 a wrong axis, zero point or op translation differs by many, at the first tensor it touches,
 and that is the tensor the error names.
 
-Blocked 4-bit weights (``DequantizeLinear`` into ``MatMul``) become ONNX Runtime's
-``MatMulNBits``, which by default (``accuracy_level`` 4) quantizes its activations to int8 per
-block: not what the file says. The check runs the session with
-``session.qdq_matmulnbits_accuracy_level=1`` (float activations, the file's values), and runs
-the file once more with ONNX Runtime's defaults to report how far those outputs move.
+Blocked 4-bit weights are written as ONNX Runtime's ``MatMulNBits`` (:mod:`.matmul_nbits`),
+each with an ``accuracy_level``: at 4 it quantizes its activations to int8 per block, which the
+Q/DQ graph does not. The check runs the file with every such node at level 1 (float activations,
+the Q/DQ graph's arithmetic) and, given the levels the file is written with, runs it once more
+at those to report how far its outputs move.
 
 Differences are in units of the tensor's quantization step: its scale for quantized tensors,
 and for a float output the step a uint8 quantization of it would have, (max − min) / 255. A
@@ -42,6 +42,7 @@ from qcompile.ir.graph import constant_value
 from qcompile.qdq import QUANTIZE, DequantizeCall, QuantizeCall
 from qcompile.report import flat_inputs
 from qcompile.spec import FLOAT8_STORAGE as FLOAT8
+from qcompile.targets.onnx_qdq.matmul_nbits import FLOAT_ACTIVATIONS, INT8_ACTIVATIONS, AccuracyLevel, set_accuracy_levels
 
 # ONNX Runtime's integer kernels, the ops its QDQ optimizer fuses Q/DQ groups into.
 INT8_KERNELS = frozenset({
@@ -56,8 +57,6 @@ WEIGHT_KERNELS = frozenset({"QLinearConv", "QLinearMatMul", "MatMulIntegerToFloa
                             "ConvInteger", "QAttention"})
 # ONNX Runtime's weight-only kernel, fused from a constant 4-bit blocked DequantizeLinear into a MatMul.
 MATMUL_NBITS = "MatMulNBits"
-# Float activations in MatMulNBits (ONNX Runtime's default, 4, quantizes them to int8 per block).
-FLOAT_ACCURACY = {"session.qdq_matmulnbits_accuracy_level": "1"}
 
 
 @dataclass
@@ -74,9 +73,10 @@ class CrossCheck:
     tensors: list[TensorCheck]
     tolerance_steps: float
     ort_ops: dict[str, int]  # op counts of ONNX Runtime's optimized graph
-    # With MatMulNBits: the outputs' largest distance, in steps, between the check's session and
-    # one with ONNX Runtime's default accuracy level (int8 activations inside MatMulNBits).
-    default_accuracy_steps: float | None = None
+    # With MatMulNBits: each node's accuracy level as written, and the outputs' largest distance,
+    # in steps, between the file at those levels and at float activations (the checked one).
+    accuracy_levels: tuple[AccuracyLevel, ...] = ()
+    accuracy_level_steps: float | None = None
     # The Q/DQ graph's dequantize nodes whose weights ONNX Runtime's float Conv/MatMul/Gemm read.
     float_weight_reads: tuple[str, ...] = ()
 
@@ -107,11 +107,12 @@ class CrossCheck:
             f"{worst.max_steps:.3g} steps (tolerance {self.tolerance_steps:g})",
             f"ONNX Runtime int8 kernels: {fused}; float compute left: {floats}",
         ]
-        if self.default_accuracy_steps is not None:
-            lines.append(f"ONNX Runtime weight-only kernels: {MATMUL_NBITS} x{self.ort_ops[MATMUL_NBITS]} (4-bit blocked "
-                         f"weights); checked with float activations (session.qdq_matmulnbits_accuracy_level=1); at "
-                         f"ONNX Runtime's default accuracy level 4 they quantize their activations to int8, which "
-                         f"moves the outputs by {self.default_accuracy_steps:.3g} steps")
+        if self.accuracy_levels:
+            int8 = [level for level in self.accuracy_levels if level.level == INT8_ACTIVATIONS]
+            lines.append(f"ONNX Runtime weight-only kernels: {MATMUL_NBITS} x{len(self.accuracy_levels)} (4-bit blocked "
+                         f"weights), checked with float activations; written with accuracy_level {INT8_ACTIVATIONS} "
+                         f"(int8 activations) on {len(int8)} and {FLOAT_ACTIVATIONS} on the others, which moves the "
+                         f"outputs by {self.accuracy_level_steps:.3g} steps")
         return "\n".join(lines)
 
 
@@ -205,15 +206,30 @@ def _as_torch(value: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
     return torch.from_numpy(value).to(dtype)
 
 
+def onnx_feeds(model: onnx.ModelProto, reference: fx.GraphModule, args: tuple, kwargs: dict) -> dict[str, np.ndarray]:
+    """``args``/``kwargs`` as ONNX Runtime's feeds for ``model``, exported from ``reference``."""
+    placeholders = [n.name for n in reference.graph.nodes if n.op == "placeholder"]
+    values = dict(zip(placeholders, flat_inputs(reference, args, kwargs), strict=True))
+    # The file's inputs are the graph's placeholders in order; their names may differ (fx
+    # renames a forward argument called ``input``, as nn.Sequential's is, to ``input_1``).
+    if len(model.graph.input) != len(placeholders):
+        raise QCompileError(f"the ONNX file has {len(model.graph.input)} inputs, the Q/DQ graph {len(placeholders)}")
+    return {graph_input.name: values[name].detach().cpu().numpy()
+            for graph_input, name in zip(model.graph.input, placeholders)}
+
+
 def cross_check(model: onnx.ModelProto, reference: fx.GraphModule, args: tuple, kwargs: dict,
-                tolerance_steps: float = 1.0) -> CrossCheck:
+                tolerance_steps: float = 1.0, accuracy_levels: tuple[AccuracyLevel, ...] = ()) -> CrossCheck:
     """Compare ``model`` in ONNX Runtime with ``reference`` (the program it was exported from;
-    its node names are the ONNX value names) on one input; see the module docstring."""
+    its node names are the ONNX value names) on one input; see the module docstring. Its
+    MatMulNBits nodes run at float activations; ``accuracy_levels`` are those the file is
+    written with, whose effect on the outputs is reported."""
     quantize_nodes = {n.name: n for n in reference.graph.nodes if n.target == QUANTIZE}
     exposed = [node.output[0] for node in model.graph.node
                if node.op_type == "QuantizeLinear" and node.output[0] in quantize_nodes]
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
+    set_accuracy_levels(probe, {level.node: FLOAT_ACTIVATIONS for level in accuracy_levels})
     for name in exposed:
         dtype = quantize_nodes[name].meta["val"].dtype
         if dtype in FLOAT8:  # ONNX Runtime has no numpy type for every float8: read it as its exact float32 values
@@ -223,13 +239,8 @@ def cross_check(model: onnx.ModelProto, reference: fx.GraphModule, args: tuple, 
             probe.graph.output.append(onnx.helper.make_tensor_value_info(name, ONNX_TYPES[dtype], None))
     placeholders = [n.name for n in reference.graph.nodes if n.op == "placeholder"]
     values = dict(zip(placeholders, flat_inputs(reference, args, kwargs), strict=True))
-    # The file's inputs are the graph's placeholders in order; their names may differ (fx
-    # renames a forward argument called ``input``, as nn.Sequential's is, to ``input_1``).
-    if len(model.graph.input) != len(placeholders):
-        raise QCompileError(f"the ONNX file has {len(model.graph.input)} inputs, the Q/DQ graph {len(placeholders)}")
-    feeds = {graph_input.name: values[name].detach().cpu().numpy()
-             for graph_input, name in zip(model.graph.input, placeholders)}
-    results, optimized = _run_onnxruntime(probe, feeds, FLOAT_ACCURACY)
+    feeds = onnx_feeds(model, reference, args, kwargs)
+    results, optimized = _run_onnxruntime(probe, feeds)
     ops = optimized.ops
     count = len(model.graph.output)
     forced = {name: _as_torch(value, quantize_nodes[name].meta["val"].dtype)
@@ -244,11 +255,15 @@ def cross_check(model: onnx.ModelProto, reference: fx.GraphModule, args: tuple, 
         step = _output_step(reference, node, mine)
         checks.append(_compare(graph_output.name, "output", mine, theirs, step, step))
     result = CrossCheck(checks, tolerance_steps, ops, float_weight_reads=optimized.float_weight_reads)
-    if MATMUL_NBITS in ops:
-        defaults, _ = _run_onnxruntime(model, feeds)
-        result.default_accuracy_steps = max(
+    if accuracy_levels:
+        written = onnx.ModelProto()
+        written.CopyFrom(model)
+        set_accuracy_levels(written, {level.node: level.level for level in accuracy_levels})
+        at_levels, _ = _run_onnxruntime(written, feeds)
+        result.accuracy_levels = tuple(accuracy_levels)
+        result.accuracy_level_steps = max(
             _compare("", "output", torch.from_numpy(a), torch.from_numpy(b), check.step, check.step).max_steps
-            for a, b, check in zip(defaults, results[:count], checks[-count:], strict=True))
+            for a, b, check in zip(at_levels, results[:count], checks[-count:], strict=True))
     first = result.diverged
     if first is not None:
         raise QCompileError(

@@ -47,7 +47,15 @@ from qcompile.pass_manager import PassManager
 from qcompile.qdq import CHOOSE_QPARAMS, DEQUANTIZE, QUANTIZE, DequantizeCall, QuantizeCall
 from qcompile.spec import FLOAT8_STORAGE
 from qcompile.targets.onnx_qdq.arrange import ARRANGE_FOR_ONNX_RUNTIME, DEQUANTIZE_BLOCKED, UNFUSED_SUM
-from qcompile.targets.onnx_qdq.check import CrossCheck, cross_check
+from qcompile.targets.onnx_qdq.check import CrossCheck, cross_check, onnx_feeds
+from qcompile.targets.onnx_qdq.matmul_nbits import (
+    FLOAT_ACTIVATIONS,
+    INT8_ACTIVATIONS,
+    AccuracyLevel,
+    choose_accuracy_levels,
+    set_accuracy_levels,
+    write_matmul_nbits,
+)
 
 OPSET = 21  # 19 added float8 QuantizeLinear/DequantizeLinear; 21 blocked scales
 # The full range of each integer storage type: ONNX's QuantizeLinear saturates to exactly these.
@@ -306,6 +314,7 @@ def to_onnx(gm: fx.GraphModule, args: tuple[Any, ...], kwargs: dict[str, Any]) -
         quiet.level = level
     model = exported.model_proto
     _fold_integer_casts(model)
+    write_matmul_nbits(model)
     return model, program.module()
 
 
@@ -317,27 +326,39 @@ def export_onnx(
     *,
     check: bool = True,
     tolerance_steps: float = 1.0,
+    accuracy_level: int | str = "auto",
 ) -> OnnxExport:
     """Write ``gm`` (a Q/DQ graph) to ``path`` as ONNX QDQ, checked and cross-checked in ONNX Runtime.
 
     The cross-check runs the file on ``args``/``kwargs`` and compares every quantized tensor
     and every output with ``gm`` in torch, in units of that tensor's quantization step; a
     difference above ``tolerance_steps`` raises an error naming the first tensor that diverged.
+    Blocked 4-bit weights are written as ``MatMulNBits`` nodes whose ``accuracy_level`` is
+    ``accuracy_level`` (1: float activations, 4: int8 per block) or, with "auto", chosen per
+    node on ``args`` (:func:`~.matmul_nbits.choose_accuracy_levels`).
     """
+    if accuracy_level not in ("auto", FLOAT_ACTIVATIONS, INT8_ACTIVATIONS):
+        raise QCompileError(f"export_onnx: accuracy_level is 'auto', {FLOAT_ACTIVATIONS} (float activations) or "
+                            f"{INT8_ACTIVATIONS} (int8 activations), not {accuracy_level!r}")
     path = Path(path)
     kwargs = dict(kwargs or {})
     _writable(path)
     model, reference = to_onnx(gm, tuple(args), kwargs)
+    if accuracy_level == "auto":
+        levels = choose_accuracy_levels(model, onnx_feeds(model, reference, tuple(args), kwargs))
+    else:
+        levels = [AccuracyLevel(n.name, int(accuracy_level), None) for n in model.graph.node if n.op_type == "MatMulNBits"]
     # Written next to ``path`` and moved into place only once it passes both checks: a failed
     # export leaves no file behind, and never replaces a good one.
     partial = path.with_name(path.name + ".partial")
     try:
+        set_accuracy_levels(model, {level.node: level.level for level in levels})
         onnx.save(model, partial)
         try:
             onnx.checker.check_model(str(partial), full_check=True)
         except onnx.checker.ValidationError as exc:
             raise QCompileError(f"the exported file '{path}' fails onnx.checker: {exc}") from exc
-        result = cross_check(model, reference, tuple(args), kwargs, tolerance_steps) if check else None
+        result = cross_check(model, reference, tuple(args), kwargs, tolerance_steps, tuple(levels)) if check else None
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)
