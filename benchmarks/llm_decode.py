@@ -11,10 +11,11 @@ tiny decoder's agreement is in ``benchmarks.fp8_vs_int8 decoder``).
 qcompile rows are ``compile_decoder`` with every linear weight-only (int8 per channel on
 ``_weight_int8pack_mm``; int4 in groups of 128, round to nearest, on
 ``_weight_int4pack_mm_for_cpu``), activations bf16, and the token table in int8 rows. The ONNX
-Runtime row is the W4 plan's prefill and step exported (``QuantizedDecoder.export_onnx``: blocked
-INT4 DequantizeLinear, which ONNX Runtime fuses into MatMulNBits) and run by ONNX Runtime's CPU
-provider in the same loop. torchao's int4 weight-only CPU path is tried and its error printed
-when this torchao has none.
+Runtime rows are the W4 plan's prefill and step exported (``QuantizedDecoder.export_onnx``:
+``MatMulNBits`` nodes, each with the accuracy level the export measured safe for it) and run by
+ONNX Runtime's CPU provider in the same loop; a second pair of files, the same with every node at
+accuracy level 1 (float activations, the Q/DQ graph's arithmetic), shows what int8 activations
+buy. torchao's int4 weight-only CPU path is tried and its error printed when this torchao has none.
 
 Run: ``python -m benchmarks.llm_decode``
 """
@@ -27,6 +28,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import onnx
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -35,6 +37,8 @@ from benchmarks.cpu_int8 import tensor_bytes
 from qcompile import OpQuantConfig, PerChannel, PerGroup, QConfig, QuantSpec
 from qcompile.decoder import PrefillProgram, StepProgram
 from qcompile.qconfig import INT8_WEIGHT
+from qcompile.targets.onnx_qdq.matmul_nbits import FLOAT_ACTIVATIONS, INT8_ACTIVATIONS, set_accuracy_levels
+from qcompile.targets.onnx_qdq.runtime import OnnxRuntimeProgram
 
 PROMPT, NEW_TOKENS = 64, 64
 CONFIG = Qwen2Config(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
@@ -97,10 +101,20 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:  # ONNX Runtime reads the files when its sessions start
         start = time.perf_counter()
         exported = compiled_by_name["qcompile W4 g128 (weight-only int4)"].export_onnx(folder, threads=2)
-        size = sum(path.stat().st_size for path in Path(folder).iterdir()) // 2  # both files hold the weights
-        paths["ONNX Runtime W4 g128 (MatMulNBits)"] = (exported.prefill, exported.step, size,
-                                                       f"the same plan exported, {time.perf_counter() - start:.0f} s; "
-                                                       f"ONNX Runtime's default accuracy level (int8 activations)")
+        seconds = time.perf_counter() - start
+        size = sum(path.stat().st_size for path in Path(folder).glob("*.onnx")) // 2  # both files hold the weights
+        levels = [level.level for level in exported.step_export.check.accuracy_levels]
+        paths["ONNX Runtime W4 g128 (MatMulNBits)"] = (
+            exported.prefill, exported.step, size,
+            f"the same plan exported, {seconds:.0f} s; accuracy level 4 (int8 activations) on "
+            f"{levels.count(INT8_ACTIVATIONS)} of the step's {len(levels)} MatMulNBits, measured safe")
+        programs = []
+        for name in ("prefill", "step"):  # the same files with float activations everywhere
+            model = onnx.load(Path(folder) / f"{name}.onnx")
+            set_accuracy_levels(model, {n.name: FLOAT_ACTIVATIONS for n in model.graph.node if n.op_type == "MatMulNBits"})
+            onnx.save(model, Path(folder) / f"{name}_float_activations.onnx")
+            programs.append(OnnxRuntimeProgram(Path(folder) / f"{name}_float_activations.onnx", threads=2))
+        paths["ONNX Runtime W4 g128, accuracy level 1"] = (*programs, size, "float activations in every MatMulNBits")
     try:
         ao = Qwen2ForCausalLM(CONFIG).to(torch.bfloat16).eval()
         ao.load_state_dict(model.state_dict())
@@ -112,11 +126,11 @@ def main() -> None:
     reference = results["bf16 eager"][2]
     print(f"\nQwen2-0.5B-shaped decoder (494 M parameters, random weights), batch 1, {PROMPT}-token prompt, "
           f"{NEW_TOKENS} greedy tokens, 2 threads")
-    print(f"{'path':<38}{'prefill ms':>11}{'ms/token':>10}{'tokens/s':>10}{'vs bf16':>9}{'weights MB':>12}"
+    print(f"{'path':<40}{'prefill ms':>11}{'ms/token':>10}{'tokens/s':>10}{'vs bf16':>9}{'weights MB':>12}"
           f"{'= bf16':>8}  note")
     for name, (prefill_ms, token_ms, tokens) in results.items():
         agreement = (tokens == reference).float().mean().item()
-        print(f"{name:<38}{prefill_ms:>11.1f}{token_ms:>10.2f}{1e3 / token_ms:>10.2f}"
+        print(f"{name:<40}{prefill_ms:>11.1f}{token_ms:>10.2f}{1e3 / token_ms:>10.2f}"
               f"{results['bf16 eager'][1] / token_ms:>8.2f}x{paths[name][2] / 2**20:>12.0f}{agreement:>8.3f}  "
               f"{paths[name][3]}")
 

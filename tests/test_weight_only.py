@@ -114,6 +114,19 @@ def test_the_int4_kernel_keeps_its_contract_at_every_shape(isa, rows, outputs, i
         assert float((y - rounded).abs().max()) <= 2.0**-20 * 136 * float((x.abs() @ scales.t()).max())
 
 
+@pytest.mark.parametrize("isa", ISAS)
+def test_the_int8_gemm_path_keeps_its_contract_over_blocks_and_a_ragged_row(isa):
+    # 33 rows: the blocked dequantize + bf16 GEMM; 2056 inputs: rows of 16 and a tail of 8; two blocks
+    weight = torch.randn(1100, 2056, generator=torch.Generator().manual_seed(6))
+    scale = weight.abs().amax(1) / 127
+    weight_q = torch.round(weight / scale[:, None]).to(torch.int8)
+    x, bias = torch.randn(33, 2056), torch.randn(1100)
+    with native.running_on(isa):
+        y = linear_weight_only(x, weight_q, scale, None, 0, bias, "int8pack")
+    expected = reference_linear_weight_only(x, weight_q, scale, None, 0, bias, "int8pack")
+    assert float((y - expected).abs().max()) <= linear_weight_only_bound(x, weight_q, scale, None, 0, bias, "int8pack")
+
+
 def test_an_int4_weight_is_packed_once_and_again_after_an_in_place_write():
     weight_q, scale = int4_groups(16, 64, 32, seed=4)
     x = torch.randn(1, 64)

@@ -11,9 +11,9 @@
 // Which code runs, by rows (the leading dimensions of x flattened; fewer is under kGemvRows) and CPU:
 //
 //   int4pack, AVX512-BF16, fewer rows   int4_tile below, on weights packed once per tensor (weight_cache.h)
-//   int4pack, AVX512-BF16, more rows    int4_gemm: the packed weight dequantized to bf16 a few MB of
-//                                       outputs at a time, each block through oneDNN's bf16 GEMM while
-//                                       it is in cache
+//   AVX512-BF16, more rows              blocked_gemm: the weight (int4: its packed form) dequantized to
+//                                       bf16 a few MB of outputs at a time, each block through oneDNN's
+//                                       bf16 GEMM while it is in cache
 //   int8pack, fewer rows                aten._weight_int8pack_mm (bf16 activations: fed fp32 it is 20x slower)
 //   otherwise                           the whole weight dequantized to bf16 (one pass), oneDNN's bf16 GEMM
 //
@@ -38,6 +38,7 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -224,20 +225,37 @@ QC_BF16 void dequantize_int4_rows(const Packed& packed, int64_t n0, int64_t n1, 
   }
 }
 
-// rows [M, in] bf16 times the packed int4 weight, for many rows: the weight is dequantized to bf16
-// a block of outputs at a time, a few MB that stay in cache for oneDNN's bf16 GEMM, instead of
-// all of it through memory first. [M, out] bf16.
-at::Tensor int4_gemm(const at::Tensor& x, const Packed& packed, int64_t group_size) {
-  const int64_t m = x.size(0), depth = x.size(1), outputs = packed[0].size(0);
+// Rows [n0, n1) of an int8 per-channel weight [out, in] as bf16: S·q, rounded once from fp32.
+QC_BF16 void dequantize_int8_rows(const int8_t* weight, const float* scale, int64_t n0, int64_t n1, int64_t depth,
+                                  at::BFloat16* out) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const __m512 s = _mm512_set1_ps(scale[n]);
+    auto* row = reinterpret_cast<uint16_t*>(out + (n - n0) * depth);
+    for (int64_t k = 0; k < depth; k += 16) {
+      const __mmask16 m = tail_mask(depth - k);
+      const __m512i q = _mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, weight + n * depth + k));
+      const __m256bh bits = _mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_cvtepi32_ps(q), s));
+      _mm256_mask_storeu_epi16(row + k, m, (__m256i)bits);
+    }
+  }
+}
+
+// x [M, in] bf16 times a weight of `outputs` rows, for many rows: the weight is dequantized to
+// bf16 (by `dequantize`, rows [r0, r1) into the buffer it is given) a block of outputs at a time,
+// a few MB that stay in cache for oneDNN's bf16 GEMM, instead of all of it through memory first
+// (which also allocated, and faulted in, a bf16 copy of the whole weight per call). [M, out] bf16.
+at::Tensor blocked_gemm(const at::Tensor& x, int64_t outputs,
+                        const std::function<void(int64_t, int64_t, at::BFloat16*)>& dequantize) {
+  const int64_t m = x.size(0), depth = x.size(1);
   const int64_t block = std::min(outputs, round_up(std::max<int64_t>(16, kGemmBlockBytes / (2 * depth)), 16));
   at::Tensor y = at::empty({m, outputs}, x.options());
-  at::Tensor weight = at::empty({block, depth}, x.options());
+  static thread_local at::Tensor scratch;  // one block buffer per calling thread, kept between calls
+  if (!scratch.defined() || scratch.numel() < block * depth) scratch = at::empty({block * depth}, x.options());
+  const at::Tensor weight = scratch.narrow(0, 0, block * depth).view({block, depth});
+  at::BFloat16* w = weight.data_ptr<at::BFloat16>();
   for (int64_t n0 = 0; n0 < outputs; n0 += block) {
     const int64_t rows = std::min(block, outputs - n0);
-    at::BFloat16* w = weight.data_ptr<at::BFloat16>();
-    at::parallel_for(n0, n0 + rows, 16, [&](int64_t r0, int64_t r1) {
-      dequantize_int4_rows(packed, r0, r1, depth, group_size, w + (r0 - n0) * depth);
-    });
+    at::parallel_for(n0, n0 + rows, 16, [&](int64_t r0, int64_t r1) { dequantize(r0, r1, w + (r0 - n0) * depth); });
     y.narrow(1, n0, rows).copy_(at::linear(x, weight.narrow(0, 0, rows)));
   }
   return y;
@@ -289,28 +307,35 @@ at::Tensor linear_weight_only(const at::Tensor& x, const at::Tensor& weight_q, c
   const int64_t rows = depth > 0 ? x.numel() / depth : 0;
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = outputs;
-  if (int4 && active_isa() == Isa::Avx512 && has_avx512_bf16()) {
+  const bool native = active_isa() == Isa::Avx512 && has_avx512_bf16();
+  at::Tensor y;
+  if (int4 && native) {
     static WeightCache cache;
     const Packed packed = cache.get(weight_q, {scale, affine ? *zero_point : at::Tensor()},
                                     [&] { return pack_int4(weight_q, scale, zero_point); });
-    at::Tensor y;
     if (rows < kGemvRows) {
-      y = int4_linear(x.reshape({-1, depth}).to(at::kFloat).contiguous(), packed, group_size, bias);
-    } else {
-      y = int4_gemm(x.reshape({-1, depth}).to(at::kBFloat16).contiguous(), packed, group_size).to(at::kFloat);
-      if (bias.has_value() && bias->defined()) y.add_(bias->to(at::kFloat));
+      return int4_linear(x.reshape({-1, depth}).to(at::kFloat).contiguous(), packed, group_size, bias)
+          .to(x.scalar_type())
+          .view(shape);
     }
-    return y.to(x.scalar_type()).view(shape);
-  }
-  // never fp32 activations into these: ATen's int8pack reads them 20x slower
-  const at::Tensor x_bf16 = x.reshape({-1, depth}).to(at::kBFloat16).contiguous();
-  at::Tensor y;
-  if (rows >= kGemvRows || int4) {
-    y = at::linear(x_bf16, dequantized_bf16(weight_q, scale, zero_point));
+    y = blocked_gemm(x.reshape({-1, depth}).to(at::kBFloat16).contiguous(), outputs, [&](int64_t r0, int64_t r1, at::BFloat16* out) {
+      dequantize_int4_rows(packed, r0, r1, depth, group_size, out);
+    });
+  } else if (!int4 && native && rows >= kGemvRows) {
+    const at::Tensor scales = scale.reshape({-1}).to(at::kFloat).contiguous(), weight = weight_q.contiguous();
+    y = blocked_gemm(x.reshape({-1, depth}).to(at::kBFloat16).contiguous(), outputs, [&](int64_t r0, int64_t r1, at::BFloat16* out) {
+      dequantize_int8_rows(weight.const_data_ptr<int8_t>(), scales.const_data_ptr<float>(), r0, r1, depth, out);
+    });
   } else {
-    static WeightCache cache;
-    const Packed packed = cache.get(weight_q, scale, [&] { return Packed{scale.reshape({-1}).to(at::kBFloat16).contiguous()}; });
-    y = at::_weight_int8pack_mm(x_bf16, weight_q, packed[0]);
+    // never fp32 activations into these: ATen's int8pack reads them 20x slower
+    const at::Tensor x_bf16 = x.reshape({-1, depth}).to(at::kBFloat16).contiguous();
+    if (rows >= kGemvRows || int4) {
+      y = at::linear(x_bf16, dequantized_bf16(weight_q, scale, zero_point));
+    } else {
+      static WeightCache cache;
+      const Packed packed = cache.get(weight_q, scale, [&] { return Packed{scale.reshape({-1}).to(at::kBFloat16).contiguous()}; });
+      y = at::_weight_int8pack_mm(x_bf16, weight_q, packed[0]);
+    }
   }
   y = y.to(x.scalar_type());
   if (bias.has_value() && bias->defined()) y.add_(bias->to(y.scalar_type()));
