@@ -138,7 +138,8 @@ class RmsNormed(torch.nn.Module):
         y = self.weight * (hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype)
         z = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + 1e-5) * self.other
         squares = z.pow(2).mean(-1, keepdim=True)
-        return z * torch.rsqrt(squares + 1e-5) * self.other + squares  # read elsewhere: this one stays written out
+        out = z * torch.rsqrt(squares + 1e-5) * self.other + squares  # read elsewhere: this one stays written out
+        return out * 3  # a multiply by a number is no RMSNorm
 
 
 def test_a_written_out_rms_norm_becomes_atens_fused_one():

@@ -44,6 +44,9 @@ class RmsNorm(Rule):
             self.pattern = lambda x, weight: aten.mul.Tensor(_normalized(x), weight)
 
     def check(self, match: Match) -> str | None:
+        # literals match anything (ε is checked below), so a multiply by a number matches the anchor alone
+        if len(match.nodes) != 6 or not all(isinstance(match.bindings.get(n), fx.Node) for n in ("x", "weight")):
+            return "not a written-out RMSNorm"
         x = match["x"].meta.get("val")
         if not isinstance(x, torch.Tensor) or x.dtype != torch.float32 or x.dim() == 0:
             return "x is not a float32 tensor"
