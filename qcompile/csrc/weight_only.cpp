@@ -273,8 +273,11 @@ at::Tensor dequantized_bf16(const at::Tensor& weight_q, const at::Tensor& scale,
 }  // namespace
 
 bool has_avx512_bf16() {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512bf16");
+  static const bool found = [] {  // a CPU flag: read once, not on every call
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512bf16") != 0;
+  }();
+  return found;
 }
 
 at::Tensor linear_weight_only(const at::Tensor& x, const at::Tensor& weight_q, const at::Tensor& scale,
