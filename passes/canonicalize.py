@@ -42,7 +42,7 @@ from typing import Any, ClassVar
 import torch
 from torch import fx
 
-from qcompile.ir.graph import aliases, constant_value, is_mutating, op_arguments, remove_dead_nodes, returns_alias
+from qcompile.ir.graph import aliases, constant_value, is_call, is_mutating, op_arguments, remove_dead_nodes, returns_alias
 from qcompile.pipeline import Pass, PassResult
 from qcompile.rewrite import Match, Rule, RuleSet, apply_rule_set, register_rule_set
 
@@ -290,7 +290,7 @@ CANONICALIZE_RULES = register_rule_set(
 
 def _is_empty_constant(gm: fx.GraphModule, node: Any) -> bool:
     """Whether ``node`` is a constant tensor of shape [0] (read directly or through a copy)."""
-    while isinstance(node, fx.Node) and node.op == "call_function" and node.target == aten.lift_fresh_copy.default:
+    while is_call(node, aten.lift_fresh_copy.default):
         node = op_arguments(node)["self"]
     value = constant_value(gm, node) if isinstance(node, fx.Node) else None
     return isinstance(value, torch.Tensor) and value.shape == (0,)
@@ -300,7 +300,7 @@ def _drop_empty_cat_operands(gm: fx.GraphModule) -> int:
     """cat([e, x, ...]) -> cat([x, ...]) (module doc); returns how many cats changed."""
     changed = 0
     for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.target != aten.cat.default:
+        if not is_call(node, aten.cat.default):
             continue
         arguments = op_arguments(node)
         kept = [t for t in arguments["tensors"] if not _is_empty_constant(gm, t)]

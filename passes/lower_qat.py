@@ -43,6 +43,7 @@ from qcompile.ir.graph import (
     constant_value,
     infer_fake_value,
     insert_call,
+    is_call,
     op_arguments,
     remove_dead_nodes,
     set_argument,
@@ -77,10 +78,6 @@ def _other(node: fx.Node) -> Any:
     return op_arguments(node)["other"]
 
 
-def _is_call(node: object, target: object) -> bool:
-    return isinstance(node, fx.Node) and node.op == "call_function" and node.target == target
-
-
 @dataclass(frozen=True)
 class LowerQat(Pass):
     name: ClassVar[str] = "lower-qat"
@@ -91,7 +88,7 @@ class LowerQat(Pass):
     def call(self, gm: fx.GraphModule) -> PassResult:
         self._unwrap_biases(gm)
         switched = self._eval_forms(gm)
-        folded = sum(self._fold(gm, node) for node in list(gm.graph.nodes) if _is_call(node, aten.batch_norm.default))
+        folded = sum(self._fold(gm, node) for node in list(gm.graph.nodes) if is_call(node, aten.batch_norm.default))
         weights, activations, kept = 0, 0, []
         memo: dict[fx.Node, Any] = {}
         for node in list(gm.graph.nodes):
@@ -155,9 +152,9 @@ class LowerQat(Pass):
         """Rewrite (2) of the module docstring, where ``batch_norm`` ends such a chain."""
         bn = op_arguments(batch_norm)
         y, bias = bn["input"], None
-        if _is_call(y, aten.add.Tensor) and len(y.users) == 1 and _is_call(_other(y), aten.view.default):
+        if is_call(y, aten.add.Tensor) and len(y.users) == 1 and is_call(_other(y), aten.view.default):
             y, bias = op_arguments(y)["self"], op_arguments(_other(y))["self"]
-        if not (_is_call(y, aten.div.Tensor) and len(y.users) == 1 and _is_call(_other(y), aten.view.default)):
+        if not (is_call(y, aten.div.Tensor) and len(y.users) == 1 and is_call(_other(y), aten.view.default)):
             return False
         conv, s = op_arguments(y)["self"], op_arguments(_other(y))["self"]
         fake_quant = (op_arguments(conv).get("weight") if isinstance(conv, fx.Node) and conv.op == "call_function"
@@ -165,7 +162,7 @@ class LowerQat(Pass):
         if _module(gm, fake_quant, FakeQuantize) is None or len(conv.users) != 1:
             return False
         (scaled,) = fake_quant.args  # the fake-quant's one input
-        if not (_is_call(scaled, aten.mul.Tensor) and _is_call(_other(scaled), aten.view.default)
+        if not (is_call(scaled, aten.mul.Tensor) and is_call(_other(scaled), aten.view.default)
                 and op_arguments(_other(scaled))["self"] is s):
             return False
         memo: dict[fx.Node, Any] = {}
@@ -189,7 +186,7 @@ class LowerQat(Pass):
     def _drop_unread_counters(self, gm: fx.GraphModule) -> None:
         """``counter.add_(1)`` on a buffer nothing else reads (a folded BatchNorm's batch count)."""
         for node in list(gm.graph.nodes):
-            if _is_call(node, aten.add_.Tensor) and not node.users:
+            if is_call(node, aten.add_.Tensor) and not node.users:
                 counter = op_arguments(node)["self"]
                 if counter.op == "get_attr" and len(counter.users) == 1:
                     gm.graph.erase_node(node)

@@ -194,6 +194,11 @@ def describe_node(node: fx.Node) -> str:
     return text
 
 
+def is_call(node: object, target: object) -> bool:
+    """Whether ``node`` is a graph node calling ``target``."""
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target == target
+
+
 def op_arguments(node: fx.Node) -> dict[str, Any]:
     """A call's arguments by schema name, defaults filled in, however the call spelled them."""
     schema = getattr(node.target, "_schema", None)

@@ -26,7 +26,7 @@ import torch
 from torch import fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from qcompile.ir.graph import add_constant, constant_value, insert_call, op_arguments, remove_dead_nodes
+from qcompile.ir.graph import add_constant, constant_value, insert_call, is_call, op_arguments, remove_dead_nodes
 from qcompile.ir.meta import Provenance
 from qcompile.pipeline import Diagnostic, Pass, PassResult
 from qcompile.targets.cpu_int8.attention import attention
@@ -50,14 +50,10 @@ def _attention_unsupported(node: fx.Node) -> str | None:
     return None
 
 
-def _is_call(node: object, target: object) -> bool:
-    return isinstance(node, fx.Node) and node.op == "call_function" and node.target == target
-
-
 def _through_whole_slices(node: fx.Node) -> fx.Node:
     """What ``node`` reads past slices that keep everything (``x[:, :]`` captures as
     slice(x, d, 0, 2**63 − 1))."""
-    while _is_call(node, aten.slice.Tensor):
+    while is_call(node, aten.slice.Tensor):
         piece = op_arguments(node)
         end = piece["end"]
         if piece["start"] not in (None, 0) or piece["step"] != 1 or not (end is None or (isinstance(end, int) and end >= 2**62)):
@@ -68,13 +64,13 @@ def _through_whole_slices(node: fx.Node) -> fx.Node:
 
 def _shared_heads(node: fx.Node) -> fx.Node | None:
     """``kv`` when ``node`` repeats its heads as transformers' repeat_kv does (module doc), else None."""
-    if not (_is_call(node, aten.reshape.default) or _is_call(node, aten.view.default)):
+    if not (is_call(node, aten.reshape.default) or is_call(node, aten.view.default)):
         return None
     expanded = op_arguments(node)["self"]
-    if not _is_call(expanded, aten.expand.default):
+    if not is_call(expanded, aten.expand.default):
         return None
     inner = _through_whole_slices(op_arguments(expanded)["self"])
-    if not _is_call(inner, aten.unsqueeze.default) or op_arguments(inner)["dim"] != 2:
+    if not is_call(inner, aten.unsqueeze.default) or op_arguments(inner)["dim"] != 2:
         return None
     kv = _through_whole_slices(op_arguments(inner)["self"])
     source, repeated, result = (n.meta.get("val") for n in (kv, expanded, node))

@@ -206,16 +206,23 @@ def _as_torch(value: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
     return torch.from_numpy(value).to(dtype)
 
 
-def onnx_feeds(model: onnx.ModelProto, reference: fx.GraphModule, args: tuple, kwargs: dict) -> dict[str, np.ndarray]:
-    """``args``/``kwargs`` as ONNX Runtime's feeds for ``model``, exported from ``reference``."""
+def _placeholder_values(reference: fx.GraphModule, args: tuple, kwargs: dict) -> dict[str, torch.Tensor]:
+    """``args``/``kwargs`` by the name of the placeholder of ``reference`` each one feeds."""
     placeholders = [n.name for n in reference.graph.nodes if n.op == "placeholder"]
-    values = dict(zip(placeholders, flat_inputs(reference, args, kwargs), strict=True))
+    return dict(zip(placeholders, flat_inputs(reference, args, kwargs), strict=True))
+
+
+def _feeds(model: onnx.ModelProto, values: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
     # The file's inputs are the graph's placeholders in order; their names may differ (fx
     # renames a forward argument called ``input``, as nn.Sequential's is, to ``input_1``).
-    if len(model.graph.input) != len(placeholders):
-        raise QCompileError(f"the ONNX file has {len(model.graph.input)} inputs, the Q/DQ graph {len(placeholders)}")
-    return {graph_input.name: values[name].detach().cpu().numpy()
-            for graph_input, name in zip(model.graph.input, placeholders)}
+    if len(model.graph.input) != len(values):
+        raise QCompileError(f"the ONNX file has {len(model.graph.input)} inputs, the Q/DQ graph {len(values)}")
+    return {graph_input.name: value.detach().cpu().numpy() for graph_input, value in zip(model.graph.input, values.values())}
+
+
+def onnx_feeds(model: onnx.ModelProto, reference: fx.GraphModule, args: tuple, kwargs: dict) -> dict[str, np.ndarray]:
+    """``args``/``kwargs`` as ONNX Runtime's feeds for ``model``, exported from ``reference``."""
+    return _feeds(model, _placeholder_values(reference, args, kwargs))
 
 
 def cross_check(model: onnx.ModelProto, reference: fx.GraphModule, args: tuple, kwargs: dict,
@@ -237,9 +244,8 @@ def cross_check(model: onnx.ModelProto, reference: fx.GraphModule, args: tuple, 
             probe.graph.output.append(onnx.helper.make_tensor_value_info(f"{name}__float", onnx.TensorProto.FLOAT, None))
         else:
             probe.graph.output.append(onnx.helper.make_tensor_value_info(name, ONNX_TYPES[dtype], None))
-    placeholders = [n.name for n in reference.graph.nodes if n.op == "placeholder"]
-    values = dict(zip(placeholders, flat_inputs(reference, args, kwargs), strict=True))
-    feeds = onnx_feeds(model, reference, args, kwargs)
+    values = _placeholder_values(reference, args, kwargs)
+    feeds = _feeds(model, values)
     results, optimized = _run_onnxruntime(probe, feeds)
     ops = optimized.ops
     count = len(model.graph.output)
@@ -247,7 +253,7 @@ def cross_check(model: onnx.ModelProto, reference: fx.GraphModule, args: tuple, 
               for name, value in zip(exposed, results[count:], strict=True)}
     interpreter = _TeacherForced(reference, forced)
     with torch.no_grad():
-        ours = torch.utils._pytree.tree_leaves(interpreter.run(*[values[p] for p in placeholders]))
+        ours = torch.utils._pytree.tree_leaves(interpreter.run(*values.values()))
     checks = interpreter.checks
     output_nodes = torch.utils._pytree.tree_leaves(reference.graph.output_node().args[0])
     for graph_output, node, mine, theirs in zip(model.graph.output, output_nodes, ours, results[:count], strict=True):
