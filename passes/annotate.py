@@ -22,7 +22,9 @@ A weight op the target has no kernel for (``conv1d``, ``lstm``, a ``bmm`` with a
 planned as float with that reason, so the report accounts for every op with weights.
 
 Ops a QConfig rule asked for but the target cannot run are ``unsupported`` diagnostics, which
-``compile`` turns into warnings. Inside a compile the pass plans for the compile's target and
+``compile`` turns into warnings. A weight wider than the kernel multiplies exactly on this CPU
+(``OpRule.weight_bits``: int8 into a u8s8 GEMM without VNNI) is planned narrowed, a ``narrowed``
+diagnostic the report notes. Inside a compile the pass plans for the compile's target and
 QConfig (:meth:`Annotate.run`); on its own, for the target it names (cpu-int8 by default) and
 that target's preset.
 """
@@ -234,6 +236,7 @@ class Annotate(Pass):
         qconfig = self.qconfig if self.qconfig is not None else target.preset()
         plans: dict[fx.Node, QuantAnnotation] = {}
         unsupported: dict[str, str] = {}
+        notes: list[Diagnostic] = []
         # How reasons name the target's kernels: by the format family it runs.
         formats = {d for r in target.op_rules.values() for d in r.formats}
         family = " or ".join(name for name, prefixes in (("int8", ("int", "uint")), ("fp8", ("float8",)))
@@ -267,6 +270,7 @@ class Annotate(Pass):
                     "looked up at constant indices: every input reads the same rows, so their rounding "
                     "would be a systematic error"))
                 continue
+            asked, config = config, rule.narrowed(config)
             activations = rule.activations_of(config)
             if rule.epilogue_of:
                 fused = epilogue_input(node, rule, plans)
@@ -279,6 +283,8 @@ class Annotate(Pass):
             plans[node] = plan = plan_node(gm, node, config, rule, why, activations)
             if plan.float_reason:
                 unsupported[node.name] = plan.float_reason
+            elif config is not asked:
+                notes.append(Diagnostic(node.name, "narrowed", rule.narrowing_reason))
             for index, edge in plan.inputs:
                 if edge.role == "activation":
                     for shape_op in observation_root(node.args[index])[1]:
@@ -297,5 +303,5 @@ class Annotate(Pass):
                 set_qspec(node, plan)
                 modified = True
         quantized = sum(plan.quantized for plan in plans.values())
-        diagnostics = tuple(Diagnostic(node, "unsupported", reason) for node, reason in unsupported.items())
+        diagnostics = (*(Diagnostic(node, "unsupported", reason) for node, reason in unsupported.items()), *notes)
         return PassResult(gm, modified, {"quantized": quantized}, diagnostics)

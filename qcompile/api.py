@@ -266,6 +266,11 @@ def complete_report(context: CompileContext, lowered: fx.GraphModule) -> None:
         report.notes.append("no calibration data: activations are quantized with scales computed at run time")
     for node, reason in report.diagnostics("unsupported").items():
         warnings.warn(f"{node} stays float: {reason}", stacklevel=3)
+    narrowed = report.diagnostics("narrowed")
+    for reason in dict.fromkeys(narrowed.values()):
+        nodes = [node for node, why in narrowed.items() if why == reason]
+        report.notes.append(f"{len(nodes)} weight(s) narrowed ({', '.join(nodes[:4])}{', ...' if len(nodes) > 4 else ''}): "
+                            f"{reason}")
     for finding in report.calibration_findings:
         warnings.warn(finding, stacklevel=3)
     planned, qdq = context.snapshots.get("plan"), context.snapshots["convert"]

@@ -39,7 +39,8 @@ _PASS_REGISTRY: dict[str, type[Pass]] = {}
 class Diagnostic:
     """What a pass wants the user to know about one node: ``kind`` says what sort of finding it
     is (``unsupported``: a rule asked for a format the target cannot run; ``kept``: a lowering
-    left the node as reference Q/DQ; ``calibration``: something calibration saw), ``reason``
+    left the node as reference Q/DQ; ``narrowed``: a weight planned narrower than asked, so the
+    kernel computes it exactly; ``calibration``: something calibration saw), ``reason``
     why, in words."""
 
     node: str
@@ -168,6 +169,9 @@ def _parse_option(pass_cls: type[Pass], key: str, text: str) -> Any:
         )
     hints = typing.get_type_hints(pass_cls)
     kind = hints.get(key, str)
+    optional = type(None) in typing.get_args(kind)
+    if optional and text != "None" and [a for a in typing.get_args(kind) if a is not type(None)] == [bool]:
+        kind = bool  # ``bool | None``: None is "decide for me", spelled None
     try:
         if kind is bool:
             if text.lower() not in ("true", "false"):
@@ -177,7 +181,7 @@ def _parse_option(pass_cls: type[Pass], key: str, text: str) -> Any:
             return kind(text)
         # Optional scalars, e.g. ``float | None``.
         args = [a for a in typing.get_args(kind) if a is not type(None)]
-        if text == "None" and type(None) in typing.get_args(kind):
+        if text == "None" and optional:
             return None
         if len(args) == 1 and args[0] in (int, float, str):
             return args[0](text)

@@ -152,6 +152,11 @@ class QuantSpec:
         return self.dtype in _FLOAT8
 
     @property
+    def bits(self) -> int:
+        """How many bits the format has: 8 for int8 / uint8 / float8, 4 for int4, 32 for int32."""
+        return 8 if self.is_float8 else int(self.dtype.removeprefix("u").removeprefix("int"))
+
+    @property
     def storage_dtype(self) -> torch.dtype:
         return _FLOAT8[self.dtype] if self.is_float8 else _INTEGER_RANGES[self.dtype][0]
 

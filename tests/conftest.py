@@ -21,6 +21,17 @@ def resnet():
 
 
 @pytest.fixture
+def bf16_gemm(monkeypatch):
+    """Kernel choices as on a CPU with native bf16 GEMMs (AVX512-BF16), whatever this one has: the
+    dispatch that picks bf16 kernels there is tested on every machine, and the kernels themselves
+    run here on their portable paths. The choice on a CPU without them is tested on its own."""
+    from qcompile.targets import cpu_features
+
+    flags = cpu_features.cpu_flags() | {"avx512_bf16"}
+    monkeypatch.setattr(cpu_features, "cpu_flags", lambda: flags)
+
+
+@pytest.fixture
 def image_batch():
     return torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
 

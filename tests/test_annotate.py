@@ -1,5 +1,6 @@
 """annotate (passes/annotate.py): the plan per node, shared qparams through shape ops, reasons for float."""
 
+import dataclasses
 import warnings
 
 import pytest
@@ -8,6 +9,7 @@ from qcompile.passes import Annotate, InsertObservers
 
 import qcompile
 from qcompile.ir.meta import get_qspec
+from qcompile.targets.cpu_int8.capabilities import KERNEL_WEIGHT_DTYPE
 from qcompile.testing import assert_pass_contract, check_graph
 from tests.models import TinyBlock, TinyConvNet, TinyTokenEncoder
 from tests.quant_stages import cleaned
@@ -16,12 +18,13 @@ from tests.quant_stages import cleaned
 def test_linears_get_activation_weight_and_derived_bias_specs():
     x = torch.randn(4, 16)
     out = assert_pass_contract(Annotate(), cleaned(TinyBlock(), x), [x])
+    # int7 on a CPU without VNNI (test_a_weight_wider_than_the_kernel_multiplies_exactly_is_planned_narrowed)
     check_graph(out, """
-    CHECK: aten.linear.default{{.*}}qc.qspec=[0=activation:uint8/affine/per-tensor/minmax@x, 1=weight:int8/sym/per-channel(0)/minmax, 2=bias:int32/sym/per-channel(0)/minmax]
+    CHECK: aten.linear.default{{.*}}qc.qspec=[0=activation:uint8/affine/per-tensor/minmax@x, 1=weight:WEIGHT/sym/per-channel(0)/minmax, 2=bias:int32/sym/per-channel(0)/minmax]
     CHECK: aten.gelu.default
     CHECK: aten.linear.default{{.*}}0=activation:uint8/affine/per-tensor/minmax@gelu,
     CHECK-NOT: qc.qspec
-    """)
+    """.replace("WEIGHT", KERNEL_WEIGHT_DTYPE))
 
 
 def test_activation_is_observed_above_shape_ops_that_share_qparams():
@@ -49,6 +52,39 @@ def test_qconfig_none_and_unsupported_specs_stay_float_with_the_reason():
     assert result.stats["quantized"] == 0
     assert set(result.of_kind("unsupported")) == {"linear", "layer_norm"}
     assert {d.kind for d in result.diagnostics} == {"unsupported"}
+
+
+def no_vnni_target() -> qcompile.Target:
+    """cpu-int8 as it is planned on a CPU without VNNI (u8s8 products added in saturating int16
+    pairs), whatever CPU the test runs on."""
+    cpu = qcompile.get_target("cpu-int8")
+    rules = {kind: dataclasses.replace(rule, weight_bits=7, narrowing_reason="int16 pairs saturate")
+             if kind in ("linear", "conv2d") else rule for kind, rule in cpu.op_rules.items()}
+    return qcompile.register_target(dataclasses.replace(cpu, name="test-cpu-int8-no-vnni", op_rules=rules))
+
+
+def test_a_weight_wider_than_the_kernel_multiplies_exactly_is_planned_narrowed():
+    x = torch.randn(4, 16)
+    preset = qcompile.int8_preset()
+    # "down" weight-only: no u8s8 GEMM, so its int8 weight stays int8; an int4 weight is narrow enough.
+    qconfig = (preset.set_module_name("down", qcompile.OpQuantConfig(None, preset.by_op["linear"].weight))
+               .set_module_name("up", qcompile.OpQuantConfig(preset.by_op["linear"].activation,
+                                                             qcompile.QuantSpec("int4", granularity=qcompile.PerChannel(0)))))
+    target = no_vnni_target()
+    result = Annotate(target=target.name, qconfig=qconfig)(cleaned(TinyBlock(), x))
+    assert result.of_kind("narrowed") == {}
+    result = Annotate(target=target.name)(cleaned(TinyBlock(), x))
+    check_graph(result.graph_module, """
+    CHECK: aten.linear.default{{.*}}1=weight:int7/sym/per-channel(0)/minmax, 2=bias:int32
+    CHECK: aten.linear.default{{.*}}1=weight:int7/sym/per-channel(0)/minmax, 2=bias:int32
+    """)
+    assert result.of_kind("narrowed") == {"linear": "int16 pairs saturate", "linear_1": "int16 pairs saturate"}
+    # The compiled model runs the narrowed plan on the int8 kernels and says why in its report.
+    qm = qcompile.compile(TinyBlock(), target=target.name, calibration_data=[torch.randn(4, 16) for _ in range(4)])
+    assert "2 weight(s) narrowed (linear, linear_1): int16 pairs saturate" in qm.report.notes
+    assert {n.precision for n in qm.report.nodes} == {"int8"}
+    weights = [edge["dtype"] for entry in qm.report.plan for edge in entry.get("inputs", []) if edge["role"] == "weight"]
+    assert weights == ["int7", "int7"]
 
 
 def test_unknown_target_lists_the_known_ones():

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import qcompile
+from qcompile.targets.cpu_int8.capabilities import EXACT_WEIGHT_BITS
 from tests.models import (
     SentenceEmbedder,
     TinyBlock,
@@ -120,7 +121,9 @@ def test_minilm_compiles_to_int8_with_an_int8_vocabulary_table(minilm):
     with torch.no_grad():
         cosine = torch.nn.functional.cosine_similarity(qm(**evaluation), embedder(**evaluation))
     # 0.9937 mean / 0.987 min without outlier smoothing, 0.9987 / 0.9975 with it
-    assert cosine.mean() > 0.997 and cosine.min() > 0.995
+    # int7 weights where the CPU has no VNNI (capabilities.EXACT_WEIGHT_BITS): 0.9968 / 0.9953 on a Zen 1
+    floor = (0.997, 0.995) if EXACT_WEIGHT_BITS is None else (0.996, 0.994)
+    assert cosine.mean() > floor[0] and cosine.min() > floor[1]
     # every encoder linear (the unused pooler was removed), one more per FFN whose GELU
     # outliers smooth-outliers split off into a linear of their own, and the vocabulary table
     smoothing = next(p.stats for p in qm.report.passes if p.name.startswith("smooth-outliers"))

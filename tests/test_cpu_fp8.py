@@ -18,6 +18,7 @@ from qcompile.testing import assert_graph_diff, assert_outputs_close, assert_pas
 from tests.models import SentenceEmbedder, TinyBlock, docstring_sentences, minilm_inputs
 from tests.quant_stages import calibrated
 from qcompile.passes import CastFp8, EliminateDequant
+from qcompile.targets.cpu_int8.capabilities import KERNEL_WEIGHT_DTYPE
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 
@@ -143,7 +144,7 @@ def test_fp8_or_int8_plans_int8_where_it_is_as_faithful():
     int8, fp8 = (float(v) for v in re.findall(r"([\d.]+) dB", formats["linear"]))
     assert int8 > fp8 + 3
     plan = dict(qcompile.ir.meta.get_qspec(next(n for n in after.graph.nodes if n.name == "linear")).inputs)
-    assert (plan[0].spec.dtype, plan[1].spec.dtype, plan[2].spec.dtype) == ("uint8", "int8", "int32")
+    assert (plan[0].spec.dtype, plan[1].spec.dtype, plan[2].spec.dtype) == ("uint8", KERNEL_WEIGHT_DTYPE, "int32")
     observer = after.get_submodule("observer_2")
     assert observer.spec.dtype == "uint8" and observer.batches == before.get_submodule("observer_0").batches
     assert_outputs_close(before, after, [x], rtol=0)  # observers pass values through: same outputs

@@ -7,6 +7,7 @@ from torch import nn
 
 import qcompile
 from qcompile.kernel_check import KernelMismatchError, check_kernels, difference, register_kernel
+from qcompile.targets.cpu_int8.capabilities import KERNEL_WEIGHT
 from qcompile.targets.cpu_int8.onednn import reference_conv2d_int8, reference_linear_int8
 from qcompile.targets.cpu_int8.uint8_kernels import reference_max_pool2d_uint8
 
@@ -17,8 +18,13 @@ def uint8(*shape):
     return torch.randint(0, 256, shape, dtype=torch.uint8, generator=G)
 
 
+def int8_weight(*shape):
+    """Weights over the whole range the int8 kernels take on this CPU (7 bits without VNNI)."""
+    return torch.randint(-KERNEL_WEIGHT.qmax, KERNEL_WEIGHT.qmax + 1, shape, dtype=torch.int8, generator=G)
+
+
 def linear_args(x, other=None, out_dtype=torch.float32):
-    weight = torch.randint(-127, 128, (24, x.shape[-1]), dtype=torch.int8, generator=G)
+    weight = int8_weight(24, x.shape[-1])
     return (x, torch.tensor([0.02]), torch.tensor([128]), weight, torch.rand(24, generator=G) / 100 + 1e-3,
             torch.randn(24, generator=G), other, 0.05, 100, out_dtype, "relu")
 
@@ -50,7 +56,7 @@ def test_conv2d_int8_takes_any_input_layout_and_a_uint8_residual(layout):
         x, other = x.contiguous(memory_format=torch.channels_last), other.contiguous(memory_format=torch.channels_last)
     elif layout == "sliced":
         x, other = uint8(2, 16, 12, 12)[:, ::2], uint8(2, 16, 10, 20)[..., ::2]
-    weight = torch.randint(-127, 128, (16, 8, 3, 3), dtype=torch.int8, generator=G)
+    weight = int8_weight(16, 8, 3, 3)
     args = (x, torch.tensor(0.02), torch.tensor(128), weight, torch.rand(16, generator=G) / 100 + 1e-3,
             torch.randn(16, generator=G), other, 0.03, 120, [1, 1], [0, 0], [1, 1], 1, 0.05, 10, torch.uint8, "relu")
     assert_within_contract(torch.ops.qc.conv2d_int8, reference_conv2d_int8, *args)

@@ -31,7 +31,7 @@ def inputs():
 def test_attention_and_float_linear_lower_to_native_and_bf16_kernels():
     args = inputs()
     before = qcompile.capture(Attention(), args)
-    after = assert_pass_contract(LowerFloatBf16(), before)
+    after = assert_pass_contract(LowerFloatBf16(linears=True), before)
     check_graph(after, """
     CHECK: qc.attention.default(%0, %1, %2, %3, None, False, torch.float32) : f32[s0,s1,s2,32]
     CHECK: constant proj_weight_bf16 : bf16[32,32]
@@ -39,6 +39,18 @@ def test_attention_and_float_linear_lower_to_native_and_bf16_kernels():
     """)
     assert_outputs_close(before, after, list(args), rtol=2e-2)
     assert torch.isfinite(after(*args)).all()
+
+
+def test_float_linears_go_to_bf16_only_on_a_cpu_that_multiplies_bf16_natively(monkeypatch):
+    # Without AVX512-BF16 / AMX oneDNN converts bf16 to fp32 first: 5-7x slower than the fp32 GEMM.
+    from qcompile.targets import cpu_features
+
+    before = qcompile.capture(Attention(), inputs())
+    for flags, lowered in ((frozenset({"avx2", "fma"}), False), (frozenset({"avx512f", "avx512_bf16"}), True)):
+        monkeypatch.setattr(cpu_features, "cpu_flags", lambda flags=flags: flags)
+        after = LowerFloatBf16()(before).graph_module
+        assert any(n.target == torch.ops.qc.linear_bf16.default for n in after.graph.nodes) == lowered
+        assert any(n.target == torch.ops.qc.attention.default for n in after.graph.nodes)
 
 
 class Causal(torch.nn.Module):

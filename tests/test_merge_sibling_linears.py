@@ -103,7 +103,7 @@ def test_the_report_names_each_projection_with_the_merged_kernel_it_runs_in():
         assert torch.nn.functional.cosine_similarity(qm(x).flatten(), model(x).flatten(), dim=0) > 0.99
 
 
-def test_float_siblings_kept_out_of_int8_merge_into_one_bf16_linear():
+def test_float_siblings_kept_out_of_int8_merge_into_one_bf16_linear(bf16_gemm):
     x = torch.randn(2, 8, 32)
     model = TinySelfAttention()
     qconfig = qcompile.int8_preset().set_module_regex("query|key|value", None)

@@ -7,11 +7,12 @@ import torch.nn.functional as F
 import qcompile
 from qcompile import native
 from qcompile.spec import PerChannel, QuantSpec, compute_qparams
-from qcompile.targets.cpu_int8.capabilities import BY_KERNEL, POST_OPS
+from qcompile.targets.cpu_features import has_exact_int8_gemm
+from qcompile.targets.cpu_int8.capabilities import BY_KERNEL, KERNEL_WEIGHT_DTYPE, POST_OPS
 
 qc = torch.ops.qc
 ACT = QuantSpec("uint8", symmetric=False)
-WEIGHT = QuantSpec("int8", granularity=PerChannel(0))
+WEIGHT = QuantSpec(KERNEL_WEIGHT_DTYPE, granularity=PerChannel(0))  # int7 on a CPU without VNNI
 
 
 def quantized_problem(rows=64, features=96, outputs=48, seed=0):
@@ -52,6 +53,25 @@ def test_uint8_output_within_one_step_of_reference_requantize():
                      out_scale=out_scale, out_zero_point=int(out_zp), out_dtype=torch.uint8)
     assert actual.dtype == torch.uint8
     assert (actual.int() - expected.int()).abs().max() <= 1
+
+
+@pytest.mark.parametrize("kernel", ["linear_int8", "conv2d_int8"])
+def test_a_full_range_int8_weight_is_exact_with_vnni_and_refused_without(kernel):
+    # Without VNNI oneDNN adds pairs of u8·s8 products in saturating int16: 255·(-128)·2 does not
+    # fit, and the kernel would answer hundreds off (measured on a Zen 1). It refuses such a weight.
+    problem = list(quantized_problem() if kernel == "linear_int8" else quantized_conv_problem())
+    x_q, x_scale, x_zp, w_q, w_scale, b = problem[:6]
+    x_q = torch.full_like(x_q, 255)
+    w_q = torch.where(torch.arange(w_q.shape[0]).reshape(-1, *[1] * (w_q.dim() - 1)) % 2 == 0, -128, 127).to(
+        torch.int8).expand_as(w_q).contiguous()
+    run, reference = (qlinear, F.linear) if kernel == "linear_int8" else (qconv, lambda x, w, b: F.conv2d(x, w, b, 2, 1))
+    expected = reference(qc.dequantize(x_q, x_scale, x_zp, None, torch.float32),
+                         qc.dequantize(w_q, w_scale, torch.zeros_like(w_scale, dtype=torch.int32), 0, torch.float32), b)
+    if has_exact_int8_gemm():
+        torch.testing.assert_close(run(x_q, x_scale, x_zp, w_q, w_scale, b), expected, rtol=1e-4, atol=1e-3)
+    else:
+        with pytest.raises(ValueError, match=f"{kernel}: a weight value of magnitude 128 on a CPU without VNNI"):
+            run(x_q, x_scale, x_zp, w_q, w_scale, b)
 
 
 def test_three_dimensional_activations_and_bf16_output():

@@ -155,7 +155,7 @@ def test_the_int4_kernel_refuses_operands_outside_its_contract():
             linear_weight_only(torch.randn(1, 64), weight_q * 2, scale, None, 32, None, "int4pack")
 
 
-def test_an_affine_group_plan_runs_int4pack_and_an_affine_channel_plan_is_refused():
+def test_an_affine_group_plan_runs_int4pack_and_an_affine_channel_plan_is_refused(bf16_gemm):
     x = torch.randn(4, 64)
     affine_groups = QConfig(by_op={"linear": OpQuantConfig(None, QuantSpec("int4", symmetric=False,
                                                                            granularity=PerGroup(1, 32)))})
@@ -191,7 +191,7 @@ def test_the_dispatch_refuses_what_a_kernel_cannot_run():
                            "int8pack")
 
 
-def test_convert_stores_groups_and_the_lowering_runs_int4pack():
+def test_convert_stores_groups_and_the_lowering_runs_int4pack(bf16_gemm):
     x = torch.randn(4, 64)
     model = TinyBlock(width=64, hidden=128)
     qdq = Convert()(annotated(model, x, qconfig=INT4_G32)).graph_module
@@ -225,7 +225,7 @@ def test_a_group_that_does_not_divide_the_inputs_is_an_error_naming_the_node():
         Convert()(annotated(TinyBlock(), torch.randn(4, 16), qconfig=INT4_G32))
 
 
-def test_minilm_weight_only(minilm, tmp_path):
+def test_minilm_weight_only(minilm, tmp_path, bf16_gemm):
     model, tokenizer = minilm
     embedder = SentenceEmbedder(model).eval()
     sentences = docstring_sentences(32)
@@ -307,7 +307,7 @@ def test_each_matmulnbits_gets_int8_activations_only_where_they_are_measured_saf
     assert not (tmp_path / "bad.onnx").exists()
 
 
-def test_qat_per_group_weights_run_on_int4pack_after_convert_qat():
+def test_qat_per_group_weights_run_on_int4pack_after_convert_qat(bf16_gemm):
     model = TinyBlock(width=64, hidden=128)
     data = [(torch.randn(8, 64, generator=torch.Generator().manual_seed(i)),) for i in range(4)]
     qat = qcompile.prepare_qat(model, calibration_data=data, qconfig=INT4_G32, progress=False)

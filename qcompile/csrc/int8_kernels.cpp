@@ -25,6 +25,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/stack.h>
 
+#include <algorithm>
 #include <mutex>
 #include <optional>
 #include <string>
@@ -33,6 +34,7 @@
 #include "linear_u8s8.h"
 #include "names.h"
 #include "weight_cache.h"
+#include "weight_only.h"
 
 namespace qcompile {
 namespace {
@@ -78,8 +80,12 @@ void check_operands(const at::Tensor& x, at::ScalarType out_dtype, std::string_v
 }
 
 // What oneDNN writes for out_dtype: it has no float16 epilogue here, so a float16 model's kernels
-// write float32, cast once after the kernel.
-at::ScalarType kernel_dtype(at::ScalarType out_dtype) { return out_dtype == at::kHalf ? at::kFloat : out_dtype; }
+// write float32, cast once after the kernel; nor, on a CPU without AVX512-BF16 (an AVX2 one: no
+// primitive is created), a bfloat16 one.
+at::ScalarType kernel_dtype(at::ScalarType out_dtype) {
+  if (out_dtype == at::kHalf || (out_dtype == at::kBFloat16 && !has_avx512_bf16())) return at::kFloat;
+  return out_dtype;
+}
 
 // One of torch's oneDNN operators, called through the dispatcher: found by name on its first call
 // and kept, so a kernel call does not look its operator up again.
@@ -116,6 +122,29 @@ std::optional<at::Tensor> as_float(const std::optional<at::Tensor>& tensor) {
 Packed vnni_packed(const at::Tensor& matrix, const at::Tensor& weight_scale) {
   auto [blocks, column_sums] = pack_u8s8_weight(matrix);
   return Packed{blocks, column_sums, weight_scale.to(at::kFloat).contiguous()};
+}
+
+// Without VNNI oneDNN multiplies with vpmaddubsw, which adds each pair of uint8·int8 products in
+// saturating int16: exact only while |w| <= 64 (2·255·64 = 32640). cpu-int8 plans 7-bit weights on
+// such a CPU; a wider weight (a model compiled on a VNNI CPU) is refused here, once, when it is
+// packed, rather than quietly answered with saturated sums.
+bool exact_int8_gemm() {
+  static const bool exact = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512vnni") || __builtin_cpu_supports("avxvnni");
+  }();
+  return exact;
+}
+
+void check_saturation_free(const at::Tensor& weight, std::string_view kernel) {
+  if (exact_int8_gemm()) return;
+  if (weight.numel() == 0) return;
+  // Not abs().max(): abs(-128) wraps to -128 in int8.
+  const int64_t widest = std::max(weight.max().item<int64_t>(), -weight.min().item<int64_t>());
+  TORCH_CHECK_VALUE(widest <= 64, kernel, ": a weight value of magnitude ", widest,
+                    " on a CPU without VNNI, whose u8s8 kernels add pairs of products in saturating int16 (exact "
+                    "only for |w| <= 64): the model was quantized for another CPU; compile it again here, where "
+                    "cpu-int8 plans int7 weights");
 }
 
 // oneDNN's form of a weight: its prepacked tensor, float32 scales and zero weight zero points (its
@@ -214,6 +243,7 @@ at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& x_scale, const at:
   }
   static WeightCache cache;
   const Packed packed = cache.get(weight, weight_scale, [&] {
+    check_saturation_free(weight, kKernel);
     return onednn_packed(kLinearPrepack({weight, c10::IValue()}), weight_scale);
   });
   const at::ScalarType written = kernel_dtype(out_dtype);
@@ -262,6 +292,7 @@ at::Tensor conv2d_int8(const at::Tensor& x, const at::Tensor& x_scale, const at:
   const int64_t zero_point = x_zero_point.item<int64_t>();
   static WeightCache cache;
   const Packed packed = cache.get(weight, weight_scale, [&] {
+    check_saturation_free(weight, kKernel);
     return onednn_packed(kConvPrepack({weight, weight_scale.to(at::kFloat), scale, zero_point, stride.vec(), padding.vec(),
                                dilation.vec(), groups, x.sizes().vec()}),
                          weight_scale);

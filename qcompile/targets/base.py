@@ -64,6 +64,11 @@ class OpRule:
     # The kernel exists only with a quantized output (ONNX Runtime's QLinearConv): an output some
     # reader would take float is quantized with the activation spec, and read dequantized.
     quantized_output: bool = False
+    # The widest integer weight the kernel multiplies exactly with quantized activations on this
+    # CPU (None: any it takes). A wider weight spec is planned narrowed to it, for the reason
+    # given: int8 -> int7 where the u8s8 GEMM adds products in saturating int16 pairs.
+    weight_bits: int | None = None
+    narrowing_reason: str = ""
 
     @property
     def formats(self) -> tuple[str, ...]:
@@ -73,6 +78,16 @@ class OpRule:
     def activations_of(self, config: OpQuantConfig) -> tuple[int, ...]:
         """The inputs ``config`` quantizes: none for a weight-only config on a kernel that runs one."""
         return () if config.activation is None and self.weight_only else self.activations
+
+    def narrowed(self, config: OpQuantConfig) -> OpQuantConfig:
+        """``config`` with its integer weight narrowed to :attr:`weight_bits` where it is wider and
+        the kernel multiplies it with quantized activations; otherwise ``config`` itself. A narrower
+        integer keeps the spec's scheme: symmetric int7 is S = max|w| / 63, q in [-63, 63]."""
+        weight = config.weight
+        if (self.weight_bits is None or weight is None or weight.is_float8 or not self.activations_of(config)
+                or weight.bits <= self.weight_bits):
+            return config
+        return replace(config, weight=replace(weight, dtype=f"int{self.weight_bits}"))
 
     def unsupported(self, config: OpQuantConfig) -> str | None:
         """Why ``config`` cannot run on this kernel, or None when it can."""

@@ -33,6 +33,28 @@ def has_fp8_gemm() -> bool:
     return "amx_tile" in flags and bool({"amx_int8", "amx_fp16"} & flags)
 
 
+def has_exact_int8_gemm() -> bool:
+    """Whether oneDNN's u8s8 GEMMs and convolutions add every uint8·int8 product exactly into int32
+    (AVX512-VNNI, AVX-VNNI or AMX-INT8). Without these it multiplies with ``vpmaddubsw``, which adds
+    each pair of products in saturating int16: exact only while |w| ≤ 64, since
+    2·255·64 = 32640 ≤ 32767. Measured on a Zen 1 (AVX2) CPU: weights in [-64, 64] give oneDNN's
+    result bit for bit for any uint8 input; one weight of -65 puts a 829-wide output 7.3 off, and
+    full-range weights 409."""
+    return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & cpu_flags())
+
+
+# What targets whose int8 GEMMs are u8s8 (oneDNN's; ONNX Runtime's MLAS, whose U8S8 kernels
+# saturate the same way without VNNI) plan for weights multiplied with uint8 activations.
+U8S8_NARROWING_REASON = (
+    "this CPU has no VNNI: u8s8 int8 GEMMs add each pair of products in saturating int16, exact only for "
+    "|w| <= 64, so int8 weights are planned as int7 (q in [-63, 63])")
+
+
+def u8s8_weight_bits() -> int | None:
+    """The widest integer weight a u8s8 GEMM multiplies exactly here: None (any) with VNNI, else 7."""
+    return None if has_exact_int8_gemm() else 7
+
+
 def has_bf16_gemm() -> bool:
     """Whether bf16 GEMMs run natively (AVX512-BF16 or AMX-BF16) rather than emulated in fp32."""
     return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())

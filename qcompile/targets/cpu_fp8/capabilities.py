@@ -24,8 +24,8 @@ from collections.abc import Callable
 
 from qcompile.spec import FLOAT8_DTYPES, PerTensor, PerToken
 from qcompile.targets.base import OpRule
-from qcompile.targets.cpu_features import has_fp8_gemm
-from qcompile.targets.cpu_int8.capabilities import ACTIVATION_DTYPES, WEIGHT_DTYPES
+from qcompile.targets.cpu_features import U8S8_NARROWING_REASON, has_fp8_gemm
+from qcompile.targets.cpu_int8.capabilities import ACTIVATION_DTYPES, EXACT_WEIGHT_BITS, WEIGHT_DTYPES
 
 PATHS = ("scaled-mm", "bf16")
 
@@ -68,7 +68,8 @@ def op_rules() -> dict[str, OpRule]:
     return {
         "linear": OpRule(activation_dtypes=(*FLOAT8_DTYPES, *ACTIVATION_DTYPES),
                          weight_dtypes=(*FLOAT8_DTYPES, *WEIGHT_DTYPES), weight_only=True,
-                         activation_granularities=(PerTensor, PerToken)),
+                         activation_granularities=(PerTensor, PerToken), weight_bits=EXACT_WEIGHT_BITS,
+                         narrowing_reason=U8S8_NARROWING_REASON),
         "embedding": OpRule(activations=(), weight=0, bias=None, weight_dtypes=FLOAT8_DTYPES, lookup_indices=1),
     }
 

@@ -10,7 +10,7 @@ So for every group of linears that read one observed value, on the compile's exa
     y = linear(x, W, b)                      (float, the rows of the example)
     SQNR_fp8  = SQNR(y, linear(q_fp8(x), q_fp8(W), b))       the plan as given
     SQNR_int8 = SQNR(y, linear(q_u8(x),  q_i8(W),  b))       uint8 from the same observed range,
-                                                             int8 per output channel
+                                                             int8 per output channel (int7 on a CPU without VNNI)
 
 and the group is planned as INT8 when SQNR_int8 ≥ SQNR_fp8 − ``tolerance_db`` at every reader.
 Its observer becomes a uint8 observer holding the same range (nothing is calibrated twice), its
@@ -32,10 +32,11 @@ from qcompile.ir.meta import EdgeQuant, QuantAnnotation, get_qspec, set_qspec
 from qcompile.observers import MinMaxObserver, Observer, make_observer
 from qcompile.ops import quantize_with
 from qcompile.pipeline import Diagnostic, Pass, PassResult
-from qcompile.qconfig import INT8_ACTIVATION, INT8_WEIGHT
+from qcompile.qconfig import INT8_ACTIVATION
 from qcompile.report import node_outputs, sqnr_db
 from qcompile.spec import PerTensor, QuantSpec, compute_qparams
 from qcompile.targets.cpu_features import has_fp8_gemm
+from qcompile.targets.cpu_int8.capabilities import KERNEL_WEIGHT
 
 if TYPE_CHECKING:
     from qcompile.context import CompileContext
@@ -152,7 +153,7 @@ class Fp8OrInt8(Pass):
         y = F.linear(x, weight, bias)
         lo, hi = observer.range()
         results = []
-        for activation, weight_spec in ((plan[0].spec, plan[1].spec), (INT8_ACTIVATION, INT8_WEIGHT)):
+        for activation, weight_spec in ((plan[0].spec, plan[1].spec), (INT8_ACTIVATION, KERNEL_WEIGHT)):
             x_q = _fake_quantize(x, activation, *compute_qparams(lo, hi, activation))
             results.append(sqnr_db(y, F.linear(x_q, _weight_fake_quantized(weight, weight_spec), bias)))
         return results[0], results[1]
@@ -168,9 +169,9 @@ class Fp8OrInt8(Pass):
             plan = get_qspec(node)
             edges = []
             for index, edge in plan.inputs:
-                spec = {"activation": INT8_ACTIVATION, "weight": INT8_WEIGHT}[edge.role]
+                spec = {"activation": INT8_ACTIVATION, "weight": KERNEL_WEIGHT}[edge.role]
                 edges.append((index, replace(edge, spec=spec)))
             if len(node.args) > 2 and constant_value(gm, node.args[2]) is not None:
-                edges.append((2, EdgeQuant("bias", QuantSpec("int32", granularity=INT8_WEIGHT.granularity))))
+                edges.append((2, EdgeQuant("bias", QuantSpec("int32", granularity=KERNEL_WEIGHT.granularity))))
             set_qspec(node, QuantAnnotation(inputs=tuple(edges), rule=f"{plan.rule}; {self.name}: INT8 at least as "
                                                                        "faithful, and faster on this CPU"))

@@ -25,12 +25,18 @@ from torch.nn import functional as F
 from qcompile.qconfig import INT8_ACTIVATION, INT8_WEIGHT, Candidate, OpQuantConfig
 from qcompile.spec import PerGroup, QuantSpec
 from qcompile.targets.base import OpRule
+from qcompile.targets.cpu_features import U8S8_NARROWING_REASON, u8s8_weight_bits
 
 aten = torch.ops.aten
 
 ACTIVATION_DTYPES = ("uint8",)
 # int2..int7 weights are int8 values in a narrower range: the int8 kernels run them as they are.
 WEIGHT_DTYPES = ("int8", *(f"int{bits}" for bits in range(2, 8)))
+# Without VNNI, oneDNN's u8s8 kernels add products in saturating int16 pairs (cpu_features): exact
+# for weights of at most 7 bits, so int8 weights with uint8 activations are planned as int7 there.
+EXACT_WEIGHT_BITS = u8s8_weight_bits()
+KERNEL_WEIGHT_DTYPE = "int8" if EXACT_WEIGHT_BITS is None else f"int{EXACT_WEIGHT_BITS}"  # what plans hold here
+KERNEL_WEIGHT = replace(INT8_WEIGHT, dtype=KERNEL_WEIGHT_DTYPE)  # the int8 kernels' weight spec on this CPU
 
 
 # The unary epilogues by name, and what each computes: the kernels' contract. How oneDNN runs each
@@ -69,7 +75,8 @@ assert all(u in POST_OPS for anchor in ANCHORS.values() for u in anchor.unary)
 
 def op_rules() -> dict[str, OpRule]:
     """cpu-int8's op rules, read off the table."""
-    rules = {anchor.kind: OpRule(activation_dtypes=ACTIVATION_DTYPES, weight_dtypes=WEIGHT_DTYPES)
+    rules = {anchor.kind: OpRule(activation_dtypes=ACTIVATION_DTYPES, weight_dtypes=WEIGHT_DTYPES,
+                                 weight_bits=EXACT_WEIGHT_BITS, narrowing_reason=U8S8_NARROWING_REASON)
              for anchor in ANCHORS.values()}
     # A linear also runs weight-only: int8 per channel or int4 per group, on bf16 activations
     # (weight_only_kernels; the dispatch table there says which weights each kernel takes).

@@ -13,7 +13,10 @@ Attention has no weights, so int8 kernels do not apply to it; it runs as the nat
 kernel (:mod:`.attention`), which qualifies without dropout, with or without causal masking,
 and with grouped-query heads. A linear the QConfig kept float (for fidelity) still costs a full
 fp32 GEMM; in bf16 it costs about a quarter, and its error stays well below the int8 linears'
-around it. Inputs and outputs stay in the graph's dtype. The pass changes numerics (bf16
+around it. That holds only where the CPU multiplies bf16 natively (AVX512-BF16 or AMX): elsewhere
+oneDNN converts to fp32 first, and a MiniLM FFN linear measured 5-7x slower in bf16 than in fp32
+(Zen 1, AVX2), so by default (``linears=None``) the linears are rewritten only on such a CPU.
+Inputs and outputs stay in the graph's dtype. The pass changes numerics (bf16
 rounding, and the attention's summation order), so it does not claim to preserve semantics.
 """
 
@@ -30,6 +33,7 @@ from qcompile.ir.graph import add_constant, constant_value, insert_call, is_call
 from qcompile.ir.meta import Provenance
 from qcompile.pipeline import Diagnostic, Pass, PassResult
 from qcompile.targets.cpu_int8.attention import attention
+from qcompile.targets.cpu_features import has_bf16_gemm
 from qcompile.targets.cpu_int8.bf16_kernels import linear_bf16
 
 aten = torch.ops.aten
@@ -93,7 +97,11 @@ def _replace(gm: fx.GraphModule, node: fx.Node, target: object, args: tuple, pas
 class LowerFloatBf16(Pass):
     name: ClassVar[str] = "lower-float-bf16"
 
+    # Float linears to bf16: True, False, or None for "where this CPU has a native bf16 GEMM".
+    linears: bool | None = None
+
     def call(self, gm: fx.GraphModule) -> PassResult:
+        bf16_linears = has_bf16_gemm() if self.linears is None else self.linears
         attentions = linears = shared = 0
         kept = {}
         for node in list(gm.graph.nodes):
@@ -115,7 +123,7 @@ class LowerFloatBf16(Pass):
                         node.meta["val"].dtype)
                 _replace(gm, node, attention, args, self.name)
                 attentions += 1
-            elif node.target == LINEAR and self._float_linear(gm, node):
+            elif node.target == LINEAR and bf16_linears and self._float_linear(gm, node):
                 linear = op_arguments(node)
                 weight = constant_value(gm, linear["weight"])
                 weight_bf16 = add_constant(gm, weight.to(torch.bfloat16), f"{linear['weight'].target}_bf16",
