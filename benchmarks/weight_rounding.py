@@ -7,6 +7,9 @@ and the compile time. Calibration: 1024 other sentences in batches of 16 padded 
 longest (a batch padded to 128 tokens is mostly [PAD] rows, which would dominate GPTQ's
 Hessian: 87 % of the rows of ``minilm_data``'s batches are padding).
 
+GPTQ rows refit each group's scale for the integers it chose (``gptq``'s default); one row keeps
+round-to-nearest's scales, to show what the refit adds.
+
 Run: ``python -m benchmarks.weight_rounding [sequential]`` (``sequential`` adds GPTQ's
 level-by-level Hessians).
 """
@@ -59,11 +62,13 @@ def main() -> None:
         "GPTQ, min-max, symmetric": qcompile.QuantSpec("int4", granularity=group, rounding="gptq"),
         "GPTQ, mse clip, affine": qcompile.QuantSpec("int4", False, group, "mse", rounding="gptq"),
     }
-    sequential_target = replace(get_target("cpu-int8"), prepare=get_target("cpu-int8").pipeline("prepare").replace(
-        "gptq", Gptq(sequential=True)))
+    cpu = get_target("cpu-int8")
+    sequential_target = replace(cpu, prepare=cpu.pipeline("prepare").replace("gptq", Gptq(sequential=True)))
+    static_scales_target = replace(cpu, prepare=cpu.pipeline("prepare").replace("gptq", Gptq(refit_scales=False)))
     print(f"all-MiniLM-L6-v2, weight-only int4 in groups of 32; {CALIBRATION_SENTENCES} calibration sentences, "
           "256 held-out ones")
     runs = [(name, spec, "cpu-int8") for name, spec in rows.items()]
+    runs.append(("GPTQ, mse clip, affine, scales not refit", rows["GPTQ, mse clip, affine"], static_scales_target))
     if "sequential" in sys.argv[1:]:
         runs.append(("GPTQ, mse clip, affine, sequential", rows["GPTQ, mse clip, affine"], sequential_target))
     for name, spec, target in runs:

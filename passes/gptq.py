@@ -3,9 +3,10 @@
     linear(x, W, b)   ->   linear(x, dequantize(W_q, S, Z), b)           W_q = GPTQ(W, H_x; S, Z)
                            (per group: view(dequantize(W_q, S, Z), [out, in]))
 
-S and Z are the ones ``convert`` would take from W's own range (static groups), so only the
-integers differ from round-to-nearest: they are the GPTQ solution (:mod:`qcompile.gptq`) for
-the Hessian H_x = XᵀX / n of the op's inputs on the calibration data. A ``conv2d`` (one group)
+The grid is the one ``convert`` would take from W's own range (static groups) while GPTQ picks
+the integers W_q (:mod:`qcompile.gptq`) for the Hessian H_x = XᵀX / n of the op's inputs on the
+calibration data; then (``refit_scales``, the default) each group's S is refit by least squares
+under the same H_x for those integers, Z kept. A ``conv2d`` (one group)
 is the same problem over its input patches, its weight read as [out, in · kh · kw]. The weight
 leaves the pass in the Q/DQ form ``convert`` writes, which ``convert`` then keeps as it is
 (taking its scale for an int32 bias).
@@ -37,7 +38,7 @@ from torch import Tensor, fx
 
 from qcompile.calibration import record
 from qcompile.errors import NodeError, QCompileError
-from qcompile.gptq import BLOCK_SIZE, DAMPING, HessianRecorder, elementwise, gptq_round
+from qcompile.gptq import BLOCK_SIZE, DAMPING, HessianRecorder, elementwise, gptq_round, refit_scales
 from qcompile.fake_quant import weight_qparams
 from qcompile.ir.graph import constant_value, copy_graph_module, op_arguments, remove_dead_nodes
 from qcompile.passes.convert import planned_weights, quantized_weight_constant
@@ -107,6 +108,8 @@ class Gptq(Pass):
     block_size: int = BLOCK_SIZE
     act_order: bool = True
     sequential: bool = False
+    # Scales refit by least squares for the codes GPTQ chose (qcompile.gptq.refit_scales).
+    refit_scales: bool = True
     rounded: RoundedWeights | None = field(default=None, compare=False)
 
     def run(self, gm: fx.GraphModule, context: CompileContext | None = None) -> PassResult:
@@ -154,6 +157,8 @@ class Gptq(Pass):
             values = gptq_round(flat, hessian, elementwise(scale, spec, flat.shape),
                                 elementwise(zero_point, spec, flat.shape), spec, damping=self.damping,
                                 block_size=self.block_size, act_order=self.act_order)
+            if self.refit_scales:
+                scale, values = refit_scales(flat, hessian, values, scale, spec)
         except ValueError as exc:
             raise NodeError(node, f"GPTQ: {exc}") from None
         return node.name, values.reshape(weight.shape).to(weight.dtype), scale, zero_point

@@ -21,6 +21,13 @@ none of them.
 
 Rounding is the spec's own ``qc.quantize`` / ``qc.dequantize``, so every format (int2..int8,
 float8) and granularity (per tensor, channel, group) rounds exactly as the Q/DQ graph will.
+
+Once the integers are chosen, the grid's scales need not stay round-to-nearest's: with the codes
+d = q − Z fixed, a row's rounded weight Ŵ_r = D_r s_r is linear in its scales s_r (one per group,
+D_r [k, groups] holding d in each group's column), so the scales that minimise the same output
+error (w_r − D_r s)ᵀ H (w_r − D_r s) solve the small system (D_rᵀ H D_r) s = D_rᵀ H w_r
+(:func:`refit_scales`; integer formats per group or channel, a scale kept where its group's
+system is degenerate or its solution not positive).
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ from qcompile.spec import PerChannel, PerGroup, QuantSpec
 
 DAMPING = 0.01
 BLOCK_SIZE = 128
+REFIT_ROWS = 64  # rows per chunk of refit_scales' systems
 
 
 class HessianRecorder(nn.Module):
@@ -75,6 +83,40 @@ def _round(column: Tensor, scale: Tensor, zero_point: Tensor, spec: QuantSpec) -
     """``dequantize(quantize(column))`` with one scale per row, as the Q/DQ graph computes it."""
     q = torch.ops.qc.quantize(column, scale, zero_point, 0, spec.qmin, spec.qmax, spec.storage_dtype)
     return torch.ops.qc.dequantize(q, scale, zero_point, 0, column.dtype)
+
+
+def refit_scales(weight: Tensor, hessian: Tensor, rounded: Tensor, scale: Tensor,
+                 spec: QuantSpec) -> tuple[Tensor, Tensor]:
+    """The scales (shaped as ``scale``: [out, k / size, 1] per group, [out] per channel) that
+    minimise the output error of ``rounded``'s integer codes on inputs with Hessian ``hessian``
+    (module doc), and the rounded weight on them. ``weight`` [out, k] is the float weight,
+    ``rounded`` its rounded values on the grid of ``scale`` (and a zero point, which stays)."""
+    if spec.is_float8 or not isinstance(spec.granularity, (PerGroup, PerChannel)):
+        return scale, rounded
+    w = weight.detach().double()
+    out, k = w.shape
+    size = spec.granularity.group_size if isinstance(spec.granularity, PerGroup) else k
+    groups = k // size
+    codes = torch.round(rounded.double() / elementwise(scale, spec, w.shape).double())  # q − Z, integers
+    by_group = codes.reshape(out, groups, size)
+    h = hessian.double().reshape(k, groups, size)
+    # M[r, g, g'] = Σ_{i∈g, j∈g'} d_ri H_ij d_rj  and  b[r, g] = Σ_{i∈g} d_ri (H w_r)_i, rows in chunks
+    # so that H D_r ([rows, groups, k]) stays small.
+    m = torch.empty(out, groups, groups, dtype=torch.float64)
+    for r in range(0, out, REFIT_ROWS):
+        d = by_group[r:r + REFIT_ROWS]
+        hd = torch.einsum("igs,rgs->rgi", h, d).reshape(d.shape[0], groups, groups, size)  # (H D_r)[:, g]
+        m[r:r + REFIT_ROWS] = torch.einsum("rhs,rghs->rhg", d, hd)
+    b = (by_group * (w @ h.reshape(k, k)).reshape(out, groups, size)).sum(-1)
+    old = scale.reshape(out, groups).double()
+    degenerate = m.diagonal(dim1=1, dim2=2) <= 0
+    m = m + torch.diag_embed(degenerate.double())
+    b = torch.where(degenerate, old, b)
+    solved, info = torch.linalg.solve_ex(m, b.unsqueeze(-1))
+    solved = solved.squeeze(-1)
+    keep = (info != 0).unsqueeze(-1) | ~torch.isfinite(solved) | (solved <= 0)
+    refit = torch.where(keep, old, solved).to(scale.dtype).reshape(scale.shape)
+    return refit, (codes * elementwise(refit, spec, w.shape).double()).to(rounded.dtype)
 
 
 def upper_inverse_factor(hessian: Tensor, damping: float) -> tuple[Tensor, float]:

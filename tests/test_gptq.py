@@ -11,7 +11,7 @@ import qcompile
 from qcompile import OpQuantConfig, PerChannel, PerGroup, QConfig, QuantSpec
 from qcompile.context import CompileContext
 from qcompile.fake_quant import weight_qparams
-from qcompile.gptq import HessianRecorder, elementwise, gptq_round, upper_inverse_factor
+from qcompile.gptq import HessianRecorder, elementwise, gptq_round, refit_scales, upper_inverse_factor
 from qcompile.ir.graph import constant_expression
 from qcompile.pass_manager import PassManager
 from qcompile.passes.gptq import input_rows, levels
@@ -78,6 +78,42 @@ def test_gptq_lands_on_the_grid_and_beats_round_to_nearest_on_the_output(spec, a
     assert gptq_error < 0.8 * rtn_error
 
 
+def test_refit_scales_recover_the_scales_that_made_the_codes():
+    # W = S_true · d exactly; rounded on the wrong grid S = 1.3 S_true the same codes d give
+    # 1.3 W, and the least-squares refit under any positive definite H returns S_true.
+    spec = QuantSpec("int4", granularity=PerGroup(1, 32))
+    codes = torch.randint(-8, 8, (6, 64), generator=torch.Generator().manual_seed(0)).float()
+    codes[0, 32:] = 0  # a group of zero codes: any scale gives the same values; its scale is kept
+    true_scale = torch.rand(6, 2, generator=torch.Generator().manual_seed(1)) + 0.1
+    weight = codes * elementwise(true_scale, spec, codes.shape)
+    x = correlated_inputs(512, 64)
+    hessian = (x.T @ x).double() / len(x)
+    scale, rounded = refit_scales(weight, hessian, codes * elementwise(1.3 * true_scale, spec, codes.shape),
+                                  1.3 * true_scale, spec)
+    expected = true_scale.clone()
+    expected[0, 1] *= 1.3
+    torch.testing.assert_close(scale, expected)
+    torch.testing.assert_close(rounded, weight)
+
+
+@pytest.mark.parametrize("spec", [QuantSpec("int4", symmetric=False, granularity=PerGroup(1, 32)),
+                                  QuantSpec("int4", granularity=PerChannel(0))])
+def test_refit_scales_lower_the_output_error_of_gptq_codes(spec):
+    x = correlated_inputs(2048, 64)
+    weight = torch.randn(24, 64)
+    hessian = (x.T @ x).double() / len(x)
+    scale, zero_point = weight_qparams(weight, spec)
+    s, z = elementwise(scale, spec, weight.shape), elementwise(zero_point, spec, weight.shape)
+    rounded = gptq_round(weight, hessian, s, z, spec)
+    refit, refit_rounded = refit_scales(weight, hessian, rounded, scale, spec)
+    assert refit.shape == scale.shape and (refit > 0).all()
+    refit_s = elementwise(refit, spec, weight.shape)
+    torch.testing.assert_close(rtn(refit_rounded, refit_s, z, spec), refit_rounded)  # on the new grid, same codes
+    torch.testing.assert_close(torch.round(refit_rounded / refit_s), torch.round(rounded / s))
+    error = lambda w: float((x @ (w - weight).T).square().mean())  # noqa: E731
+    assert error(refit_rounded) < error(rounded)  # least squares over the scales: never worse
+
+
 def test_the_hessian_recorder_accumulates_xtx_over_calls():
     recorder = HessianRecorder(lambda x: x.reshape(-1, x.shape[-1]))
     a, b = torch.randn(3, 5, 8), torch.randn(7, 8)
@@ -132,7 +168,8 @@ def test_the_pass_writes_the_qdq_form_convert_keeps(sequential):
     data = [(torch.randn(64, 64),) for _ in range(4)]
     before = planned(model, x, INT4_G32)
     context = CompileContext(get_target("cpu-int8"), ((x,), {}), calibration_data=data)
-    after = PassManager([Gptq(sequential=sequential)], context=context, initial_properties=frozenset({"annotated"}))(before).graph_module
+    after = PassManager([Gptq(sequential=sequential, refit_scales=False)], context=context,
+                        initial_properties=frozenset({"annotated"}))(before).graph_module
     assert_graph_diff(before, after, removed=[
         "%linear = aten.linear.default(%x, %up_weight, %up_bias)",
         "%linear_1 = aten.linear.default(%gelu, %down_weight, %down_bias)",
@@ -155,6 +192,23 @@ def test_the_pass_writes_the_qdq_form_convert_keeps(sequential):
     up = quantized_weight(after, next(n for n in after.graph.nodes if n.name == "linear").args[1])[0]
     scale, _ = weight_qparams(model.up.weight.detach(), INT4_G32)
     torch.testing.assert_close(constant_expression(after, up.scale), scale.reshape(128, 2, 1))
+
+
+def test_by_default_the_pass_refits_the_scales_for_the_integers_it_chose():
+    model, x = TinyBlock(width=64, hidden=128), torch.randn(16, 64)
+    data = [(correlated_inputs(64, 64, seed=i),) for i in range(4)]
+    context = CompileContext(get_target("cpu-int8"), ((x,), {}), calibration_data=data)
+    outputs = {}
+    for refit in (False, True):
+        after = PassManager([Gptq(refit_scales=refit)], context=context, initial_properties=frozenset({"annotated"}))(
+            planned(model, x, INT4_G32)).graph_module
+        up = quantized_weight(after, next(n for n in after.graph.nodes if n.name == "linear").args[1])[0]
+        outputs[refit] = constant_expression(after, up.scale), constant_expression(after, up.node)
+    (static_scale, static_w), (refit_scale, refit_w) = outputs[False], outputs[True]
+    assert static_scale.shape == refit_scale.shape and not torch.equal(static_scale, refit_scale)
+    inputs = torch.cat([x for x, in data])
+    error = lambda w: float((inputs @ (w.reshape(128, 64) - model.up.weight.detach()).T).square().mean())  # noqa: E731
+    assert error(refit_w) < error(static_w)
 
 
 def test_a_gptq_plan_without_calibration_data_is_an_error_naming_the_node():
