@@ -32,20 +32,23 @@ struct Params {
 };
 
 template <typename T>
-void row_portable(const float* x, float* y, T* q, const Params& p) {
+QC_PORTABLE void row_portable(const float* x, float* y, T* q, const Params& p) {
   float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
   for (int64_t c = 0; c < p.width; ++c) sum += x[c];
   const float mean = sum / static_cast<float>(p.width);
   float squares = 0.f;
+#pragma omp simd reduction(+ : squares)
   for (int64_t c = 0; c < p.width; ++c) squares += (x[c] - mean) * (x[c] - mean);
   const float rstd = 1.f / std::sqrt(squares / static_cast<float>(p.width) + p.eps);
+  const float *gamma = p.gamma, *beta = p.beta, *multiplier = p.multiplier;
+#pragma omp simd
   for (int64_t c = 0; c < p.width; ++c) {
     float v = (x[c] - mean) * rstd;
-    if (p.gamma) v *= p.gamma[c];
-    if (p.beta) v += p.beta[c];
+    v = gamma ? v * gamma[c] : v;
+    v = beta ? v + beta[c] : v;
     y[c] = v;
-    q[c] = static_cast<T>(quantize_value(p.multiplier ? v * p.multiplier[c] : v, p.scale, p.zero_point, p.qmin,
-                                         p.qmax));
+    q[c] = static_cast<T>(quantize_value(multiplier ? v * multiplier[c] : v, p.scale, p.zero_point, p.qmin, p.qmax));
   }
 }
 

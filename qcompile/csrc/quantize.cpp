@@ -18,7 +18,8 @@ namespace {
 constexpr int64_t kGrain = 1 << 15;  // elements per parallel task
 
 template <typename T>
-void quantize_portable(const float* x, T* q, int64_t n, float scale, float zero_point, float qmin, float qmax) {
+QC_PORTABLE void quantize_portable(const float* x, T* q, int64_t n, float scale, float zero_point, float qmin,
+                                   float qmax) {
   for (int64_t i = 0; i < n; ++i) q[i] = static_cast<T>(quantize_value(x[i], scale, zero_point, qmin, qmax));
 }
 

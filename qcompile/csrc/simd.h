@@ -22,9 +22,33 @@ QC_AVX512 inline __mmask16 tail_mask(int64_t remaining) {
   return remaining >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << remaining) - 1u);
 }
 
-// The default rounding mode, round half to even, is nearbyint's.
+// The portable path of a kernel, compiled twice: for AVX2 and for the base x86-64 ISA, the
+// loader choosing by CPU. It is plain C++ that the compiler vectorizes (with `omp simd` on its
+// reductions and loops), so a CPU without AVX-512 still runs 8-lane code: on a Zen 1 (AVX2) a MiniLM
+// LayerNorm + quantize went from 22 ms to 1.9 ms ([4096, 384]; ATen's LayerNorm alone: 1.3), a
+// quantize of [4096, 1536] from 55 ms to 3.5.
+#define QC_PORTABLE __attribute__((target_clones("avx2", "default")))
+
+// v rounded half to even, for |v| <= 2^22: adding 1.5·2^23 leaves no fraction bits, so the add
+// rounds (in the default rounding mode, nearbyint's), and the subtraction is exact. Unlike a call
+// to nearbyint it vectorizes.
+inline float round_half_even(float v) {
+  constexpr float kShift = 12582912.f;  // 1.5 · 2^23
+  return (v + kShift) - kShift;
+}
+
+// Clamped to [lo, hi] by comparisons, so that it vectorizes; a NaN goes to lo, as the AVX-512
+// path's max/min send it.
+inline float clamp_value(float v, float lo, float hi) {
+  v = v > lo ? v : lo;
+  return v < hi ? v : hi;
+}
+
+// round(v / S) + Z clamped to [qmin, qmax]. v / S is first held to a step beyond the range, which
+// changes no result and keeps it where round_half_even is exact (integer ranges are under 2^17).
 inline float quantize_value(float v, float scale, float zero_point, float qmin, float qmax) {
-  return std::fmin(std::fmax(std::nearbyint(v / scale) + zero_point, qmin), qmax);
+  v = clamp_value(v / scale, qmin - zero_point - 1.f, qmax - zero_point + 1.f);
+  return clamp_value(round_half_even(v) + zero_point, qmin, qmax);
 }
 
 // quantize_value on 16 lanes, the `m` lanes stored as T (uint8 or int8) at q.
