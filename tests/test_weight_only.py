@@ -225,7 +225,7 @@ def test_a_group_that_does_not_divide_the_inputs_is_an_error_naming_the_node():
         Convert()(annotated(TinyBlock(), torch.randn(4, 16), qconfig=INT4_G32))
 
 
-def test_minilm_weight_only(minilm, tmp_path, bf16_gemm):
+def test_minilm_weight_only(minilm, tmp_path):
     model, tokenizer = minilm
     embedder = SentenceEmbedder(model).eval()
     sentences = docstring_sentences(32)
@@ -239,7 +239,10 @@ def test_minilm_weight_only(minilm, tmp_path, bf16_gemm):
         qm = qcompile.compile(embedder, calibration_data=calibration, qconfig=qconfig, progress=False,
                               outlier_smoothing=None)
         linears = [n for n in qm.report.nodes if n.op == "linear"]
-        assert len(linears) == 36 and all(f"qc.linear_weight_only via {detail}" in n.detail for n in linears)
+        # the kernels where bf16 GEMMs are native; elsewhere the reference form (with the reason,
+        # which the merged q/k/v projections' report lines do not repeat)
+        lowered = f"qc.linear_weight_only via {detail}" if cpu_features.has_bf16_gemm() else "reference Q/DQ"
+        assert len(linears) == 36 and all(lowered in n.detail for n in linears), {n.detail for n in linears}
         with torch.no_grad():
             cosine = torch.nn.functional.cosine_similarity(qm(**evaluation), expected)
         assert cosine.mean() > floor, float(cosine.mean())
