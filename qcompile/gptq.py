@@ -87,7 +87,7 @@ def _round(column: Tensor, scale: Tensor, zero_point: Tensor, spec: QuantSpec) -
 
 def refit_scales(weight: Tensor, hessian: Tensor, rounded: Tensor, scale: Tensor,
                  spec: QuantSpec) -> tuple[Tensor, Tensor]:
-    """The scales (shaped as ``scale``: [out, k / size, 1] per group, [out] per channel) that
+    """The scales (shaped as ``scale``: one per group or per output channel) that
     minimise the output error of ``rounded``'s integer codes on inputs with Hessian ``hessian``
     (module doc), and the rounded weight on them. ``weight`` [out, k] is the float weight,
     ``rounded`` its rounded values on the grid of ``scale`` (and a zero point, which stays)."""
