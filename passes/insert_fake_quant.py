@@ -7,7 +7,11 @@ one whose scale starts at the weight's own range (``weight_qparams``):
     o = observer_0(y)          ->   o = fq_act_0(y)                 S, Z from observer_0
     linear(o, W, b)            ->   linear(o, fq_weight_1(W), b)    S_W from W
 
-so QAT quantizes exactly the values the PTQ plan quantizes (both come from ``annotate``). The
+so QAT quantizes exactly the values the PTQ plan quantizes (both come from ``annotate``). A
+weight the plan has already rounded (``gptq``, ``correct-bias``: its Q/DQ form
+dequantize(W_q, S, Z)) trains from its rounded values W = (W_q − Z)·S, a new float constant,
+with its fake-quant started at that grid (S, Z), so that fq(W) = W and QAT starts at the PTQ
+model; a convolution trained in folded form takes the rounded values with its folded grid. The
 constant bias of such an op is rounded to the int32 steps S_x · S_W it will be stored in
 (``FakeQuantizeBias``, straight-through), so the lowered biases are the trained ones.
 
@@ -37,11 +41,13 @@ from torch import fx
 from qcompile.errors import NodeError
 from qcompile.fake_quant import FakeQuantize, FakeQuantizeBias, weight_qparams
 from qcompile.ir.graph import (
+    add_constant,
     add_submodule,
     constant_expression,
     constant_value,
     infer_fake_value,
     op_arguments,
+    remove_dead_nodes,
     set_argument,
 )
 from qcompile.ir.meta import Provenance, get_qspec, set_provenance, source_module
@@ -49,7 +55,7 @@ from qcompile.observers import Observer
 from qcompile.passes.training_ops import is_batch_norm_switch
 from qcompile.pipeline import Pass, PassResult
 from qcompile.qconfig import op_kind
-from qcompile.qdq import observation_root
+from qcompile.qdq import observation_root, quantized_weight
 from qcompile.spec import PerGroup, QuantSpec
 
 aten = torch.ops.aten
@@ -90,15 +96,24 @@ class InsertFakeQuant(Pass):
                 value = constant_expression(gm, weight)
                 if value is None:
                     continue  # already fake-quantized: running the pass twice changes nothing
+                rounded = quantized_weight(gm, weight)
+                if rounded is not None:  # rounded by the plan (gptq, correct-bias): train from its values
+                    stem = rounded[0].q.target if rounded[0].q.op == "get_attr" else f"{node.name}_weight"
+                    weight = add_constant(gm, value, f"{str(stem).removesuffix('_q')}_rounded", before=node)
+                    set_provenance(weight, Provenance(self.name, sources=(rounded[0].node.name,)))
+                    node.update_arg(index, weight)
                 batch_norm = next(iter(node.users)) if len(node.users) == 1 else None
                 if op_kind(node) in CONVOLUTIONS and index == 1 and is_batch_norm_switch(gm, batch_norm):
                     self._fold_ready(gm, node, batch_norm, edge.spec)
                     folded += 1
                 else:
-                    node.update_arg(index, self._fake_quantize(gm, weight, value, edge.spec,
-                                                               before=node, where=_where(node)))
+                    grid = None if rounded is None else (constant_value(gm, rounded[0].scale),
+                                                         constant_value(gm, rounded[0].zero_point))
+                    node.update_arg(index, self._fake_quantize(gm, weight, value, edge.spec, before=node,
+                                                               where=_where(node), grid=grid))
                 weights += 1
         biases = sum(self._fake_quantize_bias(gm, node) for node in list(gm.graph.nodes))
+        remove_dead_nodes(gm)  # the Q/DQ forms of rounded weights, now read as float values
         stats = {"activations": activations, "weights": weights, "biases": biases}
         if folded:
             stats["batchnorm"] = folded
@@ -131,8 +146,10 @@ class InsertFakeQuant(Pass):
         return True
 
     def _fake_quantize(self, gm: fx.GraphModule, value: fx.Node, initial: torch.Tensor, spec: QuantSpec, *,
-                       before: fx.Node, where: str) -> fx.Node:
-        scale, zero_point = weight_qparams(initial, spec)
+                       before: fx.Node, where: str, grid: tuple[torch.Tensor, torch.Tensor] | None = None) -> fx.Node:
+        """``value`` read through a new weight fake-quant whose scale and zero point start at
+        ``grid`` (a rounding pass's) or at ``initial``'s own range."""
+        scale, zero_point = grid if grid is not None else weight_qparams(initial, spec)
         name = add_submodule(gm, stem="fq_weight", module=FakeQuantize(spec, scale, zero_point, f"weight of {where}"))
         with gm.graph.inserting_before(before):
             node = gm.graph.call_module(name, (value,))

@@ -32,8 +32,9 @@ absorb the range far better than one per-tensor activation scale.
 
 Inside a compile, the pass measures its channels itself (:meth:`SmoothOutliers.run`): the
 inputs of the linears the QConfig quantizes, over the context's calibration data, with the
-compile's ``outlier_smoothing`` as the migration strength; with no data, or smoothing off, it
-leaves the graph as it is. Given ``outliers`` explicitly, it applies just those.
+compile's ``outlier_smoothing`` as the migration strength (``"auto"``: each value's own,
+chosen by the local error of its quantized readers, :mod:`qcompile.outliers`); with no data, or
+smoothing off, it leaves the graph as it is. Given ``outliers`` explicitly, it applies just those.
 """
 
 from __future__ import annotations
@@ -99,6 +100,8 @@ class SmoothOutliers(Pass):
 
     # (value name, ((channel, factor), ...)) pairs: what qcompile.outliers found on calibration data.
     outliers: tuple[tuple[str, tuple[tuple[int, float], ...]], ...] = ()
+    # (value name, strength) chosen per scaled value by outlier_smoothing="auto", for the report.
+    alphas: tuple[tuple[str, float], ...] = ()
 
     def run(self, gm: fx.GraphModule, context: CompileContext | None = None) -> PassResult:
         """Measure the channels on the compile's calibration data, then smooth them."""
@@ -107,12 +110,12 @@ class SmoothOutliers(Pass):
         qconfig, rules = context.resolved_qconfig(), context.target.op_rules
         # Smoothing moves activation outliers into the weights: it is for quantized activations
         # only, and for the linears whose config does not opt out.
-        quantized = {n.name for n in gm.graph.nodes if n.op == "call_function" and op_kind(n) in rules
-                     and (config := qconfig.resolve(n)[0]) is not None and config.activation is not None
-                     and config.smooth}
-        outliers = smoothing_plan(gm, quantized_linear_inputs(gm, quantized), context.calibration_data,
-                                  context.example, context.outlier_smoothing)
-        return replace(self, outliers=outliers)(gm)
+        specs = {n.name: (config.activation, config.weight) for n in gm.graph.nodes
+                 if n.op == "call_function" and op_kind(n) in rules
+                 and (config := qconfig.resolve(n)[0]) is not None and config.activation is not None and config.smooth}
+        outliers, alphas = smoothing_plan(gm, quantized_linear_inputs(gm, set(specs)), context.calibration_data,
+                                          context.example, context.outlier_smoothing, specs)
+        return replace(self, outliers=outliers, alphas=tuple(alphas.items()))(gm)
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         nodes = {n.name: n for n in gm.graph.nodes}
@@ -136,6 +139,8 @@ class SmoothOutliers(Pass):
                 self._scale(gm, value, readers, channels)
                 done["scaled"][name] = len(channels)
         stats = {form: values for form, values in done.items() if values}
+        if self.alphas:
+            stats["alpha"] = dict(self.alphas)
         if stats:
             remove_dead_nodes(gm)  # the weights the rewritten linears no longer read
         return PassResult(gm, bool(stats), stats)

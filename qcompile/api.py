@@ -32,6 +32,7 @@ from qcompile.ir.meta import get_provenance, get_qspec, stand_ins
 from qcompile.kernel_check import check_kernels
 from qcompile.memory import release_freed_memory
 from qcompile.mixed_precision import compile_within_budget
+from qcompile.outliers import Smoothing, check_smoothing
 from qcompile.pipeline import Instrument
 from qcompile.plan import plan_qconfig, resolved_plan
 from qcompile.qconfig import Candidate, QConfig
@@ -162,7 +163,7 @@ def compile(
     instruments: Iterable[Instrument] = (),
     verify: bool = False,
     progress: bool | None = None,
-    outlier_smoothing: float | None = 0.75,
+    outlier_smoothing: Smoothing = 0.75,
     plan: str | Path | dict[str, Any] | None = None,
     accuracy_budget: float | None = None,
     metric: Metric | None = None,
@@ -177,7 +178,8 @@ def compile(
     ``outlier_smoothing``: with calibration data, the input channels of quantized linears are
     measured and wide ones taken out of the int8 range (``smooth-outliers``): after a GELU/ReLU
     the outliers are split into a float matmul, elsewhere channels are scaled into the weights
-    with this migration strength (SmoothQuant's alpha, 0 to 1; see ``qcompile.outliers``). None
+    with this migration strength (SmoothQuant's alpha, 0 to 1; see ``qcompile.outliers``);
+    ``"auto"`` chooses it per value from the local error of its quantized linears. None
     leaves the channels as they are. Smoothing, an outlying batch left out of calibration and
     the report's SQNR read the calibration data again, so a one-shot iterator is kept in a list.
 
@@ -193,9 +195,7 @@ def compile(
     what was chosen, predicted and measured; each node's plan rule says why."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"compile() needs an nn.Module, got {type(model).__name__}")
-    if outlier_smoothing is not None and not 0.0 <= outlier_smoothing <= 1.0:
-        raise QCompileError(f"outlier_smoothing is a migration strength between 0 and 1 (or None for off), "
-                            f"got {outlier_smoothing}")
+    check_smoothing(outlier_smoothing)
     if accuracy_budget is not None:
         if qconfig is not None or plan is not None:
             raise QCompileError("compile searches the formats under an accuracy_budget: give no qconfig or plan with it")

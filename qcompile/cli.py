@@ -182,6 +182,19 @@ def cli() -> None:
     """qcompile: quantize a PyTorch model into int8 kernels or ONNX QDQ, and look at what it did."""
 
 
+def _smoothing(value: str) -> float | str:
+    """``--smoothing``'s value: "auto" or a strength in [0, 1]."""
+    if value == "auto":
+        return value
+    try:
+        strength = float(value)
+    except ValueError:
+        strength = -1.0
+    if not 0.0 <= strength <= 1.0:
+        raise click.BadParameter(f'{value!r} is neither a strength from 0 to 1 nor "auto"')
+    return strength
+
+
 @cli.command("compile")
 @click.argument("model")
 @click.option("--target", default="cpu-int8", show_default=True, help=f"one of: {', '.join(sorted(targets()))}")
@@ -191,12 +204,12 @@ def cli() -> None:
 @click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path), help="write the HTML report")
 @click.option("--plan", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="replay a plan JSON")
 @click.option("--write-plan", type=click.Path(dir_okay=False, path_type=Path), help="write the resolved plan JSON")
-@click.option("--smoothing", default=0.75, show_default=True, type=click.FloatRange(0, 1),
-              help="outlier smoothing strength (0 to 1)")
+@click.option("--smoothing", default="0.75", show_default=True, callback=lambda _c, _p, value: _smoothing(value),
+              help='outlier smoothing strength (0 to 1), or "auto" (chosen per value by local error)')
 @click.option("--no-smoothing", is_flag=True, help="leave activation outlier channels as they are")
 def compile_command(model: str, target: str, data: str | None, out: Path | None, onnx: Path | None,
-                    report_path: Path | None, plan: Path | None, write_plan: Path | None, smoothing: float,
-                    no_smoothing: bool) -> None:
+                    report_path: Path | None, plan: Path | None, write_plan: Path | None,
+                    smoothing: float | str, no_smoothing: bool) -> None:
     """Compile MODEL (module:factory, or a saved .qc file to export or report again)."""
     dumps = tempfile.TemporaryDirectory(prefix="qcompile-dumps-") if report_path else None
     if model.endswith(".qc") and Path(model).is_file():

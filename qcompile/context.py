@@ -27,6 +27,7 @@ from torch import fx
 
 from qcompile.calibration import CalibrationOutcome
 from qcompile.memory import release_freed_memory
+from qcompile.outliers import Smoothing
 from qcompile.pass_manager import PassManager
 from qcompile.pipeline import Instrument, Pipeline
 from qcompile.qconfig import QConfig
@@ -42,7 +43,7 @@ class CompileContext:
     # None: no calibration data, activations are quantized at run time (the dynamic stages).
     # Otherwise re-iterable: smoothing, calibration and the report's SQNR each read it.
     calibration_data: Iterable[Any] | None = None
-    outlier_smoothing: float | None = None
+    outlier_smoothing: Smoothing = None
     progress: bool | None = None
     instruments: Sequence[Instrument] = ()
     verify: bool = False

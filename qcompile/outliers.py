@@ -13,18 +13,30 @@ over the calibration batches, and chooses per value:
   channel above the median, divided by ``(magnitude / median) ** alpha``: SmoothQuant's
   migration strength, measured on activations (0: nothing moves; 1: every channel down to the
   median, all the range in the weights).
+
+With ``alpha="auto"`` each value takes its own strength: the one of :data:`AUTO_ALPHAS` (0, no
+smoothing, among them) whose quantized linears move least from float on a sample of the value's
+calibration rows X, with every reader r's planned activation and weight formats:
+
+    e(α) = Σ_r ‖Q_x(X ⊙ s_α⁻¹) · Q_w(W_r ⊙ s_α)ᵀ − X · W_rᵀ‖² / Σ_r ‖X · W_rᵀ‖²
+
+(Q_x on the sample's range per tensor, Q_w on the weight's own grid). A layer whose weights
+are coarse (int4) keeps its range in the activations, one whose outliers dominate moves it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Iterable, Mapping
+from typing import Any, Literal
 
 import torch
 from torch import fx
 
 from qcompile.calibration import record
-from qcompile.ir.graph import op_arguments
+from qcompile.errors import QCompileError
+from qcompile.fake_quant import fake_quantize, weight_qparams
+from qcompile.ir.graph import constant_value, op_arguments
+from qcompile.spec import QuantSpec, compute_qparams
 
 LINEAR = torch.ops.aten.linear.default
 # Activations with act(0) = 0: after them, outlier channels can be split off for free.
@@ -33,30 +45,56 @@ SPLIT_RATIO = 4.0
 # At most this share of a linear's input channels goes to the float path: 30 of MiniLM's 1536
 # FFN channels.
 MAX_SPLIT_FRACTION = 0.02
+# The strengths alpha="auto" chooses from, per value.
+AUTO_ALPHAS = (0.0, 0.25, 0.5, 0.75, 0.9)
+# Rows of each calibration batch kept for alpha="auto"'s local error, evenly spaced.
+SAMPLED_ROWS = 256
+
+Smoothing = float | Literal["auto"] | None
+# (activation spec, weight spec) of each quantized linear, by node name.
+LinearSpecs = Mapping[str, tuple[QuantSpec, QuantSpec | None]]
 
 
-class _ChannelAbsMax(torch.nn.Module):
-    def __init__(self) -> None:
+def check_smoothing(outlier_smoothing: Smoothing) -> None:
+    """A migration strength in [0, 1], ``"auto"`` or None (off); anything else is refused."""
+    if outlier_smoothing is None or outlier_smoothing == "auto":
+        return
+    if isinstance(outlier_smoothing, str) or not 0.0 <= outlier_smoothing <= 1.0:
+        raise QCompileError(f"outlier_smoothing is a migration strength between 0 and 1, \"auto\" (chosen per value) "
+                            f"or None for off, got {outlier_smoothing!r}")
+
+
+class _ChannelStatistics(torch.nn.Module):
+    """Largest magnitude per channel and, when ``rows`` > 0, that many evenly spaced rows of each batch."""
+
+    def __init__(self, rows: int = 0) -> None:
         super().__init__()
+        self.rows = rows
         self.absmax: torch.Tensor | None = None
+        self.sample: list[torch.Tensor] = []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        seen = x.detach().abs().reshape(-1, x.shape[-1]).amax(0).float()
+        flat = x.detach().reshape(-1, x.shape[-1]).float()
+        seen = flat.abs().amax(0)
         self.absmax = seen if self.absmax is None else torch.maximum(self.absmax, seen)
+        if self.rows:
+            self.sample.append(flat[torch.linspace(0, flat.shape[0] - 1, min(self.rows, flat.shape[0])).long()])
         return x
 
 
-def channel_absmax(
+def channel_statistics(
     gm: fx.GraphModule,
     values: Iterable[str],
     batches: Iterable[Any],
     example: tuple[tuple[Any, ...], dict[str, Any]],
-) -> dict[str, torch.Tensor]:
-    """Largest magnitude per last-dimension channel of each named value over ``batches``."""
+    rows: int = 0,
+) -> dict[str, _ChannelStatistics]:
+    """Largest magnitude per last-dimension channel of each named value over ``batches`` (and
+    ``rows`` sampled rows of each batch)."""
     nodes = {n.name: n for n in gm.graph.nodes}
-    recorders = {name: _ChannelAbsMax() for name in values if _channelled(nodes[name])}
+    recorders = {name: _ChannelStatistics(rows) for name in values if _channelled(nodes[name])}
     record(gm, recorders.items(), batches, example)
-    return {name: r.absmax for name, r in recorders.items() if r.absmax is not None}
+    return {name: r for name, r in recorders.items() if r.absmax is not None}
 
 
 def _channelled(value: fx.Node) -> bool:
@@ -87,24 +125,77 @@ def smoothing_factors(absmax: torch.Tensor, alpha: float) -> tuple[tuple[int, fl
                  if float(absmax[c]) > median)
 
 
+@torch.no_grad()
+def local_error(x: torch.Tensor, readers: list[tuple[torch.Tensor, QuantSpec, QuantSpec | None]],
+                factors: torch.Tensor) -> float:
+    """e(α) of the module docstring for the smoothing ``factors`` s (one per channel of ``x``),
+    over ``readers``' (weight, activation spec, weight spec or None for a float weight)."""
+    smoothed = x / factors
+    lo, hi = smoothed.amin(), smoothed.amax()
+    error = total = 0.0
+    for weight, activation, weight_spec in readers:
+        scale, zero_point = compute_qparams(lo, hi, activation)
+        xq = fake_quantize(smoothed, scale, zero_point.float(), activation)
+        w = weight.float() * factors
+        if weight_spec is not None:
+            w_scale, w_zero_point = weight_qparams(w, weight_spec)
+            w = fake_quantize(w, w_scale, w_zero_point.float(), weight_spec)
+        reference = x @ weight.float().T
+        error += float((xq @ w.T - reference).square().sum())
+        total += float(reference.square().sum())
+    return error / max(total, 1e-30)
+
+
+def _auto_factors(gm: fx.GraphModule, value: fx.Node, statistics: _ChannelStatistics,
+                  specs: LinearSpecs) -> tuple[tuple[tuple[int, float], ...], float, float]:
+    """The smoothing of ``value`` with the AUTO_ALPHAS strength of least local error: (channels,
+    alpha, error)."""
+    readers = [(constant_value(gm, op_arguments(r)["weight"]), *specs[r.name]) for r in value.users
+               if r.target == LINEAR and r.name in specs and op_arguments(r)["input"] is value
+               and constant_value(gm, op_arguments(r)["weight"]) is not None]
+    if not readers:
+        return (), 0.0, 0.0
+    x = torch.cat(statistics.sample)
+    best = ((), 0.0, local_error(x, readers, torch.ones(x.shape[-1])))
+    for alpha in AUTO_ALPHAS:
+        channels = smoothing_factors(statistics.absmax, alpha) if alpha > 0 else ()
+        if not channels:
+            continue
+        factors = torch.ones(x.shape[-1])
+        for channel, factor in channels:
+            factors[channel] = factor
+        error = local_error(x, readers, factors)
+        if error < best[2]:
+            best = (channels, alpha, error)
+    return best
+
+
 def smoothing_plan(
     gm: fx.GraphModule,
     values: Iterable[str],
     batches: Iterable[Any],
     example: tuple[tuple[Any, ...], dict[str, Any]],
-    alpha: float,
-) -> tuple[tuple[str, tuple[tuple[int, float], ...]], ...]:
-    """``smooth-outliers``' channels for each value, measured on ``batches``."""
+    alpha: float | Literal["auto"],
+    specs: LinearSpecs | None = None,
+) -> tuple[tuple[tuple[str, tuple[tuple[int, float], ...]], ...], dict[str, float]]:
+    """``smooth-outliers``' channels for each value, measured on ``batches``, and with
+    ``alpha="auto"`` the strength chosen for each scaled value (by the local error of the
+    quantized linears ``specs`` names)."""
+    if alpha == "auto" and specs is None:
+        raise ValueError('alpha="auto" chooses by the readers\' formats: give specs')
     nodes = {n.name: n for n in gm.graph.nodes}
-    plan = []
-    for name, absmax in channel_absmax(gm, values, batches, example).items():
+    plan, chosen = [], {}
+    statistics = channel_statistics(gm, values, batches, example, SAMPLED_ROWS if alpha == "auto" else 0)
+    for name, stats in statistics.items():
         if nodes[name].target in ZERO_PRESERVING:
-            channels = outlier_channels(absmax, SPLIT_RATIO, MAX_SPLIT_FRACTION)
+            channels = outlier_channels(stats.absmax, SPLIT_RATIO, MAX_SPLIT_FRACTION)
+        elif alpha == "auto":
+            channels, chosen[name], _ = _auto_factors(gm, nodes[name], stats, specs)
         else:
-            channels = smoothing_factors(absmax, alpha)
+            channels = smoothing_factors(stats.absmax, alpha)
         if channels:
             plan.append((name, channels))
-    return tuple(plan)
+    return tuple(plan), chosen
 
 
 def quantized_linear_inputs(gm: fx.GraphModule, quantized: set[str]) -> list[str]:

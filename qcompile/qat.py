@@ -6,9 +6,11 @@
 
 ``prepare_qat`` captures the model in training mode (dropout and BatchNorm as training ops) and
 runs :data:`QAT_PREPARE`: the PTQ plan (``annotate``, so QAT quantizes exactly what PTQ
-would), observers calibrated on the data, then ``insert-fake-quant``, which puts a trainable
+would; weights a spec rounds by ``gptq`` or corrects by ``correct-bias`` rounded as PTQ rounds
+them), observers calibrated on the data, then ``insert-fake-quant``, which puts a trainable
 :class:`~qcompile.fake_quant.FakeQuantize` at every planned point with its scale started at
-the calibrated one, and trains convolutions before a BatchNorm in their folded form. The
+the calibrated one (a rounded weight's at its grid, so training starts from the PTQ model), and
+trains convolutions before a BatchNorm in their folded form. The
 graph's ``training-ops`` switches follow ``.train()`` / ``.eval()``, and
 :meth:`QatModel.freeze_batchnorm` keeps BatchNorm on its running statistics for the last steps.
 
@@ -46,6 +48,7 @@ from qcompile.fake_quant import FakeQuantize, FakeQuantizeBias
 from qcompile.ir.graph import add_submodule, copy_graph_module
 from qcompile.ir.meta import get_provenance
 from qcompile.kernel_check import check_kernels
+from qcompile.outliers import Smoothing, check_smoothing
 from qcompile.passes.lower_qat import LowerQat
 from qcompile.passes.prune_weights import PruneWeights
 from qcompile.passes.training_ops import ModeSwitchedOp
@@ -55,12 +58,11 @@ from qcompile.qconfig import OpQuantConfig, QConfig
 from qcompile.report import CompileReport
 from qcompile.spec import QuantSpec
 from qcompile.targets import Target, get_target
-from qcompile.targets.base import CLEANUP
+from qcompile.targets.base import CLEANUP, PLAN
 
 # The PTQ prepare without BatchNorm folding (QAT trains BatchNorm), with the mode switches before
 # the plan and fake quantization after it.
-QAT_PREPARE = ("canonicalize,normalize-linears,conv1d-as-conv2d,eliminate-dead-code,training-ops,smooth-outliers,"
-               "annotate,insert-observers,calibrate,insert-fake-quant")
+QAT_PREPARE = f"canonicalize,normalize-linears,conv1d-as-conv2d,eliminate-dead-code,training-ops,{PLAN},insert-fake-quant"
 # The report's SQNR compares the lowered model with the trained float one on this many batches.
 SQNR_BATCHES = 8
 # Below this SQNR (dB) of the lowered model against its fake-quant model, convert_qat warns.
@@ -221,7 +223,7 @@ def prepare_qat(
     example_kwargs: dict[str, Any] | None = None,
     progress: bool | None = None,
     prune: PruneWeights | None = None,
-    outlier_smoothing: float | None = 0.75,
+    outlier_smoothing: Smoothing = 0.75,
 ) -> QatModel:
     """The model's training graph with trainable fake quantization (module docstring), in
     training mode. Scales start at those calibrated on ``calibration_data`` (the example inputs
@@ -232,6 +234,7 @@ def prepare_qat(
     rescales are trained like the others."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"prepare_qat() needs an nn.Module, got {type(model).__name__}")
+    check_smoothing(outlier_smoothing)
     if not any(p.requires_grad for p in model.parameters()):
         raise QCompileError(f"{type(model).__name__} has no trainable parameters: there is nothing for QAT to train "
                             "(use qcompile.compile for post-training quantization)")

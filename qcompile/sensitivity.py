@@ -52,6 +52,7 @@ from qcompile.ir.graph import add_constant, constant_value, copy_graph_module, o
     set_argument
 from qcompile.ir.meta import get_qspec, source_module
 from qcompile.latency import LatencyTable, WeightOpShape
+from qcompile.outliers import Smoothing
 from qcompile.pipeline import Pipeline
 from qcompile.qconfig import Candidate, op_kind
 from qcompile.qdq import DequantizeCall, QuantizeCall
@@ -195,7 +196,7 @@ def sensitivity(
     candidates: dict[str, tuple[Candidate, ...]] | None = None,
     example_inputs: Any = None,
     example_kwargs: dict[str, Any] | None = None,
-    outlier_smoothing: float | None = 0.75,
+    outlier_smoothing: Smoothing = 0.75,
     latency: LatencyTable | None = None,
 ) -> Sensitivity:
     """Measure every searched node of ``model`` in every candidate format (the module
@@ -217,7 +218,7 @@ def sensitivity(
 
 def measure(graph: fx.GraphModule, target: Target, example: Call, batches: list[Any], evaluation: list[Call],
             metric: Metric | None, candidates: dict[str, tuple[Candidate, ...]] | None,
-            outlier_smoothing: float | None, latency: LatencyTable) -> Sensitivity:
+            outlier_smoothing: Smoothing, latency: LatencyTable) -> Sensitivity:
     """:func:`sensitivity` on a captured graph."""
     choices = candidates if candidates is not None else target.candidates
     if not choices:
@@ -312,7 +313,7 @@ def _score(metric: Metric, references: Iterable[Any], outputs: Iterable[Any]) ->
 def _measure_candidate(table: Sensitivity, cleaned: fx.GraphModule, graph: fx.GraphModule, target: Target,
                        example: Call, batches: list[Any], evaluation: list[Call], metric: Metric,
                        references: tuple[Any, ...], nodes: list[_Node], configs: dict[str, Candidate | None],
-                       shapes: dict[str, WeightOpShape], outlier_smoothing: float | None,
+                       shapes: dict[str, WeightOpShape], outlier_smoothing: Smoothing,
                        latency: LatencyTable) -> float:
     """One candidate on every node it applies to (appended to ``table``); returns the baseline loss."""
     qconfig = target.preset()

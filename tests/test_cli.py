@@ -47,6 +47,9 @@ def test_inspect_report_bench_and_diff(compiled, capsys, tmp_path):
     assert "are the same" in capsys.readouterr().out
     other = tmp_path / "other.qc"
     assert main(["compile", TINY, "--calib", TINY_DATA, "--out", str(other), "--no-smoothing"]) == 0
+    assert main(["compile", TINY, "--calib", TINY_DATA, "--smoothing", "auto"]) == 0
+    assert main(["compile", TINY, "--calib", TINY_DATA, "--smoothing", "1.5"]) == EXIT_BAD_INPUT
+    assert "'1.5' is neither a strength from 0 to 1" in " ".join(capsys.readouterr().err.split())
     capsys.readouterr()
     assert main(["diff", model, str(other)]) == EXIT_FAILED  # they differ: scales moved, the graph too
     assert "plan linear:" in capsys.readouterr().out

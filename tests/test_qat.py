@@ -17,8 +17,9 @@ from qcompile import OpQuantConfig, PerGroup, QuantSpec
 from qcompile.capture import train_mode
 from qcompile.context import CompileContext
 from qcompile.errors import QCompileError
-from qcompile.ir.graph import copy_graph_module
+from qcompile.ir.graph import constant_value, copy_graph_module
 from qcompile.pipeline import Pipeline
+from qcompile.qdq import quantized_weight
 from qcompile.qat import QAT_PREPARE, fit, learnable
 from qcompile.targets import get_target
 from qcompile.testing import assert_graph_diff, assert_pass_contract, check_graph
@@ -42,14 +43,16 @@ def _batches(count=4, seed=1):
     return [(torch.randn(8, 2, 4, 4, generator=generator),) for _ in range(count)]
 
 
-def _prepared_until(model, last: str):
+def _prepared_until(model, last: str, qconfig=None, batches=None):
     """The QAT prepare pipeline up to (not including) the pass ``last``, as prepare_qat runs it."""
-    x = _batches(1)[0][0]
+    batches = batches or _batches()
+    x = batches[0][0]
     with train_mode(model):
         gm = copy_graph_module(qcompile.capture(model, (x,)))
     gm.eval()
     target = get_target("cpu-int8")
-    context = CompileContext(target, ((x,), {}), qconfig=learnable(target.preset()), calibration_data=_batches())
+    context = CompileContext(target, ((x,), {}), qconfig=learnable(qconfig or target.preset()),
+                             calibration_data=batches, outlier_smoothing=None)
     names = QAT_PREPARE.split(",")
     return context.run_stage("prepare", Pipeline.parse(",".join(names[:names.index(last)])), gm)
 
@@ -289,6 +292,93 @@ def test_per_group_weights_lower_to_the_grouped_qdq_form_exactly():
     x = _batches(1)[0][0]
     with torch.no_grad():
         torch.testing.assert_close(result.graph_module(x), fq(x), atol=1e-5, rtol=0)
+
+
+class TwoLinears(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1 = nn.Linear(32, 48)
+        self.fc2 = nn.Linear(48, 8)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def test_insert_fake_quant_trains_a_gptq_rounded_weight_from_its_values_and_grid():
+    generator = torch.Generator().manual_seed(2)
+    data = [(torch.randn(16, 32, generator=generator),) for _ in range(8)]
+    spec = QuantSpec("int4", False, PerGroup(1, 16), "mse", rounding="gptq")
+    gm = _prepared_until(TwoLinears().train(), "insert-fake-quant",
+                         qcompile.QConfig(by_op={"linear": OpQuantConfig(None, spec)}), data)
+    out = assert_pass_contract(InsertFakeQuant(), gm)
+    assert_graph_diff(gm, out, added=[
+        "%fc1_weight_rounded = constant fc1_weight_rounded : f32[48,32]",
+        "%fq_weight_0 = module[fq_weight_0](%fc1_weight_rounded)",
+        "%linear = aten.linear.default(%x, %fq_weight_0, %fc1_bias)",
+        "%fc2_weight_rounded = constant fc2_weight_rounded : f32[8,48]",
+        "%fq_weight_1 = module[fq_weight_1](%fc2_weight_rounded)",
+        "%linear_1 = aten.linear.default(%relu, %fq_weight_1, %fc2_bias)",
+    ], removed=[
+        "%fc1_weight_q = constant fc1_weight_q : i8[48,2,16]",
+        "%fc1_weight_scale = constant fc1_weight_scale : f32[48,2,1]",
+        "%fc1_weight_zero_point = constant fc1_weight_zero_point : i32[48,2,1]",
+        "%dequantize_default = qc.dequantize.default(%fc1_weight_q, %fc1_weight_scale, %fc1_weight_zero_point,",
+        "%view_default = aten.view.default(%dequantize_default, [48, 32])",
+        "%linear = aten.linear.default(%x, %view_default, %fc1_bias)",
+        "%fc2_weight_q = constant fc2_weight_q : i8[8,3,16]",
+        "%fc2_weight_scale = constant fc2_weight_scale : f32[8,3,1]",
+        "%fc2_weight_zero_point = constant fc2_weight_zero_point : i32[8,3,1]",
+        "%dequantize_default_1 = qc.dequantize.default(%fc2_weight_q, %fc2_weight_scale,",
+        "%view_default_1 = aten.view.default(%dequantize_default_1, [8, 48])",
+        "%linear_1 = aten.linear.default(%relu, %view_default_1, %fc2_bias)",
+    ])
+    # fq(W) = W at the start: the rounded values are on the fake-quant's grid (exp(log S) to an ulp)
+    fake, values = out.get_submodule("fq_weight_0"), out.get_buffer("fc1_weight_rounded")
+    torch.testing.assert_close(fake(values).detach(), values, atol=0, rtol=1e-6)
+    torch.testing.assert_close(fake.scale.detach(), gm.get_buffer("fc1_weight_scale").reshape(-1), atol=0, rtol=1e-6)
+
+
+@pytest.mark.parametrize(("granularity", "symmetric"), [(PerGroup(1, 16), False), (qcompile.PerChannel(0), True)],
+                         ids=["affine-group", "channel"])
+def test_qat_starts_from_the_gptq_rounded_weights_of_the_ptq_plan(granularity, symmetric):
+    """A spec with rounding="gptq" is rounded by the PTQ plan's gptq pass before fake
+    quantization: each weight fake-quant starts at GPTQ's (refit) grid and reads GPTQ's values
+    as its float weight, so the QAT model in eval mode is the PTQ model, and it trains from there."""
+    model = TwoLinears()
+    generator = torch.Generator().manual_seed(2)
+    data = [(torch.randn(16, 32, generator=generator),) for _ in range(8)]
+    spec = QuantSpec("int4", symmetric, granularity, "mse", rounding="gptq")
+    qconfig = qcompile.QConfig(by_op={"linear": OpQuantConfig(None, spec)})
+    ptq = qcompile.compile(model, calibration_data=data, qconfig=qconfig, outlier_smoothing=None, progress=False)
+    qat = qcompile.prepare_qat(model, calibration_data=data, qconfig=qconfig, outlier_smoothing=None, progress=False)
+    gm = qat.graph_module
+    assert not [n for n in gm.graph.nodes if n.target == torch.ops.qc.dequantize.default]
+    fakes = qat.fake_quantizers()
+    assert len(fakes) == 2 and all(f.log_scale.requires_grad for f in fakes.values())
+    qdq = ptq.qdq_graph_module
+    grids = [constant_value(qdq, quantized_weight(qdq, n.args[1])[0].scale) for n in qdq.graph.nodes
+             if n.target == torch.ops.aten.linear.default]
+    for fake, grid in zip(fakes.values(), grids, strict=True):
+        torch.testing.assert_close(fake.scale.detach(), grid.reshape(-1), rtol=1e-6, atol=0)
+    x = data[0][0]
+    qat.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(qat(x), ptq.qdq_graph_module(x), atol=1e-5, rtol=0)
+        rtn = qcompile.compile(model, calibration_data=data, outlier_smoothing=None, progress=False, qconfig=
+                               qcompile.QConfig(by_op={"linear": OpQuantConfig(None, QuantSpec(
+                                   "int4", symmetric, granularity, "mse"))}))
+        assert not torch.allclose(rtn.qdq_graph_module(x), ptq.qdq_graph_module(x), atol=1e-4)  # GPTQ moved it
+    qat.train()
+    optimizer = torch.optim.Adam(qat.parameters(), lr=1e-3)
+    loss = (qat(x) - model(x).detach()).square().mean()
+    loss.backward()
+    optimizer.step()
+    assert all(p.grad is not None for p in qat.parameters() if p.requires_grad and p.dim() == 2)
+    lowered = qcompile.convert_qat(qat)
+    qat.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(lowered.qdq_graph_module(x), qat(x), atol=1e-5, rtol=0)
 
 
 # --- Distillation and fit -------------------------------------------------------------------

@@ -5,7 +5,9 @@ import torch
 from qcompile.passes import Annotate, SmoothOutliers
 
 import qcompile
-from qcompile.outliers import channel_absmax, outlier_channels, smoothing_factors, smoothing_plan
+from qcompile import QuantSpec
+from qcompile.outliers import AUTO_ALPHAS, channel_statistics, local_error, outlier_channels, smoothing_factors, \
+    smoothing_plan
 from qcompile.report import node_outputs
 from qcompile.testing import assert_graph_diff, assert_pass_contract, check_graph
 from tests.models import OutlierBlock, TinyBlock
@@ -109,24 +111,27 @@ def test_smoothing_factors_migrate_the_range_above_the_median_by_alpha():
 def test_smoothing_plan_splits_after_gelu_and_scales_elsewhere():
     x = torch.randn(8, 32)
     gm = cleaned(OutlierBlock(), x)
-    plan = dict(smoothing_plan(gm, ["layer_norm", "gelu"], [(torch.randn(64, 32),)], ((x,), {}), alpha=0.75))
+    plan, chosen = smoothing_plan(gm, ["layer_norm", "gelu"], [(torch.randn(64, 32),)], ((x,), {}), alpha=0.75)
+    plan = dict(plan)
+    assert chosen == {}  # a fixed strength
     assert [channel for channel, _ in plan["gelu"]] == [5]  # the one outlier, for the float path
     layer_norm = dict(plan["layer_norm"])
     assert len(layer_norm) == 16 and max(layer_norm, key=layer_norm.get) == 3
 
 
-def test_channel_absmax_covers_every_batch_and_leaves_the_graph_alone():
+def test_channel_statistics_cover_every_batch_and_leave_the_graph_alone():
     x = torch.randn(8, 32)
     gm = cleaned(OutlierBlock(), x)
     text = qcompile.print_graph(gm)
     batches = [(torch.randn(8, 32),), (torch.randn(8, 32) * 3,)]
-    found = channel_absmax(gm, ["layer_norm"], batches, ((x,), {}))
+    found = channel_statistics(gm, ["layer_norm"], batches, ((x,), {}), rows=4)
     expected = torch.stack([node_outputs(gm, {"layer_norm"}, b, {})["layer_norm"].abs().amax(0)
                             for b in batches]).amax(0)
-    torch.testing.assert_close(found["layer_norm"], expected)
+    torch.testing.assert_close(found["layer_norm"].absmax, expected)
+    assert [tuple(rows.shape) for rows in found["layer_norm"].sample] == [(4, 32), (4, 32)]  # evenly spaced rows
     assert qcompile.print_graph(gm) == text
     with pytest.raises(qcompile.CalibrationError, match="calibration data is empty"):
-        channel_absmax(gm, ["layer_norm"], [], ((x,), {}))
+        channel_statistics(gm, ["layer_norm"], [], ((x,), {}))
 
 
 def test_compile_smooths_outliers_and_gains_output_sqnr():
@@ -138,3 +143,62 @@ def test_compile_smooths_outliers_and_gains_output_sqnr():
     assert stats["split"] == {"gelu": 1} and stats["scaled"]["layer_norm"] == 16  # the channels above the median
     assert smoothed.report.output_sqnr_db[0] > plain.report.output_sqnr_db[0] + 6
     assert smoothed.report.calibration_batches == 4
+
+
+INT8_LINEAR = (qcompile.qconfig.INT8_ACTIVATION, QuantSpec("int8", granularity=qcompile.PerChannel(0)))
+
+
+def test_local_error_is_the_relative_output_error_of_the_quantized_smoothed_linear():
+    """e = ‖Q_x(X / s) · (W ⊙ s)ᵀ − X Wᵀ‖² / ‖X Wᵀ‖² with a float weight, Q_x on X / s's range."""
+    generator = torch.Generator().manual_seed(0)
+    x, weight = torch.randn(64, 8, generator=generator), torch.randn(5, 8, generator=generator)
+    x[:, 2] *= 20
+    activation = qcompile.qconfig.INT8_ACTIVATION
+    factors = torch.ones(8)
+    factors[2] = 4.0
+    smoothed = x / factors
+    scale = (smoothed.max() - smoothed.min()) / 255  # uint8, affine: the range over 255 steps
+    zero_point = torch.round(-smoothed.min() / scale)
+    q = torch.clamp(torch.round(smoothed / scale) + zero_point, 0, 255)
+    expected = ((q - zero_point) * scale @ (weight * factors).T - x @ weight.T).square().sum() / (x @ weight.T).square().sum()
+    assert local_error(x, [(weight, activation, None)], factors) == pytest.approx(float(expected), rel=1e-4)
+    # a wide channel costs the other channels precision: moving some of it into the weight helps
+    assert local_error(x, [(weight, activation, None)], factors) < local_error(x, [(weight, activation, None)],
+                                                                              torch.ones(8))
+
+
+def test_auto_smoothing_chooses_each_values_strength_of_least_local_error():
+    x = torch.randn(8, 32)
+    gm = cleaned(OutlierBlock(), x)
+    batch = torch.randn(128, 32, generator=torch.Generator().manual_seed(1))  # under SAMPLED_ROWS: every row
+    plan, chosen = smoothing_plan(gm, ["layer_norm", "gelu"], [(batch,)], ((x,), {}), alpha="auto",
+                                  specs={"linear": INT8_LINEAR})
+    values = node_outputs(gm, {"layer_norm"}, (batch,), {})["layer_norm"]
+    absmax = values.abs().amax(0)
+    readers = [(OutlierBlock().up.weight.detach(), *INT8_LINEAR)]
+
+    def error(alpha):
+        factors = torch.ones(32)
+        for channel, factor in smoothing_factors(absmax, alpha) if alpha else ():
+            factors[channel] = factor
+        return local_error(values, readers, factors)
+
+    best = min(AUTO_ALPHAS, key=error)
+    assert chosen == {"layer_norm": best} and best > 0  # channel 3 at 12x: smoothing pays
+    assert dict(plan)["layer_norm"] == smoothing_factors(absmax, best)
+    assert [c for c, _ in dict(plan)["gelu"]] == [5]  # the split form has no strength to choose
+    with pytest.raises(ValueError, match="give specs"):
+        smoothing_plan(gm, ["layer_norm"], [(batch,)], ((x,), {}), alpha="auto")
+
+
+def test_compile_with_auto_smoothing_reports_the_strengths_and_refuses_other_words():
+    model = OutlierBlock()
+    batches = [(torch.randn(16, 32, generator=torch.Generator().manual_seed(i)),) for i in range(4)]
+    auto = qcompile.compile(model, calibration_data=batches, progress=False, outlier_smoothing="auto")
+    plain = qcompile.compile(model, calibration_data=batches, progress=False, outlier_smoothing=None)
+    stats = next(p.stats for p in auto.report.passes if p.name.startswith("smooth-outliers"))
+    assert set(stats["alpha"]) == {"layer_norm"} and stats["alpha"]["layer_norm"] in AUTO_ALPHAS
+    assert auto.report.output_sqnr_db[0] > plain.report.output_sqnr_db[0] + 6
+    for bad in ("fast", 1.5):
+        with pytest.raises(qcompile.QCompileError, match="between 0 and 1, \"auto\""):
+            qcompile.compile(model, calibration_data=batches, progress=False, outlier_smoothing=bad)
