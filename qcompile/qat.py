@@ -62,7 +62,8 @@ from qcompile.targets.base import CLEANUP, PLAN
 
 # The PTQ prepare without BatchNorm folding (QAT trains BatchNorm), with the mode switches before
 # the plan and fake quantization after it.
-QAT_PREPARE = f"canonicalize,normalize-linears,conv1d-as-conv2d,eliminate-dead-code,training-ops,{PLAN},insert-fake-quant"
+QAT_PREPARE = (f"canonicalize,normalize-linears,conv1d-as-conv2d,eliminate-dead-code,training-ops,{PLAN},"
+               "insert-fake-quant")
 # The report's SQNR compares the lowered model with the trained float one on this many batches.
 SQNR_BATCHES = 8
 # Below this SQNR (dB) of the lowered model against its fake-quant model, convert_qat warns.

@@ -160,7 +160,8 @@ def test_local_error_is_the_relative_output_error_of_the_quantized_smoothed_line
     scale = (smoothed.max() - smoothed.min()) / 255  # uint8, affine: the range over 255 steps
     zero_point = torch.round(-smoothed.min() / scale)
     q = torch.clamp(torch.round(smoothed / scale) + zero_point, 0, 255)
-    expected = ((q - zero_point) * scale @ (weight * factors).T - x @ weight.T).square().sum() / (x @ weight.T).square().sum()
+    reference = x @ weight.T
+    expected = ((q - zero_point) * scale @ (weight * factors).T - reference).square().sum() / reference.square().sum()
     assert local_error(x, [(weight, activation, None)], factors) == pytest.approx(float(expected), rel=1e-4)
     # a wide channel costs the other channels precision: moving some of it into the weight helps
     assert local_error(x, [(weight, activation, None)], factors) < local_error(x, [(weight, activation, None)],
