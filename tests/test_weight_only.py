@@ -25,7 +25,7 @@ from qcompile.targets.cpu_int8.weight_only_kernels import (
 )
 from qcompile.testing import assert_outputs_close, assert_pass_contract, check_graph
 from tests.models import SentenceEmbedder, TinyBlock, docstring_sentences, minilm_inputs
-from tests.quant_stages import annotated
+from tests.quant_stages import annotated, calibrated
 
 INT4_G32 = QConfig(by_op={"linear": OpQuantConfig(None, QuantSpec("int4", granularity=PerGroup(1, 32)))})
 INT8_WO = QConfig(by_op={"linear": OpQuantConfig(None, QuantSpec("int8", granularity=PerChannel(0)))})
@@ -327,3 +327,51 @@ def test_qat_per_group_weights_run_on_int4pack_after_convert_qat(bf16_gemm):
     x = torch.randn(5, 64)
     with torch.no_grad():
         torch.testing.assert_close(qm(x), qat(x), atol=0.02, rtol=0)  # bf16 activations against fp32 fake-quant
+
+
+W4A8_G32 = QConfig(by_op={"linear": OpQuantConfig(qcompile.qconfig.INT8_ACTIVATION,
+                                                  QuantSpec("int4", False, PerGroup(1, 32), "mse"))})
+
+
+def test_w4a8_groups_run_on_the_weight_only_kernel_after_the_activations_qdq(bf16_gemm):
+    """uint8 activations with int4 groups: planned (no int32 bias: no integer accumulator takes a
+    scale per group), converted to activation Q/DQ -> grouped weight Q/DQ -> linear, and lowered to
+    the weight-only kernel reading the dequantized activations, equal to the Q/DQ graph."""
+    x = torch.randn(4, 64)
+    model = TinyBlock(width=64, hidden=128)
+    planned = calibrated(model, x, qconfig=W4A8_G32)
+    plans = [get_qspec(n) for n in planned.graph.nodes if n.target == torch.ops.aten.linear.default]
+    assert [[edge.role for _, edge in plan.inputs] for plan in plans] == [["activation", "weight"]] * 2
+    assert all(plan.quantized and edge.spec.dtype == "int4" for plan in plans for _, edge in plan.inputs[1:])
+    qdq = Convert()(planned).graph_module
+    out = assert_pass_contract(LowerWeightOnly(), qdq)
+    check_graph(out, """
+    CHECK: %3 = qc.quantize.default(%0, %1, %2, None, 0, 255, torch.uint8)
+    CHECK-NEXT: %4 = qc.dequantize.default(%3, %1, %2, None, torch.float32)
+    CHECK: qc.linear_weight_only.default(%4, {{%[0-9]+}}, {{%[0-9]+}}, {{%[0-9]+}}, 32, {{%[0-9]+}}, 'int4pack')
+    """)
+    assert_outputs_close(qdq, out, [torch.randn(6, 64)], rtol=0.02)
+
+
+def test_w4a8_groups_compile_and_say_how_they_run(bf16_gemm):
+    model = TinyBlock(width=64, hidden=128)
+    data = [(torch.randn(8, 64, generator=torch.Generator().manual_seed(i)),) for i in range(4)]
+    qm = qcompile.compile(model, calibration_data=data, qconfig=W4A8_G32, outlier_smoothing=None, progress=False)
+    linears = [n for n in qm.report.nodes if n.op == "linear"]
+    assert [n.detail for n in linears] == [
+        "qc.linear_weight_only via int4pack (groups of 32, affine), uint8 activations dequantized to bf16"] * 2
+    assert qm.report.kernel_calls_checked
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(qm(x), qm.qdq_graph_module(x), atol=0.02, rtol=0)
+
+
+def test_w4a8_groups_stay_reference_qdq_where_the_cpu_has_no_bf16_gemm(monkeypatch):
+    monkeypatch.setattr(cpu_features, "cpu_flags", lambda: frozenset({"avx2"}))
+    model = TinyBlock(width=64, hidden=128)
+    data = [(torch.randn(8, 64, generator=torch.Generator().manual_seed(i)),) for i in range(4)]
+    qm = qcompile.compile(model, calibration_data=data, qconfig=W4A8_G32, outlier_smoothing=None, progress=False)
+    linears = [n for n in qm.report.nodes if n.op == "linear"]
+    assert {n.precision for n in linears} == {"int8-ref"}
+    assert all("no native bf16 GEMM" in n.detail for n in linears)
+    assert all(n.sqnr_db > 15 for n in linears)  # int4 groups and uint8 activations, not float

@@ -59,6 +59,10 @@ class OpRule:
     # weights may then also come in these granularities (groups of inputs sharing a scale).
     weight_only: bool = False
     weight_only_granularities: tuple[type, ...] = ()
+    # Weight granularities also taken with quantized activations, which the kernel then reads
+    # dequantized: the activations' Q/DQ runs in front of the weight-only kernel (W4A8 in groups
+    # keeps its numerics, with no integer kernel for it).
+    dequantized_activation_granularities: tuple[type, ...] = ()
     # Activation granularities the kernel takes: per-token scales come with each row.
     activation_granularities: tuple[type, ...] = (PerTensor,)
     # The kernel exists only with a quantized output (ONNX Runtime's QLinearConv): an output some
@@ -85,7 +89,8 @@ class OpRule:
         integer keeps the spec's scheme: symmetric int7 is S = max|w| / 63, q in [-63, 63]."""
         weight = config.weight
         if (self.weight_bits is None or weight is None or weight.is_float8 or not self.activations_of(config)
-                or weight.bits <= self.weight_bits):
+                or weight.bits <= self.weight_bits
+                or isinstance(weight.granularity, self.dequantized_activation_granularities)):
             return config
         return replace(config, weight=replace(weight, dtype=f"int{self.weight_bits}"))
 
@@ -107,7 +112,8 @@ class OpRule:
         if weight.dtype not in self.weight_dtypes:
             return f"weight dtype {weight.dtype} (kernel takes {', '.join(self.weight_dtypes)})"
         weight_only = not self.activations_of(config)
-        taken = (PerTensor, PerChannel, *(self.weight_only_granularities if weight_only else ()))
+        taken = (PerTensor, PerChannel, *(self.weight_only_granularities if weight_only
+                                          else self.dequantized_activation_granularities))
         # A kernel that takes weight-only groups takes each group's zero point with its scale.
         if not weight.symmetric and not (isinstance(weight.granularity, PerGroup) and PerGroup in taken):
             return "affine weights (kernel takes symmetric weights, zero point 0; affine only in weight-only groups)"
@@ -116,7 +122,8 @@ class OpRule:
         if isinstance(weight.granularity, PerGroup) and weight.granularity.axis not in (1, -1) and PerGroup in taken:
             return f"weight {weight.granularity} (kernel takes groups of input channels, axis 1)"
         if not isinstance(weight.granularity, taken):
-            names = ", ".join(("per-tensor", "per-channel", *(["per-group (weight-only)"] if PerGroup in taken else [])))
+            grouped = ["per-group (weight-only)"] if PerGroup in self.weight_only_granularities else []
+            names = ", ".join(("per-tensor", "per-channel", *grouped))
             return f"weight granularity {weight.granularity} (kernel takes {names})"
         return None
 

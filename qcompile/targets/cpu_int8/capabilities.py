@@ -80,7 +80,10 @@ def op_rules() -> dict[str, OpRule]:
              for anchor in ANCHORS.values()}
     # A linear also runs weight-only: int8 per channel or int4 per group, on bf16 activations
     # (weight_only_kernels; the dispatch table there says which weights each kernel takes).
-    rules["linear"] = replace(rules["linear"], weight_only=True, weight_only_granularities=(PerGroup,))
+    # With uint8 activations, int4 groups (W4A8) run on that kernel too, after the activations'
+    # quantize/dequantize: no kernel here multiplies uint8 by grouped int4 in integers.
+    rules["linear"] = replace(rules["linear"], weight_only=True, weight_only_granularities=(PerGroup,),
+                              dequantized_activation_granularities=(PerGroup,))
     # A table lookup reads its int8 rows and dequantizes them with their own scales.
     rules["embedding"] = OpRule(activations=(), weight=0, bias=None, weight_dtypes=WEIGHT_DTYPES, lookup_indices=1)
     # A residual add between convolutions: the sum post-op reads the other input as uint8, so

@@ -3,8 +3,9 @@
     linear(x, dequantize(W_q, S, 0, axis=0), b)                    ->  linear_weight_only(x, W_q, S, None, 0, b, int8pack)
     linear(x, view(dequantize(W_q, S, Z), [out, in]), b)   (groups)   ->  linear_weight_only(x, W_q, S, Z, size, b, int4pack)
 
-``x`` is float (the plan quantizes no activation), ``W_q`` an integer constant per output
-channel or per group of ``size`` inputs ([out, in / size, size], scales [out, in / size, 1]);
+``x`` is float (the plan quantizes no activation; or, for groups, ``x = dequantize(x_q)`` of
+activations the plan quantizes, W4A8, which the kernel reads dequantized), ``W_q`` an integer
+constant per output channel or per group of ``size`` inputs ([out, in / size, size], scales [out, in / size, 1]);
 groups may be affine (Z their zero points, None when all are 0), channels are symmetric.
 The kernel is the one :data:`~.weight_only_kernels.WEIGHT_ONLY_KERNELS` gives for the weight's
 values and grouping. Where there is none, or the CPU has no native bf16 GEMM (both kernels
@@ -45,8 +46,8 @@ def _operands(gm: fx.GraphModule, linear: fx.Node) -> _Operands | str | None:
     """The kernel's inputs, why the linear cannot run on one, or None when it is not weight-only."""
     op = op_arguments(linear)
     found = quantized_weight(gm, op["weight"])
-    if found is None or DequantizeCall.of(op["input"]) is not None:
-        return None  # float weights, or quantized activations: another lowering's
+    if found is None or (DequantizeCall.of(op["input"]) is not None and not found[1]):
+        return None  # float weights, or quantized activations with an int8 kernel's weight: another lowering's
     dq, group_size = found
     weight_q = constant_value(gm, dq.q)
     params = qparams_of(gm, dq.node)

@@ -41,6 +41,7 @@ from torch.nn import functional as F
 from qcompile import native  # noqa: F401  (loads the extension, which defines the operator)
 from qcompile.ir.graph import op_arguments
 from qcompile.kernel_check import BF16_UNIT_ROUNDOFF, bf16_linear_bound, register_kernel
+from qcompile.qdq import DequantizeCall
 
 INT4_IN_MULTIPLE = 32  # the int4 kernel reads a row's weights 32 at a time (one bf16 dot product)
 
@@ -122,4 +123,7 @@ def describe_weight_only_kernel(node: fx.Node) -> str | None:
     arguments = op_arguments(node)
     grouping = f"groups of {arguments['group_size']}" if arguments["group_size"] else "per channel"
     grouping += ", affine" if arguments["zero_point"] is not None else ""
-    return f"qc.linear_weight_only via {arguments['kernel']} ({grouping}), bf16 activations"
+    dequantized = DequantizeCall.of(arguments["x"])
+    activations = (f"{str(dequantized.integer_dtype).removeprefix('torch.')} activations dequantized to bf16"
+                   if dequantized is not None else "bf16 activations")
+    return f"qc.linear_weight_only via {arguments['kernel']} ({grouping}), {activations}"
