@@ -94,6 +94,9 @@ def test_the_table_covers_every_candidate_and_round_trips_as_json(tmp_path):
         # more bits, less error: int4 groups lose more than int8 weights alone
         assert row["w4-g32"].sqnr_db < row["w8"].sqnr_db
         assert row["w4-g32"].weight_bytes < row["w8"].weight_bytes < row["float"].weight_bytes
+        assert row["w4a8-g32"].weight_bytes == row["w4-g32"].weight_bytes
+        assert row["w4a8-g32"].sqnr_db < row["int8"].sqnr_db  # int4 weights lose more than int8's
+        assert row["w4a8-g32"].float_reason is None  # planned: cpu-int8 runs W4A8 groups
     assert Sensitivity.from_json(table.to_json()) == table
     assert "linear_1" in str(table) and "w4-g32" in str(table)
     svg = ElementTree.parse(table.write_svg(str(tmp_path / "s.svg"))).getroot()
