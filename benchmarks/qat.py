@@ -7,17 +7,25 @@
   with X86InductorQuantizer's QAT config, the weight range set to the same bit width), each
   trained with the same loss, optimizer, learning rate, epochs and batches. Top-1 on the
   held-out quarter (450 images: one image is 0.22 points), mean over ``SEEDS`` QAT runs.
-* minilm: all-MiniLM-L6-v2 at W8A8 and W4A8 (int4 per-channel weights; the cpu-int8 kernels run
-  them as int8 values in [-8, 7]): PTQ with min-max calibration (smoothing off, as QAT has none),
-  PTQ with outlier smoothing (the default), and QAT from the smoothed plan with distillation from
-  the float model on unlabeled sentences (``qcompile.qat.fit``: embedding cosine plus every
-  layer's hidden state), lowered to cpu-int8. Embedding cosine to fp32 and nearest-neighbour agreement on 256 held-out
-  sentences, steps and minutes.
+* minilm: all-MiniLM-L6-v2 in three formats, each with its PTQ rows and a QAT row that starts
+  from the last PTQ row's plan, trained by distillation from the float model on unlabeled
+  sentences (``qcompile.qat.fit``: embedding cosine plus every layer's hidden state) and lowered
+  to cpu-int8:
+
+  * W8A8 (int8 per-channel weights, uint8 activations): min-max, then smoothing 0.75;
+  * W4A8-g32 (int4 in affine groups of 32, uint8 activations; cpu-int8 runs the groups on the
+    weight-only kernel after the activations' Q/DQ): min-max, GPTQ, GPTQ with smoothing "auto";
+  * W4-g32 weight-only: round-to-nearest with the clip searched by MSE, then GPTQ.
+
+  GPTQ calibrates on 1024 other sentences padded to each batch's longest (``weight_rounding``).
+  Embedding cosine to fp32 and nearest-neighbour agreement on 256 held-out sentences, steps and
+  minutes.
 
 * pruning: the digits CNN with magnitude pruning during QAT (50 % unstructured, 2:4): top-1,
   sparsity, and the int8 weight bytes the saved model stores (values and bitmask) against dense.
 
-Run: ``python -m benchmarks.qat [digits] [pruning] [minilm] [minilm-w4g32]`` (the first three by default).
+Run: ``python -m benchmarks.qat [digits] [pruning] [minilm] [minilm-w8a8|minilm-w4a8-g32|minilm-w4-g32]``
+(the first three by default; ``minilm-<format>`` runs that format's rows alone).
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ import torch.nn.functional as F
 
 import qcompile
 from benchmarks.cpu_int8 import embedding_agreement, minilm_data
+from benchmarks.weight_rounding import unpadded_calibration
 from examples.qat_digits import Digits, accuracy, digits, qat, train_float, w_a8
 from qcompile.qat import fit
 from qcompile.qconfig import INT8_ACTIVATION
@@ -145,6 +154,8 @@ def minilm_table(steps: int = 150, only: tuple[str, ...] = ()) -> None:
     model, tokenizer = load_minilm()
     teacher = SentenceEmbedder(model).eval()
     calibration, evaluation = minilm_data()
+    # GPTQ's Hessians come from real tokens: batches padded to their longest, not to 128
+    unpadded = unpadded_calibration(tokenizer)
     sentences = docstring_sentences(1024, skip=512)  # none of them calibrates or evaluates
     train = [minilm_inputs(tokenizer, sentences[i:i + 16], 64) for i in range(0, len(sentences), 16)]
     with torch.no_grad():
@@ -152,41 +163,44 @@ def minilm_table(steps: int = 150, only: tuple[str, ...] = ()) -> None:
 
     def quality(run) -> str:
         with torch.no_grad():
-            return embedding_agreement(torch.cat([run(**b) for b in evaluation]), reference)
+            return embedding_agreement(torch.cat([run(**b).float() for b in evaluation]), reference)
 
     print(f"\nall-MiniLM-L6-v2, 256 held-out sentences (32 x 128 tokens a batch); QAT: {steps} steps of 16 x 64 "
           "tokens, Adam (scales 1e-3), cosine + hidden-state distillation from fp32")
-    weight4 = qcompile.QuantSpec("int4", granularity=qcompile.PerChannel(0))
-    # (QConfig, QAT's smoothing, QAT's weight learning rate): at W8 QAT starts from the smoothed plan
-    # and moves the weights little; at W4 smoothing moves range into the int4 weights (PTQ measured
-    # 0.876 with it, 0.903 without), and the weights need a larger step.
-    # W4-g32 weight-only runs on the int4pack kernel (bf16 activations): no smoothing, no observers.
-    group32 = qcompile.QuantSpec("int4", granularity=qcompile.PerGroup(1, 32))
-    formats = {"W8A8": (None, 0.75, 1e-6), "W4A8": (qcompile.QConfig(by_op={
-        "linear": qcompile.OpQuantConfig(INT8_ACTIVATION, weight4), "embedding": qcompile.OpQuantConfig(None, weight4)}),
-        None, 1e-5), "W4-g32": (qcompile.QConfig(by_op={"linear": qcompile.OpQuantConfig(None, group32)}), None, 1e-5)}
-    for name, (qconfig, qat_smoothing, weight_lr) in formats.items():
+    group32 = qcompile.QuantSpec("int4", False, qcompile.PerGroup(1, 32), "mse")
+    gptq32 = dataclasses.replace(group32, rounding="gptq")
+    w4a8 = lambda weight: qcompile.QConfig(by_op={"linear": qcompile.OpQuantConfig(INT8_ACTIVATION, weight)})  # noqa: E731
+    w4 = lambda weight: qcompile.QConfig(by_op={"linear": qcompile.OpQuantConfig(None, weight)})  # noqa: E731
+    # Per format: the PTQ rows (label, QConfig, smoothing, calibration) and the QAT row's start (the
+    # last PTQ row's plan) and weight learning rate. At W8 QAT starts from the smoothed plan and moves
+    # the weights little; at W4 it starts from GPTQ's weights (with smoothing chosen per value by
+    # local error where activations are quantized: a fixed 0.75 moves too much range into int4).
+    formats = {
+        "W8A8": ([("PTQ min-max", None, None, calibration), ("PTQ, smoothing 0.75", None, 0.75, calibration)], 1e-6),
+        "W4A8-g32": ([("PTQ nearest", w4a8(group32), None, calibration),
+                      ("PTQ GPTQ", w4a8(gptq32), None, unpadded),
+                      ("PTQ GPTQ, smoothing auto", w4a8(gptq32), "auto", unpadded)], 1e-5),
+        "W4-g32": ([("PTQ nearest", w4(group32), None, calibration),
+                    ("PTQ GPTQ", w4(gptq32), None, unpadded)], 1e-5),
+    }
+    for name, (rows, weight_lr) in formats.items():
         if only and name not in only:
             continue
-        for smoothing in (None, 0.75):
-            label = "PTQ min-max" + (", smoothing 0.75" if smoothing else "")
-            try:
-                ptq = qcompile.compile(teacher, calibration_data=calibration, qconfig=qconfig,
-                                       outlier_smoothing=smoothing, progress=False)
-            except qcompile.QCompileError as exc:  # a refusal is a result to print
-                print(f"{name}  {label:<28} refused: {str(exc).splitlines()[0][:160]}")
-                continue
-            print(f"{name}  {label:<28} {quality(ptq)}")
+        for label, qconfig, smoothing, data in rows:
+            ptq = qcompile.compile(teacher, calibration_data=data, qconfig=qconfig, outlier_smoothing=smoothing,
+                                   progress=False)
+            print(f"{name:<9} {label:<36} {quality(ptq)}", flush=True)
+        _, qconfig, smoothing, data = rows[-1]
         start = time.perf_counter()
-        prepared = qcompile.prepare_qat(teacher, calibration_data=calibration, qconfig=qconfig, progress=False,
-                                        outlier_smoothing=qat_smoothing)
+        prepared = qcompile.prepare_qat(teacher, calibration_data=data, qconfig=qconfig, progress=False,
+                                        outlier_smoothing=smoothing)
         prepared.disable_dropout()
         fit(prepared, teacher, train, steps=steps, lr=weight_lr, scale_lr=1e-3, output_loss="cosine",
             layers=[f"model.encoder.layer.{i}" for i in range(6)], progress=False)
         minutes = (time.perf_counter() - start) / 60
         lowered = qcompile.convert_qat(prepared)
-        label = f"QAT, smoothing {qat_smoothing}, lr {weight_lr:g}"
-        print(f"{name}  {label:<28} {quality(lowered)}  ({steps} steps, {minutes:.1f} min)")
+        label = f"QAT from the last PTQ row, lr {weight_lr:g}"
+        print(f"{name:<9} {label:<36} {quality(lowered)}  ({steps} steps, {minutes:.1f} min)", flush=True)
 
 
 def main() -> None:
@@ -199,8 +213,9 @@ def main() -> None:
         pruning_table()
     if "minilm" in chosen:
         minilm_table()
-    if "minilm-w4g32" in chosen:  # the weight-only int4 row alone
-        minilm_table(only=("W4-g32",))
+    for name in ("W8A8", "W4A8-g32", "W4-g32"):  # one format alone: minilm-w4a8-g32, ...
+        if f"minilm-{name.lower()}" in chosen:
+            minilm_table(only=(name,))
 
 
 if __name__ == "__main__":
