@@ -14,7 +14,7 @@
 
   * W8A8 (int8 per-channel weights, uint8 activations): min-max, then smoothing 0.75;
   * W4A8-g32 (int4 in affine groups of 32, uint8 activations; cpu-int8 runs the groups on the
-    weight-only kernel after the activations' Q/DQ): min-max, GPTQ, GPTQ with smoothing "auto";
+    weight-only kernel after the activations' Q/DQ): round-to-nearest, GPTQ, GPTQ with smoothing "auto";
   * W4-g32 weight-only: round-to-nearest with the clip searched by MSE, then GPTQ.
 
   GPTQ calibrates on 1024 other sentences padded to each batch's longest (``weight_rounding``).
