@@ -97,6 +97,17 @@ def _kernel_descriptions(lowered: fx.GraphModule, target: Target) -> dict[str, s
     return kernels
 
 
+def _through_merges(lowered: fx.GraphModule, kept: dict[str, str]) -> dict[str, str]:
+    """``kept`` (why a node stayed reference Q/DQ, by name) with each merged node's reason also
+    given to the nodes its slices stand for: the q/k/v projections of one merged linear."""
+    found = dict(kept)
+    for source, stand_in in stand_ins(lowered.graph).items():
+        producer = next(iter(stand_in.all_input_nodes), None)
+        if producer is not None and producer.name in kept:
+            found.setdefault(source, kept[producer.name])
+    return found
+
+
 class QuantizedModel(nn.Module):
     """A compiled model: callable like the original, carrying its report and its Q/DQ graph."""
 
@@ -289,7 +300,7 @@ def complete_report(context: CompileContext, lowered: fx.GraphModule) -> None:
         report.notes.append("SQNR is measured against the float model as it was before QAT")
     else:
         _warn_low_fidelity(report, sqnr)
-    kept = report.diagnostics("kept", stage="lower")
+    kept = _through_merges(lowered, report.diagnostics("kept", stage="lower"))
     report.nodes = describe_plan(planned, _kernel_descriptions(lowered, target), kept, sqnr, target.unlowered)
     report.plan = resolved_plan(planned, qdq)
     report.graph = plan_graph(planned)

@@ -375,3 +375,20 @@ def test_w4a8_groups_stay_reference_qdq_where_the_cpu_has_no_bf16_gemm(monkeypat
     assert {n.precision for n in linears} == {"int8-ref"}
     assert all("no native bf16 GEMM" in n.detail for n in linears)
     assert all(n.sqnr_db > 15 for n in linears)  # int4 groups and uint8 activations, not float
+
+
+def test_merged_projections_that_stay_reference_each_say_why(monkeypatch):
+    """q/k/v merged into one linear that the CPU cannot run weight-only: each projection's report
+    line gives the merged linear's reason, not just "not lowered"."""
+    monkeypatch.setattr(cpu_features, "cpu_flags", lambda: frozenset({"avx2"}))
+    from tests.models import TinySelfAttention
+
+    model = TinySelfAttention(width=64)
+    data = [(torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(i)),) for i in range(2)]
+    qm = qcompile.compile(model, calibration_data=data, qconfig=INT8_WO, progress=False)
+    merged = next(p for p in qm.report.passes if p.name == "merge-sibling-linears")
+    assert merged.changed
+    details = {n.name: n.detail for n in qm.report.nodes if n.op == "linear"}
+    assert len(details) == 4
+    assert all(detail.endswith("no native bf16 GEMM (AVX512-BF16 or AMX): the weight-only kernels would be "
+                               "slower than fp32") for detail in details.values()), details
