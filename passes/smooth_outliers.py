@@ -48,7 +48,7 @@ from torch import fx
 from qcompile.ir.graph import add_constant, constant_value, insert_call, op_arguments, remove_dead_nodes
 from qcompile.ir.meta import Provenance
 from qcompile.pipeline import Pass, PassResult
-from qcompile.outliers import LINEAR, ZERO_PRESERVING, quantized_linear_inputs, smoothing_plan
+from qcompile.outliers import LINEAR, ZERO_PRESERVING, factor_vector, quantized_linear_inputs, smoothing_plan
 from qcompile.qconfig import op_kind
 from qcompile.targets.cpu_int8.fuse_patterns import residual_operand
 
@@ -188,9 +188,7 @@ class SmoothOutliers(Pass):
                channels: tuple[tuple[int, float], ...]) -> None:
         provenance = Provenance(self.name, "scale", (value.name,))
         val = value.meta["val"]
-        factors = torch.ones(int(val.shape[-1]), dtype=torch.float32)  # channels: static, even if export kept a symbol
-        for channel, factor in channels:
-            factors[channel] = factor
+        factors = factor_vector(int(val.shape[-1]), channels)  # channels: static, even if export kept a symbol
         first = readers[0]
         inverse = add_constant(gm, (1.0 / factors).to(val.dtype), f"{value.name}_smoothing", before=first)
         smoothed = insert_call(gm, aten.mul.Tensor, (value, inverse), before=first, provenance=provenance,

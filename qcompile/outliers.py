@@ -125,6 +125,15 @@ def smoothing_factors(absmax: torch.Tensor, alpha: float) -> tuple[tuple[int, fl
                  if float(absmax[c]) > median)
 
 
+def factor_vector(width: int, channels: tuple[tuple[int, float], ...]) -> torch.Tensor:
+    """The per-channel factors s of ``channels`` ((channel, factor) pairs) over ``width``
+    channels, 1 for the channels not listed."""
+    factors = torch.ones(width, dtype=torch.float32)
+    for channel, factor in channels:
+        factors[channel] = factor
+    return factors
+
+
 @torch.no_grad()
 def local_error(x: torch.Tensor, readers: list[tuple[torch.Tensor, QuantSpec, QuantSpec | None]],
                 factors: torch.Tensor) -> float:
@@ -134,7 +143,7 @@ def local_error(x: torch.Tensor, readers: list[tuple[torch.Tensor, QuantSpec, Qu
     lo, hi = smoothed.amin(), smoothed.amax()
     error = total = 0.0
     for weight, activation, weight_spec in readers:
-        scale, zero_point = compute_qparams(lo, hi, activation)
+        scale, zero_point = compute_qparams(lo, hi, activation)  # readers may differ in format
         xq = fake_quantize(smoothed, scale, zero_point.float(), activation)
         w = weight.float() * factors
         if weight_spec is not None:
@@ -161,10 +170,7 @@ def _auto_factors(gm: fx.GraphModule, value: fx.Node, statistics: _ChannelStatis
         channels = smoothing_factors(statistics.absmax, alpha) if alpha > 0 else ()
         if not channels:
             continue
-        factors = torch.ones(x.shape[-1])
-        for channel, factor in channels:
-            factors[channel] = factor
-        error = local_error(x, readers, factors)
+        error = local_error(x, readers, factor_vector(x.shape[-1], channels))
         if error < best[2]:
             best = (channels, alpha, error)
     return best

@@ -6,7 +6,7 @@ from qcompile.passes import Annotate, SmoothOutliers
 
 import qcompile
 from qcompile import QuantSpec
-from qcompile.outliers import AUTO_ALPHAS, channel_statistics, local_error, outlier_channels, smoothing_factors, \
+from qcompile.outliers import AUTO_ALPHAS, channel_statistics, factor_vector, local_error, outlier_channels, smoothing_factors, \
     smoothing_plan
 from qcompile.report import node_outputs
 from qcompile.testing import assert_graph_diff, assert_pass_contract, check_graph
@@ -179,10 +179,7 @@ def test_auto_smoothing_chooses_each_values_strength_of_least_local_error():
     readers = [(OutlierBlock().up.weight.detach(), *INT8_LINEAR)]
 
     def error(alpha):
-        factors = torch.ones(32)
-        for channel, factor in smoothing_factors(absmax, alpha) if alpha else ():
-            factors[channel] = factor
-        return local_error(values, readers, factors)
+        return local_error(values, readers, factor_vector(32, smoothing_factors(absmax, alpha) if alpha else ()))
 
     best = min(AUTO_ALPHAS, key=error)
     assert chosen == {"layer_norm": best} and best > 0  # channel 3 at 12x: smoothing pays
