@@ -96,19 +96,20 @@ class InsertFakeQuant(Pass):
                 value = constant_expression(gm, weight)
                 if value is None:
                     continue  # already fake-quantized: running the pass twice changes nothing
-                rounded = quantized_weight(gm, weight)
+                found = quantized_weight(gm, weight)
+                rounded = found[0] if found is not None else None  # its dequantize, when the plan rounded it
                 if rounded is not None:  # rounded by the plan (gptq, correct-bias): train from its values
-                    stem = rounded[0].q.target if rounded[0].q.op == "get_attr" else f"{node.name}_weight"
+                    stem = rounded.q.target if rounded.q.op == "get_attr" else f"{node.name}_weight"
                     weight = add_constant(gm, value, f"{str(stem).removesuffix('_q')}_rounded", before=node)
-                    set_provenance(weight, Provenance(self.name, sources=(rounded[0].node.name,)))
+                    set_provenance(weight, Provenance(self.name, sources=(rounded.node.name,)))
                     node.update_arg(index, weight)
                 batch_norm = next(iter(node.users)) if len(node.users) == 1 else None
                 if op_kind(node) in CONVOLUTIONS and index == 1 and is_batch_norm_switch(gm, batch_norm):
                     self._fold_ready(gm, node, batch_norm, edge.spec)
                     folded += 1
                 else:
-                    grid = None if rounded is None else (constant_value(gm, rounded[0].scale),
-                                                         constant_value(gm, rounded[0].zero_point))
+                    grid = None if rounded is None else (constant_value(gm, rounded.scale),
+                                                         constant_value(gm, rounded.zero_point))
                     node.update_arg(index, self._fake_quantize(gm, weight, value, edge.spec, before=node,
                                                                where=_where(node), grid=grid))
                 weights += 1

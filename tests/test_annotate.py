@@ -47,7 +47,7 @@ def test_qconfig_none_and_unsupported_specs_stay_float_with_the_reason():
     result = Annotate(qconfig=qconfig)(cleaned(TinyBlock(), x))
     plans = {n.name: qcompile.get_qspec(n) for n in result.graph_module.graph.nodes if qcompile.get_qspec(n)}
     assert plans["linear_1"].float_reason == "the QConfig keeps it float (module name 'down')"
-    assert plans["linear"].float_reason == "affine weights (kernel takes symmetric weights, zero point 0; affine only in weight-only groups)"
+    assert plans["linear"].float_reason == "affine weights (kernel takes symmetric weights, zero point 0; affine only in groups)"
     assert plans["layer_norm"].float_reason == "cpu-int8 has no int8 kernel for 'layer_norm'"
     assert result.stats["quantized"] == 0
     assert set(result.of_kind("unsupported")) == {"linear", "layer_norm"}

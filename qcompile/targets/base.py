@@ -116,7 +116,7 @@ class OpRule:
                                           else self.dequantized_activation_granularities))
         # A kernel that takes weight-only groups takes each group's zero point with its scale.
         if not weight.symmetric and not (isinstance(weight.granularity, PerGroup) and PerGroup in taken):
-            return "affine weights (kernel takes symmetric weights, zero point 0; affine only in weight-only groups)"
+            return "affine weights (kernel takes symmetric weights, zero point 0; affine only in groups)"
         if isinstance(weight.granularity, PerChannel) and weight.granularity.axis != 0:
             return f"weight {weight.granularity} (kernel takes output channels, axis 0)"
         if isinstance(weight.granularity, PerGroup) and weight.granularity.axis not in (1, -1) and PerGroup in taken:
