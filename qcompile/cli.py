@@ -45,6 +45,7 @@ from qcompile.artifact import FORMAT_VERSION, read_artifact
 from qcompile.errors import ArtifactError, QCompileError
 from qcompile.instruments import DumpIR
 from qcompile.ir.printer import print_graph
+from qcompile.outliers import check_smoothing
 from qcompile.profile import median_ms, profile_ops
 from qcompile.report import CompileReport
 from qcompile.targets import targets
@@ -188,10 +189,9 @@ def _smoothing(value: str) -> float | str:
         return value
     try:
         strength = float(value)
-    except ValueError:
-        strength = -1.0
-    if not 0.0 <= strength <= 1.0:
-        raise click.BadParameter(f'{value!r} is neither a strength from 0 to 1 nor "auto"')
+        check_smoothing(strength)
+    except (ValueError, QCompileError):
+        raise click.BadParameter(f'{value!r} is neither a strength from 0 to 1 nor "auto"') from None
     return strength
 
 
