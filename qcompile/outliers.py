@@ -141,10 +141,13 @@ def local_error(x: torch.Tensor, readers: list[tuple[torch.Tensor, QuantSpec, Qu
     over ``readers``' (weight, activation spec, weight spec or None for a float weight)."""
     smoothed = x / factors
     lo, hi = smoothed.amin(), smoothed.amax()
+    quantized: dict[QuantSpec, torch.Tensor] = {}  # Q_x(X / s) per activation format among the readers
     error = total = 0.0
     for weight, activation, weight_spec in readers:
-        scale, zero_point = compute_qparams(lo, hi, activation)  # readers may differ in format
-        xq = fake_quantize(smoothed, scale, zero_point.float(), activation)
+        if activation not in quantized:
+            scale, zero_point = compute_qparams(lo, hi, activation)
+            quantized[activation] = fake_quantize(smoothed, scale, zero_point.float(), activation)
+        xq = quantized[activation]
         w = weight.float() * factors
         if weight_spec is not None:
             w_scale, w_zero_point = weight_qparams(w, weight_spec)
