@@ -7,8 +7,10 @@ and the compile time. Calibration: 1024 other sentences in batches of 16 padded 
 longest (a batch padded to 128 tokens is mostly [PAD] rows, which would dominate GPTQ's
 Hessian: 87 % of the rows of ``minilm_data``'s batches are padding).
 
-GPTQ rows refit each group's scale for the integers it chose (``gptq``'s default); one row keeps
-round-to-nearest's scales, to show what the refit adds.
+GPTQ rows refit each group's scale for the integers it chose and then revisit each integer by
+coordinate descent (``gptq``'s defaults); the "no descent" rows leave out the descent and
+"neither" the refit too, to show what each adds. With ``bias_correction`` GPTQ rounds for the
+error left once the bias takes its mean, and shifts the bias.
 
 Run: ``python -m benchmarks.weight_rounding [sequential]`` (``sequential`` adds GPTQ's
 level-by-level Hessians).
@@ -26,7 +28,7 @@ import torch
 import qcompile
 from benchmarks.cpu_int8 import embedding_agreement, minilm_data
 from qcompile.passes import Gptq
-from qcompile.targets import get_target
+from qcompile.targets import Target, get_target
 from tests.models import SentenceEmbedder, docstring_sentences, load_minilm
 
 CALIBRATION_SENTENCES = 1024
@@ -61,16 +63,25 @@ def main() -> None:
                                                                       bias_correction=True),
         "GPTQ, min-max, symmetric": qcompile.QuantSpec("int4", granularity=group, rounding="gptq"),
         "GPTQ, mse clip, affine": qcompile.QuantSpec("int4", False, group, "mse", rounding="gptq"),
+        "GPTQ + bias correction, mse, affine": qcompile.QuantSpec("int4", False, group, "mse", rounding="gptq",
+                                                                   bias_correction=True),
     }
     cpu = get_target("cpu-int8")
-    sequential_target = replace(cpu, prepare=cpu.pipeline("prepare").replace("gptq", Gptq(sequential=True)))
-    static_scales_target = replace(cpu, prepare=cpu.pipeline("prepare").replace("gptq", Gptq(refit_scales=False)))
+
+    def with_gptq(**options) -> Target:
+        return replace(cpu, prepare=cpu.pipeline("prepare").replace("gptq", Gptq(**options)))
+
     print(f"all-MiniLM-L6-v2, weight-only int4 in groups of 32; {CALIBRATION_SENTENCES} calibration sentences, "
           "256 held-out ones")
     runs = [(name, spec, "cpu-int8") for name, spec in rows.items()]
-    runs.append(("GPTQ, mse clip, affine, scales not refit", rows["GPTQ, mse clip, affine"], static_scales_target))
+    runs += [("GPTQ, mse clip, affine, no descent", rows["GPTQ, mse clip, affine"], with_gptq(descent_sweeps=0)),
+             ("GPTQ, mse clip, affine, neither", rows["GPTQ, mse clip, affine"],
+              with_gptq(descent_sweeps=0, refit_scales=False)),
+             ("GPTQ + bias correction, no descent", rows["GPTQ + bias correction, mse, affine"],
+              with_gptq(descent_sweeps=0))]
     if "sequential" in sys.argv[1:]:
-        runs.append(("GPTQ, mse clip, affine, sequential", rows["GPTQ, mse clip, affine"], sequential_target))
+        runs.append(("GPTQ + bias correction, sequential", rows["GPTQ + bias correction, mse, affine"],
+                     with_gptq(sequential=True)))
     for name, spec, target in runs:
         qconfig = qcompile.QConfig(by_op={"linear": qcompile.OpQuantConfig(None, spec)})
         start = time.perf_counter()

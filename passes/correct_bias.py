@@ -13,8 +13,9 @@ inputs and over every output position. The op is linear in its weight, so
 keeps only the zero-mean part of the error (Nagel et al.'s empirical bias correction). δ is
 measured by running op(x, ΔW, None) itself on the calibration inputs, exact for any stride,
 padding or groups. The rounding is round-to-nearest with the scale ``convert`` would take, and
-the weight leaves the pass in its Q/DQ form; GPTQ compensates its own error, so a spec asks for
-one or the other. An op without a bias gets none (its plan has no bias edge for the int32 bias
+the weight leaves the pass in its Q/DQ form. A weight whose spec also says ``rounding="gptq"``
+is left to the ``gptq`` pass, which rounds for the error left once the bias takes its mean and
+shifts the bias itself. An op without a bias gets none (its plan has no bias edge for the int32 bias
 a kernel adds); it is named in a diagnostic.
 
 Inside a compile, :meth:`CorrectBias.run` measures δ on the context's calibration data and
@@ -99,6 +100,11 @@ def _write_weight(gm: fx.GraphModule, node: fx.Node, index: int, spec: QuantSpec
     return replacement
 
 
+def corrected_to_nearest(spec: QuantSpec) -> bool:
+    """Whether this pass corrects a weight of ``spec``: ``gptq`` shifts the biases of the weights it rounds."""
+    return spec.bias_correction and spec.rounding == "nearest"
+
+
 @dataclass(frozen=True)
 class CorrectBias(Pass):
     name: ClassVar[str] = "correct-bias"
@@ -108,7 +114,7 @@ class CorrectBias(Pass):
 
     def run(self, gm: fx.GraphModule, context: CompileContext | None = None) -> PassResult:
         """Measure δ of every planned op on the compile's calibration data and bind it."""
-        found = [(n, i, s) for n, i, s in planned_weights(gm, lambda spec: spec.bias_correction) if constant_value(gm, op_arguments(n).get("bias")) is not None]
+        found = [(n, i, s) for n, i, s in planned_weights(gm, corrected_to_nearest) if constant_value(gm, op_arguments(n).get("bias")) is not None]
         if self.shifts is not None or context is None or context.dynamic or not found:
             return self(gm)
         work, recorders = copy_graph_module(gm), []
@@ -123,7 +129,7 @@ class CorrectBias(Pass):
         return replace(self, shifts=BiasShifts(shifts))(gm)
 
     def call(self, gm: fx.GraphModule) -> PassResult:
-        found = planned_weights(gm, lambda spec: spec.bias_correction)
+        found = planned_weights(gm, corrected_to_nearest)
         if not found:
             return PassResult(gm, False)
         shifts = dict(self.shifts.shifts) if self.shifts is not None else None

@@ -6,7 +6,15 @@
 The grid is the one ``convert`` would take from W's own range (static groups) while GPTQ picks
 the integers W_q (:mod:`qcompile.gptq`) for the Hessian H_x = XᵀX / n of the op's inputs on the
 calibration data; then (``refit_scales``, the default) each group's S is refit by least squares
-under the same H_x for those integers, Z kept. A ``conv2d`` (one group)
+under the same H_x for those integers, Z kept, and coordinate descent revisits each code with
+all the others fixed (``descent_sweeps``). With the spec's ``bias_correction`` and a bias, every
+step minimises the error left once the bias takes its mean, on the covariance H_x − μμᵀ, and
+
+    linear(x, W, b)   ->   linear(x, dequantize(W_q, S, Z), b − (Ŵ − W) μ)        μ = mean input row
+
+On all-MiniLM-L6-v2 at W4 groups of 32 (affine, mse clip), cosine to fp32 on 256 held-out
+sentences: 0.99458 after GPTQ and the refit, 0.99474 with descent, 0.99521 centred without
+descent, 0.99541 with both (``benchmarks.weight_rounding``). A ``conv2d`` (one group)
 is the same problem over its input patches, its weight read as [out, in · kh · kw]. The weight
 leaves the pass in the Q/DQ form ``convert`` writes, which ``convert`` then keeps as it is
 (taking its scale for an int32 bias).
@@ -30,7 +38,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -38,9 +46,17 @@ from torch import Tensor, fx
 
 from qcompile.calibration import record
 from qcompile.errors import NodeError, QCompileError
-from qcompile.gptq import BLOCK_SIZE, DAMPING, HessianRecorder, elementwise, gptq_round, refit_scales
+from qcompile.gptq import (BLOCK_SIZE, DAMPING, DESCENT_SWEEPS, HessianRecorder, descend_codes, elementwise, gptq_round,
+                           refit_scales)
 from qcompile.fake_quant import weight_qparams
-from qcompile.ir.graph import constant_value, copy_graph_module, op_arguments, remove_dead_nodes
+from qcompile.ir.graph import (
+    add_constant,
+    constant_value,
+    copy_graph_module,
+    op_arguments,
+    remove_dead_nodes,
+    set_argument,
+)
 from qcompile.passes.convert import planned_weights, quantized_weight_constant
 from qcompile.pipeline import Diagnostic, Pass, PassResult
 from qcompile.spec import PerChannel, PerGroup, QuantSpec
@@ -51,12 +67,23 @@ if TYPE_CHECKING:
 aten = torch.ops.aten
 
 
+class RoundedWeight(NamedTuple):
+    """One op's rounded weight (on its grid), scale and zero point, and its shifted bias (None
+    where the bias stays)."""
+
+    name: str
+    values: Tensor
+    scale: Tensor
+    zero_point: Tensor
+    bias: Tensor | None = None
+
+
 @dataclass(frozen=True, eq=False)
 class RoundedWeights:
-    """What :meth:`Gptq.run` bound: each node's rounded weight (on its grid), scale and zero
-    point, and the nodes rounded to nearest instead, with why."""
+    """What :meth:`Gptq.run` bound: each node's rounded weight, and the nodes rounded to
+    nearest instead, with why."""
 
-    weights: tuple[tuple[str, Tensor, Tensor, Tensor], ...] = ()
+    weights: tuple[RoundedWeight, ...] = ()
     nearest: tuple[tuple[str, str], ...] = ()
 
     def __str__(self) -> str:
@@ -110,6 +137,9 @@ class Gptq(Pass):
     sequential: bool = False
     # Scales refit by least squares for the codes GPTQ chose (qcompile.gptq.refit_scales).
     refit_scales: bool = True
+    # At most this many coordinate-descent sweeps over the codes after GPTQ, each followed by a
+    # refit (qcompile.gptq.descend_codes); they stop early once no code moves.
+    descent_sweeps: int = DESCENT_SWEEPS
     rounded: RoundedWeights | None = field(default=None, compare=False)
 
     def run(self, gm: fx.GraphModule, context: CompileContext | None = None) -> PassResult:
@@ -143,7 +173,7 @@ class Gptq(Pass):
         return replace(self, rounded=RoundedWeights(tuple(weights), tuple(nearest)))(gm)
 
     def _round(self, gm: fx.GraphModule, node: fx.Node, index: int, spec: QuantSpec,
-               recorder: HessianRecorder | None) -> tuple[str, Tensor, Tensor, Tensor]:
+               recorder: HessianRecorder | None) -> RoundedWeight:
         weight = constant_value(gm, node.args[index])
         hessian = recorder.hessian() if recorder is not None else None
         try:
@@ -151,17 +181,31 @@ class Gptq(Pass):
         except QCompileError as exc:
             raise NodeError(node, str(exc)) from None
         if recorder is None:  # round to nearest: the Q/DQ form quantizes the weight itself
-            return node.name, weight, scale, zero_point
+            return RoundedWeight(node.name, weight, scale, zero_point)
         flat = weight.reshape(weight.shape[0], -1)
+        bias = constant_value(gm, op_arguments(node).get("bias"))
+        centred = spec.bias_correction and bias is not None
+        if centred:
+            mean = recorder.mean()
+            hessian = hessian - torch.outer(mean, mean)
         try:
             values = gptq_round(flat, hessian, elementwise(scale, spec, flat.shape),
                                 elementwise(zero_point, spec, flat.shape), spec, damping=self.damping,
                                 block_size=self.block_size, act_order=self.act_order)
             if self.refit_scales:
                 scale, values = refit_scales(flat, hessian, values, scale, spec)
+            for _ in range(self.descent_sweeps):
+                values, moved = descend_codes(flat, hessian, values, elementwise(scale, spec, flat.shape),
+                                              elementwise(zero_point, spec, flat.shape), spec,
+                                              block_size=self.block_size)
+                if self.refit_scales:
+                    scale, values = refit_scales(flat, hessian, values, scale, spec)
+                if not moved:
+                    break
         except ValueError as exc:
             raise NodeError(node, f"GPTQ: {exc}") from None
-        return node.name, values.reshape(weight.shape).to(weight.dtype), scale, zero_point
+        shifted = bias - ((values - flat.float()).double() @ mean).to(bias.dtype) if centred else None
+        return RoundedWeight(node.name, values.reshape(weight.shape).to(weight.dtype), scale, zero_point, shifted)
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         found = planned(gm)
@@ -178,14 +222,17 @@ class Gptq(Pass):
 
 
 def _write(gm: fx.GraphModule, rounded: RoundedWeights, pass_name: str) -> int:
-    """Each rounded weight into its op as the Q/DQ form ``convert`` writes; returns how many."""
-    chosen = {name: (values, scale, zero_point) for name, values, scale, zero_point in rounded.weights}
+    """Each rounded weight (and shifted bias) into its op, the weight as the Q/DQ form ``convert``
+    writes; returns how many."""
+    chosen = {weight.name: weight for weight in rounded.weights}
     written = 0
     for node, index, spec in planned(gm):
         if node.name not in chosen:
             continue
-        values, scale, zero_point = chosen[node.name]
-        node.update_arg(index, quantized_weight_constant(gm, values, scale, zero_point, spec, before=node,
-                                                         pass_name=pass_name, source=node.args[index]))
+        weight = chosen[node.name]
+        node.update_arg(index, quantized_weight_constant(gm, weight.values, weight.scale, weight.zero_point, spec,
+                                                         before=node, pass_name=pass_name, source=node.args[index]))
+        if weight.bias is not None:
+            set_argument(node, "bias", add_constant(gm, weight.bias, f"{node.name}_corrected_bias", before=node))
         written += 1
     return written

@@ -28,6 +28,23 @@ D_r [k, groups] holding d in each group's column), so the scales that minimise t
 error (w_r − D_r s)ᵀ H (w_r − D_r s) solve the small system (D_rᵀ H D_r) s = D_rᵀ H w_r
 (:func:`refit_scales`; integer formats per group or channel, a scale kept where its group's
 system is degenerate or its solution not positive).
+
+GPTQ decides each column once, against the columns after it; the columns before it never see
+the later ones' errors. Coordinate descent (:func:`descend_codes`) then revisits every column
+with all the others fixed: with the rounded row's error e = ŵ − w and g = e H, the output
+error as a function of ŵ_j alone is the parabola  2 (v − ŵ_j) g_j + (v − ŵ_j)² H_jj + const,
+whose minimum is at v* = ŵ_j − g_j / H_jj. The grid point nearest v* is the best one (a
+parabola is symmetric about its vertex; the clamp to [qmin, qmax] keeps that true), so each
+step lowers the error or leaves it, and a step that moves ŵ_j by δ updates g += δ H_j. Sweeps
+alternate with the scale refit (each lowers the same error with the other's variables fixed)
+until no code moves; the Hessian here is the undamped one, the error itself.
+
+An op with a bias can also take the mean of its output error out of that bias (the spec's
+``bias_correction``). The error left is then the centred one: for E = Ŵ − W and rows X with
+mean μ, min over c of ‖X Eᵀ − 1 cᵀ‖² / n is reached at c = E μ and equals Σ_r e_rᵀ (H − μμᵀ) e_r,
+so every step above runs on the covariance C = H − μμᵀ in place of H, and the bias becomes
+b − (Ŵ − W) μ. Rounding spends nothing on the part of the error a constant removes (in a
+transformer the outlier channels after a LayerNorm are mostly such a constant).
 """
 
 from __future__ import annotations
@@ -41,22 +58,26 @@ from qcompile.spec import PerChannel, PerGroup, QuantSpec
 
 DAMPING = 0.01
 BLOCK_SIZE = 128
+DESCENT_SWEEPS = 3
 REFIT_ROWS = 64  # rows per chunk of refit_scales' systems
 
 
 class HessianRecorder(nn.Module):
-    """Accumulates XᵀX and the row count of the rows ``rows(x)`` makes of each input it is called on."""
+    """Accumulates XᵀX, the column sums and the row count of the rows ``rows(x)`` makes of each
+    input it is called on."""
 
     def __init__(self, rows: Callable[[Tensor], Tensor]) -> None:
         super().__init__()
         self.rows = rows
         self.xtx: Tensor | None = None
+        self.total: Tensor | None = None
         self.count = 0
 
     def forward(self, x: Tensor) -> Tensor:
         rows = self.rows(x.detach()).float()
-        product = (rows.T @ rows).double()
+        product, total = (rows.T @ rows).double(), rows.double().sum(0)
         self.xtx = product if self.xtx is None else self.xtx + product
+        self.total = total if self.total is None else self.total + total
         self.count += rows.shape[0]
         return x
 
@@ -65,6 +86,12 @@ class HessianRecorder(nn.Module):
         if self.xtx is None:
             raise ValueError("the recorder saw no input")
         return self.xtx / max(self.count, 1)
+
+    def mean(self) -> Tensor:
+        """μ = Xᵀ1 / n (float64), the mean row."""
+        if self.total is None:
+            raise ValueError("the recorder saw no input")
+        return self.total / max(self.count, 1)
 
 
 def elementwise(param: Tensor, spec: QuantSpec, shape: torch.Size) -> Tensor:
@@ -117,6 +144,34 @@ def refit_scales(weight: Tensor, hessian: Tensor, rounded: Tensor, scale: Tensor
     keep = (info != 0).unsqueeze(-1) | ~torch.isfinite(solved) | (solved <= 0)
     refit = torch.where(keep, old, solved).to(scale.dtype).reshape(scale.shape)
     return refit, (codes * elementwise(refit, spec, w.shape).double()).to(rounded.dtype)
+
+
+def descend_codes(weight: Tensor, hessian: Tensor, rounded: Tensor, scale: Tensor, zero_point: Tensor,
+                  spec: QuantSpec, *, block_size: int = BLOCK_SIZE) -> tuple[Tensor, int]:
+    """One coordinate-descent sweep over the columns of ``rounded`` (module doc): the rounded
+    values after it, on the grid of ``scale`` / ``zero_point`` (per element, [out, k]), and how
+    many values moved. Columns no input reached (H_jj = 0) are left as they are. Updates to g
+    are applied within a block of columns as they happen and to the columns after it once per
+    block, as GPTQ batches its own."""
+    w, q, h = weight.detach().float(), rounded.detach().float().clone(), hessian.detach().float()
+    diagonal = h.diagonal()
+    g = (q - w) @ h
+    moved = 0
+    for start in range(0, w.shape[1], block_size):
+        stop = min(start + block_size, w.shape[1])
+        local, deltas = g[:, start:stop].clone(), torch.zeros(w.shape[0], stop - start)
+        for i, j in enumerate(range(start, stop)):
+            if diagonal[j] <= 0:
+                continue
+            best = _round(q[:, j] - local[:, i] / diagonal[j], scale[:, j], zero_point[:, j], spec)
+            delta = best - q[:, j]
+            if bool(delta.any()):
+                moved += int(torch.count_nonzero(delta))
+                q[:, j] = best
+                deltas[:, i] = delta
+                local[:, i:] += delta.unsqueeze(1) * h[j, start + i:stop].unsqueeze(0)
+        g += deltas @ h[start:stop]
+    return q.to(rounded.dtype), moved
 
 
 def upper_inverse_factor(hessian: Tensor, damping: float) -> tuple[Tensor, float]:

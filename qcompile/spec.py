@@ -106,8 +106,10 @@ class QuantSpec:
 
     ``rounding`` (weights only) says how the weight's values are put on the grid the scale
     defines: ``nearest`` each on its own, ``gptq`` by the ``gptq`` pass from the calibration
-    inputs. ``bias_correction`` (weights only) has the ``correct-bias`` pass take the mean
-    output error the rounded weight makes on the calibration inputs out of the bias.
+    inputs. ``bias_correction`` (weights only) takes the mean output error the rounded weight
+    makes on the calibration inputs out of the op's bias: the ``correct-bias`` pass does it
+    after rounding to nearest; with ``gptq`` that pass rounds for the error left once the bias
+    takes its mean, and shifts the bias itself.
     """
 
     dtype: str = "int8"
@@ -140,8 +142,6 @@ class QuantSpec:
             raise ValueError(f"QuantSpec rounding '{self.rounding}' is not one of: {', '.join(ROUNDINGS)}")
         if (self.rounding != "nearest" or self.bias_correction) and isinstance(self.granularity, PerToken):
             raise ValueError("rounding and bias_correction are weight options; per-token specs are activations'")
-        if self.rounding == "gptq" and self.bias_correction:
-            raise ValueError("GPTQ compensates its own rounding error; bias_correction is for round-to-nearest weights")
         if self.margin and not self.is_float8:
             raise ValueError("a margin is a float8 option (an integer format's steps are uniform: widen its range)")
         if not 0 <= self.margin <= MAX_MARGIN:

@@ -5,13 +5,20 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from qcompile.passes import Annotate, Gptq
+from qcompile.passes import Annotate, CorrectBias, Gptq
 
 import qcompile
 from qcompile import OpQuantConfig, PerChannel, PerGroup, QConfig, QuantSpec
 from qcompile.context import CompileContext
 from qcompile.fake_quant import weight_qparams
-from qcompile.gptq import HessianRecorder, elementwise, gptq_round, refit_scales, upper_inverse_factor
+from qcompile.gptq import (
+    HessianRecorder,
+    descend_codes,
+    elementwise,
+    gptq_round,
+    refit_scales,
+    upper_inverse_factor,
+)
 from qcompile.ir.graph import constant_expression
 from qcompile.pass_manager import PassManager
 from qcompile.passes.gptq import input_rows, levels
@@ -114,13 +121,49 @@ def test_refit_scales_lower_the_output_error_of_gptq_codes(spec):
     assert error(refit_rounded) < error(rounded)  # least squares over the scales: never worse
 
 
-def test_the_hessian_recorder_accumulates_xtx_over_calls():
+def test_the_hessian_recorder_accumulates_xtx_and_the_mean_row_over_calls():
     recorder = HessianRecorder(lambda x: x.reshape(-1, x.shape[-1]))
-    a, b = torch.randn(3, 5, 8), torch.randn(7, 8)
+    a, b = torch.randn(3, 5, 8), torch.randn(7, 8) + 2.0
     recorder(a)
     recorder(b)
     rows = torch.cat([a.reshape(-1, 8), b])
     torch.testing.assert_close(recorder.hessian(), (rows.T @ rows).double() / 22)
+    torch.testing.assert_close(recorder.mean(), rows.double().mean(0))
+
+
+def output_error(weight, rounded, hessian):
+    """Σ_r (ŵ_r − w_r)ᵀ H (ŵ_r − w_r): the squared output error per calibration row."""
+    delta = (rounded - weight).double()
+    return float(torch.einsum("rk,kl,rl->", delta, hessian, delta))
+
+
+@pytest.mark.parametrize("spec", [QuantSpec("int4", symmetric=False, granularity=PerGroup(1, 8)),
+                                  QuantSpec("int3", granularity=PerChannel(0))])
+def test_descent_lowers_the_error_each_sweep_and_stops_where_no_single_code_can(spec):
+    x = correlated_inputs(512, 16)
+    x[:, 5] = 0  # a column no input reaches: left as it is
+    weight = torch.randn(6, 16)
+    hessian = (x.T @ x).double() / len(x)
+    scale, zero_point = weight_qparams(weight, spec)
+    s, z = elementwise(scale, spec, weight.shape), elementwise(zero_point, spec, weight.shape)
+    rounded = gptq_round(weight, hessian, s, z, spec)
+    errors, moved = [output_error(weight, rounded, hessian)], None
+    while moved != 0:
+        descended, moved = descend_codes(weight, hessian, rounded, s, z, spec, block_size=4)
+        assert int(torch.count_nonzero(descended != rounded)) == moved
+        torch.testing.assert_close(rtn(descended, s, z, spec), descended, rtol=0, atol=0)  # on the grid
+        torch.testing.assert_close(descended[:, 5], rounded[:, 5], rtol=0, atol=0)
+        rounded = descended
+        errors.append(output_error(weight, rounded, hessian))
+    assert len(errors) > 2 and all(b <= a * (1 + 1e-6) for a, b in zip(errors, errors[1:]))
+    assert errors[-1] < errors[0]
+    # a fixed point: no value moved alone to any other grid point lowers the error
+    for r in range(6):
+        for j in set(range(16)) - {5}:
+            for code in range(spec.qmin, spec.qmax + 1):
+                trial = rounded.clone()
+                trial[r, j] = (code - z[r, j]) * s[r, j]
+                assert output_error(weight, trial, hessian) >= errors[-1] * (1 - 1e-9)
 
 
 def test_damping_grows_until_the_factorisation_exists():
@@ -211,6 +254,48 @@ def test_by_default_the_pass_refits_the_scales_for_the_integers_it_chose():
     assert error(refit_w) < error(static_w)
 
 
+def test_with_bias_correction_gptq_rounds_for_the_centred_error_and_shifts_the_bias():
+    # Inputs far from zero: most of XᵀX is μμᵀ, the part of the error a bias shift removes.
+    model, x = TinyBlock(width=64, hidden=128), torch.randn(16, 64)
+    offset = 3.0 * torch.randn(64, generator=torch.Generator().manual_seed(5))
+    data = [(correlated_inputs(64, 64, seed=i) + offset,) for i in range(4)]
+    inputs = torch.cat([x for x, in data])
+    context = CompileContext(get_target("cpu-int8"), ((x,), {}), calibration_data=data)
+    centred_spec = QuantSpec("int4", granularity=PerGroup(1, 32), rounding="gptq", bias_correction=True)
+    before = planned(model, x, centred_spec)
+    result = PassManager([Gptq(), CorrectBias()], context=context, initial_properties=frozenset({"annotated"}))(before)
+    after = result.graph_module
+    assert [r.modified for r in result.records] == [True, False]  # correct-bias leaves GPTQ's weights to it
+    assert_graph_diff(before, after, removed=[
+        "%linear = aten.linear.default(%x, %up_weight, %up_bias)",
+        "%linear_1 = aten.linear.default(%gelu, %down_weight, %down_bias)",
+        "constant up.weight", "constant down.weight", "constant up.bias", "constant down.bias",
+    ], added=[
+        "constant up_weight_q : i8[128,2,32]", "constant up_weight_scale : f32[128,2,1]",
+        "constant up_weight_zero_point : i32[128,2,1]", "constant linear_corrected_bias : f32[128]",
+        "%dequantize_default = qc.dequantize.default(%up_weight_q, %up_weight_scale, %up_weight_zero_point, None, "
+        "torch.float32) : f32[128,2,32]",
+        "%view_default = aten.view.default(%dequantize_default, [128, 64]) : f32[128,64]",
+        "%linear = aten.linear.default(%x, %view_default, %linear_corrected_bias) : f32[s0,128]",
+        "constant down_weight_q : i8[64,4,32]", "constant down_weight_scale : f32[64,4,1]",
+        "constant down_weight_zero_point : i32[64,4,1]", "constant linear_1_corrected_bias : f32[64]",
+        "%dequantize_default_1 = qc.dequantize.default(%down_weight_q, %down_weight_scale, %down_weight_zero_point, "
+        "None, torch.float32) : f32[64,4,32]",
+        "%view_default_1 = aten.view.default(%dequantize_default_1, [64, 128]) : f32[64,128]",
+        "%linear_1 = aten.linear.default(%gelu, %view_default_1, %linear_1_corrected_bias) : f32[s0,64]",
+    ])
+    up = next(n for n in after.graph.nodes if n.name == "linear")
+    rounded, bias = constant_expression(after, up.args[1]), constant_expression(after, up.args[2])
+    error = inputs @ (rounded - model.up.weight.detach()).T + (bias - model.up.bias.detach())
+    # b' = b − (Ŵ − W) μ: the error's mean over the calibration rows is zero
+    torch.testing.assert_close(error.mean(0), torch.zeros(128), rtol=0, atol=1e-4)
+    plain = PassManager([Gptq()], context=context, initial_properties=frozenset({"annotated"}))(
+        planned(model, x, INT4_G32)).graph_module
+    plain_up = constant_expression(plain, next(n for n in plain.graph.nodes if n.name == "linear").args[1])
+    plain_error = inputs @ (plain_up - model.up.weight.detach()).T
+    assert float(error.square().mean()) < 0.9 * float(plain_error.square().mean())
+
+
 def test_a_gptq_plan_without_calibration_data_is_an_error_naming_the_node():
     model, x = TinyBlock(width=64, hidden=128), torch.randn(16, 64)
     with pytest.raises(qcompile.NodeError, match="rounding='gptq', which reads calibration data.*module 'up'"):
@@ -277,6 +362,5 @@ def test_a_grouped_convolution_is_rounded_to_nearest_with_a_diagnostic():
 def test_spec_checks():
     with pytest.raises(ValueError, match="rounding 'optimal' is not one of: nearest, gptq"):
         QuantSpec("int4", rounding="optimal")
-    with pytest.raises(ValueError, match="GPTQ compensates its own rounding error"):
-        QuantSpec("int4", rounding="gptq", bias_correction=True)
+    assert str(QuantSpec("int4", rounding="gptq", bias_correction=True)) == "int4/sym/per-tensor/minmax/gptq/bias-corrected"
     assert str(INT4_G32) == "int4/sym/per-group(1,32)/minmax/gptq"
