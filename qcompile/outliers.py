@@ -134,16 +134,27 @@ def factor_vector(width: int, channels: tuple[tuple[int, float], ...]) -> torch.
     return factors
 
 
+Readers = list[tuple[torch.Tensor, QuantSpec, QuantSpec | None]]  # (weight, activation spec, weight spec)
+
+
+def float_outputs(x: torch.Tensor, readers: Readers) -> list[torch.Tensor]:
+    """x Wᵀ for each reader's weight W: the outputs :func:`local_error` compares with."""
+    return [x @ weight.float().T for weight, _, _ in readers]
+
+
 @torch.no_grad()
-def local_error(x: torch.Tensor, readers: list[tuple[torch.Tensor, QuantSpec, QuantSpec | None]],
-                factors: torch.Tensor) -> float:
+def local_error(x: torch.Tensor, readers: Readers, factors: torch.Tensor,
+                references: list[torch.Tensor] | None = None) -> float:
     """e(α) of the module docstring for the smoothing ``factors`` s (one per channel of ``x``),
-    over ``readers``' (weight, activation spec, weight spec or None for a float weight)."""
+    over ``readers``' (weight, activation spec, weight spec or None for a float weight);
+    ``references`` are the float outputs x Wᵀ per reader, where the caller has them already."""
+    if references is None:
+        references = float_outputs(x, readers)
     smoothed = x / factors
     lo, hi = smoothed.amin(), smoothed.amax()
     quantized: dict[QuantSpec, torch.Tensor] = {}  # Q_x(X / s) per activation format among the readers
     error = total = 0.0
-    for weight, activation, weight_spec in readers:
+    for (weight, activation, weight_spec), reference in zip(readers, references, strict=True):
         if activation not in quantized:
             scale, zero_point = compute_qparams(lo, hi, activation)
             quantized[activation] = fake_quantize(smoothed, scale, zero_point.float(), activation)
@@ -152,7 +163,6 @@ def local_error(x: torch.Tensor, readers: list[tuple[torch.Tensor, QuantSpec, Qu
         if weight_spec is not None:
             w_scale, w_zero_point = weight_qparams(w, weight_spec)
             w = fake_quantize(w, w_scale, w_zero_point.float(), weight_spec)
-        reference = x @ weight.float().T
         error += float((xq @ w.T - reference).square().sum())
         total += float(reference.square().sum())
     return error / max(total, 1e-30)
@@ -168,12 +178,13 @@ def _auto_factors(gm: fx.GraphModule, value: fx.Node, statistics: _ChannelStatis
     if not readers:
         return (), 0.0, 0.0
     x = torch.cat(statistics.sample)
-    best = ((), 0.0, local_error(x, readers, torch.ones(x.shape[-1])))
+    references = float_outputs(x, readers)  # the same for every alpha
+    best = ((), 0.0, local_error(x, readers, torch.ones(x.shape[-1]), references))
     for alpha in AUTO_ALPHAS:
         channels = smoothing_factors(statistics.absmax, alpha) if alpha > 0 else ()
         if not channels:
             continue
-        error = local_error(x, readers, factor_vector(x.shape[-1], channels))
+        error = local_error(x, readers, factor_vector(x.shape[-1], channels), references)
         if error < best[2]:
             best = (channels, alpha, error)
     return best

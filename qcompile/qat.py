@@ -402,20 +402,37 @@ def diverged_scale(qat: QatModel) -> str | None:
     return None
 
 
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def lr_factor(schedule: str, step: int, steps: int) -> float:
+    """The learning rate of step ``step`` (from 0) of ``steps`` relative to the base one:
+    ``constant`` 1; ``cosine`` ½(1 + cos(π·step/steps)), from 1 down towards 0, so the last
+    steps, where a weight sits near a rounding boundary, move it least."""
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * step / steps))
+    return 1.0
+
+
 def fit(qat: QatModel, teacher: nn.Module, data: Iterable[Any], steps: int, *, lr: float = 1e-4,
-        scale_lr: float | None = None, layers: Sequence[str] = (), output_loss: str = "mse",
-        freeze_batchnorm_after: int | None = None, progress: bool | None = None) -> list[float]:
+        scale_lr: float | None = None, lr_schedule: str = "constant", layers: Sequence[str] = (),
+        output_loss: str = "mse", freeze_batchnorm_after: int | None = None,
+        progress: bool | None = None) -> list[float]:
     """``steps`` steps of Adam on the distillation loss over ``data`` (model inputs, cycled),
-    weights at ``lr`` and fake-quant scales at ``scale_lr`` (default ``lr``); BatchNorm frozen
-    after ``freeze_batchnorm_after`` steps. Returns the loss of each step. A loss that is no
-    longer finite is an error naming the node whose scale diverged, if one did."""
+    weights at ``lr`` and fake-quant scales at ``scale_lr`` (default ``lr``), both times
+    :func:`lr_factor` of ``lr_schedule``; BatchNorm frozen after ``freeze_batchnorm_after``
+    steps. Returns the loss of each step. A loss that is no longer finite is an error naming
+    the node whose scale diverged, if one did."""
     if steps <= 0:
         raise QCompileError(f"fit needs a positive number of steps, got {steps}")
+    if lr_schedule not in LR_SCHEDULES:
+        raise QCompileError(f"fit: lr_schedule {lr_schedule!r} is not one of: {', '.join(LR_SCHEDULES)}")
     quantizer_params = {id(p) for m in qat.fake_quantizers().values() for p in m.parameters()}
     weights = [p for p in qat.parameters() if p.requires_grad and id(p) not in quantizer_params]
     scales = [p for p in qat.parameters() if p.requires_grad and id(p) in quantizer_params]
     optimizer = torch.optim.Adam([{"params": weights, "lr": lr},
                                   {"params": scales, "lr": scale_lr if scale_lr is not None else lr}])
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(lr_schedule, step, steps))
     batches = itertools.cycle(data) if isinstance(data, (list, tuple)) else _cycle(data)
     losses: list[float] = []
     disable = None if progress is None else not progress
@@ -433,6 +450,7 @@ def fit(qat: QatModel, teacher: nn.Module, data: Iterable[Any], steps: int, *, l
                 raise QCompileError(f"QAT step {step}: the loss is {float(loss)}" + (
                     f"; the scale of {where} diverged" if where else "") + " (lower the learning rate)")
             optimizer.step()
+            schedule.step()
             losses.append(float(loss))
     return losses
 

@@ -20,7 +20,7 @@ from qcompile.errors import QCompileError
 from qcompile.ir.graph import constant_value, copy_graph_module
 from qcompile.pipeline import Pipeline
 from qcompile.qdq import quantized_weight
-from qcompile.qat import QAT_PREPARE, fit, learnable
+from qcompile.qat import QAT_PREPARE, fit, learnable, lr_factor
 from qcompile.targets import get_target
 from qcompile.testing import assert_graph_diff, assert_pass_contract, check_graph
 
@@ -394,6 +394,27 @@ def test_distillation_reads_hidden_states_by_module_name_and_fit_lowers_the_loss
     assert sum(losses[-5:]) < sum(losses[:5])
     assert not any(n.op == "call_module" and n.target.startswith("tap_") for n in qat.graph_module.graph.nodes)
     assert qat.graph_module.bn_mode_0.frozen
+
+
+def test_a_cosine_schedule_decays_both_learning_rates_to_near_zero(monkeypatch):
+    teacher = ConvBNNet(dropout=0.0).eval()
+    qat = qcompile.prepare_qat(teacher, calibration_data=_batches(), progress=False)
+    seen = []
+    step = torch.optim.Adam.step
+
+    def recording_step(optimizer, *args, **kwargs):
+        seen.append([group["lr"] for group in optimizer.param_groups])
+        return step(optimizer, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", recording_step)
+    fit(qat, teacher, [b for (b,) in _batches(4)], steps=8, lr=1e-3, scale_lr=1e-2, lr_schedule="cosine",
+        progress=False)
+    expected = [[1e-3 * lr_factor("cosine", i, 8), 1e-2 * lr_factor("cosine", i, 8)] for i in range(8)]
+    assert sum(seen, []) == pytest.approx(sum(expected, []))
+    assert seen[0] == pytest.approx([1e-3, 1e-2]) and seen[4] == pytest.approx([5e-4, 5e-3])
+    assert lr_factor("cosine", 7, 8) < 0.04 and lr_factor("constant", 7, 8) == 1.0
+    with pytest.raises(QCompileError, match="lr_schedule 'linear' is not one of: constant, cosine"):
+        fit(qat, teacher, [b for (b,) in _batches(1)], steps=1, lr_schedule="linear", progress=False)
 
 
 def test_a_diverging_scale_stops_fit_with_the_node_named():

@@ -6,8 +6,8 @@ from qcompile.passes import Annotate, SmoothOutliers
 
 import qcompile
 from qcompile import QuantSpec
-from qcompile.outliers import AUTO_ALPHAS, channel_statistics, factor_vector, local_error, outlier_channels, smoothing_factors, \
-    smoothing_plan
+from qcompile.outliers import AUTO_ALPHAS, channel_statistics, factor_vector, float_outputs, local_error, outlier_channels, \
+    smoothing_factors, smoothing_plan
 from qcompile.report import node_outputs
 from qcompile.testing import assert_graph_diff, assert_pass_contract, check_graph
 from tests.models import OutlierBlock, TinyBlock
@@ -163,6 +163,9 @@ def test_local_error_is_the_relative_output_error_of_the_quantized_smoothed_line
     reference = x @ weight.T
     expected = ((q - zero_point) * scale @ (weight * factors).T - reference).square().sum() / reference.square().sum()
     assert local_error(x, [(weight, activation, None)], factors) == pytest.approx(float(expected), rel=1e-4)
+    torch.testing.assert_close(float_outputs(x, [(weight, activation, None)])[0], reference)
+    assert local_error(x, [(weight, activation, None)], factors, [reference]) == \
+        local_error(x, [(weight, activation, None)], factors)
     # a wide channel costs the other channels precision: moving some of it into the weight helps
     assert local_error(x, [(weight, activation, None)], factors) < local_error(x, [(weight, activation, None)],
                                                                               torch.ones(8))
