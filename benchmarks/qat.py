@@ -213,7 +213,7 @@ def minilm_table(only: tuple[str, ...] = ()) -> None:
         for label, qconfig, smoothing, data in rows:
             ptq = qcompile.compile(teacher, calibration_data=data, qconfig=qconfig, outlier_smoothing=smoothing,
                                    progress=False)
-            print(f"{name:<9} {label:<36} {quality(ptq)}", flush=True)
+            print(f"{name:<9} {label:<38} {quality(ptq)}", flush=True)
         _, qconfig, smoothing, data = rows[-1]
         start = time.perf_counter()
         prepared = qcompile.prepare_qat(teacher, calibration_data=data, qconfig=qconfig, progress=False,
@@ -224,7 +224,7 @@ def minilm_table(only: tuple[str, ...] = ()) -> None:
             layers=[f"model.encoder.layer.{i}" for i in training.layers])
         minutes = (time.perf_counter() - start) / 60
         lowered = qcompile.convert_qat(prepared)
-        print(f"{name:<9} {'QAT from the last PTQ row':<36} {quality(lowered)}  ({training}, {minutes:.1f} min)",
+        print(f"{name:<9} {'QAT from the last PTQ row':<38} {quality(lowered)}  ({training}, {minutes:.1f} min)",
               flush=True)
 
 

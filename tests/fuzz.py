@@ -38,9 +38,10 @@ from qcompile.qconfig import INT8_ACTIVATION, INT8_WEIGHT
 
 # What each model is compiled for: a target and a QConfig (None: the target's preset). cpu-fp8's
 # preset here is weight-only E4M3; its W8A8 form also exercises fp8-or-int8's INT8/FP8 mix. The
-# rounding config has GPTQ round the linears' weights and bias correction the convolutions'.
+# rounding config has GPTQ round the linears' weights for the error their bias shift leaves, and
+# correct-bias take the mean error of the convolutions' rounded weights.
 _ROUNDED = qcompile.QConfig(by_op={
-    "linear": qcompile.OpQuantConfig(INT8_ACTIVATION, replace(INT8_WEIGHT, rounding="gptq")),
+    "linear": qcompile.OpQuantConfig(INT8_ACTIVATION, replace(INT8_WEIGHT, rounding="gptq", bias_correction=True)),
     "conv2d": qcompile.OpQuantConfig(INT8_ACTIVATION, replace(INT8_WEIGHT, bias_correction=True))})
 CONFIGS = {"cpu-int8": ("cpu-int8", None), "onnx-qdq": ("onnx-qdq", None), "cpu-fp8": ("cpu-fp8", None),
            "cpu-fp8 w8a8": ("cpu-fp8", qcompile.fp8_qconfig()), "cpu-int8 gptq, bias-corrected": ("cpu-int8", _ROUNDED)}
