@@ -43,8 +43,7 @@ An op with a bias can also take the mean of its output error out of that bias (t
 ``bias_correction``). The error left is then the centred one: for E = Ŵ − W and rows X with
 mean μ, min over c of ‖X Eᵀ − 1 cᵀ‖² / n is reached at c = E μ and equals Σ_r e_rᵀ (H − μμᵀ) e_r,
 so every step above runs on the covariance C = H − μμᵀ in place of H, and the bias becomes
-b − (Ŵ − W) μ. Rounding spends nothing on the part of the error a constant removes (in a
-transformer the outlier channels after a LayerNorm are mostly such a constant).
+b − (Ŵ − W) μ. Rounding then spends nothing on the part of the error a constant removes.
 """
 
 from __future__ import annotations
