@@ -296,6 +296,24 @@ def test_with_bias_correction_gptq_rounds_for_the_centred_error_and_shifts_the_b
     assert float(error.square().mean()) < 0.9 * float(plain_error.square().mean())
 
 
+def test_a_centred_convolution_takes_the_mean_error_over_every_patch_out_of_its_bias():
+    # Padding makes border patches differ from the rest: the shift is E·μ over the unfolded
+    # patches, which is the mean over every output position of conv2d(x, Ŵ − W).
+    conv = torch.nn.Conv2d(3, 8, 3, padding=1).eval()
+    data = [(torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(i)) + 2.0,) for i in range(3)]
+    spec = QuantSpec("int8", granularity=PerChannel(0), rounding="gptq", bias_correction=True)
+    gm = Annotate(target="onnx-qdq", qconfig=QConfig(by_op={"conv2d": OpQuantConfig(
+        QuantSpec("uint8", symmetric=False), spec)}))(cleaned(conv, data[0][0])).graph_module
+    context = CompileContext(get_target("onnx-qdq"), ((data[0][0],), {}), calibration_data=data)
+    after = PassManager([Gptq()], context=context, initial_properties=frozenset({"annotated"}))(gm).graph_module
+    node = next(n for n in after.graph.nodes if n.target == torch.ops.aten.conv2d.default)
+    rounded, bias = constant_expression(after, node.args[1]), constant_expression(after, node.args[2])
+    assert not torch.equal(bias, conv.bias.detach())
+    inputs = torch.cat([x for x, in data])
+    error = F.conv2d(inputs, rounded, bias, padding=1) - conv(inputs).detach()
+    torch.testing.assert_close(error.mean((0, 2, 3)), torch.zeros(8), rtol=0, atol=1e-4)
+
+
 def test_a_gptq_plan_without_calibration_data_is_an_error_naming_the_node():
     model, x = TinyBlock(width=64, hidden=128), torch.randn(16, 64)
     with pytest.raises(qcompile.NodeError, match="rounding='gptq', which reads calibration data.*module 'up'"):
