@@ -46,8 +46,16 @@ from torch import Tensor, fx
 
 from qcompile.calibration import record
 from qcompile.errors import NodeError, QCompileError
-from qcompile.gptq import (BLOCK_SIZE, DAMPING, DESCENT_SWEEPS, HessianRecorder, descend_codes, elementwise, gptq_round,
-                           refit_scales)
+from qcompile.gptq import (
+    BLOCK_SIZE,
+    DAMPING,
+    DESCENT_SWEEPS,
+    HessianRecorder,
+    descend_codes,
+    elementwise,
+    gptq_round,
+    refit_scales,
+)
 from qcompile.fake_quant import weight_qparams
 from qcompile.ir.graph import (
     add_constant,
@@ -188,16 +196,15 @@ class Gptq(Pass):
         if centred:
             mean = recorder.mean()
             hessian = hessian - torch.outer(mean, mean)
+        zero_points = elementwise(zero_point, spec, flat.shape)  # kept by the refit
         try:
-            values = gptq_round(flat, hessian, elementwise(scale, spec, flat.shape),
-                                elementwise(zero_point, spec, flat.shape), spec, damping=self.damping,
-                                block_size=self.block_size, act_order=self.act_order)
+            values = gptq_round(flat, hessian, elementwise(scale, spec, flat.shape), zero_points, spec,
+                                damping=self.damping, block_size=self.block_size, act_order=self.act_order)
             if self.refit_scales:
                 scale, values = refit_scales(flat, hessian, values, scale, spec)
             for _ in range(self.descent_sweeps):
-                values, moved = descend_codes(flat, hessian, values, elementwise(scale, spec, flat.shape),
-                                              elementwise(zero_point, spec, flat.shape), spec,
-                                              block_size=self.block_size)
+                values, moved = descend_codes(flat, hessian, values, elementwise(scale, spec, flat.shape), zero_points,
+                                              spec, block_size=self.block_size)
                 if self.refit_scales:
                     scale, values = refit_scales(flat, hessian, values, scale, spec)
                 if not moved:
