@@ -67,6 +67,20 @@ def quantize_dequantize(gm: fx.GraphModule, root: fx.Node, spec: QuantSpec, scal
                  before=before, pass_name=pass_name, source=root)
 
 
+def dynamic_quantize_dequantize(gm: fx.GraphModule, root: fx.Node, spec: QuantSpec, *, pass_name: str) -> fx.Node:
+    """``dequantize(quantize(root, S, Z), S, Z)`` right after ``root``, with ``S, Z`` chosen from
+    ``root``'s own range at run time: ``qc.choose_qparams`` per tensor, ``qc.choose_qparams_per_token``
+    per row for a per-token spec. A float8 scale is computed for the range the margin leaves
+    (its zero point is 0)."""
+    after_root = root.next
+    qmin, qmax = spec.scale_range if spec.is_float8 else (spec.qmin, spec.qmax)
+    choose = CHOOSE_QPARAMS_PER_TOKEN if spec.dynamic else CHOOSE_QPARAMS
+    params = _call(gm, choose, (root, qmin, qmax, spec.symmetric), before=after_root, pass_name=pass_name, source=root)
+    scale, zero_point = (_call(gm, operator.getitem, (params, i), before=after_root, pass_name=pass_name, source=root)
+                         for i in (0, 1))
+    return quantize_dequantize(gm, root, spec, scale, zero_point, before=after_root, pass_name=pass_name)
+
+
 def quantized_constant(gm: fx.GraphModule, value: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
                        spec: QuantSpec, *, before: fx.Node, pass_name: str, source: fx.Node,
                        name: str | None = None) -> fx.Node:
@@ -213,19 +227,8 @@ class Convert(Pass):
                                   f"insert-observers and calibrate, or use {self.name}{{dynamic=true}}")
         key = (root.name, spec)
         if key not in qparams:
-            after_root = root.next
-            # A float8 scale is computed for the range the margin leaves (its zero point is 0).
-            qmin, qmax = spec.scale_range if spec.is_float8 else (spec.qmin, spec.qmax)
-            choose = CHOOSE_QPARAMS_PER_TOKEN if spec.dynamic else CHOOSE_QPARAMS
-            params = _call(gm, choose, (root, qmin, qmax, spec.symmetric),
-                           before=after_root, pass_name=self.name, source=root)
-            scale, zero_point = (
-                _call(gm, operator.getitem, (params, i), before=after_root, pass_name=self.name, source=root)
-                for i in (0, 1)
-            )
-            dq = self._quantize_dequantize(gm, root, spec, scale, zero_point, before=after_root)
-            qparams[key] = (scale, zero_point, dq)
-        *_, dq = qparams[key]
+            qparams[key] = (dynamic_quantize_dequantize(gm, root, spec, pass_name=self.name),)
+        dq = qparams[key][-1]
         (chain[0] if chain else node).replace_input_with(root, dq)
         return None
 

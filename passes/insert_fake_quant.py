@@ -8,6 +8,10 @@ one whose scale starts at the weight's own range (``weight_qparams``):
     linear(o, W, b)            ->   linear(o, fq_weight_1(W), b)    S_W from W
 
 so QAT quantizes exactly the values the PTQ plan quantizes (both come from ``annotate``). A
+per-token (dynamic) activation has no observer: its edge is read through a
+:class:`~qcompile.fake_quant.DynamicFakeQuantize` put where ``convert`` puts the dynamic Q/DQ
+(after the edge's observation root, one per root and spec), which computes the same per-row
+parameters from the row's range at every call. A
 weight the plan has already rounded (``gptq``, ``correct-bias``: its Q/DQ form
 dequantize(W_q, S, Z)) trains from its rounded values W = (W_q − Z)·S, a new float constant,
 with its fake-quant started at that grid (S, Z), so that fq(W) = W and QAT starts at the PTQ
@@ -39,10 +43,11 @@ import torch
 from torch import fx
 
 from qcompile.errors import NodeError
-from qcompile.fake_quant import FakeQuantize, FakeQuantizeBias, weight_qparams
+from qcompile.fake_quant import DynamicFakeQuantize, FakeQuantize, FakeQuantizeBias, weight_qparams
 from qcompile.ir.graph import (
     add_constant,
     add_submodule,
+    called_module,
     constant_expression,
     constant_value,
     infer_fake_value,
@@ -76,6 +81,7 @@ class InsertFakeQuant(Pass):
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         activations = weights = folded = 0
+        dynamic: dict[tuple[str, QuantSpec], fx.Node] = {}  # (observation root, spec) -> its fake-quant
         for node in list(gm.graph.nodes):
             if node.op == "call_module" and isinstance(observer := gm.get_submodule(node.target), Observer):
                 if observer.batches == 0:
@@ -90,6 +96,8 @@ class InsertFakeQuant(Pass):
             if plan is None or not plan.quantized:
                 continue
             for index, edge in plan.inputs:
+                if edge.role == "activation" and edge.spec.dynamic and isinstance(node.args[index], fx.Node):
+                    self._fake_quantize_dynamic(gm, node, index, edge.spec, dynamic)
                 if edge.role != "weight":
                     continue
                 weight = node.args[index]
@@ -116,9 +124,29 @@ class InsertFakeQuant(Pass):
         biases = sum(self._fake_quantize_bias(gm, node) for node in list(gm.graph.nodes))
         remove_dead_nodes(gm)  # the Q/DQ forms of rounded weights, now read as float values
         stats = {"activations": activations, "weights": weights, "biases": biases}
+        if dynamic:
+            stats["dynamic"] = len(dynamic)
         if folded:
             stats["batchnorm"] = folded
-        return PassResult(gm, bool(activations or weights), stats)
+        return PassResult(gm, bool(activations or weights or dynamic), stats)
+
+    def _fake_quantize_dynamic(self, gm: fx.GraphModule, node: fx.Node, index: int, spec: QuantSpec,
+                               made: dict[tuple[str, QuantSpec], fx.Node]) -> None:
+        """``node``'s input ``index`` read through the per-token fake-quant of its observation
+        root: ``convert``'s dynamic Q/DQ, at the same place, in training form."""
+        root, chain = observation_root(node.args[index])
+        reader = chain[0] if chain else node
+        if called_module(gm, root, DynamicFakeQuantize) is not None:
+            return  # already fake-quantized: running the pass twice changes nothing
+        key = (root.name, spec)
+        if key not in made:
+            module = DynamicFakeQuantize(spec, f"input {index} of {_where(node)}")
+            name = add_submodule(gm, stem="fq_token", module=module)
+            with gm.graph.inserting_after(root):
+                made[key] = gm.graph.call_module(name, (root,))
+            made[key].meta["val"] = root.meta.get("val")
+            set_provenance(made[key], Provenance(self.name, sources=(root.name,)))
+        reader.replace_input_with(root, made[key])
 
     def _fake_quantize_bias(self, gm: fx.GraphModule, node: fx.Node) -> bool:
         """A planned op's constant bias rounded to int32 steps of S_x · S_W of its input's and
@@ -130,8 +158,7 @@ class InsertFakeQuant(Pass):
         bias, weight = arguments.get("bias"), arguments.get("weight")
         activation = observation_root(arguments["input"])[0] if isinstance(arguments.get("input"), fx.Node) else None
         if constant_value(gm, bias) is None or not all(
-                isinstance(n, fx.Node) and n.op == "call_module" and isinstance(gm.get_submodule(n.target), FakeQuantize)
-                for n in (weight, activation)):
+                called_module(gm, n, FakeQuantize) is not None for n in (weight, activation)):
             return False
         if isinstance(gm.get_submodule(weight.target).spec.granularity, PerGroup):
             return False  # no integer kernel takes it: no int32 bias to round to

@@ -18,7 +18,9 @@ Four rewrites, each an identity on the graph's eval-mode outputs:
    learned ones; per group, ``view(dequantize(W_q, S, Z), [out, in])`` with ``W_q`` the weight
    viewed [out, in / size, size] and one S per group (``convert``'s grouped form).
 4. Each activation fake-quant becomes ``dequantize(quantize(x, S, Z), S, Z)`` with the learned
-   S and Z (rounded and clamped as the fake-quant's forward uses it).
+   S and Z (rounded and clamped as the fake-quant's forward uses it); a per-token one becomes
+   ``convert``'s run-time Q/DQ, ``dequantize(quantize(x, S, Z), S, Z)`` with
+   ``S, Z = choose_qparams_per_token(x)``, which computes what it computed.
 
 Since :class:`~qcompile.fake_quant.FakeQuantize` computes exactly what ``qc.quantize`` /
 ``qc.dequantize`` compute, the Q/DQ graph equals the fake-quant graph in eval mode up to the
@@ -36,9 +38,10 @@ from typing import Any, ClassVar
 import torch
 from torch import fx
 
-from qcompile.fake_quant import FakeQuantize, FakeQuantizeBias
+from qcompile.fake_quant import DynamicFakeQuantize, FakeQuantize, FakeQuantizeBias
 from qcompile.ir.graph import (
     add_constant,
+    called_module,
     constant_expression,
     constant_value,
     infer_fake_value,
@@ -49,20 +52,17 @@ from qcompile.ir.graph import (
     set_argument,
 )
 from qcompile.ir.meta import Provenance, get_qspec
-from qcompile.passes.convert import quantize_bias, quantize_dequantize, quantized_weight_constant
+from qcompile.passes.convert import (
+    dynamic_quantize_dequantize,
+    quantize_bias,
+    quantize_dequantize,
+    quantized_weight_constant,
+)
 from qcompile.passes.training_ops import DROPOUTS, ModeSwitchedOp
 from qcompile.pipeline import Pass, PassResult
 from qcompile.qdq import DequantizeCall, observation_root
 
 aten = torch.ops.aten
-
-
-def _module(gm: fx.GraphModule, node: object, kind: type) -> Any:
-    if isinstance(node, fx.Node) and node.op == "call_module":
-        module = gm.get_submodule(node.target)
-        if isinstance(module, kind):
-            return module
-    return None
 
 
 def _erase_call(gm: fx.GraphModule, node: fx.Node) -> None:
@@ -89,10 +89,16 @@ class LowerQat(Pass):
         self._unwrap_biases(gm)
         switched = self._eval_forms(gm)
         folded = sum(self._fold(gm, node) for node in list(gm.graph.nodes) if is_call(node, aten.batch_norm.default))
-        weights, activations, kept = 0, 0, []
+        weights, activations, dynamic, kept = 0, 0, 0, []
         memo: dict[fx.Node, Any] = {}
         for node in list(gm.graph.nodes):
-            fake_quant = _module(gm, node, FakeQuantize)
+            if (token := called_module(gm, node, DynamicFakeQuantize)) is not None:
+                node.replace_all_uses_with(dynamic_quantize_dequantize(gm, node.args[0], token.spec,
+                                                                       pass_name=self.name))
+                _erase_call(gm, node)
+                dynamic += 1
+                continue
+            fake_quant = called_module(gm, node, FakeQuantize)
             if fake_quant is None:
                 continue
             (source,) = node.args
@@ -114,16 +120,16 @@ class LowerQat(Pass):
             _erase_call(gm, node)
         biases = self._quantize_biases(gm)
         removed = remove_dead_nodes(gm)
-        stats = {"weights": weights, "activations": activations, "batchnorm-folded": folded, "biases": biases,
-                 "mode-switches": switched}
-        modified = bool(switched or folded or weights or activations or biases or removed)
+        stats = {"weights": weights, "activations": activations, "dynamic": dynamic, "batchnorm-folded": folded,
+                 "biases": biases, "mode-switches": switched}
+        modified = bool(switched or folded or weights or activations or dynamic or biases or removed)
         return PassResult(gm, modified, {k: v for k, v in stats.items() if v}, tuple(kept))
 
     def _unwrap_biases(self, gm: fx.GraphModule) -> None:
         """``fq_bias(b, S_x, S_W)`` -> ``b``: the int32 bias at S_x · S_W is made below
         from the same scales, the same values."""
         for node in list(gm.graph.nodes):
-            if _module(gm, node, FakeQuantizeBias) is not None:
+            if called_module(gm, node, FakeQuantizeBias) is not None:
                 bias, *scales = node.args
                 node.replace_all_uses_with(bias)
                 _erase_call(gm, node)
@@ -134,7 +140,7 @@ class LowerQat(Pass):
     def _eval_forms(self, gm: fx.GraphModule) -> int:
         count = 0
         for node in list(gm.graph.nodes):
-            switch = _module(gm, node, ModeSwitchedOp)
+            switch = called_module(gm, node, ModeSwitchedOp)
             if switch is None:
                 continue
             if switch.op in DROPOUTS:  # the identity in eval mode
@@ -159,7 +165,7 @@ class LowerQat(Pass):
         conv, s = op_arguments(y)["self"], op_arguments(_other(y))["self"]
         fake_quant = (op_arguments(conv).get("weight") if isinstance(conv, fx.Node) and conv.op == "call_function"
                       and isinstance(conv.target, torch._ops.OpOverload) else None)
-        if _module(gm, fake_quant, FakeQuantize) is None or len(conv.users) != 1:
+        if called_module(gm, fake_quant, FakeQuantize) is None or len(conv.users) != 1:
             return False
         (scaled,) = fake_quant.args  # the fake-quant's one input
         if not (is_call(scaled, aten.mul.Tensor) and is_call(_other(scaled), aten.view.default)

@@ -20,6 +20,9 @@ dwarfs the weights' and training is unstable.
 
 Scales are per tensor, per channel (along ``axis``) or per group (``group_size`` consecutive
 elements along axis 1 of a 2-D weight share one). Integer specs of 2 to 8 bits are taken.
+A per-token spec is dynamic: :class:`DynamicFakeQuantize` takes each row's scale and zero point
+from the row's own range, as the lowered graph's ``qc.choose_qparams_per_token`` will, and
+has nothing to learn (the straight-through gradient for ``x`` alone).
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from torch import Tensor, nn
 
 from qcompile.errors import QCompileError
 from qcompile.observers import make_observer
-from qcompile.spec import PerGroup, PerTensor, QuantSpec, compute_qparams, grouped
+from qcompile.spec import PerGroup, PerTensor, PerToken, QuantSpec, compute_qparams, grouped
 
 
 def _shaped(param: Tensor, x: Tensor, spec: QuantSpec) -> Tensor:
@@ -40,6 +43,8 @@ def _shaped(param: Tensor, x: Tensor, spec: QuantSpec) -> Tensor:
         return param.reshape([1] * x.dim())
     if isinstance(spec.granularity, PerGroup):
         return param.reshape(x.shape[0], x.shape[1], 1)
+    if isinstance(spec.granularity, PerToken):
+        return param.reshape(*x.shape[:-1], 1)
     shape = [1] * x.dim()
     shape[spec.granularity.axis % x.dim()] = -1
     return param.reshape(shape)
@@ -106,6 +111,12 @@ def fake_quantize_bias(bias: Tensor, activation_log_scale: Tensor, weight_log_sc
     scale = (activation_log_scale.detach().exp() * weight_log_scale.detach().exp()).reshape(-1)
     rounded = torch.div(bias.to(torch.float32), scale).round().clamp(-(2**31), 2**31 - 1) * scale
     return bias + (rounded.to(bias.dtype) - bias).detach()
+
+
+def token_qparams(x: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
+    """A scale and zero point per row of ``x`` (over its last dimension, shaped [..., 1]) from
+    the row's own range: what ``qc.choose_qparams_per_token`` computes at run time."""
+    return compute_qparams(x.detach().amin(dim=-1, keepdim=True), x.detach().amax(dim=-1, keepdim=True), spec)
 
 
 def weight_qparams(weight: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
@@ -209,3 +220,28 @@ class FakeQuantizeBias(nn.Module):
 
     def forward(self, bias: Tensor, activation_log_scale: Tensor, weight_log_scale: Tensor) -> Tensor:
         return fake_quantize_bias(bias, activation_log_scale, weight_log_scale) if self.enabled else bias
+
+
+class DynamicFakeQuantize(nn.Module):
+    """The Q/DQ round trip of a per-token (dynamic) activation: each row quantized with the
+    parameters of its own range (:func:`token_qparams`), bit for bit what the lowered graph's
+    ``choose_qparams_per_token`` -> ``quantize`` -> ``dequantize`` computes. Nothing is learned:
+    the gradient is the straight-through one for ``x`` (0 where a value is clamped, which with
+    a row's own range is nowhere)."""
+
+    def __init__(self, spec: QuantSpec, name: str = ""):
+        super().__init__()
+        if not spec.dynamic or spec.is_float8:
+            raise QCompileError(f"dynamic fake quantization of '{name}' takes an integer per-token spec, not {spec}")
+        self.spec = spec
+        self.name = name
+        self.enabled = True
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.enabled:
+            return x
+        scale, zero_point = token_qparams(x, self.spec)
+        return fake_quantize(x, scale, zero_point.float(), self.spec)
+
+    def extra_repr(self) -> str:
+        return f"{self.name!r}, {self.spec}, enabled={self.enabled}"

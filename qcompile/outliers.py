@@ -34,7 +34,7 @@ from torch import fx
 
 from qcompile.calibration import record
 from qcompile.errors import QCompileError
-from qcompile.fake_quant import fake_quantize, weight_qparams
+from qcompile.fake_quant import fake_quantize, token_qparams, weight_qparams
 from qcompile.ir.graph import constant_value, op_arguments
 from qcompile.spec import QuantSpec, compute_qparams
 
@@ -156,7 +156,8 @@ def local_error(x: torch.Tensor, readers: Readers, factors: torch.Tensor,
     error = total = 0.0
     for (weight, activation, weight_spec), reference in zip(readers, references, strict=True):
         if activation not in quantized:
-            scale, zero_point = compute_qparams(lo, hi, activation)
+            scale, zero_point = (token_qparams(smoothed, activation) if activation.dynamic
+                                 else compute_qparams(lo, hi, activation))
             quantized[activation] = fake_quantize(smoothed, scale, zero_point.float(), activation)
         xq = quantized[activation]
         w = weight.float() * factors

@@ -44,7 +44,7 @@ from qcompile.calibration import as_call
 from qcompile.capture import capture, eval_mode, train_mode
 from qcompile.context import CompileContext
 from qcompile.errors import QCompileError
-from qcompile.fake_quant import FakeQuantize, FakeQuantizeBias
+from qcompile.fake_quant import DynamicFakeQuantize, FakeQuantize, FakeQuantizeBias
 from qcompile.ir.graph import add_submodule, copy_graph_module
 from qcompile.ir.meta import get_provenance
 from qcompile.kernel_check import check_kernels
@@ -148,7 +148,7 @@ class QatModel(nn.Module):
     def enable_fake_quant(self, enabled: bool = True) -> QatModel:
         """Fake quantization on (the default) or off (the float model with the same weights)."""
         for module in self.graph_module.children():
-            if isinstance(module, (FakeQuantize, FakeQuantizeBias)):
+            if isinstance(module, (FakeQuantize, DynamicFakeQuantize, FakeQuantizeBias)):
                 module.enabled = enabled
         return self
 

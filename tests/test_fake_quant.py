@@ -1,4 +1,5 @@
-"""FakeQuantize: the forward is qc.quantize -> qc.dequantize bit for bit; the backward is LSQ/LSQ+."""
+"""FakeQuantize: the forward is qc.quantize -> qc.dequantize bit for bit; the backward is LSQ/LSQ+.
+DynamicFakeQuantize: the per-token run-time Q/DQ bit for bit, straight through."""
 
 import dataclasses
 import math
@@ -7,9 +8,9 @@ import pytest
 import torch
 
 from qcompile.errors import QCompileError
-from qcompile.fake_quant import FakeQuantize, fake_quantize, fake_quantize_bias, weight_qparams
+from qcompile.fake_quant import DynamicFakeQuantize, FakeQuantize, fake_quantize, fake_quantize_bias, weight_qparams
 from qcompile.ops import quantize_with
-from qcompile.spec import PerChannel, PerGroup, QuantSpec
+from qcompile.spec import PerChannel, PerGroup, PerToken, QuantSpec
 
 
 def learnable(spec):
@@ -137,3 +138,24 @@ def test_bias_rounding_is_the_int32_bias_the_lowering_stores():
     bias.requires_grad_()
     fake_quantize_bias(bias, activation_log_scale, weight_log_scale).sum().backward()
     assert torch.equal(bias.grad, torch.ones(6))  # straight through
+
+
+def test_a_per_token_fake_quant_is_the_run_time_qdq_bit_for_bit_with_a_straight_through_gradient():
+    """Each row quantized with its own range's parameters, as choose_qparams_per_token ->
+    quantize -> dequantize compute them; with a row's own range nothing is clamped, so the
+    gradient is 1 everywhere."""
+    spec = QuantSpec("uint8", symmetric=False, granularity=PerToken())
+    generator = torch.Generator().manual_seed(0)
+    x = (torch.randn(3, 5, 24, generator=generator) * torch.tensor([0.01, 1.0, 40.0]).view(3, 1, 1)).requires_grad_()
+    out = DynamicFakeQuantize(spec, name="x")(x)
+    scale, zero_point = torch.ops.qc.choose_qparams_per_token(x.detach(), spec.qmin, spec.qmax, spec.symmetric)
+    assert scale.shape == (3, 5, 1)
+    expected = _reference(x.detach(), scale, zero_point, spec)
+    assert torch.equal(out.detach(), expected)
+    out.sum().backward()
+    assert torch.equal(x.grad, torch.ones_like(x))
+
+
+def test_a_per_token_fake_quant_takes_only_integer_per_token_specs():
+    with pytest.raises(QCompileError, match="'x' takes an integer per-token spec"):
+        DynamicFakeQuantize(QuantSpec("uint8", symmetric=False), name="x")

@@ -339,6 +339,66 @@ def test_insert_fake_quant_trains_a_gptq_rounded_weight_from_its_values_and_grid
     torch.testing.assert_close(fake.scale.detach(), gm.get_buffer("fc1_weight_scale").reshape(-1), atol=0, rtol=1e-6)
 
 
+TOKEN_W4A8 = qcompile.QConfig(by_op={"linear": OpQuantConfig(QuantSpec("uint8", False, qcompile.PerToken()),
+                                                               QuantSpec("int4", False, PerGroup(1, 16)))})
+
+
+def test_insert_fake_quant_reads_per_token_activations_through_a_dynamic_fake_quant():
+    """A per-token edge has no observer: it gets a parameterless fake-quant where convert would
+    put its run-time Q/DQ, after the edge's root, and nothing to learn."""
+    generator = torch.Generator().manual_seed(2)
+    data = [(torch.randn(16, 32, generator=generator),) for _ in range(4)]
+    gm = _prepared_until(TwoLinears().train(), "insert-fake-quant", TOKEN_W4A8, data)
+    out = assert_pass_contract(InsertFakeQuant(), gm)
+    assert_graph_diff(gm, out, added=[
+        "%fq_token_0 = module[fq_token_0](%x)",
+        "%fq_weight_0 = module[fq_weight_0](%fc1_weight)",
+        "%linear = aten.linear.default(%fq_token_0, %fq_weight_0, %fc1_bias)",
+        "%fq_token_1 = module[fq_token_1](%relu)",
+        "%fq_weight_1 = module[fq_weight_1](%fc2_weight)",
+        "%linear_1 = aten.linear.default(%fq_token_1, %fq_weight_1, %fc2_bias)",
+    ], removed=[
+        "%linear = aten.linear.default(%x, %fc1_weight, %fc1_bias)",
+        "%linear_1 = aten.linear.default(%relu, %fc2_weight, %fc2_bias)",
+    ])
+    assert not list(out.get_submodule("fq_token_0").parameters())
+    assert InsertFakeQuant()(out).graph_module.graph.python_code("self").src == out.graph.python_code("self").src
+
+
+def test_per_token_qat_lowers_to_the_run_time_qdq_exactly():
+    """lower-qat turns each per-token fake-quant into choose_qparams_per_token -> quantize ->
+    dequantize, which computes what it computed: the lowered model equals the trained one."""
+    generator = torch.Generator().manual_seed(3)
+    data = [(torch.randn(16, 32, generator=generator),) for _ in range(4)]
+    model = TwoLinears()
+    qat = qcompile.prepare_qat(model, calibration_data=data, qconfig=TOKEN_W4A8, outlier_smoothing=None,
+                               progress=False)
+    optimizer = torch.optim.Adam(qat.parameters(), lr=1e-3)
+    for (x,) in data:
+        loss = (qat(x) - model(x)).square().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    qat.eval()
+    qm = qcompile.convert_qat(qat)
+    check_graph(qm.qdq_graph_module, """
+    CHECK: %0 = input x
+    CHECK-NEXT: %1 = qc.choose_qparams_per_token.default(%0, 0, 255, False) : (f32[s0,1], i32[s0,1])
+    CHECK: %4 = qc.quantize.default(%0, %2, %3, None, 0, 255, torch.uint8)
+    CHECK-NEXT: %5 = qc.dequantize.default(%4, %2, %3, None, torch.float32)
+    CHECK: %12 = aten.linear.default(%5,
+    CHECK-NEXT: %13 = aten.relu.default(%12)
+    CHECK-NEXT: %14 = qc.choose_qparams_per_token.default(%13, 0, 255, False)
+    CHECK: %18 = qc.dequantize.default(%17, %15, %16, None, torch.float32)
+    CHECK: aten.linear.default(%18,
+    """)
+    lower = next(p for p in qm.report.passes if p.name == "lower-qat")
+    assert lower.stats["dynamic"] == 2
+    x = torch.randn(64, 32, generator=generator) * 3
+    with torch.no_grad():
+        assert torch.equal(qm(x), qat(x))
+
+
 @pytest.mark.parametrize(("granularity", "symmetric"), [(PerGroup(1, 16), False), (qcompile.PerChannel(0), True)],
                          ids=["affine-group", "channel"])
 def test_qat_starts_from_the_gptq_rounded_weights_of_the_ptq_plan(granularity, symmetric):

@@ -171,6 +171,23 @@ def test_local_error_is_the_relative_output_error_of_the_quantized_smoothed_line
                                                                               torch.ones(8))
 
 
+def test_local_error_quantizes_a_per_token_activation_row_by_row():
+    """With a per-token spec Q_x takes each row of X / s over that row's own range."""
+    generator = torch.Generator().manual_seed(0)
+    x, weight = torch.randn(16, 8, generator=generator), torch.randn(5, 8, generator=generator)
+    x[:4] *= 50  # rows of a larger range: per tensor, they would cost the others precision
+    activation = qcompile.QuantSpec("uint8", False, qcompile.PerToken())
+    lo, hi = x.amin(1, keepdim=True).clamp(max=0), x.amax(1, keepdim=True).clamp(min=0)
+    scale = (hi - lo) / 255
+    zero_point = torch.round(-lo / scale)
+    q = torch.clamp(torch.round(x / scale) + zero_point, 0, 255)
+    reference = x @ weight.T
+    expected = ((q - zero_point) * scale @ weight.T - reference).square().sum() / reference.square().sum()
+    assert local_error(x, [(weight, activation, None)], torch.ones(8)) == pytest.approx(float(expected), rel=1e-4)
+    per_tensor = local_error(x, [(weight, qcompile.qconfig.INT8_ACTIVATION, None)], torch.ones(8))
+    assert float(expected) < per_tensor
+
+
 def test_auto_smoothing_chooses_each_values_strength_of_least_local_error():
     x = torch.randn(8, 32)
     gm = cleaned(OutlierBlock(), x)

@@ -366,6 +366,32 @@ def test_w4a8_groups_compile_and_say_how_they_run(bf16_gemm):
         torch.testing.assert_close(qm(x), qm.qdq_graph_module(x), atol=0.02, rtol=0)
 
 
+def test_w4a8_groups_take_per_token_activations_quantized_at_run_time(bf16_gemm):
+    """The weight-only kernel reads the activations dequantized, so their Q/DQ may be per token:
+    planned, computed per row at run time in front of the kernel; the int8 kernel (per-tensor
+    activations only) refuses the same activations with an int8 weight, and says so."""
+    per_token = QuantSpec("uint8", False, qcompile.PerToken())
+    w4a8 = QConfig(by_op={"linear": OpQuantConfig(per_token, QuantSpec("int4", False, PerGroup(1, 32), "mse"))})
+    model = TinyBlock(width=64, hidden=128)
+    data = [(torch.randn(8, 64, generator=torch.Generator().manual_seed(i)),) for i in range(4)]
+    qm = qcompile.compile(model, calibration_data=data, qconfig=w4a8, outlier_smoothing=None, progress=False)
+    linears = [n for n in qm.report.nodes if n.op == "linear"]
+    assert [n.detail for n in linears] == [
+        "qc.linear_weight_only via int4pack (groups of 32, affine), uint8 per-token activations dequantized to bf16"] * 2
+    check_graph(qm.graph_module, """
+    CHECK: qc.choose_qparams_per_token.default
+    CHECK: qc.linear_weight_only.default
+    """)
+    x = torch.randn(5, 64) * torch.tensor([0.01, 0.1, 1.0, 10.0, 100.0]).view(5, 1)  # rows of every scale
+    with torch.no_grad():
+        torch.testing.assert_close(qm(x), qm.qdq_graph_module(x), atol=0.02 * float(qm(x).abs().max()), rtol=0)
+    int8 = QConfig(by_op={"linear": OpQuantConfig(per_token, qcompile.qconfig.INT8_WEIGHT)})
+    with pytest.warns(UserWarning, match="activation granularity per-token"):
+        refused = qcompile.compile(model, calibration_data=data, qconfig=int8, outlier_smoothing=None, progress=False)
+    assert all(n.precision == "float" and "kernel takes per-tensor" in n.detail
+               for n in refused.report.nodes if n.op == "linear")
+
+
 def test_w4a8_groups_stay_reference_qdq_where_the_cpu_has_no_bf16_gemm(monkeypatch):
     monkeypatch.setattr(cpu_features, "cpu_flags", lambda: frozenset({"avx2"}))
     model = TinyBlock(width=64, hidden=128)

@@ -11,12 +11,14 @@ import copy
 import operator
 import re
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import fx
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.utils import _pytree as pytree
+
+M = TypeVar("M", bound=torch.nn.Module)
 
 from qcompile.ir.meta import Provenance, set_provenance, source_line, source_module
 from qcompile.ir.printer import canonical_names, format_target
@@ -115,6 +117,15 @@ def add_constant(gm: fx.GraphModule, tensor: torch.Tensor, name_hint: str, *, be
     fake_mode = _fake_mode(gm.graph)
     node.meta["val"] = fake_mode.from_tensor(tensor, static_shapes=True) if fake_mode else tensor.detach()
     return node
+
+
+def called_module(gm: fx.GraphModule, node: object, kind: type[M]) -> M | None:
+    """The submodule of type ``kind`` that ``node`` calls, or None (another node, or another module)."""
+    if isinstance(node, fx.Node) and node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        if isinstance(module, kind):
+            return module
+    return None
 
 
 def add_submodule(gm: fx.GraphModule, module: torch.nn.Module, stem: str, start: int = 0) -> str:

@@ -102,7 +102,10 @@ class OpRule:
                 return "the kernel needs quantized activations (the config gives no activation spec)"
             if act.dtype not in self.activation_dtypes:
                 return f"activation dtype {act.dtype} (kernel takes {', '.join(self.activation_dtypes)})"
-            if not isinstance(act.granularity, self.activation_granularities):
+            # Activations read dequantized are quantized in float in front of the kernel: any granularity.
+            read_dequantized = weight is not None and isinstance(weight.granularity,
+                                                                 self.dequantized_activation_granularities)
+            if not isinstance(act.granularity, self.activation_granularities) and not read_dequantized:
                 taken = ", ".join(str(kind()) for kind in self.activation_granularities)
                 return f"activation granularity {act.granularity} (kernel takes {taken})"
         if self.weight is None:

@@ -124,6 +124,9 @@ def describe_weight_only_kernel(node: fx.Node) -> str | None:
     grouping = f"groups of {arguments['group_size']}" if arguments["group_size"] else "per channel"
     grouping += ", affine" if arguments["zero_point"] is not None else ""
     dequantized = DequantizeCall.of(arguments["x"])
-    activations = (f"{str(dequantized.integer_dtype).removeprefix('torch.')} activations dequantized to bf16"
-                   if dequantized is not None else "bf16 activations")
+    if dequantized is None:
+        activations = "bf16 activations"
+    else:
+        per_token = "" if dequantized.per_tensor else " per-token"
+        activations = f"{str(dequantized.integer_dtype).removeprefix('torch.')}{per_token} activations dequantized to bf16"
     return f"qc.linear_weight_only via {arguments['kernel']} ({grouping}), {activations}"
