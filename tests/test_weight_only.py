@@ -353,39 +353,40 @@ def test_w4a8_groups_run_on_the_weight_only_kernel_after_the_activations_qdq(bf1
     assert_outputs_close(qdq, out, [torch.randn(6, 64)], rtol=0.02)
 
 
-def test_w4a8_groups_compile_and_say_how_they_run(bf16_gemm):
+TOKEN_ACTIVATION = QuantSpec("uint8", False, qcompile.PerToken())
+
+
+@pytest.mark.parametrize(("activation", "wording"), [(qcompile.qconfig.INT8_ACTIVATION, "uint8"),
+                                                     (TOKEN_ACTIVATION, "uint8 per-token")], ids=["tensor", "token"])
+def test_w4a8_groups_compile_and_say_how_they_run(bf16_gemm, activation, wording):
+    """Per tensor or per token (computed per row at run time in front of the kernel, which
+    reads the activations dequantized either way)."""
+    qconfig = QConfig(by_op={"linear": OpQuantConfig(activation, W4A8_G32.by_op["linear"].weight)})
     model = TinyBlock(width=64, hidden=128)
     data = [(torch.randn(8, 64, generator=torch.Generator().manual_seed(i)),) for i in range(4)]
-    qm = qcompile.compile(model, calibration_data=data, qconfig=W4A8_G32, outlier_smoothing=None, progress=False)
+    qm = qcompile.compile(model, calibration_data=data, qconfig=qconfig, outlier_smoothing=None, progress=False)
     linears = [n for n in qm.report.nodes if n.op == "linear"]
     assert [n.detail for n in linears] == [
-        "qc.linear_weight_only via int4pack (groups of 32, affine), uint8 activations dequantized to bf16"] * 2
+        f"qc.linear_weight_only via int4pack (groups of 32, affine), {wording} activations dequantized to bf16"] * 2
     assert qm.report.kernel_calls_checked
-    x = torch.randn(5, 64)
-    with torch.no_grad():
-        torch.testing.assert_close(qm(x), qm.qdq_graph_module(x), atol=0.02, rtol=0)
-
-
-def test_w4a8_groups_take_per_token_activations_quantized_at_run_time(bf16_gemm):
-    """The weight-only kernel reads the activations dequantized, so their Q/DQ may be per token:
-    planned, computed per row at run time in front of the kernel; the int8 kernel (per-tensor
-    activations only) refuses the same activations with an int8 weight, and says so."""
-    per_token = QuantSpec("uint8", False, qcompile.PerToken())
-    w4a8 = QConfig(by_op={"linear": OpQuantConfig(per_token, QuantSpec("int4", False, PerGroup(1, 32), "mse"))})
-    model = TinyBlock(width=64, hidden=128)
-    data = [(torch.randn(8, 64, generator=torch.Generator().manual_seed(i)),) for i in range(4)]
-    qm = qcompile.compile(model, calibration_data=data, qconfig=w4a8, outlier_smoothing=None, progress=False)
-    linears = [n for n in qm.report.nodes if n.op == "linear"]
-    assert [n.detail for n in linears] == [
-        "qc.linear_weight_only via int4pack (groups of 32, affine), uint8 per-token activations dequantized to bf16"] * 2
-    check_graph(qm.graph_module, """
-    CHECK: qc.choose_qparams_per_token.default
-    CHECK: qc.linear_weight_only.default
-    """)
     x = torch.randn(5, 64) * torch.tensor([0.01, 0.1, 1.0, 10.0, 100.0]).view(5, 1)  # rows of every scale
     with torch.no_grad():
         torch.testing.assert_close(qm(x), qm.qdq_graph_module(x), atol=0.02 * float(qm(x).abs().max()), rtol=0)
-    int8 = QConfig(by_op={"linear": OpQuantConfig(per_token, qcompile.qconfig.INT8_WEIGHT)})
+
+
+def test_per_token_activations_run_in_front_of_the_weight_only_kernel_and_not_the_int8_one():
+    """W4A8 groups put choose_qparams_per_token before the kernel; the int8 kernel (per-tensor
+    activations only) refuses the same activations with an int8 weight, and says so."""
+    model = TinyBlock(width=64, hidden=128)
+    data = [(torch.randn(8, 64, generator=torch.Generator().manual_seed(i)),) for i in range(4)]
+    w4a8 = QConfig(by_op={"linear": OpQuantConfig(TOKEN_ACTIVATION, W4A8_G32.by_op["linear"].weight)})
+    qm = qcompile.compile(model, calibration_data=data, qconfig=w4a8, outlier_smoothing=None, progress=False)
+    check_graph(qm.qdq_graph_module, """
+    CHECK: qc.choose_qparams_per_token.default
+    CHECK: qc.quantize.default
+    CHECK: aten.linear.default
+    """)
+    int8 = QConfig(by_op={"linear": OpQuantConfig(TOKEN_ACTIVATION, qcompile.qconfig.INT8_WEIGHT)})
     with pytest.warns(UserWarning, match="activation granularity per-token"):
         refused = qcompile.compile(model, calibration_data=data, qconfig=int8, outlier_smoothing=None, progress=False)
     assert all(n.precision == "float" and "kernel takes per-tensor" in n.detail
