@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from qcompile.errors import QCompileError
 from qcompile.observers import make_observer
+from qcompile.ops import choose_qparams_per_token
 from qcompile.spec import PerGroup, PerTensor, PerToken, QuantSpec, compute_qparams, grouped
 
 
@@ -115,8 +116,8 @@ def fake_quantize_bias(bias: Tensor, activation_log_scale: Tensor, weight_log_sc
 
 def token_qparams(x: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
     """A scale and zero point per row of ``x`` (over its last dimension, shaped [..., 1]) from
-    the row's own range: what ``qc.choose_qparams_per_token`` computes at run time."""
-    return compute_qparams(x.detach().amin(dim=-1, keepdim=True), x.detach().amax(dim=-1, keepdim=True), spec)
+    the row's own range, by the very op the lowered graph computes them with at run time."""
+    return choose_qparams_per_token(x.detach(), spec.qmin, spec.qmax, spec.symmetric)
 
 
 def weight_qparams(weight: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
