@@ -43,7 +43,7 @@ from qcompile.ir.meta import EdgeQuant, QuantAnnotation, get_provenance, get_qsp
 from qcompile.pipeline import Diagnostic, Pass, PassResult
 from qcompile.qconfig import OpQuantConfig, QConfig, op_kind
 from qcompile.qdq import observation_root
-from qcompile.spec import PerGroup, QuantSpec
+from qcompile.spec import PerGroup, QuantSpec, group_mismatch
 from qcompile.targets import OpRule, Target, get_target, targets
 
 if TYPE_CHECKING:
@@ -177,8 +177,11 @@ def plan_node(
     if reason is None:
         reason = next(filter(None, (_float_input_reason(node, i) for i in activations)), None)
     weight = node.args[rule.weight] if rule.weight is not None and rule.weight < len(node.args) else None
-    if reason is None and rule.weight is not None and constant_expression(gm, weight) is None:
+    weight_value = constant_expression(gm, weight) if rule.weight is not None else None
+    if reason is None and rule.weight is not None and weight_value is None:
         reason = "the weight is computed in the graph, not a constant"
+    if reason is None and config.weight is not None and isinstance(config.weight.granularity, PerGroup):
+        reason = group_mismatch(config.weight.granularity, tuple(weight_value.shape))
     if reason is not None:
         return QuantAnnotation(rule=why, float_reason=reason)
     edges: list[tuple[int, EdgeQuant]] = []

@@ -231,16 +231,23 @@ def integer_qparams(
     return scale, zero_point
 
 
+def group_mismatch(granularity: PerGroup, shape: tuple[int, ...]) -> str | None:
+    """Why ``granularity`` cannot split a weight of ``shape`` into whole groups, or None when it can:
+    groups run along the input channels of a 2-D weight, and their size must divide them."""
+    if len(shape) != 2 or granularity.axis % 2 != 1:
+        return f"per-group quantization takes 2-D weights grouped along axis 1, got {shape} along axis {granularity.axis}"
+    if shape[1] % granularity.group_size:
+        return f"per-group size {granularity.group_size} does not divide the {shape[1]} input channels"
+    return None
+
+
 def grouped(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """A per-group spec's view of a weight: each group on a last dimension of its own,
     [out, in] -> [out, in / size, size], so that its scales broadcast as [out, in / size, 1]."""
     granularity = spec.granularity
     if not isinstance(granularity, PerGroup):
         raise TypeError(f"grouped() takes a per-group spec, got {granularity}")
-    if x.dim() != 2 or granularity.axis % 2 != 1:
-        raise QCompileError(f"per-group quantization takes 2-D weights grouped along axis 1, got {tuple(x.shape)} "
-                            f"along axis {granularity.axis}")
-    if x.shape[1] % granularity.group_size:
-        raise QCompileError(f"per-group size {granularity.group_size} does not divide the {x.shape[1]} input "
-                            "channels")
+    reason = group_mismatch(granularity, tuple(x.shape))
+    if reason is not None:
+        raise QCompileError(reason)
     return x.reshape(x.shape[0], -1, granularity.group_size)

@@ -1,6 +1,8 @@
 """Weight-only linears on cpu-int8: int8 per channel and int4 per group on bf16 activations
 (qc.linear_weight_only), the grouped Q/DQ form, the kernel dispatch and its refusals."""
 
+from dataclasses import replace
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -10,9 +12,9 @@ import torch
 import qcompile
 from qcompile import OpQuantConfig, PerChannel, PerGroup, QConfig, QuantSpec, native
 from qcompile.ir.graph import constant_expression
-from qcompile.ir.meta import get_qspec
+from qcompile.ir.meta import get_qspec, set_qspec
 from qcompile.kernel_check import kernel_contracts
-from qcompile.passes import Convert
+from qcompile.passes import Annotate, Convert
 from qcompile.targets import cpu_features
 from qcompile.targets.cpu_int8 import LowerWeightOnly
 from qcompile.targets.onnx_qdq import matmul_nbits
@@ -25,9 +27,10 @@ from qcompile.targets.cpu_int8.weight_only_kernels import (
 )
 from qcompile.testing import assert_outputs_close, assert_pass_contract, check_graph
 from tests.models import SentenceEmbedder, TinyBlock, docstring_sentences, minilm_inputs
-from tests.quant_stages import annotated, calibrated
+from tests.quant_stages import annotated, calibrated, cleaned
 
 INT4_G32 = QConfig(by_op={"linear": OpQuantConfig(None, QuantSpec("int4", granularity=PerGroup(1, 32)))})
+INT4_G16 = QConfig(by_op={"linear": OpQuantConfig(None, QuantSpec("int4", granularity=PerGroup(1, 16)))})
 INT8_WO = QConfig(by_op={"linear": OpQuantConfig(None, QuantSpec("int8", granularity=PerChannel(0)))})
 
 
@@ -220,9 +223,29 @@ def test_a_cpu_without_bf16_gemms_keeps_the_reference_form(monkeypatch):
         "this CPU has no native bf16 GEMM (AVX512-BF16 or AMX): the weight-only kernels would be slower than fp32"}
 
 
-def test_a_group_that_does_not_divide_the_inputs_is_an_error_naming_the_node():
+def test_a_group_that_does_not_divide_the_inputs_keeps_that_linear_float_with_the_reason():
+    """TinyBlock's up-projection reads 16 channels, its down-projection 32: groups of 32 fit only
+    the second, so annotate keeps the first float, saying why, before any calibration is spent."""
+    model, x = TinyBlock(width=16, hidden=32), torch.randn(4, 16)
+    result = Annotate(qconfig=INT4_G32)(cleaned(model, x))
+    assert result.of_kind("unsupported") == {"linear": "per-group size 32 does not divide the 16 input channels"}
+    planned = {n.name: get_qspec(n) for n in result.graph_module.graph.nodes if get_qspec(n) is not None}
+    assert planned["linear_1"].quantized
+    with pytest.warns(UserWarning, match="linear stays float: per-group size 32 does not divide the 16 input"):
+        compiled = qcompile.compile(model, x, calibration_data=[(torch.randn(4, 16),) for _ in range(2)],
+                                    qconfig=INT4_G32, progress=False)
+    assert_outputs_close(model, compiled, [x], rtol=0.05)
+
+
+def test_convert_refuses_a_planned_group_that_does_not_divide_the_inputs_naming_the_node():
+    """A plan set by hand (a user's pass) skips annotate's check: convert names the node."""
+    gm = annotated(TinyBlock(width=16, hidden=32), torch.randn(4, 16), qconfig=INT4_G16)
+    up = next(n for n in gm.graph.nodes if n.name == "linear")
+    plan = get_qspec(up)
+    set_qspec(up, replace(plan, inputs=tuple((i, replace(e, spec=INT4_G32.by_op["linear"].weight))
+                                             for i, e in plan.inputs)))
     with pytest.raises(qcompile.NodeError, match=r"per-group size 32 does not divide the 16 input channels.*linear"):
-        Convert()(annotated(TinyBlock(), torch.randn(4, 16), qconfig=INT4_G32))
+        Convert()(gm)
 
 
 def test_minilm_weight_only(minilm, tmp_path):
