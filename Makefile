@@ -20,8 +20,10 @@ $(STAMP): pyproject.toml setup.py $(wildcard qcompile/csrc/*)
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m examples.demo
 
+# One pytest worker per core (tests/conftest.py gives each worker its share of torch's threads):
+# most of the suite is single-threaded Python (export, passes, ONNX Runtime sessions).
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -p no:logging tests
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -p no:logging -n auto --dist worksteal tests
 
 fuzz: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m tests.fuzz $(N)

@@ -50,7 +50,9 @@ from qcompile.profile import median_ms, profile_ops
 from qcompile.report import CompileReport
 from qcompile.targets import targets
 
-console = Console(stderr=True)
+# Soft wrap: messages name files and nodes, which a hard line break inside would make
+# impossible to copy; the terminal wraps long lines itself.
+console = Console(stderr=True, soft_wrap=True)
 EXIT_FAILED, EXIT_BAD_INPUT, EXIT_REFUSED_FILE = 1, 2, 3
 
 

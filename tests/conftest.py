@@ -49,3 +49,13 @@ def latency_cache(tmp_path_factory):
         del os.environ["QCOMPILE_CACHE_DIR"]
     else:
         os.environ["QCOMPILE_CACHE_DIR"] = previous
+
+
+def pytest_configure(config):
+    """Under pytest-xdist each worker gets one of the cores: torch's own pool would otherwise run
+    two threads per worker on a two-core machine, and the workers would fight over both."""
+    import os
+
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(workers)))

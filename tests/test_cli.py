@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from qcompile.cli import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_REFUSED_FILE, main
+from qcompile.cli import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_REFUSED_FILE, console, main
 
 TINY = "examples.cli_models:tiny_block"
 TINY_DATA = "examples.cli_models:tiny_batches"
@@ -61,7 +61,7 @@ def test_a_saved_model_compiles_again_into_onnx_and_a_report(compiled, tmp_path)
     assert (tmp_path / "again.onnx").stat().st_size > 0
 
 
-def test_a_folder_of_batches_calibrates_and_mixed_shapes_name_the_file(tmp_path, capsys):
+def test_a_folder_of_batches_calibrates_and_mixed_shapes_name_the_file(tmp_path, capsys, monkeypatch):
     data = tmp_path / "data"
     data.mkdir()
     g = torch.Generator().manual_seed(0)
@@ -70,9 +70,10 @@ def test_a_folder_of_batches_calibrates_and_mixed_shapes_name_the_file(tmp_path,
     save_file({"0": torch.randn(4, 16, generator=g)}, str(data / "batch_3.safetensors"))
     assert main(["compile", TINY, "--calib", str(data), "--out", str(tmp_path / "m.qc")]) == 0
     np.save(data / "batch_4.npy", torch.randn(4, 12).numpy())
+    monkeypatch.setattr(console, "width", 30)  # a narrow terminal must not break the file's name
     assert main(["compile", TINY, "--calib", str(data)]) == EXIT_BAD_INPUT
     message = capsys.readouterr().err
-    assert "batch_4.npy" in message and "float32[N,12]" in message and "float32[N,16]" in message
+    assert str(data / "batch_4.npy") in message and "float32[N,12]" in message and "float32[N,16]" in message
 
 
 @pytest.mark.parametrize("model, says", [
