@@ -46,7 +46,7 @@ from benchmarks.cpu_int8 import embedding_agreement, minilm_data
 from benchmarks.weight_rounding import unpadded_calibration
 from examples.qat_digits import Digits, accuracy, digits, qat, train_float, w_a8
 from qcompile.qat import fit
-from qcompile.qconfig import INT8_ACTIVATION
+from qcompile.qconfig import INT8_ACTIVATION, TOKEN_ACTIVATION
 from tests.models import SentenceEmbedder, docstring_sentences, load_minilm, minilm_inputs
 
 SEEDS = 3
@@ -190,8 +190,7 @@ def minilm_table(only: tuple[str, ...] = ()) -> None:
     group32 = qcompile.QuantSpec("int4", False, qcompile.PerGroup(1, 32), "mse")
     gptq32 = dataclasses.replace(group32, rounding="gptq", bias_correction=True)
     w4a8 = lambda weight: qcompile.QConfig(by_op={"linear": qcompile.OpQuantConfig(INT8_ACTIVATION, weight)})  # noqa: E731
-    token = qcompile.QuantSpec("uint8", False, qcompile.PerToken())
-    w4a8_token = lambda weight: qcompile.QConfig(by_op={"linear": qcompile.OpQuantConfig(token, weight)})  # noqa: E731
+    w4a8_token = lambda weight: qcompile.QConfig(by_op={"linear": qcompile.OpQuantConfig(TOKEN_ACTIVATION, weight)})  # noqa: E731
     w4 = lambda weight: qcompile.QConfig(by_op={"linear": qcompile.OpQuantConfig(None, weight)})  # noqa: E731
     # Per format: the PTQ rows (label, QConfig, smoothing, calibration) and the QAT row's loop, which
     # starts from the last PTQ row's plan. At W8 QAT starts from the smoothed plan and moves the

@@ -46,7 +46,7 @@ _ROUNDED = qcompile.QConfig(by_op={
 # W4A8 with per-token activations: int4 groups of 8 (every width the models take divides), the
 # activations quantized per row at run time in front of the weight-only kernel.
 _W4A8_TOKEN = qcompile.QConfig(by_op={"linear": qcompile.OpQuantConfig(
-    qcompile.QuantSpec("uint8", False, qcompile.PerToken()),
+    qcompile.qconfig.TOKEN_ACTIVATION,
     qcompile.QuantSpec("int4", False, qcompile.PerGroup(1, 8)))})
 CONFIGS = {"cpu-int8": ("cpu-int8", None), "onnx-qdq": ("onnx-qdq", None), "cpu-fp8": ("cpu-fp8", None),
            "cpu-fp8 w8a8": ("cpu-fp8", qcompile.fp8_qconfig()), "cpu-int8 gptq, bias-corrected": ("cpu-int8", _ROUNDED),

@@ -339,7 +339,7 @@ def test_insert_fake_quant_trains_a_gptq_rounded_weight_from_its_values_and_grid
     torch.testing.assert_close(fake.scale.detach(), gm.get_buffer("fc1_weight_scale").reshape(-1), atol=0, rtol=1e-6)
 
 
-TOKEN_W4A8 = qcompile.QConfig(by_op={"linear": OpQuantConfig(QuantSpec("uint8", False, qcompile.PerToken()),
+TOKEN_W4A8 = qcompile.QConfig(by_op={"linear": OpQuantConfig(qcompile.qconfig.TOKEN_ACTIVATION,
                                                                QuantSpec("int4", False, PerGroup(1, 16)))})
 
 

@@ -176,7 +176,7 @@ def test_local_error_quantizes_a_per_token_activation_row_by_row():
     generator = torch.Generator().manual_seed(0)
     x, weight = torch.randn(16, 8, generator=generator), torch.randn(5, 8, generator=generator)
     x[:4] *= 50  # rows of a larger range: per tensor, they would cost the others precision
-    activation = qcompile.QuantSpec("uint8", False, qcompile.PerToken())
+    activation = qcompile.qconfig.TOKEN_ACTIVATION
     lo, hi = x.amin(1, keepdim=True).clamp(max=0), x.amax(1, keepdim=True).clamp(min=0)
     scale = (hi - lo) / 255
     zero_point = torch.round(-lo / scale)

@@ -14,6 +14,7 @@ from qcompile import OpQuantConfig, PerChannel, PerGroup, QConfig, QuantSpec, na
 from qcompile.ir.graph import constant_expression
 from qcompile.ir.meta import get_qspec, set_qspec
 from qcompile.kernel_check import kernel_contracts
+from qcompile.qconfig import TOKEN_ACTIVATION
 from qcompile.passes import Annotate, Convert
 from qcompile.targets import cpu_features
 from qcompile.targets.cpu_int8 import LowerWeightOnly
@@ -376,7 +377,6 @@ def test_w4a8_groups_run_on_the_weight_only_kernel_after_the_activations_qdq(bf1
     assert_outputs_close(qdq, out, [torch.randn(6, 64)], rtol=0.02)
 
 
-TOKEN_ACTIVATION = QuantSpec("uint8", False, qcompile.PerToken())
 
 
 @pytest.mark.parametrize(("activation", "wording"), [(qcompile.qconfig.INT8_ACTIVATION, "uint8"),
