@@ -7,30 +7,22 @@ measured against.
 * shape growth: resident memory added by the second 500 of 1000 distinct batch sizes on a
   small MLP (flat when per-shape caches are bounded).
 
-The peak is the kernel's high-water mark (``VmHWM``), reset just before compiling by writing
-5 to ``/proc/self/clear_refs`` (Linux); memory the allocator holds free is returned before
-each reading. The first compile in a process is shown apart from the second: it also loads
-torch.export's code and caches. Run: ``python -m benchmarks.compile_memory``.
+The peak is the kernel's high-water mark (``VmHWM``), reset just before compiling
+(``benchmarks.resident``); memory the allocator holds free is returned before each reading.
+The first compile in a process is shown apart from the second: it also loads torch.export's
+code and caches. Run: ``python -m benchmarks.compile_memory``.
 """
 
 from __future__ import annotations
 
 import gc
 import os
-from pathlib import Path
 
 import torch
 
 import qcompile
-from qcompile.memory import release_freed_memory
+from benchmarks.resident import resident_window, status_mb
 from tests.models import docstring_sentences, load_minilm, minilm_inputs
-
-
-def _status_mb(key: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) / 1024
-    raise KeyError(key)
 
 
 def _model_mb(model: torch.nn.Module) -> float:
@@ -40,17 +32,10 @@ def _model_mb(model: torch.nn.Module) -> float:
 
 def _compile_peak(model: torch.nn.Module, batches: list) -> tuple[float, float]:
     """(peak, retained) resident MB above the memory before ``compile``."""
-    gc.collect()
-    release_freed_memory()
-    base = _status_mb("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")  # high-water mark := current
-    qm = qcompile.compile(model, calibration_data=batches, progress=False)
-    peak = _status_mb("VmHWM") - base
-    gc.collect()
-    release_freed_memory()
-    retained = _status_mb("VmRSS") - base
+    with resident_window() as window:
+        qm = qcompile.compile(model, calibration_data=batches, progress=False)
     del qm
-    return peak, retained
+    return window.peak, window.retained
 
 
 def compile_memory() -> None:
@@ -74,11 +59,11 @@ def shape_growth() -> None:
     for batch in range(1, 501):
         qm(torch.randn(batch, 64))
     gc.collect()
-    middle = _status_mb("VmRSS")
+    middle = status_mb("VmRSS")
     for batch in range(501, 1001):
         qm(torch.randn(batch, 64))
     gc.collect()
-    print(f"MLP over 1000 distinct batch sizes: the second 500 added {_status_mb('VmRSS') - middle:.1f} MB "
+    print(f"MLP over 1000 distinct batch sizes: the second 500 added {status_mb('VmRSS') - middle:.1f} MB "
           f"(oneDNN primitive cache capacity {os.environ.get('ONEDNN_PRIMITIVE_CACHE_CAPACITY')})")
 
 

@@ -4,7 +4,12 @@ A Qwen2-0.5B-shaped model from its config (width 896, 24 layers, 14 heads / 2 KV
 4864, vocabulary 151,936, tied embeddings; 494 M parameters; random weights), 2 threads. Each
 path prefills a 64-token prompt, then decodes 64 tokens greedily with the KV cache growing;
 the table gives prefill ms, decode ms per token and tokens/s (median of 2 runs after a warm-up),
-the bytes of the weights, and the share of the 64 tokens equal to bf16's (random weights give
+the bytes of the weights, memory (``benchmarks.resident``: "held MB", the resident memory that
+building the path added and kept, that is its weights as the kernels hold them plus anything kept
+beside them; "decode MB", the most resident memory above that while it prefilled and decoded:
+KV cache, activations and any weight a kernel unpacks per call; the path's peak is their sum,
+since the other paths' memory is resident throughout), and the share of the 64 tokens equal to
+bf16's (random weights give
 near-flat logits, so this is a stress test of argmax flips, not a quality figure: the trained
 tiny decoder's agreement is in ``benchmarks.fp8_vs_int8 decoder``).
 
@@ -24,15 +29,18 @@ passes protobuf's 2 GB limit, so this runs a smaller model of the same shape per
 a 32,768-token vocabulary, untied embeddings (so both quantize the lm_head), 178 M parameters.
 The fp32 file is our own export of the model compiled with nothing quantized.
 
-Run: ``python -m benchmarks.llm_decode`` and ``python -m benchmarks.llm_decode ort-quantizer``
+Run: ``python -m benchmarks.llm_decode [--layers N]`` (N of the 24 layers: a quicker check of the
+same shapes per layer) and ``python -m benchmarks.llm_decode ort-quantizer``
 """
 
 from __future__ import annotations
 
+import copy
 import statistics
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
@@ -41,6 +49,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 import qcompile
 from benchmarks.cpu_int8 import tensor_bytes
+from benchmarks.resident import resident_window
 from qcompile import OpQuantConfig, PerChannel, PerGroup, QConfig, QuantSpec
 from qcompile.decoder import PrefillProgram, StepProgram
 from qcompile.qconfig import INT8_WEIGHT
@@ -53,23 +62,46 @@ CONFIG = Qwen2Config(vocab_size=151936, hidden_size=896, intermediate_size=4864,
                      tie_word_embeddings=True, rope_theta=1e6)
 
 
-def decode(prefill: Callable, step: Callable, ids: torch.Tensor) -> tuple[float, float, torch.Tensor]:
-    """(prefill ms, decode ms per token, the tokens), timings the median of 2 runs after a warm-up."""
+@dataclass
+class DecodePath:
+    """One row's programs, the bytes of its weights, the resident MB building it kept, and a note."""
+
+    prefill: Callable
+    step: Callable
+    weight_bytes: int
+    held_mb: float
+    note: str = ""
+
+
+@dataclass
+class Decoded:
+    prefill_ms: float
+    token_ms: float
+    tokens: torch.Tensor
+    peak_mb: float  # resident MB above the resting state, at most, while prefilling and decoding
+
+
+def decode(prefill: Callable, step: Callable, ids: torch.Tensor) -> Decoded:
+    """Prefill and 64 greedy steps, 3 times: timings the median of the last 2 runs, memory the
+    peak over all 3."""
     runs, tokens = [], None
-    for _ in range(3):
-        with torch.no_grad():
-            start = time.perf_counter()
-            logits, *cache = prefill(ids)
-            middle = time.perf_counter()
-            produced = []
-            for _ in range(NEW_TOKENS):
-                token = logits[:, -1].argmax(-1, keepdim=True)
-                produced.append(token)
-                logits, *cache = step(token, *cache)
-            end = time.perf_counter()
-        runs.append(((middle - start) * 1e3, (end - middle) * 1e3 / NEW_TOKENS))
-        tokens = torch.cat(produced, 1)
-    return statistics.median(r[0] for r in runs[1:]), statistics.median(r[1] for r in runs[1:]), tokens
+    with resident_window() as resident:
+        for _ in range(3):
+            with torch.no_grad():
+                start = time.perf_counter()
+                logits, *cache = prefill(ids)
+                middle = time.perf_counter()
+                produced = []
+                for _ in range(NEW_TOKENS):
+                    token = logits[:, -1].argmax(-1, keepdim=True)
+                    produced.append(token)
+                    logits, *cache = step(token, *cache)
+                end = time.perf_counter()
+            runs.append(((middle - start) * 1e3, (end - middle) * 1e3 / NEW_TOKENS))
+            tokens = torch.cat(produced, 1)
+            del logits, cache
+    return Decoded(statistics.median(r[0] for r in runs[1:]), statistics.median(r[1] for r in runs[1:]), tokens,
+                   resident.peak)
 
 
 def torchao_int4(model: torch.nn.Module) -> tuple[Callable, Callable]:
@@ -81,65 +113,83 @@ def torchao_int4(model: torch.nn.Module) -> tuple[Callable, Callable]:
     return prefill, step
 
 
-def main() -> None:
+def main(layers: int = CONFIG.num_hidden_layers) -> None:
     torch.set_num_threads(2)
     torch.manual_seed(0)
-    model = Qwen2ForCausalLM(CONFIG).eval()
-    bf16 = Qwen2ForCausalLM(CONFIG).to(torch.bfloat16).eval()
-    bf16.load_state_dict(model.state_dict())
+    config = copy.deepcopy(CONFIG)
+    config.num_hidden_layers = layers
+    model = Qwen2ForCausalLM(config).eval()
+    parameters = sum(p.numel() for p in model.parameters())
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, CONFIG.vocab_size, (1, PROMPT), generator=g)
-    prompts = [torch.randint(0, CONFIG.vocab_size, (1, 32), generator=g) for _ in range(2)]
-    paths: dict[str, tuple[Callable, Callable, int, str]] = {
-        "bf16 eager": (PrefillProgram(bf16), StepProgram(bf16), tensor_bytes(bf16), "")}
+    ids = torch.randint(0, config.vocab_size, (1, PROMPT), generator=g)
+    prompts = [torch.randint(0, config.vocab_size, (1, 32), generator=g) for _ in range(2)]
+    # The first compile in a process loads torch.export's code and caches: not any path's memory.
+    warm_up = copy.deepcopy(config)
+    warm_up.num_hidden_layers, warm_up.vocab_size = 1, 256
+    with tempfile.TemporaryDirectory() as folder:
+        qcompile.compile_decoder(Qwen2ForCausalLM(warm_up).eval(), [p % 256 for p in prompts], calibration_steps=1,
+                                 progress=False).export_onnx(folder, threads=2)
+    paths: dict[str, DecodePath] = {}
+    with resident_window() as held:
+        bf16 = Qwen2ForCausalLM(config).to(torch.bfloat16).eval()
+        bf16.load_state_dict(model.state_dict())
+    paths["bf16 eager"] = DecodePath(PrefillProgram(bf16), StepProgram(bf16), tensor_bytes(bf16), held.retained)
     formats = {"qcompile W8 (weight-only int8)": QuantSpec("int8", granularity=PerChannel(0)),
                "qcompile W4 g128 (weight-only int4)": QuantSpec("int4", granularity=PerGroup(1, 128))}
     compiled_by_name = {}
     for name, spec in formats.items():
         start = time.perf_counter()
-        compiled = qcompile.compile_decoder(model, prompts, calibration_steps=2, progress=False,
-                                            qconfig=QConfig(by_op={"linear": OpQuantConfig(None, spec),
-                                                                   "embedding": OpQuantConfig(None, INT8_WEIGHT)}))
+        with resident_window() as held:
+            compiled = qcompile.compile_decoder(model, prompts, calibration_steps=2, progress=False,
+                                                qconfig=QConfig(by_op={"linear": OpQuantConfig(None, spec),
+                                                                       "embedding": OpQuantConfig(None, INT8_WEIGHT)}))
         seconds = time.perf_counter() - start
-        paths[name] = (compiled.prefill, compiled.step, tensor_bytes(compiled.prefill.graph_module),
-                       f"compile_decoder {seconds:.0f} s")
+        paths[name] = DecodePath(compiled.prefill, compiled.step, tensor_bytes(compiled.prefill.graph_module),
+                                 held.retained, f"compile_decoder {seconds:.0f} s")
         print(f"{name}: {compiled.step.report.notes[-1]}")
         compiled_by_name[name] = compiled
     with tempfile.TemporaryDirectory() as folder:  # ONNX Runtime reads the files when its sessions start
         start = time.perf_counter()
-        exported = compiled_by_name["qcompile W4 g128 (weight-only int4)"].export_onnx(folder, threads=2)
+        with resident_window() as held:
+            exported = compiled_by_name["qcompile W4 g128 (weight-only int4)"].export_onnx(folder, threads=2)
         seconds = time.perf_counter() - start
         size = sum(path.stat().st_size for path in Path(folder).glob("*.onnx")) // 2  # both files hold the weights
         levels = [level.level for level in exported.step_export.check.accuracy_levels]
-        paths["ONNX Runtime W4 g128 (MatMulNBits)"] = (
-            exported.prefill, exported.step, size,
+        paths["ONNX Runtime W4 g128 (MatMulNBits)"] = DecodePath(
+            exported.prefill, exported.step, size, held.retained,
             f"the same plan exported, {seconds:.0f} s; accuracy level 4 (int8 activations) on "
             f"{levels.count(INT8_ACTIVATIONS)} of the step's {len(levels)} MatMulNBits, measured safe")
         programs = []
-        for name in ("prefill", "step"):  # the same files with float activations everywhere
-            model = onnx.load(Path(folder) / f"{name}.onnx")
-            set_accuracy_levels(model, {n.name: FLOAT_ACTIVATIONS for n in model.graph.node if n.op_type == "MatMulNBits"})
-            onnx.save(model, Path(folder) / f"{name}_float_activations.onnx")
-            programs.append(OnnxRuntimeProgram(Path(folder) / f"{name}_float_activations.onnx", threads=2))
-        paths["ONNX Runtime W4 g128, accuracy level 1"] = (*programs, size, "float activations in every MatMulNBits")
+        with resident_window() as held:
+            for name in ("prefill", "step"):  # the same files with float activations everywhere
+                file = onnx.load(Path(folder) / f"{name}.onnx")
+                set_accuracy_levels(file, {n.name: FLOAT_ACTIVATIONS for n in file.graph.node
+                                           if n.op_type == "MatMulNBits"})
+                onnx.save(file, Path(folder) / f"{name}_float_activations.onnx")
+                del file
+                programs.append(OnnxRuntimeProgram(Path(folder) / f"{name}_float_activations.onnx", threads=2))
+        paths["ONNX Runtime W4 g128, accuracy level 1"] = DecodePath(*programs, size, held.retained,
+                                                                     "float activations in every MatMulNBits")
     try:
-        ao = Qwen2ForCausalLM(CONFIG).to(torch.bfloat16).eval()
-        ao.load_state_dict(model.state_dict())
-        prefill, step = torchao_int4(ao)
-        paths["torchao int4 weight-only"] = (prefill, step, tensor_bytes(ao), "")
+        with resident_window() as held:
+            ao = Qwen2ForCausalLM(config).to(torch.bfloat16).eval()
+            ao.load_state_dict(model.state_dict())
+            prefill, step = torchao_int4(ao)
+        paths["torchao int4 weight-only"] = DecodePath(prefill, step, tensor_bytes(ao), held.retained)
     except Exception as exc:  # a baseline that does not run here is a row of its own
         print(f"torchao int4 weight-only: does not run on this CPU build ({type(exc).__name__}: {str(exc)[:160]})")
-    results = {name: decode(prefill, step, ids) for name, (prefill, step, _, _) in paths.items()}
-    reference = results["bf16 eager"][2]
-    print(f"\nQwen2-0.5B-shaped decoder (494 M parameters, random weights), batch 1, {PROMPT}-token prompt, "
-          f"{NEW_TOKENS} greedy tokens, 2 threads")
+    results = {name: decode(path.prefill, path.step, ids) for name, path in paths.items()}
+    reference = results["bf16 eager"]
+    print(f"\nQwen2-0.5B-shaped decoder, {layers} layers ({parameters / 1e6:.0f} M parameters, random weights), "
+          f"batch 1, {PROMPT}-token prompt, {NEW_TOKENS} greedy tokens, 2 threads")
     print(f"{'path':<40}{'prefill ms':>11}{'ms/token':>10}{'tokens/s':>10}{'vs bf16':>9}{'weights MB':>12}"
-          f"{'= bf16':>8}  note")
-    for name, (prefill_ms, token_ms, tokens) in results.items():
-        agreement = (tokens == reference).float().mean().item()
-        print(f"{name:<40}{prefill_ms:>11.1f}{token_ms:>10.2f}{1e3 / token_ms:>10.2f}"
-              f"{results['bf16 eager'][1] / token_ms:>8.2f}x{paths[name][2] / 2**20:>12.0f}{agreement:>8.3f}  "
-              f"{paths[name][3]}")
+          f"{'held MB':>9}{'decode MB':>10}{'= bf16':>8}  note")
+    for name, result in results.items():
+        path = paths[name]
+        agreement = (result.tokens == reference.tokens).float().mean().item()
+        print(f"{name:<40}{result.prefill_ms:>11.1f}{result.token_ms:>10.2f}{1e3 / result.token_ms:>10.2f}"
+              f"{reference.token_ms / result.token_ms:>8.2f}x{path.weight_bytes / 2**20:>12.0f}{path.held_mb:>9.0f}"
+              f"{result.peak_mb:>10.0f}{agreement:>8.3f}  {path.note}")
 
 
 def ort_quantizer() -> None:
@@ -183,14 +233,15 @@ def ort_quantizer() -> None:
                  "our W4 g128 export, level 4 everywhere": tuple(everywhere),
                  "ORT MatMulNBitsQuantizer, level 4": tuple(theirs)}
         results = {name: decode(prefill, step, ids) for name, (prefill, step) in paths.items()}
-    reference = results["fp32 (our export, nothing quantized)"][2]
+    reference = results["fp32 (our export, nothing quantized)"].tokens
     levels = [level.level for level in exported.step_export.check.accuracy_levels]
     print(f"\nQwen2-shaped decoder, 8 layers, 32,768-token vocabulary (178 M parameters, random weights), in ONNX "
           f"Runtime, batch 1, {PROMPT}-token prompt, {NEW_TOKENS} greedy tokens, 2 threads; our file has level 4 on "
           f"{levels.count(INT8_ACTIVATIONS)} of {len(levels)} step nodes")
     print(f"{'path':<40}{'prefill ms':>11}{'ms/token':>10}{'= fp32':>8}")
-    for name, (prefill_ms, token_ms, tokens) in results.items():
-        print(f"{name:<40}{prefill_ms:>11.1f}{token_ms:>10.2f}{(tokens == reference).float().mean().item():>8.3f}")
+    for name, result in results.items():
+        print(f"{name:<40}{result.prefill_ms:>11.1f}{result.token_ms:>10.2f}"
+              f"{(result.tokens == reference).float().mean().item():>8.3f}")
 
 
 if __name__ == "__main__":
@@ -198,5 +249,7 @@ if __name__ == "__main__":
 
     if sys.argv[1:] == ["ort-quantizer"]:
         ort_quantizer()
+    elif sys.argv[1:2] == ["--layers"]:
+        main(int(sys.argv[2]))
     else:
         main()

@@ -215,7 +215,7 @@ def minilm_table(only: tuple[str, ...] = ()) -> None:
                            Training(240, 1e-4, 1e-5, layers=(5,), lr_schedule="cosine")),
         "W4-g32": ([("PTQ nearest", w4(group32), None, calibration),
                     ("PTQ GPTQ + bias correction", w4(gptq32), None, unpadded)],
-                   Training(40, 1e-6, 1e-4)),
+                   Training(240, 1e-4, 1e-5, layers=(5,), lr_schedule="cosine")),
     }
     for name, (rows, training) in formats.items():
         if only and name not in only:
