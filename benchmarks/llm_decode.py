@@ -35,7 +35,6 @@ same shapes per layer) and ``python -m benchmarks.llm_decode ort-quantizer``
 
 from __future__ import annotations
 
-import copy
 import statistics
 import tempfile
 import time
@@ -57,9 +56,14 @@ from qcompile.targets.onnx_qdq.matmul_nbits import FLOAT_ACTIVATIONS, INT8_ACTIV
 from qcompile.targets.onnx_qdq.runtime import OnnxRuntimeProgram
 
 PROMPT, NEW_TOKENS = 64, 64
-CONFIG = Qwen2Config(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                     num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=4096,
-                     tie_word_embeddings=True, rope_theta=1e6)
+LAYERS = 24
+
+
+def qwen2_config(layers: int = LAYERS, vocabulary: int = 151936, tied: bool = True) -> Qwen2Config:
+    """Qwen2-0.5B's shapes; fewer layers, a smaller vocabulary or untied embeddings for other runs."""
+    return Qwen2Config(vocab_size=vocabulary, hidden_size=896, intermediate_size=4864, num_hidden_layers=layers,
+                       num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=4096,
+                       tie_word_embeddings=tied, rope_theta=1e6)
 
 
 @dataclass
@@ -113,21 +117,18 @@ def torchao_int4(model: torch.nn.Module) -> tuple[Callable, Callable]:
     return prefill, step
 
 
-def main(layers: int = CONFIG.num_hidden_layers) -> None:
+def main(layers: int = LAYERS) -> None:
     torch.set_num_threads(2)
     torch.manual_seed(0)
-    config = copy.deepcopy(CONFIG)
-    config.num_hidden_layers = layers
+    config = qwen2_config(layers)
     model = Qwen2ForCausalLM(config).eval()
     parameters = sum(p.numel() for p in model.parameters())
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, config.vocab_size, (1, PROMPT), generator=g)
     prompts = [torch.randint(0, config.vocab_size, (1, 32), generator=g) for _ in range(2)]
     # The first compile in a process loads torch.export's code and caches: not any path's memory.
-    warm_up = copy.deepcopy(config)
-    warm_up.num_hidden_layers, warm_up.vocab_size = 1, 256
     with tempfile.TemporaryDirectory() as folder:
-        qcompile.compile_decoder(Qwen2ForCausalLM(warm_up).eval(), [p % 256 for p in prompts], calibration_steps=1,
+        qcompile.compile_decoder(Qwen2ForCausalLM(qwen2_config(1, 256)).eval(), [p % 256 for p in prompts], calibration_steps=2,
                                  progress=False).export_onnx(folder, threads=2)
     paths: dict[str, DecodePath] = {}
     with resident_window() as held:
@@ -198,9 +199,7 @@ def ort_quantizer() -> None:
 
     torch.set_num_threads(2)
     torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=32768, hidden_size=896, intermediate_size=4864, num_hidden_layers=8,
-                         num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=4096,
-                         tie_word_embeddings=False, rope_theta=1e6)
+    config = qwen2_config(8, 32768, tied=False)
     model = Qwen2ForCausalLM(config).eval()
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, config.vocab_size, (1, PROMPT), generator=g)

@@ -63,12 +63,13 @@ def has_vnni() -> bool:
     return _VNNI and isa() == "avx512"
 
 
-GEMV_ROWS = _native.GEMV_ROWS  # from this many rows on, qc.linear_weight_only runs a bf16 GEMM
+GEMV_ROWS = _native.GEMV_ROWS  # from this many rows on, qc.linear_weight_only runs a GEMM (bf16 or fp32)
 
 
 def has_avx512_bf16() -> bool:
-    """Whether this CPU has AVX512-BF16, which ``qc.linear_weight_only``'s int4 kernel needs (on
-    the avx512 instruction set; elsewhere int4 weights are dequantized for a bf16 GEMM)."""
+    """Whether this CPU has AVX512-BF16, which ``qc.linear_weight_only``'s int4 kernel and bf16
+    GEMMs need (on the avx512 instruction set; elsewhere it runs ATen's integer-weight kernels
+    for fewer than ``GEMV_ROWS`` rows and an fp32 GEMM for more)."""
     return _native.has_avx512_bf16()
 
 

@@ -21,6 +21,7 @@ from qcompile.targets.cpu_int8 import LowerWeightOnly
 from qcompile.targets.onnx_qdq import matmul_nbits
 from qcompile.targets.cpu_int8.weight_only_kernels import (
     WEIGHT_ONLY_KERNELS,
+    WeightOnlyKernel,
     dequantized_weight,
     linear_weight_only,
     linear_weight_only_bound,
@@ -72,7 +73,8 @@ def test_affine_groups_keep_the_contract_through_int4packs_offsets(rows):
     torch.testing.assert_close(dequantized_weight(weight_q, scale, zero_point), weight, atol=float(scale.max()), rtol=0)
     error = float((y - expected).abs().max())
     assert error <= linear_weight_only_bound(x, weight_q, scale, zero_point, 32, None, "int4pack")
-    assert error > 0  # bf16 arithmetic, not the fp32 reference
+    # bf16 arithmetic, not the fp32 reference; except many rows without AVX512-BF16: an fp32 GEMM
+    assert error > 0 or (rows >= native.GEMV_ROWS and not native.has_avx512_bf16())
 
 
 ISAS = [isa for isa in native.ISAS if isa == "portable" or native.detected_isa() == isa]
@@ -88,7 +90,9 @@ def affine_int4_groups(out_features, in_features, size, seed):
     return (torch.round(grouped / scale) + zero_point).clamp(-8, 7).to(torch.int8), scale, zero_point
 
 
-@pytest.mark.parametrize("isa", ISAS)  # the AVX512-BF16 kernels, and the whole-weight dequantize + GEMM path
+# avx512 (with AVX512-BF16): the int4 kernel and the blocked bf16 GEMM; portable: ATen's int4pack
+# for fewer than GEMV_ROWS rows, the whole weight dequantized for an fp32 GEMM for more
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize(("rows", "outputs", "inputs", "group", "affine"), [
     (1, 48, 256, 128, False),   # a decode step: one row, whole 64-weight chunks
     (2, 13, 96, 32, True),      # a row pair, outputs not a multiple of the 4-output tile, a half chunk left over
@@ -154,8 +158,8 @@ def test_the_int4_kernel_refuses_operands_outside_its_contract():
         linear_weight_only(torch.randn(1, 64), weight_q.reshape(16, 64), scale, None, 32, None, "int4pack")
     with pytest.raises(ValueError, match=r"x has 48 features, the weight 64"):
         linear_weight_only(torch.randn(1, 48), weight_q, scale, None, 32, None, "int4pack")
-    if native.detected_isa() == "avx512" and native.has_avx512_bf16():
-        with pytest.raises(ValueError, match=r"int4pack takes weights in \[-8, 7\]"):
+    for isa in ISAS:  # the int4 kernel's packing and ATen's both check the range
+        with native.running_on(isa), pytest.raises(ValueError, match=r"int4pack takes weights in \[-8, 7\]"):
             linear_weight_only(torch.randn(1, 64), weight_q * 2, scale, None, 32, None, "int4pack")
 
 
@@ -215,13 +219,20 @@ def test_convert_stores_groups_and_the_lowering_runs_int4pack(bf16_gemm):
     assert_outputs_close(qdq, out, [torch.randn(6, 64)], rtol=0.02)
 
 
-def test_a_cpu_without_bf16_gemms_keeps_the_reference_form(monkeypatch):
-    monkeypatch.setattr(cpu_features, "cpu_flags", lambda: frozenset({"avx512f", "avx2"}))
-    qdq = Convert()(annotated(TinyBlock(width=64, hidden=128), torch.randn(4, 64), qconfig=INT8_WO)).graph_module
-    result = LowerWeightOnly()(qdq)
-    assert not result.modified
-    assert set(result.of_kind("kept").values()) == {
-        "this CPU has no native bf16 GEMM (AVX512-BF16 or AMX): the weight-only kernels would be slower than fp32"}
+@pytest.mark.parametrize("qconfig", [INT8_WO, INT4_G32], ids=["int8", "int4"])
+def test_a_cpu_without_bf16_gemms_lowers_too_onto_its_own_paths(monkeypatch, qconfig):
+    """Without native bf16 the operator runs ATen's integer-weight GEMVs for a few rows and an fp32
+    GEMM for more (both faster than the reference form's dequantize per call): lowered all the same."""
+    monkeypatch.setattr(cpu_features, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
+    qdq = Convert()(annotated(TinyBlock(width=64, hidden=128), torch.randn(4, 64), qconfig=qconfig)).graph_module
+    out = assert_pass_contract(LowerWeightOnly(), qdq)
+    check_graph(out, """
+    CHECK: qc.linear_weight_only.default
+    CHECK: qc.linear_weight_only.default
+    """)
+    with native.running_on("portable"):
+        for rows in (4, native.GEMV_ROWS + 8):
+            assert_outputs_close(qdq, out, [torch.randn(rows, 64)], rtol=0.02)
 
 
 def test_a_group_that_does_not_divide_the_inputs_keeps_that_linear_float_with_the_reason():
@@ -263,9 +274,7 @@ def test_minilm_weight_only(minilm, tmp_path):
         qm = qcompile.compile(embedder, calibration_data=calibration, qconfig=qconfig, progress=False,
                               outlier_smoothing=None)
         linears = [n for n in qm.report.nodes if n.op == "linear"]
-        # the kernels where bf16 GEMMs are native; elsewhere the reference form (with the reason,
-        # which the merged q/k/v projections' report lines do not repeat)
-        lowered = f"qc.linear_weight_only via {detail}" if cpu_features.has_bf16_gemm() else "reference Q/DQ"
+        lowered = f"qc.linear_weight_only via {detail}"
         assert len(linears) == 36 and all(lowered in n.detail for n in linears), {n.detail for n in linears}
         with torch.no_grad():
             cosine = torch.nn.functional.cosine_similarity(qm(**evaluation), expected)
@@ -416,23 +425,24 @@ def test_per_token_activations_run_in_front_of_the_weight_only_kernel_and_not_th
                for n in refused.report.nodes if n.op == "linear")
 
 
-def test_w4a8_groups_stay_reference_qdq_where_the_cpu_has_no_bf16_gemm(monkeypatch):
+def test_w4a8_groups_run_on_the_weight_only_operator_where_the_cpu_has_no_bf16_gemm(monkeypatch):
     monkeypatch.setattr(cpu_features, "cpu_flags", lambda: frozenset({"avx2"}))
     model = TinyBlock(width=64, hidden=128)
     data = [(torch.randn(8, 64, generator=torch.Generator().manual_seed(i)),) for i in range(4)]
-    qm = qcompile.compile(model, calibration_data=data, qconfig=W4A8_G32, outlier_smoothing=None, progress=False)
+    with native.running_on("portable"):
+        qm = qcompile.compile(model, calibration_data=data, qconfig=W4A8_G32, outlier_smoothing=None,
+                              progress=False)
     linears = [n for n in qm.report.nodes if n.op == "linear"]
-    assert {n.precision for n in linears} == {"int8-ref"}
-    assert all("no native bf16 GEMM" in n.detail for n in linears)
+    assert all(n.detail.startswith("qc.linear_weight_only via int4pack") for n in linears), [n.detail for n in linears]
     assert all(n.sqnr_db > 15 for n in linears)  # int4 groups and uint8 activations, not float
 
 
 def test_merged_projections_that_stay_reference_each_say_why(monkeypatch):
-    """q/k/v merged into one linear that the CPU cannot run weight-only: each projection's report
-    line gives the merged linear's reason, not just "not lowered"."""
-    monkeypatch.setattr(cpu_features, "cpu_flags", lambda: frozenset({"avx2"}))
+    """q/k/v merged into one linear that no weight-only kernel runs (here an int8pack taking half
+    the range): each projection's report line gives the merged linear's reason, not just "not lowered"."""
     from tests.models import TinySelfAttention
 
+    monkeypatch.setitem(WEIGHT_ONLY_KERNELS, "int8pack", WeightOnlyKernel("int8pack", -64, 63, grouped=False))
     model = TinySelfAttention(width=64)
     data = [(torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(i)),) for i in range(2)]
     qm = qcompile.compile(model, calibration_data=data, qconfig=INT8_WO, progress=False)
@@ -440,5 +450,4 @@ def test_merged_projections_that_stay_reference_each_say_why(monkeypatch):
     assert merged.changed
     details = {n.name: n.detail for n in qm.report.nodes if n.op == "linear"}
     assert len(details) == 4
-    assert all(detail.endswith("no native bf16 GEMM (AVX512-BF16 or AMX): the weight-only kernels would be "
-                               "slower than fp32") for detail in details.values()), details
+    assert all(detail.endswith("int8pack takes weights in [-64, 63]") for detail in details.values()), details

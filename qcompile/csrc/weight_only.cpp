@@ -4,7 +4,8 @@
 //
 //   linear_weight_only(x, W_q, S, Z, group_size, b, kernel) == linear(x, S·(W_q − Z), b)
 //
-// with x rounded to bf16 and products summed in fp32. W_q is int8 storage: [out, in] with [out]
+// with x rounded to bf16 and products summed in fp32 (the bound; the fp32 GEMM path below does not
+// round x at all). W_q is int8 storage: [out, in] with [out]
 // scales (int8pack, symmetric per channel) or [out, in/g, g] with [out, in/g, 1] scales and
 // optional zero points (int4pack, values in [-8, 7], groups of g).
 //
@@ -15,7 +16,19 @@
 //                                       bf16 a few MB of outputs at a time, each block through oneDNN's
 //                                       bf16 GEMM while it is in cache
 //   int8pack, fewer rows                aten._weight_int8pack_mm (bf16 activations: fed fp32 it is 20x slower)
-//   otherwise                           the whole weight dequantized to bf16 (one pass), oneDNN's bf16 GEMM
+//   int4pack, no AVX512-BF16, fewer     aten._weight_int4pack_mm_for_cpu on its own packed form, made once
+//     rows                              per tensor: nibbles u = q + 8, per group bf16 S and −S·Z
+//   no AVX512-BF16, more rows           the whole weight dequantized to fp32 (one pass), fp32 GEMM: bf16 is
+//                                       emulated there, 4-5x slower than fp32 at 64 rows
+//
+// Measured on an AVX2 CPU without bf16 instructions (AMD Zen 1, 2 threads, ms): ATen's two kernels
+// read the weight in its integer form and win for a few rows, fp32 wins from some dozens on.
+//
+//   rows   shape (out x in)   bf16 GEMM   fp32 GEMM   int8pack   int4pack g128
+//     1    4864 x 896            1.24        1.49        0.48        0.51
+//     1    151936 x 896         27.3        46.5        24.8        23.3
+//     8    4864 x 896           12.8         9.01        4.60        4.52
+//    64    4864 x 896           88.4        21.9        28.5        30.4
 //
 // The int4 kernel. A byte holds two weights u = q + 8 in [0, 16): byte i of a row's chunk c holds
 // k = 64c + i in its low nibble and k = 64c + 32 + i in its high one, so one 32-byte load widened
@@ -63,10 +76,14 @@ const char* const kKernels[] = {"int8pack", "int4pack"};
 // The int4 kernel's form of a grouped weight [out, groups, g] with scales (and zero points)
 // [out, groups, 1]: nibbles [out, in'/2] with in' = in rounded up to kChunk (the padding reads
 // x's zeros), S [out, groups] and S·(136 + Z) [out, groups], fp32.
-Packed pack_int4(const at::Tensor& weight_q, const at::Tensor& scale, const std::optional<at::Tensor>& zero_point) {
-  const int64_t outputs = weight_q.size(0), groups = weight_q.size(1), depth = groups * weight_q.size(2);
+void check_int4_range(const at::Tensor& weight_q) {
   TORCH_CHECK_VALUE(weight_q.min().item<int64_t>() >= -8 && weight_q.max().item<int64_t>() <= 7,
                     "linear_weight_only: int4pack takes weights in [-8, 7]");
+}
+
+Packed pack_int4(const at::Tensor& weight_q, const at::Tensor& scale, const std::optional<at::Tensor>& zero_point) {
+  const int64_t outputs = weight_q.size(0), groups = weight_q.size(1), depth = groups * weight_q.size(2);
+  check_int4_range(weight_q);
   const int64_t padded = round_up(depth, kChunk);
   at::Tensor u = at::constant_pad_nd(weight_q.reshape({outputs, depth}).to(at::kInt) + 8, {0, padded - depth}, 8);
   u = u.view({outputs, padded / kChunk, 2, kHalf});
@@ -77,6 +94,22 @@ Packed pack_int4(const at::Tensor& weight_q, const at::Tensor& scale, const std:
     offsets = scales * (zero_point->reshape({outputs, groups}).to(at::kFloat) + 136.0);
   }
   return Packed{nibbles.contiguous(), scales, offsets.contiguous()};
+}
+
+// ATen's int4 CPU kernel's form of a grouped weight: its packing of u = q + 8 [out', in] and, per
+// group, [groups, out', 2] bf16 (S, −S·Z), since it computes S·(u − 8) − S·Z = S·(q − Z). It takes
+// outputs in multiples of 16: out' = out rounded up, the extra rows zero (u = 8, S = 0).
+Packed pack_int4_aten(const at::Tensor& weight_q, const at::Tensor& scale, const std::optional<at::Tensor>& zero_point) {
+  const int64_t outputs = weight_q.size(0), groups = weight_q.size(1), padding = round_up(outputs, 16) - outputs;
+  check_int4_range(weight_q);
+  const at::Tensor u = at::constant_pad_nd((weight_q.to(at::kInt) + 8).reshape({outputs, -1}), {0, 0, 0, padding}, 8);
+  const at::Tensor scales = at::constant_pad_nd(scale.reshape({outputs, groups}).to(at::kFloat), {0, 0, 0, padding}, 0);
+  const at::Tensor offsets = zero_point.has_value() && zero_point->defined()
+                                 ? -scales * at::constant_pad_nd(zero_point->reshape({outputs, groups}).to(at::kFloat),
+                                                                 {0, 0, 0, padding}, 0)
+                                 : at::zeros_like(scales);
+  return Packed{at::_convert_weight_to_int4pack_for_cpu(u.contiguous(), 1),
+                at::stack({scales.t(), offsets.t()}, -1).to(at::kBFloat16).contiguous()};
 }
 
 // Folds each output's and row's group sums into its total: total += S·acc, offset += S·(136 + Z)·Σx.
@@ -261,13 +294,13 @@ at::Tensor blocked_gemm(const at::Tensor& x, int64_t outputs,
   return y;
 }
 
-// S·(W_q − Z) as [out, in] bf16: per channel ([out] scales) or per group ([out, groups, 1]).
-at::Tensor dequantized_bf16(const at::Tensor& weight_q, const at::Tensor& scale, const std::optional<at::Tensor>& zero_point) {
+// S·(W_q − Z) as [out, in] fp32: per channel ([out] scales) or per group ([out, groups, 1]).
+at::Tensor dequantized_fp32(const at::Tensor& weight_q, const at::Tensor& scale, const std::optional<at::Tensor>& zero_point) {
   const at::Tensor scales = weight_q.dim() == 2 ? scale.reshape({-1, 1}) : scale;
   const at::Tensor values = zero_point.has_value() && zero_point->defined()
                                 ? weight_q.to(at::kShort) - zero_point->reshape(scales.sizes())
                                 : weight_q;
-  return (values.to(at::kBFloat16) * scales.to(at::kBFloat16)).reshape({weight_q.size(0), -1});
+  return (values.to(at::kFloat) * scales.to(at::kFloat)).reshape({weight_q.size(0), -1});
 }
 
 }  // namespace
@@ -329,16 +362,21 @@ at::Tensor linear_weight_only(const at::Tensor& x, const at::Tensor& weight_q, c
     y = blocked_gemm(x.reshape({-1, depth}).to(at::kBFloat16).contiguous(), outputs, [&](int64_t r0, int64_t r1, at::BFloat16* out) {
       dequantize_int8_rows(weight.const_data_ptr<int8_t>(), scales.const_data_ptr<float>(), r0, r1, depth, out);
     });
-  } else {
+  } else if (rows < kGemvRows) {
     // never fp32 activations into these: ATen's int8pack reads them 20x slower
     const at::Tensor x_bf16 = x.reshape({-1, depth}).to(at::kBFloat16).contiguous();
-    if (rows >= kGemvRows || int4) {
-      y = at::linear(x_bf16, dequantized_bf16(weight_q, scale, zero_point));
+    if (int4) {
+      static WeightCache cache;
+      const Packed packed = cache.get(weight_q, {scale, affine ? *zero_point : at::Tensor()},
+                                      [&] { return pack_int4_aten(weight_q, scale, zero_point); });
+      y = at::_weight_int4pack_mm_for_cpu(x_bf16, packed[0], group_size, packed[1]).narrow(1, 0, outputs);
     } else {
       static WeightCache cache;
       const Packed packed = cache.get(weight_q, scale, [&] { return Packed{scale.reshape({-1}).to(at::kBFloat16).contiguous()}; });
       y = at::_weight_int8pack_mm(x_bf16, weight_q, packed[0]);
     }
+  } else {
+    y = at::linear(x.reshape({-1, depth}).to(at::kFloat), dequantized_fp32(weight_q, scale, zero_point));
   }
   y = y.to(x.scalar_type());
   if (bias.has_value() && bias->defined()) y.add_(bias->to(y.scalar_type()));

@@ -3,7 +3,8 @@
 Kernels are chosen from measurements made on CPUs with and without each feature (the tables
 live with each target's capabilities), never assumed from the instruction set alone: a native
 FP8 GEMM needs AMX (torch's CPU ``_scaled_mm`` converts its operands to fp32 elsewhere), and the
-bf16 GEMMs of the weight-only and FP8 paths need AVX512-BF16 or AMX-BF16 to beat fp32.
+bf16 GEMMs of the float and FP8 paths need AVX512-BF16 or AMX-BF16 to beat fp32 (weight-only
+linears run ATen's integer-weight GEMVs or an fp32 GEMM without them: ``weight_only.cpp``).
 """
 
 from __future__ import annotations

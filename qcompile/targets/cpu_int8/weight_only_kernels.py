@@ -25,6 +25,11 @@ GEMM is faster. Measured on a 1536 x 512 weight, 2 threads (µs):
     32        159          392          357                280
     64        270          748          658                394
 
+Without AVX512-BF16 (bf16 emulated: 4-5x slower than fp32 at 64 rows) the operator runs ATen's
+``_weight_int8pack_mm`` / ``_weight_int4pack_mm_for_cpu`` under ``GEMV_ROWS`` rows (2-3x faster
+than an fp32 GEMM at one row on an AVX2 CPU) and an fp32 GEMM on the weight dequantized once per
+call from there on; ``weight_only.cpp`` has the measurements.
+
 ``W_q`` is the integer constant of the Q/DQ graph: [out, in] per channel, or [out, in /
 group_size, group_size] per group with scales [out, in / group_size, 1]; the result is in ``x``'s
 dtype.
