@@ -20,6 +20,13 @@ def resnet():
     return resnet18()
 
 
+@pytest.fixture(autouse=True)
+def seeded_torch():
+    """Every test starts from torch's global generator seeded alike: its draws do not depend on
+    which tests ran before it in its worker (pytest-xdist hands tests out in no fixed order)."""
+    torch.manual_seed(0)
+
+
 @pytest.fixture
 def bf16_gemm(monkeypatch):
     """Kernel choices as on a CPU with native bf16 GEMMs (AVX512-BF16), whatever this one has: the
