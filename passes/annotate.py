@@ -177,11 +177,12 @@ def plan_node(
     if reason is None:
         reason = next(filter(None, (_float_input_reason(node, i) for i in activations)), None)
     weight = node.args[rule.weight] if rule.weight is not None and rule.weight < len(node.args) else None
-    weight_value = constant_expression(gm, weight) if rule.weight is not None else None
-    if reason is None and rule.weight is not None and weight_value is None:
-        reason = "the weight is computed in the graph, not a constant"
-    if reason is None and config.weight is not None and isinstance(config.weight.granularity, PerGroup):
-        reason = group_mismatch(config.weight.granularity, tuple(weight_value.shape))
+    if reason is None and rule.weight is not None:
+        weight_value = constant_expression(gm, weight)
+        if weight_value is None:
+            reason = "the weight is computed in the graph, not a constant"
+        elif config.weight is not None and isinstance(config.weight.granularity, PerGroup):
+            reason = group_mismatch(config.weight.granularity, tuple(weight_value.shape))
     if reason is not None:
         return QuantAnnotation(rule=why, float_reason=reason)
     edges: list[tuple[int, EdgeQuant]] = []
