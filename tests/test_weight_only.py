@@ -91,15 +91,15 @@ def affine_int4_groups(out_features, in_features, size, seed):
 
 
 # avx512 (with AVX512-BF16): the int4 kernel and the blocked bf16 GEMM; portable: ATen's int4pack
-# for fewer than GEMV_ROWS rows, the whole weight dequantized for an fp32 GEMM for more
+# for fewer than GEMV_ROWS rows, the blocked dequantize + fp32 GEMM for more
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize(("rows", "outputs", "inputs", "group", "affine"), [
     (1, 48, 256, 128, False),   # a decode step: one row, whole 64-weight chunks
     (2, 13, 96, 32, True),      # a row pair, outputs not a multiple of the 4-output tile, a half chunk left over
     (3, 5, 512, 256, False),    # a pair and a single row
     (31, 70, 192, 64, True),    # the last row count before the GEMM path
-    (40, 13, 96, 32, True),     # the GEMM path: one block of dequantized bf16 rows
-    (33, 1100, 2048, 128, True),  # two blocks (4 MB of bf16 rows each) through the GEMM
+    (40, 13, 96, 32, True),     # the GEMM path: one block of dequantized rows
+    (33, 1100, 2048, 128, True),  # blocks of 4 MB of dequantized rows through the GEMM
 ])
 def test_the_int4_kernel_keeps_its_contract_at_every_shape(isa, rows, outputs, inputs, group, affine):
     if affine:
@@ -124,7 +124,8 @@ def test_the_int4_kernel_keeps_its_contract_at_every_shape(isa, rows, outputs, i
 
 @pytest.mark.parametrize("isa", ISAS)
 def test_the_int8_gemm_path_keeps_its_contract_over_blocks_and_a_ragged_row(isa):
-    # 33 rows: the blocked dequantize + bf16 GEMM; 2056 inputs: rows of 16 and a tail of 8; two blocks
+    # 33 rows: the blocked dequantize + GEMM (bf16 or fp32); 2056 inputs: rows of 16 and a tail of 8;
+    # blocks of 4 MB
     weight = torch.randn(1100, 2056, generator=torch.Generator().manual_seed(6))
     scale = weight.abs().amax(1) / 127
     weight_q = torch.round(weight / scale[:, None]).to(torch.int8)

@@ -18,8 +18,8 @@
 //   int8pack, fewer rows                aten._weight_int8pack_mm (bf16 activations: fed fp32 it is 20x slower)
 //   int4pack, no AVX512-BF16, fewer     aten._weight_int4pack_mm_for_cpu on its own packed form, made once
 //     rows                              per tensor: nibbles u = q + 8, per group bf16 S and −S·Z
-//   no AVX512-BF16, more rows           the whole weight dequantized to fp32 (one pass), fp32 GEMM: bf16 is
-//                                       emulated there, 4-5x slower than fp32 at 64 rows
+//   no AVX512-BF16, more rows           blocked_gemm in fp32 (the weight dequantized to fp32 a block at a
+//                                       time): bf16 is emulated there, 4-5x slower than fp32 at 64 rows
 //
 // Measured on an AVX2 CPU without bf16 instructions (AMD Zen 1, 2 threads, ms): ATen's two kernels
 // read the weight in its integer form and win for a few rows, fp32 wins from some dozens on.
@@ -29,6 +29,15 @@
 //     1    151936 x 896         27.3        46.5        24.8        23.3
 //     8    4864 x 896           12.8         9.01        4.60        4.52
 //    64    4864 x 896           88.4        21.9        28.5        30.4
+//
+// At 64 rows the fp32 path, whole weight dequantized per call against blocked (int8 per channel):
+// 4864 x 896 31.2 -> 21.3 ms; 151936 x 896 (a vocabulary projection) 1448 -> 671 ms, its peak
+// memory above the weights 1038 -> 38 MB.
+//
+// An fp32 int4 kernel of our own for AVX2 (nibbles widened to 32-bit lanes, converted, one FMA per
+// 8 weights, 4 outputs sharing each load of x) measured no faster than ATen's int4pack there:
+// 1.10 against 0.97 ms at 1 row of 4864 x 896 (weights rotated out of cache), 8.3 against 3.8 at 8
+// rows. Both are compute-bound near one weight per cycle on that 2 GHz CPU, so ATen's stays.
 //
 // The int4 kernel. A byte holds two weights u = q + 8 in [0, 16): byte i of a row's chunk c holds
 // k = 64c + i in its low nibble and k = 64c + 32 + i in its high one, so one 32-byte load widened
@@ -273,19 +282,21 @@ QC_BF16 void dequantize_int8_rows(const int8_t* weight, const float* scale, int6
   }
 }
 
-// x [M, in] bf16 times a weight of `outputs` rows, for many rows: the weight is dequantized to
-// bf16 (by `dequantize`, rows [r0, r1) into the buffer it is given) a block of outputs at a time,
-// a few MB that stay in cache for oneDNN's bf16 GEMM, instead of all of it through memory first
-// (which also allocated, and faulted in, a bf16 copy of the whole weight per call). [M, out] bf16.
-at::Tensor blocked_gemm(const at::Tensor& x, int64_t outputs,
-                        const std::function<void(int64_t, int64_t, at::BFloat16*)>& dequantize) {
+// x [M, in] times a weight of `outputs` rows, for many rows, in x's dtype T (bf16 or fp32): the
+// weight is dequantized to T (by `dequantize`, rows [r0, r1) into the buffer it is given) a block of
+// outputs at a time, a few MB that stay in cache for the GEMM, instead of all of it through memory
+// first (which allocated, and faulted in, a copy of the whole weight per call: 545 MB in fp32 for
+// a 151936 x 896 vocabulary projection, twice that on the way). [M, out] in T.
+template <typename T>
+at::Tensor blocked_gemm(const at::Tensor& x, int64_t outputs, const std::function<void(int64_t, int64_t, T*)>& dequantize) {
   const int64_t m = x.size(0), depth = x.size(1);
-  const int64_t block = std::min(outputs, round_up(std::max<int64_t>(16, kGemmBlockBytes / (2 * depth)), 16));
+  const int64_t per_block = std::max<int64_t>(16, kGemmBlockBytes / (static_cast<int64_t>(sizeof(T)) * depth));
+  const int64_t block = std::min(outputs, round_up(per_block, 16));
   at::Tensor y = at::empty({m, outputs}, x.options());
-  static thread_local at::Tensor scratch;  // one block buffer per calling thread, kept between calls
+  static thread_local at::Tensor scratch;  // one block buffer per calling thread and dtype, kept between calls
   if (!scratch.defined() || scratch.numel() < block * depth) scratch = at::empty({block * depth}, x.options());
   const at::Tensor weight = scratch.narrow(0, 0, block * depth).view({block, depth});
-  at::BFloat16* w = weight.data_ptr<at::BFloat16>();
+  T* w = weight.data_ptr<T>();
   for (int64_t n0 = 0; n0 < outputs; n0 += block) {
     const int64_t rows = std::min(block, outputs - n0);
     at::parallel_for(n0, n0 + rows, 16, [&](int64_t r0, int64_t r1) { dequantize(r0, r1, w + (r0 - n0) * depth); });
@@ -294,13 +305,21 @@ at::Tensor blocked_gemm(const at::Tensor& x, int64_t outputs,
   return y;
 }
 
-// S·(W_q − Z) as [out, in] fp32: per channel ([out] scales) or per group ([out, groups, 1]).
-at::Tensor dequantized_fp32(const at::Tensor& weight_q, const at::Tensor& scale, const std::optional<at::Tensor>& zero_point) {
-  const at::Tensor scales = weight_q.dim() == 2 ? scale.reshape({-1, 1}) : scale;
-  const at::Tensor values = zero_point.has_value() && zero_point->defined()
-                                ? weight_q.to(at::kShort) - zero_point->reshape(scales.sizes())
-                                : weight_q;
-  return (values.to(at::kFloat) * scales.to(at::kFloat)).reshape({weight_q.size(0), -1});
+// Rows [n0, n1) of S·(W_q − Z) as fp32 [n1 − n0, in], in `groups` groups per row of `group_size`
+// (per channel: one group of in), S and Z [out, groups]. (q − Z) is an exact small integer in
+// fp32, so each value is rounded once, as the reference's (W_q − Z)·S is.
+QC_PORTABLE void dequantize_fp32_rows(const int8_t* weight, const float* scale, const float* zero_point,
+                                      int64_t groups, int64_t group_size, int64_t n0, int64_t n1, float* out) {
+  const int64_t depth = groups * group_size;
+  for (int64_t n = n0; n < n1; ++n) {
+    for (int64_t g = 0; g < groups; ++g) {
+      const float s = scale[n * groups + g], z = zero_point ? zero_point[n * groups + g] : 0.0f;
+      const int8_t* q = weight + n * depth + g * group_size;
+      float* row = out + (n - n0) * depth + g * group_size;
+#pragma omp simd
+      for (int64_t k = 0; k < group_size; ++k) row[k] = (static_cast<float>(q[k]) - z) * s;
+    }
+  }
 }
 
 }  // namespace
@@ -354,12 +373,12 @@ at::Tensor linear_weight_only(const at::Tensor& x, const at::Tensor& weight_q, c
           .to(x.scalar_type())
           .view(shape);
     }
-    y = blocked_gemm(x.reshape({-1, depth}).to(at::kBFloat16).contiguous(), outputs, [&](int64_t r0, int64_t r1, at::BFloat16* out) {
+    y = blocked_gemm<at::BFloat16>(x.reshape({-1, depth}).to(at::kBFloat16).contiguous(), outputs, [&](int64_t r0, int64_t r1, at::BFloat16* out) {
       dequantize_int4_rows(packed, r0, r1, depth, group_size, out);
     });
   } else if (!int4 && native && rows >= kGemvRows) {
     const at::Tensor scales = scale.reshape({-1}).to(at::kFloat).contiguous(), weight = weight_q.contiguous();
-    y = blocked_gemm(x.reshape({-1, depth}).to(at::kBFloat16).contiguous(), outputs, [&](int64_t r0, int64_t r1, at::BFloat16* out) {
+    y = blocked_gemm<at::BFloat16>(x.reshape({-1, depth}).to(at::kBFloat16).contiguous(), outputs, [&](int64_t r0, int64_t r1, at::BFloat16* out) {
       dequantize_int8_rows(weight.const_data_ptr<int8_t>(), scales.const_data_ptr<float>(), r0, r1, depth, out);
     });
   } else if (rows < kGemvRows) {
@@ -376,7 +395,13 @@ at::Tensor linear_weight_only(const at::Tensor& x, const at::Tensor& weight_q, c
       y = at::_weight_int8pack_mm(x_bf16, weight_q, packed[0]);
     }
   } else {
-    y = at::linear(x.reshape({-1, depth}).to(at::kFloat), dequantized_fp32(weight_q, scale, zero_point));
+    const int64_t groups = int4 ? weight_q.size(1) : 1;
+    const at::Tensor scales = scale.reshape({outputs, groups}).to(at::kFloat).contiguous(), weight = weight_q.contiguous();
+    const at::Tensor zeros = affine ? zero_point->reshape({outputs, groups}).to(at::kFloat).contiguous() : at::Tensor();
+    y = blocked_gemm<float>(x.reshape({-1, depth}).to(at::kFloat).contiguous(), outputs, [&](int64_t r0, int64_t r1, float* out) {
+      dequantize_fp32_rows(weight.const_data_ptr<int8_t>(), scales.const_data_ptr<float>(),
+                           affine ? zeros.const_data_ptr<float>() : nullptr, groups, depth / groups, r0, r1, out);
+    });
   }
   y = y.to(x.scalar_type());
   if (bias.has_value() && bias->defined()) y.add_(bias->to(y.scalar_type()));

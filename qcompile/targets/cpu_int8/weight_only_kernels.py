@@ -27,8 +27,9 @@ GEMM is faster. Measured on a 1536 x 512 weight, 2 threads (µs):
 
 Without AVX512-BF16 (bf16 emulated: 4-5x slower than fp32 at 64 rows) the operator runs ATen's
 ``_weight_int8pack_mm`` / ``_weight_int4pack_mm_for_cpu`` under ``GEMV_ROWS`` rows (2-3x faster
-than an fp32 GEMM at one row on an AVX2 CPU) and an fp32 GEMM on the weight dequantized once per
-call from there on; ``weight_only.cpp`` has the measurements.
+than an fp32 GEMM at one row on an AVX2 CPU) and from there on an fp32 GEMM, the weight dequantized
+to fp32 a few MB of outputs at a time while they are in cache; ``weight_only.cpp`` has the
+measurements.
 
 ``W_q`` is the integer constant of the Q/DQ graph: [out, in] per channel, or [out, in /
 group_size, group_size] per group with scales [out, in / group_size, 1]; the result is in ``x``'s
