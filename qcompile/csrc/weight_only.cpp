@@ -78,6 +78,7 @@ constexpr int64_t kChunk = 64;  // weights of one row per packed chunk (32 bytes
 constexpr int64_t kHalf = 32;   // weights per vdpbf16ps
 constexpr int64_t kPrefetch = 1024;
 constexpr int64_t kGemmBlockBytes = 4 << 20;  // bf16 weight rows dequantized per GEMM call
+constexpr int64_t kPackRows = 4096;  // rows a packing widens at a time (a multiple of ATen's 64)
 constexpr int kTile = 4;        // outputs a step computes together (independent sums for the FMA pipes)
 
 const char* const kKernels[] = {"int8pack", "int4pack"};
@@ -90,35 +91,57 @@ void check_int4_range(const at::Tensor& weight_q) {
                     "linear_weight_only: int4pack takes weights in [-8, 7]");
 }
 
+// `out` [rows (+ padding), ...] written with pack(r, n), the packed rows [r, r + n) of a weight
+// (and after the last, any padding rows), kPackRows at a time. A packing widens the int8 codes to
+// int32 first: for a 151936 x 896 vocabulary projection whole that held 1.5 GB more on the first
+// call; a block at a time, into an output made once (blocks collected and concatenated left
+// freed blocks scattered through the heap), 133 MB.
+at::Tensor in_row_blocks(at::Tensor out, int64_t rows, const std::function<at::Tensor(int64_t, int64_t)>& pack) {
+  for (int64_t r = 0; r < rows; r += kPackRows) {
+    const at::Tensor block = pack(r, std::min(kPackRows, rows - r));
+    out.narrow(0, r, block.size(0)).copy_(block);
+  }
+  return out;
+}
+
 Packed pack_int4(const at::Tensor& weight_q, const at::Tensor& scale, const std::optional<at::Tensor>& zero_point) {
   const int64_t outputs = weight_q.size(0), groups = weight_q.size(1), depth = groups * weight_q.size(2);
   check_int4_range(weight_q);
   const int64_t padded = round_up(depth, kChunk);
-  at::Tensor u = at::constant_pad_nd(weight_q.reshape({outputs, depth}).to(at::kInt) + 8, {0, padded - depth}, 8);
-  u = u.view({outputs, padded / kChunk, 2, kHalf});
-  const at::Tensor nibbles = at::bitwise_or(u.select(2, 0), u.select(2, 1) * 16).to(at::kByte).reshape({outputs, -1});
+  const at::Tensor nibbles = in_row_blocks(at::empty({outputs, padded / 2}, weight_q.options().dtype(at::kByte)), outputs,
+                                           [&](int64_t r, int64_t n) {
+    at::Tensor u = at::constant_pad_nd(weight_q.narrow(0, r, n).reshape({n, depth}).to(at::kInt) + 8, {0, padded - depth}, 8);
+    u = u.view({n, padded / kChunk, 2, kHalf});
+    return at::bitwise_or(u.select(2, 0), u.select(2, 1) * 16).to(at::kByte).reshape({n, -1});
+  });
   const at::Tensor scales = scale.reshape({outputs, groups}).to(at::kFloat).contiguous();
   at::Tensor offsets = scales * 136.0;
   if (zero_point.has_value() && zero_point->defined()) {
     offsets = scales * (zero_point->reshape({outputs, groups}).to(at::kFloat) + 136.0);
   }
-  return Packed{nibbles.contiguous(), scales, offsets.contiguous()};
+  return Packed{nibbles, scales, offsets.contiguous()};
 }
 
 // ATen's int4 CPU kernel's form of a grouped weight: its packing of u = q + 8 [out', in] and, per
 // group, [groups, out', 2] bf16 (S, −S·Z), since it computes S·(u − 8) − S·Z = S·(q − Z). It takes
-// outputs in multiples of 16: out' = out rounded up, the extra rows zero (u = 8, S = 0).
+// outputs in multiples of 16: out' = out rounded up, the extra rows zero (u = 8, S = 0). ATen packs
+// rows in blocks of 64, so packing kPackRows at a time gives the same bytes.
 Packed pack_int4_aten(const at::Tensor& weight_q, const at::Tensor& scale, const std::optional<at::Tensor>& zero_point) {
   const int64_t outputs = weight_q.size(0), groups = weight_q.size(1), padding = round_up(outputs, 16) - outputs;
+  const int64_t depth = groups * weight_q.size(2);
   check_int4_range(weight_q);
-  const at::Tensor u = at::constant_pad_nd((weight_q.to(at::kInt) + 8).reshape({outputs, -1}), {0, 0, 0, padding}, 8);
+  const at::Tensor nibbles = in_row_blocks(at::empty({outputs + padding, depth / 2}, weight_q.options().dtype(at::kByte)),
+                                           outputs, [&](int64_t r, int64_t n) {
+    at::Tensor u = (weight_q.narrow(0, r, n).to(at::kInt) + 8).reshape({n, -1});
+    if (r + n == outputs) u = at::constant_pad_nd(u, {0, 0, 0, padding}, 8);
+    return at::_convert_weight_to_int4pack_for_cpu(u.contiguous(), 1);
+  });
   const at::Tensor scales = at::constant_pad_nd(scale.reshape({outputs, groups}).to(at::kFloat), {0, 0, 0, padding}, 0);
   const at::Tensor offsets = zero_point.has_value() && zero_point->defined()
                                  ? -scales * at::constant_pad_nd(zero_point->reshape({outputs, groups}).to(at::kFloat),
                                                                  {0, 0, 0, padding}, 0)
                                  : at::zeros_like(scales);
-  return Packed{at::_convert_weight_to_int4pack_for_cpu(u.contiguous(), 1),
-                at::stack({scales.t(), offsets.t()}, -1).to(at::kBFloat16).contiguous()};
+  return Packed{nibbles, at::stack({scales.t(), offsets.t()}, -1).to(at::kBFloat16).contiguous()};
 }
 
 // Folds each output's and row's group sums into its total: total += S·acc, offset += S·(136 + Z)·Σx.
