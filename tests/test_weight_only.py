@@ -100,6 +100,7 @@ def affine_int4_groups(out_features, in_features, size, seed):
     (31, 70, 192, 64, True),    # the last row count before the GEMM path
     (40, 13, 96, 32, True),     # the GEMM path: one block of dequantized rows
     (33, 1100, 2048, 128, True),  # blocks of 4 MB of dequantized rows through the GEMM
+    (1, 4100, 64, 32, True),    # packed 4096 rows at a time: two blocks, the last one ragged
 ])
 def test_the_int4_kernel_keeps_its_contract_at_every_shape(isa, rows, outputs, inputs, group, affine):
     if affine:
