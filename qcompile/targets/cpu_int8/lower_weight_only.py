@@ -11,8 +11,9 @@ The kernel is the one :data:`~.weight_only_kernels.WEIGHT_ONLY_KERNELS` gives fo
 values and grouping; where there is none, the linear stays in the reference Q/DQ form and the
 pass says why. Every CPU runs the operator at least as fast as that form: without native bf16
 GEMMs it runs ATen's integer-weight GEMV kernels for a few rows (2-3x faster than an fp32 GEMM
-on an AVX2 CPU) and, for more, the fp32 GEMM on the weight dequantized once per call, which is
-what the reference form computes (``qcompile/csrc/weight_only.cpp`` has the table).
+on an AVX2 CPU) and, for more, an fp32 GEMM on the weight dequantized a few MB at a time, the
+reference form's arithmetic without its whole fp32 copy of the weight (``qcompile/csrc/weight_only.cpp``
+has the table).
 """
 
 from __future__ import annotations
