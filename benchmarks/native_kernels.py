@@ -18,7 +18,8 @@ every step) plus ``qc.gru_recurrence`` / ``qc.lstm_recurrence``, on each instruc
 A weight-only table: int4 weights in groups of 128 at decode (1 row) and prefill (64 rows)
 shapes, rotating over enough weights (at least 64 MB) that none is cache-resident, as in a
 model: ``qc.linear_weight_only`` (the nibble kernel at one row, the blocked dequantize + bf16
-GEMM at 64) against ATen's ``_weight_int4pack_mm_for_cpu`` on the same bits and a bf16 linear.
+GEMM at 64; without AVX512-BF16, ATen's int4pack at one row and the blocked dequantize + fp32 GEMM
+at 64) against ATen's ``_weight_int4pack_mm_for_cpu`` on the same bits and a bf16 linear.
 
 A first table gives what one call of the int8 path's operators costs (a decode step's shapes,
 one row of 384): each operator through ``torch.ops.qc`` against its kernel alone, the difference
