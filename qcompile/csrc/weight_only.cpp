@@ -95,7 +95,7 @@ void check_int4_range(const at::Tensor& weight_q) {
 // (and after the last, any padding rows), kPackRows at a time. A packing widens the int8 codes to
 // int32 first: for a 151936 x 896 vocabulary projection whole that held 1.5 GB more on the first
 // call; a block at a time, into an output made once (blocks collected and concatenated left
-// freed blocks scattered through the heap), 133 MB.
+// freed blocks scattered through the heap), about 140 MB.
 at::Tensor in_row_blocks(at::Tensor out, int64_t rows, const std::function<at::Tensor(int64_t, int64_t)>& pack) {
   for (int64_t r = 0; r < rows; r += kPackRows) {
     const at::Tensor block = pack(r, std::min(kPackRows, rows - r));
