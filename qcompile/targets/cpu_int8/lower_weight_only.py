@@ -9,11 +9,8 @@ constant per output channel or per group of ``size`` inputs ([out, in / size, si
 groups may be affine (Z their zero points, None when all are 0), channels are symmetric.
 The kernel is the one :data:`~.weight_only_kernels.WEIGHT_ONLY_KERNELS` gives for the weight's
 values and grouping; where there is none, the linear stays in the reference Q/DQ form and the
-pass says why. Every CPU runs the operator at least as fast as that form: without native bf16
-GEMMs it runs ATen's integer-weight GEMV kernels for a few rows (2-3x faster than an fp32 GEMM
-on an AVX2 CPU) and, for more, an fp32 GEMM on the weight dequantized a few MB at a time, the
-reference form's arithmetic without its whole fp32 copy of the weight (``qcompile/csrc/weight_only.cpp``
-has the table).
+pass says why. Every CPU runs the operator at least as fast as that form, with or without
+native bf16 GEMMs (:mod:`~.weight_only_kernels` says what runs where).
 """
 
 from __future__ import annotations
