@@ -160,9 +160,7 @@ def layer_norm_quantize() -> None:
 
     aten_ms = median_ms(aten_ops, repeats=50, warmup=5)
     print(f"{'LayerNorm + multiply + quantize, 32x128x384':<64}{'ATen':<10}{aten_ms:>8.2f}")
-    for isa in native.ISAS:
-        if isa != "portable" and native.detected_isa() != isa:
-            continue
+    for isa in native.available_isas():
         with native.running_on(isa):
             ms = median_ms(lambda: torch.ops.qc.layer_norm_quantize(x, weight, bias, 1e-12, multiplier, 0.03, 120, 0,
                                                                    255, torch.uint8), repeats=50, warmup=5)
@@ -190,10 +188,9 @@ def recurrence() -> None:
             with torch.no_grad():
                 aten_ms = median_ms(lambda layer=layer, x=x: layer(x), repeats=20, warmup=3)
                 print(f"{label:<64}{'ATen':<10}{aten_ms:>8.3f}")
-                for isa in native.ISAS:
-                    if isa == "portable" or native.detected_isa() == isa:
-                        ms = median_ms(lambda isa=isa, split=split: _on(isa, split), repeats=20, warmup=3)
-                        print(f"{'':<64}{isa:<10}{ms:>8.3f}  {aten_ms / ms:.2f}x")
+                for isa in native.available_isas():
+                    ms = median_ms(lambda isa=isa, split=split: _on(isa, split), repeats=20, warmup=3)
+                    print(f"{'':<64}{isa:<10}{ms:>8.3f}  {aten_ms / ms:.2f}x")
     print()
 
 
@@ -203,7 +200,7 @@ def main() -> None:
     weight_only()
     layer_norm_quantize()
     recurrence()
-    isas = [isa for isa in native.ISAS if isa == "portable" or native.detected_isa() == isa]
+    isas = native.available_isas()
     print(f"{'workload':<30}{'kernel':<34}{'ms':>8}{'vs fp32':>9}{'error':>10}")
     for name, w in workloads().items():
         q, k, v = w["qkv"]

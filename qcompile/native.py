@@ -21,7 +21,7 @@ except ImportError as error:  # pragma: no cover - exercised only by a broken in
         "Reinstall after torch==2.13.0 with `pip install --no-build-isolation -e .` (it needs a C++17 compiler)."
     ) from error
 
-ISAS = ("portable", "avx512")
+ISAS = ("portable", "avx2", "avx512")  # each has the ones before it
 INTEGER_STORAGE = (torch.uint8, torch.int8)
 FEW_ROWS = _native.FEW_ROWS  # qc.linear_int8 runs the native VNNI kernel up to this many rows, oneDNN above
 _VNNI = _native.has_vnni()  # a CPU flag: read once, not on every int8 linear call
@@ -48,13 +48,19 @@ def broadcast_param(param: torch.Tensor, x: torch.Tensor, axis: int | None) -> t
 
 
 def isa() -> str:
-    """The instruction set the native kernels use now: ``"avx512"`` or ``"portable"``."""
+    """The instruction set the native kernels use now: ``"avx512"``, ``"avx2"`` or ``"portable"``."""
     return _native.isa()
 
 
 def detected_isa() -> str:
     """The best instruction set this CPU offers them."""
     return _native.detected_isa()
+
+
+def available_isas() -> tuple[str, ...]:
+    """Every instruction set the kernels can run on here (the detected one and those below it):
+    what tests run each kernel on."""
+    return ISAS[: ISAS.index(detected_isa()) + 1]
 
 
 def has_vnni() -> bool:
@@ -71,6 +77,13 @@ def has_avx512_bf16() -> bool:
     GEMMs need (on the avx512 instruction set; elsewhere it runs ATen's integer-weight kernels
     for fewer than ``GEMV_ROWS`` rows and an fp32 GEMM for more)."""
     return _native.has_avx512_bf16()
+
+
+def w4a8_in_integers() -> bool:
+    """Whether ``qc.linear_w4a8`` runs its integer kernel now (AVX2, and not AVX512-BF16's int4
+    kernel on the avx512 instruction set) rather than ``qc.linear_weight_only`` on dequantized
+    activations."""
+    return _native.w4a8_in_integers()
 
 
 def pack_u8s8_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

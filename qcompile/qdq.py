@@ -71,7 +71,7 @@ class QParams:
         return self.scale is other.scale and self.zero_point is other.zero_point
 
 
-def _one_scale(axis: int | None, scale: object) -> bool:
+def one_scale(axis: int | None, scale: object) -> bool:
     """One scale for the whole tensor: no axis, and not per-token scales shaped [..., 1] (a
     scale computed in the graph is one when its fake value has at most one dimension)."""
     if axis is not None:
@@ -100,7 +100,7 @@ class QuantizeCall:
 
     @property
     def per_tensor(self) -> bool:
-        return _one_scale(self.axis, self.scale)
+        return one_scale(self.axis, self.scale)
 
     @property
     def integer_format(self) -> tuple[int, int, torch.dtype]:
@@ -126,7 +126,7 @@ class DequantizeCall:
 
     @property
     def per_tensor(self) -> bool:
-        return _one_scale(self.axis, self.scale)
+        return one_scale(self.axis, self.scale)
 
     @property
     def integer_dtype(self) -> torch.dtype | None:

@@ -14,7 +14,7 @@ from qcompile.targets.cpu_int8 import FuseLayerNormQuantize
 from qcompile.targets.cpu_int8.layer_norm_quantize import reference_layer_norm_quantize
 from qcompile.testing import check_graph
 
-ISAS = [isa for isa in native.ISAS if isa == "portable" or native.detected_isa() == isa]
+ISAS = native.available_isas()
 
 
 @pytest.mark.parametrize("isa", ISAS)

@@ -13,7 +13,7 @@ from qcompile import native
 from qcompile.kernel_check import difference
 from qcompile.targets.cpu_int8.attention import reference_attention
 
-ISAS = [isa for isa in native.ISAS if isa == "portable" or native.detected_isa() == isa]
+ISAS = native.available_isas()
 LOWEST = torch.finfo(torch.float32).min
 
 

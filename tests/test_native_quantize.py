@@ -5,7 +5,7 @@ import torch
 
 from qcompile import native
 
-ISAS = [isa for isa in native.ISAS if isa == "portable" or native.detected_isa() == isa]
+ISAS = native.available_isas()
 
 
 def formula(x, scale, zero_point, qmin, qmax, dtype):

@@ -12,7 +12,7 @@ from qcompile.testing import assert_pass_contract, check_graph
 from qcompile.targets.cpu_int8.recurrence import reference_gru_recurrence, reference_lstm_recurrence
 from qcompile.targets.cpu_int8.split_recurrent import SplitRecurrent
 
-ISAS = [isa for isa in native.ISAS if isa == "portable" or native.detected_isa() == isa]
+ISAS = native.available_isas()
 qc = torch.ops.qc
 
 

@@ -324,6 +324,7 @@ at::Tensor attention(const at::Tensor& query, const at::Tensor& key, const at::T
       }
       switch (isa) {
         case Isa::Avx512: head_avx512(h, head, w); break;
+        case Isa::Avx2:
         case Isa::Portable: head_portable(h, head, w); break;
       }
     }

@@ -19,7 +19,8 @@ Isa detected_isa() {
   const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
                       __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
                       __builtin_cpu_supports("fma");
-  return avx512 ? Isa::Avx512 : Isa::Portable;
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return avx512 ? Isa::Avx512 : avx2 ? Isa::Avx2 : Isa::Portable;
 }
 
 Isa active_isa() { return active().load(std::memory_order_relaxed); }
@@ -33,17 +34,18 @@ void use_isa(Isa isa) {
 std::string isa_name(Isa isa) {
   switch (isa) {
     case Isa::Avx512: return "avx512";
+    case Isa::Avx2: return "avx2";
     case Isa::Portable: break;
   }
   return "portable";
 }
 
 Isa isa_named(const std::string& name) {
-  for (Isa isa : {Isa::Portable, Isa::Avx512}) {
+  for (Isa isa : {Isa::Portable, Isa::Avx2, Isa::Avx512}) {
     if (isa_name(isa) == name) return isa;
   }
   TORCH_CHECK(false, "qcompile native kernels: no instruction set '", name,
-              "' (they are 'portable' and 'avx512')");
+              "' (they are 'portable', 'avx2' and 'avx512')");
 }
 
 }  // namespace qcompile

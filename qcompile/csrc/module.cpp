@@ -1,6 +1,6 @@
 // The qcompile._native extension: registers the native qc:: operators with torch's dispatcher
 // (importing the module is what makes torch.ops.qc.quantize, dequantize, linear_int8, conv2d_int8, max_pool2d_uint8,
-// attention, layer_norm_quantize, gru_recurrence, lstm_recurrence and linear_weight_only exist), exposes which instruction set they run, and the kernels and helpers Python calls directly.
+// attention, layer_norm_quantize, gru_recurrence, lstm_recurrence, linear_weight_only and linear_w4a8 exist), exposes which instruction set they run, and the kernels and helpers Python calls directly.
 #include <torch/extension.h>
 #include <torch/library.h>
 
@@ -10,6 +10,7 @@
 #include "isa.h"
 #include "layer_norm_quantize.h"
 #include "linear_u8s8.h"
+#include "linear_w4a8.h"
 #include "max_pool2d_uint8.h"
 #include "qdq.h"
 #include "quantize.h"
@@ -36,6 +37,8 @@ TORCH_LIBRARY_FRAGMENT(qc, m) {
         "bool batch_first) -> (Tensor, Tensor, Tensor)");
   m.def("linear_weight_only(Tensor x, Tensor weight_q, Tensor scale, Tensor? zero_point, int group_size, Tensor? bias, "
         "str kernel) -> Tensor");
+  m.def("linear_w4a8(Tensor x_q, Tensor x_scale, Tensor x_zero_point, Tensor weight_q, Tensor scale, "
+        "Tensor? zero_point, int group_size, Tensor? bias, ScalarType out_dtype) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(qc, CPU, m) {
@@ -49,6 +52,7 @@ TORCH_LIBRARY_IMPL(qc, CPU, m) {
   m.impl("gru_recurrence", &qcompile::gru_recurrence);
   m.impl("lstm_recurrence", &qcompile::lstm_recurrence);
   m.impl("linear_weight_only", &qcompile::linear_weight_only);
+  m.impl("linear_w4a8", &qcompile::linear_w4a8);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
@@ -60,6 +64,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("has_vnni", &qcompile::has_vnni, "Whether this CPU has AVX512-VNNI.");
   module.def("has_avx512_bf16", &qcompile::has_avx512_bf16, "Whether this CPU has AVX512-BF16.");
   module.attr("GEMV_ROWS") = qcompile::kGemvRows;
+  module.def("w4a8_in_integers", &qcompile::w4a8_in_integers,
+             "Whether qc.linear_w4a8 runs its integer kernel on the active instruction set.");
   module.def("linear_u8s8", &qcompile::linear_u8s8,
              "S_x·S_W·(x·Wᵀ − Z_x·ΣW) + b (+ other), relu if asked, as float32 / bfloat16 or requantized uint8: "
              "qc.linear_int8 for a few rows.");
@@ -70,7 +76,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
              "clamp(round(x / scale) + zero_point, qmin, qmax) as uint8 or int8, in one pass (qc.quantize's "
              "per-tensor integer path).");
   module.def("isa", [] { return qcompile::isa_name(qcompile::active_isa()); },
-             "The instruction set the native kernels use now: 'avx512' or 'portable'.");
+             "The instruction set the native kernels use now: 'avx512', 'avx2' or 'portable'.");
   module.def("detected_isa", [] { return qcompile::isa_name(qcompile::detected_isa()); },
              "The best instruction set this CPU offers the native kernels.");
   module.def(

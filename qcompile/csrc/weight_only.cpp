@@ -83,12 +83,9 @@ constexpr int kTile = 4;        // outputs a step computes together (independent
 
 const char* const kKernels[] = {"int8pack", "int4pack"};
 
-// The int4 kernel's form of a grouped weight [out, groups, g] with scales (and zero points)
-// [out, groups, 1]: nibbles [out, in'/2] with in' = in rounded up to kChunk (the padding reads
-// x's zeros), S [out, groups] and S·(136 + Z) [out, groups], fp32.
-void check_int4_range(const at::Tensor& weight_q) {
+void check_int4_range(const at::Tensor& weight_q, std::string_view op) {
   TORCH_CHECK_VALUE(weight_q.min().item<int64_t>() >= -8 && weight_q.max().item<int64_t>() <= 7,
-                    "linear_weight_only: int4pack takes weights in [-8, 7]");
+                    op, ": int4pack takes weights in [-8, 7]");
 }
 
 // `out` [rows (+ padding), ...] written with pack(r, n), the packed rows [r, r + n) of a weight
@@ -104,16 +101,12 @@ at::Tensor in_row_blocks(at::Tensor out, int64_t rows, const std::function<at::T
   return out;
 }
 
+// The int4 kernel's form of a grouped weight [out, groups, g] with scales (and zero points)
+// [out, groups, 1]: its nibbles (int4_nibbles; the padding reads x's zeros), S [out, groups] and
+// S·(136 + Z) [out, groups], fp32.
 Packed pack_int4(const at::Tensor& weight_q, const at::Tensor& scale, const std::optional<at::Tensor>& zero_point) {
-  const int64_t outputs = weight_q.size(0), groups = weight_q.size(1), depth = groups * weight_q.size(2);
-  check_int4_range(weight_q);
-  const int64_t padded = round_up(depth, kChunk);
-  const at::Tensor nibbles = in_row_blocks(at::empty({outputs, padded / 2}, weight_q.options().dtype(at::kByte)), outputs,
-                                           [&](int64_t r, int64_t n) {
-    at::Tensor u = at::constant_pad_nd(weight_q.narrow(0, r, n).reshape({n, depth}).to(at::kInt) + 8, {0, padded - depth}, 8);
-    u = u.view({n, padded / kChunk, 2, kHalf});
-    return at::bitwise_or(u.select(2, 0), u.select(2, 1) * 16).to(at::kByte).reshape({n, -1});
-  });
+  const int64_t outputs = weight_q.size(0), groups = weight_q.size(1);
+  const at::Tensor nibbles = int4_nibbles(weight_q, "linear_weight_only");
   const at::Tensor scales = scale.reshape({outputs, groups}).to(at::kFloat).contiguous();
   at::Tensor offsets = scales * 136.0;
   if (zero_point.has_value() && zero_point->defined()) {
@@ -129,7 +122,7 @@ Packed pack_int4(const at::Tensor& weight_q, const at::Tensor& scale, const std:
 Packed pack_int4_aten(const at::Tensor& weight_q, const at::Tensor& scale, const std::optional<at::Tensor>& zero_point) {
   const int64_t outputs = weight_q.size(0), groups = weight_q.size(1), padding = round_up(outputs, 16) - outputs;
   const int64_t depth = groups * weight_q.size(2);
-  check_int4_range(weight_q);
+  check_int4_range(weight_q, "linear_weight_only");
   const at::Tensor nibbles = in_row_blocks(at::empty({outputs + padding, depth / 2}, weight_q.options().dtype(at::kByte)),
                                            outputs, [&](int64_t r, int64_t n) {
     at::Tensor u = (weight_q.narrow(0, r, n).to(at::kInt) + 8).reshape({n, -1});
@@ -347,6 +340,27 @@ QC_PORTABLE void dequantize_fp32_rows(const int8_t* weight, const float* scale, 
 
 }  // namespace
 
+at::Tensor int4_nibbles(const at::Tensor& weight_q, std::string_view op) {
+  const int64_t outputs = weight_q.size(0), depth = weight_q.size(1) * weight_q.size(2);
+  check_int4_range(weight_q, op);
+  const int64_t padded = round_up(depth, kChunk);
+  return in_row_blocks(at::empty({outputs, padded / 2}, weight_q.options().dtype(at::kByte)), outputs,
+                       [&](int64_t r, int64_t n) {
+    at::Tensor u = at::constant_pad_nd(weight_q.narrow(0, r, n).reshape({n, depth}).to(at::kInt) + 8, {0, padded - depth}, 8);
+    u = u.view({n, padded / kChunk, 2, kHalf});
+    return at::bitwise_or(u.select(2, 0), u.select(2, 1) * 16).to(at::kByte).reshape({n, -1});
+  });
+}
+
+void check_int4pack(const at::Tensor& weight_q, const at::Tensor& scale, int64_t group_size, std::string_view op) {
+  const int64_t outputs = weight_q.size(0);
+  TORCH_CHECK_VALUE(weight_q.dim() == 3 && weight_q.size(2) == group_size && group_size % kHalf == 0 &&
+                        scale.numel() == outputs * weight_q.size(1),
+                    op, ": int4pack takes weights [out, in / ", group_size, ", ", group_size,
+                    "] (groups a multiple of 32) with one scale per group, got ", weight_q.sizes(), " and ",
+                    scale.numel(), " scales");
+}
+
 bool has_avx512_bf16() {
   static const bool found = [] {  // a CPU flag: read once, not on every call
     __builtin_cpu_init();
@@ -369,11 +383,7 @@ at::Tensor linear_weight_only(const at::Tensor& x, const at::Tensor& weight_q, c
   TORCH_CHECK_VALUE(!affine || int4, "linear_weight_only: ", kernel, " takes symmetric weights (no zero point)");
   const int64_t outputs = weight_q.size(0);
   if (int4) {
-    TORCH_CHECK_VALUE(weight_q.dim() == 3 && weight_q.size(2) == group_size && group_size % kHalf == 0 &&
-                          scale.numel() == outputs * weight_q.size(1),
-                      "linear_weight_only: int4pack takes weights [out, in / ", group_size, ", ", group_size,
-                      "] (groups a multiple of 32) with one scale per group, got ", weight_q.sizes(), " and ",
-                      scale.numel(), " scales");
+    check_int4pack(weight_q, scale, group_size, "linear_weight_only");
   } else {
     TORCH_CHECK_VALUE(weight_q.dim() == 2 && scale.numel() == outputs,
                       "linear_weight_only: int8pack takes weights [out, in] with one scale per output, got ",

@@ -1,10 +1,14 @@
-"""lower-weight-only: linears with quantized weights and float activations to ``qc.linear_weight_only``.
+"""lower-weight-only: linears with integer weights and float activations to ``qc.linear_weight_only``,
+and int4 groups on uint8 activations (W4A8) to ``qc.linear_w4a8``.
 
     linear(x, dequantize(W_q, S, 0, axis=0), b)                    ->  linear_weight_only(x, W_q, S, None, 0, b, int8pack)
     linear(x, view(dequantize(W_q, S, Z), [out, in]), b)   (groups)   ->  linear_weight_only(x, W_q, S, Z, size, b, int4pack)
+    linear(dequantize(x_q, S_x, Z_x), view(dequantize(W_q, S, Z), [out, in]), b)
+                                         (x_q uint8)   ->  linear_w4a8(x_q, S_x, Z_x, W_q, S, Z, size, b, dtype)
 
 ``x`` is float (the plan quantizes no activation; or, for groups, ``x = dequantize(x_q)`` of
-activations the plan quantizes, W4A8, which the kernel reads dequantized), ``W_q`` an integer
+activations the plan quantizes, W4A8: uint8, per tensor or per token, which the kernel reads as
+integers, ``dtype`` being the dequantize's). ``W_q`` is an integer
 constant per output channel or per group of ``size`` inputs ([out, in / size, size], scales [out, in / size, 1]);
 groups may be affine (Z their zero points, None when all are 0), channels are symmetric.
 The kernel is the one :data:`~.weight_only_kernels.WEIGHT_ONLY_KERNELS` gives for the weight's
@@ -25,7 +29,7 @@ from qcompile.ir.graph import add_constant, constant_value, insert_call, op_argu
 from qcompile.ir.meta import Provenance
 from qcompile.pipeline import Diagnostic, Pass, PassResult
 from qcompile.qdq import DequantizeCall, qparams_of, quantized_weight
-from qcompile.targets.cpu_int8.weight_only_kernels import WEIGHT_ONLY_KERNELS, linear_weight_only
+from qcompile.targets.cpu_int8.weight_only_kernels import WEIGHT_ONLY_KERNELS, linear_w4a8, linear_weight_only
 
 aten = torch.ops.aten
 LINEAR = aten.linear.default
@@ -88,18 +92,31 @@ class LowerWeightOnly(Pass):
             if isinstance(ops, str):
                 kept.append(Diagnostic(linear.name, "kept", ops))
             elif ops is not None:
-                self._lower(gm, linear, ops)
-                lowered[ops.kernel] = lowered.get(ops.kernel, 0) + 1
+                kernel = self._lower(gm, linear, ops)
+                lowered[kernel] = lowered.get(kernel, 0) + 1
         return PassResult(gm, bool(lowered), {"lowered": lowered} if lowered else {}, tuple(kept))
 
-    def _lower(self, gm: fx.GraphModule, linear: fx.Node, ops: _Operands) -> None:
+    def _lower(self, gm: fx.GraphModule, linear: fx.Node, ops: _Operands) -> str:
+        """Replace ``linear`` by its kernel's call; the kernel's name."""
         name = linear.name
         scale = add_constant(gm, ops.scale, f"{name}_weight_scale", before=linear)
         zero_point = (add_constant(gm, ops.zero_point, f"{name}_weight_zero_point", before=linear)
                       if ops.zero_point is not None else None)
         bias = add_constant(gm, ops.bias, f"{name}_bias", before=linear) if ops.bias is not None else None
-        args = (op_arguments(linear)["input"], ops.weight_q, scale, zero_point, ops.group_size, bias, ops.kernel)
-        kernel = insert_call(gm, linear_weight_only, args, before=linear,
+        x = op_arguments(linear)["input"]
+        activations = DequantizeCall.of(x)
+        if ops.group_size and activations is not None and activations.axis is None \
+                and activations.integer_dtype == torch.uint8:
+            target, label = linear_w4a8, "w4a8"
+            args = (activations.q, activations.scale, activations.zero_point, ops.weight_q, scale, zero_point,
+                    ops.group_size, bias, activations.out_dtype)
+        else:
+            target, label = linear_weight_only, ops.kernel
+            args = (x, ops.weight_q, scale, zero_point, ops.group_size, bias, ops.kernel)
+        kernel = insert_call(gm, target, args, before=linear,
                              provenance=Provenance(self.name, "linear", (name,)), meta_from=linear)
         linear.replace_all_uses_with(kernel)
         gm.graph.erase_node(linear)
+        if target == linear_w4a8 and not activations.node.users:
+            gm.graph.erase_node(activations.node)  # the kernel reads the integers
+        return label

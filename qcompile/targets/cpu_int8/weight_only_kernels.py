@@ -1,7 +1,16 @@
-"""Weight-only linears: ``torch.ops.qc.linear_weight_only``, int8 or int4 weights, bf16 activations.
+"""Weight-only linears: ``torch.ops.qc.linear_weight_only``, int8 or int4 weights, bf16 activations;
+and ``torch.ops.qc.linear_w4a8``, int4 weights on uint8 activations.
 
     linear_weight_only(x, W_q, S, Z, group_size, b, kernel)
         == linear(x, S · (W_q − Z) per output channel or per group of group_size inputs, b)
+    linear_w4a8(x_q, S_x, Z_x, W_q, S, Z, group_size, b, out_dtype)
+        == linear_weight_only(S_x · (x_q − Z_x), W_q, S, Z, group_size, b, "int4pack")  in out_dtype
+
+``linear_w4a8`` is what a W4A8 plan's linear becomes when its activations are uint8 (per tensor
+or per token): the kernel reads the integers (``qcompile/csrc/linear_w4a8.cpp``: byte dot products
+summed exactly in integers, the dequantization folded into fp32 scales afterwards). Without AVX2,
+and with AVX512-BF16 (where the bf16 int4 kernel was measured and this one was not), it runs
+``linear_weight_only`` on the dequantized activations instead.
 
 Z is None (symmetric weights) or, per group only, each group's zero points. The operator is
 native (``qcompile/csrc/weight_only.cpp``, which gives the kernels' algebra); this module holds
@@ -44,10 +53,10 @@ import torch
 from torch import Tensor, fx
 from torch.nn import functional as F
 
-from qcompile import native  # noqa: F401  (loads the extension, which defines the operator)
+from qcompile import native  # loads the extension, which defines the operators
 from qcompile.ir.graph import op_arguments
 from qcompile.kernel_check import BF16_UNIT_ROUNDOFF, bf16_linear_bound, register_kernel
-from qcompile.qdq import DequantizeCall
+from qcompile.qdq import DequantizeCall, one_scale
 
 INT4_IN_MULTIPLE = 32  # the int4 kernel reads a row's weights 32 at a time (one bf16 dot product)
 
@@ -81,11 +90,17 @@ WEIGHT_ONLY_KERNELS = {
 
 linear_weight_only = torch.ops.qc.linear_weight_only.default
 WEIGHT_ONLY = linear_weight_only
+linear_w4a8 = torch.ops.qc.linear_w4a8.default
 
 
 @torch.library.register_fake("qc::linear_weight_only")
 def _(x, weight_q, scale, zero_point, group_size, bias, kernel):
     return x.new_empty((*x.shape[:-1], weight_q.shape[0]))
+
+
+@torch.library.register_fake("qc::linear_w4a8")
+def _(x_q, x_scale, x_zero_point, weight_q, scale, zero_point, group_size, bias, out_dtype):
+    return x_q.new_empty((*x_q.shape[:-1], weight_q.shape[0]), dtype=out_dtype)
 
 
 def dequantized_weight(weight_q: Tensor, scale: Tensor, zero_point: Tensor | None = None,
@@ -122,13 +137,46 @@ register_kernel(linear_weight_only, reference_linear_weight_only, precision=torc
                 bound=linear_weight_only_bound)
 
 
+def _dequantized_activations(x_q: Tensor, x_scale: Tensor, x_zero_point: Tensor) -> Tensor:
+    """S_x · (x_q − Z_x) in fp32, one scale per row or one for all."""
+    return (x_q.float() - x_zero_point.float()) * x_scale.float()
+
+
+def reference_linear_w4a8(x_q: Tensor, x_scale: Tensor, x_zero_point: Tensor, weight_q: Tensor, scale: Tensor,
+                          zero_point: Tensor | None, group_size: int, bias: Tensor | None,
+                          out_dtype: torch.dtype) -> Tensor:
+    """The contract in fp32: the dequantized activations through the weight-only reference."""
+    x = _dequantized_activations(x_q, x_scale, x_zero_point)
+    return reference_linear_weight_only(x, weight_q, scale, zero_point, group_size, bias, "int4pack").to(out_dtype)
+
+
+def linear_w4a8_bound(x_q: Tensor, x_scale: Tensor, x_zero_point: Tensor, weight_q: Tensor, scale: Tensor,
+                      zero_point: Tensor | None, group_size: int, bias: Tensor | None, out_dtype: torch.dtype) -> float:
+    """The weight-only operator's bound on the dequantized activations: where the CPU has
+    AVX512-BF16 that is what runs. The integer kernel is far inside it (its products are exact;
+    its fp32 sums of scaled integers are off by a few 2^-24 of S_x·S·8·Σx_q per group)."""
+    x = _dequantized_activations(x_q, x_scale, x_zero_point)
+    return linear_weight_only_bound(x, weight_q, scale, zero_point, group_size, bias, "int4pack")
+
+
+register_kernel(linear_w4a8, reference_linear_w4a8, precision=torch.bfloat16, bound=linear_w4a8_bound)
+
+
+def _grouping(arguments: dict) -> str:
+    grouping = f"groups of {arguments['group_size']}" if arguments["group_size"] else "per channel"
+    return grouping + (", affine" if arguments["zero_point"] is not None else "")
+
+
 def describe_weight_only_kernel(node: fx.Node) -> str | None:
-    """The report's name for a weight-only linear: its kernel and grouping."""
-    if node.op != "call_function" or node.target != WEIGHT_ONLY:
+    """The report's name for a weight-only linear: its kernel, grouping and what it reads."""
+    if node.op != "call_function" or node.target not in (WEIGHT_ONLY, linear_w4a8):
         return None
     arguments = op_arguments(node)
-    grouping = f"groups of {arguments['group_size']}" if arguments["group_size"] else "per channel"
-    grouping += ", affine" if arguments["zero_point"] is not None else ""
+    if node.target == linear_w4a8:
+        granularity = "" if one_scale(None, arguments["x_scale"]) else " per-token"
+        how = "summed in integers" if native.w4a8_in_integers() else "dequantized for qc.linear_weight_only"
+        return f"qc.linear_w4a8 ({_grouping(arguments)}), uint8{granularity} activations {how}"
+    grouping = _grouping(arguments)
     dequantized = DequantizeCall.of(arguments["x"])
     if dequantized is None:
         activations = "bf16 activations"
