@@ -14,7 +14,8 @@ Both are native operators (``qcompile/csrc/qdq.cpp``): every int8 kernel's input
 through a quantize, and a Python op's call cost (about 15 µs) exceeded a decode step's kernel.
 A per-tensor quantize to uint8 / int8 runs as one native pass; the other forms are ATen ops
 called from C++. This module gives them fake kernels, so graphs that contain them can be
-exported and shape-propagated, and holds the dynamic-quantization ops that choose parameters.
+exported and shape-propagated, and holds the dynamic-quantization ops that choose parameters
+(per tensor in Python, per token native).
 """
 
 from __future__ import annotations
@@ -73,16 +74,16 @@ def _(x, qmin, qmax, symmetric):
     return x.new_empty((1,), dtype=torch.float32), x.new_empty((1,), dtype=torch.int32)
 
 
-@torch.library.custom_op("qc::choose_qparams_per_token", mutates_args=())
 def choose_qparams_per_token(x: Tensor, qmin: int, qmax: int, symmetric: bool) -> tuple[Tensor, Tensor]:
     """A scale and zero point per row of ``x`` (over its last dimension), shaped [..., 1]: dynamic
-    per-token quantization's step. A float8 spec passes its range narrowed by the margin."""
-    lo = torch.clamp(x.amin(dim=-1, keepdim=True).float(), max=0.0)
-    hi = torch.clamp(x.amax(dim=-1, keepdim=True).float(), min=0.0)
-    return integer_qparams(lo, hi, qmin, qmax, symmetric)
+    per-token quantization's step, :func:`~qcompile.spec.integer_qparams` of each row's range
+    widened to contain 0. A float8 spec passes its range narrowed by the margin. The operator
+    ``qc.choose_qparams_per_token`` is native (``qcompile/csrc/choose_qparams.cpp``, the same fp32
+    operations): a dynamic linear calls it on every forward."""
+    return torch.ops.qc.choose_qparams_per_token(x, qmin, qmax, symmetric)
 
 
-@choose_qparams_per_token.register_fake
+@torch.library.register_fake("qc::choose_qparams_per_token")
 def _(x, qmin, qmax, symmetric):
     shape = (*x.shape[:-1], 1)
     return x.new_empty(shape, dtype=torch.float32), x.new_empty(shape, dtype=torch.int32)

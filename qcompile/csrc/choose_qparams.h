@@ -1,0 +1,13 @@
+// qc.choose_qparams_per_token: dynamic per-row quantization parameters (choose_qparams.cpp).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <tuple>
+
+namespace qcompile {
+
+std::tuple<at::Tensor, at::Tensor> choose_qparams_per_token(const at::Tensor& x, int64_t qmin, int64_t qmax,
+                                                            bool symmetric);
+
+}  // namespace qcompile
