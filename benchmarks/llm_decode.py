@@ -15,7 +15,11 @@ tiny decoder's agreement is in ``benchmarks.fp8_vs_int8 decoder``).
 
 qcompile rows are ``compile_decoder`` with every linear weight-only (int8 per channel on
 ``_weight_int8pack_mm``; int4 in groups of 128, round to nearest, on
-``_weight_int4pack_mm_for_cpu``), activations bf16, and the token table in int8 rows. The ONNX
+``_weight_int4pack_mm_for_cpu`` or qcompile's int4 kernel), activations bf16, or W4A8: the same
+int4 weights on uint8 activations quantized per token at run time (``qc.linear_w4a8``, summed in
+integers on AVX2 CPUs without AVX512-BF16), as ONNX Runtime's accuracy level 4 quantizes them;
+the token table in int8 rows. No outlier smoothing: each program would smooth by its own
+calibration, so the prefill's and the step's W4A8 weights would differ and both be held. The ONNX
 Runtime rows are the W4 plan's prefill and step exported (``QuantizedDecoder.export_onnx``:
 ``MatMulNBits`` nodes, each with the accuracy level the export measured safe for it) and run by
 ONNX Runtime's CPU provider in the same loop; a second pair of files, the same with every node at
@@ -51,7 +55,7 @@ from benchmarks.cpu_int8 import tensor_bytes
 from benchmarks.resident import resident_window
 from qcompile import OpQuantConfig, PerChannel, PerGroup, QConfig, QuantSpec
 from qcompile.decoder import PrefillProgram, StepProgram
-from qcompile.qconfig import INT8_WEIGHT
+from qcompile.qconfig import INT8_WEIGHT, TOKEN_ACTIVATION
 from qcompile.targets.onnx_qdq.matmul_nbits import FLOAT_ACTIVATIONS, INT8_ACTIVATIONS, set_accuracy_levels
 from qcompile.targets.onnx_qdq.runtime import OnnxRuntimeProgram
 
@@ -135,14 +139,19 @@ def main(layers: int = LAYERS) -> None:
         bf16 = Qwen2ForCausalLM(config).to(torch.bfloat16).eval()
         bf16.load_state_dict(model.state_dict())
     paths["bf16 eager"] = DecodePath(PrefillProgram(bf16), StepProgram(bf16), tensor_bytes(bf16), held.retained)
-    formats = {"qcompile W8 (weight-only int8)": QuantSpec("int8", granularity=PerChannel(0)),
-               "qcompile W4 g128 (weight-only int4)": QuantSpec("int4", granularity=PerGroup(1, 128))}
+    int4 = QuantSpec("int4", granularity=PerGroup(1, 128))
+    formats = {"qcompile W8 (weight-only int8)": OpQuantConfig(None, QuantSpec("int8", granularity=PerChannel(0))),
+               "qcompile W4 g128 (weight-only int4)": OpQuantConfig(None, int4),
+               "qcompile W4A8 g128 (uint8 per token)": OpQuantConfig(TOKEN_ACTIVATION, int4)}
     compiled_by_name = {}
-    for name, spec in formats.items():
+    for name, linear in formats.items():
         start = time.perf_counter()
         with resident_window() as held:
+            # no outlier smoothing for W4A8: each program would smooth by its own calibration, making
+            # the prefill's and the step's int4 weights differ, so both would be held
             compiled = qcompile.compile_decoder(model, prompts, calibration_steps=2, progress=False,
-                                                qconfig=QConfig(by_op={"linear": OpQuantConfig(None, spec),
+                                                outlier_smoothing=None,
+                                                qconfig=QConfig(by_op={"linear": linear,
                                                                        "embedding": OpQuantConfig(None, INT8_WEIGHT)}))
         seconds = time.perf_counter() - start
         paths[name] = DecodePath(compiled.prefill, compiled.step, tensor_bytes(compiled.prefill.graph_module),

@@ -19,7 +19,10 @@ A weight-only table: int4 weights in groups of 128 at decode (1 row) and prefill
 shapes, rotating over enough weights (at least 64 MB) that none is cache-resident, as in a
 model: ``qc.linear_weight_only`` (the nibble kernel at one row, the blocked dequantize + bf16
 GEMM at 64; without AVX512-BF16, ATen's int4pack at one row and the blocked dequantize + fp32 GEMM
-at 64) against ATen's ``_weight_int4pack_mm_for_cpu`` on the same bits and a bf16 linear.
+at 64) against ATen's ``_weight_int4pack_mm_for_cpu`` on the same bits and a bf16 linear; and
+the W4A8 path, ``qc.choose_qparams_per_token`` + ``qc.quantize`` + ``qc.linear_w4a8`` (uint8
+activations per token, summed in integers where ``native.w4a8_in_integers()``), as a W4A8 plan's
+linear runs it.
 
 A first table gives what one call of the int8 path's operators costs (a decode step's shapes,
 one row of 384): each operator through ``torch.ops.qc`` against its kernel alone, the difference
@@ -112,12 +115,13 @@ def call_cost() -> None:
 
 def weight_only() -> None:
     """ms per int4 g128 linear, weights rotated so that none is cache-resident (module doc)."""
-    from qcompile.targets.cpu_int8.weight_only_kernels import linear_weight_only
+    from qcompile.ops import choose_qparams_per_token
+    from qcompile.targets.cpu_int8.weight_only_kernels import linear_w4a8, linear_weight_only
 
     print(f"{'int4 g128 weight [out x in], rows (ms)':<40}{'bf16 linear':>12}{'ATen int4pack':>15}{'qcompile':>10}"
-          f"{'GB/s':>7}")
+          f"{'GB/s':>7}{'W4A8':>9}{'GB/s':>7}   (W4A8 {'in integers' if native.w4a8_in_integers() else 'dequantized'})")
     g = torch.Generator().manual_seed(3)
-    for outputs, inputs in ((4864, 896), (896, 4864), (4096, 4096)):
+    for outputs, inputs in ((4864, 896), (896, 4864), (4096, 4096), (151936, 896)):
         count = max(2, (64 << 20) // (outputs * inputs // 2))
         weights = [torch.randint(-8, 8, (outputs, inputs // 128, 128), dtype=torch.int8, generator=g)
                    for _ in range(count)]
@@ -142,9 +146,18 @@ def weight_only() -> None:
             def bf16():
                 return F.linear(x.bfloat16(), dense[next(turn) % len(dense)]).float()
 
-            times = [median_ms(run, repeats=40, warmup=count) for run in (bf16, aten_int4, ours)]
-            rate = f"{outputs * inputs / 2 / (times[2] * 1e-3) / 1e9:>7.1f}" if rows == 1 else ""  # bytes bound it
-            print(f"{f'{outputs} x {inputs}, {rows}':<40}{times[0]:>12.3f}{times[1]:>15.3f}{times[2]:>10.3f}{rate}")
+            def w4a8():
+                i = next(turn) % count
+                x_scale, x_zero_point = choose_qparams_per_token(x, 0, 255, False)
+                x_q = torch.ops.qc.quantize(x, x_scale, x_zero_point, None, 0, 255, torch.uint8)
+                return linear_w4a8(x_q, x_scale, x_zero_point, weights[i], scales[i], None, 128, None, torch.float32)
+
+            repeats = 10 if outputs * inputs > 1e8 else 40
+            times = [median_ms(run, repeats=repeats, warmup=count) for run in (bf16, aten_int4, ours, w4a8)]
+            rates = [f"{outputs * inputs / 2 / (t * 1e-3) / 1e9:>7.1f}" if rows == 1 else " " * 7  # bytes bound it
+                     for t in (times[2], times[3])]
+            print(f"{f'{outputs} x {inputs}, {rows}':<40}{times[0]:>12.3f}{times[1]:>15.3f}{times[2]:>10.3f}{rates[0]}"
+                  f"{times[3]:>9.3f}{rates[1]}")
     print()
 
 

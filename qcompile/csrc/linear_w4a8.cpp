@@ -58,7 +58,7 @@ namespace {
 constexpr int64_t kHalf = 32;          // weights per vpmaddubsw (a chunk's low or high nibbles)
 constexpr int64_t kFoldHalves = 4;     // halves whose 16-bit sums fit a lane (128 weights: 30600)
 constexpr int kTile = 4;               // outputs a step computes together, sharing each load of x
-constexpr int64_t kPrefetch = 1024;    // bytes ahead of each weight row a step asks the cache for
+constexpr int64_t kPrefetch = 1024;    // bytes ahead of each weight row a step asks the cache for, a line per 2 chunks
 
 // The kernel's form of a grouped weight: nibbles [out, in'/2], S [out, groups], S·(8 + Z)
 // [out, groups] and C [out] (the module comment), fp32.
@@ -124,7 +124,7 @@ QC_AVX2 void w4a8_tile(const uint8_t* x, const int32_t* sums, float x_scale, flo
     __m256i bytes[T];
     const __m256i x_low = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + h * kHalf));
     for (int t = 0; t < T; ++t) {
-      _mm_prefetch(reinterpret_cast<const char*>(chunk + t * w_stride) + kPrefetch, _MM_HINT_T0);
+      if (h % 4 == 0) _mm_prefetch(reinterpret_cast<const char*>(chunk + t * w_stride) + kPrefetch, _MM_HINT_T0);
       bytes[t] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(chunk + t * w_stride));
       part[t] = _mm256_add_epi16(part[t], _mm256_maddubs_epi16(x_low, _mm256_and_si256(bytes[t], low)));
     }
