@@ -12,8 +12,8 @@
 // weight, and on a CPU without AVX-512 that is compute-bound near one weight per cycle (ATen's
 // _weight_int4pack_mm_for_cpu and an FMA kernel of our own alike; weight_only.cpp). The plan's
 // W4A8 format has quantized the activations already, so the dot products can run on bytes:
-// vpmaddubsw multiplies 32 unsigned activations by 32 signed bytes and adds pairs into 16-bit
-// lanes, 16 weights per lane pair per instruction.
+// vpmaddubsw multiplies 32 unsigned activations by 32 signed bytes and adds adjacent products in
+// pairs into 16 lanes of 16 bits, 32 weights per instruction.
 //
 // The algebra, per row (a = x_q, z = Z_x) and output, with u = q + 8 in [0, 16) the nibbles of
 // int4_nibbles and, per group, P = Σ a·u, A = Σ a (the row's, once per call), Q = Σ q:
@@ -22,9 +22,9 @@
 //   y = S_x·( Σ_groups S·P − Σ_groups S·(8 + Z)·A − z·C ) + b,   C = Σ_groups S·(Q − Z·g)
 //
 // C is the row sum of the dequantized weight, packed once with the nibbles, S and S·(8 + Z).
-// Every P is exact: a pair of products is at most 2·255·15 = 7650, four pairs summed (128
-// weights) 30600, under the 16-bit lanes' 32767, so a lane's sum is folded into fp32 as
-// S·P (vpmaddwd, convert, FMA) every 128 weights or at a group's end. The rest is fp32 sums of
+// Every P is exact: a lane's pair of products is at most 2·255·15 = 7650, and four such pairs
+// (four instructions, 128 weights) sum to 30600, under the 16-bit lanes' 32767, so the lanes are
+// folded into fp32 as S·P (vpmaddwd, convert, FMA) every 128 weights or at a group's end. The rest is fp32 sums of
 // exact integers times scales: about 2^-24 of each term, the terms as large as S_x·S·8·Σa.
 //
 // Which code runs: AVX2 (on the avx2 and avx512 instruction sets) the kernel below; with
