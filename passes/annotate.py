@@ -291,7 +291,7 @@ class Annotate(Pass):
                 notes.append(Diagnostic(node.name, "narrowed", rule.narrowing_reason))
             for index, edge in plan.inputs:
                 if edge.role == "activation":
-                    for shape_op in observation_root(node.args[index])[1]:
+                    for shape_op in observation_root(node.args[index], per_token=edge.spec.dynamic)[1]:
                         plans[shape_op] = QuantAnnotation(rule=why, shares_qparams_of=edge.observe_at)
         for node, plan in list(plans.items()):
             rule = target.op_rules.get(op_kind(node))

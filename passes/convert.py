@@ -218,7 +218,7 @@ class Convert(Pass):
 
     def _activation(self, gm, node, index, spec, qparams) -> fx.Node | None:
         """The scale node of ``node``'s quantized input ``index`` (adding the dynamic Q/DQ if needed)."""
-        root, chain = observation_root(node.args[index])
+        root, chain = observation_root(node.args[index], per_token=spec.dynamic)
         dequantize = DequantizeCall.of(root)
         if dequantize is not None:
             return dequantize.scale

@@ -134,7 +134,7 @@ class InsertFakeQuant(Pass):
                                made: dict[tuple[str, QuantSpec], fx.Node]) -> None:
         """``node``'s input ``index`` read through the per-token fake-quant of its observation
         root: ``convert``'s dynamic Q/DQ, at the same place, in training form."""
-        root, chain = observation_root(node.args[index])
+        root, chain = observation_root(node.args[index], per_token=True)
         reader = chain[0] if chain else node
         if called_module(gm, root, DynamicFakeQuantize) is not None:
             return  # already fake-quantized: running the pass twice changes nothing

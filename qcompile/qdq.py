@@ -164,9 +164,33 @@ def qparams_of(gm: fx.GraphModule, node: fx.Node) -> QParams:
     )
 
 
-def observation_root(node: fx.Node) -> tuple[fx.Node, list[fx.Node]]:
+_LAST_DIM_STAYS = frozenset({aten.transpose.int, aten.permute.default})
+_RESHAPES = frozenset({aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.flatten.using_ints,
+                       aten.unsqueeze.default, aten.squeeze.dim, aten.contiguous.default})
+
+
+def keeps_rows(node: fx.Node) -> bool:
+    """Whether shape op ``node`` maps its input's rows (all dimensions but the last) one to one
+    onto its output's: a transpose or permute that leaves the last dimension last, or a row-major
+    reshape whose last dimension keeps its size (each output row is then one input row). A
+    per-token scale computed before such an op is the one computed after it."""
+    source = node.args[0]
+    before, after = source.meta.get("val"), node.meta.get("val")
+    if not isinstance(before, torch.Tensor) or not isinstance(after, torch.Tensor) or not before.dim() or not after.dim():
+        return False
+    if node.target in _LAST_DIM_STAYS:
+        arguments, last = op_arguments(node), before.dim() - 1
+        if node.target == aten.permute.default:
+            return arguments["dims"][-1] % before.dim() == last
+        return last not in (arguments["dim0"] % before.dim(), arguments["dim1"] % before.dim())
+    width, kept = before.shape[-1], after.shape[-1]
+    return node.target in _RESHAPES and isinstance(width, int) and isinstance(kept, int) and width == kept
+
+
+def observation_root(node: fx.Node, per_token: bool = False) -> tuple[fx.Node, list[fx.Node]]:
     """Where the value feeding an op should be observed: up through single-user ops that share
-    qparams. Returns the root and the shape ops from the root down to the edge's producer."""
+    qparams (with ``per_token``, only through those that keep its rows: :func:`keeps_rows`).
+    Returns the root and the shape ops from the root down to the edge's producer."""
     chain: list[fx.Node] = []
     while (
         node.op == "call_function"
@@ -174,6 +198,7 @@ def observation_root(node: fx.Node) -> tuple[fx.Node, list[fx.Node]]:
         and len(node.users) == 1
         and isinstance(node.args[0], fx.Node)
         and isinstance(node.args[0].meta.get("val"), torch.Tensor)
+        and (not per_token or keeps_rows(node))
     ):
         chain.append(node)
         node = node.args[0]

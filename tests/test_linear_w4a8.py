@@ -11,7 +11,7 @@ from qcompile.ops import choose_qparams_per_token
 from qcompile.passes import Convert
 from qcompile.qconfig import INT8_ACTIVATION, TOKEN_ACTIVATION
 from qcompile.ir.graph import op_arguments
-from qcompile.qdq import DequantizeCall, is_quantize
+from qcompile.qdq import SHARES_QPARAMS, DequantizeCall, is_quantize, keeps_rows
 from qcompile.targets.cpu_int8 import LowerWeightOnly
 from qcompile.targets.cpu_int8.weight_only_kernels import (
     dequantized_weight,
@@ -20,7 +20,7 @@ from qcompile.targets.cpu_int8.weight_only_kernels import (
     reference_linear_w4a8,
 )
 from qcompile.testing import assert_outputs_close, assert_pass_contract, check_graph
-from tests.models import TinyBlock
+from tests.models import TinyBlock, TinySelfAttention
 from tests.quant_stages import calibrated
 
 
@@ -179,3 +179,43 @@ def test_a_w4a8_model_compiles_onto_the_kernel_says_how_it_runs_and_agrees_with_
     assert qm.report.kernel_calls_checked
     with torch.no_grad():
         torch.testing.assert_close(y, qm.qdq_graph_module(x), atol=0.02 * float(y.abs().max()), rtol=0)
+
+
+def test_per_token_activations_are_quantized_per_row_of_the_linears_input_not_of_a_view_above_it():
+    """Attention's output reaches the output projection through transpose -> reshape: [b, heads,
+    t, d] rows are heads, [b, t, heads·d] rows are tokens. A per-token scale belongs to the
+    linear's rows, so the dynamic Q/DQ sits after the reshape (not hoisted above it as a per-tensor
+    one may be), and the lowering gives that linear qc.linear_w4a8 too."""
+    model = TinySelfAttention(width=64, heads=4)
+    data = [(torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(i)),) for i in range(2)]
+    qm = qcompile.compile(model, calibration_data=data, outlier_smoothing=None, progress=False,
+                          qconfig=QConfig(by_op={"linear": OpQuantConfig(TOKEN_ACTIVATION, W4A8)}))
+    check_graph(qm.qdq_graph_module, """
+    CHECK: aten.scaled_dot_product_attention.default
+    CHECK-NEXT: aten.transpose.int
+    CHECK-NEXT: aten.reshape.default({{%[0-9]+}}, [{{.*}}, 64]) : f32[{{.*}},64]
+    CHECK-NEXT: qc.choose_qparams_per_token.default({{%[0-9]+}}, 0, 255, False) : (f32[{{.*}},1], i32[{{.*}},1])
+    """)
+    assert [n.detail.split(",")[0] for n in qm.report.nodes if n.op == "linear"] == ["qc.linear_w4a8 (groups of 32"] * 4
+    x = torch.randn(2, 5, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(qm(x), qm.qdq_graph_module(x), atol=0.02 * float(qm(x).abs().max()), rtol=0)
+
+
+@pytest.mark.parametrize(("shape", "op", "keeps"), [
+    ((2, 4, 3, 8), lambda x: x.transpose(1, 2), True),        # heads and tokens swap: rows re-indexed
+    ((2, 4, 3, 8), lambda x: x.transpose(2, 3), False),       # the last dimension moves
+    ((2, 4, 3, 8), lambda x: x.permute(2, 0, 1, 3), True),
+    ((2, 4, 3, 8), lambda x: x.permute(0, 1, 3, 2), False),
+    ((2, 4, 3, 8), lambda x: x.reshape(8, 3, 8), True),       # rows of 8 stay rows of 8
+    ((2, 4, 3, 8), lambda x: x.reshape(2, 4, 24), False),     # three rows become one
+    ((2, 3, 8), lambda x: x.unsqueeze(1), True),
+])
+def test_keeps_rows_says_which_shape_ops_a_per_token_scale_may_cross(shape, op, keeps):
+    class Shaped(torch.nn.Module):
+        def forward(self, x):
+            return op(x) * 2
+
+    gm = torch.export.export(Shaped(), (torch.randn(*shape),)).module()
+    shaped = next(n for n in gm.graph.nodes if n.op == "call_function" and n.target in SHARES_QPARAMS)
+    assert keeps_rows(shaped) is keeps
