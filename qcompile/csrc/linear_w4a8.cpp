@@ -30,10 +30,21 @@
 // Which code runs: AVX2 (on the avx2 and avx512 instruction sets) the kernel below; with
 // AVX512-BF16 and the avx512 instruction set, or on the portable one, x_q dequantized to fp32
 // and qc.linear_weight_only's int4pack (AVX512-BF16's int4 kernel was measured there; this one
-// was not). Measured on an AVX2 CPU without VNNI (AMD Zen 1, 2 threads, ms), against
-// linear_weight_only on the dequantized activations:
+// was not). Measured on an AVX2 CPU without VNNI or bf16 (AMD Zen 1, 2 threads, ms; int4 g128,
+// weights rotated out of cache; benchmarks.native_kernels), the W4A8 column including the
+// per-token choose_qparams and quantize in front, against linear_weight_only on float rows
+// (ATen's int4pack at one row, the blocked dequantize + fp32 GEMM at 64):
 //
-//   (filled in from benchmarks.native_kernels)
+//   weight [out x in]   rows   linear_weight_only   W4A8
+//   4864 x 896             1         0.58            0.48
+//   896 x 4864             1         1.11            0.49
+//   4096 x 4096            1         3.04            1.69
+//   151936 x 896           1        16.5            10.7     (6.4 GB/s of nibbles)
+//   4864 x 896            64        15.1            10.9
+//   151936 x 896          64       531             348
+//
+// Resident in cache, one row of 4864 x 896 takes 0.22 ms (20 G weights/s on the 2 cores), so a
+// decode step is bound by this kernel's arithmetic, not by memory (17 GB/s measured there).
 
 #include "linear_w4a8.h"
 
@@ -110,7 +121,7 @@ QC_AVX2 inline void fold(int64_t h, int64_t per_fold, int64_t per_group, __m256i
 // One row's y for T outputs: x the row's bytes, sums its A per group; w [T][in'/2] nibbles,
 // scales, offsets (S·(8 + Z)) [T][groups], row_sums C [T]; y[t] = S_x·(... − z·C) + b.
 template <int T>
-QC_AVX2 void w4a8_tile(const uint8_t* x, const int32_t* sums, float x_scale, float x_zero, const uint8_t* w,
+QC_AVX2 void w4a8_tile(const uint8_t* x, const int32_t* sums, float x_scale, int32_t x_zero, const uint8_t* w,
                        int64_t w_stride, const float* scales, const float* offsets, const float* row_sums,
                        const float* bias, int64_t groups, int64_t group_size, int64_t depth, float* y) {
   const __m256i low = _mm256_set1_epi8(0x0F);
@@ -140,11 +151,12 @@ QC_AVX2 void w4a8_tile(const uint8_t* x, const int32_t* sums, float x_scale, flo
   for (int t = 0; t < T; ++t) {
     float offset = 0;
     for (int64_t g = 0; g < groups; ++g) offset += offsets[t * groups + g] * static_cast<float>(sums[g]);
-    y[t] = x_scale * (horizontal_sum(total[t]) - offset - x_zero * row_sums[t]) + (bias ? bias[t] : 0.0f);
+    y[t] = x_scale * (horizontal_sum(total[t]) - offset - static_cast<float>(x_zero) * row_sums[t]) +
+           (bias ? bias[t] : 0.0f);
   }
 }
 
-// rows [M, in] uint8 with their S_x, Z_x [M] times the packed weight, plus the bias: [M, out] fp32.
+// rows [M, in] uint8 with their S_x, Z_x ([M] or [1]) times the packed weight, plus the bias: [M, out] fp32.
 at::Tensor w4a8_linear(const at::Tensor& rows, const at::Tensor& x_scale, const at::Tensor& x_zero,
                        const Packed& packed, int64_t group_size, const std::optional<at::Tensor>& bias) {
   const at::Tensor &nibbles = packed[0], &scales = packed[1], &offsets = packed[2], &row_sums = packed[3];
@@ -163,8 +175,9 @@ at::Tensor w4a8_linear(const at::Tensor& rows, const at::Tensor& x_scale, const 
   at::Tensor y = at::empty({m, outputs}, rows.options().dtype(at::kFloat));
   const uint8_t* w = nibbles.const_data_ptr<uint8_t>();
   const float *s = scales.const_data_ptr<float>(), *o = offsets.const_data_ptr<float>();
-  const float *c = row_sums.const_data_ptr<float>(), *xs = x_scale.const_data_ptr<float>(),
-              *xz = x_zero.const_data_ptr<float>();
+  const float *c = row_sums.const_data_ptr<float>(), *xs = x_scale.const_data_ptr<float>();
+  const int32_t* xz = x_zero.const_data_ptr<int32_t>();
+  const int64_t scale_step = x_scale.numel() > 1, zero_step = x_zero.numel() > 1;  // one per row, or one for all
   float* out = y.data_ptr<float>();
   const int64_t tiles = (outputs + kTile - 1) / kTile, w_stride = nibbles.size(1);
   at::parallel_for(0, tiles, std::max<int64_t>(1, (1 << 16) / (2 * w_stride)), [&](int64_t t0, int64_t t1) {
@@ -174,8 +187,9 @@ at::Tensor w4a8_linear(const at::Tensor& rows, const at::Tensor& x_scale, const 
         for (int64_t t = 0; t < width; t += width == kTile ? kTile : 1) {  // a last partial tile output by output
           const int64_t i = n + t;
           const auto tile_fn = width == kTile ? &w4a8_tile<kTile> : &w4a8_tile<1>;
-          tile_fn(x + r * depth, sums.data() + r * groups, xs[r], xz[r], w + i * w_stride, w_stride, s + i * groups,
-                  o + i * groups, c + i, bs ? bs + i : nullptr, groups, group_size, depth, out + r * outputs + i);
+          tile_fn(x + r * depth, sums.data() + r * groups, xs[r * scale_step], xz[r * zero_step], w + i * w_stride,
+                  w_stride, s + i * groups, o + i * groups, c + i, bs ? bs + i : nullptr, groups, group_size, depth,
+                  out + r * outputs + i);
         }
       }
     }
@@ -183,11 +197,12 @@ at::Tensor w4a8_linear(const at::Tensor& rows, const at::Tensor& x_scale, const 
   return y;
 }
 
-// S_x or Z_x as M fp32 values, one per row: per row already, or one repeated.
-at::Tensor per_row(const at::Tensor& param, int64_t rows, const char* what) {
+// S_x (fp32) or Z_x (int32) as a flat tensor of one value per row or one for all: a view when it
+// is already that (every call of a decode step), a copy otherwise.
+at::Tensor per_row(const at::Tensor& param, int64_t rows, at::ScalarType dtype, const char* what) {
   TORCH_CHECK_VALUE(param.numel() == 1 || param.numel() == rows, "linear_w4a8: ", what,
                     " takes one value per row of x (", rows, ") or one for all, got ", param.numel());
-  return param.reshape({-1}).to(at::kFloat).expand({rows}).contiguous();
+  return param.reshape({-1}).to(dtype).contiguous();
 }
 
 }  // namespace
@@ -209,7 +224,8 @@ at::Tensor linear_w4a8(const at::Tensor& x_q, const at::Tensor& x_scale, const a
   TORCH_CHECK_VALUE(depth == weight_q.size(1) * group_size, "linear_w4a8: x has ", depth, " features, the weight ",
                     weight_q.size(1) * group_size);
   const int64_t rows = depth > 0 ? x_q.numel() / depth : 0;
-  const at::Tensor scales = per_row(x_scale, rows, "x_scale"), zeros = per_row(x_zero_point, rows, "x_zero_point");
+  const at::Tensor scales = per_row(x_scale, rows, at::kFloat, "x_scale");
+  const at::Tensor zeros = per_row(x_zero_point, rows, at::kInt, "x_zero_point");
   if (!w4a8_in_integers()) {
     const at::Tensor x = dequantize(x_q, x_scale, x_zero_point, std::nullopt, at::kFloat);
     return linear_weight_only(x, weight_q, scale, zero_point, group_size, bias, "int4pack").to(out_dtype);
