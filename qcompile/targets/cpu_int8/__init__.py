@@ -6,7 +6,8 @@
   ``recurrence`` (``qc.gru_recurrence``, ``qc.lstm_recurrence``: a GRU's / LSTM's steps, native fp32),
   ``layer_norm_quantize`` (``qc.layer_norm_quantize``, native, and the pass that makes it),
   ``bf16_kernels`` (``qc.linear_bf16``),
-  ``weight_only_kernels`` (``qc.linear_weight_only``: int8 / int4 weights, bf16 activations),
+  ``weight_only_kernels`` (``qc.linear_weight_only``: int8 / int4 weights, bf16 activations;
+  ``qc.linear_w4a8``: int4 weights on uint8 activations, summed in integers),
   each registering its Q/DQ reference with :mod:`qcompile.kernel_check`;
 * passes: ``split-recurrent`` (a GRU / LSTM as its input linear and its recurrence), ``merge-sibling-linears``,
   ``fuse-patterns`` (the groups one oneDNN kernel runs),
@@ -35,7 +36,7 @@ from qcompile.targets.cpu_int8.recurrence import gru_recurrence, lstm_recurrence
 from qcompile.targets.cpu_int8.split_recurrent import SplitRecurrent
 from qcompile.targets.cpu_int8.lower_weight_only import LowerWeightOnly
 from qcompile.targets.cpu_int8.uint8_kernels import max_pool2d_uint8
-from qcompile.targets.cpu_int8.weight_only_kernels import describe_weight_only_kernel, linear_weight_only
+from qcompile.targets.cpu_int8.weight_only_kernels import describe_weight_only_kernel, linear_w4a8, linear_weight_only
 
 def describe_kernel(node: fx.Node) -> str | None:
     """The report's name for one of cpu-int8's kernel nodes."""
@@ -66,4 +67,4 @@ register_target(
 
 __all__ = ["FuseLayerNormQuantize", "FusePatterns", "FuseRmsNorm", "LowerCpuInt8", "LowerFloatBf16", "LowerWeightOnly", "MergeSiblingLinears",
            "SplitRecurrent", "attention", "conv2d_int8", "gru_recurrence", "layer_norm_quantize",
-           "linear_bf16", "linear_int8", "linear_weight_only", "lstm_recurrence", "max_pool2d_uint8"]
+           "linear_bf16", "linear_int8", "linear_w4a8", "linear_weight_only", "lstm_recurrence", "max_pool2d_uint8"]
