@@ -105,17 +105,27 @@ QC_AVX2 inline float horizontal_sum(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 
-// After half h, every per_fold halves: the 16-bit sums into fp32, times the group's scale.
+// Where a row's halves stand: the 16-bit sums are folded every per_fold halves (128 weights, or a
+// smaller group) into the current group, which moves on every per_group. Counted down: a division
+// per half (an idiv, tens of cycles on Zen 1) had cost more than the arithmetic it guarded.
+struct Folds {
+  int64_t per_fold, per_group, left, in_group, group;
+  Folds(int64_t per_fold, int64_t per_group)
+      : per_fold(per_fold), per_group(per_group), left(per_fold), in_group(per_group), group(0) {}
+};
+
+// After a half: at a fold, the 16-bit sums into fp32, times the group's scale.
 template <int T>
-QC_AVX2 inline void fold(int64_t h, int64_t per_fold, int64_t per_group, __m256i (&part)[T], __m256 (&total)[T],
-                         const float* scales, int64_t groups) {
-  if ((h + 1) % per_fold) return;
-  const int64_t g = h / per_group;
+QC_AVX2 inline void after_half(Folds& folds, __m256i (&part)[T], __m256 (&total)[T], const float* scales,
+                               int64_t groups) {
+  if (--folds.left) return;
+  folds.left = folds.per_fold;
   for (int t = 0; t < T; ++t) {
     const __m256 p = _mm256_cvtepi32_ps(_mm256_madd_epi16(part[t], _mm256_set1_epi16(1)));
-    total[t] = _mm256_fmadd_ps(p, _mm256_set1_ps(scales[t * groups + g]), total[t]);
+    total[t] = _mm256_fmadd_ps(p, _mm256_set1_ps(scales[t * groups + folds.group]), total[t]);
     part[t] = _mm256_setzero_si256();
   }
+  if ((folds.in_group -= folds.per_fold) == 0) folds.group += 1, folds.in_group = folds.per_group;
 }
 
 // One row's y for T outputs: x the row's bytes, sums its A per group; w [T][in'/2] nibbles,
@@ -129,7 +139,7 @@ QC_AVX2 void w4a8_tile(const uint8_t* x, const int32_t* sums, float x_scale, int
   __m256i part[T];
   for (int t = 0; t < T; ++t) total[t] = _mm256_setzero_ps(), part[t] = _mm256_setzero_si256();
   const int64_t halves = depth / kHalf, per_group = group_size / kHalf;
-  const int64_t per_fold = std::min(per_group, kFoldHalves);
+  Folds folds(std::min(per_group, kFoldHalves), per_group);
   for (int64_t h = 0; h < halves; h += 2) {  // a chunk: 32 bytes of each output, its low then its high nibbles
     const uint8_t* chunk = w + (h / 2) * kHalf;
     __m256i bytes[T];
@@ -139,14 +149,14 @@ QC_AVX2 void w4a8_tile(const uint8_t* x, const int32_t* sums, float x_scale, int
       bytes[t] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(chunk + t * w_stride));
       part[t] = _mm256_add_epi16(part[t], _mm256_maddubs_epi16(x_low, _mm256_and_si256(bytes[t], low)));
     }
-    fold<T>(h, per_fold, per_group, part, total, scales, groups);
+    after_half<T>(folds, part, total, scales, groups);
     if (h + 1 == halves) break;  // an odd number of halves: the last chunk's high nibbles are padding
     const __m256i x_high = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + (h + 1) * kHalf));
     for (int t = 0; t < T; ++t) {
       const __m256i u = _mm256_and_si256(_mm256_srli_epi16(bytes[t], 4), low);
       part[t] = _mm256_add_epi16(part[t], _mm256_maddubs_epi16(x_high, u));
     }
-    fold<T>(h + 1, per_fold, per_group, part, total, scales, groups);
+    after_half<T>(folds, part, total, scales, groups);
   }
   for (int t = 0; t < T; ++t) {
     float offset = 0;
