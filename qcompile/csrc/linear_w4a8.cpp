@@ -36,14 +36,14 @@
 // (ATen's int4pack at one row, the blocked dequantize + fp32 GEMM at 64):
 //
 //   weight [out x in]   rows   linear_weight_only   W4A8
-//   4864 x 896             1         0.58            0.48
-//   896 x 4864             1         1.11            0.49
-//   4096 x 4096            1         3.04            1.69
-//   151936 x 896           1        16.5            10.7     (6.4 GB/s of nibbles)
-//   4864 x 896            64        15.1            10.9
-//   151936 x 896          64       531             348
+//   4864 x 896             1         0.56            0.32
+//   896 x 4864             1         0.57            0.32
+//   4096 x 4096            1         2.09            1.22
+//   151936 x 896           1        15.6             7.37     (9.2 GB/s of nibbles)
+//   4864 x 896            64        12.6             9.32
+//   151936 x 896          64       449             274
 //
-// Resident in cache, one row of 4864 x 896 takes 0.22 ms (20 G weights/s on the 2 cores), so a
+// Resident in cache, one row of 4864 x 896 takes 0.17 ms (26 G weights/s on the 2 cores), so a
 // decode step is bound by this kernel's arithmetic, not by memory (17 GB/s measured there).
 
 #include "linear_w4a8.h"

@@ -39,7 +39,7 @@
 // 1.10 against 0.97 ms at 1 row of 4864 x 896 (weights rotated out of cache), 8.3 against 3.8 at 8
 // rows. Both are compute-bound near one weight per cycle on that 2 GHz CPU, so ATen's stays. A W4A8
 // plan's linears read uint8 activations as integers instead (qc.linear_w4a8, linear_w4a8.cpp):
-// 1.5-2x faster there.
+// 1.4-2.1x faster there.
 //
 // The int4 kernel. A byte holds two weights u = q + 8 in [0, 16): byte i of a row's chunk c holds
 // k = 64c + i in its low nibble and k = 64c + 32 + i in its high one, so one 32-byte load widened
