@@ -138,8 +138,8 @@ register_kernel(linear_weight_only, reference_linear_weight_only, precision=torc
 
 
 def _dequantized_activations(x_q: Tensor, x_scale: Tensor, x_zero_point: Tensor) -> Tensor:
-    """S_x · (x_q − Z_x) in fp32, one scale per row or one for all."""
-    return (x_q.float() - x_zero_point.float()) * x_scale.float()
+    """S_x · (x_q − Z_x) in fp32, one scale per row or one for all: the dequantize the kernel replaced."""
+    return torch.ops.qc.dequantize(x_q, x_scale, x_zero_point, None, torch.float32)
 
 
 def reference_linear_w4a8(x_q: Tensor, x_scale: Tensor, x_zero_point: Tensor, weight_q: Tensor, scale: Tensor,
@@ -163,6 +163,7 @@ register_kernel(linear_w4a8, reference_linear_w4a8, precision=torch.bfloat16, bo
 
 
 def _grouping(arguments: dict) -> str:
+    """How a weight-only kernel's weight is scaled, as the report says it."""
     grouping = f"groups of {arguments['group_size']}" if arguments["group_size"] else "per channel"
     return grouping + (", affine" if arguments["zero_point"] is not None else "")
 
