@@ -57,7 +57,6 @@
 #include "isa.h"
 #include "names.h"
 #include "qdq.h"
-#include "simd.h"
 #include "weight_cache.h"
 #include "weight_only.h"
 
