@@ -33,8 +33,11 @@ absorb the range far better than one per-tensor activation scale.
 Inside a compile, the pass measures its channels itself (:meth:`SmoothOutliers.run`): the
 inputs of the linears the QConfig quantizes, over the context's calibration data, with the
 compile's ``outlier_smoothing`` as the migration strength (``"auto"``: each value's own,
-chosen by the local error of its quantized readers, :mod:`qcompile.outliers`); with no data, or
-smoothing off, it leaves the graph as it is. Given ``outliers`` explicitly, it applies just those.
+chosen by the local error of its quantized readers, :mod:`qcompile.outliers`; a
+:class:`~qcompile.outliers.MeasuredSmoothing`: another compile's channels, by the weights that
+read each value), and leaves what it applied in the context for the next compile of the same
+weights; with no data, or smoothing off, it leaves the graph as it is. Given ``outliers``
+explicitly, it applies just those.
 """
 
 from __future__ import annotations
@@ -48,7 +51,15 @@ from torch import fx
 from qcompile.ir.graph import add_constant, constant_value, insert_call, op_arguments, remove_dead_nodes
 from qcompile.ir.meta import Provenance
 from qcompile.pipeline import Pass, PassResult
-from qcompile.outliers import LINEAR, ZERO_PRESERVING, factor_vector, quantized_linear_inputs, smoothing_plan
+from qcompile.outliers import (
+    LINEAR,
+    ZERO_PRESERVING,
+    Channels,
+    MeasuredSmoothing,
+    factor_vector,
+    quantized_linear_inputs,
+    smoothing_plan,
+)
 from qcompile.qconfig import op_kind
 from qcompile.targets.cpu_int8.fuse_patterns import residual_operand
 
@@ -87,7 +98,7 @@ def _residual_add(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
     return None if index is None else (users[0], users[0].args[index])
 
 
-def _already_zero(gm: fx.GraphModule, producer: fx.Node, channels: tuple[tuple[int, float], ...]) -> bool:
+def _already_zero(gm: fx.GraphModule, producer: fx.Node, channels: Channels) -> bool:
     weight, bias = _linear_parts(gm, producer)
     index = torch.tensor([c for c, _ in channels])
     return bool((weight[index] == 0).all()) and (bias is None or bool((bias[index] == 0).all()))
@@ -99,7 +110,7 @@ class SmoothOutliers(Pass):
     preserves_semantics: ClassVar[bool] = True
 
     # (value name, ((channel, factor), ...)) pairs: what qcompile.outliers found on calibration data.
-    outliers: tuple[tuple[str, tuple[tuple[int, float], ...]], ...] = ()
+    outliers: tuple[tuple[str, Channels], ...] = ()
     # (value name, strength) chosen per scaled value by outlier_smoothing="auto", for the report.
     alphas: tuple[tuple[str, float], ...] = ()
 
@@ -113,8 +124,13 @@ class SmoothOutliers(Pass):
         specs = {n.name: (config.activation, config.weight) for n in gm.graph.nodes
                  if n.op == "call_function" and op_kind(n) in rules
                  and (config := qconfig.resolve(n)[0]) is not None and config.activation is not None and config.smooth}
-        outliers, alphas = smoothing_plan(gm, quantized_linear_inputs(gm, set(specs)), context.calibration_data,
-                                          context.example, context.outlier_smoothing, specs)
+        values = quantized_linear_inputs(gm, set(specs))
+        if isinstance(context.outlier_smoothing, MeasuredSmoothing):
+            outliers, alphas = context.outlier_smoothing.plan(gm, values), {}
+        else:
+            outliers, alphas = smoothing_plan(gm, values, context.calibration_data, context.example,
+                                              context.outlier_smoothing, specs)
+        context.smoothing = MeasuredSmoothing.of(gm, outliers)
         return replace(self, outliers=outliers, alphas=tuple(alphas.items()))(gm)
 
     def call(self, gm: fx.GraphModule) -> PassResult:
@@ -185,7 +201,7 @@ class SmoothOutliers(Pass):
             reader.replace_all_uses_with(total, delete_user_cb=lambda user: user is not total)
 
     def _scale(self, gm: fx.GraphModule, value: fx.Node, readers: list[fx.Node],
-               channels: tuple[tuple[int, float], ...]) -> None:
+               channels: Channels) -> None:
         provenance = Provenance(self.name, "scale", (value.name,))
         val = value.meta["val"]
         factors = factor_vector(int(val.shape[-1]), channels)  # channels: static, even if export kept a symbol

@@ -32,7 +32,7 @@ from qcompile.ir.meta import get_provenance, get_qspec, stand_ins
 from qcompile.kernel_check import check_kernels
 from qcompile.memory import release_freed_memory
 from qcompile.mixed_precision import compile_within_budget
-from qcompile.outliers import Smoothing, check_smoothing
+from qcompile.outliers import MeasuredSmoothing, Smoothing, check_smoothing
 from qcompile.pipeline import Instrument
 from qcompile.plan import plan_qconfig, resolved_plan
 from qcompile.qconfig import Candidate, QConfig
@@ -109,15 +109,20 @@ def _through_merges(lowered: fx.GraphModule, kept: dict[str, str]) -> dict[str, 
 
 
 class QuantizedModel(nn.Module):
-    """A compiled model: callable like the original, carrying its report and its Q/DQ graph."""
+    """A compiled model: callable like the original, carrying its report and its Q/DQ graph.
+
+    ``smoothing`` is the outlier smoothing the compile measured and applied, for another compile
+    of the same weights (``compile(..., outlier_smoothing=qm.smoothing)``); None when there was
+    none, and for a loaded model (the saved Q/DQ program has the smoothing folded in)."""
 
     def __init__(self, lowered: fx.GraphModule, qdq: fx.GraphModule, report: CompileReport,
-                 example: tuple[tuple[Any, ...], dict[str, Any]]):
+                 example: tuple[tuple[Any, ...], dict[str, Any]], smoothing: MeasuredSmoothing | None = None):
         super().__init__()
         self.graph_module = lowered
         self.qdq_graph_module = qdq
         self.report = report
         self.example = example
+        self.smoothing = smoothing
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         # Integer kernels have no gradient, and recording autograd nodes around each custom op
@@ -190,8 +195,9 @@ def compile(
     measured and wide ones taken out of the int8 range (``smooth-outliers``): after a GELU/ReLU
     the outliers are split into a float matmul, elsewhere channels are scaled into the weights
     with this migration strength (SmoothQuant's alpha, 0 to 1; see ``qcompile.outliers``);
-    ``"auto"`` chooses it per value from the local error of its quantized linears. None
-    leaves the channels as they are. Smoothing, an outlying batch left out of calibration and
+    ``"auto"`` chooses it per value from the local error of its quantized linears; another
+    compile's ``QuantizedModel.smoothing`` applies the channels it measured, by the weights
+    that read them (the same model captured another way). None leaves the channels as they are. Smoothing, an outlying batch left out of calibration and
     the report's SQNR read the calibration data again, so a one-shot iterator is kept in a list.
 
     ``plan``: a plan written by ``qm.report.write_plan`` (a path or its JSON), replayed instead of
@@ -236,7 +242,7 @@ def compile(
     release_freed_memory()
     complete_report(context, graph)
     _restore_buffers((graph, qdq), initial_buffers)
-    return QuantizedModel(graph, qdq, report, (args, kwargs))
+    return QuantizedModel(graph, qdq, report, (args, kwargs), context.smoothing)
 
 
 def _capture(model: nn.Module, args: tuple, kwargs: dict, report: CompileReport

@@ -9,7 +9,8 @@
 
 Passes that need more than the graph read it through :meth:`Pass.run` instead of looking the
 target up themselves: ``annotate`` the target and the QConfig, ``smooth-outliers`` the
-calibration data and the migration strength, ``calibrate`` the data (and it leaves its outcome,
+calibration data and the migration strength (and it leaves the channels it smoothed in
+:attr:`CompileContext.smoothing`), ``calibrate`` the data (and it leaves its outcome,
 the batches it used and left out, in :attr:`CompileContext.calibration`). The graph after each
 pass named in ``snapshot_after`` and after each stage is kept in ``snapshots`` by that name, the
 graph after the last pass that decides the plan as ``plan`` (the report reads that plan and the
@@ -27,7 +28,7 @@ from torch import fx
 
 from qcompile.calibration import CalibrationOutcome
 from qcompile.memory import release_freed_memory
-from qcompile.outliers import Smoothing
+from qcompile.outliers import MeasuredSmoothing, Smoothing
 from qcompile.pass_manager import PassManager
 from qcompile.pipeline import Instrument, Pipeline
 from qcompile.qconfig import QConfig
@@ -52,6 +53,7 @@ class CompileContext:
     snapshots: dict[str, fx.GraphModule] = field(default_factory=dict)
     properties: frozenset[str] = frozenset()
     calibration: CalibrationOutcome | None = None
+    smoothing: MeasuredSmoothing | None = None
 
     @property
     def dynamic(self) -> bool:

@@ -22,11 +22,15 @@ calibration rows X, with every reader r's planned activation and weight formats:
 
 (Q_x on the sample's range per tensor, Q_w on the weight's own grid). A layer whose weights
 are coarse (int4) keeps its range in the activations, one whose outliers dominate moves it.
+
+What one compile measured it can hand to another (:class:`MeasuredSmoothing`, keyed by the
+weights that read each value): ``compile_decoder``'s decode step smooths as its prefill did.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -50,18 +54,75 @@ AUTO_ALPHAS = (0.0, 0.25, 0.5, 0.75, 0.9)
 # Rows of each calibration batch kept for alpha="auto"'s local error, evenly spaced.
 SAMPLED_ROWS = 256
 
-Smoothing = float | Literal["auto"] | None
+Channels = tuple[tuple[int, float], ...]  # (channel, factor) pairs of one value
 # (activation spec, weight spec) of each quantized linear, by node name.
 LinearSpecs = Mapping[str, tuple[QuantSpec, QuantSpec | None]]
 
 
+@dataclass(frozen=True)
+class MeasuredSmoothing:
+    """The channels one compile's ``smooth-outliers`` measured, to apply as they are in another
+    compile of the same weights.
+
+    The measurement is per value, a node of one graph, and node names belong to that graph; the
+    linears reading the value belong to the model. So the channels are kept under the name of
+    each reading linear's weight (its captured parameter, e.g. ``model.layers.0.mlp.up_proj.weight``),
+    which every program capturing the same modules shares. Two programs of one model (a
+    decoder's prefill and step) then smooth the same weights by the same factors, so they
+    quantize the same integers and hold them once."""
+
+    channels: Mapping[str, Channels]
+
+    @classmethod
+    def of(cls, gm: fx.GraphModule, plan: Iterable[tuple[str, Channels]]) -> MeasuredSmoothing:
+        """``plan``'s channels ((value name, channels) pairs of ``gm``) under their readers' weights."""
+        nodes = {n.name: n for n in gm.graph.nodes}
+        return cls({weight: channels for name, channels in plan for weight in reader_weights(nodes[name])})
+
+    def plan(self, gm: fx.GraphModule, values: Iterable[str]) -> tuple[tuple[str, Channels], ...]:
+        """(value, channels) for each of ``values`` whose reading linears' weights were measured;
+        refused when the channels do not fit the value (another model's measurement)."""
+        nodes, found = {n.name: n for n in gm.graph.nodes}, []
+        for name in values:
+            measured = [(weight, self.channels[weight]) for weight in reader_weights(nodes[name]) if weight in self.channels]
+            if not measured:
+                continue
+            weight, channels = measured[0]
+            width = int(nodes[name].meta["val"].shape[-1])
+            if any(c >= width for c, _ in channels) or any(other != channels for _, other in measured[1:]):
+                raise QCompileError(f"outlier_smoothing: the channels measured for the linears reading '{name}' "
+                                    f"(weight '{weight}') do not fit it: {width} channels, or its readers were "
+                                    f"measured differently; were they measured on another model?")
+            found.append((name, channels))
+        return tuple(found)
+
+
+def reader_weights(value: fx.Node) -> list[str]:
+    """The names of the constant weights of the linears that read ``value`` as their input."""
+    names = []
+    for reader in value.users:
+        if reader.op != "call_function" or reader.target != LINEAR:
+            continue
+        linear = op_arguments(reader)
+        weight = linear["weight"]
+        if linear["input"] is value and isinstance(weight, fx.Node) and weight.op == "get_attr":
+            names.append(str(weight.target))
+    return names
+
+
+Smoothing = float | Literal["auto"] | MeasuredSmoothing | None
+
+
 def check_smoothing(outlier_smoothing: Smoothing) -> None:
-    """A migration strength in [0, 1], ``"auto"`` or None (off); anything else is refused."""
-    if outlier_smoothing is None or outlier_smoothing == "auto":
+    """A migration strength in [0, 1], ``"auto"``, another compile's measurement or None (off);
+    anything else is refused."""
+    if outlier_smoothing is None or outlier_smoothing == "auto" or isinstance(outlier_smoothing, MeasuredSmoothing):
         return
-    if isinstance(outlier_smoothing, str) or not 0.0 <= outlier_smoothing <= 1.0:
-        raise QCompileError(f"outlier_smoothing is a migration strength between 0 and 1, \"auto\" (chosen per value) "
-                            f"or None for off, got {outlier_smoothing!r}")
+    strength = isinstance(outlier_smoothing, (int, float)) and not isinstance(outlier_smoothing, bool)
+    if not strength or not 0.0 <= outlier_smoothing <= 1.0:
+        raise QCompileError(f"outlier_smoothing is a migration strength between 0 and 1, \"auto\" (chosen per value), "
+                            f"another compile's measurement (QuantizedModel.smoothing) or None for off, "
+                            f"got {outlier_smoothing!r}")
 
 
 class _ChannelStatistics(torch.nn.Module):
@@ -102,7 +163,7 @@ def _channelled(value: fx.Node) -> bool:
     return isinstance(val, torch.Tensor) and val.is_floating_point() and val.dim() > 0
 
 
-def outlier_channels(absmax: torch.Tensor, ratio: float, max_fraction: float) -> tuple[tuple[int, float], ...]:
+def outlier_channels(absmax: torch.Tensor, ratio: float, max_fraction: float) -> Channels:
     """``(channel, factor)`` for each channel whose magnitude exceeds ``ratio`` x the median
     channel's, largest first; ``factor`` is its magnitude over the largest remaining channel's
     (what scaling it down to the ordinary range divides it by)."""
@@ -116,7 +177,7 @@ def outlier_channels(absmax: torch.Tensor, ratio: float, max_fraction: float) ->
     return tuple((c, float(absmax[c]) / ordinary) for c in found)
 
 
-def smoothing_factors(absmax: torch.Tensor, alpha: float) -> tuple[tuple[int, float], ...]:
+def smoothing_factors(absmax: torch.Tensor, alpha: float) -> Channels:
     """``(channel, (magnitude / median) ** alpha)`` for every channel above the median."""
     median = float(absmax.median())
     if median <= 0.0:
@@ -125,7 +186,7 @@ def smoothing_factors(absmax: torch.Tensor, alpha: float) -> tuple[tuple[int, fl
                  if float(absmax[c]) > median)
 
 
-def factor_vector(width: int, channels: tuple[tuple[int, float], ...]) -> torch.Tensor:
+def factor_vector(width: int, channels: Channels) -> torch.Tensor:
     """The per-channel factors s of ``channels`` ((channel, factor) pairs) over ``width``
     channels, 1 for the channels not listed."""
     factors = torch.ones(width, dtype=torch.float32)
@@ -170,7 +231,7 @@ def local_error(x: torch.Tensor, readers: Readers, factors: torch.Tensor,
 
 
 def _auto_factors(gm: fx.GraphModule, value: fx.Node, statistics: _ChannelStatistics,
-                  specs: LinearSpecs) -> tuple[tuple[tuple[int, float], ...], float, float]:
+                  specs: LinearSpecs) -> tuple[Channels, float, float]:
     """The smoothing of ``value`` with the AUTO_ALPHAS strength of least local error: (channels,
     alpha, error)."""
     readers = [(constant_value(gm, op_arguments(r)["weight"]), *specs[r.name]) for r in value.users
@@ -198,7 +259,7 @@ def smoothing_plan(
     example: tuple[tuple[Any, ...], dict[str, Any]],
     alpha: float | Literal["auto"],
     specs: LinearSpecs | None = None,
-) -> tuple[tuple[tuple[str, tuple[tuple[int, float], ...]], ...], dict[str, float]]:
+) -> tuple[tuple[tuple[str, Channels], ...], dict[str, float]]:
     """``smooth-outliers``' channels for each value, measured on ``batches``, and with
     ``alpha="auto"`` the strength chosen for each scaled value (by the local error of the
     quantized linears ``specs`` names)."""

@@ -31,7 +31,7 @@ def test_greedy_tokens_match_fp32_for_most_prompts(trained):
         assert actual.shape == (len(prompt), prompt.shape[1] + NEW_TOKENS)
         identical += sum(torch.equal(a, e) for a, e in zip(actual, expected))
         total += len(prompt)
-    assert identical >= 10, f"{identical} of {total} prompts decode the same {NEW_TOKENS} tokens as fp32"
+    assert identical >= 12, f"{identical} of {total} prompts decode the same {NEW_TOKENS} tokens as fp32"
 
 
 def test_the_step_runs_on_a_growing_cache_in_int8_with_the_float_parts_where_they_belong(trained):
@@ -51,13 +51,12 @@ def test_the_step_runs_on_a_growing_cache_in_int8_with_the_float_parts_where_the
     assert compiled.prefill(other)[0].shape[:2] == (3, 13)
 
 
-def test_the_step_shares_the_prefills_int8_weights(trained):
+def test_the_prefill_smooths_as_the_step_did_and_shares_its_int8_weights(trained):
     _, compiled, _, _ = trained
+    assert compiled.step.smoothing.channels and compiled.prefill.smoothing == compiled.step.smoothing
     prefill = list(compiled.prefill.buffers())
     int8 = [t for t in compiled.step.graph_module.buffers() if t.dtype == torch.int8]
-    # weights smoothing scaled differently in the two programs differ; every equal one is shared
-    equal = [t for t in int8 if any(p.shape == t.shape and torch.equal(p, t) for p in prefill)]
-    assert equal and all(any(p is t for p in prefill) for t in equal)
+    assert int8 and all(any(p is t for p in prefill) for t in int8)  # one smoothing: the same weights, held once
     assert any(note.endswith("MB of tensors shared with the prefill program") for note in compiled.step.report.notes)
 
 

@@ -6,8 +6,8 @@ from qcompile.passes import Annotate, SmoothOutliers
 
 import qcompile
 from qcompile import QuantSpec
-from qcompile.outliers import AUTO_ALPHAS, channel_statistics, factor_vector, float_outputs, local_error, outlier_channels, \
-    smoothing_factors, smoothing_plan
+from qcompile.outliers import AUTO_ALPHAS, MeasuredSmoothing, channel_statistics, factor_vector, float_outputs, \
+    local_error, outlier_channels, smoothing_factors, smoothing_plan
 from qcompile.report import node_outputs
 from qcompile.testing import assert_graph_diff, assert_pass_contract, check_graph
 from tests.models import OutlierBlock, TinyBlock
@@ -220,3 +220,56 @@ def test_compile_with_auto_smoothing_reports_the_strengths_and_refuses_other_wor
     for bad in ("fast", 1.5):
         with pytest.raises(qcompile.QCompileError, match="between 0 and 1, \"auto\""):
             qcompile.compile(model, calibration_data=batches, progress=False, outlier_smoothing=bad)
+
+
+class Reads(torch.nn.Module):
+    """``block`` under another graph: its input passes through ``before`` first."""
+
+    def __init__(self, block: torch.nn.Module, before):
+        super().__init__()
+        self.block, self.before = block, before
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block(self.before(x))
+
+
+def _smoothed_constants(qm: qcompile.QuantizedModel) -> dict[str, torch.Tensor]:
+    """The smoothing factors and the quantized weights smoothing made (biases quantize on the
+    activations' calibrated scales, so they follow the data)."""
+    return {name: t for name, t in qm.qdq_graph_module.named_buffers()
+            if "smoothing" in name or ("lier_weight" in name or "smoothed_weight" in name)}
+
+
+def test_a_measured_smoothing_applies_in_another_compile_by_the_weights_that_read_each_value():
+    """Two programs over the same block (a decoder's prefill and step): the second takes the
+    first's channels as they are, though its own data would measure others, so both hold the
+    same smoothed weights."""
+    block = OutlierBlock()
+    batches = [(torch.randn(16, 32, generator=torch.Generator().manual_seed(i)),) for i in range(4)]
+    first = qcompile.compile(Reads(block, torch.nn.Identity()), calibration_data=batches, progress=False)
+    assert set(first.smoothing.channels) == {"block.up.weight", "block.down.weight"}
+    assert [c for c, _ in first.smoothing.channels["block.down.weight"]] == [5]  # the split GELU channel
+    with torch.no_grad():
+        expected = smoothing_factors(torch.cat([block.norm(x) for x, in batches]).abs().amax(0), 0.75)
+    measured = first.smoothing.channels["block.up.weight"]  # the LayerNorm's, scaled
+    assert [c for c, _ in measured] == [c for c, _ in expected]
+    assert [f for _, f in measured] == pytest.approx([f for _, f in expected], rel=1e-5)
+    second_model = Reads(block, torch.nn.Tanh())  # other values reach the block
+    own = qcompile.compile(second_model, calibration_data=batches, progress=False)
+    given = qcompile.compile(second_model, calibration_data=batches, progress=False, outlier_smoothing=first.smoothing)
+    assert given.smoothing == first.smoothing
+    assert own.smoothing != first.smoothing
+    ours, theirs = _smoothed_constants(given), _smoothed_constants(first)
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert not all(torch.equal(t, theirs[k]) for k, t in _smoothed_constants(own).items())
+    assert qcompile.compile(second_model, calibration_data=batches, progress=False,
+                            outlier_smoothing=None).smoothing is None
+
+
+def test_a_measurement_that_does_not_fit_the_model_is_refused_naming_the_value_and_weight():
+    batches = [(torch.randn(16, 32),)]
+    measured = MeasuredSmoothing({"up.weight": ((40, 2.0),)})  # a channel the 32-wide LayerNorm has not
+    with pytest.raises(qcompile.QCompileError, match="'layer_norm' \\(weight 'up.weight'\\) do not fit"):
+        qcompile.compile(OutlierBlock(), calibration_data=batches, progress=False, outlier_smoothing=measured)
+    with pytest.raises(qcompile.QCompileError, match="another compile.s measurement \\(QuantizedModel.smoothing\\)"):
+        qcompile.compile(OutlierBlock(), calibration_data=batches, progress=False, outlier_smoothing={"up.weight": ()})
