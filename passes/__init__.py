@@ -15,6 +15,7 @@ from qcompile.passes.correct_bias import CorrectBias
 from qcompile.passes.eliminate_dead_code import EliminateDeadCode
 from qcompile.passes.eliminate_dequant import EliminateDequant
 from qcompile.passes.fold_batchnorm import FoldBatchNorm
+from qcompile.passes.inline_regions import InlineRegions
 from qcompile.passes.gptq import Gptq
 from qcompile.passes.insert_fake_quant import InsertFakeQuant
 from qcompile.passes.insert_observers import InsertObservers
@@ -29,7 +30,7 @@ from qcompile.passes.training_ops import TrainingOps
 from qcompile.pipeline import Pass, register_pass
 
 BUILTIN_PASSES: tuple[type[Pass], ...] = (
-    Canonicalize, NormalizeLinears, FoldBatchNorm, Conv1dAsConv2d, EliminateDeadCode, ApplyRules, SmoothOutliers, Annotate, InsertObservers,
+    InlineRegions, Canonicalize, NormalizeLinears, FoldBatchNorm, Conv1dAsConv2d, EliminateDeadCode, ApplyRules, SmoothOutliers, Annotate, InsertObservers,
     Calibrate, CastFp8, Convert, EliminateDequant, RelaxViews, TrainingOps, InsertFakeQuant, LowerQat,
     PruneWeights, Gptq, CorrectBias, QuantizeBeforePad,
 )
@@ -49,6 +50,7 @@ __all__ = [
     "EliminateDeadCode",
     "EliminateDequant",
     "FoldBatchNorm",
+    "InlineRegions",
     "Gptq",
     "InsertFakeQuant",
     "InsertObservers",

@@ -197,7 +197,7 @@ def test_dumps_of_a_whole_compile_are_one_numbered_sequence(tmp_path):
     assert [d.split("_", 1)[1].removesuffix(".diff") for d in diffs] == [p.name.split("{")[0] for p in ran]
     assert [int(d[:3]) for d in diffs] == list(range(1, len(ran) + 1))
     stages = (tmp_path / "pipeline.txt").read_text().splitlines()
-    assert len(stages) == 3 and stages[0].startswith("001: canonicalize") and "lower-cpu-int8" in stages[-1]
+    assert len(stages) == 3 and stages[0].startswith("001: inline-regions") and "lower-cpu-int8" in stages[-1]
 
 
 def test_a_written_plan_replays_to_the_same_qdq_graph_and_an_edited_one_keeps_its_float_node(tmp_path):

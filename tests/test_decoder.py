@@ -40,7 +40,8 @@ def test_the_step_runs_on_a_growing_cache_in_int8_with_the_float_parts_where_the
     assert all(n.precision == "int8" for n in step.report.nodes)  # projections, MLPs, lm_head, embedding
     targets = {str(n.target) for n in step.graph_module.graph.nodes if n.op == "call_function"}
     assert "qc.linear_int8.default" in targets and "qc.attention.default" in targets
-    assert "aten.rms_norm.default" in targets  # RMSNorm stays float, as ATen's fused kernel
+    assert "qc.rms_norm.default" in targets and "aten.rms_norm.default" not in targets  # RMSNorm stays float, native
+    assert not any(isinstance(n.target, torch._ops.HigherOrderOperator) for n in step.graph_module.graph.nodes)
     with torch.no_grad():
         logits, *cache = compiled.prefill(prompts[0])
         for length in range(prompts[0].shape[1], prompts[0].shape[1] + 5):

@@ -1,12 +1,14 @@
 """lower-float-bf16: attention to the native fused kernel (fp32) and float linears to bf16, within their rounding of
-fp32; fuse-rms-norm: a written-out RMSNorm to ATen's fused one."""
+fp32; fuse-rms-norm: a written-out RMSNorm, or ATen's, to the native qc.rms_norm."""
 
+import pytest
 import torch
 from qcompile.passes import Canonicalize
 from qcompile.targets.cpu_int8 import FuseRmsNorm, LowerFloatBf16
+from qcompile.targets.cpu_int8.fuse_rms_norm import reference_rms_norm
 
 import qcompile
-from qcompile.testing import assert_outputs_close, assert_pass_contract, check_graph
+from qcompile.testing import assert_graph_diff, assert_outputs_close, assert_pass_contract, check_graph
 
 
 class Attention(torch.nn.Module):
@@ -154,15 +156,70 @@ class RmsNormed(torch.nn.Module):
         return out * 3  # a multiply by a number is no RMSNorm
 
 
-def test_a_written_out_rms_norm_becomes_atens_fused_one():
+def test_a_written_out_rms_norm_becomes_the_native_one():
     x = torch.randn(2, 5, 24)
     before = canonical(RmsNormed(), x)
     after = assert_pass_contract(FuseRmsNorm(), before)
     check_graph(after, """
-    CHECK: aten.rms_norm.default(%0, [24], {{%[0-9]+}}, 1e-06)
-    CHECK: aten.rms_norm.default({{%[0-9]+}}, [24], {{%[0-9]+}}, 1e-05)
-    CHECK-NOT: aten.rms_norm
+    CHECK: qc.rms_norm.default(%0, {{%[0-9]+}}, 1e-06)
+    CHECK: qc.rms_norm.default({{%[0-9]+}}, {{%[0-9]+}}, 1e-05)
+    CHECK-NOT: qc.rms_norm
     CHECK: aten.rsqrt
     """)
     assert_outputs_close(before, after, [x], rtol=1e-6)
     assert FuseRmsNorm()(before).stats == {"rms-norm": 1, "rms-norm-weight-last": 1}
+
+
+class AtenRmsNorms(torch.nn.Module):
+    """nn.RMSNorm (ATen's op, γ and the default ε), one without γ, and one over two dimensions (kept)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(4)
+        self.norm = torch.nn.RMSNorm(24)
+        with torch.no_grad():
+            self.norm.weight.uniform_(0.5, 1.5)
+
+    def forward(self, x):
+        y = torch.nn.functional.rms_norm(self.norm(x), [24], eps=1e-5)
+        return torch.nn.functional.rms_norm(y, [5, 24])
+
+
+def test_atens_rms_norm_over_the_last_dimension_becomes_the_native_one():
+    x = torch.randn(2, 5, 24)
+    before = canonical(AtenRmsNorms(), x)
+    after = assert_pass_contract(FuseRmsNorm(), before)
+    eps = torch.finfo(torch.float32).eps
+    assert_graph_diff(before, after, removed=[
+        "aten.rms_norm.default(%x, [24], %norm_weight)",
+        "aten.rms_norm.default(%rms_norm, [24], None, 1e-05)",
+    ], added=[
+        f"%rms_norm_default = qc.rms_norm.default(%x, %norm_weight, {eps})",
+        "%rms_norm_default_1 = qc.rms_norm.default(%rms_norm_default, None, 1e-05)",
+    ], exact=False)
+    check_graph(after, "CHECK: aten.rms_norm.default({{%[0-9a-z_]+}}, [5, 24])")
+    assert_outputs_close(before, after, [x], rtol=1e-5)
+    assert FuseRmsNorm()(before).stats == {"aten-rms-norm": 2}
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 896), (3, 7, 24), (4100, 40), (2, 0, 8)])
+@pytest.mark.parametrize("with_weight", [True, False])
+def test_native_rms_norm_is_the_written_out_formula_to_fp32_rounding(shape, with_weight):
+    """y = γ · x / √(Σx²/d + ε) per row, sums in another order: within a few fp32 ulps."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(*shape, generator=g) * 3
+    weight = torch.rand(shape[-1], generator=g) + 0.5 if with_weight else None
+    expected = reference_rms_norm(x.double(), None if weight is None else weight.double(), 1e-6)
+    actual = torch.ops.qc.rms_norm(x, weight, 1e-6)
+    assert actual.shape == x.shape and actual.dtype == torch.float32
+    torch.testing.assert_close(actual.double(), expected, rtol=4e-7, atol=1e-7)
+    strided = x.transpose(0, -1).contiguous().transpose(0, -1)  # not contiguous: read through a copy
+    torch.testing.assert_close(torch.ops.qc.rms_norm(strided, weight, 1e-6), actual, rtol=0, atol=0)
+
+
+def test_native_rms_norm_refuses_what_it_does_not_run_naming_the_operand():
+    x = torch.randn(2, 8)
+    with pytest.raises(RuntimeError, match="qc::rms_norm: x must be float32"):
+        torch.ops.qc.rms_norm(x.bfloat16(), None, 1e-6)
+    with pytest.raises(RuntimeError, match="qc::rms_norm: weight must be 8 contiguous float32 values"):
+        torch.ops.qc.rms_norm(x, torch.ones(7), 1e-6)

@@ -4,6 +4,7 @@ import torch
 from qcompile.targets.cpu_int8 import MergeSiblingLinears
 
 import qcompile
+from qcompile.qconfig import TOKEN_ACTIVATION
 from qcompile.testing import assert_outputs_close, assert_pass_contract, check_graph
 from tests.models import TinySelfAttention
 from tests.quant_stages import qdq
@@ -114,5 +115,34 @@ def test_float_siblings_kept_out_of_int8_merge_into_one_bf16_linear(bf16_gemm):
     kernels = [n.target for n in qm.graph_module.graph.nodes if n.op == "call_function"
                and n.target in (torch.ops.qc.linear_bf16.default, torch.ops.qc.linear_int8.default)]
     assert kernels == [torch.ops.qc.linear_bf16.default, torch.ops.qc.linear_int8.default]
+    with torch.no_grad():
+        assert torch.nn.functional.cosine_similarity(qm(x).flatten(), model(x).flatten(), dim=0) > 0.99
+
+
+W4A8 = qcompile.QConfig(by_op={"linear": qcompile.OpQuantConfig(
+    TOKEN_ACTIVATION, qcompile.QuantSpec("int4", granularity=qcompile.PerGroup(1, 32)))})
+
+
+def test_int4_groups_stack_row_by_row_and_the_projections_run_as_one_w4a8_call():
+    x = torch.randn(2, 8, 64)
+    model = TinySelfAttention(width=64)
+    qm = qcompile.compile(model, (x,), calibration_data=[(torch.randn(2, 8, 64),)] * 2, qconfig=W4A8, progress=False)
+    before = qm.qdq_graph_module
+    assert MergeSiblingLinears()(before).stats == {"merged": {"linear_default": ["linear", "linear_1", "linear_2"]}}
+    after = assert_pass_contract(MergeSiblingLinears(), before, [x])
+    check_graph(after, """
+    CHECK: constant linear_merged_weight : i8[192,2,32]
+    CHECK-NEXT: constant linear_merged_weight_scale : f32[192,2,1]
+    CHECK-NEXT: constant linear_merged_weight_zero_point : i32[192,2,1]
+    CHECK-NEXT: qc.dequantize.default({{%[0-9]+}}, {{%[0-9]+}}, {{%[0-9]+}}, None, torch.float32) : f32[192,2,32]
+    CHECK-NEXT: aten.view.default({{%[0-9]+}}, [192, 64]) : f32[192,64]
+    CHECK-NEXT: constant linear_merged_bias : f32[192]
+    CHECK-NEXT: aten.linear.default({{%[0-9]+}}, {{%[0-9]+}}, {{%[0-9]+}}) : f32[s0,s1,192]
+    """)
+    assert_outputs_close(before, after, [x], rtol=1e-6)  # each row keeps its own groups' integers and scales
+    calls = [n for n in qm.graph_module.graph.nodes if n.target == torch.ops.qc.linear_w4a8.default]
+    assert len(calls) == 2  # the merged projections and the output projection
+    details = {n.name: n.detail for n in qm.report.nodes}
+    assert all("a slice of one merged GEMM" in details[p] for p in ("linear", "linear_1", "linear_2"))
     with torch.no_grad():
         assert torch.nn.functional.cosine_similarity(qm(x).flatten(), model(x).flatten(), dim=0) > 0.99

@@ -209,7 +209,7 @@ def targets() -> dict[str, Target]:
 
 
 # The clean-up every target's prepare stage starts with.
-CLEANUP = "canonicalize,normalize-linears,fold-batchnorm,conv1d-as-conv2d,eliminate-dead-code"
+CLEANUP = "inline-regions,canonicalize,normalize-linears,fold-batchnorm,conv1d-as-conv2d,eliminate-dead-code"
 # Prepare with calibration data: clean up, smooth outlier channels (measured on the data), plan,
 # observe, calibrate (PLAN: what follows the clean-up, after a target's own rewrites). Without data: clean up and plan; activations get run-time scales.
 PLAN = "smooth-outliers,annotate,gptq,correct-bias,insert-observers,calibrate"

@@ -11,8 +11,8 @@
   each registering its Q/DQ reference with :mod:`qcompile.kernel_check`;
 * passes: ``split-recurrent`` (a GRU / LSTM as its input linear and its recurrence), ``merge-sibling-linears``,
   ``fuse-patterns`` (the groups one oneDNN kernel runs),
-  ``lower-cpu-int8``, ``lower-weight-only``, ``lower-float-bf16``, ``fuse-rms-norm`` (ATen's fused
-  RMSNorm for one written out op by op), ``fuse-layer-norm-quantize``;
+  ``lower-cpu-int8``, ``lower-weight-only``, ``lower-float-bf16``, ``fuse-rms-norm`` (an RMSNorm,
+  written out op by op or ATen's, as the native ``qc.rms_norm``), ``fuse-layer-norm-quantize``;
 * ``capabilities``: the one table of what the kernels run, which the op rules, the marking,
   the lowering and the kernels' argument checks read;
 * the target: op rules, preset, pipelines, and how the report names a kernel node.

@@ -9,8 +9,12 @@ called once per layer instead of three times. cpu-int8 runs it in its lowering o
 file ONNX Runtime copies each slice, which measured slower than three MatMulIntegerToFloat.
 The pass runs on the Q/DQ form, where a quantized weight is
 ``dequantize(W_q, S, Z)`` with one scale per output channel (a per-tensor scale is repeated
-per channel): stacking integers, scales, zero points and biases row-wise leaves every output
-channel with exactly its own numbers, so the pieces are the values the siblings computed.
+per channel), or ``view(dequantize(W_q, S, Z), [out, in])`` per group (``W_q`` [out, in / size,
+size], ``S`` and ``Z`` [out, in / size, 1]; siblings merge when their groups have one size):
+stacking integers, scales, zero points and biases row-wise leaves every output channel with
+exactly its own numbers, so the pieces are the values the siblings computed. A decoder's query,
+key and value projections in int4 groups (W4, W4A8) so become one weight-only kernel call, as
+its MLP's gate and up projections do.
 
 A sibling joins only when its output is used as plain float. A requantized output, or one that
 starts a group fuse-patterns would fuse (relu/gelu, a residual add), keeps its own linear: the
@@ -30,7 +34,7 @@ from qcompile.ir.graph import add_constant, constant_value, insert_call, op_argu
 from qcompile.ir.meta import Provenance, STANDS_FOR
 from qcompile.pipeline import Pass, PassResult
 from qcompile.targets.cpu_int8.fuse_patterns import fusion_group
-from qcompile.qdq import DEQUANTIZE, DequantizeCall, is_quantize
+from qcompile.qdq import DEQUANTIZE, is_quantize, quantized_weight
 
 aten = torch.ops.aten
 LINEAR = aten.linear.default
@@ -38,33 +42,46 @@ LINEAR = aten.linear.default
 
 @dataclass(frozen=True)
 class _Operand:
-    """A linear's weight or bias as constants: float, or integers dequantized per output row."""
+    """A linear's weight or bias as constants: float, or integers dequantized per output row or
+    per group of a row's inputs."""
 
     values: torch.Tensor
-    scale: torch.Tensor | None = None  # one per row when quantized
+    scale: torch.Tensor | None = None  # one per row ([rows]) or per group ([rows, groups, 1]) when quantized
     zero_point: torch.Tensor | None = None
     out_dtype: torch.dtype | None = None
+    axis: int | None = 0  # the dequantize's
+    group_size: int = 0
 
     @property
     def key(self) -> tuple:
         """Operands with equal keys stack into one."""
         quantized = self.scale is not None
-        return (quantized, self.values.dtype, tuple(self.values.shape[1:]), self.out_dtype,
+        return (quantized, self.values.dtype, tuple(self.values.shape[1:]), self.out_dtype, self.group_size,
+                self.axis if self.group_size else 0,
                 self.scale.dtype if quantized else None, self.zero_point.dtype if quantized else None)
 
 
 def _operand(gm: fx.GraphModule, node: object) -> _Operand | None:
-    """A constant, or a per-row (or per-tensor) dequantize of constants; None for anything else."""
+    """A constant, or a per-row (or per-tensor) or per-group dequantize of constants; None for anything else."""
     value = constant_value(gm, node)
     if value is not None:
         return _Operand(value)
-    dq = DequantizeCall.of(node)
-    if dq is None or dq.axis not in (0, None):
+    found = quantized_weight(gm, node)
+    if found is None:
         return None
+    dq, group_size = found
     values, scale, zero_point = (constant_value(gm, a) for a in (dq.q, dq.scale, dq.zero_point))
     if values is None or scale is None or zero_point is None:
         return None
     rows = values.shape[0]
+    if group_size:
+        per_group = (rows, values.shape[1], 1)
+        if tuple(scale.shape) != per_group or zero_point.numel() not in (1, scale.numel()):
+            return None
+        return _Operand(values, scale, zero_point.reshape(-1).expand(scale.numel()).reshape(per_group),
+                        dq.out_dtype, dq.axis, group_size)
+    if dq.axis not in (0, None):
+        return None
     if scale.numel() == 1 and zero_point.numel() == 1:
         scale, zero_point = scale.reshape(1).expand(rows), zero_point.reshape(1).expand(rows)
     elif dq.axis != 0 or scale.numel() != rows or zero_point.numel() != rows:
@@ -101,8 +118,13 @@ def _stacked(gm: fx.GraphModule, operands: list[_Operand], name: str, before: fx
         return values
     scale = add_constant(gm, torch.cat([o.scale for o in operands]), f"{name}_scale", before=before)
     zero_point = add_constant(gm, torch.cat([o.zero_point for o in operands]), f"{name}_zero_point", before=before)
-    return insert_call(gm, DEQUANTIZE, (values, scale, zero_point, 0, first.out_dtype), before=before,
-                       provenance=provenance)
+    dequantized = insert_call(gm, DEQUANTIZE, (values, scale, zero_point, first.axis, first.out_dtype), before=before,
+                              provenance=provenance)
+    if not first.group_size:
+        return dequantized
+    rows = sum(o.values.shape[0] for o in operands)
+    return insert_call(gm, aten.view.default, (dequantized, [rows, first.values.shape[1] * first.group_size]),
+                       before=before, provenance=provenance)
 
 
 @dataclass(frozen=True)
