@@ -1,6 +1,6 @@
 // The qcompile._native extension: registers the native qc:: operators with torch's dispatcher
 // (importing the module is what makes torch.ops.qc.quantize, dequantize, linear_int8, conv2d_int8, max_pool2d_uint8,
-// attention, layer_norm_quantize, rms_norm, gru_recurrence, lstm_recurrence, linear_weight_only, linear_w4a8 and choose_qparams_per_token exist), exposes which instruction set they run, and the kernels and helpers Python calls directly.
+// attention, layer_norm_quantize, rms_norm, rotary, gru_recurrence, lstm_recurrence, linear_weight_only, linear_w4a8 and choose_qparams_per_token exist), exposes which instruction set they run, and the kernels and helpers Python calls directly.
 #include <torch/extension.h>
 #include <torch/library.h>
 
@@ -17,6 +17,7 @@
 #include "quantize.h"
 #include "recurrence.h"
 #include "rms_norm.h"
+#include "rotary.h"
 #include "weight_cache.h"
 #include "weight_only.h"
 
@@ -34,6 +35,7 @@ TORCH_LIBRARY_FRAGMENT(qc, m) {
   m.def("layer_norm_quantize(Tensor x, Tensor? weight, Tensor? bias, float eps, Tensor? multiplier, float scale, "
         "int zero_point, int qmin, int qmax, ScalarType dtype) -> (Tensor, Tensor)");
   m.def("rms_norm(Tensor x, Tensor? weight, float eps) -> Tensor");
+  m.def("rotary(Tensor x, Tensor cos, Tensor sin) -> Tensor");
   m.def("gru_recurrence(Tensor gates_x, Tensor h0, Tensor w_hh, Tensor? b_hh, bool reverse, bool batch_first) "
         "-> (Tensor, Tensor)");
   m.def("lstm_recurrence(Tensor gates_x, Tensor h0, Tensor c0, Tensor w_hh, Tensor? b_hh, bool reverse, "
@@ -54,6 +56,7 @@ TORCH_LIBRARY_IMPL(qc, CPU, m) {
   m.impl("attention", &qcompile::attention);
   m.impl("layer_norm_quantize", &qcompile::layer_norm_quantize);
   m.impl("rms_norm", &qcompile::rms_norm);
+  m.impl("rotary", &qcompile::rotary);
   m.impl("gru_recurrence", &qcompile::gru_recurrence);
   m.impl("lstm_recurrence", &qcompile::lstm_recurrence);
   m.impl("linear_weight_only", &qcompile::linear_weight_only);
