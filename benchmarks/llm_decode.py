@@ -18,8 +18,8 @@ qcompile rows are ``compile_decoder`` with every linear weight-only (int8 per ch
 ``_weight_int4pack_mm_for_cpu`` or qcompile's int4 kernel), activations bf16, or W4A8: the same
 int4 weights on uint8 activations quantized per token at run time (``qc.linear_w4a8``, summed in
 integers on AVX2 CPUs without AVX512-BF16), as ONNX Runtime's accuracy level 4 quantizes them;
-the token table in int8 rows. No outlier smoothing: each program would smooth by its own
-calibration, so the prefill's and the step's W4A8 weights would differ and both be held. The ONNX
+the token table in int8 rows. No outlier smoothing: the rows keep ONNX Runtime's arithmetic (it
+has none), and random weights have no outlier channels to smooth. The ONNX
 Runtime rows are the W4 plan's prefill and step exported (``QuantizedDecoder.export_onnx``:
 ``MatMulNBits`` nodes, each with the accuracy level the export measured safe for it) and run by
 ONNX Runtime's CPU provider in the same loop; a second pair of files, the same with every node at
@@ -147,8 +147,7 @@ def main(layers: int = LAYERS) -> None:
     for name, linear in formats.items():
         start = time.perf_counter()
         with resident_window() as held:
-            # no outlier smoothing for W4A8: each program would smooth by its own calibration, making
-            # the prefill's and the step's int4 weights differ, so both would be held
+            # no outlier smoothing: ONNX Runtime's arithmetic, and random weights have no outlier channels
             compiled = qcompile.compile_decoder(model, prompts, calibration_steps=2, progress=False,
                                                 outlier_smoothing=None,
                                                 qconfig=QConfig(by_op={"linear": linear,

@@ -9,6 +9,10 @@
 // per-token linear calls it on every forward: as a Python operator over ATen ops it cost 0.17 ms
 // a call on a 1 x 896 row (AMD Zen 1), more than the int4 kernel that follows it.
 // A row holding a NaN gets a NaN scale (and zero point qmin), as ATen's min/max propagate it.
+//
+// qc.quantize_per_token also quantizes each row with its parameters while the row is in cache,
+// q = clamp(round(x / S) + Z, qmin, qmax) as qc.quantize computes it (the same integers): the
+// pair choose_qparams_per_token → quantize of a dynamic linear's input in one call and one read.
 
 #include "choose_qparams.h"
 
@@ -19,6 +23,7 @@
 #include <limits>
 #include <vector>
 
+#include "quantize.h"
 #include "simd.h"
 
 namespace qcompile {
@@ -38,41 +43,85 @@ QC_PORTABLE void row_range(const float* x, int64_t n, float* lo_out, float* hi_o
   *hi_out = nan ? std::numeric_limits<float>::quiet_NaN() : hi;
 }
 
+// One row's scale and zero point (the formulas above).
+void row_qparams(const float* row, int64_t depth, int64_t qmin, int64_t qmax, bool symmetric, float* scale,
+                 int32_t* zero_point) {
+  const float eps = std::numeric_limits<float>::epsilon(), lo_q = static_cast<float>(qmin), hi_q = static_cast<float>(qmax);
+  float lo, hi;
+  row_range(row, depth, &lo, &hi);
+  if (symmetric) {
+    const float amax = std::max(-lo, hi), step = std::isnan(lo) ? lo : amax / static_cast<float>((qmax - qmin) / 2);
+    *scale = std::isnan(step) ? step : std::max(step, eps);
+    *zero_point = static_cast<int32_t>(std::floor((qmin + qmax + 1) / 2.0));  // Python's floor division
+  } else {
+    const float step = (hi - lo) / static_cast<float>(qmax - qmin);
+    *scale = std::isnan(step) ? step : std::max(step, eps);
+    const float offset = lo_q - std::nearbyint(lo / *scale);
+    *zero_point = std::isnan(offset) ? static_cast<int32_t>(qmin) : static_cast<int32_t>(clamp_value(offset, lo_q, hi_q));
+  }
+}
+
+// x as dense fp32 rows, and the [..., 1] shape of its per-row parameters.
+std::pair<at::Tensor, std::vector<int64_t>> rows_of(const at::Tensor& x, int64_t qmin, int64_t qmax, const char* op) {
+  TORCH_CHECK_VALUE(x.dim() >= 1 && x.is_floating_point(), op, " takes a float tensor with a last dimension, got ",
+                    x.scalar_type(), " of shape ", x.sizes());
+  TORCH_CHECK_VALUE(qmin < qmax, op, ": qmin ", qmin, " is not below qmax ", qmax);
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = 1;
+  return {x.to(at::kFloat).contiguous(), shape};
+}
+
+int64_t row_grain(int64_t depth) { return std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(depth, 1)); }
+
+template <typename T>
+void quantize_rows(const float* in, T* q, float* s, int32_t* z, int64_t count, int64_t depth, int64_t qmin,
+                   int64_t qmax, bool symmetric) {
+  at::parallel_for(0, count, row_grain(depth), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      row_qparams(in + r * depth, depth, qmin, qmax, symmetric, s + r, z + r);
+      quantize_span(in + r * depth, q + r * depth, depth, s[r], static_cast<float>(z[r]), static_cast<float>(qmin),
+                    static_cast<float>(qmax));
+    }
+  });
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> choose_qparams_per_token(const at::Tensor& x, int64_t qmin, int64_t qmax,
                                                             bool symmetric) {
-  TORCH_CHECK_VALUE(x.dim() >= 1 && x.is_floating_point(), "choose_qparams_per_token takes a float tensor with a last "
-                    "dimension, got ", x.scalar_type(), " of shape ", x.sizes());
-  TORCH_CHECK_VALUE(qmin < qmax, "choose_qparams_per_token: qmin ", qmin, " is not below qmax ", qmax);
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-  const int64_t depth = shape.back();
-  shape.back() = 1;
-  const at::Tensor rows = x.to(at::kFloat).contiguous();
+  const auto [rows, shape] = rows_of(x, qmin, qmax, "choose_qparams_per_token");
+  const int64_t depth = x.size(-1);
   at::Tensor scale = at::empty(shape, rows.options());
   at::Tensor zero_point = at::empty(shape, rows.options().dtype(at::kInt));
-  const int64_t count = scale.numel();
   const float* in = rows.const_data_ptr<float>();
   float* s = scale.data_ptr<float>();
   int32_t* z = zero_point.data_ptr<int32_t>();
-  const float eps = std::numeric_limits<float>::epsilon(), lo_q = static_cast<float>(qmin), hi_q = static_cast<float>(qmax);
-  at::parallel_for(0, count, std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(depth, 1)), [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      float lo, hi;
-      row_range(in + r * depth, depth, &lo, &hi);
-      if (symmetric) {
-        const float amax = std::max(-lo, hi), step = std::isnan(lo) ? lo : amax / static_cast<float>((qmax - qmin) / 2);
-        s[r] = std::isnan(step) ? step : std::max(step, eps);
-        z[r] = static_cast<int32_t>(std::floor((qmin + qmax + 1) / 2.0));  // Python's floor division
-      } else {
-        const float step = (hi - lo) / static_cast<float>(qmax - qmin);
-        s[r] = std::isnan(step) ? step : std::max(step, eps);
-        const float offset = lo_q - std::nearbyint(lo / s[r]);
-        z[r] = std::isnan(offset) ? static_cast<int32_t>(qmin) : static_cast<int32_t>(clamp_value(offset, lo_q, hi_q));
-      }
-    }
+  at::parallel_for(0, scale.numel(), row_grain(depth), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) row_qparams(in + r * depth, depth, qmin, qmax, symmetric, s + r, z + r);
   });
   return {scale, zero_point};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_per_token(const at::Tensor& x, int64_t qmin, int64_t qmax,
+                                                                  bool symmetric, at::ScalarType dtype) {
+  TORCH_CHECK_VALUE(dtype == at::kByte || dtype == at::kChar, "quantize_per_token writes uint8 or int8, got ", dtype);
+  const int64_t lowest = dtype == at::kByte ? 0 : -128, highest = dtype == at::kByte ? 255 : 127;
+  TORCH_CHECK_VALUE(lowest <= qmin && qmax <= highest, "quantize_per_token: range [", qmin, ", ", qmax,
+                    "] does not fit ", dtype);
+  const auto [rows, shape] = rows_of(x, qmin, qmax, "quantize_per_token");
+  const int64_t depth = x.size(-1);
+  at::Tensor scale = at::empty(shape, rows.options());
+  at::Tensor zero_point = at::empty(shape, rows.options().dtype(at::kInt));
+  at::Tensor q = at::empty(x.sizes(), rows.options().dtype(dtype));
+  const float* in = rows.const_data_ptr<float>();
+  if (dtype == at::kByte) {
+    quantize_rows(in, q.data_ptr<uint8_t>(), scale.data_ptr<float>(), zero_point.data_ptr<int32_t>(), scale.numel(),
+                  depth, qmin, qmax, symmetric);
+  } else {
+    quantize_rows(in, q.data_ptr<int8_t>(), scale.data_ptr<float>(), zero_point.data_ptr<int32_t>(), scale.numel(),
+                  depth, qmin, qmax, symmetric);
+  }
+  return {q, scale, zero_point};
 }
 
 }  // namespace qcompile

@@ -1,6 +1,6 @@
 // The qcompile._native extension: registers the native qc:: operators with torch's dispatcher
 // (importing the module is what makes torch.ops.qc.quantize, dequantize, linear_int8, conv2d_int8, max_pool2d_uint8,
-// attention, layer_norm_quantize, rms_norm, rotary, gru_recurrence, lstm_recurrence, linear_weight_only, linear_w4a8 and choose_qparams_per_token exist), exposes which instruction set they run, and the kernels and helpers Python calls directly.
+// attention, layer_norm_quantize, rms_norm, rotary, gru_recurrence, lstm_recurrence, linear_weight_only, linear_w4a8, choose_qparams_per_token and quantize_per_token exist), exposes which instruction set they run, and the kernels and helpers Python calls directly.
 #include <torch/extension.h>
 #include <torch/library.h>
 
@@ -43,6 +43,7 @@ TORCH_LIBRARY_FRAGMENT(qc, m) {
   m.def("linear_weight_only(Tensor x, Tensor weight_q, Tensor scale, Tensor? zero_point, int group_size, Tensor? bias, "
         "str kernel) -> Tensor");
   m.def("choose_qparams_per_token(Tensor x, int qmin, int qmax, bool symmetric) -> (Tensor, Tensor)");
+  m.def("quantize_per_token(Tensor x, int qmin, int qmax, bool symmetric, ScalarType dtype) -> (Tensor, Tensor, Tensor)");
   m.def("linear_w4a8(Tensor x_q, Tensor x_scale, Tensor x_zero_point, Tensor weight_q, Tensor scale, "
         "Tensor? zero_point, int group_size, Tensor? bias, ScalarType out_dtype) -> Tensor");
 }
@@ -62,6 +63,7 @@ TORCH_LIBRARY_IMPL(qc, CPU, m) {
   m.impl("linear_weight_only", &qcompile::linear_weight_only);
   m.impl("linear_w4a8", &qcompile::linear_w4a8);
   m.impl("choose_qparams_per_token", &qcompile::choose_qparams_per_token);
+  m.impl("quantize_per_token", &qcompile::quantize_per_token);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {

@@ -36,17 +36,24 @@ QC_AVX512 void quantize_avx512(const float* x, T* q, int64_t n, float scale, flo
 
 template <typename T>
 void quantize(const float* x, T* q, int64_t n, float scale, float zero_point, float qmin, float qmax) {
-  const bool avx512 = active_isa() == Isa::Avx512;
   at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
-    if (avx512) {
-      quantize_avx512(x + begin, q + begin, end - begin, scale, zero_point, qmin, qmax);
-    } else {
-      quantize_portable(x + begin, q + begin, end - begin, scale, zero_point, qmin, qmax);
-    }
+    quantize_span(x + begin, q + begin, end - begin, scale, zero_point, qmin, qmax);
   });
 }
 
 }  // namespace
+
+template <typename T>
+void quantize_span(const float* x, T* q, int64_t n, float scale, float zero_point, float qmin, float qmax) {
+  if (active_isa() == Isa::Avx512) {
+    quantize_avx512(x, q, n, scale, zero_point, qmin, qmax);
+  } else {
+    quantize_portable(x, q, n, scale, zero_point, qmin, qmax);
+  }
+}
+
+template void quantize_span<uint8_t>(const float*, uint8_t*, int64_t, float, float, float, float);
+template void quantize_span<int8_t>(const float*, int8_t*, int64_t, float, float, float, float);
 
 at::Tensor quantize_per_tensor(const at::Tensor& x, double scale, int64_t zero_point, int64_t qmin, int64_t qmax,
                                at::ScalarType dtype) {

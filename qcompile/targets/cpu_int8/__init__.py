@@ -13,7 +13,8 @@
   ``fuse-patterns`` (the groups one oneDNN kernel runs),
   ``lower-cpu-int8``, ``lower-weight-only``, ``lower-float-bf16``, ``fuse-rms-norm`` (an RMSNorm,
   written out op by op or ATen's, as the native ``qc.rms_norm``), ``fuse-rotary`` (rotary position
-  embedding as the native ``qc.rotary``), ``fuse-layer-norm-quantize``;
+  embedding as the native ``qc.rotary``), ``fuse-token-quantize`` (a dynamic per-token quantize
+  as one ``qc.quantize_per_token``), ``fuse-layer-norm-quantize``;
 * ``capabilities``: the one table of what the kernels run, which the op rules, the marking,
   the lowering and the kernels' argument checks read;
 * the target: op rules, preset, pipelines, and how the report names a kernel node.
@@ -29,6 +30,7 @@ from qcompile.targets.cpu_int8.capabilities import op_rules, search_candidates
 from qcompile.targets.cpu_int8.fuse_patterns import FusePatterns
 from qcompile.targets.cpu_int8.fuse_rms_norm import FuseRmsNorm
 from qcompile.targets.cpu_int8.fuse_rotary import FuseRotary
+from qcompile.targets.cpu_int8.fuse_token_quantize import FuseTokenQuantize
 from qcompile.targets.cpu_int8.layer_norm_quantize import FuseLayerNormQuantize, layer_norm_quantize
 from qcompile.targets.cpu_int8.lower_cpu_int8 import LowerCpuInt8
 from qcompile.targets.cpu_int8.lower_float_bf16 import LowerFloatBf16
@@ -56,17 +58,17 @@ register_target(
         convert=CONVERT,
         # Fusion is read off the Q/DQ graph, so a saved Q/DQ program lowers the same way.
         lower="canonicalize,merge-sibling-linears,quantize-before-pad,fuse-patterns,lower-cpu-int8,lower-weight-only,lower-float-bf16,"
-              "fuse-rms-norm,fuse-rotary,fuse-layer-norm-quantize,relax-views,eliminate-dead-code",
+              "fuse-token-quantize,fuse-rms-norm,fuse-rotary,fuse-layer-norm-quantize,relax-views,eliminate-dead-code",
         dynamic_prepare=f"{CLEANUP},split-recurrent,annotate",
         dynamic_convert="cast-fp8{dynamic=true},convert{dynamic=true},eliminate-dequant,eliminate-dead-code",
         describe_kernel=describe_kernel,
         candidates=search_candidates(),
         passes=(SplitRecurrent, MergeSiblingLinears, FusePatterns, LowerCpuInt8, LowerWeightOnly, LowerFloatBf16, FuseRmsNorm,
-                FuseRotary, FuseLayerNormQuantize),
+                FuseRotary, FuseTokenQuantize, FuseLayerNormQuantize),
     )
 )
 
 
-__all__ = ["FuseLayerNormQuantize", "FusePatterns", "FuseRmsNorm", "FuseRotary", "LowerCpuInt8", "LowerFloatBf16", "LowerWeightOnly", "MergeSiblingLinears",
+__all__ = ["FuseLayerNormQuantize", "FusePatterns", "FuseRmsNorm", "FuseRotary", "FuseTokenQuantize", "LowerCpuInt8", "LowerFloatBf16", "LowerWeightOnly", "MergeSiblingLinears",
            "SplitRecurrent", "attention", "conv2d_int8", "gru_recurrence", "layer_norm_quantize",
            "linear_bf16", "linear_int8", "linear_w4a8", "linear_weight_only", "lstm_recurrence", "max_pool2d_uint8"]
