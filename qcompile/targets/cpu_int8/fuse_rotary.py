@@ -24,7 +24,7 @@ from torch import fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from qcompile import native  # noqa: F401  (loads the extension, which defines the op)
-from qcompile.ir.graph import insert_call, is_call, op_arguments
+from qcompile.ir.graph import insert_call, is_call, op_arguments, remove_dead_nodes
 from qcompile.ir.meta import Provenance
 from qcompile.kernel_check import register_kernel
 from qcompile.pipeline import Pass, PassResult
@@ -149,18 +149,8 @@ class FuseRotary(Pass):
             call = insert_call(gm, rotary, (match.x, match.cos, match.sin), before=match.add, provenance=provenance,
                                meta_from=match.add)
             match.add.replace_all_uses_with(call)
-            _erase_upward(gm, match.add)
+            gm.graph.erase_node(match.add)
             fused += 1
+        if fused:
+            remove_dead_nodes(gm)  # the patterns' inner values
         return PassResult(gm, bool(fused), {"rotary": fused} if fused else {})
-
-
-def _erase_upward(gm: fx.GraphModule, node: fx.Node) -> None:
-    """Erase ``node`` and then every value it read that nothing reads any more (the pattern's inner values)."""
-    pending = [node]
-    while pending:
-        current = pending.pop()
-        if current.users or current.op != "call_function":
-            continue
-        inputs = list(current.all_input_nodes)
-        gm.graph.erase_node(current)
-        pending.extend(inputs)
