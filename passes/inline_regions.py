@@ -26,6 +26,7 @@ from typing import Any, ClassVar
 import torch
 from torch import fx
 
+from qcompile.ir.graph import add_constant, add_submodule, fetch_attr
 from qcompile.pipeline import Pass, PassResult
 
 GRAD_MODE = torch.ops.higher_order.wrap_with_set_grad_enabled
@@ -77,10 +78,7 @@ def _inline(gm: fx.GraphModule, region: Region) -> None:
                 outputs = tuple(fx.node.map_arg(node.args[0], values.__getitem__))
                 continue
             if node.op == "get_attr":
-                name = _fresh_name(gm, f"{region.body.target}_{node.target}")
-                setattr(gm, name, getattr(body, str(node.target)))
-                values[node] = gm.graph.get_attr(name)
-                values[node].meta = dict(node.meta)
+                values[node] = _attribute(gm, body, node, f"{region.body.target}_{node.target}", before=region.node)
                 continue
             values[node] = gm.graph.node_copy(node, values.__getitem__)
     for user in list(region.node.users):
@@ -91,12 +89,18 @@ def _inline(gm: fx.GraphModule, region: Region) -> None:
         gm.graph.erase_node(region.body)
 
 
-def _fresh_name(gm: fx.GraphModule, base: str) -> str:
-    name, index = base.replace(".", "_"), 0
-    while hasattr(gm, name):
-        index += 1
-        name = f"{base.replace('.', '_')}_{index}"
-    return name
+def _attribute(gm: fx.GraphModule, body: fx.GraphModule, node: fx.Node, stem: str, *, before: fx.Node) -> fx.Node:
+    """The region's get_attr ``node`` as one of ``gm``'s own: its constant, or its nested region's
+    submodule, registered under a fresh name from ``stem``."""
+    attribute = fetch_attr(body, str(node.target))
+    stem = stem.replace(".", "_")
+    if not isinstance(attribute, torch.nn.Module):
+        return add_constant(gm, attribute, stem, before=before)
+    name = add_submodule(gm, attribute, stem)
+    with gm.graph.inserting_before(before):
+        copied = gm.graph.get_attr(name)
+    copied.meta = dict(node.meta)
+    return copied
 
 
 @dataclass(frozen=True)

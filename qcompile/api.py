@@ -197,8 +197,9 @@ def compile(
     with this migration strength (SmoothQuant's alpha, 0 to 1; see ``qcompile.outliers``);
     ``"auto"`` chooses it per value from the local error of its quantized linears; another
     compile's ``QuantizedModel.smoothing`` applies the channels it measured, by the weights
-    that read them (the same model captured another way). None leaves the channels as they are. Smoothing, an outlying batch left out of calibration and
-    the report's SQNR read the calibration data again, so a one-shot iterator is kept in a list.
+    that read them (the same model captured another way). None leaves the channels as they
+    are. Smoothing, an outlying batch left out of calibration and the report's SQNR read the
+    calibration data again, so a one-shot iterator is kept in a list.
 
     ``plan``: a plan written by ``qm.report.write_plan`` (a path or its JSON), replayed instead of
     a ``qconfig``: every node gets the specs the plan lists (edited plans too: a node whose
