@@ -80,14 +80,14 @@ def kernel_contracts() -> dict[Any, KernelContract]:
 
 
 def difference(kernel: Tensor, reference: Tensor, precision: torch.dtype | None = None) -> tuple[float, float]:
-    """(difference, allowed): steps for uint8 outputs, relative to the largest magnitude for floats
+    """(difference, allowed): steps for 8-bit integer outputs, relative to the largest magnitude for floats
     (allowed by ``precision``, else by the output's dtype). Computed in the narrowest exact type
     (int16 for bytes, float32 for floats): this runs on every kernel of a model at compile time."""
     if kernel.shape != reference.shape or kernel.dtype != reference.dtype:
         return float("inf"), 0.0
     if not kernel.numel():
         return 0.0, STEP_TOLERANCE
-    if kernel.dtype == torch.uint8:
+    if kernel.dtype in (torch.uint8, torch.int8):
         return float((kernel.to(torch.int16) - reference.to(torch.int16)).abs_().max()), STEP_TOLERANCE
     allowed = FLOAT_TOLERANCE.get(precision or kernel.dtype, 1e-3)
     k, r = kernel.float(), reference.float()

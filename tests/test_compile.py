@@ -133,7 +133,8 @@ def test_minilm_compiles_to_int8_with_an_int8_vocabulary_table(minilm):
     # position and token-type rows are looked up at constant indices: they stay float
     for name in ("embedding_1", "embedding_2"):
         assert lines[name].precision == "float" and lines[name].detail.startswith("looked up at constant indices")
-    assert sum(n.target == torch.ops.qc.attention.default for n in qm.graph_module.graph.nodes) == 6
+    # each attention quantizes its output for the output projection as it writes it
+    assert sum(n.target == torch.ops.qc.attention_quantize.default for n in qm.graph_module.graph.nodes) == 6
 
 
 def test_the_resolved_plan_is_written_as_json_with_calibrated_qparams(tmp_path):

@@ -39,7 +39,7 @@ def test_the_step_runs_on_a_growing_cache_in_int8_with_the_float_parts_where_the
     step = compiled.step
     assert all(n.precision == "int8" for n in step.report.nodes)  # projections, MLPs, lm_head, embedding
     targets = {str(n.target) for n in step.graph_module.graph.nodes if n.op == "call_function"}
-    assert "qc.linear_int8.default" in targets and "qc.attention.default" in targets
+    assert "qc.linear_int8.default" in targets and "qc.attention_quantize.default" in targets
     assert "qc.rms_norm.default" in targets and "aten.rms_norm.default" not in targets  # RMSNorm stays float, native
     assert "qc.rotary.default" in targets and "aten.neg.default" not in targets  # so does the rotary embedding
     assert not any(isinstance(n.target, torch._ops.HigherOrderOperator) for n in step.graph_module.graph.nodes)

@@ -123,12 +123,13 @@ def test_int8_self_attention_reads_the_merged_projection_in_place():
     batches = [(torch.randn(2, 16, 32, generator=torch.Generator().manual_seed(i)),) for i in range(4)]
     qm = qcompile.compile(SelfAttention(), calibration_data=batches, progress=False, outlier_smoothing=None)
     # q, k and v run as one merged fp32 GEMM (merge-sibling-linears) whose slices, viewed as heads,
-    # are the attention's operands: no copy between them
+    # are the attention's operands: no copy between them (the attention, quantized for the output
+    # projection, is fuse-attention-quantize's)
     check_graph(qm.graph_module, """
     CHECK: qc.linear_int8.default({{.*}}, torch.float32, 'none') : f32[s0,s1,96]
     CHECK-NEXT: aten.slice.Tensor{{.*}} : f32[s0,s1,32]
     CHECK: aten.transpose.int{{.*}} : f32[s0,4,s1,8]
-    CHECK: qc.attention.default({{.*}}, False, torch.float32) : f32[s0,4,s1,8]
+    CHECK: qc.attention_quantize.default({{.*}}, False, None, {{.*}}, torch.uint8) : u8[s0,4,s1,8]
     """)
     x = batches[0][0]
     with torch.no_grad():

@@ -48,7 +48,15 @@ struct Head {
   const float* k; int64_t k_row;
   const float* v; int64_t v_row;
   const float* mask; int64_t mask_row;  // nullptr without a mask; mask_row is 0 when rows share one
-  float* out; int64_t out_row;
+  void* out; int64_t out_row;  // fp32, or the Quantized output's integers
+  const float* multiplier;     // the head's channels of the Quantized output's multiplier, or nullptr
+};
+
+// The output quantized per tensor, for attention_quantize: q = clamp(round(y · m / S) + Z), m the
+// per-channel multiplier (outlier smoothing's) over the [heads · v_depth] channels, or 1.
+struct Quantized {
+  float scale, zero_point, qmin, qmax;
+  bool is_signed;  // int8 storage, else uint8
 };
 
 struct Sizes {
@@ -56,6 +64,7 @@ struct Sizes {
   int64_t lk_pad, v_pad;  // all key positions and v_depth, rounded up to kColumns: buffer strides
   float scale;
   bool causal;
+  const Quantized* quantized;  // nullptr: fp32 output
 };
 
 // Thread-local work space for one head: Kᵀ [depth][lk_pad], V [lk][v_pad], the scaled query rows of
@@ -106,6 +115,23 @@ int64_t visible(const Sizes& s, int64_t i) { return s.causal ? std::min(s.lk, i 
 // ---------------------------------------------------------------------------------------------
 // Portable path.
 
+// Output row i = o · inv, stored as fp32 or quantized (times the multiplier first).
+void store_row_portable(const Head& h, const Sizes& s, int64_t i, const float* o, float inv) {
+  if (s.quantized == nullptr) {
+    float* out = static_cast<float*>(h.out) + i * h.out_row;
+    for (int64_t e = 0; e < s.v_depth; ++e) out[e] = o[e] * inv;
+    return;
+  }
+  const Quantized& z = *s.quantized;
+  for (int64_t e = 0; e < s.v_depth; ++e) {
+    float v = o[e] * inv;
+    if (h.multiplier) v *= h.multiplier[e];
+    const float k = quantize_value(v, z.scale, z.zero_point, z.qmin, z.qmax);
+    if (z.is_signed) static_cast<int8_t*>(h.out)[i * h.out_row + e] = static_cast<int8_t>(k);
+    else static_cast<uint8_t*>(h.out)[i * h.out_row + e] = static_cast<uint8_t>(k);
+  }
+}
+
 void head_portable(const Head& h, const Sizes& s, Workspace& w) {
   pack(h, s, w);
   float* p = w.p.data();
@@ -136,13 +162,38 @@ void head_portable(const Head& h, const Sizes& s, Workspace& w) {
       const float* v = w.v.data() + j * s.v_pad;
       for (int64_t e = 0; e < s.v_depth; ++e) o[e] += p[j] * v[e];
     }
-    float* out = h.out + i * h.out_row;
-    for (int64_t e = 0; e < s.v_depth; ++e) out[e] = o[e] * inv;
+    store_row_portable(h, s, i, o, inv);
   }
 }
 
 // ---------------------------------------------------------------------------------------------
 // AVX-512 path.
+
+// store_row_portable, 16 channels at a time.
+QC_AVX512 void store_row_avx512(const Head& h, const Sizes& s, int64_t i, const float* o, float inv) {
+  const __m512 factor = _mm512_set1_ps(inv);
+  if (s.quantized == nullptr) {
+    float* out = static_cast<float*>(h.out) + i * h.out_row;
+    for (int64_t e = 0; e < s.v_depth; e += 16) {
+      const __mmask16 m = tail_mask(s.v_depth - e);
+      _mm512_mask_storeu_ps(out + e, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, o + e), factor));
+    }
+    return;
+  }
+  const Quantized& z = *s.quantized;
+  const __m512 scale = _mm512_set1_ps(z.scale), zero_point = _mm512_set1_ps(z.zero_point);
+  const __m512 qmin = _mm512_set1_ps(z.qmin), qmax = _mm512_set1_ps(z.qmax);
+  for (int64_t e = 0; e < s.v_depth; e += 16) {
+    const __mmask16 m = tail_mask(s.v_depth - e);
+    __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, o + e), factor);
+    if (h.multiplier) v = _mm512_mul_ps(v, _mm512_maskz_loadu_ps(m, h.multiplier + e));
+    if (z.is_signed) {
+      store_quantized(static_cast<int8_t*>(h.out) + i * h.out_row + e, m, v, scale, zero_point, qmin, qmax);
+    } else {
+      store_quantized(static_cast<uint8_t*>(h.out) + i * h.out_row + e, m, v, scale, zero_point, qmin, qmax);
+    }
+  }
+}
 
 // c[r][0 .. columns) = Σ_i a[r][i]·b[i][0 .. columns) for R rows, 32 columns per step (2·R
 // accumulators), columns rounded up to 32 inside b's and c's rows: a block of rows' scores (a the
@@ -232,8 +283,7 @@ QC_AVX512 void rows_avx512(const Head& h, const Sizes& s, Workspace& w, int64_t 
   rows_times_matrix<R>(w.p.data(), s.lk_pad, w.v.data(), s.v_pad, s.lk, s.v_pad, w.o.data(), s.v_pad);
   for (int r = 0; r < R; ++r) {
     const float* o = w.o.data() + r * s.v_pad;
-    float* out = h.out + (i0 + r) * h.out_row;
-    for (int64_t e = 0; e < s.v_depth; ++e) out[e] = o[e] * inv[r];
+    store_row_avx512(h, s, i0 + r, o, inv[r]);
   }
 }
 
@@ -256,15 +306,16 @@ QC_AVX512 void row_unpacked_avx512(const Head& h, const Sizes& s, Workspace& w, 
   const int64_t n = visible(s, i);
   float inv;
   softmax_rows_avx512<1>(p, s.lk_pad, h.mask ? h.mask + i * h.mask_row : nullptr, h.mask_row, &n, s.lk, &inv);
-  float* out = h.out + i * h.out_row;
+  float* o = w.o.data();
   for (int64_t e = 0; e < s.v_depth; e += 16) {
     const __mmask16 m = tail_mask(s.v_depth - e);
     __m512 acc = _mm512_setzero_ps();
     for (int64_t j = 0; j < s.lk; ++j) {
       acc = _mm512_fmadd_ps(_mm512_set1_ps(p[j]), _mm512_maskz_loadu_ps(m, h.v + j * h.v_row + e), acc);
     }
-    _mm512_mask_storeu_ps(out + e, m, _mm512_mul_ps(acc, _mm512_set1_ps(inv)));
+    _mm512_mask_storeu_ps(o + e, m, acc);
   }
+  store_row_avx512(h, s, i, o, inv);
 }
 
 QC_AVX512 void head_avx512(const Head& h, const Sizes& s, Workspace& w) {
@@ -289,11 +340,11 @@ at::Tensor operand(const at::Tensor& t, const char* name) {
   return f.stride(3) == 1 ? f : f.contiguous();
 }
 
-}  // namespace
-
-at::Tensor attention(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
-                     const std::optional<at::Tensor>& mask, std::optional<double> scale, bool is_causal,
-                     at::ScalarType out_dtype) {
+// The attention of both operators: fp32 output when quantized is nullptr, else its integers, with
+// multiplier (or none) over the output's [heads · v_depth] channels.
+at::Tensor run(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+               const std::optional<at::Tensor>& mask, std::optional<double> scale, bool is_causal,
+               const Quantized* quantized, const float* multiplier) {
   const at::Tensor q = operand(query, "query"), k = operand(key, "key"), v = operand(value, "value");
   const int64_t batch = q.size(0), heads = q.size(1), kv_heads = k.size(1);
   TORCH_CHECK(k.size(0) == batch && v.size(0) == batch, "qc::attention: batch sizes differ: query ", q.sizes(),
@@ -304,7 +355,7 @@ at::Tensor attention(const at::Tensor& query, const at::Tensor& key, const at::T
   TORCH_CHECK(k.size(3) == q.size(3) && v.size(2) == k.size(2), "qc::attention: query ", q.sizes(), ", key ",
               k.sizes(), " and value ", v.sizes(), " do not fit together");
   const double factor = scale.has_value() ? *scale : 1.0 / std::sqrt(static_cast<double>(q.size(3)));
-  Sizes s{q.size(2), k.size(2), q.size(3), v.size(3), 0, 0, static_cast<float>(factor), is_causal};
+  Sizes s{q.size(2), k.size(2), q.size(3), v.size(3), 0, 0, static_cast<float>(factor), is_causal, quantized};
   s.lk_pad = round_up(std::max<int64_t>(s.lk, 1), kColumns);
   s.v_pad = round_up(std::max<int64_t>(s.v_depth, 1), kColumns);
 
@@ -320,8 +371,9 @@ at::Tensor attention(const at::Tensor& query, const at::Tensor& key, const at::T
     m = m.to(at::kFloat).expand({batch, heads, s.lq, s.lk});
     if (m.stride(3) != 1) m = m.contiguous();
   }
-  at::Tensor out = at::empty({batch, s.lq, heads, s.v_depth}, q.options()).permute({0, 2, 1, 3});
-  if (batch * heads * s.lq == 0) return out.to(out_dtype);
+  const at::ScalarType storage = quantized == nullptr ? at::kFloat : quantized->is_signed ? at::kChar : at::kByte;
+  at::Tensor out = at::empty({batch, s.lq, heads, s.v_depth}, q.options().dtype(storage)).permute({0, 2, 1, 3});
+  if (batch * heads * s.lq == 0) return out;
 
   // The key positions each mask plane keeps, scanned once per plane: heads usually share one
   // (a [batch, 1, rows, keys] mask expanded over them), and scanning it again for every head
@@ -340,6 +392,8 @@ at::Tensor attention(const at::Tensor& query, const at::Tensor& key, const at::T
 
   const Isa isa = active_isa();
   const int64_t group = heads / kv_heads;
+  char* const out_bytes = static_cast<char*>(out.data_ptr());
+  const int64_t element = out.element_size();
   at::parallel_for(0, batch * heads, 1, [&](int64_t begin, int64_t end) {
     Workspace w(s);
     for (int64_t t = begin; t < end; ++t) {
@@ -348,7 +402,8 @@ at::Tensor attention(const at::Tensor& query, const at::Tensor& key, const at::T
              k.data_ptr<float>() + b * k.stride(0) + hk * k.stride(1), k.stride(2),
              v.data_ptr<float>() + b * v.stride(0) + hk * v.stride(1), v.stride(2),
              nullptr, 0,
-             out.data_ptr<float>() + b * out.stride(0) + hq * out.stride(1), out.stride(2)};
+             out_bytes + (b * out.stride(0) + hq * out.stride(1)) * element, out.stride(2),
+             multiplier ? multiplier + hq * s.v_depth : nullptr};
       Sizes head = s;
       if (m.defined()) {
         h.mask = m.data_ptr<float>() + b * m.stride(0) + hq * m.stride(1);
@@ -362,7 +417,35 @@ at::Tensor attention(const at::Tensor& query, const at::Tensor& key, const at::T
       }
     }
   });
+  return out;
+}
+
+}  // namespace
+
+at::Tensor attention(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+                     const std::optional<at::Tensor>& mask, std::optional<double> scale, bool is_causal,
+                     at::ScalarType out_dtype) {
+  const at::Tensor out = run(query, key, value, mask, scale, is_causal, nullptr, nullptr);
   return out_dtype == at::kFloat ? out : out.to(out_dtype);
+}
+
+at::Tensor attention_quantize(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+                              const std::optional<at::Tensor>& mask, std::optional<double> scale, bool is_causal,
+                              const std::optional<at::Tensor>& multiplier, double out_scale, int64_t zero_point,
+                              int64_t qmin, int64_t qmax, at::ScalarType dtype) {
+  TORCH_CHECK(dtype == at::kByte || dtype == at::kChar, "qc::attention_quantize: dtype must be uint8 or int8, got ",
+              dtype);
+  const int64_t channels = query.size(1) * value.size(3);
+  at::Tensor factors;
+  if (multiplier.has_value() && multiplier->defined()) {
+    factors = multiplier->to(at::kFloat).contiguous();
+    TORCH_CHECK(factors.dim() == 1 && factors.numel() == channels, "qc::attention_quantize: multiplier must be [",
+                channels, "] (heads x value depth), got ", multiplier->sizes());
+  }
+  const Quantized quantized{static_cast<float>(out_scale), static_cast<float>(zero_point), static_cast<float>(qmin),
+                            static_cast<float>(qmax), dtype == at::kChar};
+  return run(query, key, value, mask, scale, is_causal, &quantized,
+             factors.defined() ? factors.data_ptr<float>() : nullptr);
 }
 
 }  // namespace qcompile

@@ -1,6 +1,6 @@
 // The qcompile._native extension: registers the native qc:: operators with torch's dispatcher
 // (importing the module is what makes torch.ops.qc.quantize, dequantize, linear_int8, conv2d_int8, max_pool2d_uint8,
-// attention, layer_norm_quantize, rms_norm, rotary, gru_recurrence, lstm_recurrence, linear_weight_only, linear_w4a8, choose_qparams_per_token and quantize_per_token exist), exposes which instruction set they run, and the kernels and helpers Python calls directly.
+// attention, attention_quantize, layer_norm_quantize, rms_norm, rotary, gru_recurrence, lstm_recurrence, linear_weight_only, linear_w4a8, choose_qparams_per_token and quantize_per_token exist), exposes which instruction set they run, and the kernels and helpers Python calls directly.
 #include <torch/extension.h>
 #include <torch/library.h>
 
@@ -32,6 +32,8 @@ TORCH_LIBRARY_FRAGMENT(qc, m) {
         "int groups, float out_scale, int out_zero_point, ScalarType out_dtype, str post_op) -> Tensor");
   m.def("attention(Tensor query, Tensor key, Tensor value, Tensor? mask, float? scale, bool is_causal, "
         "ScalarType out_dtype) -> Tensor");
+  m.def("attention_quantize(Tensor query, Tensor key, Tensor value, Tensor? mask, float? scale, bool is_causal, "
+        "Tensor? multiplier, float out_scale, int zero_point, int qmin, int qmax, ScalarType dtype) -> Tensor");
   m.def("layer_norm_quantize(Tensor x, Tensor? weight, Tensor? bias, float eps, Tensor? multiplier, float scale, "
         "int zero_point, int qmin, int qmax, ScalarType dtype) -> (Tensor, Tensor)");
   m.def("rms_norm(Tensor x, Tensor? weight, float eps) -> Tensor");
@@ -55,6 +57,7 @@ TORCH_LIBRARY_IMPL(qc, CPU, m) {
   m.impl("linear_int8", &qcompile::linear_int8);
   m.impl("conv2d_int8", &qcompile::conv2d_int8);
   m.impl("attention", &qcompile::attention);
+  m.impl("attention_quantize", &qcompile::attention_quantize);
   m.impl("layer_norm_quantize", &qcompile::layer_norm_quantize);
   m.impl("rms_norm", &qcompile::rms_norm);
   m.impl("rotary", &qcompile::rotary);

@@ -20,6 +20,12 @@ this CPU (9.8 ms against 8.1 with fp32 FMAs, at 1e4 times the error) and was not
 
 The output is laid out [batch, length, heads, depth] and returned as the [batch, heads, length,
 depth] view, so the transpose and reshape back to [batch, length, width] that follow cost nothing.
+
+``qc.attention_quantize(Q, K, V, mask, scale, is_causal, m, S, Z, qmin, qmax, dtype)`` is the same
+attention with its output quantized per tensor as each row is finished: ``clamp(round(y · m / S)
++ Z, qmin, qmax)``, m an optional multiplier per output channel (heads · depth, outlier
+smoothing's), as uint8 or int8, in the same layout. ``fuse-attention-quantize`` makes it
+(:mod:`.fuse_attention_quantize`).
 """
 
 from __future__ import annotations
@@ -51,3 +57,26 @@ def reference_attention(query: Tensor, key: Tensor, value: Tensor, mask: Tensor 
 
 
 register_kernel(attention, reference_attention, precision=torch.float32)
+
+attention_quantize = torch.ops.qc.attention_quantize.default
+
+
+@torch.library.register_fake("qc::attention_quantize")
+def _(query, key, value, mask, scale, is_causal, multiplier, out_scale, zero_point, qmin, qmax, dtype):
+    batch, heads, length, _ = query.shape
+    return query.new_empty((batch, length, heads, value.shape[-1]), dtype=dtype).permute(0, 2, 1, 3)
+
+
+def reference_attention_quantize(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None, scale: float | None,
+                                 is_causal: bool, multiplier: Tensor | None, out_scale: float, zero_point: int,
+                                 qmin: int, qmax: int, dtype: torch.dtype) -> Tensor:
+    """The ops it replaces: the attention, its output's channels (heads x depth, as the
+    transpose and reshape after it lay them out) times the multiplier, ``qc.quantize``."""
+    y = reference_attention(query, key, value, mask, scale, is_causal, torch.float32)
+    if multiplier is not None:
+        y = y * multiplier.reshape(y.shape[1], 1, y.shape[3])
+    return torch.ops.qc.quantize(y, torch.tensor([out_scale]), torch.tensor([zero_point], dtype=torch.int32), None,
+                                 qmin, qmax, dtype)
+
+
+register_kernel(attention_quantize, reference_attention_quantize)
