@@ -135,6 +135,10 @@ def test_minilm_compiles_to_int8_with_an_int8_vocabulary_table(minilm):
         assert lines[name].precision == "float" and lines[name].detail.startswith("looked up at constant indices")
     # each attention quantizes its output for the output projection as it writes it
     assert sum(n.target == torch.ops.qc.attention_quantize.default for n in qm.graph_module.graph.nodes) == 6
+    # each split FFN's float outlier path accumulates into the residual in one addmm
+    targets = [n.target for n in qm.graph_module.graph.nodes]
+    assert targets.count(torch.ops.aten.addmm.default) == len(smoothing.get("split", {}))
+    assert torch.ops.aten.matmul.default not in targets
 
 
 def test_the_resolved_plan_is_written_as_json_with_calibrated_qparams(tmp_path):
