@@ -23,12 +23,13 @@ import functools
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 from torch import fx
 from torch.fx.passes.utils.matcher_utils import InternalMatch, SubgraphMatcher
 
 from qcompile.ir.printer import describe_producer
+from qcompile.pipeline import PassResult
 
 # A rewrite may need several sweeps (a no-op feeding a no-op); each sweep applies at least one
 # match or stops, so this bound is only a guard against a rule whose rewrite re-creates its match.
@@ -267,3 +268,19 @@ def _sweep(gm: fx.GraphModule, rule: Rule, matcher: SubgraphMatcher, pass_name: 
         applied += 1
         _record(pass_name, rule, match.anchor, True)
     return applied
+
+
+M = TypeVar("M")
+
+
+def fuse_matches(gm: fx.GraphModule, match: Callable[[fx.Node], M | None], fuse: Callable[[M], None]) -> PassResult:
+    """Every node in graph order offered to ``match``; each match found is ``fuse``d. The loop of
+    the fusions whose pattern is easier said in code than as an ATen pattern (a multiply that
+    may be absent, a quantize's constant parameters); stats count the fused matches."""
+    fused = 0
+    for node in list(gm.graph.nodes):
+        found = match(node)
+        if found is not None:
+            fuse(found)
+            fused += 1
+    return PassResult(gm, bool(fused), {"fused": fused} if fused else {})

@@ -119,6 +119,15 @@ def add_constant(gm: fx.GraphModule, tensor: torch.Tensor, name_hint: str, *, be
     return node
 
 
+def reread_constant(gm: fx.GraphModule, constant: fx.Node, *, before: fx.Node) -> fx.Node:
+    """A get_attr of ``constant``'s tensor placed before ``before``: a fused call takes the place
+    of its first node, which may come before the get_attr of a constant it now reads."""
+    with gm.graph.inserting_before(before):
+        node = gm.graph.get_attr(constant.target)
+    node.meta.update(constant.meta)
+    return node
+
+
 def called_module(gm: fx.GraphModule, node: object, kind: type[M]) -> M | None:
     """The submodule of type ``kind`` that ``node`` calls, or None (another node, or another module)."""
     if isinstance(node, fx.Node) and node.op == "call_module":

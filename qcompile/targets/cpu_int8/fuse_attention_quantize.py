@@ -30,10 +30,11 @@ import torch
 from torch import fx
 
 from qcompile import native
-from qcompile.ir.graph import constant_value, infer_fake_value, insert_call, op_arguments
+from qcompile.ir.graph import constant_value, infer_fake_value, insert_call, op_arguments, reread_constant
 from qcompile.ir.meta import Provenance
 from qcompile.pipeline import Pass, PassResult
 from qcompile.qdq import QuantizeCall
+from qcompile.rewrite import fuse_matches
 from qcompile.targets.cpu_int8.attention import attention, attention_quantize
 
 aten = torch.ops.aten
@@ -103,22 +104,12 @@ class FuseAttentionQuantize(Pass):
     name: ClassVar[str] = "fuse-attention-quantize"
 
     def call(self, gm: fx.GraphModule) -> PassResult:
-        fused = 0
-        for node in list(gm.graph.nodes):
-            match = _match(gm, node)
-            if match is not None:
-                self._fuse(gm, match)
-                fused += 1
-        return PassResult(gm, bool(fused), {"fused": fused} if fused else {})
+        return fuse_matches(gm, lambda node: _match(gm, node), lambda match: self._fuse(gm, match))
 
     def _fuse(self, gm: fx.GraphModule, match: _Match) -> None:
         y, quantize = match.attention, match.quantize
         arguments = op_arguments(y)
-        multiplier = None
-        if match.multiplier is not None:  # read again before the attention: its get_attr may come after it
-            with gm.graph.inserting_before(y):
-                multiplier = gm.graph.get_attr(match.multiplier.target)
-            multiplier.meta.update(match.multiplier.meta)
+        multiplier = None if match.multiplier is None else reread_constant(gm, match.multiplier, before=y)
         scale, zero_point = constant_value(gm, quantize.scale), constant_value(gm, quantize.zero_point)
         args = (arguments["query"], arguments["key"], arguments["value"], arguments["mask"], arguments["scale"],
                 arguments["is_causal"], multiplier, float(scale.reshape(())), int(zero_point.reshape(())),

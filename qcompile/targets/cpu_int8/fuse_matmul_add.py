@@ -25,6 +25,7 @@ from torch import fx
 from qcompile.ir.graph import constant_value, insert_call, op_arguments
 from qcompile.ir.meta import Provenance
 from qcompile.pipeline import Pass, PassResult
+from qcompile.rewrite import fuse_matches
 
 aten = torch.ops.aten
 
@@ -68,13 +69,7 @@ class FuseMatmulAdd(Pass):
     name: ClassVar[str] = "fuse-matmul-add"
 
     def call(self, gm: fx.GraphModule) -> PassResult:
-        fused = 0
-        for node in list(gm.graph.nodes):
-            match = _match(gm, node)
-            if match is not None:
-                self._fuse(gm, match)
-                fused += 1
-        return PassResult(gm, bool(fused), {"fused": fused} if fused else {})
+        return fuse_matches(gm, lambda node: _match(gm, node), lambda match: self._fuse(gm, match))
 
     def _fuse(self, gm: fx.GraphModule, match: _Match) -> None:
         add = match.add

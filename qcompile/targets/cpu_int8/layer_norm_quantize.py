@@ -25,11 +25,12 @@ from torch import Tensor, fx
 from torch.nn import functional as F
 
 from qcompile import native  # noqa: F401  (loads the extension, which defines the op)
-from qcompile.ir.graph import constant_value, insert_call, op_arguments
+from qcompile.ir.graph import constant_value, insert_call, op_arguments, reread_constant
 from qcompile.ir.meta import Provenance
 from qcompile.kernel_check import register_kernel
 from qcompile.pipeline import Pass, PassResult
 from qcompile.qdq import QuantizeCall
+from qcompile.rewrite import fuse_matches
 
 aten = torch.ops.aten
 layer_norm_quantize = torch.ops.qc.layer_norm_quantize.default
@@ -100,22 +101,12 @@ class FuseLayerNormQuantize(Pass):
     name: ClassVar[str] = "fuse-layer-norm-quantize"
 
     def call(self, gm: fx.GraphModule) -> PassResult:
-        fused = 0
-        for node in list(gm.graph.nodes):
-            match = _match(gm, node)
-            if match is not None:
-                self._fuse(gm, match)
-                fused += 1
-        return PassResult(gm, bool(fused), {"fused": fused} if fused else {})
+        return fuse_matches(gm, lambda node: _match(gm, node), lambda match: self._fuse(gm, match))
 
     def _fuse(self, gm: fx.GraphModule, match: _Match) -> None:
         norm, quantize = match.norm, match.quantize
         arguments = op_arguments(norm)
-        multiplier = None
-        if match.multiplier is not None:  # read again before the norm: its get_attr may come after it
-            with gm.graph.inserting_before(norm):
-                multiplier = gm.graph.get_attr(match.multiplier.target)
-            multiplier.meta.update(match.multiplier.meta)
+        multiplier = None if match.multiplier is None else reread_constant(gm, match.multiplier, before=norm)
         scale, zero_point = constant_value(gm, quantize.scale), constant_value(gm, quantize.zero_point)
         args = (arguments["input"], arguments["weight"], arguments["bias"], float(arguments["eps"]), multiplier,
                 float(scale.reshape(())), int(zero_point.reshape(())), quantize.qmin, quantize.qmax, quantize.dtype)
