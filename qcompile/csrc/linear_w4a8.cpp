@@ -29,8 +29,11 @@
 //
 // Which code runs: AVX2 (on the avx2 and avx512 instruction sets) the kernel below; with
 // AVX512-BF16 and the avx512 instruction set, or on the portable one, x_q dequantized to fp32
-// and qc.linear_weight_only's int4pack (AVX512-BF16's int4 kernel was measured there; this one
-// was not). Measured on an AVX2 CPU without VNNI or bf16 (AMD Zen 1, 2 threads, ms; int4 g128,
+// and qc.linear_weight_only's int4pack. Measured on an AMD Zen 4 (AVX512-BF16 and VNNI, 2 threads,
+// int4 g128, weights rotated out of cache, ms; this kernel against the bf16 one): at one row both
+// are bound by reading the nibbles (4096 x 4096: 0.55 / 0.53; 151936 x 896: 4.7 / 4.5), and from
+// 4 rows on the bf16 one is faster (4096 x 4096 at 16 rows: 4.26 / 2.49; 151936 x 896 at 4: 8.3 /
+// 5.1), with one exception (896 x 4864 at 64 rows: 2.6 / 4.4), so AVX512-BF16 keeps it. Measured on an AVX2 CPU without VNNI or bf16 (AMD Zen 1, 2 threads, ms; int4 g128,
 // weights rotated out of cache; benchmarks.native_kernels), the W4A8 column including the
 // per-token choose_qparams and quantize in front, against linear_weight_only on float rows
 // (ATen's int4pack at one row, the blocked dequantize + fp32 GEMM at 64):

@@ -9,8 +9,9 @@ and ``torch.ops.qc.linear_w4a8``, int4 weights on uint8 activations.
 ``linear_w4a8`` is what a W4A8 plan's linear becomes when its activations are uint8 (per tensor
 or per token): the kernel reads the integers (``qcompile/csrc/linear_w4a8.cpp``: byte dot products
 summed exactly in integers, the dequantization folded into fp32 scales afterwards). Without AVX2,
-and with AVX512-BF16 (where the bf16 int4 kernel was measured and this one was not), it runs
-``linear_weight_only`` on the dequantized activations instead.
+and with AVX512-BF16, it runs ``linear_weight_only`` on the dequantized activations instead: on
+an AMD Zen 4 the two tie at one row (both bound by reading the nibbles) and the bf16 int4 kernel
+is faster from 4 rows on (``linear_w4a8.cpp`` has the figures).
 
 Z is None (symmetric weights) or, per group only, each group's zero points. The operator is
 native (``qcompile/csrc/weight_only.cpp``, which gives the kernels' algebra); this module holds
