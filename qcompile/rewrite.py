@@ -273,14 +273,15 @@ def _sweep(gm: fx.GraphModule, rule: Rule, matcher: SubgraphMatcher, pass_name: 
 M = TypeVar("M")
 
 
-def fuse_matches(gm: fx.GraphModule, match: Callable[[fx.Node], M | None], fuse: Callable[[M], None]) -> PassResult:
+def fuse_matches(gm: fx.GraphModule, match: Callable[[fx.Node], M | None], fuse: Callable[[M], None],
+                 stat: str = "fused") -> PassResult:
     """Every node in graph order offered to ``match``; each match found is ``fuse``d. The loop of
     the fusions whose pattern is easier said in code than as an ATen pattern (a multiply that
-    may be absent, a quantize's constant parameters); stats count the fused matches."""
+    may be absent, a quantize's constant parameters); stats count the fused matches as ``stat``."""
     fused = 0
     for node in list(gm.graph.nodes):
         found = match(node)
         if found is not None:
             fuse(found)
             fused += 1
-    return PassResult(gm, bool(fused), {"fused": fused} if fused else {})
+    return PassResult(gm, bool(fused), {stat: fused} if fused else {})

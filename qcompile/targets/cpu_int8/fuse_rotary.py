@@ -28,6 +28,7 @@ from qcompile.ir.graph import insert_call, is_call, op_arguments, remove_dead_no
 from qcompile.ir.meta import Provenance
 from qcompile.kernel_check import register_kernel
 from qcompile.pipeline import Pass, PassResult
+from qcompile.rewrite import fuse_matches
 
 aten = torch.ops.aten
 rotary = torch.ops.qc.rotary.default
@@ -140,17 +141,14 @@ class FuseRotary(Pass):
     preserves_semantics: ClassVar[bool] = True
 
     def call(self, gm: fx.GraphModule) -> PassResult:
-        fused = 0
-        for node in list(gm.graph.nodes):
-            match = _match(node)
-            if match is None:
-                continue
-            provenance = Provenance(self.name, "rotary", (match.add.name,))
-            call = insert_call(gm, rotary, (match.x, match.cos, match.sin), before=match.add, provenance=provenance,
-                               meta_from=match.add)
-            match.add.replace_all_uses_with(call)
-            gm.graph.erase_node(match.add)
-            fused += 1
-        if fused:
+        result = fuse_matches(gm, _match, lambda match: self._fuse(gm, match), stat="rotary")
+        if result.modified:
             remove_dead_nodes(gm)  # the patterns' inner values
-        return PassResult(gm, bool(fused), {"rotary": fused} if fused else {})
+        return result
+
+    def _fuse(self, gm: fx.GraphModule, match: _Match) -> None:
+        provenance = Provenance(self.name, "rotary", (match.add.name,))
+        call = insert_call(gm, rotary, (match.x, match.cos, match.sin), before=match.add, provenance=provenance,
+                           meta_from=match.add)
+        match.add.replace_all_uses_with(call)
+        gm.graph.erase_node(match.add)

@@ -27,6 +27,7 @@ from qcompile.ir.graph import insert_call, is_call, op_arguments
 from qcompile.ir.meta import Provenance
 from qcompile.kernel_check import register_kernel
 from qcompile.pipeline import Pass, PassResult
+from qcompile.rewrite import fuse_matches
 from qcompile.qdq import CHOOSE_QPARAMS_PER_TOKEN, QuantizeCall
 
 quantize_per_token = torch.ops.qc.quantize_per_token.default
@@ -89,22 +90,19 @@ class FuseTokenQuantize(Pass):
     preserves_semantics: ClassVar[bool] = True
 
     def call(self, gm: fx.GraphModule) -> PassResult:
-        fused = 0
-        for node in list(gm.graph.nodes):
-            match = _match(node)
-            if match is None:
-                continue
-            chosen = op_arguments(match.choose)
-            provenance = Provenance(self.name, "token-quantize", (match.choose.name, node.name))
-            call = insert_call(gm, quantize_per_token, (chosen["x"], chosen["qmin"], chosen["qmax"],
-                                                        chosen["symmetric"], match.quantize.dtype),
-                               before=match.choose, provenance=provenance, meta_from=node)
-            outputs = [insert_call(gm, operator.getitem, (call, index), before=match.choose, provenance=provenance,
-                                   meta_from=source)
-                       for index, source in enumerate((node, match.scale, match.zero_point))]
-            for source, output in zip((node, match.scale, match.zero_point), outputs, strict=True):
-                source.replace_all_uses_with(output)
-            for source in (node, match.scale, match.zero_point, match.choose):
-                gm.graph.erase_node(source)
-            fused += 1
-        return PassResult(gm, bool(fused), {"fused": fused} if fused else {})
+        return fuse_matches(gm, _match, lambda match: self._fuse(gm, match))
+
+    def _fuse(self, gm: fx.GraphModule, match: _Match) -> None:
+        node = match.quantize.node
+        chosen = op_arguments(match.choose)
+        provenance = Provenance(self.name, "token-quantize", (match.choose.name, node.name))
+        call = insert_call(gm, quantize_per_token, (chosen["x"], chosen["qmin"], chosen["qmax"],
+                                                    chosen["symmetric"], match.quantize.dtype),
+                           before=match.choose, provenance=provenance, meta_from=node)
+        outputs = [insert_call(gm, operator.getitem, (call, index), before=match.choose, provenance=provenance,
+                               meta_from=source)
+                   for index, source in enumerate((node, match.scale, match.zero_point))]
+        for source, output in zip((node, match.scale, match.zero_point), outputs, strict=True):
+            source.replace_all_uses_with(output)
+        for source in (node, match.scale, match.zero_point, match.choose):
+            gm.graph.erase_node(source)
