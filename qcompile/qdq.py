@@ -107,6 +107,14 @@ class QuantizeCall:
         """(qmin, qmax, dtype): two quantizes with equal qparams and format give equal integers."""
         return self.qmin, self.qmax, self.dtype
 
+    def constant_qparams(self, gm: fx.GraphModule) -> tuple[float, int] | None:
+        """(S, Z) when the quantize is per tensor with constant parameters, which a fused kernel
+        can take as numbers; None otherwise."""
+        scale, zero_point = constant_value(gm, self.scale), constant_value(gm, self.zero_point)
+        if not self.per_tensor or scale is None or zero_point is None:
+            return None
+        return float(scale.reshape(())), int(zero_point.reshape(()))
+
 
 @dataclass(frozen=True)
 class DequantizeCall:

@@ -67,8 +67,7 @@ def _heads_side_by_side(y: fx.Node, transpose: fx.Node, reshape: fx.Node) -> boo
 
 def _per_tensor_quantize(gm: fx.GraphModule, node: fx.Node | None) -> QuantizeCall | None:
     quantize = QuantizeCall.of(node)
-    if (quantize is None or not quantize.per_tensor or quantize.dtype not in native.INTEGER_STORAGE
-            or constant_value(gm, quantize.scale) is None or constant_value(gm, quantize.zero_point) is None):
+    if quantize is None or quantize.dtype not in native.INTEGER_STORAGE or quantize.constant_qparams(gm) is None:
         return None
     return quantize
 
@@ -110,10 +109,9 @@ class FuseAttentionQuantize(Pass):
         y, quantize = match.attention, match.quantize
         arguments = op_arguments(y)
         multiplier = None if match.multiplier is None else reread_constant(gm, match.multiplier, before=y)
-        scale, zero_point = constant_value(gm, quantize.scale), constant_value(gm, quantize.zero_point)
+        scale, zero_point = quantize.constant_qparams(gm)
         args = (arguments["query"], arguments["key"], arguments["value"], arguments["mask"], arguments["scale"],
-                arguments["is_causal"], multiplier, float(scale.reshape(())), int(zero_point.reshape(())),
-                quantize.qmin, quantize.qmax, quantize.dtype)
+                arguments["is_causal"], multiplier, scale, zero_point, quantize.qmin, quantize.qmax, quantize.dtype)
         provenance = Provenance(self.name, sources=(y.name, quantize.node.name))
         fused = insert_call(gm, attention_quantize, args, before=y, provenance=provenance, meta_from=y)
         result = fused

@@ -89,9 +89,8 @@ def _match(gm: fx.GraphModule, norm: fx.Node) -> _Match | None:
                 continue
             multiply, multiplier, reader = user, other, next(iter(user.users))
         quantize = QuantizeCall.of(reader)
-        if (quantize is not None and quantize.per_tensor and quantize.dtype in native.INTEGER_STORAGE
-                and constant_value(gm, quantize.scale) is not None
-                and constant_value(gm, quantize.zero_point) is not None):
+        if (quantize is not None and quantize.dtype in native.INTEGER_STORAGE
+                and quantize.constant_qparams(gm) is not None):
             return _Match(norm, multiply, multiplier, quantize)
     return None
 
@@ -107,9 +106,9 @@ class FuseLayerNormQuantize(Pass):
         norm, quantize = match.norm, match.quantize
         arguments = op_arguments(norm)
         multiplier = None if match.multiplier is None else reread_constant(gm, match.multiplier, before=norm)
-        scale, zero_point = constant_value(gm, quantize.scale), constant_value(gm, quantize.zero_point)
+        scale, zero_point = quantize.constant_qparams(gm)
         args = (arguments["input"], arguments["weight"], arguments["bias"], float(arguments["eps"]), multiplier,
-                float(scale.reshape(())), int(zero_point.reshape(())), quantize.qmin, quantize.qmax, quantize.dtype)
+                scale, zero_point, quantize.qmin, quantize.qmax, quantize.dtype)
         provenance = Provenance(self.name, sources=(norm.name, quantize.node.name))
         pair = insert_call(gm, layer_norm_quantize, args, before=norm, provenance=provenance, meta_from=norm)
         y = insert_call(gm, operator.getitem, (pair, 0), before=norm, provenance=provenance, meta_from=norm)
