@@ -164,6 +164,27 @@ def test_conv2d_matches_dequantize_conv_reference():
     torch.testing.assert_close(qconv(*problem, post_op="relu"), F.relu(y), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("channels", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("size", [(100, 100), (7, 33)])  # over 2**20 multiply-adds for oneDNN; the small-conv path
+def test_conv2d_reads_an_image_laid_out_as_the_float_input_was_like_a_channels_last_one(channels, size):
+    # A first convolution's input keeps the float image's (N, C, H, W) layout: the kernel interleaves
+    # its few channels itself (more than four take ATen's copy); the answer must not depend on it.
+    g = torch.Generator().manual_seed(channels)
+    x_q = torch.randint(0, 256, (3, channels, *size), generator=g, dtype=torch.uint8)
+    w_q = torch.randint(-127, 128, (16, channels, 3, 3), generator=g, dtype=torch.int8)
+    w_scale, b = torch.rand(16, generator=g) * 0.01, torch.randn(16, generator=g)
+    x_scale, x_zp = torch.tensor([0.02]), torch.tensor([7])
+    weight = w_q if has_exact_int8_gemm() else w_q // 2  # int7 on a CPU without VNNI
+    planar = qconv(x_q, x_scale, x_zp, weight, w_scale, b, out_scale=0.05, out_zero_point=3, out_dtype=torch.uint8)
+    interleaved = qconv(x_q.contiguous(memory_format=torch.channels_last), x_scale, x_zp, weight, w_scale, b,
+                        out_scale=0.05, out_zero_point=3, out_dtype=torch.uint8)
+    assert torch.equal(planar, interleaved)
+    reference = F.conv2d(qc.dequantize(x_q, x_scale, x_zp, None, torch.float32),
+                         weight.float() * w_scale[:, None, None, None], b, 2, 1)
+    expected = qc.quantize(reference, torch.tensor([0.05]), torch.tensor([3]), None, 0, 255, torch.uint8)
+    assert (planar.int() - expected.int()).abs().max() <= 1
+
+
 def test_conv2d_sum_post_op_adds_a_uint8_residual_and_requantizes_within_one_step():
     # ResNet's block end as one kernel: relu(conv(x) + dequantize(identity)) -> uint8.
     *problem, y = quantized_conv_problem(seed=4)

@@ -30,6 +30,7 @@
 #include <optional>
 #include <string>
 
+#include "channels_last.h"
 #include "isa.h"
 #include "linear_u8s8.h"
 #include "names.h"
@@ -184,7 +185,7 @@ at::Tensor conv_small(const at::Tensor& x, const at::Tensor& x_scale, const at::
     return vnni_packed(at::constant_pad_nd(matrix, {0, stride_k - depth}, 0), weight_scale);
   });
   const int64_t zero_point = x_zero_point.item<int64_t>();
-  const at::Tensor input = x.contiguous(at::MemoryFormat::ChannelsLast);  // [n][h][w][c] in memory
+  const at::Tensor input = channels_last_bytes(x);  // [n][h][w][c] in memory
   at::Tensor cols = at::empty({rows, stride_k}, x.options());
   const uint8_t* in = input.const_data_ptr<uint8_t>();
   uint8_t* out = cols.data_ptr<uint8_t>();
@@ -290,6 +291,7 @@ at::Tensor conv2d_int8(const at::Tensor& x, const at::Tensor& x_scale, const at:
   }
   const double scale = x_scale.item<double>();
   const int64_t zero_point = x_zero_point.item<int64_t>();
+  const at::Tensor input = channels_last_bytes(x);
   static WeightCache cache;
   const Packed packed = cache.get(weight, weight_scale, [&] {
     check_saturation_free(weight, kKernel);
@@ -299,7 +301,7 @@ at::Tensor conv2d_int8(const at::Tensor& x, const at::Tensor& x_scale, const at:
   });
   at::Tensor y;
   if (!with_add) {
-    y = kConv({x, scale, zero_point, packed[0], packed[1], packed[2], as_float(bias), stride.vec(),
+    y = kConv({input, scale, zero_point, packed[0], packed[1], packed[2], as_float(bias), stride.vec(),
               padding.vec(), dilation.vec(), groups, out_scale, out_zero_point, written, std::string(unary.onednn),
               unary.args(), std::string()});
   } else {
@@ -318,7 +320,7 @@ at::Tensor conv2d_int8(const at::Tensor& x, const at::Tensor& x_scale, const at:
       accumulator = values.to(written).clone(at::MemoryFormat::ChannelsLast);
       other_scale = 1.0, other_zero_point = 0;
     }
-    y = kConvSum({x, scale, zero_point, packed[0], packed[1], packed[2], accumulator, as_float(bias),
+    y = kConvSum({input, scale, zero_point, packed[0], packed[1], packed[2], accumulator, as_float(bias),
               stride.vec(), padding.vec(), dilation.vec(), groups, out_scale, out_zero_point, written, other_scale,
               other_zero_point, std::string("sum"), c10::Scalar(1.0), std::string(unary.onednn), unary.args(),
               std::string()});

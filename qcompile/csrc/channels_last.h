@@ -1,0 +1,11 @@
+// uint8 activations in the channels-last order oneDNN's int8 convolutions read (channels_last.cpp).
+#pragma once
+
+#include <ATen/ATen.h>
+
+namespace qcompile {
+
+// x itself when it is already channels-last contiguous, else a channels-last copy of it.
+at::Tensor channels_last_bytes(const at::Tensor& x);
+
+}  // namespace qcompile
