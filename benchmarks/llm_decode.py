@@ -24,7 +24,11 @@ Runtime rows are the W4 plan's prefill and step exported (``QuantizedDecoder.exp
 ``MatMulNBits`` nodes, each with the accuracy level the export measured safe for it) and run by
 ONNX Runtime's CPU provider in the same loop; a second pair of files, the same with every node at
 accuracy level 1 (float activations, the Q/DQ graph's arithmetic), shows what int8 activations
-buy. torchao's int4 weight-only CPU path is tried and its error printed when this torchao has none.
+buy. torchao's int4 weight-only CPU path is tried and its error printed when this torchao has none
+(0.15 on has none: its int4 formats need CUDA or the mslk kernels); the row "ATen int4 g128" is that
+path as torchao ran it until 0.14 (``Int4CPULayout``: ATen's ``_weight_int4pack_mm_for_cpu`` on bf16
+activations, tinygemm's asymmetric groups of 128), every linear swapped in place. "torch.compile
+bf16" is Inductor with frozen weights and dynamic shapes over the same prefill and step.
 
 ``python -m benchmarks.llm_decode ort-quantizer`` compares our ONNX export with ONNX Runtime's own
 quantizer (``MatMulNBitsQuantizer``, 4 bits, blocks of 128, symmetric, accuracy level 4) on the
@@ -121,6 +125,60 @@ def torchao_int4(model: torch.nn.Module) -> tuple[Callable, Callable]:
     return prefill, step
 
 
+class AtenInt4Linear(torch.nn.Module):
+    """torchao's int4 weight-only CPU path as torchao ran it up to 0.14 (``Int4CPULayout``): ATen's
+    ``_weight_int4pack_mm_for_cpu`` on bf16 activations, groups of 128 on tinygemm's asymmetric
+    grid, w ≈ S·(u − 8) + Z with u = round((w − min) / S) in [0, 15], S = (max − min) / 15 and
+    Z = min + 8·S per group. torchao 0.15 on dropped that layout; this keeps its kernel and grid as
+    the baseline the issue names."""
+
+    def __init__(self, linear: torch.nn.Linear, group_size: int = 128):
+        super().__init__()
+        weight = linear.weight.detach().float()
+        outputs, inputs = weight.shape
+        groups = weight.reshape(outputs, inputs // group_size, group_size)
+        low, high = groups.amin(-1), groups.amax(-1)
+        scale = ((high - low) / 15).clamp(min=1e-6)
+        codes = ((groups - low[..., None]) / scale[..., None]).round().clamp(0, 15).to(torch.int32)
+        self.group_size = group_size
+        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+            codes.reshape(outputs, inputs), 1))
+        self.register_buffer("scales_and_zeros", torch.stack([scale.t(), (low + 8 * scale).t()], -1)
+                             .to(torch.bfloat16).contiguous())
+        self.bias = linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, x.shape[-1]), self.packed, self.group_size,
+                                                        self.scales_and_zeros).reshape(*x.shape[:-1], -1)
+        return y if self.bias is None else y + self.bias
+
+
+def aten_int4(model: torch.nn.Module) -> tuple[Callable, Callable]:
+    """Every linear of a bf16 model (the tied vocabulary projection too, as torchao's ``quantize_``
+    takes every ``nn.Linear``) as an :class:`AtenInt4Linear`."""
+    linears = [(name, module) for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
+    for name, linear in linears:
+        parent, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent), leaf, AtenInt4Linear(linear))
+    return PrefillProgram(model), StepProgram(model)
+
+
+def inductor_bf16(model: torch.nn.Module, ids: torch.Tensor) -> tuple[Callable, Callable, float]:
+    """torch.compile (Inductor, weights frozen as constants, shapes dynamic so the growing cache
+    does not recompile) of the bf16 prefill and step, and the seconds the first calls took."""
+    import torch._inductor.config as inductor_config
+
+    inductor_config.freezing = True
+    start = time.perf_counter()
+    prefill = torch.compile(PrefillProgram(model), dynamic=True)
+    step = torch.compile(StepProgram(model), dynamic=True)
+    with torch.no_grad():
+        logits, *cache = prefill(ids)
+        for _ in range(2):  # the second call at a new cache length shows a shape-specialized graph
+            logits, *cache = step(logits[:, -1].argmax(-1, keepdim=True), *cache)
+    return prefill, step, time.perf_counter() - start
+
+
 def main(layers: int = LAYERS) -> None:
     torch.set_num_threads(2)
     torch.manual_seed(0)
@@ -179,6 +237,18 @@ def main(layers: int = LAYERS) -> None:
                 programs.append(OnnxRuntimeProgram(Path(folder) / f"{name}_float_activations.onnx", threads=2))
         paths["ONNX Runtime W4 g128, accuracy level 1"] = DecodePath(*programs, size, held.retained,
                                                                      "float activations in every MatMulNBits")
+    with resident_window() as held:
+        compiled_bf16 = Qwen2ForCausalLM(config).to(torch.bfloat16).eval()
+        compiled_bf16.load_state_dict(model.state_dict())
+        prefill, step, seconds = inductor_bf16(compiled_bf16, ids)
+    paths["torch.compile bf16 (freezing)"] = DecodePath(prefill, step, tensor_bytes(compiled_bf16), held.retained,
+                                                        f"compile {seconds:.0f} s")
+    with resident_window() as held:
+        int4 = Qwen2ForCausalLM(config).to(torch.bfloat16).eval()
+        int4.load_state_dict(model.state_dict())
+        prefill, step = aten_int4(int4)
+    paths["ATen int4 g128 (torchao <= 0.14 CPU)"] = DecodePath(prefill, step, tensor_bytes(int4), held.retained,
+                                                                "_weight_int4pack_mm_for_cpu, bf16 activations")
     try:
         with resident_window() as held:
             ao = Qwen2ForCausalLM(config).to(torch.bfloat16).eval()
