@@ -103,7 +103,7 @@ def call_cost() -> None:
         rows.append(("qc.linear_int8 1x384x384",
                      lambda: torch.ops.qc.linear_int8(x, scale, zero_point, weight, weight_scale, bias, None, 1.0, 0,
                                                       torch.float32, "none"),
-                     lambda: native.linear_u8s8(x, 0.02, 117, packed, sums, weight_scale, bias, None, False, 1.0, 0,
+                     lambda: native.linear_u8s8(x, 0.02, 117, packed, sums, weight_scale, bias, None, "none", 1.0, 0,
                                                 torch.float32)))
     print(f"{'one call (µs)':<64}{'operator':>10}{'kernel':>10}")
     for label, operator, kernel in rows:

@@ -91,13 +91,17 @@ def pack_u8s8_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return _native.pack_u8s8_weight(weight)
 
 
-def linear_u8s8(x: torch.Tensor, x_scale: float, x_zero_point: int, packed: torch.Tensor, column_sums: torch.Tensor,
-                weight_scale: torch.Tensor, bias: torch.Tensor | None, other: torch.Tensor | None, relu: bool,
-                out_scale: float, out_zero_point: int, out_dtype: torch.dtype) -> torch.Tensor:
-    """S_x·S_W·(x·Wᵀ − Z_x·ΣW) + b (+ other), relu if asked; float32 / bfloat16, or uint8 requantized
-    with ``out_scale`` / ``out_zero_point``: ``qc.linear_int8``'s contract for a few rows."""
-    return _native.linear_u8s8(x, x_scale, x_zero_point, packed, column_sums, weight_scale, bias, other, relu,
-                               out_scale, out_zero_point, out_dtype)
+def linear_u8s8(x: torch.Tensor, x_scale: float | torch.Tensor, x_zero_point: int | torch.Tensor,
+                packed: torch.Tensor, column_sums: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
+                other: torch.Tensor | None, post_op: str, out_scale: float, out_zero_point: int,
+                out_dtype: torch.dtype) -> torch.Tensor:
+    """S_x·S_W·(x·Wᵀ − Z_x·ΣW) + b (+ other), then ``post_op`` (none, relu, relu6, gelu or gelu-tanh);
+    float32 / bfloat16, or uint8 requantized
+    with ``out_scale`` / ``out_zero_point``: ``qc.linear_int8``'s contract for a few rows, and for
+    activations quantized per token (``x_scale`` and ``x_zero_point`` one element per row)."""
+    return _native.linear_u8s8(x, torch.as_tensor(x_scale, dtype=torch.float32).reshape(-1),
+                               torch.as_tensor(x_zero_point, dtype=torch.int32).reshape(-1), packed, column_sums,
+                               weight_scale, bias, other, post_op, out_scale, out_zero_point, out_dtype)
 
 
 def packs_made() -> int:

@@ -131,8 +131,9 @@ class QConfig:
 
 
 INT8_ACTIVATION = QuantSpec("uint8", symmetric=False)
-# Each row (token) quantized with its own range at run time: for kernels that read activations
-# dequantized (W4A8 groups on cpu-int8), where no integer GEMM needs one scale for all rows.
+# Each row (token) quantized with its own range at run time: dynamic int8 for activations whose
+# range varies by row (cpu-int8's int8 linear applies each row's scale in its epilogue; its W4A8
+# groups read them too).
 TOKEN_ACTIVATION = QuantSpec("uint8", symmetric=False, granularity=PerToken())
 INT8_WEIGHT = QuantSpec("int8", symmetric=True, granularity=PerChannel(0))
 

@@ -1,14 +1,15 @@
 """lower-cpu-int8 (passes/lower_cpu_int8.py): Q/DQ groups become oneDNN kernels with the output dtype their consumers want."""
 
 import torch
-from qcompile.passes import EliminateDequant
+from qcompile.passes import Convert, EliminateDequant
 from qcompile.pipeline import Diagnostic
 from qcompile.targets.cpu_int8 import FusePatterns, LowerCpuInt8
 
 import qcompile
 from qcompile.testing import assert_outputs_close, assert_pass_contract, check_graph
 from tests.models import TinyBlock, TinyConvNet
-from tests.quant_stages import qdq
+from qcompile.qconfig import INT8_WEIGHT, TOKEN_ACTIVATION
+from tests.quant_stages import calibrated, qdq
 
 
 def fused_qdq(model, x):
@@ -26,6 +27,29 @@ def test_linear_groups_lower_with_fused_gelu_uint8_output_and_residual_add():
     """, names="canonical")
     # the kernels compute what the reference Q/DQ graph computes, up to one uint8 step of rounding
     assert_outputs_close(before, after, [x], rtol=0.02)
+
+
+def test_linears_on_activations_quantized_per_token_read_each_row_s_scale_and_zero_point():
+    # Dynamic int8: every linear's input quantized at run time with its rows' own ranges; the
+    # kernel takes the [rows, 1] parameters the quantize used, and writes float for the next one.
+    x = torch.randn(4, 16)
+    token = qcompile.int8_preset()
+    token.by_op["linear"] = qcompile.OpQuantConfig(TOKEN_ACTIVATION, INT8_WEIGHT)
+    converted = Convert()(calibrated(TinyBlock(), x, qconfig=token)).graph_module
+    before = FusePatterns()(EliminateDequant()(converted).graph_module).graph_module
+    after = assert_pass_contract(LowerCpuInt8(), before, [x])
+    check_graph(after, """
+    CHECK: %0 = input x
+    CHECK-NEXT: %1 = qc.choose_qparams_per_token.default(%0, 0, 255, False)
+    CHECK-NEXT: %2 = operator.getitem(%1, 0) : f32[s0,1]
+    CHECK-NEXT: %3 = operator.getitem(%1, 1) : i32[s0,1]
+    CHECK-NEXT: %4 = qc.quantize.default(%0, %2, %3, None, 0, 255, torch.uint8)
+    CHECK: %8 = qc.linear_int8.default(%4, %2, %3, %5, %6, %7, None, 1.0, 0, torch.float32, 'gelu') : f32[s0,32]
+    CHECK-NEXT: %9 = qc.choose_qparams_per_token.default(%8, 0, 255, False)
+    CHECK: qc.linear_int8.default(%12, %10, %11, {{.*}}, %0, 1.0, 0, torch.float32, 'none') : f32[s0,16]
+    """, names="canonical")
+    assert "aten.linear" not in qcompile.print_graph(after)
+    assert_outputs_close(before, after, [x], rtol=1e-4)  # float outputs: no requantizing step between
 
 
 def test_conv_lowers_and_max_pool_runs_on_uint8_in_its_own_kernel():

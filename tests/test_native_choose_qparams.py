@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from qcompile import native
 from qcompile.ops import choose_qparams_per_token
 from qcompile.spec import integer_qparams
 
@@ -14,9 +15,9 @@ def formula(x, qmin, qmax, symmetric):
     return integer_qparams(lo, hi, qmin, qmax, symmetric)
 
 
-def rows():
+def rows(depth=97):
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(4, 50, 97, generator=g) * torch.logspace(-6, 6, 50).view(1, 50, 1)
+    x = torch.randn(4, 50, depth, generator=g) * torch.logspace(-6, 6, 50).view(1, 50, 1)
     x[0, 0] = 0.0                    # all zero: the smallest scale
     x[0, 1] = x[0, 1].abs() + 1      # all positive: lo = 0
     x[0, 2] = -x[0, 2].abs() - 1     # all negative: hi = 0
@@ -24,21 +25,26 @@ def rows():
     return x
 
 
+@pytest.mark.parametrize("isa", native.available_isas())
+@pytest.mark.parametrize("depth", [8, 32, 97])  # the AVX-512 path reads 32 lanes a step: less, exactly, and a tail
 @pytest.mark.parametrize(("qmin", "qmax", "symmetric"), [(0, 255, False), (-128, 127, True), (-128, 127, False),
                                                           (-224, 224, True), (-8, 7, False)])
-def test_the_parameters_are_the_formulas_bits(qmin, qmax, symmetric):
-    x = rows()
-    scale, zero_point = choose_qparams_per_token(x, qmin, qmax, symmetric)
+def test_the_parameters_are_the_formulas_bits(qmin, qmax, symmetric, depth, isa):
+    x = rows(depth)
+    with native.running_on(isa):
+        scale, zero_point = choose_qparams_per_token(x, qmin, qmax, symmetric)
     expected_scale, expected_zero_point = formula(x, qmin, qmax, symmetric)
     assert scale.shape == (4, 50, 1) and scale.dtype == torch.float32 and zero_point.dtype == torch.int32
     torch.testing.assert_close(scale, expected_scale, rtol=0, atol=0)
     torch.testing.assert_close(zero_point, expected_zero_point, rtol=0, atol=0)
 
 
-def test_bf16_rows_and_a_nan_row():
+@pytest.mark.parametrize("isa", native.available_isas())
+def test_bf16_rows_and_a_nan_row(isa):
     x = rows()[1].bfloat16()
     x[3, 7] = float("nan")
-    scale, zero_point = choose_qparams_per_token(x, 0, 255, False)
+    with native.running_on(isa):
+        scale, zero_point = choose_qparams_per_token(x, 0, 255, False)
     expected_scale, expected_zero_point = formula(x, 0, 255, False)
     keep = torch.arange(50) != 3
     torch.testing.assert_close(scale[keep], expected_scale[keep], rtol=0, atol=0)

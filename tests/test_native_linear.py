@@ -57,7 +57,7 @@ def test_the_portable_isa_is_refused_by_the_vnni_kernel():
     x, xs, xz, w, ws, b = operands(1, 8, 8)
     packed, sums = native.pack_u8s8_weight(w)
     with native.running_on("portable"), pytest.raises(RuntimeError, match="runs on AVX512-VNNI only"):
-        native.linear_u8s8(x, 0.02, 117, packed, sums, ws, b, None, False, 1.0, 0, torch.float32)
+        native.linear_u8s8(x, 0.02, 117, packed, sums, ws, b, None, "none", 1.0, 0, torch.float32)
 
 
 def conv_operands(batch, channels, size, outputs, kernel, seed=0, channels_last=False):

@@ -9,6 +9,7 @@ from qcompile import native
 from qcompile.spec import PerChannel, QuantSpec, compute_qparams
 from qcompile.targets.cpu_features import has_exact_int8_gemm
 from qcompile.targets.cpu_int8.capabilities import BY_KERNEL, KERNEL_WEIGHT_DTYPE, POST_OPS
+from qcompile.targets.cpu_int8.onednn import reference_linear_int8
 
 qc = torch.ops.qc
 ACT = QuantSpec("uint8", symmetric=False)
@@ -36,9 +37,11 @@ def qlinear(x_q, x_scale, x_zp, w_q, w_scale, b, *, other=None, out_scale=1.0, o
 
 
 @pytest.mark.parametrize("post_op, activation", [("none", lambda y: y), ("relu", F.relu), ("gelu", F.gelu),
-                                                  ("gelu-tanh", lambda y: F.gelu(y, approximate="tanh"))])
-def test_float_output_matches_dequantize_linear_reference(post_op, activation):
-    x_q, x_scale, x_zp, w_q, w_scale, b, ref_x, ref_w = quantized_problem()
+                                                  ("gelu-tanh", lambda y: F.gelu(y, approximate="tanh")),
+                                                  ("relu6", lambda y: F.hardtanh(y, 0.0, 6.0))])
+@pytest.mark.parametrize("rows", [3, 64])  # the few-row VNNI kernel's own epilogues, and oneDNN's post-ops
+def test_float_output_matches_dequantize_linear_reference(post_op, activation, rows):
+    x_q, x_scale, x_zp, w_q, w_scale, b, ref_x, ref_w = quantized_problem(rows=rows)
     expected = activation(F.linear(ref_x, ref_w, b))
     actual = qlinear(x_q, x_scale, x_zp, w_q, w_scale, b, post_op=post_op)
     torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
@@ -232,3 +235,37 @@ class _ConvGelu(torch.nn.Module):
 
     def forward(self, x):
         return F.gelu(self.conv(x))
+
+
+@pytest.mark.parametrize("isa", native.available_isas())  # AVX512-VNNI's u8s8 kernel, or oneDNN finished in ATen
+@pytest.mark.parametrize("rows", [1, 7, 200])
+@pytest.mark.parametrize("post_op, out_dtype", [("none", torch.float32), ("relu", torch.bfloat16),
+                                                ("gelu", torch.float32), ("relu", torch.uint8),
+                                                ("gelu-tanh", torch.uint8)])
+def test_activations_quantized_per_token_keep_the_contract_row_by_row(isa, rows, post_op, out_dtype):
+    # Each row its own scale and zero point, as qc.quantize_per_token gives them: no per-tensor
+    # int8 GEMM takes them, so the kernel must apply them row by row in its epilogue.
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(2, rows, 96, generator=g) * torch.logspace(-2, 1, rows)[:, None]  # rows of very different ranges
+    x_q, x_scale, x_zp = qc.quantize_per_token(x, 0, 255, False, torch.uint8)
+    w_q = torch.randint(-127 if has_exact_int8_gemm() else -63, 64, (40, 96), generator=g, dtype=torch.int8)
+    w_scale, b, other = torch.rand(40, generator=g) / 50, torch.randn(40, generator=g), torch.randn(2, rows, 40)
+    out_scale, out_zp = (0.05, 100) if out_dtype == torch.uint8 else (1.0, 0)
+    if out_dtype == torch.uint8 or post_op not in ("none", "relu"):
+        other = None  # a residual add goes into a float output, followed by relu at most
+    with native.running_on(isa):
+        actual = qlinear(x_q, x_scale, x_zp, w_q, w_scale, b, other=other, out_scale=out_scale,
+                         out_zero_point=out_zp, out_dtype=out_dtype, post_op=post_op)
+    expected = reference_linear_int8(x_q, x_scale, x_zp, w_q, w_scale, b, other, out_scale, out_zp, out_dtype, post_op)
+    assert actual.shape == (2, rows, 40) and actual.dtype == out_dtype
+    if out_dtype == torch.uint8:
+        assert (actual.int() - expected.int()).abs().max() <= 1
+    else:
+        torch.testing.assert_close(actual.float(), expected.float(), rtol=1e-2 if out_dtype == torch.bfloat16 else 1e-4,
+                                   atol=1e-2 if out_dtype == torch.bfloat16 else 1e-4)
+
+
+def test_per_token_activations_need_one_scale_per_row():
+    x_q, x_scale, x_zp, w_q, w_scale, b, *_ = quantized_problem(rows=6)
+    with pytest.raises(ValueError, match=r"one scale and zero point per row \(6\), got 3 and 3"):
+        qlinear(x_q, torch.full((3, 1), 0.1), torch.zeros(3, 1, dtype=torch.int32), w_q, w_scale, b)

@@ -97,6 +97,8 @@ def test_the_table_covers_every_candidate_and_round_trips_as_json(tmp_path):
         assert row["w4a8-g32"].weight_bytes == row["w4-g32"].weight_bytes
         assert row["w4a8-g32"].sqnr_db < row["int8"].sqnr_db  # int4 weights lose more than int8's
         assert row["w4a8-g32"].float_reason is None  # planned: cpu-int8 runs W4A8 groups
+        # each row's own range is within the calibrated one: finer steps than per tensor
+        assert row["int8-token"].float_reason is None and row["int8-token"].sqnr_db > row["int8"].sqnr_db
     assert Sensitivity.from_json(table.to_json()) == table
     assert "linear_1" in str(table) and "w4-g32" in str(table)
     svg = ElementTree.parse(table.write_svg(str(tmp_path / "s.svg"))).getroot()

@@ -34,6 +34,7 @@
 #include "isa.h"
 #include "linear_u8s8.h"
 #include "names.h"
+#include "quantize.h"
 #include "weight_cache.h"
 #include "weight_only.h"
 
@@ -158,11 +159,66 @@ Packed onednn_packed(const at::Tensor& prepacked, const at::Tensor& weight_scale
 at::Tensor linear_few_rows(const at::Tensor& x, const at::Tensor& x_scale, const at::Tensor& x_zero_point,
                            const at::Tensor& weight, const at::Tensor& weight_scale,
                            const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& other,
-                           double out_scale, int64_t out_zero_point, at::ScalarType out_dtype, bool relu) {
+                           double out_scale, int64_t out_zero_point, at::ScalarType out_dtype,
+                           std::string_view post_op) {
   static WeightCache cache;
   const Packed packed = cache.get(weight, weight_scale, [&] { return vnni_packed(weight, weight_scale); });
-  return linear_u8s8(x, x_scale.item<double>(), x_zero_point.item<int64_t>(), packed[0], packed[1], packed[2], bias,
-                     other, relu, out_scale, out_zero_point, kernel_dtype(out_dtype));
+  return linear_u8s8(x, x_scale, x_zero_point, packed[0], packed[1], packed[2], bias, other, post_op, out_scale,
+                     out_zero_point, kernel_dtype(out_dtype));
+}
+
+// A unary epilogue in ATen ops, for a result computed without it.
+at::Tensor apply_unary(const at::Tensor& y, const PostOp& unary) {
+  if (unary.name == "relu") return at::relu(y);
+  if (unary.name == "relu6") return at::hardtanh(y, 0.0, 6.0);
+  if (unary.name == "gelu") return at::gelu(y, "none");
+  if (unary.name == "gelu-tanh") return at::gelu(y, "tanh");
+  return y;
+}
+
+// A float32 result in the output's dtype: uint8 requantized as qc.quantize does, or cast.
+at::Tensor in_output_dtype(const at::Tensor& y, double out_scale, int64_t out_zero_point, at::ScalarType out_dtype) {
+  return out_dtype == at::kByte ? quantize_per_tensor(y, out_scale, out_zero_point, 0, 255, at::kByte) : y.to(out_dtype);
+}
+
+// Activations quantized per token: each row m has its own (S_x[m], Z_x[m]), which oneDNN's int8 GEMM
+// cannot take (its source scale is one per tensor). On AVX512-VNNI the u8s8 kernel reads each row's
+// pair in its epilogue, at every row count (at 4096 rows of all-MiniLM's shapes it took 0.77-1.25x
+// oneDNN's per-tensor time, 2 threads, Zen 4; below 128 rows it is faster). Elsewhere oneDNN
+// multiplies with S_x = 1, Z_x = 0 into float,
+//   A[m][n] = S_W[n]·Σ_k x[m][k]·W[n][k],
+// and ATen finishes each row: y = S_x[m]·A[m][n] − S_x[m]·Z_x[m]·(S_W[n]·Σ_k W[n][k]) + b[n].
+// The u8s8 kernel runs every unary epilogue itself; the ATen path finishes with ATen's.
+at::Tensor linear_per_token(const at::Tensor& x, const at::Tensor& x_scale, const at::Tensor& x_zero_point,
+                            const at::Tensor& weight, const at::Tensor& weight_scale,
+                            const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& other,
+                            double out_scale, int64_t out_zero_point, at::ScalarType out_dtype, const PostOp& unary) {
+  const int64_t k = x.size(-1), rows = k > 0 ? x.numel() / k : 0, n = weight.size(0);
+  TORCH_CHECK_VALUE(x_scale.numel() == rows && x_zero_point.numel() == rows,
+                    "linear_int8: activations quantized per token take one scale and zero point per row (", rows,
+                    "), got ", x_scale.numel(), " and ", x_zero_point.numel());
+  if (has_vnni() && active_isa() == Isa::Avx512 && k <= kMaxDepth) {
+    return linear_few_rows(x, x_scale, x_zero_point, weight, weight_scale, bias, other, out_scale, out_zero_point,
+                           out_dtype, unary.name)
+        .to(out_dtype);
+  }
+  static WeightCache cache;
+  const Packed packed = cache.get(weight, weight_scale, [&] {
+    check_saturation_free(weight, "linear_int8");
+    Packed made = onednn_packed(kLinearPrepack({weight, c10::IValue()}), weight_scale);
+    made.push_back(weight_scale.to(at::kFloat) * weight.sum(1, false, at::kFloat));  // S_W[n]·Σ_k W[n][k]
+    return made;
+  });
+  const at::Tensor sums = kLinear({x.contiguous(), at::ones({}, at::kFloat), at::zeros({}, at::kLong), packed[0],
+                                   packed[1], packed[2], c10::IValue(), 1.0, 0, at::kFloat, std::string("none"),
+                                   c10::List<std::optional<c10::Scalar>>(), std::string()});
+  const at::Tensor scale = x_scale.reshape({rows, 1}).to(at::kFloat);
+  at::Tensor y = sums.reshape({rows, n}) * scale - (scale * x_zero_point.reshape({rows, 1}).to(at::kFloat)) * packed[3];
+  if (bias.has_value() && bias->defined()) y = y + bias->to(at::kFloat);
+  if (other.has_value() && other->defined()) y = y + other->reshape({rows, n}).to(at::kFloat);
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = n;
+  return in_output_dtype(apply_unary(y, unary), out_scale, out_zero_point, out_dtype).reshape(shape);
 }
 
 // A convolution small enough that oneDNN's fixed cost per call is most of its time, as im2col and
@@ -174,7 +230,8 @@ at::Tensor linear_few_rows(const at::Tensor& x, const at::Tensor& x_scale, const
 at::Tensor conv_small(const at::Tensor& x, const at::Tensor& x_scale, const at::Tensor& x_zero_point,
                       const at::Tensor& weight, const at::Tensor& weight_scale, const std::optional<at::Tensor>& bias,
                       at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t out_h,
-                      int64_t out_w, double out_scale, int64_t out_zero_point, at::ScalarType out_dtype, bool relu) {
+                      int64_t out_w, double out_scale, int64_t out_zero_point, at::ScalarType out_dtype,
+                      std::string_view post_op) {
   static WeightCache cache;
   const int64_t batch = x.size(0), channels = x.size(1), h = x.size(2), w = x.size(3);
   const int64_t outputs = weight.size(0), kh = weight.size(2), kw = weight.size(3);
@@ -214,8 +271,8 @@ at::Tensor conv_small(const at::Tensor& x, const at::Tensor& x_scale, const at::
       }
     }
   });
-  const at::Tensor y = linear_u8s8(cols, x_scale.item<double>(), zero_point, packed[0], packed[1], packed[2], bias,
-                                   std::nullopt, relu, out_scale, out_zero_point, kernel_dtype(out_dtype));
+  const at::Tensor y = linear_u8s8(cols, x_scale, x_zero_point, packed[0], packed[1], packed[2], bias, std::nullopt,
+                                   post_op, out_scale, out_zero_point, kernel_dtype(out_dtype));
   return y.view({batch, out_h, out_w, outputs}).permute({0, 3, 1, 2});
 }
 
@@ -236,10 +293,14 @@ at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& x_scale, const at:
   TORCH_CHECK_VALUE(!(with_add && out_dtype == at::kByte),
                     "linear_int8 adds a float other into a float output only, not a uint8 one");
   const int64_t k = x.size(-1), rows = k > 0 ? x.numel() / k : 0;
-  if ((unary.name == "none" || unary.name == "relu") && has_vnni() && active_isa() == Isa::Avx512 &&
+  if (x_scale.numel() != 1 || x_zero_point.numel() != 1) {
+    return linear_per_token(x, x_scale, x_zero_point, weight, weight_scale, bias, other, out_scale, out_zero_point,
+                            out_dtype, unary);
+  }
+  if (has_vnni() && active_isa() == Isa::Avx512 &&
       rows <= kFewRows && k <= kMaxDepth) {
     return linear_few_rows(x, x_scale, x_zero_point, weight, weight_scale, bias, other, out_scale, out_zero_point,
-                           out_dtype, unary.name == "relu")
+                           out_dtype, unary.name)
         .to(out_dtype);
   }
   static WeightCache cache;
@@ -286,7 +347,7 @@ at::Tensor conv2d_int8(const at::Tensor& x, const at::Tensor& x_scale, const at:
       active_isa() == Isa::Avx512 && macs <= kSmallConvMacs &&
       weight.size(1) * weight.size(2) * weight.size(3) <= kMaxDepth) {
     return conv_small(x, x_scale, x_zero_point, weight, weight_scale, bias, stride, padding, dilation, out_h, out_w,
-                      out_scale, out_zero_point, out_dtype, unary.name == "relu")
+                      out_scale, out_zero_point, out_dtype, unary.name)
         .to(out_dtype);
   }
   const double scale = x_scale.item<double>();

@@ -4,7 +4,10 @@
 //
 //   acc[m][n] = Σ_k x[m][k]·W[n][k]                        (exact int32: VPDPBUSD adds four u8·s8
 //                                                             products into int32, no saturation)
-//   y[m][n]   = S_x·S_W[n]·(acc[m][n] − Z_x·Σ_k W[n][k]) + b[n] (+ other[m][n]),  then relu if asked
+//   y[m][n]   = S_x·S_W[n]·(acc[m][n] − Z_x·Σ_k W[n][k]) + b[n] (+ other[m][n]),  then the unary
+//               epilogue if asked: relu, relu6 = clamp(y, 0, 6), gelu = y·Φ(y) (erf form) or its
+//               tanh approximation
+//               (S_x, Z_x one pair for every row, or row m's own: activations quantized per token)
 //   out       = y (fp32 / bf16), or clamp(round(y / S_out) + Z_out, 0, 255) as uint8
 //
 // The weight is packed once (pack_u8s8_weight) into VNNI blocks: 16 output channels x 4 inputs
@@ -21,6 +24,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <string_view>
 
 #include "isa.h"
 #include "simd.h"
@@ -32,13 +36,27 @@ constexpr int64_t kBlock = 16;          // output channels per register
 constexpr int64_t kGroup = 4 * kBlock;  // output channels per task step (4 registers)
 constexpr int64_t kRowBlock = 64;       // rows per task
 
+// The unary epilogues it runs, by the names qc.linear_int8 gives them.
+enum class Unary { kNone, kRelu, kRelu6, kGelu, kGeluTanh };
+
+Unary unary_named(std::string_view name) {
+  if (name == "none") return Unary::kNone;
+  if (name == "relu") return Unary::kRelu;
+  if (name == "relu6") return Unary::kRelu6;
+  if (name == "gelu") return Unary::kGelu;
+  if (name == "gelu-tanh") return Unary::kGeluTanh;
+  TORCH_CHECK_VALUE(false, "linear_u8s8: post-op '", name, "' is not none, relu, relu6, gelu or gelu-tanh");
+}
+
 struct Epilogue {
-  float x_scale, x_zero_point;
+  const float* x_scales;         // row m's S_x at x_scales[m·x_step]
+  const int32_t* x_zero_points;  // and its Z_x
+  int64_t x_step;                // 0: one pair for all rows; 1: a pair per row
   const float* weight_scale;
   const int32_t* column_sums;
   const float* bias;   // or nullptr
   const float* other;  // [rows][n] or nullptr
-  bool relu;
+  Unary unary;
   at::ScalarType out_dtype;
   float out_scale, out_zero_point;
   void* out;
@@ -57,17 +75,53 @@ QC_VNNI inline __m256i to_bfloat16(__m512 y) {
   return _mm512_cvtepi32_epi16(rounded);
 }
 
+// y·Φ(y) = y/2·(1 + erf(y/√2)), erf by Abramowitz and Stegun's 7.1.26 (absolute error below
+// 1.5e-7): erf(z) = 1 − t·(a1 + t·(a2 + t·(a3 + t·(a4 + t·a5))))·e^(−z²), t = 1/(1 + p·z) for
+// z >= 0, odd in z. The GELU of a linear's output then differs from ATen's by at most 1e-7·|y|.
+QC_VNNI inline __m512 gelu_erf(__m512 y) {
+  const __m512 z = _mm512_abs_ps(_mm512_mul_ps(y, _mm512_set1_ps(0.70710678118654752f)));
+  const __m512 t = _mm512_div_ps(_mm512_set1_ps(1.f), _mm512_fmadd_ps(z, _mm512_set1_ps(0.3275911f), _mm512_set1_ps(1.f)));
+  __m512 poly = _mm512_fmadd_ps(t, _mm512_set1_ps(1.061405429f), _mm512_set1_ps(-1.453152027f));
+  poly = _mm512_fmadd_ps(poly, t, _mm512_set1_ps(1.421413741f));
+  poly = _mm512_fmadd_ps(poly, t, _mm512_set1_ps(-0.284496736f));
+  poly = _mm512_fmadd_ps(poly, t, _mm512_set1_ps(0.254829592f));
+  const __m512 tail = _mm512_mul_ps(_mm512_mul_ps(poly, t), exp_nonpositive(_mm512_mul_ps(_mm512_sub_ps(_mm512_setzero_ps(), z), z)));
+  // 1 + erf(y/√2): 2 − tail above zero, tail below (erf is odd).
+  const __mmask16 negative = _mm512_cmp_ps_mask(y, _mm512_setzero_ps(), _CMP_LT_OQ);
+  const __m512 one_plus = _mm512_mask_blend_ps(negative, _mm512_sub_ps(_mm512_set1_ps(2.f), tail), tail);
+  return _mm512_mul_ps(_mm512_mul_ps(y, _mm512_set1_ps(0.5f)), one_plus);
+}
+
+// y/2·(1 + tanh(u)), u = √(2/π)·(y + 0.044715·y³), with 1 + tanh(u) = 2/(1 + e^(−2u)) taken as
+// 2/(1 + e) above zero and 2e/(1 + e) below, e = e^(−2|u|) (never overflows).
+QC_VNNI inline __m512 gelu_tanh(__m512 y) {
+  const __m512 cube = _mm512_mul_ps(_mm512_mul_ps(y, y), y);
+  const __m512 u = _mm512_mul_ps(_mm512_set1_ps(0.7978845608028654f), _mm512_fmadd_ps(cube, _mm512_set1_ps(0.044715f), y));
+  const __m512 e = exp_nonpositive(_mm512_mul_ps(_mm512_set1_ps(-2.f), _mm512_abs_ps(u)));
+  const __m512 denominator = _mm512_add_ps(_mm512_set1_ps(1.f), e);
+  const __mmask16 negative = _mm512_cmp_ps_mask(u, _mm512_setzero_ps(), _CMP_LT_OQ);
+  const __m512 numerator = _mm512_mask_blend_ps(negative, _mm512_set1_ps(2.f), _mm512_add_ps(e, e));
+  return _mm512_mul_ps(_mm512_mul_ps(y, _mm512_set1_ps(0.5f)), _mm512_div_ps(numerator, denominator));
+}
+
 // One row's outputs n0 .. n0 + 15 (the lanes of mask m) from their int32 sums, in the order of
-// the formula above: (S_x·S_W[n])·(acc − Z_x·ΣW[n]) + b[n] (+ other), relu, then stored.
+// the formula above: (S_x·S_W[n])·(acc − Z_x·ΣW[n]) + b[n] (+ other), the unary epilogue, then stored.
 QC_VNNI void finish(const Epilogue& e, __m512i acc, int64_t row, int64_t n0, __mmask16 m) {
-  const __m512i correction = _mm512_mullo_epi32(_mm512_set1_epi32(static_cast<int32_t>(e.x_zero_point)),
+  const __m512i correction = _mm512_mullo_epi32(_mm512_set1_epi32(e.x_zero_points[row * e.x_step]),
                                                 _mm512_maskz_loadu_epi32(m, e.column_sums + n0));
-  const __m512 scale = _mm512_mul_ps(_mm512_set1_ps(e.x_scale), _mm512_maskz_loadu_ps(m, e.weight_scale + n0));
+  const __m512 scale = _mm512_mul_ps(_mm512_set1_ps(e.x_scales[row * e.x_step]),
+                                     _mm512_maskz_loadu_ps(m, e.weight_scale + n0));
   __m512 y = _mm512_mul_ps(scale, _mm512_cvtepi32_ps(_mm512_sub_epi32(acc, correction)));
   if (e.bias) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(m, e.bias + n0));
   const int64_t at = row * e.n + n0;
   if (e.other) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(m, e.other + at));
-  if (e.relu) y = _mm512_max_ps(y, _mm512_setzero_ps());
+  switch (e.unary) {
+    case Unary::kNone: break;
+    case Unary::kRelu: y = _mm512_max_ps(y, _mm512_setzero_ps()); break;
+    case Unary::kRelu6: y = _mm512_min_ps(_mm512_max_ps(y, _mm512_setzero_ps()), _mm512_set1_ps(6.f)); break;
+    case Unary::kGelu: y = gelu_erf(y); break;
+    case Unary::kGeluTanh: y = gelu_tanh(y); break;
+  }
   if (e.out_dtype == at::kByte) {
     store_quantized(static_cast<uint8_t*>(e.out) + at, m, y, _mm512_set1_ps(e.out_scale),
                     _mm512_set1_ps(e.out_zero_point), _mm512_setzero_ps(), _mm512_set1_ps(255.f));
@@ -155,15 +209,21 @@ bool has_vnni() {
   return vnni;
 }
 
-at::Tensor linear_u8s8(const at::Tensor& x, double x_scale, int64_t x_zero_point, const at::Tensor& packed,
-                       const at::Tensor& column_sums, const at::Tensor& weight_scale,
-                       const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& other, bool relu,
+at::Tensor linear_u8s8(const at::Tensor& x, const at::Tensor& x_scale, const at::Tensor& x_zero_point,
+                       const at::Tensor& packed, const at::Tensor& column_sums, const at::Tensor& weight_scale,
+                       const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& other,
+                       std::string_view post_op,
                        double out_scale, int64_t out_zero_point, at::ScalarType out_dtype) {
   TORCH_CHECK(x.scalar_type() == at::kByte, "linear_u8s8: activations must be uint8, got ", x.scalar_type());
   const int64_t n = column_sums.numel(), k = x.size(-1), rows = x.numel() / std::max<int64_t>(k, 1);
   const int64_t k_pad = round_up(std::max<int64_t>(k, 1), 4), groups = round_up(std::max<int64_t>(n, 1), kGroup) / kGroup;
   TORCH_CHECK(packed.numel() == groups * kGroup * k_pad, "linear_u8s8: the packed weight is for another input width");
   TORCH_CHECK(k_pad <= kMaxDepth, "linear_u8s8: ", k, " inputs; its int32 sums hold up to ", kMaxDepth);
+  const int64_t pairs = x_scale.numel();
+  TORCH_CHECK((pairs == 1 || pairs == rows) && x_zero_point.numel() == pairs,
+              "linear_u8s8: one activation scale and zero point, or one per row (", rows, "), got ", pairs, " and ",
+              x_zero_point.numel());
+  const at::Tensor scales = x_scale.to(at::kFloat).contiguous(), zero_points = x_zero_point.to(at::kInt).contiguous();
   TORCH_CHECK(weight_scale.numel() == n && weight_scale.scalar_type() == at::kFloat,
               "linear_u8s8: one float32 weight scale per output channel");
   TORCH_CHECK(out_dtype == at::kFloat || out_dtype == at::kBFloat16 || out_dtype == at::kByte,
@@ -180,9 +240,10 @@ at::Tensor linear_u8s8(const at::Tensor& x, double x_scale, int64_t x_zero_point
     TORCH_CHECK(other->numel() == rows * n, "linear_u8s8: other must have the output's ", rows * n, " elements");
     o = other->to(at::kFloat).contiguous();
   }
-  Epilogue e{static_cast<float>(x_scale), static_cast<float>(x_zero_point), weight_scale.data_ptr<float>(),
+  Epilogue e{scales.const_data_ptr<float>(), zero_points.const_data_ptr<int32_t>(), pairs == 1 ? 0 : 1,
+             weight_scale.data_ptr<float>(),
              column_sums.data_ptr<int32_t>(), b.defined() ? b.data_ptr<float>() : nullptr,
-             o.defined() ? o.data_ptr<float>() : nullptr, relu, out_dtype, static_cast<float>(out_scale),
+             o.defined() ? o.data_ptr<float>() : nullptr, unary_named(post_op), out_dtype, static_cast<float>(out_scale),
              static_cast<float>(out_zero_point), out.data_ptr(), n};
   TORCH_CHECK(active_isa() == Isa::Avx512 && has_vnni(),
               "linear_u8s8 runs on AVX512-VNNI only (this CPU, or the ISA the kernels are held to, lacks it)");

@@ -4,6 +4,7 @@
 #include <ATen/ATen.h>
 
 #include <optional>
+#include <string_view>
 #include <tuple>
 
 namespace qcompile {
@@ -18,9 +19,12 @@ constexpr int64_t kMaxDepth = 65536;
 // Whether this CPU has AVX512-VNNI (without it qc.linear_int8 runs oneDNN at every row count).
 bool has_vnni();
 
-at::Tensor linear_u8s8(const at::Tensor& x, double x_scale, int64_t x_zero_point, const at::Tensor& packed,
-                       const at::Tensor& column_sums, const at::Tensor& weight_scale,
-                       const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& other, bool relu,
+// x_scale and x_zero_point hold one element (every row's) or one per row (activations quantized per
+// token, each row's own).
+at::Tensor linear_u8s8(const at::Tensor& x, const at::Tensor& x_scale, const at::Tensor& x_zero_point,
+                       const at::Tensor& packed, const at::Tensor& column_sums, const at::Tensor& weight_scale,
+                       const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& other,
+                       std::string_view post_op,
                        double out_scale, int64_t out_zero_point, at::ScalarType out_dtype);
 
 }  // namespace qcompile

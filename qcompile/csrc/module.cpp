@@ -81,8 +81,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("w4a8_in_integers", &qcompile::w4a8_in_integers,
              "Whether qc.linear_w4a8 runs its integer kernel on the active instruction set.");
   module.def("linear_u8s8", &qcompile::linear_u8s8,
-             "S_x·S_W·(x·Wᵀ − Z_x·ΣW) + b (+ other), relu if asked, as float32 / bfloat16 or requantized uint8: "
-             "qc.linear_int8 for a few rows.");
+             "S_x·S_W·(x·Wᵀ − Z_x·ΣW) + b (+ other), then a unary post-op, as float32 / bfloat16 or requantized uint8: "
+             "qc.linear_int8 for a few rows, and per token (S_x, Z_x one per row).");
   module.def("all_finite", &qcompile::all_finite, "Whether x holds no NaN and no infinity (one read of it).");
   module.def("broadcast_param", &qcompile::broadcast_param,
              "A quantization parameter shaped to broadcast against x (0-dim when per tensor).");

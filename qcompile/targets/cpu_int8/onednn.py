@@ -7,7 +7,8 @@ in C++, with no Python frame). They keep the contract, checked against the refer
     op(x_q, ...) == quantize_out(unary(dequantize(x_q) ⊛ dequantize(w_q) + b [+ other]))
 
 with activations as uint8 plus a scale and zero point (one-element tensors, so the same op
-serves static scales and scales computed at run time), weights as plain int8 tensors,
+serves static scales and scales computed at run time; for ``linear_int8`` also one per row,
+activations quantized per token at run time), weights as plain int8 tensors,
 symmetric per output channel, bias in float, an optional ``other`` added before the
 unary post-op (a residual add fused into the kernel epilogue: float for linear; for conv2d
 float, or uint8 read with ``other_scale`` / ``other_zero_point``), and the output float
@@ -76,8 +77,10 @@ def _dequantized(q: Tensor, scale: Tensor | float, zero_point: Tensor | int, axi
 
 def reference_linear_int8(x, x_scale, x_zero_point, weight, weight_scale, bias, other, out_scale, out_zero_point,
                           out_dtype, post_op) -> Tensor:
-    """``linear_int8``'s contract in reference ops: quantize(unary(DQ(x)·DQ(W)ᵀ + b + other))."""
-    y = F.linear(_dequantized(x, x_scale.reshape(()), x_zero_point.reshape(())),
+    """``linear_int8``'s contract in reference ops: quantize(unary(DQ(x)·DQ(W)ᵀ + b + other)), the
+    activations' scale and zero point one pair, or one per row (per token) shaped [..., 1]."""
+    rows = () if x_scale.numel() == 1 else (*x.shape[:-1], 1)
+    y = F.linear(_dequantized(x, x_scale.reshape(rows), x_zero_point.reshape(rows)),
                  _dequantized(weight, weight_scale, torch.zeros_like(weight_scale, dtype=torch.int32), 0),
                  None if bias is None else bias.float())
     if other is not None:
