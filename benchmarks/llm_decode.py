@@ -18,7 +18,8 @@ qcompile rows are ``compile_decoder`` with every linear weight-only (int8 per ch
 ``_weight_int4pack_mm_for_cpu`` or qcompile's int4 kernel), activations bf16, or W4A8: the same
 int4 weights on uint8 activations quantized per token at run time (``qc.linear_w4a8``, summed in
 integers on AVX2 CPUs without AVX512-BF16), as ONNX Runtime's accuracy level 4 quantizes them;
-the token table in int8 rows. No outlier smoothing: the rows keep ONNX Runtime's arithmetic (it
+the token table in int8 rows; W8A8: int8 weights per channel on the same per-token uint8
+activations (``qc.linear_int8``, each row's scale in the kernel's epilogue). No outlier smoothing: the rows keep ONNX Runtime's arithmetic (it
 has none), and random weights have no outlier channels to smooth. The ONNX
 Runtime rows are the W4 plan's prefill and step exported (``QuantizedDecoder.export_onnx``:
 ``MatMulNBits`` nodes, each with the accuracy level the export measured safe for it) and run by
@@ -200,7 +201,8 @@ def main(layers: int = LAYERS) -> None:
     int4 = QuantSpec("int4", granularity=PerGroup(1, 128))
     formats = {"qcompile W8 (weight-only int8)": OpQuantConfig(None, QuantSpec("int8", granularity=PerChannel(0))),
                "qcompile W4 g128 (weight-only int4)": OpQuantConfig(None, int4),
-               "qcompile W4A8 g128 (uint8 per token)": OpQuantConfig(TOKEN_ACTIVATION, int4)}
+               "qcompile W4A8 g128 (uint8 per token)": OpQuantConfig(TOKEN_ACTIVATION, int4),
+               "qcompile W8A8 (uint8 per token)": OpQuantConfig(TOKEN_ACTIVATION, INT8_WEIGHT)}
     compiled_by_name = {}
     for name, linear in formats.items():
         start = time.perf_counter()

@@ -28,7 +28,7 @@ from qcompile.targets.cpu_int8.weight_only_kernels import (
     reference_linear_weight_only,
 )
 from qcompile.testing import assert_outputs_close, assert_pass_contract, check_graph
-from tests.models import SentenceEmbedder, TinyBlock, docstring_sentences, minilm_inputs
+from tests.models import SentenceEmbedder, TinyBlock, TinyConvNet, docstring_sentences, minilm_inputs
 from tests.quant_stages import annotated, calibrated, cleaned
 
 INT4_G32 = QConfig(by_op={"linear": OpQuantConfig(None, QuantSpec("int4", granularity=PerGroup(1, 32)))})
@@ -387,9 +387,10 @@ def test_w4a8_groups_are_planned_with_uint8_activations_and_converted_to_both_qd
     """)
 
 
-def test_per_token_activations_run_in_front_of_the_weight_only_kernel_and_not_the_int8_one():
-    """W4A8 groups put choose_qparams_per_token before the kernel; the int8 kernel (per-tensor
-    activations only) refuses the same activations with an int8 weight, and says so."""
+def test_per_token_activations_run_in_front_of_the_weight_only_kernel_and_into_the_int8_linear():
+    """W4A8 groups put choose_qparams_per_token before the kernel; the int8 linear takes the same
+    activations with an int8 weight (each row's scale in its epilogue); a convolution, whose kernel
+    takes one input scale, refuses them and says so."""
     model = TinyBlock(width=64, hidden=128)
     data = [(torch.randn(8, 64, generator=torch.Generator().manual_seed(i)),) for i in range(4)]
     w4a8 = QConfig(by_op={"linear": OpQuantConfig(TOKEN_ACTIVATION, W4A8_G32.by_op["linear"].weight)})
@@ -400,10 +401,15 @@ def test_per_token_activations_run_in_front_of_the_weight_only_kernel_and_not_th
     CHECK: aten.linear.default
     """)
     int8 = QConfig(by_op={"linear": OpQuantConfig(TOKEN_ACTIVATION, qcompile.qconfig.INT8_WEIGHT)})
+    dynamic = qcompile.compile(model, calibration_data=data, qconfig=int8, outlier_smoothing=None, progress=False)
+    linears = [n for n in dynamic.report.nodes if n.op == "linear"]
+    assert len(linears) == 2 and all(n.precision == "int8" and "qc.linear_int8" in n.detail for n in linears)
+    conv = QConfig(by_op={"conv2d": OpQuantConfig(TOKEN_ACTIVATION, qcompile.qconfig.INT8_WEIGHT)})
+    images = [(torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(i)),) for i in range(2)]
     with pytest.warns(UserWarning, match="activation granularity per-token"):
-        refused = qcompile.compile(model, calibration_data=data, qconfig=int8, outlier_smoothing=None, progress=False)
+        refused = qcompile.compile(TinyConvNet(), calibration_data=images, qconfig=conv, progress=False)
     assert all(n.precision == "float" and "kernel takes per-tensor" in n.detail
-               for n in refused.report.nodes if n.op == "linear")
+               for n in refused.report.nodes if n.op == "conv2d")
 
 
 def test_merged_projections_that_stay_reference_each_say_why(monkeypatch):
