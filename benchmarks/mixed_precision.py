@@ -1,7 +1,8 @@
 """Mixed precision under an accuracy budget on all-MiniLM-L6-v2, against one format everywhere.
 
 ``compile(accuracy_budget=B)`` searches per linear among cpu-int8's candidates (int8, int8 with
-outlier smoothing, weight-only int8, weight-only int4 in groups of 32, W4A8 groups, float) for the fastest
+outlier smoothing, int8 on activations quantized per token, weight-only int8, weight-only int4 in
+groups of 32, W4A8 groups, float) for the fastest
 assignment whose output-cosine drop stays within B (``qcompile.mixed_precision``). The search
 reads 64 sentences of its own (``eval_data``); fidelity is then measured on 256 held-out ones,
 none of which the search or calibration saw.
