@@ -67,23 +67,13 @@ QC_AVX512 void row_range_avx512(const float* x, int64_t n, float* lo_out, float*
 // One row's scale and zero point (the formulas above).
 void row_qparams(const float* row, int64_t depth, int64_t qmin, int64_t qmax, bool symmetric, float* scale,
                  int32_t* zero_point) {
-  const float eps = std::numeric_limits<float>::epsilon(), lo_q = static_cast<float>(qmin), hi_q = static_cast<float>(qmax);
   float lo, hi;
   if (active_isa() == Isa::Avx512) {
     row_range_avx512(row, depth, &lo, &hi);
   } else {
     row_range(row, depth, &lo, &hi);
   }
-  if (symmetric) {
-    const float amax = std::max(-lo, hi), step = std::isnan(lo) ? lo : amax / static_cast<float>((qmax - qmin) / 2);
-    *scale = std::isnan(step) ? step : std::max(step, eps);
-    *zero_point = static_cast<int32_t>(std::floor((qmin + qmax + 1) / 2.0));  // Python's floor division
-  } else {
-    const float step = (hi - lo) / static_cast<float>(qmax - qmin);
-    *scale = std::isnan(step) ? step : std::max(step, eps);
-    const float offset = lo_q - std::nearbyint(lo / *scale);
-    *zero_point = std::isnan(offset) ? static_cast<int32_t>(qmin) : static_cast<int32_t>(clamp_value(offset, lo_q, hi_q));
-  }
+  range_qparams(lo, hi, qmin, qmax, symmetric, scale, zero_point);
 }
 
 // x as dense fp32 rows, and the [..., 1] shape of its per-row parameters.
@@ -111,6 +101,20 @@ void quantize_rows(const float* in, T* q, float* s, int32_t* z, int64_t count, i
 }
 
 }  // namespace
+
+void range_qparams(float lo, float hi, int64_t qmin, int64_t qmax, bool symmetric, float* scale, int32_t* zero_point) {
+  const float eps = std::numeric_limits<float>::epsilon(), lo_q = static_cast<float>(qmin), hi_q = static_cast<float>(qmax);
+  if (symmetric) {
+    const float amax = std::max(-lo, hi), step = std::isnan(lo) ? lo : amax / static_cast<float>((qmax - qmin) / 2);
+    *scale = std::isnan(step) ? step : std::max(step, eps);
+    *zero_point = static_cast<int32_t>(std::floor((qmin + qmax + 1) / 2.0));  // Python's floor division
+  } else {
+    const float step = (hi - lo) / static_cast<float>(qmax - qmin);
+    *scale = std::isnan(step) ? step : std::max(step, eps);
+    const float offset = lo_q - std::nearbyint(lo / *scale);
+    *zero_point = std::isnan(offset) ? static_cast<int32_t>(qmin) : static_cast<int32_t>(clamp_value(offset, lo_q, hi_q));
+  }
+}
 
 std::tuple<at::Tensor, at::Tensor> choose_qparams_per_token(const at::Tensor& x, int64_t qmin, int64_t qmax,
                                                             bool symmetric) {

@@ -1,6 +1,6 @@
 // The qcompile._native extension: registers the native qc:: operators with torch's dispatcher
 // (importing the module is what makes torch.ops.qc.quantize, dequantize, linear_int8, conv2d_int8, max_pool2d_uint8,
-// attention, attention_quantize, layer_norm_quantize, rms_norm, rotary, gru_recurrence, lstm_recurrence, linear_weight_only, linear_w4a8, choose_qparams_per_token and quantize_per_token exist), exposes which instruction set they run, and the kernels and helpers Python calls directly.
+// attention, attention_quantize, layer_norm_quantize, layer_norm_quantize_per_token, rms_norm, rotary, gru_recurrence, lstm_recurrence, linear_weight_only, linear_w4a8, choose_qparams_per_token and quantize_per_token exist), exposes which instruction set they run, and the kernels and helpers Python calls directly.
 #include <torch/extension.h>
 #include <torch/library.h>
 
@@ -36,6 +36,8 @@ TORCH_LIBRARY_FRAGMENT(qc, m) {
         "Tensor? multiplier, float out_scale, int zero_point, int qmin, int qmax, ScalarType dtype) -> Tensor");
   m.def("layer_norm_quantize(Tensor x, Tensor? weight, Tensor? bias, float eps, Tensor? multiplier, float scale, "
         "int zero_point, int qmin, int qmax, ScalarType dtype) -> (Tensor, Tensor)");
+  m.def("layer_norm_quantize_per_token(Tensor x, Tensor? weight, Tensor? bias, float eps, Tensor? multiplier, int qmin, "
+        "int qmax, bool symmetric, ScalarType dtype) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("rms_norm(Tensor x, Tensor? weight, float eps) -> Tensor");
   m.def("rotary(Tensor x, Tensor cos, Tensor sin) -> Tensor");
   m.def("gru_recurrence(Tensor gates_x, Tensor h0, Tensor w_hh, Tensor? b_hh, bool reverse, bool batch_first) "
@@ -59,6 +61,7 @@ TORCH_LIBRARY_IMPL(qc, CPU, m) {
   m.impl("attention", &qcompile::attention);
   m.impl("attention_quantize", &qcompile::attention_quantize);
   m.impl("layer_norm_quantize", &qcompile::layer_norm_quantize);
+  m.impl("layer_norm_quantize_per_token", &qcompile::layer_norm_quantize_per_token);
   m.impl("rms_norm", &qcompile::rms_norm);
   m.impl("rotary", &qcompile::rotary);
   m.impl("gru_recurrence", &qcompile::gru_recurrence);
