@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import qcompile
+from qcompile.ir.graph import op_arguments
 from qcompile.qconfig import INT8_WEIGHT, TOKEN_ACTIVATION
 from qcompile.targets.cpu_int8.capabilities import EXACT_WEIGHT_BITS
 from tests.models import (
@@ -157,9 +158,13 @@ def test_minilm_with_activations_quantized_per_token_runs_every_linear_in_int8_c
     kernels = [n for n in qm.graph_module.graph.nodes if n.target == torch.ops.qc.linear_int8.default]
     # six layers of one query/key/value call (merged: they read the same input), output, and two FFN linears
     assert len(kernels) == 24 and not any(n.target == torch.ops.aten.linear.default for n in qm.graph_module.graph.nodes)
-    # every kernel reads one scale per token, from the native per-token quantize of its input
-    assert all(tuple(n.args[1].meta["val"].shape) == (*n.args[0].meta["val"].shape[:-1], 1) for n in kernels)
-    assert all(n.args[0].args[0].target == torch.ops.qc.quantize_per_token.default for n in kernels)
+    # every kernel reads one scale per token: the query/key/value and first FFN linears from the
+    # LayerNorm before them, which quantizes each row as it writes it; the others from a per-token quantize
+    inputs = [op_arguments(n) for n in kernels]
+    assert all(tuple(i["x_scale"].meta["val"].shape) == (*i["x"].meta["val"].shape[:-1], 1) for i in inputs)
+    producers = [i["x"].args[0].target for i in inputs]  # x is getitem(producer, index)
+    assert producers.count(torch.ops.qc.layer_norm_quantize_per_token.default) == 12
+    assert producers.count(torch.ops.qc.quantize_per_token.default) == 12
     with torch.no_grad():
         cosine = torch.nn.functional.cosine_similarity(qm(**evaluation), embedder(**evaluation))
     # per tensor without smoothing: 0.9934 mean / 0.9896 min on these sentences; per token 0.9990 / 0.9985
