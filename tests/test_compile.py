@@ -113,12 +113,16 @@ def test_an_op_the_target_cannot_quantize_stays_float_with_a_warning_and_a_repor
     assert (line.precision, line.detail) == ("float", "cpu-int8 has no int8 kernel for 'layer_norm'")
 
 
-def test_minilm_compiles_to_int8_with_an_int8_vocabulary_table(minilm):
+def minilm_sentences(minilm):
+    """all-MiniLM as a sentence embedder, 4 calibration batches of 8 sentences and 16 others to evaluate."""
     model, tokenizer = minilm
-    embedder = SentenceEmbedder(model).eval()
     sentences = docstring_sentences(48)
     calibration = [minilm_inputs(tokenizer, sentences[i:i + 8], length=32) for i in range(0, 32, 8)]
-    evaluation = minilm_inputs(tokenizer, sentences[32:48], length=32)
+    return SentenceEmbedder(model).eval(), calibration, minilm_inputs(tokenizer, sentences[32:48], length=32)
+
+
+def test_minilm_compiles_to_int8_with_an_int8_vocabulary_table(minilm):
+    embedder, calibration, evaluation = minilm_sentences(minilm)
     qm = qcompile.compile(embedder, calibration_data=calibration, progress=False)
     with torch.no_grad():
         cosine = torch.nn.functional.cosine_similarity(qm(**evaluation), embedder(**evaluation))
@@ -146,11 +150,7 @@ def test_minilm_compiles_to_int8_with_an_int8_vocabulary_table(minilm):
 def test_minilm_with_activations_quantized_per_token_runs_every_linear_in_int8_closer_to_float(minilm):
     # Dynamic int8: each token's activations quantized with their own range at run time, no
     # calibrated activation range; all-MiniLM's per-token ranges differ by orders of magnitude.
-    model, tokenizer = minilm
-    embedder = SentenceEmbedder(model).eval()
-    sentences = docstring_sentences(48)
-    calibration = [minilm_inputs(tokenizer, sentences[i:i + 8], length=32) for i in range(0, 32, 8)]
-    evaluation = minilm_inputs(tokenizer, sentences[32:48], length=32)
+    embedder, calibration, evaluation = minilm_sentences(minilm)
     token = qcompile.int8_preset()
     token.by_op["linear"] = qcompile.OpQuantConfig(TOKEN_ACTIVATION, INT8_WEIGHT)
     qm = qcompile.compile(embedder, calibration_data=calibration, qconfig=token, progress=False,

@@ -94,6 +94,17 @@ QC_PORTABLE void row_portable(const float* x, float* y, T* q, int64_t r, const P
   }
 }
 
+// Lanes c .. c + 15 (mask m) of a row normalized with its mean μ and 1/σ, γ and β applied: y's
+// values, stored at y + c, returned times smoothing's multiplier s where there is one (what is quantized).
+QC_AVX512 inline __m512 normalized(const float* x, float* y, int64_t c, __mmask16 m, __m512 mu, __m512 inv,
+                                   const Params& p) {
+  __m512 v = _mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + c), mu), inv);
+  if (p.gamma) v = _mm512_mul_ps(v, _mm512_maskz_loadu_ps(m, p.gamma + c));
+  if (p.beta) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, p.beta + c));
+  _mm512_mask_storeu_ps(y + c, m, v);
+  return p.multiplier ? _mm512_mul_ps(v, _mm512_maskz_loadu_ps(m, p.multiplier + c)) : v;
+}
+
 template <typename T>
 QC_AVX512 void row_avx512(const float* x, float* y, T* q, int64_t r, const Params& p) {
   __m512 sum = _mm512_setzero_ps();
@@ -113,11 +124,7 @@ QC_AVX512 void row_avx512(const float* x, float* y, T* q, int64_t r, const Param
     __mmask16 nan = 0;
     for (int64_t c = 0; c < p.width; c += 16) {
       const __mmask16 m = tail_mask(p.width - c);
-      __m512 v = _mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + c), mu), inv);
-      if (p.gamma) v = _mm512_mul_ps(v, _mm512_maskz_loadu_ps(m, p.gamma + c));
-      if (p.beta) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, p.beta + c));
-      _mm512_mask_storeu_ps(y + c, m, v);
-      if (p.multiplier) v = _mm512_mul_ps(v, _mm512_maskz_loadu_ps(m, p.multiplier + c));
+      const __m512 v = normalized(x, y, c, m, mu, inv, p);
       least = _mm512_mask_min_ps(least, m, least, v);  // lanes past the row's end take no part
       most = _mm512_mask_max_ps(most, m, most, v);
       nan |= _mm512_mask_cmp_ps_mask(m, v, v, _CMP_UNORD_Q);
@@ -136,12 +143,7 @@ QC_AVX512 void row_avx512(const float* x, float* y, T* q, int64_t r, const Param
   const __m512 s = _mm512_set1_ps(p.scale), z = _mm512_set1_ps(p.zero_point);
   for (int64_t c = 0; c < p.width; c += 16) {
     const __mmask16 m = tail_mask(p.width - c);
-    __m512 v = _mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + c), mu), inv);
-    if (p.gamma) v = _mm512_mul_ps(v, _mm512_maskz_loadu_ps(m, p.gamma + c));
-    if (p.beta) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, p.beta + c));
-    _mm512_mask_storeu_ps(y + c, m, v);
-    if (p.multiplier) v = _mm512_mul_ps(v, _mm512_maskz_loadu_ps(m, p.multiplier + c));
-    store_quantized(q + c, m, v, s, z, lo, hi);
+    store_quantized(q + c, m, normalized(x, y, c, m, mu, inv, p), s, z, lo, hi);
   }
 }
 
