@@ -48,9 +48,12 @@ _ROUNDED = qcompile.QConfig(by_op={
 _W4A8_TOKEN = qcompile.QConfig(by_op={"linear": qcompile.OpQuantConfig(
     qcompile.qconfig.TOKEN_ACTIVATION,
     qcompile.QuantSpec("int4", False, qcompile.PerGroup(1, 8)))})
+# Dynamic int8: int8 weights, each linear's activations quantized per row at run time and read by
+# the int8 kernel with each row's scale and zero point.
+_W8A8_TOKEN = qcompile.QConfig(by_op={"linear": qcompile.OpQuantConfig(qcompile.qconfig.TOKEN_ACTIVATION, INT8_WEIGHT)})
 CONFIGS = {"cpu-int8": ("cpu-int8", None), "onnx-qdq": ("onnx-qdq", None), "cpu-fp8": ("cpu-fp8", None),
            "cpu-fp8 w8a8": ("cpu-fp8", qcompile.fp8_qconfig()), "cpu-int8 gptq, bias-corrected": ("cpu-int8", _ROUNDED),
-           "cpu-int8 w4a8 per-token": ("cpu-int8", _W4A8_TOKEN)}
+           "cpu-int8 w4a8 per-token": ("cpu-int8", _W4A8_TOKEN), "cpu-int8 w8a8 per-token": ("cpu-int8", _W8A8_TOKEN)}
 TARGETS = tuple(CONFIGS)
 
 
