@@ -164,7 +164,7 @@ def aten_int4(model: torch.nn.Module) -> tuple[Callable, Callable]:
     return PrefillProgram(model), StepProgram(model)
 
 
-def inductor_bf16(model: torch.nn.Module, ids: torch.Tensor) -> tuple[Callable, Callable, float]:
+def inductor_bf16_decoder(model: torch.nn.Module, ids: torch.Tensor) -> tuple[Callable, Callable, float]:
     """torch.compile (Inductor, weights frozen as constants, shapes dynamic so the growing cache
     does not recompile) of the bf16 prefill and step, and the seconds the first calls took."""
     import torch._inductor.config as inductor_config
@@ -242,7 +242,7 @@ def main(layers: int = LAYERS) -> None:
     with resident_window() as held:
         compiled_bf16 = Qwen2ForCausalLM(config).to(torch.bfloat16).eval()
         compiled_bf16.load_state_dict(model.state_dict())
-        prefill, step, seconds = inductor_bf16(compiled_bf16, ids)
+        prefill, step, seconds = inductor_bf16_decoder(compiled_bf16, ids)
     paths["torch.compile bf16 (freezing)"] = DecodePath(prefill, step, tensor_bytes(compiled_bf16), held.retained,
                                                         f"compile {seconds:.0f} s")
     with resident_window() as held:

@@ -101,7 +101,7 @@ def op_rules() -> dict[str, OpRule]:
 def search_candidates() -> dict[str, tuple[Candidate, ...]]:
     """The formats a precision search tries, per op kind, each one a kernel here: int8 with and
     without outlier smoothing, int8 on activations quantized per token at run time (each row's own
-    range: dynamic int8; all-MiniLM measured cosine 0.99899 so without smoothing, against 0.99312 per
+    range: dynamic int8; all-MiniLM without smoothing measured cosine 0.99899 so, against 0.99312 per
     tensor), weight-only int8 per channel and int4 in groups of 32 (affine,
     clip searched by MSE: the best round-to-nearest int4 measured on all-MiniLM) on bf16
     activations, those int4 groups with uint8 activations (W4A8, smoothed; per token, since the
