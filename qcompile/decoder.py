@@ -37,8 +37,12 @@ from torch import Tensor, nn
 from qcompile.api import QuantizedModel, compile
 from qcompile.capture import eval_mode
 from qcompile.errors import QCompileError
+from qcompile.mixed_precision import module_qconfig
+from qcompile.targets import Target, get_target
 
 Program = Callable[..., Sequence[Tensor]]
+# compile's options for a precision search, which the prefill (replaying the step's formats) does not take
+BUDGET_OPTIONS = ("accuracy_budget", "metric", "objective", "candidates")
 
 
 def _flat_cache(cache: Any) -> list[Tensor]:
@@ -144,21 +148,37 @@ class OnnxDecoder:
 
 
 def compile_decoder(model: nn.Module, prompts: Iterable[Tensor], *, calibration_steps: int = 8,
-                    **options: Any) -> QuantizedDecoder:
+                    eval_prompts: Iterable[Tensor] | None = None, **options: Any) -> QuantizedDecoder:
     """Compile a transformers causal LM (``model(input_ids, past_key_values=..., use_cache=True)``)
     into a prefill and a decode step (see the module docstring); ``prompts`` are batches of token
-    ids [batch, length], ``options`` go to :func:`qcompile.compile` for both programs."""
+    ids [batch, length], ``options`` go to :func:`qcompile.compile` for both programs.
+
+    With ``accuracy_budget`` the step is searched (:mod:`qcompile.mixed_precision`; its metric is
+    read on the step's outputs, the next token's logits and the cache, over the steps the float
+    model decodes from ``eval_prompts``, default the prompts) and the prefill replays the step's
+    formats by module name, as it replays the step's smoothing: one format per linear."""
     prompts = [p for p in prompts]
     if not prompts or not all(isinstance(p, Tensor) and p.dim() == 2 for p in prompts):
         raise QCompileError("compile_decoder needs prompts: a non-empty list of token id tensors [batch, length]")
     if calibration_steps < 2:
         raise QCompileError("calibration_steps must be at least 2 (the step is calibrated on growing caches)")
+    if "eval_data" in options:
+        raise QCompileError("compile_decoder takes eval_prompts (token ids), not eval_data: the step's evaluation "
+                            "batches are decoded from them")
     prefill, step = PrefillProgram(model), StepProgram(model)
+    step_options = dict(options)
     with eval_mode(model):
         step_data = _step_batches(prefill, step, prompts, calibration_steps)
-    compiled_step = compile(step, calibration_data=step_data, **options)
+        if options.get("accuracy_budget") is not None and eval_prompts is not None:
+            step_options["eval_data"] = _step_batches(prefill, step, list(eval_prompts), calibration_steps)
+    compiled_step = compile(step, calibration_data=step_data, **step_options)
     if compiled_step.smoothing is not None:
         options = {**options, "outlier_smoothing": compiled_step.smoothing}
+    if options.get("accuracy_budget") is not None:
+        target = options.get("target", "cpu-int8")
+        qconfig = module_qconfig(compiled_step.report, target if isinstance(target, Target) else get_target(target),
+                                 options.get("candidates"))
+        options = {k: v for k, v in options.items() if k not in BUDGET_OPTIONS} | {"qconfig": qconfig}
     compiled = QuantizedDecoder(compile(prefill, calibration_data=prompts, **options), compiled_step)
     shared = share_equal_tensors(compiled.prefill, compiled.step)
     compiled.step.report.notes.append(f"{shared / 2**20:.1f} MB of tensors shared with the prefill program")

@@ -37,6 +37,7 @@ from qcompile.targets import Target, get_target
 
 if TYPE_CHECKING:
     from qcompile.api import QuantizedModel
+    from qcompile.report import CompileReport
 
 RESOLUTION = 1000
 OBJECTIVES = ("latency", "size")
@@ -149,6 +150,33 @@ def budget_qconfig(table: Sensitivity, assignment: Assignment, target: Target,
                   f"; {fastest.candidate} ({_cost(fastest, objective):.4g} {unit}) would add {fastest.loss:.1e}"))
         config = next(c.config for c in candidates[kinds[node]] if c.name == name)
         qconfig = qconfig.set_node(node, config, why)
+    return qconfig
+
+
+def module_qconfig(report: CompileReport, target: Target,
+                   candidates: dict[str, tuple[Candidate, ...]] | None = None) -> QConfig:
+    """The formats a budget search chose for a compiled model, as module-name rules over the
+    target's preset: the same choices for another program that calls the same modules (a
+    decoder's prefill replays its step's). A module two searched nodes share gets the more
+    accurate of their formats."""
+    if not report.budget:
+        raise QCompileError("module_qconfig reads the formats of a compile with an accuracy_budget; this one had none")
+    table = Sensitivity.from_json(report.budget["sensitivity"])
+    choices = report.budget["rounds"][-1]["choices"]
+    offered = candidates if candidates is not None else target.candidates
+    by_module: dict[str, Measurement] = {}
+    for node in table.nodes:
+        if not node.module:
+            raise QCompileError(f"node '{node.name}' comes from no module: its format cannot be replayed by module name")
+        chosen = table.of(node.name)[choices[node.name]]
+        kept = by_module.get(node.module)
+        if kept is None or chosen.loss < kept.loss:
+            by_module[node.module] = chosen
+    kinds = {n.name: n.kind for n in table.nodes}
+    qconfig = target.preset()
+    for module, chosen in by_module.items():
+        config = next(c.config for c in offered[kinds[chosen.node]] if c.name == chosen.candidate)
+        qconfig = qconfig.set_module_name(module, config)
     return qconfig
 
 

@@ -95,3 +95,27 @@ def test_onnx_runtime_decodes_the_exported_prefill_and_step_as_the_qdq_programs_
         total += len(prompt)
     assert same_as_torch >= total - 1, f"{same_as_torch} of {total}"  # a near-tie may round the other way
     assert same_as_fp32 >= total // 2, f"{same_as_fp32} of {total}"
+
+
+def test_a_budget_searches_the_step_and_the_prefill_replays_its_formats_by_module(trained):
+    decoder, _, prompts, _ = trained
+    budget = 2e-3
+    compiled = qcompile.compile_decoder(decoder.model, prompts[:2], eval_prompts=prompts[2:3], calibration_steps=3,
+                                        accuracy_budget=budget, progress=False)
+    search = compiled.step.report.budget
+    assert search["accuracy_budget"] == budget and search["evaluation_batches"] == 3  # one prompt batch, 3 steps
+    assert search["rounds"][-1]["measured_loss"] <= budget
+    table = qcompile.Sensitivity.from_json(search["sensitivity"])
+    chosen = search["rounds"][-1]["choices"]
+    assert len(table.nodes) == 15  # 2 layers x 7 projections, and the lm_head
+    assert len(set(chosen.values())) > 1, chosen  # a mix, not one format everywhere
+    step_format = {n.module: n.precision for n in compiled.step.report.nodes if n.op == "linear"}
+    prefill_format = {n.module: n.precision for n in compiled.prefill.report.nodes if n.op == "linear"}
+    assert prefill_format == step_format
+    prefill = list(compiled.prefill.buffers())
+    int8 = [t for t in compiled.step.graph_module.buffers() if t.dtype == torch.int8]
+    assert int8 and all(any(p is t for p in prefill) for t in int8)  # the same formats: the weights held once
+    reference = qcompile.greedy_decode(PrefillProgram(decoder.model), StepProgram(decoder.model), prompts[3], 8)
+    assert (compiled.generate(prompts[3], 8) == reference).float().mean() > 0.9
+    with pytest.raises(qcompile.QCompileError, match="takes eval_prompts"):
+        qcompile.compile_decoder(decoder.model, prompts[:2], accuracy_budget=budget, eval_data=prompts[2:3])

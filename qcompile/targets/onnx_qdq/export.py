@@ -347,7 +347,7 @@ def export_onnx(
     if accuracy_level == "auto":
         levels = choose_accuracy_levels(model, onnx_feeds(model, reference, tuple(args), kwargs))
     else:
-        levels = [AccuracyLevel(n.name, int(accuracy_level), None) for n in model.graph.node if n.op_type == "MatMulNBits"]
+        levels = [AccuracyLevel(n.name, int(accuracy_level)) for n in model.graph.node if n.op_type == "MatMulNBits"]
     # Written next to ``path`` and moved into place only once it passes both checks: a failed
     # export leaves no file behind, and never replaces a good one.
     partial = path.with_name(path.name + ".partial")
