@@ -7,8 +7,10 @@ assignment whose output-cosine drop stays within B (``qcompile.mixed_precision``
 reads 64 sentences of its own (``eval_data``); fidelity is then measured on 256 held-out ones,
 none of which the search or calibration saw.
 
-Rows: fp32, bf16 eager, all-int8 with smoothing (the default compile), all-int8 without, and the
-budgeted compiles. Timed at batch 32 x 128 tokens, 2 threads, the rows in turn (median of
+Rows: fp32, bf16 eager, all-int8 with smoothing (the default compile), all-int8 without, the
+budgeted compiles, and the first budget on cpu-fp8 (its candidates: E4M3 weights with E4M3
+activations per tensor or per token or weight-only, INT8 per tensor or per token, float; no
+smoothing on that target). Timed at batch 32 x 128 tokens, 2 threads, the rows in turn (median of
 ``REPEATS``), so drift of this machine hits every row alike.
 
 Run: ``python -m benchmarks.mixed_precision [budget ...]`` (default 0.002).
@@ -46,6 +48,8 @@ def main(budgets: list[float]) -> None:
     compiles = [("qcompile int8, smoothing (default)", {}),
                 ("qcompile int8, no smoothing", {"outlier_smoothing": None})]
     compiles += [(f"qcompile budget {b:g}", {"accuracy_budget": b, "eval_data": search}) for b in budgets]
+    compiles.append((f"qcompile budget {budgets[0]:g}, cpu-fp8",
+                     {"accuracy_budget": budgets[0], "eval_data": search, "target": "cpu-fp8"}))
     for name, options in compiles:
         start = time.perf_counter()
         qm = qcompile.compile(fp32, calibration_data=calibration, progress=False, **options)

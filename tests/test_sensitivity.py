@@ -141,3 +141,19 @@ def test_sensitivity_refuses_what_it_cannot_measure():
         qcompile.sensitivity(model, None, example_inputs=(torch.randn(2, 32),))
     with pytest.raises(QCompileError, match="no node of kinds conv2d"):
         qcompile.sensitivity(model, _batches((2, 32), 1, 0), candidates={"conv2d": CPU_INT8.candidates["conv2d"]})
+
+
+def test_cpu_fp8_searches_e4m3_formats_beside_int8(tmp_path, monkeypatch):
+    monkeypatch.setenv("QCOMPILE_CACHE_DIR", str(tmp_path))
+    model, batches = OutlierBlock(), _batches((4, 8, 32), 2, 5)
+    table = qcompile.sensitivity(model, batches, target="cpu-fp8")
+    assert table.candidates == ["fp8", "fp8-token", "fp8-weight", "int8", "int8-token", "float"]
+    for node in table.nodes:
+        row = table.of(node.name)
+        assert all(m.float_reason is None for m in row.values())  # every format planned and lowered
+        assert all(20 < m.sqnr_db < 60 for name, m in row.items() if name != "float")
+        assert row["fp8-weight"].weight_bytes == row["int8"].weight_bytes < row["float"].weight_bytes
+    qm = qcompile.compile(model, calibration_data=batches, target="cpu-fp8", accuracy_budget=1e-4, progress=False)
+    rounds = qm.report.budget["rounds"]
+    assert rounds[-1]["measured_loss"] <= 1e-4 and qm.report.notes[-1].startswith("accuracy budget 0.0001")
+    assert all(n.precision in ("int8", "fp8") for n in qm.report.nodes if n.op == "linear")

@@ -20,7 +20,7 @@ from qcompile.qconfig import QConfig, fp8_qconfig
 
 from qcompile.targets.base import CLEANUP, CONVERT, DYNAMIC_PREPARE, Target, register_target
 from qcompile.targets.cpu_features import has_fp8_gemm
-from qcompile.targets.cpu_fp8.capabilities import op_rules
+from qcompile.targets.cpu_fp8.capabilities import op_rules, search_candidates
 from qcompile.targets.cpu_fp8.fp8_or_int8 import Fp8OrInt8
 from qcompile.targets.cpu_fp8.kernels import describe_fp8_kernel, linear_fp8
 from qcompile.targets.cpu_fp8.lower_cpu_fp8 import LowerCpuFp8
@@ -54,6 +54,7 @@ register_target(
         dynamic_convert="cast-fp8{dynamic=true},convert{dynamic=true},eliminate-dequant,eliminate-dead-code",
         describe_kernel=describe_kernel,
         passes=(Fp8OrInt8, LowerCpuFp8),
+        candidates=search_candidates(),
     )
 )
 

@@ -22,7 +22,8 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from qcompile.spec import FLOAT8_DTYPES, PerTensor, PerToken
+from qcompile.qconfig import INT8_ACTIVATION, INT8_WEIGHT, TOKEN_ACTIVATION, Candidate, OpQuantConfig
+from qcompile.spec import FLOAT8_DTYPES, PerChannel, PerTensor, PerToken, QuantSpec
 from qcompile.targets.base import OpRule
 from qcompile.targets.cpu_features import U8S8_NARROWING_REASON, has_fp8_gemm
 from qcompile.targets.cpu_int8.capabilities import ACTIVATION_DTYPES, EXACT_WEIGHT_BITS, WEIGHT_DTYPES
@@ -73,3 +74,22 @@ def op_rules() -> dict[str, OpRule]:
         "embedding": OpRule(activations=(), weight=0, bias=None, weight_dtypes=FLOAT8_DTYPES, lookup_indices=1),
     }
 
+
+
+def search_candidates() -> dict[str, tuple[Candidate, ...]]:
+    """The formats a precision search on cpu-fp8 tries for a linear: E4M3 weights per channel
+    with E4M3 activations per tensor (calibrated) or per token (each row's amax at run time), or
+    weight-only (bf16 activations: the fast FP8 form on a CPU without an FP8 GEMM); INT8 on
+    uint8 activations per tensor or per token (cpu-int8's kernels); float. On all-MiniLM the FFN
+    down-projections, whose inputs carry outlier channels, are where E4M3's relative steps beat
+    INT8's uniform grid. ``fp8-or-int8`` may still plan an E4M3 W8A8 linear as INT8 where INT8
+    measures as faithful on a CPU without an FP8 GEMM, and the search then measures what it became."""
+    e4m3 = QuantSpec("float8_e4m3fn", granularity=PerChannel(0))
+    return {"linear": (
+        Candidate("fp8", OpQuantConfig(QuantSpec("float8_e4m3fn", granularity=PerTensor()), e4m3)),
+        Candidate("fp8-token", OpQuantConfig(QuantSpec("float8_e4m3fn", granularity=PerToken()), e4m3)),
+        Candidate("fp8-weight", OpQuantConfig(None, e4m3)),
+        Candidate("int8", OpQuantConfig(INT8_ACTIVATION, INT8_WEIGHT)),
+        Candidate("int8-token", OpQuantConfig(TOKEN_ACTIVATION, INT8_WEIGHT)),
+        Candidate("float", None),
+    )}
