@@ -324,11 +324,6 @@ def _check_lowering(qat: QatModel, qdq: fx.GraphModule, batches: list[Any], repo
                       f"{LOWERING_SQNR_DB:g} dB): lowering changed what was trained", stacklevel=3)
 
 
-# τ of the neighbourhood loss: cosines of sentence embeddings spread over ~0.5, so at 0.05 a
-# neighbour 0.1 closer than another weighs e² ≈ 7x more.
-NEIGHBOURHOOD_TEMPERATURE = 0.05
-
-
 def _relative_mse(student: Tensor, teacher: Tensor) -> Tensor:
     return (student.float() - teacher.float()).square().mean() / teacher.float().square().mean().clamp_min(1e-12)
 
@@ -344,46 +339,22 @@ def _output_loss(kind: str, temperature: float) -> Callable[[Tensor, Tensor], Te
     raise QCompileError(f"distillation output loss '{kind}' is not one of: mse, cosine, kl")
 
 
-def neighbourhood_loss(student: Tensor, teacher: Tensor, temperature: float = NEIGHBOURHOOD_TEMPERATURE) -> Tensor:
-    """How differently the batch's samples see each other: with C the cosine similarities between
-    the samples of a batch (rows of dimension 0, flattened), C_ij = ⟨e_i, e_j⟩ / (‖e_i‖‖e_j‖),
-    and P_i = softmax over j ≠ i of C_ij / τ,
-
-        mean_i KL(P_i^t ‖ P_i^s)
-
-    A small τ puts the mass on each sample's nearest neighbours, so this weighs the pairs whose
-    order a nearest-neighbour search (retrieval, deduplication, clustering of embeddings) reads,
-    which a per-sample loss treats like any other direction of error. 0 for a batch of one."""
-    if student.shape[0] < 2:
-        return student.float().sum() * 0
-    rows = [F.normalize(v.float().flatten(1), dim=1) for v in (student, teacher)]
-    diagonal = torch.eye(student.shape[0], dtype=torch.bool, device=student.device)
-    logits = [(r @ r.T / temperature).masked_fill(diagonal, -torch.inf) for r in rows]
-    # log P_i^t and log P_i^s over j ≠ i; the diagonal's -inf in both contributes 0·(−inf + inf), so drop it
-    log_s, log_t = (F.log_softmax(x, dim=1).masked_fill(diagonal, 0) for x in logits)
-    return (log_t.exp() * (log_t - log_s)).sum(1).mean()
-
-
 class Distillation:
     """The float model as teacher of the QAT model:
 
         loss = L_out(student(x), teacher(x)) + hidden_weight · Σ_m ‖h_m^s − h_m^t‖² / ‖h_m^t‖²
-               + neighbourhood_weight · L_nb(student(x), teacher(x))
 
     over the floating-point outputs (``output_loss``: ``mse`` relative to the teacher's power,
     ``cosine`` per sample, ``kl`` of softmaxes at ``temperature``) and the outputs of the modules
-    named in ``layers`` (by ``named_modules()`` name, in both models); L_nb is
-    :func:`neighbourhood_loss` over each output, for embedding models. Use it in a loop of one's
+    named in ``layers`` (by ``named_modules()`` name, in both models). Use it in a loop of one's
     own, ``loss, output = distill(batch_inputs)``, and ``close()`` it (or use ``with``) to remove
     its readers."""
 
     def __init__(self, student: QatModel, teacher: nn.Module, *, layers: Sequence[str] = (),
-                 output_loss: str = "mse", temperature: float = 1.0, hidden_weight: float = 1.0,
-                 neighbourhood_weight: float = 0.0):
+                 output_loss: str = "mse", temperature: float = 1.0, hidden_weight: float = 1.0):
         self.student, self.teacher = student, teacher
         self.output_loss = _output_loss(output_loss, temperature)
         self.hidden_weight = hidden_weight
-        self.neighbourhood_weight = neighbourhood_weight
         modules = dict(teacher.named_modules())
         missing = [name for name in layers if name not in modules]
         if missing:
@@ -406,8 +377,6 @@ class Distillation:
         if not pairs:
             raise QCompileError("distillation: the QAT model and the teacher have no floating-point output in common")
         loss = sum(self.output_loss(s, t) for s, t in pairs) / len(pairs)
-        if self.neighbourhood_weight:
-            loss = loss + self.neighbourhood_weight * sum(neighbourhood_loss(s, t) for s, t in pairs) / len(pairs)
         for name, tap in self._taps.items():
             loss = loss + self.hidden_weight * _relative_mse(tap.value, self._teacher_values[name])
         return loss, output
@@ -447,12 +416,12 @@ def lr_factor(schedule: str, step: int, steps: int) -> float:
 
 def fit(qat: QatModel, teacher: nn.Module, data: Iterable[Any], steps: int, *, lr: float = 1e-4,
         scale_lr: float | None = None, lr_schedule: str = "constant", layers: Sequence[str] = (),
-        output_loss: str = "mse", neighbourhood_weight: float = 0.0, freeze_batchnorm_after: int | None = None,
+        output_loss: str = "mse", freeze_batchnorm_after: int | None = None,
         progress: bool | None = None) -> list[float]:
     """``steps`` steps of Adam on the distillation loss over ``data`` (model inputs, cycled),
     weights at ``lr`` and fake-quant scales at ``scale_lr`` (default ``lr``), both times
     :func:`lr_factor` of ``lr_schedule``; BatchNorm frozen after ``freeze_batchnorm_after``
-    steps; the loss is :class:`Distillation`'s. Returns the loss of each step. A loss that is no longer finite is an error naming
+    steps. Returns the loss of each step. A loss that is no longer finite is an error naming
     the node whose scale diverged, if one did."""
     if steps <= 0:
         raise QCompileError(f"fit needs a positive number of steps, got {steps}")
@@ -468,8 +437,7 @@ def fit(qat: QatModel, teacher: nn.Module, data: Iterable[Any], steps: int, *, l
     losses: list[float] = []
     disable = None if progress is None else not progress
     qat.train()
-    with Distillation(qat, teacher, layers=layers, output_loss=output_loss,
-                      neighbourhood_weight=neighbourhood_weight) as distill:
+    with Distillation(qat, teacher, layers=layers, output_loss=output_loss) as distill:
         for step in tqdm(range(steps), desc="QAT", unit="step", disable=disable):
             if freeze_batchnorm_after is not None and step == freeze_batchnorm_after:
                 qat.freeze_batchnorm()

@@ -11,7 +11,6 @@ from qcompile.passes.insert_fake_quant import InsertFakeQuant
 from qcompile.passes.lower_qat import LowerQat
 from qcompile.passes.training_ops import TrainingOps
 from torch import nn
-from torch.nn import functional as F
 
 import qcompile
 from qcompile import OpQuantConfig, PerGroup, QuantSpec
@@ -21,7 +20,7 @@ from qcompile.errors import QCompileError
 from qcompile.ir.graph import constant_value, copy_graph_module
 from qcompile.pipeline import Pipeline
 from qcompile.qdq import quantized_weight
-from qcompile.qat import QAT_PREPARE, fit, learnable, lr_factor, neighbourhood_loss
+from qcompile.qat import QAT_PREPARE, fit, learnable, lr_factor
 from qcompile.targets import get_target
 from qcompile.testing import assert_graph_diff, assert_pass_contract, check_graph
 
@@ -612,31 +611,3 @@ def test_a_sparse_tensor_that_does_not_match_its_mask_is_refused(tmp_path):
     path.write_bytes(save(tensors, metadata={"qcompile": json.dumps(document, sort_keys=True)}))
     with pytest.raises(qcompile.ArtifactError, match="does not match its mask"):
         qcompile.load(path)
-
-
-def test_the_neighbourhood_loss_is_the_kl_of_each_samples_softmax_over_the_others():
-    g = torch.Generator().manual_seed(0)
-    teacher, student = torch.randn(6, 8, generator=g), torch.randn(6, 8, generator=g)
-    student.requires_grad_(True)
-    tau = 0.1
-    expected = 0.0
-    for i in range(6):
-        others = [j for j in range(6) if j != i]
-        cos = lambda e: torch.stack([F.cosine_similarity(e[i], e[j], dim=0) for j in others]) / tau  # noqa: E731
-        p, q = F.softmax(cos(teacher), 0), F.softmax(cos(student.detach()), 0)
-        expected += float((p * (p.log() - q.log())).sum()) / 6
-    loss = neighbourhood_loss(student, teacher, tau)
-    assert float(loss) == pytest.approx(expected, rel=1e-5)
-    loss.backward()
-    assert torch.isfinite(student.grad).all() and student.grad.abs().sum() > 0
-    assert float(neighbourhood_loss(teacher * 3, teacher)) == pytest.approx(0, abs=1e-6)  # cosines: scale-free
-    assert float(neighbourhood_loss(teacher[:1], teacher[:1])) == 0
-
-
-def test_fit_with_a_neighbourhood_term_trains_an_embedding_model():
-    teacher = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8)).eval()
-    data = [torch.randn(8, 16, generator=torch.Generator().manual_seed(i)) for i in range(4)]
-    qat = qcompile.prepare_qat(teacher, calibration_data=[(x,) for x in data], progress=False)
-    losses = fit(qat, teacher, data, steps=30, lr=1e-3, output_loss="cosine", neighbourhood_weight=1.0,
-                 progress=False)
-    assert all(math.isfinite(v) for v in losses) and sum(losses[-5:]) < sum(losses[:5])
