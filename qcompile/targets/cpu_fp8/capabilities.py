@@ -75,7 +75,6 @@ def op_rules() -> dict[str, OpRule]:
     }
 
 
-
 def search_candidates() -> dict[str, tuple[Candidate, ...]]:
     """The formats a precision search on cpu-fp8 tries for a linear: E4M3 weights per channel
     with E4M3 activations per tensor (calibrated) or per token (each row's amax at run time), or
