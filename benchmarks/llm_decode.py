@@ -56,6 +56,7 @@ import math
 import statistics
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -241,9 +242,7 @@ def main(layers: int = LAYERS) -> None:
         compiled = qcompile.compile_decoder(model, prompts, eval_prompts=[eval_prompt], calibration_steps=2,
                                             progress=False, accuracy_budget=BUDGET)
     seconds = time.perf_counter() - start
-    chosen: dict[str, int] = {}
-    for name in compiled.step.report.budget["rounds"][-1]["choices"].values():
-        chosen[name] = chosen.get(name, 0) + 1
+    chosen = Counter(compiled.step.report.budget["rounds"][-1]["choices"].values())
     paths[f"qcompile budget {BUDGET:g} (searched mix)"] = DecodePath(
         compiled.prefill, compiled.step, tensor_bytes(compiled.prefill.graph_module), held.retained,
         f"compile_decoder {seconds:.0f} s; " + ", ".join(f"{k} x{v}" for k, v in chosen.items()))

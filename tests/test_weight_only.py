@@ -315,11 +315,11 @@ class OutlierInput(torch.nn.Module):
     """Two linears: the first reads Gaussian values, the second one channel 100x the others (the
     outlier features of LLM activations), which an int8 block quantizes coarsely."""
 
-    def __init__(self, width: int = 128):
+    def __init__(self):
         super().__init__()
         torch.manual_seed(5)
-        self.first, self.second = torch.nn.Linear(width, width), torch.nn.Linear(width, 32)
-        self.register_buffer("gain", torch.ones(width).index_fill(0, torch.tensor([7]), 100.0))
+        self.first, self.second = torch.nn.Linear(128, 128), torch.nn.Linear(128, 32)
+        self.register_buffer("gain", torch.ones(128).index_fill(0, torch.tensor([7]), 100.0))
 
     def forward(self, x):
         return self.second(self.first(x) * self.gain)
