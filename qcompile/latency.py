@@ -105,6 +105,12 @@ class LatencyTable:
         key = self._key(target_name, config, shape)
         return self._cached(key, lambda: _measure_weight_op(target_name, candidate, shape))
 
+    def call_ms(self, what: str, call: Callable[[], object]) -> float:
+        """The median latency of ``call()``, measured the first time ``what`` (which names
+        everything the time depends on) is asked for on this machine, then read back: a choice
+        made from it is made the same way when a saved model is lowered again here."""
+        return self._cached(self._key(what), lambda: median_ms(call, repeats=REPEATS, warmup=1))
+
     def smoothing_ms(self, form: str, rows: int, width: int, channels: int, out_features: int) -> float:
         """What ``smooth-outliers`` adds in front of one linear of ``out_features`` reading a
         value of ``rows`` x ``width``: for ``scale``, one multiply of the value; for

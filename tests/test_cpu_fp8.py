@@ -9,6 +9,7 @@ import torch
 
 import qcompile
 from qcompile.kernel_check import kernel_contracts
+from qcompile.latency import LatencyTable
 from qcompile.qconfig import fp8_qconfig
 from qcompile.targets.cpu_fp8 import Fp8OrInt8, LowerCpuFp8, capabilities, cpu_fp8_preset
 from qcompile.targets import cpu_features
@@ -76,15 +77,27 @@ def test_no_fp8_gemm_without_amx(monkeypatch):
     assert not capabilities.has_fp8_gemm() and capabilities.available_paths() == ("bf16",)
     assert cpu_fp8_preset().by_op["linear"].activation is None  # weight-only: FP8 activations only add work here
     monkeypatch.setattr(cpu_features, "cpu_flags", lambda: frozenset({"amx_tile", "amx_int8", "amx_bf16"}))
+    monkeypatch.setattr(cpu_features, "fp8_gemm_runs_natively", lambda: False)  # a Sapphire Rapids: timed slow
+    assert capabilities.available_paths() == ("bf16",)
+    assert cpu_fp8_preset().by_op["linear"].activation is None
+    monkeypatch.setattr(cpu_features, "fp8_gemm_runs_natively", lambda: True)
     assert capabilities.available_paths() == ("scaled-mm", "bf16")
     assert cpu_fp8_preset().by_op["linear"].activation.dtype == "float8_e4m3fn"
 
 
-def test_fastest_path_takes_the_lowest_median():
+def test_fastest_path_takes_the_lowest_median_once_per_machine(tmp_path):
+    calls = []
+
     def run(path):
+        calls.append(path)
         time.sleep(0.002 if path == "slow" else 0.0)
-    assert capabilities.fastest_path(("slow", "fast"), run) == "fast"
-    assert capabilities.fastest_path(("only",), lambda p: pytest.fail("one candidate is not timed")) == "only"
+    table = LatencyTable(tmp_path / "latency.json")
+    assert capabilities.fastest_path(("slow", "fast"), run, "8x16", table) == "fast"
+    assert table.measured == 2 and calls
+    calls.clear()  # a later lowering on this machine (a load) reads the times back
+    assert capabilities.fastest_path(("slow", "fast"), run, "8x16", LatencyTable(tmp_path / "latency.json")) == "fast"
+    assert not calls
+    assert capabilities.fastest_path(("only",), lambda p: pytest.fail("one candidate is not timed"), "8x16") == "only"
 
 
 def qdq_fp8(model, x, qconfig):
@@ -108,6 +121,7 @@ def test_lowering_graph_diff_and_paths_in_the_diagnostics():
     paths = result.of_kind("path")
     assert set(paths) == {"linear", "linear_1"}
     assert all(reason.startswith(("scaled-mm", "bf16")) and "timed" in reason for reason in paths.values())
+    assert LowerCpuFp8(paths=("scaled-mm", "bf16"))(before).of_kind("path") == paths  # the times are read back
     assert LowerCpuFp8()(before).of_kind("path")["linear"] == (
         "bf16 (float8_e4m3fn activations): FP8 weights decoded once to bf16: this CPU has no FP8 GEMM (no AMX), "
         "and torch's would convert both operands to fp32 on every call") or capabilities.has_fp8_gemm()

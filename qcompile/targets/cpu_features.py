@@ -2,7 +2,8 @@
 
 Kernels are chosen from measurements made on CPUs with and without each feature (the tables
 live with each target's capabilities), never assumed from the instruction set alone: a native
-FP8 GEMM needs AMX (torch's CPU ``_scaled_mm`` converts its operands to fp32 elsewhere), and the
+FP8 GEMM needs AMX (torch's CPU ``_scaled_mm`` converts its operands to fp32 elsewhere, and a
+Sapphire Rapids' AMX-INT8 still runs oneDNN's reference FP8 kernel, so it is timed), and the
 bf16 GEMMs of the float and FP8 paths need AVX512-BF16 or AMX-BF16 to beat fp32 (weight-only
 linears run ATen's integer-weight GEMVs or an fp32 GEMM without them: ``weight_only.cpp``).
 """
@@ -12,6 +13,10 @@ from __future__ import annotations
 import functools
 import hashlib
 from pathlib import Path
+
+import torch
+
+from qcompile.profile import median_ms
 
 
 @functools.cache
@@ -29,9 +34,33 @@ def cpu_flags() -> frozenset[str]:
 
 def has_fp8_gemm() -> bool:
     """Whether torch's CPU ``_scaled_mm`` runs a native FP8 GEMM here (oneDNN on AMX) rather
-    than converting its operands to fp32 first."""
+    than converting its operands first. AMX is necessary (elsewhere both operands are converted
+    to fp32 element by element) but not sufficient: on a Sapphire Rapids Xeon (AMX-INT8 and
+    AMX-BF16, no AMX-FP16) it ran oneDNN's reference kernel, 711 ms for a 128 x 384 x 384
+    product that bf16 multiplies in 0.12 ms. So where the flags allow one it is also timed
+    (:func:`fp8_gemm_runs_natively`)."""
     flags = cpu_flags()
-    return "amx_tile" in flags and bool({"amx_int8", "amx_fp16"} & flags)
+    return "amx_tile" in flags and bool({"amx_int8", "amx_fp16"} & flags) and fp8_gemm_runs_natively()
+
+
+# The probe's product (rows, inner, outer): the reference kernel spends about 20 ms on it.
+FP8_PROBE_SHAPE = (32, 128, 128)
+
+
+@functools.cache
+def fp8_gemm_runs_natively() -> bool:
+    """Whether ``_scaled_mm`` multiplies a small FP8 product within 8x of bf16's time (or 1 ms):
+    a native GEMM is about as fast as bf16 there, the reference kernel about 1000x slower.
+    Timed once per process."""
+    rows, inner, outer = FP8_PROBE_SHAPE
+    x, w = torch.randn(rows, inner), torch.randn(outer, inner)
+    x8, w8, one = x.to(torch.float8_e4m3fn), w.to(torch.float8_e4m3fn), torch.ones(())
+    xb, wb = x.bfloat16(), w.bfloat16()
+    try:
+        fp8_ms = median_ms(lambda: torch._scaled_mm(x8, w8.t(), one, one, out_dtype=torch.bfloat16), 3, 1)
+    except (RuntimeError, NotImplementedError):  # a build without a CPU FP8 GEMM
+        return False
+    return fp8_ms <= max(8 * median_ms(lambda: torch.nn.functional.linear(xb, wb), 3, 1), 1.0)
 
 
 def has_exact_int8_gemm() -> bool:

@@ -14,14 +14,15 @@ spends 205 ms on the conversion). So the paths, best first:
 The bf16 path decodes each FP8 weight once (a table lookup of its bytes, scaled per channel)
 and keeps it for the model's life; an FP8 activation is cast (vectorized), and decoded through
 a 256-entry table that already holds S_x·v for each code, so its cost is two passes over the
-activation. Where several paths exist they are timed at the node's shape (:func:`fastest_path`).
+activation. Where several paths exist they are timed at the node's shape, once per machine
+(:func:`fastest_path`).
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
+from qcompile.latency import LatencyTable
 from qcompile.qconfig import INT8_ACTIVATION, INT8_WEIGHT, TOKEN_ACTIVATION, Candidate, OpQuantConfig
 from qcompile.spec import FLOAT8_DTYPES, PerChannel, PerTensor, PerToken, QuantSpec
 from qcompile.targets.base import OpRule
@@ -46,19 +47,15 @@ def why_path(path: str, candidates: tuple[str, ...]) -> str:
             "would convert both operands to fp32 on every call")
 
 
-def fastest_path(candidates: tuple[str, ...], run: Callable[[str], object], repeats: int = 5) -> str:
-    """The candidate with the lowest median time of ``run(path)`` (after one warm-up call each)."""
+def fastest_path(candidates: tuple[str, ...], run: Callable[[str], object], shape: str,
+                 table: LatencyTable | None = None) -> str:
+    """The candidate with the lowest median time of ``run(path)`` at ``shape`` (what the time
+    depends on), each measured once per machine and cached in the latency table: compile and a
+    later ``load`` here choose the same path, so the loaded model answers bit for bit the same."""
     if len(candidates) == 1:
         return candidates[0]
-    times = {}
-    for path in candidates:
-        run(path)
-        samples = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            run(path)
-            samples.append(time.perf_counter() - start)
-        times[path] = sorted(samples)[len(samples) // 2]
+    table = table or LatencyTable()
+    times = {path: table.call_ms(f"cpu-fp8 linear_fp8 {path} {shape}", lambda: run(path)) for path in candidates}
     return min(candidates, key=times.__getitem__)
 
 

@@ -9,7 +9,7 @@
 dequantize past), ``S_x`` a constant (static) or the node computing it (per tensor or per
 token, dynamic).
 The path is the best of :func:`~.capabilities.available_paths` (timed at the node's shape where
-there is more than one), and the pass's diagnostics say which path each linear took and why,
+there is more than one, once per machine: a saved model lowered again here takes the same), and the pass's diagnostics say which path each linear took and why,
 so the report never hides a slow one. The dequantize the kernel absorbs is left to dead-code
 elimination.
 
@@ -34,6 +34,7 @@ from torch import fx
 
 from qcompile.ir.graph import add_constant, constant_value, infer_fake_value, insert_call, op_arguments, set_argument
 from qcompile.ir.meta import Provenance
+from qcompile.latency import LatencyTable
 from qcompile.ops import FLOAT8_VALUES
 from qcompile.pipeline import Diagnostic, Pass, PassResult
 from qcompile.qdq import DequantizeCall, QuantizeCall, qparams_of
@@ -150,6 +151,7 @@ class LowerCpuFp8(Pass):
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         candidates = self.paths or available_paths()
+        table = LatencyTable() if len(candidates) > 1 else None
         taken: dict[str, int] = {}
         diagnostics = []
         for linear in list(gm.graph.nodes):
@@ -162,7 +164,10 @@ class LowerCpuFp8(Pass):
                 continue
             usable = candidates if ops.x_scale is not None else tuple(p for p in candidates if p != "scaled-mm")
             weight_q = constant_value(gm, ops.weight_q)
-            path = fastest_path(usable, lambda p: linear_fp8(*_timing_inputs(linear, ops, weight_q), p))
+            inputs = _timing_inputs(linear, ops, weight_q)
+            shape = (f"x{list(inputs[0].shape)} {inputs[0].dtype} w{list(weight_q.shape)} {weight_q.dtype}"
+                     f"{' +bias' if ops.bias is not None else ''}")
+            path = fastest_path(usable, lambda p: linear_fp8(*inputs, p), shape, table)
             self._lower(gm, linear, ops, path)
             taken[path] = taken.get(path, 0) + 1
             fmt = str(ops.x.meta["val"].dtype).removeprefix("torch.")
