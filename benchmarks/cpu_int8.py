@@ -14,7 +14,10 @@ cosine vs fp32 and top-1 nearest-neighbour agreement; each row is also timed on 
 1 x 128 tokens, a server's per-request latency), ResNet-18 (batch 8 x 3 x 224 x 224),
 and a CNN trained here on scikit-learn's digits (top-1 accuracy).
 
-Under the MiniLM and ResNet tables, a "limit" line: the oneDNN int8 kernels' own time in qcompile's
+Under the MiniLM and ResNet tables, a "head to head" line: qcompile and the rows that matter most
+(bf16 eager, OpenVINO, ...) timed again in alternation, a few calls each per round, with qcompile's
+speed-up over each as the median of per-round ratios (this machine's speed drifts by up to 2x
+within a run, which skews rows timed one after another). Then a "limit" line: the oneDNN int8 kernels' own time in qcompile's
 model (profiled), what the model would take if everything around them were free, and the top 10
 ops by self time.
 
@@ -26,7 +29,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -34,7 +37,7 @@ import torch.nn.functional as F
 
 import qcompile
 from benchmarks.ort_baselines import float_onnx_file, quantize_static_file, session_runner
-from benchmarks.timing import median_ms
+from benchmarks.timing import interleaved_ms, median_ms
 from qcompile.profile import profile_ops
 from qcompile.qconfig import INT8_WEIGHT, TOKEN_ACTIVATION
 from tests.models import (
@@ -55,6 +58,8 @@ class Row:
     size_mb: float | None = None
     note: str = ""
     ms_one: float | None = None  # one sample (MiniLM: 1 x 128 tokens), the latency a server sees per request
+    run: Callable[[], object] | None = field(default=None, repr=False)  # the timed call, for the head-to-head
+    run_one: Callable[[], object] | None = field(default=None, repr=False)
 
 
 def tensor_bytes(module: torch.nn.Module) -> int:
@@ -90,6 +95,22 @@ def print_limit_and_profile(row: Row, call: Callable[[], object]) -> None:
     print(f"  {'op (qcompile, top 10 by self time)':<44}{'calls':>7}{'ms':>9}")
     for op in ops[:10]:
         print(f"  {op['op']:<44}{op['calls']:>7}{op['ms']:>9.2f}")
+
+
+def print_head_to_head(rows: list[Row], names: tuple[str, ...], what: str, one: bool = False,
+                       rounds: int = 10) -> None:
+    """The named rows timed again in alternation (:func:`benchmarks.timing.interleaved_ms`), and
+    qcompile's speed-up over each as the median of per-round ratios: the comparison a drifting
+    machine does not skew, where the table's rows were timed one after another."""
+    calls = {r.name: r.run_one if one else r.run for r in rows if r.name in names and r.ms is not None}
+    calls = {name: call for name, call in calls.items() if call is not None}
+    ours = names[-1]
+    if ours not in calls or len(calls) < 2:
+        return
+    timed = interleaved_ms(calls, rounds)
+    print(f"head to head, {what}, {rounds} alternated rounds of 5 calls: " + ", ".join(
+        f"{name} {timed.median(name):.2f} ms" + ("" if name == ours else f" ({timed.ratio(ours, name):.2f}x)")
+        for name in calls) + f"  [(Nx): {ours} is N times faster, median of per-round ratios]")
 
 
 def attempt(name: str, build: Callable[[], Row]) -> Row:
@@ -155,7 +176,8 @@ def minilm() -> None:
 
     def row(name: str, module: Callable, size: int | None = None, note: str = "") -> Row:
         return Row(name, median_ms(lambda: module(**batch)), quality(lambda b: module(**b)),
-                   None if size is None else size / 2**20, note, single_ms(module))
+                   None if size is None else size / 2**20, note, single_ms(module), lambda: module(**batch),
+                   lambda: module(**one))
 
     rows = [row("fp32 eager", fp32, fp32_bytes)]
     bf16_model = SentenceEmbedder(load_minilm()[0].bfloat16()).eval()
@@ -188,6 +210,8 @@ def minilm() -> None:
     print_table("all-MiniLM-L6-v2, batch 32 x 128 tokens (ms per batch, and per single 1 x 128 request; "
                 "embeddings vs fp32 on 256 sentences)",
                 rows, rows[0].ms, rows[1].ms)
+    print_head_to_head(rows, ("fp32 eager", "bf16 eager", "OpenVINO + NNCF int8", "qcompile cpu-int8"), "batch")
+    print_head_to_head(rows, ("bf16 eager", "OpenVINO + NNCF int8", "qcompile cpu-int8"), "1 x 128", one=True)
     print_limit_and_profile(profiled, lambda: compiled(**batch))
 
 
@@ -258,7 +282,7 @@ def resnet() -> None:
         with torch.no_grad():
             agree = (module(images).float().argmax(1) == reference.argmax(1)).float().mean()
         return Row(name, median_ms(lambda: module(images)), f"top-1 agreement with fp32 {agree:.2f}",
-                   None if size is None else size / 2**20, note)
+                   None if size is None else size / 2**20, note, run=lambda: module(images))
 
     rows = [row("fp32 eager", model, tensor_bytes(model))]
     bf16 = resnet18().bfloat16()
@@ -282,6 +306,8 @@ def resnet() -> None:
     rows.append(row("qcompile cpu-int8", qm, tensor_bytes(qm.graph_module),
                     f"compile {time.perf_counter() - start:.0f} s"))
     print_table("ResNet-18, batch 8 x 3 x 224 x 224 (ms per batch)", rows, rows[0].ms, rows[1].ms)
+    print_head_to_head(rows, ("bf16 eager", "OpenVINO + NNCF int8", "ONNX Runtime quantize_static",
+                              "qcompile cpu-int8"), "batch")
     print_limit_and_profile(rows[-1], lambda: qm(images))
 
 
