@@ -17,8 +17,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch
-
 from qcompile.profile import median_ms
 
 __all__ = ["Interleaved", "interleaved_ms", "median_ms"]
@@ -47,15 +45,8 @@ def interleaved_ms(calls: dict[str, Callable[[], object]], rounds: int = 10, blo
     that took both from the next runtime (a ResNet-18 batch measured 80 ms after ONNX Runtime's
     call against 17 ms alone); the pause lets the pools go idle, the untimed call warms the caches."""
     samples: dict[str, list[float]] = {name: [] for name in calls}
-    with torch.no_grad():
-        for _ in range(rounds):
-            for name, call in calls.items():
-                time.sleep(pause_s)
-                call()
-                times = []
-                for _ in range(block):
-                    start = time.perf_counter()
-                    call()
-                    times.append((time.perf_counter() - start) * 1e3)
-                samples[name].append(statistics.median(times))
+    for _ in range(rounds):
+        for name, call in calls.items():
+            time.sleep(pause_s)
+            samples[name].append(median_ms(call, repeats=block, warmup=1))
     return Interleaved(samples)
