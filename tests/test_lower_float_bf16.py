@@ -224,3 +224,20 @@ def test_native_rms_norm_refuses_what_it_does_not_run_naming_the_operand():
         torch.ops.qc.rms_norm(x.bfloat16(), None, 1e-6)
     with pytest.raises(RuntimeError, match="qc::rms_norm: weight must be 8 contiguous float32 values"):
         torch.ops.qc.rms_norm(x, torch.ones(7), 1e-6)
+
+
+def test_linear_bf16_on_its_prepacked_weight_gives_the_plain_bf16_linear_bit_for_bit():
+    from qcompile.targets.cpu_features import has_bf16_gemm
+    from qcompile.targets.cpu_int8.bf16_kernels import _PACKED, linear_bf16
+
+    g = torch.Generator().manual_seed(0)
+    weight, bias = torch.randn(48, 32, generator=g).bfloat16(), torch.randn(48, generator=g)
+    inputs = [torch.randn(rows, 32, generator=g) for rows in (5, 1, 128)]
+    inputs += [torch.randn(2, 7, 32, generator=g), torch.randn(32, 9, generator=g).t(), torch.randn(0, 32)]
+    for x in inputs:  # the weight packed for 5 rows serves every other count, a 3-D input and a transposed view
+        expected = torch.nn.functional.linear(x.bfloat16(), weight, bias.bfloat16()).float()
+        assert torch.equal(linear_bf16(x, weight, bias), expected)
+    assert torch.equal(linear_bf16(inputs[0], weight, None),
+                       torch.nn.functional.linear(inputs[0].bfloat16(), weight).float())
+    packed = [w for w in _PACKED.keys() if w is weight]
+    assert len(packed) == (1 if has_bf16_gemm() else 0)  # packed once, where oneDNN multiplies bf16 natively
