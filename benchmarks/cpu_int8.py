@@ -15,11 +15,11 @@ cosine vs fp32 and top-1 nearest-neighbour agreement; each row is also timed on 
 and a CNN trained here on scikit-learn's digits (top-1 accuracy).
 
 Under the MiniLM and ResNet tables, a "head to head" line: qcompile and the rows that matter most
-(bf16 eager, OpenVINO, ...) timed again in alternation, a few calls each per round, with qcompile's
-speed-up over each as the median of per-round ratios (this machine's speed drifts by up to 2x
-within a run, which skews rows timed one after another). Then a "limit" line: the oneDNN int8 kernels' own time in qcompile's
-model (profiled), what the model would take if everything around them were free, and the top 10
-ops by self time.
+(bf16 eager, OpenVINO, ...) timed again in alternation, a few calls each per round, with
+qcompile's speed-up over each as the median of per-round ratios (this machine's speed drifts by
+up to 2x within a run, which skews rows timed one after another). Then a "limit" line: the
+oneDNN int8 kernels' own time in qcompile's model (profiled), what the model would take if
+everything around them were free, and the top 10 ops by self time.
 
 Run: ``python -m benchmarks.cpu_int8 [minilm] [resnet] [digits]`` (all three by default).
 """

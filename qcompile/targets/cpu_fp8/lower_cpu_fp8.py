@@ -9,9 +9,9 @@
 dequantize past), ``S_x`` a constant (static) or the node computing it (per tensor or per
 token, dynamic).
 The path is the best of :func:`~.capabilities.available_paths` (timed at the node's shape where
-there is more than one, once per machine: a saved model lowered again here takes the same), and the pass's diagnostics say which path each linear took and why,
-so the report never hides a slow one. The dequantize the kernel absorbs is left to dead-code
-elimination.
+there is more than one, once per machine: a saved model lowered again here takes the same), and
+the pass's diagnostics say which path each linear took and why, so the report never hides a
+slow one. The dequantize the kernel absorbs is left to dead-code elimination.
 
 A linear's output is written in bf16 when every reader takes it in bf16 anyway (a weight-only
 linear, an FP8 cast), possibly through views and GELU/ReLU, which

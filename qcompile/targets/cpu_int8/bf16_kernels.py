@@ -28,9 +28,10 @@ _PACKED: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 def packed_weight(weight: Tensor, rows: int) -> Tensor | None:
     """``weight`` in oneDNN's blocked layout for this CPU (laid out for ``rows``-row inputs on
-    its first use), or None where oneDNN has no native bf16 GEMM (torch's packed bf16 linear
-    refuses such CPUs; ``F.linear`` converts instead)."""
-    if not (torch.backends.mkldnn.is_available() and has_bf16_gemm()):
+    its first use), or None where oneDNN has no native bf16 GEMM: torch's packed bf16 linear
+    refuses CPUs without AVX-512 (its own check, which decides even where the flags we read are
+    overridden), and ``F.linear`` converts instead."""
+    if not (has_bf16_gemm() and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
         return None
     packed = _PACKED.get(weight)
     if packed is None:
