@@ -2,7 +2,8 @@
 
 ``profile_ops`` runs the model under torch's profiler and sums self time per operator (the
 oneDNN kernels, the native attention, the float glue between them); ``median_ms`` is the latency
-the ``bench`` command compares, a median over repeated calls after warm-up calls.
+the ``bench`` command compares, a median over repeated calls after warm-up calls; ``fastest_ms``
+the fastest of them, for probes.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ from typing import Any
 import torch
 
 
-def median_ms(call: Callable[[], Any], repeats: int = 10, warmup: int = 2) -> float:
-    """Median wall time of ``call()`` in milliseconds, after ``warmup`` untimed calls."""
+def call_ms(call: Callable[[], Any], repeats: int, warmup: int) -> list[float]:
+    """The wall times of ``repeats`` calls of ``call()`` in milliseconds, after ``warmup`` untimed calls."""
     with torch.no_grad():
         for _ in range(warmup):
             call()
@@ -25,7 +26,19 @@ def median_ms(call: Callable[[], Any], repeats: int = 10, warmup: int = 2) -> fl
             start = time.perf_counter()
             call()
             times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    return times
+
+
+def median_ms(call: Callable[[], Any], repeats: int = 10, warmup: int = 2) -> float:
+    """Median wall time of ``call()`` in milliseconds, after ``warmup`` untimed calls."""
+    return statistics.median(call_ms(call, repeats, warmup))
+
+
+def fastest_ms(call: Callable[[], Any], repeats: int = 5, warmup: int = 1) -> float:
+    """The fastest of ``repeats`` calls: a one-off stall (a busy core, a VM's pause) can only
+    slow a call, so the minimum is what the kernel itself takes (for a yes/no probe, where one
+    stall must not flip the answer)."""
+    return min(call_ms(call, repeats, warmup))
 
 
 def profile_ops(call: Callable[[], Any], repeats: int = 3, top: int = 15) -> list[dict[str, Any]]:

@@ -26,3 +26,15 @@ def test_interleaved_calls_are_timed_in_turn_each_round():
     assert order == (["fast"] * 3 + ["slow"] * 3) * 3  # one untimed call and two timed, per path per round
     assert all(len(samples) == 3 for samples in timed.samples.values())
     assert 1.8 < timed.ratio("fast", "slow") < 3.5
+
+
+def test_a_probe_takes_the_fastest_call_so_one_stall_does_not_decide_it():
+    from qcompile.profile import fastest_ms, median_ms
+
+    delays = iter([0.0, 0.03, 0.001, 0.03, 0.001, 0.03])  # the warm-up call, then stalls in 3 of 5 calls
+
+    def call():
+        time.sleep(next(delays))
+    assert fastest_ms(call) < 10  # the stalls are 30 ms
+    delays = iter([0.0, 0.03, 0.001, 0.03, 0.001, 0.03])
+    assert median_ms(call, repeats=5, warmup=1) >= 30  # what the median of the same calls would say

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+from qcompile.profile import fastest_ms
 
 
 @functools.cache
@@ -47,18 +47,6 @@ def has_fp8_gemm() -> bool:
 FP8_PROBE_SHAPE = (32, 128, 128)
 
 
-def _fastest_ms(call: Callable[[], object], repeats: int = 5) -> float:
-    """The fastest of ``repeats`` timed calls after one untimed one: a one-off stall (a busy
-    core, a VM's pause) can only slow a call, so the minimum is what the kernel itself takes."""
-    call()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        call()
-        times.append((time.perf_counter() - start) * 1e3)
-    return min(times)
-
-
 @functools.cache
 def fp8_gemm_runs_natively() -> bool:
     """Whether ``_scaled_mm`` multiplies a small FP8 product within 8x of bf16's time (or 1 ms):
@@ -71,10 +59,10 @@ def fp8_gemm_runs_natively() -> bool:
     x8, w8, one = x.to(torch.float8_e4m3fn), w.to(torch.float8_e4m3fn), torch.ones(())
     xb, wb = x.bfloat16(), w.bfloat16()
     try:
-        fp8_ms = _fastest_ms(lambda: torch._scaled_mm(x8, w8.t(), one, one, out_dtype=torch.bfloat16))
+        fp8_ms = fastest_ms(lambda: torch._scaled_mm(x8, w8.t(), one, one, out_dtype=torch.bfloat16))
     except (RuntimeError, NotImplementedError):  # a build without a CPU FP8 GEMM
         return False
-    return fp8_ms <= max(8 * _fastest_ms(lambda: torch.nn.functional.linear(xb, wb)), 1.0)
+    return fp8_ms <= max(8 * fastest_ms(lambda: torch.nn.functional.linear(xb, wb)), 1.0)
 
 
 def has_exact_int8_gemm() -> bool:
