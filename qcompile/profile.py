@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 
-def call_ms(call: Callable[[], Any], repeats: int, warmup: int) -> list[float]:
+def call_times_ms(call: Callable[[], Any], repeats: int, warmup: int) -> list[float]:
     """The wall times of ``repeats`` calls of ``call()`` in milliseconds, after ``warmup`` untimed calls."""
     with torch.no_grad():
         for _ in range(warmup):
@@ -31,14 +31,14 @@ def call_ms(call: Callable[[], Any], repeats: int, warmup: int) -> list[float]:
 
 def median_ms(call: Callable[[], Any], repeats: int = 10, warmup: int = 2) -> float:
     """Median wall time of ``call()`` in milliseconds, after ``warmup`` untimed calls."""
-    return statistics.median(call_ms(call, repeats, warmup))
+    return statistics.median(call_times_ms(call, repeats, warmup))
 
 
 def fastest_ms(call: Callable[[], Any], repeats: int = 5, warmup: int = 1) -> float:
     """The fastest of ``repeats`` calls: a one-off stall (a busy core, a VM's pause) can only
     slow a call, so the minimum is what the kernel itself takes (for a yes/no probe, where one
     stall must not flip the answer)."""
-    return min(call_ms(call, repeats, warmup))
+    return min(call_times_ms(call, repeats, warmup))
 
 
 def profile_ops(call: Callable[[], Any], repeats: int = 3, top: int = 15) -> list[dict[str, Any]]:

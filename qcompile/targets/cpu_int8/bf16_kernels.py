@@ -31,10 +31,11 @@ def packed_weight(weight: Tensor, rows: int) -> Tensor | None:
     its first use), or None where oneDNN has no native bf16 GEMM: torch's packed bf16 linear
     refuses CPUs without AVX-512 (its own check, which decides even where the flags we read are
     overridden), and ``F.linear`` converts instead."""
-    if not (has_bf16_gemm() and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
-        return None
-    packed = _PACKED.get(weight)
+    packed = _PACKED.get(weight)  # the checks below run only until the weight is packed
     if packed is None:
+        if not (has_bf16_gemm() and torch.backends.mkldnn.is_available()
+                and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+            return None
         packed = _PACKED[weight] = torch.ops.mkldnn._reorder_linear_weight(weight, max(rows, 1))
     return packed
 
