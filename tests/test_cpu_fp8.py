@@ -77,9 +77,12 @@ def test_no_fp8_gemm_without_amx(monkeypatch):
     assert not capabilities.has_fp8_gemm() and capabilities.available_paths() == ("bf16",)
     assert cpu_fp8_preset().by_op["linear"].activation is None  # weight-only: FP8 activations only add work here
     monkeypatch.setattr(cpu_features, "cpu_flags", lambda: frozenset({"amx_tile", "amx_int8", "amx_bf16"}))
-    monkeypatch.setattr(cpu_features, "fp8_gemm_runs_natively", lambda: False)  # a Sapphire Rapids: timed slow
-    assert capabilities.available_paths() == ("bf16",)
+    monkeypatch.setattr(cpu_features, "fp8_gemm_runs_natively", lambda: True)  # even if a probe misreads it
+    assert capabilities.available_paths() == ("bf16",)  # a Sapphire Rapids: oneDNN's reference FP8 kernel
     assert cpu_fp8_preset().by_op["linear"].activation is None
+    monkeypatch.setattr(cpu_features, "cpu_flags", lambda: frozenset({"amx_tile", "amx_int8", "amx_bf16", "amx_fp16"}))
+    monkeypatch.setattr(cpu_features, "fp8_gemm_runs_natively", lambda: False)  # timed slow after all
+    assert capabilities.available_paths() == ("bf16",)
     monkeypatch.setattr(cpu_features, "fp8_gemm_runs_natively", lambda: True)
     assert capabilities.available_paths() == ("scaled-mm", "bf16")
     assert cpu_fp8_preset().by_op["linear"].activation.dtype == "float8_e4m3fn"

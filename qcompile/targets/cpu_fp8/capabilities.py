@@ -3,12 +3,12 @@ the report read.
 
 FP8 is a storage and numerics format on most CPUs, not a speed format. Measured on an AMD Zen 4
 (AVX512-BF16 and VNNI, no AMX), 2 threads: torch's CPU ``_scaled_mm`` runs oneDNN's FP8 GEMM
-only where the CPU has AMX; elsewhere it converts both operands to fp32 element by element and
-runs an fp32 GEMM (a 1024³ product 47–56 ms against bf16's 14–16 ms; a 4096² weight at batch 1
-spends 205 ms on the conversion). So the paths, best first:
+only where the CPU has AMX-FP16 (a Sapphire Rapids' AMX-INT8 gets a reference kernel); elsewhere
+it converts both operands to fp32 element by element and runs an fp32 GEMM (a 1024³ product
+47–56 ms against bf16's 14–16 ms; a 4096² weight at batch 1 spends 205 ms on the conversion). So the paths, best first:
 
     path        when                          linear computes
-    scaled-mm   the CPU has AMX (FP8 GEMM)    torch._scaled_mm(fp8(x/S_x), W_q, S_x, S_W) + b
+    scaled-mm   AMX-FP16, timed native       torch._scaled_mm(fp8(x/S_x), W_q, S_x, S_W) + b
     bf16        always                        (S_x·fp8(x/S_x))_bf16 · (S_W·W_q)_bf16 + b
 
 The bf16 path decodes each FP8 weight once (a table lookup of its bytes, scaled per channel)
