@@ -69,6 +69,28 @@ def has_vnni() -> bool:
     return _VNNI and isa() == "avx512"
 
 
+def has_amx() -> bool:
+    """Whether this CPU has AMX-INT8 tiles and the kernel lets the process use them: the u8s8 kernel
+    then multiplies on tiles (inputs a multiple of 64), which ``qc.linear_int8`` runs up to
+    ``TILED_ROWS`` rows in place of oneDNN."""
+    return _native.has_amx()
+
+
+TILED_ROWS = _native.TILED_ROWS
+
+
+@contextmanager
+def amx_tiles(enabled: bool) -> Iterator[None]:
+    """Run the u8s8 kernel on AMX tiles (``enabled``, where :func:`has_amx`) or on AVX512-VNNI
+    inside the block: how tests and benchmarks compare both paths on one machine."""
+    before = _native.amx_active()
+    _native.use_amx(enabled)
+    try:
+        yield
+    finally:
+        _native.use_amx(before)
+
+
 GEMV_ROWS = _native.GEMV_ROWS  # from this many rows on, qc.linear_weight_only runs a GEMM (bf16 or fp32)
 
 

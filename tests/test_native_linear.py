@@ -88,3 +88,9 @@ def test_small_convolutions_hold_the_contract(shape, geometry, epilogue):
         reference = reference_conv2d_int8(*args)
         error, allowed = difference(out, reference)
         assert out.dtype == reference.dtype and out.shape == reference.shape and error <= allowed, (channels_last, error)
+
+
+@pytest.mark.skipif(native.has_amx(), reason="this CPU has AMX tiles")
+def test_tiles_are_refused_where_the_cpu_has_none():
+    with pytest.raises(RuntimeError, match="no AMX-INT8 tiles"), native.amx_tiles(True):
+        pass

@@ -297,8 +297,8 @@ at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& x_scale, const at:
     return linear_per_token(x, x_scale, x_zero_point, weight, weight_scale, bias, other, out_scale, out_zero_point,
                             out_dtype, unary);
   }
-  if (has_vnni() && active_isa() == Isa::Avx512 &&
-      rows <= kFewRows && k <= kMaxDepth) {
+  const bool on_tiles = amx_active() && k % kTileDepth == 0 && rows <= kTiledRows;
+  if (has_vnni() && active_isa() == Isa::Avx512 && (rows <= kFewRows || on_tiles) && k <= kMaxDepth) {
     return linear_few_rows(x, x_scale, x_zero_point, weight, weight_scale, bias, other, out_scale, out_zero_point,
                            out_dtype, unary.name)
         .to(out_dtype);

@@ -12,6 +12,12 @@ namespace qcompile {
 // Rows up to which linear_int8 runs the native VNNI kernel instead of oneDNN.
 constexpr int64_t kFewRows = 16;
 
+// Rows up to which linear_int8 runs the u8s8 kernel on AMX tiles instead of oneDNN, where it has them
+// and the inputs are a multiple of 64. Measured (AMX Xeon, 2 threads, alternated), all-MiniLM's four
+// linears at 64 rows: 0.41 ms against oneDNN's 0.83; at 128: 0.98 against 1.13; from 1024 rows on
+// oneDNN was faster (7.8 against 9.7 ms).
+constexpr int64_t kTiledRows = 256;
+
 // Multiply-adds up to which conv2d_int8 (ungrouped, no residual add) runs as im2col and the VNNI
 // kernel instead of oneDNN, whose fixed cost is about 40 µs a call. Measured (2 threads, Zen 4):
 // 16x8x4x4 -> 16 channels, 3x3 (2^18 MACs): 19 µs against 42; 16x1x8x8 -> 8 (2^16): 49 against

@@ -1,6 +1,8 @@
 // A uint8 x int8 linear for a few rows, on AVX512-VNNI: what a batch-1 decode step and small
 // models run, where oneDNN's per-call cost (about 60-90 µs at one row, measured) dwarfs the math;
-// also the GEMM of a small convolution (its pixels' im2col rows, int8_kernels.cpp).
+// also the GEMM of a small convolution (its pixels' im2col rows, int8_kernels.cpp). On a CPU with
+// AMX-INT8 the same product runs on tiles (tiles_amx below), up to a few hundred rows: there
+// oneDNN's int8 GEMM took twice as long on request-sized inputs (128 rows of all-MiniLM).
 //
 //   acc[m][n] = Σ_k x[m][k]·W[n][k]                        (exact int32: VPDPBUSD adds four u8·s8
 //                                                             products into int32, no saturation)
@@ -22,9 +24,14 @@
 #include <c10/util/BFloat16.h>
 #include <immintrin.h>
 
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <string_view>
+#include <type_traits>
 
 #include "isa.h"
 #include "simd.h"
@@ -75,12 +82,20 @@ QC_VNNI inline __m256i to_bfloat16(__m512 y) {
   return _mm512_cvtepi32_epi16(rounded);
 }
 
+// 1/d for d >= 1: VRCP14PS's estimate (relative error below 2^-14) and one Newton step,
+// r' = r·(2 − d·r), which squares the error to below 2^-28, under a float's rounding. A division
+// costs several times its throughput, and the GELU epilogue was most of a wide linear's time.
+QC_VNNI inline __m512 reciprocal(__m512 d) {
+  const __m512 r = _mm512_rcp14_ps(d);
+  return _mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(2.f)));
+}
+
 // y·Φ(y) = y/2·(1 + erf(y/√2)), erf by Abramowitz and Stegun's 7.1.26 (absolute error below
 // 1.5e-7): erf(z) = 1 − t·(a1 + t·(a2 + t·(a3 + t·(a4 + t·a5))))·e^(−z²), t = 1/(1 + p·z) for
 // z >= 0, odd in z. The GELU of a linear's output then differs from ATen's by at most 1e-7·|y|.
 QC_VNNI inline __m512 gelu_erf(__m512 y) {
   const __m512 z = _mm512_abs_ps(_mm512_mul_ps(y, _mm512_set1_ps(0.70710678118654752f)));
-  const __m512 t = _mm512_div_ps(_mm512_set1_ps(1.f), _mm512_fmadd_ps(z, _mm512_set1_ps(0.3275911f), _mm512_set1_ps(1.f)));
+  const __m512 t = reciprocal(_mm512_fmadd_ps(z, _mm512_set1_ps(0.3275911f), _mm512_set1_ps(1.f)));
   __m512 poly = _mm512_fmadd_ps(t, _mm512_set1_ps(1.061405429f), _mm512_set1_ps(-1.453152027f));
   poly = _mm512_fmadd_ps(poly, t, _mm512_set1_ps(1.421413741f));
   poly = _mm512_fmadd_ps(poly, t, _mm512_set1_ps(-0.284496736f));
@@ -132,6 +147,63 @@ QC_VNNI void finish(const Epilogue& e, __m512i acc, int64_t row, int64_t n0, __m
   }
 }
 
+// y = unary(S·(acc − C) + b [+ other]) stored for `count` rows of one block of 16 outputs, rows'
+// sums `step` int32 apart: finish's arithmetic, with the block's S = S_x·S_W[n], C = Z_x·ΣW[n]
+// and b[n] read once when every row shares S_x and Z_x, and the epilogue chosen once per block.
+template <Unary U, typename Out>
+QC_VNNI void finish_column_as(const Epilogue& e, const int32_t* acc, int64_t step, int64_t r0, int64_t count,
+                              int64_t n0) {
+  const __mmask16 m = tail_mask(e.n - n0);
+  const __m512i sums = _mm512_maskz_loadu_epi32(m, e.column_sums + n0);
+  const __m512 weight_scale = _mm512_maskz_loadu_ps(m, e.weight_scale + n0);
+  const __m512 bias = e.bias ? _mm512_maskz_loadu_ps(m, e.bias + n0) : _mm512_setzero_ps();
+  __m512i correction = _mm512_mullo_epi32(_mm512_set1_epi32(e.x_zero_points[0]), sums);
+  __m512 scale = _mm512_mul_ps(_mm512_set1_ps(e.x_scales[0]), weight_scale);
+  const __m512 out_scale = _mm512_set1_ps(e.out_scale), out_zero_point = _mm512_set1_ps(e.out_zero_point);
+  for (int64_t i = 0; i < count; ++i) {
+    const int64_t row = r0 + i;
+    if (e.x_step) {
+      correction = _mm512_mullo_epi32(_mm512_set1_epi32(e.x_zero_points[row]), sums);
+      scale = _mm512_mul_ps(_mm512_set1_ps(e.x_scales[row]), weight_scale);
+    }
+    __m512 y = _mm512_mul_ps(scale, _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_load_si512(acc + i * step), correction)));
+    if (e.bias) y = _mm512_add_ps(y, bias);
+    const int64_t at = row * e.n + n0;
+    if (e.other) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(m, e.other + at));
+    if constexpr (U == Unary::kRelu) y = _mm512_max_ps(y, _mm512_setzero_ps());
+    if constexpr (U == Unary::kRelu6) y = _mm512_min_ps(_mm512_max_ps(y, _mm512_setzero_ps()), _mm512_set1_ps(6.f));
+    if constexpr (U == Unary::kGelu) y = gelu_erf(y);
+    if constexpr (U == Unary::kGeluTanh) y = gelu_tanh(y);
+    if constexpr (std::is_same_v<Out, uint8_t>) {
+      store_quantized(static_cast<uint8_t*>(e.out) + at, m, y, out_scale, out_zero_point, _mm512_setzero_ps(),
+                      _mm512_set1_ps(255.f));
+    } else if constexpr (std::is_same_v<Out, c10::BFloat16>) {
+      _mm256_mask_storeu_epi16(static_cast<c10::BFloat16*>(e.out) + at, m, to_bfloat16(y));
+    } else {
+      _mm512_mask_storeu_ps(static_cast<float*>(e.out) + at, m, y);
+    }
+  }
+}
+
+template <Unary U>
+QC_VNNI void finish_column_unary(const Epilogue& e, const int32_t* acc, int64_t step, int64_t r0, int64_t count,
+                                 int64_t n0) {
+  if (e.out_dtype == at::kByte) return finish_column_as<U, uint8_t>(e, acc, step, r0, count, n0);
+  if (e.out_dtype == at::kBFloat16) return finish_column_as<U, c10::BFloat16>(e, acc, step, r0, count, n0);
+  finish_column_as<U, float>(e, acc, step, r0, count, n0);
+}
+
+QC_VNNI void finish_column(const Epilogue& e, const int32_t* acc, int64_t step, int64_t r0, int64_t count,
+                           int64_t n0) {
+  switch (e.unary) {
+    case Unary::kNone: return finish_column_unary<Unary::kNone>(e, acc, step, r0, count, n0);
+    case Unary::kRelu: return finish_column_unary<Unary::kRelu>(e, acc, step, r0, count, n0);
+    case Unary::kRelu6: return finish_column_unary<Unary::kRelu6>(e, acc, step, r0, count, n0);
+    case Unary::kGelu: return finish_column_unary<Unary::kGelu>(e, acc, step, r0, count, n0);
+    case Unary::kGeluTanh: return finish_column_unary<Unary::kGeluTanh>(e, acc, step, r0, count, n0);
+  }
+}
+
 // Rows r0 .. r0 + R - 1 through B registers of 16 output channels of one group (64): B < 4 only for
 // the last group of a layer with fewer outputs left (a small convolution's 8 or 16 channels).
 template <int R, int B>
@@ -177,6 +249,77 @@ QC_VNNI void rows_vnni(const uint8_t* x, int64_t r0, int64_t r1, int64_t k_pad, 
   }
 }
 
+// The same product on AMX tiles (TDPBUSD: a 16x64 uint8 tile times a 16x64 int8 tile in VNNI order
+// accumulates a 16x16 int32 tile, 16384 multiply-adds an instruction). The packed weight is already
+// in the B tile's order: a block of 16 output channels is [k_pad/4][16][4] bytes, so its 64 inputs
+// from k are 16 rows of 64 bytes at stride 64. A task is 32 rows x 32 outputs: tiles 0-3 hold the
+// 2x2 int32 accumulators, 4-5 two 16-row slices of x, 6-7 two 16-channel blocks of the weight, so
+// each loaded tile feeds two products. Inputs come 64 at a time (k_pad a multiple of 64) and rows
+// 32 at a time (the caller pads x); the int32 tiles are stored and finished by the VNNI epilogue.
+#define QC_AMX __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,fma,avx512vnni,amx-tile,amx-int8")))
+
+constexpr int64_t kTileHeight = 16;  // rows of an A or C tile, and 4-byte rows of a B tile (kTileDepth bytes each)
+constexpr int64_t kAmxRows = 2 * kTileHeight, kAmxOutputs = 2 * kBlock;
+
+// The tile configuration LDTILECFG reads (palette 1): every tile 16 rows of 64 bytes.
+struct alignas(64) TileConfig {
+  uint8_t palette = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t bytes_per_row[16] = {};
+  uint8_t rows[16] = {};
+};
+
+QC_AMX void tiles_amx(const uint8_t* x, int64_t k_pad, const int8_t* packed, int64_t rows, int64_t t0, int64_t t1,
+                      int64_t column_tasks, const Epilogue& e) {
+  TileConfig config;
+  for (int t = 0; t < 8; ++t) config.bytes_per_row[t] = kTileDepth, config.rows[t] = kTileHeight;
+  _tile_loadconfig(&config);
+  alignas(64) int32_t acc[kAmxRows][kAmxOutputs];
+  const int64_t block_bytes = k_pad * kBlock;
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t r0 = t / column_tasks * kAmxRows, n0 = t % column_tasks * kAmxOutputs;
+    const uint8_t* a = x + r0 * k_pad;
+    const int8_t* b = packed + n0 / kBlock * block_bytes;
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    for (int64_t k = 0; k < k_pad; k += kTileDepth) {
+      _tile_loadd(4, a + k, k_pad);
+      _tile_loadd(5, a + kTileHeight * k_pad + k, k_pad);
+      _tile_loadd(6, b + k * kBlock, kTileDepth);
+      _tile_loadd(7, b + block_bytes + k * kBlock, kTileDepth);
+      _tile_dpbusd(0, 4, 6);
+      _tile_dpbusd(1, 4, 7);
+      _tile_dpbusd(2, 5, 6);
+      _tile_dpbusd(3, 5, 7);
+    }
+    constexpr int64_t stride = kAmxOutputs * sizeof(int32_t);
+    _tile_stored(0, &acc[0][0], stride);
+    _tile_stored(1, &acc[0][kBlock], stride);
+    _tile_stored(2, &acc[kTileHeight][0], stride);
+    _tile_stored(3, &acc[kTileHeight][kBlock], stride);
+    const int64_t live_rows = std::min(kAmxRows, rows - r0);
+    for (int64_t j = 0; j < kAmxOutputs && n0 + j < e.n; j += kBlock) {
+      finish_column(e, &acc[0][j], kAmxOutputs, r0, live_rows, n0 + j);
+    }
+  }
+  _tile_release();
+}
+
+// Linux hands a process the AMX tile state only when asked (arch_prctl ARCH_REQ_XCOMP_PERM for
+// XTILEDATA); without it the first tile instruction faults.
+bool amx_permitted() {
+  constexpr int kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+  return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+}
+
+std::atomic<bool>& amx_enabled() {
+  static std::atomic<bool> enabled{has_amx()};
+  return enabled;
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> pack_u8s8_weight(const at::Tensor& weight) {
@@ -199,6 +342,21 @@ std::tuple<at::Tensor, at::Tensor> pack_u8s8_weight(const at::Tensor& weight) {
   }
   return {packed, sums};
 }
+
+bool has_amx() {
+  static const bool amx = [] {
+    __builtin_cpu_init();
+    return has_vnni() && __builtin_cpu_supports("amx-tile") && __builtin_cpu_supports("amx-int8") && amx_permitted();
+  }();
+  return amx;
+}
+
+void use_amx(bool enabled) {
+  TORCH_CHECK(!enabled || has_amx(), "linear_u8s8: this CPU (or its kernel) offers no AMX-INT8 tiles");
+  amx_enabled().store(enabled, std::memory_order_relaxed);
+}
+
+bool amx_active() { return amx_enabled().load(std::memory_order_relaxed); }
 
 bool has_vnni() {
   static const bool vnni = [] {
@@ -228,8 +386,10 @@ at::Tensor linear_u8s8(const at::Tensor& x, const at::Tensor& x_scale, const at:
               "linear_u8s8: one float32 weight scale per output channel");
   TORCH_CHECK(out_dtype == at::kFloat || out_dtype == at::kBFloat16 || out_dtype == at::kByte,
               "linear_u8s8: output float32, bfloat16 or uint8, got ", out_dtype);
+  const bool tiles = amx_active() && k_pad % kTileDepth == 0;
+  const int64_t rows_pad = tiles ? round_up(rows, kAmxRows) : rows;
   at::Tensor xs = x.reshape({rows, k});
-  if (k_pad != k) xs = at::constant_pad_nd(xs, {0, k_pad - k}, 0);
+  if (k_pad != k || rows_pad != rows) xs = at::constant_pad_nd(xs, {0, k_pad - k, 0, rows_pad - rows}, 0);
   xs = xs.contiguous();
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = n;
@@ -247,14 +407,22 @@ at::Tensor linear_u8s8(const at::Tensor& x, const at::Tensor& x_scale, const at:
              static_cast<float>(out_zero_point), out.data_ptr(), n};
   TORCH_CHECK(active_isa() == Isa::Avx512 && has_vnni(),
               "linear_u8s8 runs on AVX512-VNNI only (this CPU, or the ISA the kernels are held to, lacks it)");
+  const uint8_t* xp = xs.data_ptr<uint8_t>();
+  const int8_t* wp = packed.data_ptr<int8_t>();
+  if (tiles) {
+    const int64_t column_tasks = (n + kAmxOutputs - 1) / kAmxOutputs;
+    const int64_t grain = std::max<int64_t>(1, (1 << 17) / (kAmxRows * kAmxOutputs * k_pad));
+    at::parallel_for(0, rows_pad / kAmxRows * column_tasks, grain, [&](int64_t t0, int64_t t1) {
+      tiles_amx(xp, k_pad, wp, rows, t0, t1, column_tasks, e);
+    });
+    return out;
+  }
   // Tasks are (block of up to kRowBlock rows, group of 64 outputs), a block's groups in a row so
   // its rows stay in cache: a small convolution (many pixel rows, few outputs) splits by rows.
   // A task is at least 2^17 multiply-adds: waking a second thread for less costs more than it saves.
   const int64_t row_blocks = std::max<int64_t>(1, (rows + kRowBlock - 1) / kRowBlock);
   const int64_t task_rows = std::min(rows, kRowBlock);
   const int64_t grain = std::max<int64_t>(1, (1 << 17) / std::max<int64_t>(1, task_rows * k_pad * kGroup));
-  const uint8_t* xp = xs.data_ptr<uint8_t>();
-  const int8_t* wp = packed.data_ptr<int8_t>();
   at::parallel_for(0, row_blocks * groups, grain, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t block = t / groups;

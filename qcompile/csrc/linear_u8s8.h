@@ -19,6 +19,17 @@ constexpr int64_t kMaxDepth = 65536;
 // Whether this CPU has AVX512-VNNI (without it qc.linear_int8 runs oneDNN at every row count).
 bool has_vnni();
 
+// Inputs per AMX tile product: linear_u8s8 runs on tiles only where the inputs are a multiple of it.
+constexpr int64_t kTileDepth = 64;
+
+// Whether this CPU has AMX-INT8 tiles and the kernel lets the process use them.
+bool has_amx();
+
+// Whether linear_u8s8 multiplies on AMX tiles (where it has them and the inputs are a multiple of
+// 64): on by default where has_amx(); tests turn it off to run the VNNI path on the same machine.
+bool amx_active();
+void use_amx(bool enabled);
+
 // x_scale and x_zero_point hold one element (every row's) or one per row (activations quantized per
 // token, each row's own).
 at::Tensor linear_u8s8(const at::Tensor& x, const at::Tensor& x_scale, const at::Tensor& x_zero_point,

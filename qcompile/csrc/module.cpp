@@ -76,9 +76,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("pack_u8s8_weight", &qcompile::pack_u8s8_weight,
              "(packed, column sums) of an int8 [out, in] weight for linear_u8s8.");
   module.attr("FEW_ROWS") = qcompile::kFewRows;
+  module.attr("TILED_ROWS") = qcompile::kTiledRows;
   module.def("packs_made", &qcompile::packs_made, "How many weight packs the int8 kernels have made.");
   module.def("packed_weights", &qcompile::packed_weights, "How many live weights the int8 kernels hold packed.");
   module.def("has_vnni", &qcompile::has_vnni, "Whether this CPU has AVX512-VNNI.");
+  module.def("has_amx", &qcompile::has_amx, "Whether this CPU has AMX-INT8 tiles the process may use.");
+  module.def("amx_active", &qcompile::amx_active, "Whether linear_u8s8 multiplies on AMX tiles now.");
+  module.def("use_amx", &qcompile::use_amx, "Turn linear_u8s8's AMX path on or off (on needs has_amx()).");
   module.def("has_avx512_bf16", &qcompile::has_avx512_bf16, "Whether this CPU has AVX512-BF16.");
   module.attr("GEMV_ROWS") = qcompile::kGemvRows;
   module.def("w4a8_in_integers", &qcompile::w4a8_in_integers,

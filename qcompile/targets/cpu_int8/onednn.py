@@ -18,7 +18,9 @@ float, or uint8 read with ``other_scale`` / ``other_zero_point``), and the outpu
 The graph holds plain int8 weights, so a lowered graph prints, verifies and serializes like
 any other; the packed layouts (oneDNN's blocked one; VNNI blocks for linears of up to
 ``native.FEW_ROWS`` rows, where oneDNN's fixed cost per call dominates) are made on first use and
-cached per weight tensor, made again if the weight is written in place.
+cached per weight tensor, made again if the weight is written in place. On a CPU with AMX-INT8
+the VNNI blocks are also the tiles' weight layout, and linears of up to ``native.TILED_ROWS`` rows
+run on tiles instead of oneDNN.
 """
 
 from __future__ import annotations
