@@ -24,6 +24,9 @@ the W4A8 path, ``qc.choose_qparams_per_token`` + ``qc.quantize`` + ``qc.linear_w
 activations per token, summed in integers where ``native.w4a8_in_integers()``), as a W4A8 plan's
 linear runs it.
 
+An int8 linear table: all-MiniLM's four linears from 1 to 4096 rows through oneDNN, the u8s8
+kernel on AVX512-VNNI, and on AMX-INT8 tiles (where the CPU has them), alternated.
+
 A first table gives what one call of the int8 path's operators costs (a decode step's shapes,
 one row of 384): each operator through ``torch.ops.qc`` against its kernel alone, the difference
 being the dispatch a compiled model pays per node.
@@ -36,11 +39,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from benchmarks.timing import median_ms
+from benchmarks.timing import interleaved_ms, median_ms
 from qcompile import native
 from qcompile.targets.cpu_int8 import attention  # noqa: F401  (torch.ops.qc.attention, qc.layer_norm_quantize, ...)
 
 LOWEST = torch.finfo(torch.float32).min
+ROWS = (1, 16, 64, 128, 256, 1024, 4096)  # the int8 linear table's row counts
 
 
 def workloads() -> dict[str, dict]:
@@ -111,6 +115,58 @@ def call_cost() -> None:
         kernel_us = median_ms(kernel, repeats=2000, warmup=200) * 1e3
         print(f"{label:<64}{op_us:>10.1f}{kernel_us:>10.1f}")
     print()
+
+
+def int8_linear() -> None:
+    """all-MiniLM's four int8 linears (QKV, output, GELU up-projection to uint8, down-projection with
+    the residual add) at request and batch row counts: oneDNN's GEMM (``qc.linear_int8`` above
+    FEW_ROWS with tiles off), the u8s8 kernel on AVX512-VNNI, and on AMX tiles where the CPU has
+    them; ms for the four, alternated (``interleaved_ms``), and which one ``qc.linear_int8`` runs."""
+    if not native.has_vnni():
+        return
+    g = torch.Generator().manual_seed(3)
+    scale, zero_point = torch.tensor([0.02]), torch.tensor([117], dtype=torch.int32)
+    layers = []
+    for k, n, post_op, out_dtype, add in [(384, 1152, "none", torch.float32, False),
+                                          (384, 384, "none", torch.float32, True),
+                                          (384, 1536, "gelu", torch.uint8, False),
+                                          (1536, 384, "none", torch.float32, True)]:
+        weight = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+        packed, sums = native.pack_u8s8_weight(weight)
+        layers.append(dict(k=k, n=n, post_op=post_op, out_dtype=out_dtype, add=add, weight=weight, packed=packed,
+                           sums=sums, weight_scale=torch.rand(n, generator=g) / 100, bias=torch.randn(n, generator=g)))
+    paths = ["oneDNN", "u8s8 VNNI"] + (["u8s8 AMX"] if native.has_amx() else [])
+    print(f"{'all-MiniLM linears (ms for the four)':<40}" + "".join(f"{p:>12}" for p in paths) + "   qc.linear_int8 runs")
+    for rows in ROWS:
+        inputs = [(torch.randint(0, 256, (rows, layer["k"]), dtype=torch.uint8, generator=g),
+                   torch.randn(rows, layer["n"], generator=g) if layer["add"] else None) for layer in layers]
+
+        def onednn():
+            for layer, (x, other) in zip(layers, inputs):
+                torch.ops.qc.linear_int8(x, scale, zero_point, layer["weight"], layer["weight_scale"], layer["bias"],
+                                         other, 0.05, 3, layer["out_dtype"], layer["post_op"])
+
+        def u8s8():
+            for layer, (x, other) in zip(layers, inputs):
+                native.linear_u8s8(x, scale, zero_point, layer["packed"], layer["sums"], layer["weight_scale"],
+                                   layer["bias"], other, layer["post_op"], 0.05, 3, layer["out_dtype"])
+
+        calls = {"u8s8 VNNI": lambda: _tiles(False, u8s8)}
+        if rows > native.FEW_ROWS:
+            calls["oneDNN"] = lambda: _tiles(False, onednn)
+        if native.has_amx():
+            calls["u8s8 AMX"] = lambda: _tiles(True, u8s8)
+        times = interleaved_ms(calls, rounds=4)
+        tiled = native.has_amx() and native.TILE_MIN_ROWS <= rows <= native.TILED_ROWS
+        runs = "u8s8 AMX" if tiled else "u8s8 VNNI" if rows <= native.FEW_ROWS else "oneDNN"
+        print(f"{f'{rows} rows':<40}" + "".join(f"{times.median(p):>12.3f}" if p in calls else f"{'-':>12}"
+                                               for p in paths) + f"   {runs}")
+    print()
+
+
+def _tiles(enabled: bool, run):
+    with native.amx_tiles(enabled and native.has_amx()):
+        return run()
 
 
 def weight_only() -> None:
@@ -210,6 +266,7 @@ def recurrence() -> None:
 def main() -> None:
     torch.set_num_threads(2)
     call_cost()
+    int8_linear()
     weight_only()
     layer_norm_quantize()
     recurrence()

@@ -71,12 +71,13 @@ def has_vnni() -> bool:
 
 def has_amx() -> bool:
     """Whether this CPU has AMX-INT8 tiles and the kernel lets the process use them: the u8s8 kernel
-    then multiplies on tiles (inputs a multiple of 64), which ``qc.linear_int8`` runs up to
-    ``TILED_ROWS`` rows in place of oneDNN."""
+    then multiplies on tiles (inputs a multiple of 64, from ``TILE_MIN_ROWS`` rows), and
+    ``qc.linear_int8`` runs it up to ``TILED_ROWS`` rows in place of oneDNN."""
     return _native.has_amx()
 
 
-TILED_ROWS = _native.TILED_ROWS
+TILED_ROWS = _native.TILED_ROWS  # qc.linear_int8 runs the u8s8 kernel up to this many rows where has_amx()
+TILE_MIN_ROWS = _native.TILE_MIN_ROWS  # the u8s8 kernel runs on tiles from this many rows (VNNI below)
 
 
 @contextmanager

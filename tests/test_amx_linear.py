@@ -32,7 +32,8 @@ def epilogue_args(epilogue, rows, bias, other):
             "per token": (*per_token, bias, None, 1.0, 0, torch.float32, "none")}[epilogue]
 
 
-@pytest.mark.parametrize("rows, k, n", [(1, 64, 16), (31, 128, 40), (33, 384, 100), (128, 384, 384), (257, 64, 70)])
+@pytest.mark.parametrize("rows, k, n", [(native.TILE_MIN_ROWS, 64, 16), (31, 128, 40), (33, 384, 100),
+                                         (128, 384, 384), (257, 64, 70)])
 @pytest.mark.parametrize("epilogue", EPILOGUES)
 def test_tiles_give_the_vnni_kernels_result_bit_for_bit(rows, k, n, epilogue):
     """Rows not a multiple of 32 (padded), outputs not a multiple of 32 (masked): the same bytes."""
@@ -47,7 +48,7 @@ def test_tiles_give_the_vnni_kernels_result_bit_for_bit(rows, k, n, epilogue):
     assert torch.equal(*results)
 
 
-@pytest.mark.parametrize("rows", [17, 128, native.TILED_ROWS])
+@pytest.mark.parametrize("rows", [native.FEW_ROWS + 1, 128, native.TILED_ROWS])
 @pytest.mark.parametrize("epilogue", EPILOGUES)
 def test_linear_int8_on_tiles_holds_the_contract(rows, epilogue):
     """Above FEW_ROWS and up to TILED_ROWS qc.linear_int8 runs on tiles, at its contract."""

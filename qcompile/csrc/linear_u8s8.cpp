@@ -386,7 +386,7 @@ at::Tensor linear_u8s8(const at::Tensor& x, const at::Tensor& x_scale, const at:
               "linear_u8s8: one float32 weight scale per output channel");
   TORCH_CHECK(out_dtype == at::kFloat || out_dtype == at::kBFloat16 || out_dtype == at::kByte,
               "linear_u8s8: output float32, bfloat16 or uint8, got ", out_dtype);
-  const bool tiles = amx_active() && k_pad % kTileDepth == 0;
+  const bool tiles = amx_active() && k_pad % kTileDepth == 0 && rows >= kTileMinRows;
   const int64_t rows_pad = tiles ? round_up(rows, kAmxRows) : rows;
   at::Tensor xs = x.reshape({rows, k});
   if (k_pad != k || rows_pad != rows) xs = at::constant_pad_nd(xs, {0, k_pad - k, 0, rows_pad - rows}, 0);

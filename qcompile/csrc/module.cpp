@@ -77,6 +77,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
              "(packed, column sums) of an int8 [out, in] weight for linear_u8s8.");
   module.attr("FEW_ROWS") = qcompile::kFewRows;
   module.attr("TILED_ROWS") = qcompile::kTiledRows;
+  module.attr("TILE_MIN_ROWS") = qcompile::kTileMinRows;
   module.def("packs_made", &qcompile::packs_made, "How many weight packs the int8 kernels have made.");
   module.def("packed_weights", &qcompile::packed_weights, "How many live weights the int8 kernels hold packed.");
   module.def("has_vnni", &qcompile::has_vnni, "Whether this CPU has AVX512-VNNI.");
