@@ -1,5 +1,6 @@
 // oneDNN int8 kernels as qcompile ops, called without a Python frame: each call is checked, finds
-// its packed weight and reaches oneDNN (or the few-row VNNI kernel) in C++, a few microseconds
+// its packed weight and reaches oneDNN (or the u8s8 kernel: on AVX512-VNNI for a few rows, on AMX
+// tiles up to kTiledRows) in C++, a few microseconds
 // where the Python custom op spent about 20 (measured: one 384x384 row, 23 µs through the Python
 // op against 3.6 for the kernel alone).
 //
