@@ -82,20 +82,12 @@ QC_VNNI inline __m256i to_bfloat16(__m512 y) {
   return _mm512_cvtepi32_epi16(rounded);
 }
 
-// 1/d for d >= 1: VRCP14PS's estimate (relative error below 2^-14) and one Newton step,
-// r' = r·(2 − d·r), which squares the error to below 2^-28, under a float's rounding. A division
-// costs several times its throughput, and the GELU epilogue was most of a wide linear's time.
-QC_VNNI inline __m512 reciprocal(__m512 d) {
-  const __m512 r = _mm512_rcp14_ps(d);
-  return _mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(2.f)));
-}
-
 // y·Φ(y) = y/2·(1 + erf(y/√2)), erf by Abramowitz and Stegun's 7.1.26 (absolute error below
 // 1.5e-7): erf(z) = 1 − t·(a1 + t·(a2 + t·(a3 + t·(a4 + t·a5))))·e^(−z²), t = 1/(1 + p·z) for
 // z >= 0, odd in z. The GELU of a linear's output then differs from ATen's by at most 1e-7·|y|.
 QC_VNNI inline __m512 gelu_erf(__m512 y) {
   const __m512 z = _mm512_abs_ps(_mm512_mul_ps(y, _mm512_set1_ps(0.70710678118654752f)));
-  const __m512 t = reciprocal(_mm512_fmadd_ps(z, _mm512_set1_ps(0.3275911f), _mm512_set1_ps(1.f)));
+  const __m512 t = _mm512_div_ps(_mm512_set1_ps(1.f), _mm512_fmadd_ps(z, _mm512_set1_ps(0.3275911f), _mm512_set1_ps(1.f)));
   __m512 poly = _mm512_fmadd_ps(t, _mm512_set1_ps(1.061405429f), _mm512_set1_ps(-1.453152027f));
   poly = _mm512_fmadd_ps(poly, t, _mm512_set1_ps(1.421413741f));
   poly = _mm512_fmadd_ps(poly, t, _mm512_set1_ps(-0.284496736f));
@@ -119,37 +111,11 @@ QC_VNNI inline __m512 gelu_tanh(__m512 y) {
   return _mm512_mul_ps(_mm512_mul_ps(y, _mm512_set1_ps(0.5f)), _mm512_div_ps(numerator, denominator));
 }
 
-// One row's outputs n0 .. n0 + 15 (the lanes of mask m) from their int32 sums, in the order of
-// the formula above: (S_x·S_W[n])·(acc − Z_x·ΣW[n]) + b[n] (+ other), the unary epilogue, then stored.
-QC_VNNI void finish(const Epilogue& e, __m512i acc, int64_t row, int64_t n0, __mmask16 m) {
-  const __m512i correction = _mm512_mullo_epi32(_mm512_set1_epi32(e.x_zero_points[row * e.x_step]),
-                                                _mm512_maskz_loadu_epi32(m, e.column_sums + n0));
-  const __m512 scale = _mm512_mul_ps(_mm512_set1_ps(e.x_scales[row * e.x_step]),
-                                     _mm512_maskz_loadu_ps(m, e.weight_scale + n0));
-  __m512 y = _mm512_mul_ps(scale, _mm512_cvtepi32_ps(_mm512_sub_epi32(acc, correction)));
-  if (e.bias) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(m, e.bias + n0));
-  const int64_t at = row * e.n + n0;
-  if (e.other) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(m, e.other + at));
-  switch (e.unary) {
-    case Unary::kNone: break;
-    case Unary::kRelu: y = _mm512_max_ps(y, _mm512_setzero_ps()); break;
-    case Unary::kRelu6: y = _mm512_min_ps(_mm512_max_ps(y, _mm512_setzero_ps()), _mm512_set1_ps(6.f)); break;
-    case Unary::kGelu: y = gelu_erf(y); break;
-    case Unary::kGeluTanh: y = gelu_tanh(y); break;
-  }
-  if (e.out_dtype == at::kByte) {
-    store_quantized(static_cast<uint8_t*>(e.out) + at, m, y, _mm512_set1_ps(e.out_scale),
-                    _mm512_set1_ps(e.out_zero_point), _mm512_setzero_ps(), _mm512_set1_ps(255.f));
-  } else if (e.out_dtype == at::kBFloat16) {
-    _mm256_mask_storeu_epi16(static_cast<c10::BFloat16*>(e.out) + at, m, to_bfloat16(y));
-  } else {
-    _mm512_mask_storeu_ps(static_cast<float*>(e.out) + at, m, y);
-  }
-}
-
-// y = unary(S·(acc − C) + b [+ other]) stored for `count` rows of one block of 16 outputs, rows'
-// sums `step` int32 apart: finish's arithmetic, with the block's S = S_x·S_W[n], C = Z_x·ΣW[n]
-// and b[n] read once when every row shares S_x and Z_x, and the epilogue chosen once per block.
+// The epilogue of both paths, for `count` rows of one block of 16 outputs (n0 .. n0 + 15, masked at
+// the layer's end), their int32 sums `step` apart, in the order of the formula above:
+// (S_x·S_W[n])·(acc − Z_x·ΣW[n]) + b[n] (+ other), the unary epilogue, then stored. The block's
+// factors are read once (S and the correction once per row when activations are per token), and
+// the unary and output type are chosen once per block.
 template <Unary U, typename Out>
 QC_VNNI void finish_column_as(const Epilogue& e, const int32_t* acc, int64_t step, int64_t r0, int64_t count,
                               int64_t n0) {
@@ -224,10 +190,11 @@ QC_VNNI void group_vnni(const uint8_t* x, int64_t k_pad, const int8_t* packed, i
       for (int b = 0; b < B; ++b) acc[r][b] = _mm512_dpbusd_epi32(acc[r][b], xb, wb[b]);
     }
   }
+  alignas(64) int32_t sums[R][kGroup];
+  for (int r = 0; r < R; ++r)
+    for (int b = 0; b < B; ++b) _mm512_store_si512(&sums[r][b * kBlock], acc[r][b]);
   const int64_t n0 = group * kGroup;
-  for (int r = 0; r < R; ++r) {
-    for (int b = 0; b < B; ++b) finish(e, acc[r][b], r0 + r, n0 + b * kBlock, tail_mask(e.n - n0 - b * kBlock));
-  }
+  for (int b = 0; b < B; ++b) finish_column(e, &sums[0][b * kBlock], kGroup, r0, R, n0 + b * kBlock);
 }
 
 template <int B>
@@ -255,7 +222,8 @@ QC_VNNI void rows_vnni(const uint8_t* x, int64_t r0, int64_t r1, int64_t k_pad, 
 // from k are 16 rows of 64 bytes at stride 64. A task is 32 rows x 32 outputs: tiles 0-3 hold the
 // 2x2 int32 accumulators, 4-5 two 16-row slices of x, 6-7 two 16-channel blocks of the weight, so
 // each loaded tile feeds two products. Inputs come 64 at a time (k_pad a multiple of 64) and rows
-// 32 at a time (the caller pads x); the int32 tiles are stored and finished by the VNNI epilogue.
+// 32 at a time (the caller pads x); the int32 tiles are stored and finished by finish_column, as
+// the VNNI path's registers are.
 #define QC_AMX __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,fma,avx512vnni,amx-tile,amx-int8")))
 
 constexpr int64_t kTileHeight = 16;  // rows of an A or C tile, and 4-byte rows of a B tile (kTileDepth bytes each)
