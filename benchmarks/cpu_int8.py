@@ -113,6 +113,24 @@ def print_head_to_head(rows: list[Row], names: tuple[str, ...], what: str, one: 
         for name in calls) + f"  [(Nx): {ours} is N times faster, median of per-round ratios]")
 
 
+def print_dispatch(model: qcompile.QuantizedModel, inputs: dict[str, tuple[tuple, dict]], rounds: int = 10) -> None:
+    """The compiled model as it runs (its lowered graph as one native call, inputs checked)
+    against the same graph run as the GraphModule's Python code (not checked), alternated, for
+    each named (args, kwargs): what the per-node Python dispatch costs."""
+    def fx_code(args: tuple, kwargs: dict) -> Callable[[], object]:
+        def call() -> object:
+            with torch.no_grad():
+                return model.graph_module(*args, **kwargs)
+        return call
+
+    print(f"dispatch: the compiled model runs as {model.runs_on}")
+    for what, (args, kwargs) in inputs.items():
+        timed = interleaved_ms({"native": lambda a=args, k=kwargs: model(*a, **k), "fx": fx_code(args, kwargs)},
+                               rounds)
+        print(f"  {what}: one native call {timed.median('native'):.2f} ms, the GraphModule's Python code "
+              f"{timed.median('fx'):.2f} ms ({timed.ratio('native', 'fx'):.2f}x)")
+
+
 def attempt(name: str, build: Callable[[], Row]) -> Row:
     try:
         return build()
@@ -213,6 +231,7 @@ def minilm() -> None:
     print_head_to_head(rows, ("fp32 eager", "bf16 eager", "OpenVINO + NNCF int8", "qcompile cpu-int8"), "batch")
     print_head_to_head(rows, ("bf16 eager", "OpenVINO + NNCF int8", "qcompile cpu-int8"), "1 x 128", one=True)
     print_limit_and_profile(profiled, lambda: compiled(**batch))
+    print_dispatch(compiled, {"1 x 128": ((), one), "batch": ((), batch)})
 
 
 def pt2e_int8(model, batch, calibration, row) -> Row:
@@ -309,6 +328,7 @@ def resnet() -> None:
     print_head_to_head(rows, ("bf16 eager", "OpenVINO + NNCF int8", "ONNX Runtime quantize_static",
                               "qcompile cpu-int8"), "batch")
     print_limit_and_profile(rows[-1], lambda: qm(images))
+    print_dispatch(qm, {"batch": ((images,), {}), "1 image": ((images[:1],), {})})
 
 
 def compiled_bf16_images(model: torch.nn.Module, images: torch.Tensor) -> Callable:

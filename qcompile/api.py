@@ -35,6 +35,7 @@ from qcompile.mixed_precision import compile_within_budget
 from qcompile.outliers import MeasuredSmoothing, Smoothing, check_smoothing
 from qcompile.pipeline import Instrument
 from qcompile.plan import plan_qconfig, resolved_plan
+from qcompile.program import NativeProgram, UnsupportedNode
 from qcompile.qconfig import Candidate, QConfig
 from qcompile.qdq import DequantizeCall
 from qcompile.report import CompileReport, describe_plan, node_sqnr, plan_graph
@@ -111,6 +112,9 @@ def _through_merges(lowered: fx.GraphModule, kept: dict[str, str]) -> dict[str, 
 class QuantizedModel(nn.Module):
     """A compiled model: callable like the original, carrying its report and its Q/DQ graph.
 
+    It runs its lowered graph as one native call (:mod:`qcompile.program`); ``runs_on`` says so,
+    or names the node that keeps it on the GraphModule's Python code.
+
     ``smoothing`` is the outlier smoothing the compile measured and applied, for another compile
     of the same weights (``compile(..., outlier_smoothing=qm.smoothing)``); None when there was
     none, and for a loaded model (the saved Q/DQ program has the smoothing folded in)."""
@@ -123,12 +127,49 @@ class QuantizedModel(nn.Module):
         self.report = report
         self.example = example
         self.smoothing = smoothing
+        self._read_program()
+
+    def _read_program(self) -> None:
+        """Read the lowered graph into its native program and check it on the example inputs;
+        where that cannot be done, ``runs_on`` says why and the GraphModule runs."""
+        self._program: NativeProgram | None = None
+        try:
+            program = NativeProgram(self.graph_module)
+            program.check_against(self.graph_module, *self.example)
+        except UnsupportedNode as exc:
+            self.runs_on = f"the fx GraphModule's Python code: {exc}"
+            return
+        self._program = program
+        self.runs_on = f"one native call ({len(program)} calls"
+        if program.python_calls:
+            names = program.python_calls
+            shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+            self.runs_on += f"; {len(names)} back into Python: {shown}"
+        self.runs_on += ")"
+
+    def _apply(self, fn: Any, recurse: bool = True) -> QuantizedModel:
+        # .to(), .half() and the like may give buffers new tensors: the program holds the old ones.
+        applied = super()._apply(fn, recurse)
+        self._read_program()
+        return applied
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_program"] = None  # native, not picklable: read again from the graph
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._read_program()
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         # Integer kernels have no gradient, and recording autograd nodes around each custom op
-        # costs real time per call, so the compiled model always runs without grad.
-        check_call(self.graph_module, args, kwargs)
+        # costs real time per call, so the compiled model always runs without grad. The native
+        # program runs the graph it was read from; a graph recompiled since runs as fx code.
+        values = check_call(self.graph_module, args, kwargs)
         with torch.no_grad():
+            if self._program is not None and self._program.code is self.graph_module.code:
+                return self._program(values)
             return self.graph_module(*args, **kwargs)
 
     def save(self, path: str | Path) -> Path:

@@ -159,16 +159,21 @@ def static_dimensions(gm: fx.GraphModule) -> dict[str, list[tuple[int, int]]]:
     return found
 
 
-def _own_written_buffers(gm: fx.GraphModule) -> None:
-    """Every buffer that an in-place op can reach (through views) becomes the graph's own copy:
-    export keeps ``calls.add_(1)`` as an in-place op on the module's buffer."""
+def written_buffers(gm: fx.GraphModule) -> set[str]:
+    """The buffers an in-place op of the graph can reach (through views): its state, which every
+    run advances (export keeps ``calls.add_(1)`` as an in-place op on the module's buffer)."""
     buffers = {name for name, _ in gm.named_buffers()}
     written = set()
     for node in gm.graph.nodes:
         if node.op == "get_attr" and node.target in buffers:
             if any(alias in _written_arguments(user) for alias in aliases(node) for user in alias.users):
                 written.add(node.target)
-    for name in sorted(written):
+    return written
+
+
+def _own_written_buffers(gm: fx.GraphModule) -> None:
+    """Every buffer the graph writes becomes the graph's own copy."""
+    for name in sorted(written_buffers(gm)):
         owner_name, _, attr = name.rpartition(".")
         owner = gm.get_submodule(owner_name)
         owner.register_buffer(attr, getattr(owner, attr).detach().clone(),

@@ -24,8 +24,10 @@ def _shape_text(shape: Any) -> str:
     return "[" + ", ".join(str(d) if isinstance(d, int) else "any" for d in shape) + "]"
 
 
-def check_call(gm: fx.GraphModule, args: tuple[Any, ...], kwargs: dict[str, Any], *, finite: bool = True) -> None:
-    """Raise :class:`InputError` naming the first input that does not fit the compiled graph;
+def check_call(gm: fx.GraphModule, args: tuple[Any, ...], kwargs: dict[str, Any], *,
+               finite: bool = True) -> list[Any]:
+    """The graph's placeholder values for this call (:func:`~qcompile.report.flat_inputs`), or
+    :class:`InputError` naming the first input that does not fit the compiled graph;
     ``finite=False`` leaves non-finite values to the caller (calibration's observers name the
     node and batch where they enter)."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
@@ -42,6 +44,7 @@ def check_call(gm: fx.GraphModule, args: tuple[Any, ...], kwargs: dict[str, Any]
         expected = node.meta.get("val")
         if isinstance(expected, torch.Tensor):
             _check_tensor(f"input '{node.target}'", value, expected, finite)
+    return values
 
 
 def _check_tensor(name: str, value: Any, expected: torch.Tensor, finite: bool) -> None:

@@ -157,11 +157,13 @@ Packed onednn_packed(const at::Tensor& prepacked, const at::Tensor& weight_scale
                 at::zeros({weight_scale.numel()}, weight_scale.options().dtype(at::kLong))};
 }
 
-at::Tensor linear_few_rows(const at::Tensor& x, const at::Tensor& x_scale, const at::Tensor& x_zero_point,
-                           const at::Tensor& weight, const at::Tensor& weight_scale,
-                           const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& other,
-                           double out_scale, int64_t out_zero_point, at::ScalarType out_dtype,
-                           std::string_view post_op) {
+// qc.linear_int8 on the u8s8 kernel (linear_u8s8.cpp): a few rows on VNNI, up to kTiledRows on AMX
+// tiles, per-token rows at any count; the weight packed for it once (its static cache).
+at::Tensor linear_on_u8s8(const at::Tensor& x, const at::Tensor& x_scale, const at::Tensor& x_zero_point,
+                          const at::Tensor& weight, const at::Tensor& weight_scale,
+                          const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& other,
+                          double out_scale, int64_t out_zero_point, at::ScalarType out_dtype,
+                          std::string_view post_op) {
   static WeightCache cache;
   const Packed packed = cache.get(weight, weight_scale, [&] { return vnni_packed(weight, weight_scale); });
   return linear_u8s8(x, x_scale, x_zero_point, packed[0], packed[1], packed[2], bias, other, post_op, out_scale,
@@ -199,7 +201,7 @@ at::Tensor linear_per_token(const at::Tensor& x, const at::Tensor& x_scale, cons
                     "linear_int8: activations quantized per token take one scale and zero point per row (", rows,
                     "), got ", x_scale.numel(), " and ", x_zero_point.numel());
   if (has_vnni() && active_isa() == Isa::Avx512 && k <= kMaxDepth) {
-    return linear_few_rows(x, x_scale, x_zero_point, weight, weight_scale, bias, other, out_scale, out_zero_point,
+    return linear_on_u8s8(x, x_scale, x_zero_point, weight, weight_scale, bias, other, out_scale, out_zero_point,
                            out_dtype, unary.name)
         .to(out_dtype);
   }
@@ -300,7 +302,7 @@ at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& x_scale, const at:
   }
   const bool on_tiles = amx_active() && k % kTileDepth == 0 && rows <= kTiledRows;
   if (has_vnni() && active_isa() == Isa::Avx512 && (rows <= kFewRows || on_tiles) && k <= kMaxDepth) {
-    return linear_few_rows(x, x_scale, x_zero_point, weight, weight_scale, bias, other, out_scale, out_zero_point,
+    return linear_on_u8s8(x, x_scale, x_zero_point, weight, weight_scale, bias, other, out_scale, out_zero_point,
                            out_dtype, unary.name)
         .to(out_dtype);
   }

@@ -13,9 +13,10 @@ namespace qcompile {
 constexpr int64_t kFewRows = 16;
 
 // Rows up to which linear_int8 runs the u8s8 kernel on AMX tiles instead of oneDNN, where it has them
-// and the inputs are a multiple of 64. Measured (AMX Xeon, 2 threads, alternated), all-MiniLM's four
-// linears at 64 rows: 0.41 ms against oneDNN's 0.83; at 128: 0.98 against 1.13; from 1024 rows on
-// oneDNN was faster (7.8 against 9.7 ms).
+// and the inputs are a multiple of 64. Measured (AMX Xeon, 2 threads, alternated, `python -m
+// benchmarks.native_kernels`), all-MiniLM's four linears at 64 rows: 0.46 ms against oneDNN's 0.72;
+// at 128: 0.84 against 1.31; at 256: 1.41 against 2.04; from 1024 rows oneDNN is as fast or faster
+// (7.08 against 7.75 ms).
 constexpr int64_t kTiledRows = 256;
 
 // Multiply-adds up to which conv2d_int8 (ungrouped, no residual add) runs as im2col and the VNNI

@@ -31,7 +31,8 @@ constexpr int64_t kTileMinRows = 16;
 bool has_amx();
 
 // Whether linear_u8s8 multiplies on AMX tiles (where it has them, the inputs are a multiple of 64 and
-// the rows at least kTileMinRows): on by default where has_amx(); tests turn it off to run the VNNI path on the same machine.
+// the rows at least kTileMinRows): on by default where has_amx(); tests turn it off to run the VNNI
+// path on the same machine.
 bool amx_active();
 void use_amx(bool enabled);
 

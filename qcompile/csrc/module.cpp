@@ -1,6 +1,6 @@
 // The qcompile._native extension: registers the native qc:: operators with torch's dispatcher
 // (importing the module is what makes torch.ops.qc.quantize, dequantize, linear_int8, conv2d_int8, max_pool2d_uint8,
-// attention, attention_quantize, layer_norm_quantize, layer_norm_quantize_per_token, rms_norm, rotary, gru_recurrence, lstm_recurrence, linear_weight_only, linear_w4a8, choose_qparams_per_token and quantize_per_token exist), exposes which instruction set they run, and the kernels and helpers Python calls directly.
+// attention, attention_quantize, layer_norm_quantize, layer_norm_quantize_per_token, rms_norm, rotary, gru_recurrence, lstm_recurrence, linear_weight_only, linear_w4a8, choose_qparams_per_token and quantize_per_token exist), exposes which instruction set they run, the kernels and helpers Python calls directly, and the Program that runs a lowered graph in one call.
 #include <torch/extension.h>
 #include <torch/library.h>
 
@@ -13,6 +13,7 @@
 #include "linear_u8s8.h"
 #include "linear_w4a8.h"
 #include "max_pool2d_uint8.h"
+#include "program.h"
 #include "qdq.h"
 #include "quantize.h"
 #include "recurrence.h"
@@ -73,6 +74,7 @@ TORCH_LIBRARY_IMPL(qc, CPU, m) {
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
+  qcompile::bind_program(module);
   module.def("pack_u8s8_weight", &qcompile::pack_u8s8_weight,
              "(packed, column sums) of an int8 [out, in] weight for linear_u8s8.");
   module.attr("FEW_ROWS") = qcompile::kFewRows;
