@@ -30,7 +30,7 @@ def check_call(gm: fx.GraphModule, args: tuple[Any, ...], kwargs: dict[str, Any]
     :class:`InputError` naming the first input that does not fit the compiled graph;
     ``finite=False`` leaves non-finite values to the caller (calibration's observers name the
     node and batch where they enter)."""
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    placeholders = gm.graph.find_nodes(op="placeholder")
     try:
         values = flat_inputs(gm, args, kwargs)
     except (KeyError, ValueError, TypeError) as exc:

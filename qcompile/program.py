@@ -138,19 +138,17 @@ class NativeProgram:
         self._results: list[tuple[int, Any]] = [self._leaf(output, leaf) for leaf in leaves]
         info = getattr(gm.graph._codegen, "pytree_info", None)
         self._out_spec = info.out_spec if info is not None else None
-        self._program = self._emit(steps, {slot for slot, _ in self._results if slot >= 0})
+        self._result_slots = [slot for slot, _ in self._results if slot >= 0]
+        self._program = self._emit(steps, set(self._result_slots))
 
     def __len__(self) -> int:
         return len(self._program)
 
     def __call__(self, values: list[Any]) -> Any:
-        slots = [slot for slot, _ in self._results if slot >= 0]
-        computed = iter(self._program.run(values, slots))
+        computed = iter(self._program.run(values, self._result_slots))
         leaves = [next(computed) if slot >= 0 else constant for slot, constant in self._results]
-        out = pytree.tree_unflatten(leaves, self._out_structure)
-        if self._out_spec is not None:
-            out = pytree.tree_unflatten(pytree.tree_leaves(out), self._out_spec)
-        return out
+        # An exported graph's output node returns the flat leaves of its out_spec.
+        return pytree.tree_unflatten(leaves, self._out_spec or self._out_structure)
 
     def check_against(self, gm: fx.GraphModule, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """:class:`UnsupportedNode` unless the program returns ``gm``'s outputs bit for bit on
