@@ -54,7 +54,8 @@ def main() -> None:
         reloaded = torch.cat([loaded(**b) for b in evaluation])
     cosine = F.cosine_similarity(int8, reference)
     fp32_ms, bf16_ms, int8_ms = (median_ms(lambda m=m: m(**batch)) for m in (embedder, bf16, qm))
-    print(f"\nbatch {BATCH} x 128 tokens: fp32 {fp32_ms:.0f} ms, bf16 {bf16_ms:.0f} ms, int8 {int8_ms:.0f} ms "
+    print(f"\nthe compiled model runs as {qm.runs_on}")
+    print(f"batch {BATCH} x 128 tokens: fp32 {fp32_ms:.0f} ms, bf16 {bf16_ms:.0f} ms, int8 {int8_ms:.0f} ms "
           f"({fp32_ms / int8_ms:.2f}x fp32, {bf16_ms / int8_ms:.2f}x bf16)")
     print(f"embedding cosine vs fp32 on {len(reference)} sentences: mean {cosine.mean():.4f}, min {cosine.min():.4f}")
     print(f"saved to {path} ({path.stat().st_size / 2**20:.1f} MB; fp32 weights "

@@ -38,7 +38,7 @@ from qcompile.plan import plan_qconfig, resolved_plan
 from qcompile.program import NativeProgram, UnsupportedNode
 from qcompile.qconfig import Candidate, QConfig
 from qcompile.qdq import DequantizeCall
-from qcompile.report import CompileReport, describe_plan, node_sqnr, plan_graph
+from qcompile.report import CompileReport, describe_plan, flat_inputs, node_sqnr, plan_graph
 from qcompile.sensitivity import Metric
 from qcompile.targets import Target, get_target
 
@@ -163,10 +163,17 @@ class QuantizedModel(nn.Module):
         self._read_program()
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self._run(check_call(self.graph_module, args, kwargs), args, kwargs)
+
+    def run_unchecked(self, *args: Any, **kwargs: Any) -> Any:
+        """The call without the input check (a read of every float input for NaN): for timing
+        the kernels of a small graph, where that read would be a large share."""
+        return self._run(flat_inputs(self.graph_module, args, kwargs), args, kwargs)
+
+    def _run(self, values: list[Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         # Integer kernels have no gradient, and recording autograd nodes around each custom op
         # costs real time per call, so the compiled model always runs without grad. The native
         # program runs the graph it was read from; a graph recompiled since runs as fx code.
-        values = check_call(self.graph_module, args, kwargs)
         with torch.no_grad():
             if self._program is not None and self._program.code is self.graph_module.code:
                 return self._program(values)

@@ -131,9 +131,9 @@ def _measure_weight_op(target_name: str, candidate: Candidate, shape: WeightOpSh
         warnings.simplefilter("ignore")
         compiled = compile(module, (x,), target=target_name, qconfig=qconfig, calibration_data=[(x,)],
                            outlier_smoothing=None, progress=False)
-    # The op's graph, not the compiled model's call: that also checks the input for NaN (a pass
-    # over it, 8 ms on a 4096 x 1536 input), which a model pays once, not at every linear.
-    return median_ms(lambda: compiled.graph_module(x), repeats=REPEATS, warmup=3)
+    # Without the input check: a pass over the input for NaN (8 ms on a 4096 x 1536 input), which
+    # a model pays once, not at every linear.
+    return median_ms(lambda: compiled.run_unchecked(x), repeats=REPEATS, warmup=3)
 
 
 def _measure_smoothing(form: str, rows: int, width: int, channels: int, out_features: int) -> float:

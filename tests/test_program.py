@@ -152,3 +152,13 @@ def test_a_deep_copy_reads_its_own_program():
     assert copied.runs_on.startswith("one native call") and copied._program is not qm._program
     x = torch.randn(5, 16)
     assert torch.equal(copied(x), qm(x))
+
+
+def test_the_unchecked_call_runs_the_same_program_without_refusing_nan():
+    qm = qcompile.compile(TinyBlock(), calibration_data=[(torch.randn(4, 16),)], progress=False)
+    x = torch.randn(3, 16)
+    assert torch.equal(qm.run_unchecked(x), qm(x))
+    x[0, 0] = float("nan")
+    qm.run_unchecked(x)  # what the check would refuse reaches the kernels
+    with pytest.raises(qcompile.InputError, match="NaN"):
+        qm(x)
