@@ -99,6 +99,18 @@ def _schema_arguments(node: fx.Node, schema: torch.FunctionSchema) -> list[Any]:
     return values
 
 
+_BITS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal dtype, shape and bits (a NaN equals the same NaN, which ``torch.equal`` denies)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    if a.is_floating_point() and a.element_size() in _BITS:
+        a, b = a.view(_BITS[a.element_size()]), b.view(_BITS[b.element_size()])
+    return torch.equal(a, b)
+
+
 def _holds_node(value: Any) -> bool:
     found: list[fx.Node] = []
     fx.node.map_arg(value, found.append)
@@ -172,7 +184,7 @@ class NativeProgram:
             finally:
                 restore()
         same = len(expected) == len(actual) and all(
-            isinstance(a, torch.Tensor) and torch.equal(a, e) if isinstance(e, torch.Tensor) else a == e
+            isinstance(a, torch.Tensor) and _same_bits(a, e) if isinstance(e, torch.Tensor) else a == e
             for a, e in zip(actual, expected))
         if not same:
             raise UnsupportedNode("the native program's outputs differ from the graph's on the example inputs")

@@ -162,3 +162,14 @@ def test_the_unchecked_call_runs_the_same_program_without_refusing_nan():
     qm.run_unchecked(x)  # what the check would refuse reaches the kernels
     with pytest.raises(qcompile.InputError, match="NaN"):
         qm(x)
+
+
+def test_a_nan_output_matches_itself_bit_for_bit():
+    class Nan(torch.nn.Module):
+        def forward(self, x):
+            return torch.log(x)  # NaN for the negative entries
+
+    gm = exported(Nan(), torch.randn(4, 8))
+    program = NativeProgram(gm)
+    x = -torch.rand(4, 8)
+    program.check_against(gm, (x,), {})  # no UnsupportedNode: the same NaNs on both sides
