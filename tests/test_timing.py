@@ -25,7 +25,10 @@ def test_interleaved_calls_are_timed_in_turn_each_round():
                            pause_s=0.0)
     assert order == (["fast"] * 3 + ["slow"] * 3) * 3  # one untimed call and two timed, per path per round
     assert all(len(samples) == 3 for samples in timed.samples.values())
-    assert 1.8 < timed.ratio("fast", "slow") < 3.5
+    # A sleep never ends early, so each sample (ms) is at least its sleep; a loaded machine only
+    # lengthens them (a ratio bound failed under a concurrent CI run: 2.1 against 7.8 ms).
+    assert all(ms >= 2.0 for ms in timed.samples["fast"]) and all(ms >= 6.0 for ms in timed.samples["slow"])
+    assert timed.median("slow") > timed.median("fast")
 
 
 def test_a_probe_takes_the_fastest_call_so_one_stall_does_not_decide_it():
