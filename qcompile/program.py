@@ -178,9 +178,10 @@ class NativeProgram:
             try:
                 expected = pytree.tree_leaves(gm(*args, **kwargs))
                 restore()
-                actual = pytree.tree_leaves(self(flat_inputs(gm, args, kwargs)))
-            except (RuntimeError, ValueError) as exc:
-                raise UnsupportedNode(f"the native program failed on the example inputs: {exc}") from exc
+                try:
+                    actual = pytree.tree_leaves(self(flat_inputs(gm, args, kwargs)))
+                except (RuntimeError, ValueError) as exc:
+                    raise UnsupportedNode(f"the native program failed on the example inputs: {exc}") from exc
             finally:
                 restore()
         same = len(expected) == len(actual) and all(

@@ -81,14 +81,23 @@ def test_a_node_that_is_no_operator_is_called_back_in_python():
 
 
 def test_a_value_the_program_cannot_hold_is_refused_when_checked():
-    gm = fx.symbolic_trace(lambda x: {"a": x})  # a dict from a Python call
     graph = fx.Graph()
     x = graph.placeholder("x")
-    graph.output(graph.call_function(dict, (), {"a": x}))
+    graph.output(graph.call_function(dict, (), {"a": x}))  # a dict from a Python call
     gm = fx.GraphModule(torch.nn.Module(), graph)
     program = NativeProgram(gm)
     with pytest.raises(UnsupportedNode, match="failed on the example inputs"):
         program.check_against(gm, (torch.ones(2),), {})
+
+
+def test_the_graphs_own_error_is_not_blamed_on_the_program():
+    graph = fx.Graph()
+    x, y = graph.placeholder("x"), graph.placeholder("y")
+    graph.output(graph.call_function(torch.ops.aten.mm.default, (x, y)))
+    gm = fx.GraphModule(torch.nn.Module(), graph)
+    with pytest.raises(RuntimeError, match="mat1 and mat2") as caught:
+        NativeProgram(gm).check_against(gm, (torch.ones(2, 3), torch.ones(2, 3)), {})
+    assert not isinstance(caught.value, UnsupportedNode)
 
 
 def test_a_kernel_error_names_the_node():
