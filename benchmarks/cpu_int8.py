@@ -7,6 +7,9 @@ warm-up calls): fp32 eager, bf16 eager, torch.compile bf16 with freezing, torch'
 MiniLM also without outlier smoothing, ``outlier_smoothing=None``, to show what it buys, and
 with every linear's activations quantized per token at run time, dynamic int8).
 Competitors are optional (``pip install -e '.[bench]'``); a row whose tool is missing says so.
+A row that brings a compiler or runtime of its own (torch.compile, torchao, OpenVINO, ONNX
+Runtime) is built, scored and timed in a process of its own (:mod:`benchmarks.isolated` says why),
+so nothing but torch and qcompile runs in the process that times qcompile.
 
 Workloads: all-MiniLM-L6-v2 (batch 32 x 128 tokens of real sentences, first sentences of
 standard-library docstrings, 256 to calibrate and 256 others to evaluate: mean-pooled embedding
@@ -15,9 +18,10 @@ cosine vs fp32 and top-1 nearest-neighbour agreement; each row is also timed on 
 and a CNN trained here on scikit-learn's digits (top-1 accuracy).
 
 Under the MiniLM and ResNet tables, a "head to head" line: qcompile and the rows that matter most
-(bf16 eager, OpenVINO, ...) timed again in alternation, a few calls each per round, with
-qcompile's speed-up over each as the median of per-round ratios (this machine's speed drifts by
-up to 2x within a run, which skews rows timed one after another). Then a "limit" line: the
+(bf16 eager, OpenVINO, ...) timed again in alternation, a few calls each per round (each row in
+the process it lives in), with qcompile's speed-up over each as the median of per-round ratios
+(this machine's speed drifts by up to 2x within a run, which skews rows timed one after
+another). Then a "limit" line: the
 oneDNN int8 kernels' own time in qcompile's model (profiled), what the model would take if
 everything around them were free, and the top 10 ops by self time.
 
@@ -26,6 +30,8 @@ Run: ``python -m benchmarks.cpu_int8 [minilm] [resnet] [digits]`` (all three by 
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import sys
 import time
 from collections.abc import Callable
@@ -37,7 +43,8 @@ import torch.nn.functional as F
 
 import qcompile
 from benchmarks.ort_baselines import float_onnx_file, quantize_static_file, session_runner
-from benchmarks.timing import interleaved_ms, median_ms
+from benchmarks.isolated import IsolatedPath
+from benchmarks.timing import interleaved_ms, interleaved_samples, median_ms
 from qcompile.profile import profile_ops
 from qcompile.qconfig import INT8_WEIGHT, TOKEN_ACTIVATION
 from tests.models import (
@@ -60,6 +67,7 @@ class Row:
     ms_one: float | None = None  # one sample (MiniLM: 1 x 128 tokens), the latency a server sees per request
     run: Callable[[], object] | None = field(default=None, repr=False)  # the timed call, for the head-to-head
     run_one: Callable[[], object] | None = field(default=None, repr=False)
+    process: IsolatedPath | None = field(default=None, repr=False)  # where the row lives, if not here
 
 
 def tensor_bytes(module: torch.nn.Module) -> int:
@@ -99,18 +107,48 @@ def print_limit_and_profile(row: Row, call: Callable[[], object]) -> None:
 
 def print_head_to_head(rows: list[Row], names: tuple[str, ...], what: str, one: bool = False,
                        rounds: int = 10) -> None:
-    """The named rows timed again in alternation (:func:`benchmarks.timing.interleaved_ms`), and
-    qcompile's speed-up over each as the median of per-round ratios: the comparison a drifting
-    machine does not skew, where the table's rows were timed one after another."""
-    calls = {r.name: r.run_one if one else r.run for r in rows if r.name in names and r.ms is not None}
-    calls = {name: call for name, call in calls.items() if call is not None}
+    """The named rows timed again in alternation (:func:`benchmarks.timing.interleaved_samples`;
+    a row built in a process of its own is timed there), and qcompile's speed-up over each as
+    the median of per-round ratios: the comparison a drifting machine does not skew, where the
+    table's rows were timed one after another."""
+    samplers = {r.name: sampler for r in rows if r.name in names and (sampler := row_sampler(r, one)) is not None}
     ours = names[-1]
-    if ours not in calls or len(calls) < 2:
+    if ours not in samplers or len(samplers) < 2:
         return
-    timed = interleaved_ms(calls, rounds)
+    timed = interleaved_samples(samplers, rounds)
     print(f"head to head, {what}, {rounds} alternated rounds of 5 calls: " + ", ".join(
         f"{name} {timed.median(name):.2f} ms" + ("" if name == ours else f" ({timed.ratio(ours, name):.2f}x)")
-        for name in calls) + f"  [(Nx): {ours} is N times faster, median of per-round ratios]")
+        for name in samplers) + f"  [(Nx): {ours} is N times faster, median of per-round ratios]")
+
+
+def row_sampler(row: Row, one: bool) -> Callable[[int], float] | None:
+    """``sampler(n)``: the median ms of n calls of the row's batch (or single-request) call,
+    timed where the row lives; None if the row has no such measured call."""
+    if (row.ms_one if one else row.ms) is None:
+        return None
+    if row.process is not None:
+        return lambda n: row.process.sample(n, one)
+    call = row.run_one if one else row.run
+    return None if call is None else lambda n: median_ms(call, repeats=n, warmup=1)
+
+
+def isolated_row(name: str, build: Callable[[], Row]) -> Row:
+    """The row ``build()`` makes, built, scored and timed in a process of its own
+    (:mod:`benchmarks.isolated`: another runtime in this process slows qcompile's rows)."""
+    try:
+        path = IsolatedPath(build)
+    except (RuntimeError, TimeoutError) as exc:
+        return Row(name, note=f"failed: {exc}")
+    if path.row.ms is None:
+        path.close()
+        return path.row
+    return dataclasses.replace(path.row, process=path)
+
+
+def close_isolated(rows: list[Row]) -> None:
+    for row in rows:
+        if row.process is not None:
+            row.process.close()
 
 
 def print_dispatch(model: qcompile.QuantizedModel, inputs: dict[str, tuple[tuple, dict]], rounds: int = 10) -> None:
@@ -171,67 +209,84 @@ def embedding_agreement(out: torch.Tensor, reference: torch.Tensor) -> str:
     return f"cosine mean {cosine.mean():.5f} min {cosine.min():.4f}, NN agreement {agreement:.3f}"
 
 
-def minilm() -> None:
-    model, _ = load_minilm()
-    calibration, evaluation = minilm_data()
-    fp32 = SentenceEmbedder(model).eval()
-    with torch.no_grad():
-        reference = torch.cat([fp32(**b) for b in evaluation])
+class MiniLM:
+    """The MiniLM workload every row is built and scored on, in whichever process builds it:
+    the fp32 model, the calibration and evaluation batches, the reference embeddings."""
 
-    def quality(run: Callable[[dict], torch.Tensor]) -> str:
+    def __init__(self) -> None:
+        model, _ = load_minilm()
+        self.calibration, self.evaluation = minilm_data()
+        self.fp32 = SentenceEmbedder(model).eval()
         with torch.no_grad():
-            return embedding_agreement(torch.cat([run(b).float() for b in evaluation]), reference)
+            self.reference = torch.cat([self.fp32(**b) for b in self.evaluation])
+        self.batch = self.evaluation[0]
+        self.one = {k: v[:1] for k, v in self.batch.items()}  # a single request, still padded to 128 tokens
 
-    batch = evaluation[0]
-    one = {k: v[:1] for k, v in batch.items()}  # a single request, still padded to 128 tokens
-    fp32_bytes = tensor_bytes(fp32)
+    def quality(self, run: Callable[[dict], torch.Tensor]) -> str:
+        with torch.no_grad():
+            return embedding_agreement(torch.cat([run(b).float() for b in self.evaluation]), self.reference)
 
-    def single_ms(module: Callable) -> float | None:
+    def single_ms(self, module: Callable) -> float | None:
         try:
-            return median_ms(lambda: module(**one))
+            return median_ms(lambda: module(**self.one))
         except Exception:  # a path compiled for the batch of 32 only (torchao's export is static)
             return None
 
-    def row(name: str, module: Callable, size: int | None = None, note: str = "") -> Row:
-        return Row(name, median_ms(lambda: module(**batch)), quality(lambda b: module(**b)),
-                   None if size is None else size / 2**20, note, single_ms(module), lambda: module(**batch),
-                   lambda: module(**one))
+    def row(self, name: str, module: Callable, size: int | None = None, note: str = "") -> Row:
+        return Row(name, median_ms(lambda: module(**self.batch)), self.quality(lambda b: module(**b)),
+                   None if size is None else size / 2**20, note, self.single_ms(module),
+                   lambda: module(**self.batch), lambda: module(**self.one))
 
-    rows = [row("fp32 eager", fp32, fp32_bytes)]
+
+# The rows that bring a compiler or runtime of their own, each built in a process of its own.
+MINILM_COMPETITORS: dict[str, Callable[[MiniLM], Row]] = {
+    "torch.compile bf16 (freezing)": lambda w: w.row("torch.compile bf16 (freezing)", inductor_bf16(
+        SentenceEmbedder(load_minilm()[0]).eval(), lambda m: m(**w.batch))),
+    "torchao PT2E + Inductor int8": lambda w: pt2e_int8(w.fp32, w.batch, w.calibration, w.row),
+    "OpenVINO + NNCF int8": lambda w: openvino_int8(w.fp32, w.batch, w.calibration, w.row),
+    "ONNX Runtime quantize_static": lambda w: ort_static(w.fp32, w.batch, w.calibration, w.row),
+}
+
+
+def minilm_competitor(name: str) -> Row:
+    return attempt(name, lambda: MINILM_COMPETITORS[name](MiniLM()))
+
+
+def minilm() -> None:
+    workload = MiniLM()
+    fp32, batch = workload.fp32, workload.batch
+    rows = [workload.row("fp32 eager", fp32, tensor_bytes(fp32))]
     bf16_model = SentenceEmbedder(load_minilm()[0].bfloat16()).eval()
-    rows.append(row("bf16 eager", bf16_model, tensor_bytes(bf16_model)))
-    rows.append(attempt("torch.compile bf16 (freezing)", lambda: row(
-        "torch.compile bf16 (freezing)",
-        inductor_bf16(SentenceEmbedder(load_minilm()[0]).eval(), lambda m: m(**batch)))))
+    rows.append(workload.row("bf16 eager", bf16_model, tensor_bytes(bf16_model)))
 
     def dynamic_int8() -> Row:
         from torch.ao.quantization import quantize_dynamic
 
         quantized = quantize_dynamic(SentenceEmbedder(load_minilm()[0]).eval(), {torch.nn.Linear}, torch.qint8)
-        return row("torch quantize_dynamic int8", quantized)
+        return workload.row("torch quantize_dynamic int8", quantized)
 
     rows.append(attempt("torch quantize_dynamic int8", dynamic_int8))
-    rows.append(attempt("torchao PT2E + Inductor int8", lambda: pt2e_int8(fp32, batch, calibration, row)))
-    rows.append(attempt("OpenVINO + NNCF int8", lambda: openvino_int8(fp32, batch, calibration, row)))
-    rows.append(attempt("ONNX Runtime quantize_static", lambda: ort_static(fp32, batch, calibration, row)))
+    rows += [isolated_row(name, functools.partial(minilm_competitor, name)) for name in MINILM_COMPETITORS]
     per_token = qcompile.int8_preset()
     per_token.by_op["linear"] = qcompile.OpQuantConfig(TOKEN_ACTIVATION, INT8_WEIGHT)
     compiled, profiled = None, None
     for name, options in [("qcompile cpu-int8", {}), ("qcompile, no outlier smoothing", {"outlier_smoothing": None}),
                           ("qcompile, dynamic int8 per token", {"qconfig": per_token})]:
         start = time.perf_counter()
-        qm = qcompile.compile(fp32, calibration_data=calibration, progress=False, **options)
+        qm = qcompile.compile(fp32, calibration_data=workload.calibration, progress=False, **options)
         seconds = time.perf_counter() - start
-        rows.append(row(name, qm, tensor_bytes(qm.graph_module), f"compile {seconds:.0f} s"))
+        rows.append(workload.row(name, qm, tensor_bytes(qm.graph_module), f"compile {seconds:.0f} s"))
         if compiled is None:  # the default row is the one profiled
             compiled, profiled = qm, rows[-1]
     print_table("all-MiniLM-L6-v2, batch 32 x 128 tokens (ms per batch, and per single 1 x 128 request; "
                 "embeddings vs fp32 on 256 sentences)",
                 rows, rows[0].ms, rows[1].ms)
-    print_head_to_head(rows, ("fp32 eager", "bf16 eager", "OpenVINO + NNCF int8", "qcompile cpu-int8"), "batch")
+    print_head_to_head(rows, ("fp32 eager", "bf16 eager", "torchao PT2E + Inductor int8", "OpenVINO + NNCF int8",
+                              "qcompile cpu-int8"), "batch")
     print_head_to_head(rows, ("bf16 eager", "OpenVINO + NNCF int8", "qcompile cpu-int8"), "1 x 128", one=True)
+    close_isolated(rows)
     print_limit_and_profile(profiled, lambda: compiled(**batch))
-    print_dispatch(compiled, {"1 x 128": ((), one), "batch": ((), batch)})
+    print_dispatch(compiled, {"1 x 128": ((), workload.one), "batch": ((), batch)})
 
 
 def pt2e_int8(model, batch, calibration, row) -> Row:
@@ -289,44 +344,60 @@ def numpy_feeds(batch: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
 # ResNet-18 and the digits CNN
 
 
-def resnet() -> None:
-    model = resnet18()
-    g = torch.Generator().manual_seed(0)
-    images = torch.rand(8, 3, 224, 224, generator=g)
-    calibration = [(torch.rand(8, 3, 224, 224, generator=g),) for _ in range(4)]
-    with torch.no_grad():
-        reference = model(images)
+class ResNet:
+    """The ResNet-18 workload every row is built and scored on: the model, a batch of 8 images
+    and 4 calibration batches (seeded, so every process builds the same ones), fp32's logits."""
 
-    def row(name: str, module: Callable, size: int | None = None, note: str = "") -> Row:
+    def __init__(self) -> None:
+        self.model = resnet18()
+        g = torch.Generator().manual_seed(0)
+        self.images = torch.rand(8, 3, 224, 224, generator=g)
+        self.calibration = [(torch.rand(8, 3, 224, 224, generator=g),) for _ in range(4)]
         with torch.no_grad():
-            agree = (module(images).float().argmax(1) == reference.argmax(1)).float().mean()
-        return Row(name, median_ms(lambda: module(images)), f"top-1 agreement with fp32 {agree:.2f}",
-                   None if size is None else size / 2**20, note, run=lambda: module(images))
+            self.reference = self.model(self.images)
+        # The competitors' helpers take keyword batches, as MiniLM's are.
+        self.feeds = {"x": self.images}
+        self.keyword_calibration = [{"x": c} for (c,) in self.calibration]
 
-    rows = [row("fp32 eager", model, tensor_bytes(model))]
+    def row(self, name: str, module: Callable, size: int | None = None, note: str = "") -> Row:
+        with torch.no_grad():
+            agree = (module(self.images).float().argmax(1) == self.reference.argmax(1)).float().mean()
+        return Row(name, median_ms(lambda: module(self.images)), f"top-1 agreement with fp32 {agree:.2f}",
+                   None if size is None else size / 2**20, note, run=lambda: module(self.images))
+
+    def keyword_row(self, name: str, module: Callable, size: int | None = None, note: str = "") -> Row:
+        return self.row(name, lambda x: module(x=x), size, note)
+
+
+RESNET_COMPETITORS: dict[str, Callable[[ResNet], Row]] = {
+    "torch.compile bf16 (freezing)": lambda w: w.row(
+        "torch.compile bf16 (freezing)", compiled_bf16_images(resnet18(), w.images)),
+    "torchao PT2E + Inductor int8": lambda w: pt2e_int8(resnet18(), w.feeds, w.keyword_calibration, w.keyword_row),
+    "OpenVINO + NNCF int8": lambda w: openvino_int8(resnet18(), w.feeds, w.keyword_calibration, w.keyword_row,
+                                                    transformer=False),
+    "ONNX Runtime quantize_static": lambda w: ort_static(resnet18(), w.feeds, w.keyword_calibration, w.keyword_row),
+}
+
+
+def resnet_competitor(name: str) -> Row:
+    return attempt(name, lambda: RESNET_COMPETITORS[name](ResNet()))
+
+
+def resnet() -> None:
+    workload = ResNet()
+    model, images = workload.model, workload.images
+    rows = [workload.row("fp32 eager", model, tensor_bytes(model))]
     bf16 = resnet18().bfloat16()
-    rows.append(row("bf16 eager", lambda x: bf16(x.bfloat16()), tensor_bytes(bf16)))
-    rows.append(attempt("torch.compile bf16 (freezing)", lambda: row(
-        "torch.compile bf16 (freezing)", compiled_bf16_images(resnet18(), images))))
-    # The competitors' helpers take keyword batches, as MiniLM's are.
-    feeds, keyword_calibration = {"x": images}, [{"x": c} for (c,) in calibration]
-
-    def keyword_row(name: str, module: Callable, size: int | None = None, note: str = "") -> Row:
-        return row(name, lambda x: module(x=x), size, note)
-
-    rows.append(attempt("torchao PT2E + Inductor int8",
-                        lambda: pt2e_int8(resnet18(), feeds, keyword_calibration, keyword_row)))
-    rows.append(attempt("OpenVINO + NNCF int8", lambda: openvino_int8(
-        resnet18(), feeds, keyword_calibration, keyword_row, transformer=False)))
-    rows.append(attempt("ONNX Runtime quantize_static",
-                        lambda: ort_static(resnet18(), feeds, keyword_calibration, keyword_row)))
+    rows.append(workload.row("bf16 eager", lambda x: bf16(x.bfloat16()), tensor_bytes(bf16)))
+    rows += [isolated_row(name, functools.partial(resnet_competitor, name)) for name in RESNET_COMPETITORS]
     start = time.perf_counter()
-    qm = qcompile.compile(model, calibration_data=calibration, progress=False)
-    rows.append(row("qcompile cpu-int8", qm, tensor_bytes(qm.graph_module),
-                    f"compile {time.perf_counter() - start:.0f} s"))
+    qm = qcompile.compile(model, calibration_data=workload.calibration, progress=False)
+    rows.append(workload.row("qcompile cpu-int8", qm, tensor_bytes(qm.graph_module),
+                             f"compile {time.perf_counter() - start:.0f} s"))
     print_table("ResNet-18, batch 8 x 3 x 224 x 224 (ms per batch)", rows, rows[0].ms, rows[1].ms)
-    print_head_to_head(rows, ("bf16 eager", "OpenVINO + NNCF int8", "ONNX Runtime quantize_static",
-                              "qcompile cpu-int8"), "batch")
+    print_head_to_head(rows, ("bf16 eager", "torchao PT2E + Inductor int8", "OpenVINO + NNCF int8",
+                              "ONNX Runtime quantize_static", "qcompile cpu-int8"), "batch")
+    close_isolated(rows)
     print_limit_and_profile(rows[-1], lambda: qm(images))
     print_dispatch(qm, {"batch": ((images,), {}), "1 image": ((images[:1],), {})})
 

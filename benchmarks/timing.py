@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from qcompile.profile import median_ms
 
-__all__ = ["Interleaved", "interleaved_ms", "median_ms"]
+__all__ = ["Interleaved", "interleaved_ms", "interleaved_samples", "median_ms"]
 
 
 @dataclass
@@ -44,9 +44,18 @@ def interleaved_ms(calls: dict[str, Callable[[], object]], rounds: int = 10, blo
     spins for a while after its call (ONNX Runtime's, OpenVINO's, OpenMP's), and on two cores
     that took both from the next runtime (a ResNet-18 batch measured 80 ms after ONNX Runtime's
     call against 17 ms alone); the pause lets the pools go idle, the untimed call warms the caches."""
-    samples: dict[str, list[float]] = {name: [] for name in calls}
+    return interleaved_samples({name: (lambda n, call=call: median_ms(call, repeats=n, warmup=1))
+                                for name, call in calls.items()}, rounds, block, pause_s)
+
+
+def interleaved_samples(samplers: dict[str, Callable[[int], float]], rounds: int = 10, block: int = 5,
+                        pause_s: float = 0.1) -> Interleaved:
+    """:func:`interleaved_ms` over samplers: ``sampler(block)`` is one round's ms for its path,
+    measured wherever the path runs (in this process, or in a process of its own:
+    :class:`benchmarks.isolated.IsolatedPath`)."""
+    samples: dict[str, list[float]] = {name: [] for name in samplers}
     for _ in range(rounds):
-        for name, call in calls.items():
+        for name, sampler in samplers.items():
             time.sleep(pause_s)
-            samples[name].append(median_ms(call, repeats=block, warmup=1))
+            samples[name].append(sampler(block))
     return Interleaved(samples)

@@ -1,6 +1,9 @@
 """The benchmarks' alternated timing: per-round medians and the median of per-round ratios."""
 
+import os
 import time
+
+import pytest
 
 from benchmarks.timing import Interleaved, interleaved_ms
 
@@ -41,3 +44,35 @@ def test_a_probe_takes_the_fastest_call_so_one_stall_does_not_decide_it():
     assert fastest_ms(call) < 10  # the stalls are 30 ms
     delays = iter([0.0, 0.03, 0.001, 0.03, 0.001, 0.03])
     assert median_ms(call, repeats=5, warmup=1) >= 30  # what the median of the same calls would say
+
+
+def sleeping_row():
+    """A row built in the isolated process: its note says which process built it."""
+    from benchmarks.cpu_int8 import Row
+
+    return Row("sleeper", 1.0, note=str(os.getpid()), run=lambda: time.sleep(0.002))
+
+
+def failing_row():
+    raise ValueError("no such runtime")
+
+
+def test_an_isolated_path_is_built_and_timed_in_a_process_of_its_own():
+    from benchmarks.isolated import IsolatedPath
+
+    path = IsolatedPath(sleeping_row)
+    try:
+        assert path.row.name == "sleeper" and path.row.run is None  # the calls stay in their process
+        assert int(path.row.note) != os.getpid()
+        assert path.sample(3) >= 2.0  # the median of 3 sleeps of 2 ms, timed over there
+        assert path.sample(3, one=True) is None  # the row has no single-request call
+    finally:
+        path.close()
+    assert not path._process.is_alive()
+
+
+def test_an_isolated_path_whose_build_fails_says_its_process_died():
+    from benchmarks.isolated import IsolatedPath
+
+    with pytest.raises(RuntimeError, match="process died"):
+        IsolatedPath(failing_row)
