@@ -249,10 +249,6 @@ MINILM_COMPETITORS: dict[str, Callable[[MiniLM], Row]] = {
 }
 
 
-def minilm_competitor(name: str) -> Row:
-    return attempt(name, lambda: MINILM_COMPETITORS[name](MiniLM()))
-
-
 def minilm() -> None:
     workload = MiniLM()
     fp32, batch = workload.fp32, workload.batch
@@ -267,7 +263,7 @@ def minilm() -> None:
         return workload.row("torch quantize_dynamic int8", quantized)
 
     rows.append(attempt("torch quantize_dynamic int8", dynamic_int8))
-    rows += [isolated_row(name, functools.partial(minilm_competitor, name)) for name in MINILM_COMPETITORS]
+    rows += [isolated_row(name, functools.partial(competitor, MiniLM, name)) for name in MINILM_COMPETITORS]
     per_token = qcompile.int8_preset()
     per_token.by_op["linear"] = qcompile.OpQuantConfig(TOKEN_ACTIVATION, INT8_WEIGHT)
     compiled, profiled = None, None
@@ -403,8 +399,14 @@ RESNET_COMPETITORS: dict[str, Callable[[ResNet], Row]] = {
 }
 
 
-def resnet_competitor(name: str) -> Row:
-    return attempt(name, lambda: RESNET_COMPETITORS[name](ResNet()))
+# Each workload's competitors, by the workload's class (which pickles by name).
+COMPETITORS: dict[type, dict[str, Callable]] = {MiniLM: MINILM_COMPETITORS, ResNet: RESNET_COMPETITORS}
+
+
+def competitor(workload: type, name: str) -> Row:
+    """The row of ``workload``'s competitor ``name``, built on a workload of its own: what an
+    isolated process runs."""
+    return attempt(name, lambda: COMPETITORS[workload][name](workload()))
 
 
 def resnet() -> None:
@@ -413,7 +415,7 @@ def resnet() -> None:
     rows = [workload.row("fp32 eager", model, tensor_bytes(model))]
     bf16 = resnet18().bfloat16()
     rows.append(workload.row("bf16 eager", lambda x: bf16(x.bfloat16()), tensor_bytes(bf16)))
-    rows += [isolated_row(name, functools.partial(resnet_competitor, name)) for name in RESNET_COMPETITORS]
+    rows += [isolated_row(name, functools.partial(competitor, ResNet, name)) for name in RESNET_COMPETITORS]
     start = time.perf_counter()
     qm = qcompile.compile(model, calibration_data=workload.calibration, progress=False)
     rows.append(workload.row("qcompile cpu-int8", qm, tensor_bytes(qm.graph_module),
