@@ -44,7 +44,7 @@ import torch.nn.functional as F
 import qcompile
 from benchmarks.ort_baselines import float_onnx_file, quantize_static_file, session_runner
 from benchmarks.isolated import IsolatedPath
-from benchmarks.timing import interleaved_ms, interleaved_samples, median_ms
+from benchmarks.timing import block_ms, interleaved_ms, interleaved_samples, median_ms
 from qcompile.profile import profile_ops
 from qcompile.qconfig import INT8_WEIGHT, TOKEN_ACTIVATION
 from tests.models import (
@@ -130,12 +130,12 @@ def row_sampler(row: Row, one: bool) -> Callable[[int], float] | None:
     if row.process is not None:
         return lambda n: row.process.sample(n, one)
     call = row.run_one if one else row.run
-    return None if call is None else lambda n: median_ms(call, repeats=n, warmup=1)
+    return None if call is None else block_ms(call)
 
 
 def isolated_row(name: str, build: Callable[[], Row]) -> Row:
     """The row ``build()`` makes, built, scored and timed in a process of its own
-    (:mod:`benchmarks.isolated`: another runtime in this process slows qcompile's rows)."""
+    (:mod:`benchmarks.isolated` says why)."""
     try:
         path = IsolatedPath(build)
     except (RuntimeError, TimeoutError) as exc:

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.timing import median_ms
+from benchmarks.timing import block_ms
 
 _READY_TIMEOUT_S = 3600.0  # building a competitor (NNCF's calibration, Inductor's compile) takes minutes
 
@@ -44,7 +44,7 @@ def _serve(build: Callable[[], Any], threads: int, connection: Connection) -> No
     while (request := connection.recv()) is not None:
         block, one = request
         call = row.run_one if one else row.run
-        connection.send(None if call is None else median_ms(call, repeats=block, warmup=1))
+        connection.send(None if call is None else block_ms(call)(block))
 
 
 class IsolatedPath:

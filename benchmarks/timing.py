@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from qcompile.profile import median_ms
 
-__all__ = ["Interleaved", "interleaved_ms", "interleaved_samples", "median_ms"]
+__all__ = ["Interleaved", "block_ms", "interleaved_ms", "interleaved_samples", "median_ms"]
 
 
 @dataclass
@@ -44,8 +44,13 @@ def interleaved_ms(calls: dict[str, Callable[[], object]], rounds: int = 10, blo
     spins for a while after its call (ONNX Runtime's, OpenVINO's, OpenMP's), and on two cores
     that took both from the next runtime (a ResNet-18 batch measured 80 ms after ONNX Runtime's
     call against 17 ms alone); the pause lets the pools go idle, the untimed call warms the caches."""
-    return interleaved_samples({name: (lambda n, call=call: median_ms(call, repeats=n, warmup=1))
-                                for name, call in calls.items()}, rounds, block, pause_s)
+    return interleaved_samples({name: block_ms(call) for name, call in calls.items()}, rounds, block, pause_s)
+
+
+def block_ms(call: Callable[[], object]) -> Callable[[int], float]:
+    """``sampler(n)`` for a call in this process: one untimed call, then the median ms of n timed
+    ones (a round of :func:`interleaved_samples`)."""
+    return lambda n: median_ms(call, repeats=n, warmup=1)
 
 
 def interleaved_samples(samplers: dict[str, Callable[[int], float]], rounds: int = 10, block: int = 5,
