@@ -5,8 +5,8 @@
 // about 19 ms, against 3 ms for the same pool in fp32). Padding never wins a maximum and is never
 // materialized: each window reads only its taps inside the input (padding under half the kernel
 // leaves every window at least one). A channels-last input (what oneDNN's convolutions write) is
-// pooled a pixel at a time as a maximum over whole channel rows, which the compiler vectorizes; a
-// contiguous one a plane at a time. The output keeps the input's layout.
+// pooled a pixel at a time as a maximum over whole channel rows (64 channels to a register on
+// AVX-512); a contiguous one a plane at a time. The output keeps the input's layout.
 
 #include "max_pool2d_uint8.h"
 
@@ -15,7 +15,9 @@
 #include <algorithm>
 #include <cstring>
 
+#include "isa.h"
 #include "names.h"
+#include "simd.h"
 
 namespace qcompile {
 namespace {
@@ -34,8 +36,7 @@ struct Window {
 };
 
 // out[k] = max(out[k], tap[k]) over a pixel's channels. The pointers never alias, which lets the
-// compiler vectorize the loop: 0.8 ms for ResNet-18's stem pool at batch 8, the same as hand-written
-// AVX-512 (the pool is memory-bound), where ATen's fp32 pool takes 3.5.
+// compiler vectorize the loop.
 void max_into(uint8_t* __restrict out, const uint8_t* __restrict tap, int64_t channels) {
   for (int64_t k = 0; k < channels; ++k) out[k] = std::max(out[k], tap[k]);
 }
@@ -58,6 +59,39 @@ void pool_channels_last(const uint8_t* x, uint8_t* out, int64_t batch, int64_t c
       }
     }
   });
+}
+
+// The same on AVX-512: each 64-channel slice of an output pixel is the byte-wise maximum of its
+// taps' slices, held in one register (a masked load and store for the last, partial slice), so
+// each tap is one load and one max. ResNet-18's stem pool at batch 8 (8 x 64 x 112 x 112, 2
+// threads, AMX Xeon): 0.35 ms, against 0.92 for the portable loop above (a memcpy and a
+// vectorized loop per tap), 0.39 for a copy of the input and 6.5 for ATen's fp32 pool.
+QC_AVX512 void pool_rows_avx512(const uint8_t* x, uint8_t* out, int64_t channels, const Window& p, int64_t begin,
+                                int64_t end) {
+  for (int64_t row = begin; row < end; ++row) {
+    const int64_t n = row / p.oh, i = row % p.oh;
+    const auto [r0, r1] = Window::taps(i, p.sh, p.ph, p.kh, p.h);
+    for (int64_t j = 0; j < p.ow; ++j) {
+      const auto [c0, c1] = Window::taps(j, p.sw, p.pw, p.kw, p.w);
+      uint8_t* o = out + ((n * p.oh + i) * p.ow + j) * channels;
+      for (int64_t k = 0; k < channels; k += 64) {
+        const int64_t left = channels - k;
+        const __mmask64 m = left >= 64 ? ~__mmask64{0} : (__mmask64{1} << left) - 1;
+        __m512i best = _mm512_setzero_si512();
+        for (int64_t r = r0; r < r1; ++r) {
+          const uint8_t* tap = x + (n * p.h + r) * p.w * channels + k;
+          for (int64_t c = c0; c < c1; ++c) best = _mm512_max_epu8(best, _mm512_maskz_loadu_epi8(m, tap + c * channels));
+        }
+        _mm512_mask_storeu_epi8(o + k, m, best);
+      }
+    }
+  }
+}
+
+void pool_channels_last_avx512(const uint8_t* x, uint8_t* out, int64_t batch, int64_t channels, const Window& p) {
+  const int64_t grain = std::max<int64_t>(1, kGrainBytes / std::max<int64_t>(1, p.ow * channels));
+  at::parallel_for(0, batch * p.oh, grain,
+                   [&](int64_t begin, int64_t end) { pool_rows_avx512(x, out, channels, p, begin, end); });
 }
 
 void pool_planes(const uint8_t* x, uint8_t* out, int64_t planes, const Window& p) {
@@ -101,7 +135,9 @@ at::Tensor max_pool2d_uint8(const at::Tensor& x, at::IntArrayRef kernel_size, at
   const at::MemoryFormat layout = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   const at::Tensor input = x.contiguous(layout);
   at::Tensor out = at::empty({batch, channels, p.oh, p.ow}, x.options().memory_format(layout));
-  if (channels_last) {
+  if (channels_last && active_isa() == Isa::Avx512) {
+    pool_channels_last_avx512(input.const_data_ptr<uint8_t>(), out.data_ptr<uint8_t>(), batch, channels, p);
+  } else if (channels_last) {
     pool_channels_last(input.const_data_ptr<uint8_t>(), out.data_ptr<uint8_t>(), batch, channels, p);
   } else {
     pool_planes(input.const_data_ptr<uint8_t>(), out.data_ptr<uint8_t>(), batch * channels, p);
