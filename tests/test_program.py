@@ -11,6 +11,7 @@ import qcompile
 from qcompile.capture import capture
 from qcompile.program import NativeProgram, UnsupportedNode
 from qcompile.report import flat_inputs
+from qcompile.targets.cpu_int8.onednn import Int8KernelCall
 from tests.models import TinyBlock, TinyConvNet
 
 
@@ -182,3 +183,49 @@ def test_a_nan_output_matches_itself_bit_for_bit():
     program = NativeProgram(gm)
     x = -torch.rand(4, 8)
     program.check_against(gm, (x,), {})  # no UnsupportedNode: the same NaNs on both sides
+
+
+class Residual(torch.nn.Module):
+    """Two residual blocks (conv -> relu -> conv + the block's input -> relu) and a last conv,
+    each sum a convolution's post-op adding a uint8 input; ``keep`` also returns a max-pool of the
+    first block's output, which so is read again after the second block's sum."""
+
+    def __init__(self, keep: bool = False):
+        super().__init__()
+        self.keep = keep
+        self.stem = torch.nn.Conv2d(3, 16, 3, padding=1)
+        self.convs = torch.nn.ModuleList(torch.nn.Conv2d(16, 16, 3, padding=1) for _ in range(5))
+
+    def forward(self, x):
+        h = torch.relu(self.stem(x))
+        h1 = torch.relu(self.convs[1](torch.relu(self.convs[0](h))) + h)
+        h2 = torch.relu(self.convs[3](torch.relu(self.convs[2](h1))) + h1)
+        out = self.convs[4](h2)
+        return (out, torch.nn.functional.max_pool2d(h1, 2)) if self.keep else out
+
+
+def clones(call) -> int:
+    with torch.profiler.profile() as profile, torch.no_grad():
+        call()
+    return sum(event.count for event in profile.key_averages() if event.key == "aten::clone")
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_a_residual_nothing_reads_again_is_summed_into_in_place(keep):
+    """The program hands a value to its last reader, and conv2d_int8 then accumulates its residual
+    into that uint8 tensor rather than into a copy (the fx code, whose names hold the value
+    during the call, copies it); a residual read again afterwards is never overwritten."""
+    model = Residual(keep).eval()
+    data = [(torch.randn(2, 3, 12, 12),) for _ in range(3)]
+    qm = qcompile.compile(model, calibration_data=data, progress=False)
+    assert qm.runs_on.startswith("one native call")
+    calls = [Int8KernelCall.of(node) for node in qm.graph_module.graph.nodes]
+    sums = [call for call in calls if call is not None and call.kernel == "conv2d_int8" and call.other is not None]
+    assert len(sums) == 2
+    x = torch.randn(4, 3, 12, 12)
+    with torch.no_grad():
+        expected, actual = qm.graph_module(x), qm(x)
+    for e, a in zip(expected, actual) if keep else [(expected, actual)]:
+        assert torch.equal(a, e)
+    copied = clones(lambda: qm.graph_module(x)) - clones(lambda: qm(x))
+    assert copied == (1 if keep else 2)  # the first block's input is dead after its sum, always

@@ -275,8 +275,19 @@ at::Tensor conv_small(const at::Tensor& x, const at::Tensor& x_scale, const at::
     }
   });
   const at::Tensor y = linear_u8s8(cols, x_scale, x_zero_point, packed[0], packed[1], packed[2], bias, std::nullopt,
-                                   post_op, out_scale, out_zero_point, kernel_dtype(out_dtype));
-  return y.view({batch, out_h, out_w, outputs}).permute({0, 3, 1, 2});
+                                   post_op, out_scale, out_zero_point, kernel_dtype(out_dtype))
+                           .contiguous();
+  // The same bytes as the [N, C, H, W] tensor they are in channels-last order: a tensor of its own
+  // over y's storage rather than a view (which keeps y alive beside it), so that its last reader
+  // may hold the only reference to it (conv2d_int8 then sums into it in place).
+  return at::empty({0}, y.options())
+      .set_(y.storage(), y.storage_offset(), {batch, outputs, out_h, out_w}, {out_h * out_w * outputs, 1, out_w * outputs, outputs});
+}
+
+// Whether `t` may be overwritten: the caller's is the only reference to it and to its memory (no
+// view shares it), and it is channels-last contiguous, as oneDNN's sum post-op takes its buffer.
+bool owned_channels_last(const at::Tensor& t) {
+  return t.use_count() == 1 && t.storage().use_count() == 1 && t.is_contiguous(at::MemoryFormat::ChannelsLast);
 }
 
 }  // namespace
@@ -370,18 +381,22 @@ at::Tensor conv2d_int8(const at::Tensor& x, const at::Tensor& x_scale, const at:
               unary.args(), std::string()});
   } else {
     // oneDNN's sum post-op adds into a buffer of the output's dtype and overwrites it, so the kernel
-    // gets its own channels-last copy: uint8 (with its qparams) for a uint8 output, else float.
+    // gets its own channels-last copy: uint8 (with its qparams) for a uint8 output, else float. An
+    // `other` this call holds the only reference to (the native program hands a value to its last
+    // reader), already in that dtype and layout, is that buffer itself: nothing can read it after.
     at::Tensor accumulator;
     if (written == at::kByte) {
       TORCH_CHECK_VALUE(other->scalar_type() == at::kByte, "conv2d_int8 with a uint8 output adds a uint8 other, got ",
                         dtype_name(other->scalar_type()));
-      accumulator = other->clone(at::MemoryFormat::ChannelsLast);
+      accumulator = owned_channels_last(*other) ? *other : other->clone(at::MemoryFormat::ChannelsLast);
     } else {
       at::Tensor values = *other;
       if (values.scalar_type() == at::kByte) {  // r = S·(q − Z), as qc.dequantize computes it
         values = (values.to(at::kFloat) - static_cast<double>(other_zero_point)) * other_scale;
       }
-      accumulator = values.to(written).clone(at::MemoryFormat::ChannelsLast);
+      accumulator = values.scalar_type() == written && owned_channels_last(values)
+                        ? values
+                        : values.to(written).clone(at::MemoryFormat::ChannelsLast);
       other_scale = 1.0, other_zero_point = 0;
     }
     y = kConvSum({input, scale, zero_point, packed[0], packed[1], packed[2], accumulator, as_float(bias),

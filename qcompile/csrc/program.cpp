@@ -10,7 +10,11 @@
 // into torch.ops (parsing each argument against the schema again: 5-7 us for a view).
 //
 // Slots whose last reader has run are cleared, as the fx code sets dead names to None, so peak
-// memory is the same. The GIL is released while the instructions run; a Python call, or an
+// memory is the same. An operator that is the last reader of a value, reading it once, is handed
+// the value itself (moved out of its slot) rather than a copy of the reference: if nothing else
+// holds the tensor, the kernel then holds the only reference to it, and may reuse its memory
+// (conv2d_int8 accumulates its residual add into a uint8 `other` so held, rather than into a
+// copy). Nothing can observe that: no slot, Python name or view refers to the tensor any more. The GIL is released while the instructions run; a Python call, or an
 // operator implemented in Python, takes it back.
 #include "program.h"
 
@@ -19,6 +23,7 @@
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/csrc/jit/python/pybind_utils.h>
 
+#include <algorithm>
 #include <optional>
 #include <stdexcept>
 #include <string>
@@ -44,6 +49,7 @@ struct Instruction {
   py::object function;                    // a Python callable taking the `slots` values in order
   std::vector<c10::IValue> stack;         // the arguments, constants in place
   std::vector<std::pair<size_t, int64_t>> slots;  // (stack position, slot) filled at run time
+  std::vector<bool> handed;  // per entry of `slots`: moved into the stack, this being its last reader
   std::vector<ListArgument> lists;
   std::vector<int64_t> outputs;  // the slot of each returned value, -1 for one nobody reads
   std::vector<int64_t> release;  // slots this instruction is the last reader of
@@ -116,6 +122,7 @@ class Program {
     }
     instruction.outputs = outputs;
     set_release(instruction, release);
+    hand_over_last_reads(instruction);
     instructions_.push_back(std::move(instruction));
   }
 
@@ -182,6 +189,22 @@ class Program {
     instruction.release = release;
   }
 
+  // Marks the argument slots the operator may be handed: released by this instruction and read by
+  // it once (not twice, not also inside a list argument).
+  static void hand_over_last_reads(Instruction& instruction) {
+    std::vector<int64_t> reads;
+    for (const auto& entry : instruction.slots) reads.push_back(entry.second);
+    for (const auto& list : instruction.lists) {
+      for (const auto& item : list.items) reads.push_back(item.first);
+    }
+    const auto& released = instruction.release;
+    for (const auto& entry : instruction.slots) {
+      const int64_t slot = entry.second;
+      instruction.handed.push_back(std::count(reads.begin(), reads.end(), slot) == 1 &&
+                                   std::find(released.begin(), released.end(), slot) != released.end());
+    }
+  }
+
   // A constant argument as its schema type takes it. A Python number where a tensor goes (x + 1
   // traced as aten.add.Tensor) becomes the 0-dim "wrapped number" tensor torch's argument parser
   // makes of it, which type promotion treats as a scalar.
@@ -239,7 +262,10 @@ class Program {
       return;
     }
     stack.assign(instruction.stack.begin(), instruction.stack.end());
-    for (const auto& [position, slot] : instruction.slots) stack[position] = values[slot];
+    for (size_t i = 0; i < instruction.slots.size(); ++i) {
+      const auto& [position, slot] = instruction.slots[i];
+      stack[position] = instruction.handed[i] ? std::move(values[slot]) : values[slot];
+    }
     for (const auto& list : instruction.lists) {
       c10::impl::GenericList items(list.element);
       items.reserve(list.items.size());
