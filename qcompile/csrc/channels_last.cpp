@@ -7,10 +7,19 @@
 // 3.6; this takes 0.18. Each task takes whole image rows: it reads the row's C channel runs of W
 // contiguous bytes and writes the row's W·C output bytes in order, the channel loop unrolled for
 // the one to four channels an image has.
+//
+// quantize_channels_last does the quantize before it in the same pass: a convolution that reads
+// the float image (conv2d_int8 given float activations) quantizes each image row's C channel runs
+// into a small buffer of C·W bytes (quantize_span: qc.quantize's bits) and interleaves that, so
+// the image is read once and its bytes written once, in the order the convolution reads them.
 
 #include "channels_last.h"
 
 #include <ATen/Parallel.h>
+
+#include <vector>
+
+#include "quantize.h"
 
 namespace qcompile {
 namespace {
@@ -26,6 +35,23 @@ template <int64_t C>
 void interleave_row(const uint8_t* __restrict planes, int64_t plane, int64_t width, uint8_t* __restrict out) {
   for (int64_t j = 0; j < width; ++j) {
     for (int64_t c = 0; c < C; ++c) out[j * C + c] = planes[c * plane + j];
+  }
+}
+
+// Rows [r0, r1) of an (N, C, H, W) uint8 image, interleaved: row r = n·H + i reads the C runs of W
+// bytes at planes + n·C·plane + i·W + c·plane and writes W·C bytes at y + r·W·C.
+void interleave_rows(const uint8_t* in, uint8_t* y, int64_t channels, int64_t height, int64_t width, int64_t plane,
+                     int64_t r0, int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t n = r / height, i = r % height;
+    const uint8_t* planes = in + n * channels * plane + i * width;
+    uint8_t* row = y + r * width * channels;
+    switch (channels) {
+      case 1: interleave_row<1>(planes, plane, width, row); break;
+      case 2: interleave_row<2>(planes, plane, width, row); break;
+      case 3: interleave_row<3>(planes, plane, width, row); break;
+      default: interleave_row<4>(planes, plane, width, row);
+    }
   }
 }
 
@@ -46,16 +72,34 @@ at::Tensor channels_last_bytes(const at::Tensor& x) {
   uint8_t* y = out.data_ptr<uint8_t>();
   const int64_t row_bytes = std::max<int64_t>(1, width * channels);
   at::parallel_for(0, batch * height, std::max<int64_t>(1, kGrainBytes / row_bytes), [&](int64_t r0, int64_t r1) {
+    interleave_rows(in, y, channels, height, width, plane, r0, r1);
+  });
+  return out;
+}
+
+at::Tensor quantize_channels_last(const at::Tensor& x, double scale, int64_t zero_point) {
+  TORCH_CHECK_VALUE(x.dim() == 4 && x.is_floating_point(), "quantize_channels_last takes 4-D float values, got ",
+                    x.scalar_type(), " ", x.sizes());
+  // Values laid out channels-last already, or too deep to interleave here: the one-pass quantize
+  // keeps their layout, then channels_last_bytes (a no-op for the first).
+  if (x.size(1) > kMaxInterleaved || !x.is_contiguous() || x.is_contiguous(at::MemoryFormat::ChannelsLast)) {
+    return channels_last_bytes(quantize_per_tensor(x, scale, zero_point, 0, 255, at::kByte));
+  }
+  const at::Tensor values = x.to(at::kFloat);
+  at::Tensor out = at::empty(x.sizes(), x.options().dtype(at::kByte).memory_format(at::MemoryFormat::ChannelsLast));
+  const int64_t channels = x.size(1), height = x.size(2), width = x.size(3), plane = height * width;
+  const float* in = values.const_data_ptr<float>();
+  uint8_t* y = out.data_ptr<uint8_t>();
+  const float s = static_cast<float>(scale), z = static_cast<float>(zero_point);
+  const int64_t row_bytes = std::max<int64_t>(1, width * channels);
+  at::parallel_for(0, x.size(0) * height, std::max<int64_t>(1, kGrainBytes / row_bytes), [&](int64_t r0, int64_t r1) {
+    std::vector<uint8_t> row(channels * width);  // the row's C runs of W bytes, quantized
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t n = r / height, i = r % height;
-      const uint8_t* planes = in + n * channels * plane + i * width;
-      uint8_t* row = y + r * width * channels;
-      switch (channels) {
-        case 1: interleave_row<1>(planes, plane, width, row); break;
-        case 2: interleave_row<2>(planes, plane, width, row); break;
-        case 3: interleave_row<3>(planes, plane, width, row); break;
-        default: interleave_row<4>(planes, plane, width, row);
+      for (int64_t c = 0; c < channels; ++c) {
+        quantize_span(in + (n * channels + c) * plane + i * width, row.data() + c * width, width, s, z, 0.f, 255.f);
       }
+      interleave_rows(row.data(), y + r * width * channels, channels, 1, width, width, 0, 1);
     }
   });
   return out;

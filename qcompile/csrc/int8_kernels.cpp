@@ -13,7 +13,10 @@
 // float; `other` an optional residual added before the unary post-op (float for linear, oneDNN's
 // binary post-op; for conv2d float, or uint8 read through other_scale / other_zero_point, oneDNN's
 // sum post-op); the output float32 / bfloat16 / float16 (for float consumers) or uint8
-// requantized with out_scale / out_zero_point (for the next int8 op).
+// requantized with out_scale / out_zero_point (for the next int8 op). conv2d_int8 also takes float
+// activations, which it quantizes itself with the activations' scale and zero point, as
+// qc.quantize(x, S, Z, None, 0, 255, uint8) would: x_q = quantize(x) in the contract above
+// (fuse-conv-input-quantize gives a network's first convolution its float image this way).
 //
 // Weights are packed on first use and cached per weight tensor (weight_cache.h): oneDNN's blocked
 // layout for its GEMM and convolution, VNNI blocks for the few-row kernel. A convolution's layout
@@ -345,6 +348,14 @@ at::Tensor conv2d_int8(const at::Tensor& x, const at::Tensor& x_scale, const at:
                        at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                        double out_scale, int64_t out_zero_point, at::ScalarType out_dtype, std::string_view post_op) {
   static constexpr std::string_view kKernel = "conv2d_int8";
+  if (x.is_floating_point()) {  // quantized here, straight into the channels-last bytes read below
+    TORCH_CHECK_VALUE(x.dim() == 4 && x_scale.numel() == 1 && x_zero_point.numel() == 1,
+                      "conv2d_int8 quantizes 4-D float activations with one scale and zero point, got ", x.sizes(),
+                      " with ", x_scale.numel(), " scales");
+    return conv2d_int8(quantize_channels_last(x, x_scale.item<double>(), x_zero_point.item<int64_t>()), x_scale,
+                       x_zero_point, weight, weight_scale, bias, other, other_scale, other_zero_point, stride, padding,
+                       dilation, groups, out_scale, out_zero_point, out_dtype, post_op);
+  }
   check_operands(x, out_dtype, kKernel);
   const bool with_add = other.has_value() && other->defined();
   const PostOp& unary = post_op_named(kConvPostOps, kKernel, post_op, with_add);

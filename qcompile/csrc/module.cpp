@@ -6,6 +6,7 @@
 
 #include "all_finite.h"
 #include "attention.h"
+#include "channels_last.h"
 #include "choose_qparams.h"
 #include "int8_kernels.h"
 #include "isa.h"
@@ -99,6 +100,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("quantize_per_tensor", &qcompile::quantize_per_tensor,
              "clamp(round(x / scale) + zero_point, qmin, qmax) as uint8 or int8, in one pass (qc.quantize's "
              "per-tensor integer path).");
+  module.def("quantize_channels_last", &qcompile::quantize_channels_last,
+             "qc.quantize(x, scale, zero_point, None, 0, 255, uint8) of 4-D float values, as channels-last bytes "
+             "(what conv2d_int8 does to float activations).");
   module.def("isa", [] { return qcompile::isa_name(qcompile::active_isa()); },
              "The instruction set the native kernels use now: 'avx512', 'avx2' or 'portable'.");
   module.def("detected_isa", [] { return qcompile::isa_name(qcompile::detected_isa()); },

@@ -17,7 +17,8 @@
   embedding as the native ``qc.rotary``), ``fuse-token-quantize`` (a dynamic per-token quantize
   as one ``qc.quantize_per_token``), ``fuse-layer-norm-quantize``, ``fuse-attention-quantize`` (an
   attention output only an int8 linear reads, smoothed and quantized as the kernel writes it),
-  ``fuse-matmul-add`` (a float product with a constant matrix and the add after it as one ``addmm``);
+  ``fuse-matmul-add`` (a float product with a constant matrix and the add after it as one ``addmm``),
+  ``fuse-conv-input-quantize`` (a convolution quantizing the float activations it alone reads);
 * ``capabilities``: the one table of what the kernels run, which the op rules, the marking,
   the lowering and the kernels' argument checks read;
 * the target: op rules, preset, pipelines, and how the report names a kernel node.
@@ -29,6 +30,7 @@ from qcompile.qconfig import int8_preset
 from qcompile.targets.base import CLEANUP, CONVERT, PLAN, Target, register_target
 from qcompile.targets.cpu_int8.attention import attention, attention_quantize
 from qcompile.targets.cpu_int8.fuse_attention_quantize import FuseAttentionQuantize
+from qcompile.targets.cpu_int8.fuse_conv_input_quantize import FuseConvInputQuantize
 from qcompile.targets.cpu_int8.fuse_matmul_add import FuseMatmulAdd
 from qcompile.targets.cpu_int8.bf16_kernels import linear_bf16
 from qcompile.targets.cpu_int8.capabilities import op_rules, search_candidates
@@ -63,18 +65,19 @@ register_target(
         convert=CONVERT,
         # Fusion is read off the Q/DQ graph, so a saved Q/DQ program lowers the same way.
         lower="canonicalize,merge-sibling-linears,quantize-before-pad,fuse-patterns,lower-cpu-int8,lower-weight-only,lower-float-bf16,"
-              "fuse-token-quantize,fuse-rms-norm,fuse-rotary,fuse-layer-norm-quantize,fuse-attention-quantize,fuse-matmul-add,relax-views,eliminate-dead-code",
+              "fuse-token-quantize,fuse-rms-norm,fuse-rotary,fuse-layer-norm-quantize,fuse-attention-quantize,fuse-matmul-add,"
+              "relax-views,eliminate-dead-code,fuse-conv-input-quantize",
         dynamic_prepare=f"{CLEANUP},split-recurrent,annotate",
         dynamic_convert="cast-fp8{dynamic=true},convert{dynamic=true},eliminate-dequant,eliminate-dead-code",
         describe_kernel=describe_kernel,
         candidates=search_candidates(),
         passes=(SplitRecurrent, MergeSiblingLinears, FusePatterns, LowerCpuInt8, LowerWeightOnly, LowerFloatBf16, FuseRmsNorm,
                 FuseRotary, FuseTokenQuantize, FuseLayerNormQuantize, FuseAttentionQuantize,
-                FuseMatmulAdd),
+                FuseMatmulAdd, FuseConvInputQuantize),
     )
 )
 
 
-__all__ = ["FuseAttentionQuantize", "FuseLayerNormQuantize", "FuseMatmulAdd", "FusePatterns", "FuseRmsNorm", "FuseRotary", "FuseTokenQuantize", "LowerCpuInt8", "LowerFloatBf16", "LowerWeightOnly", "MergeSiblingLinears",
+__all__ = ["FuseAttentionQuantize", "FuseConvInputQuantize", "FuseLayerNormQuantize", "FuseMatmulAdd", "FusePatterns", "FuseRmsNorm", "FuseRotary", "FuseTokenQuantize", "LowerCpuInt8", "LowerFloatBf16", "LowerWeightOnly", "MergeSiblingLinears",
            "SplitRecurrent", "attention", "attention_quantize", "conv2d_int8", "gru_recurrence", "layer_norm_quantize",
            "linear_bf16", "linear_int8", "linear_w4a8", "linear_weight_only", "lstm_recurrence", "max_pool2d_uint8"]

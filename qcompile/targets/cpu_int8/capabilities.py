@@ -5,6 +5,7 @@
     linear    qc.linear_int8    uint8 x int8 (axis 0)    relu, relu6, gelu(-tanh) binary: float other  relu
               (uint8 per tensor, or per token at run time)
     conv2d    qc.conv2d_int8    uint8 x int8 (axis 0)    relu, relu6              sum: uint8 other     relu
+              (or float activations, quantized per tensor by the kernel: fuse-conv-input-quantize)
 
 A "binary" residual add is oneDNN's binary post-op, which reads the other operand in the
 output's dtype, so the other stays float and the output must be float; a "sum" add reads a

@@ -93,7 +93,10 @@ def reference_linear_int8(x, x_scale, x_zero_point, weight, weight_scale, bias, 
 def reference_conv2d_int8(x, x_scale, x_zero_point, weight, weight_scale, bias, other, other_scale,
                           other_zero_point, stride, padding, dilation, groups, out_scale, out_zero_point,
                           out_dtype, post_op) -> Tensor:
-    """``conv2d_int8``'s contract in reference ops, a uint8 ``other`` read through its qparams."""
+    """``conv2d_int8``'s contract in reference ops, a uint8 ``other`` read through its qparams;
+    float activations are first quantized with their scale and zero point."""
+    if x.is_floating_point():
+        x = torch.ops.qc.quantize(x, x_scale.reshape(()), x_zero_point.reshape(()), None, 0, 255, torch.uint8)
     y = F.conv2d(_dequantized(x, x_scale.reshape(()), x_zero_point.reshape(())),
                  _dequantized(weight, weight_scale, torch.zeros_like(weight_scale, dtype=torch.int32), 0),
                  None if bias is None else bias.float(), stride, padding, dilation, groups)
