@@ -52,11 +52,16 @@ inline float quantize_value(float v, float scale, float zero_point, float qmin, 
 }
 
 // quantize_value on 16 lanes, the `m` lanes stored as T (uint8 or int8) at q.
+// quantize_value on 16 lanes, as int32 in [qmin, qmax].
+QC_AVX512 inline __m512i quantized_lanes(__m512 v, __m512 scale, __m512 zero_point, __m512 qmin, __m512 qmax) {
+  v = _mm512_roundscale_ps(_mm512_div_ps(v, scale), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  return _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(_mm512_add_ps(v, zero_point), qmin), qmax));
+}
+
 template <typename T>
 QC_AVX512 inline void store_quantized(T* q, __mmask16 m, __m512 v, __m512 scale, __m512 zero_point, __m512 qmin,
                                       __m512 qmax) {
-  v = _mm512_roundscale_ps(_mm512_div_ps(v, scale), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512i k = _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(_mm512_add_ps(v, zero_point), qmin), qmax));
+  const __m512i k = quantized_lanes(v, scale, zero_point, qmin, qmax);
   if constexpr (std::is_same_v<T, uint8_t>) {
     _mm_mask_storeu_epi8(q, m, _mm512_cvtusepi32_epi8(k));
   } else {
