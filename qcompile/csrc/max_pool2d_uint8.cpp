@@ -33,6 +33,19 @@ struct Window {
     const int64_t start = o * stride - pad;
     return {std::max<int64_t>(start, 0), std::min(start + kernel, size)};
   }
+
+  // Output pixel j of output row `row` (= n·oh + i) of a channels-last pool: where its taps'
+  // channel rows start in x (the first tap), the taps' rows [r0, r1) and columns [c0, c1), and
+  // the element offset of one input row.
+  struct Pixel {
+    int64_t first, r0, r1, c0, c1;
+  };
+  Pixel pixel(int64_t row, int64_t j, int64_t channels) const {
+    const int64_t n = row / oh;
+    const auto [r0, r1] = taps(row % oh, sh, ph, kh, h);
+    const auto [c0, c1] = taps(j, sw, pw, kw, w);
+    return {((n * h + r0) * w + c0) * channels, r0, r1, c0, c1};
+  }
 };
 
 // out[k] = max(out[k], tap[k]) over a pixel's channels. The pointers never alias, which lets the
@@ -45,16 +58,12 @@ void pool_channels_last(const uint8_t* x, uint8_t* out, int64_t batch, int64_t c
   const int64_t grain = std::max<int64_t>(1, kGrainBytes / std::max<int64_t>(1, p.ow * channels));
   at::parallel_for(0, batch * p.oh, grain, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
-      const int64_t n = row / p.oh, i = row % p.oh;
-      const auto [r0, r1] = Window::taps(i, p.sh, p.ph, p.kh, p.h);
       for (int64_t j = 0; j < p.ow; ++j) {
-        const auto [c0, c1] = Window::taps(j, p.sw, p.pw, p.kw, p.w);
-        uint8_t* o = out + ((n * p.oh + i) * p.ow + j) * channels;
-        std::memcpy(o, x + ((n * p.h + r0) * p.w + c0) * channels, channels);
-        for (int64_t r = r0; r < r1; ++r) {
-          for (int64_t c = c0; c < c1; ++c) {
-            max_into(o, x + ((n * p.h + r) * p.w + c) * channels, channels);
-          }
+        const Window::Pixel t = p.pixel(row, j, channels);
+        uint8_t* o = out + (row * p.ow + j) * channels;
+        std::memcpy(o, x + t.first, channels);
+        for (int64_t r = 0; r < t.r1 - t.r0; ++r) {
+          for (int64_t c = 0; c < t.c1 - t.c0; ++c) max_into(o, x + t.first + (r * p.w + c) * channels, channels);
         }
       }
     }
@@ -69,18 +78,18 @@ void pool_channels_last(const uint8_t* x, uint8_t* out, int64_t batch, int64_t c
 QC_AVX512 void pool_rows_avx512(const uint8_t* x, uint8_t* out, int64_t channels, const Window& p, int64_t begin,
                                 int64_t end) {
   for (int64_t row = begin; row < end; ++row) {
-    const int64_t n = row / p.oh, i = row % p.oh;
-    const auto [r0, r1] = Window::taps(i, p.sh, p.ph, p.kh, p.h);
     for (int64_t j = 0; j < p.ow; ++j) {
-      const auto [c0, c1] = Window::taps(j, p.sw, p.pw, p.kw, p.w);
-      uint8_t* o = out + ((n * p.oh + i) * p.ow + j) * channels;
+      const Window::Pixel t = p.pixel(row, j, channels);
+      uint8_t* o = out + (row * p.ow + j) * channels;
       for (int64_t k = 0; k < channels; k += 64) {
         const int64_t left = channels - k;
         const __mmask64 m = left >= 64 ? ~__mmask64{0} : (__mmask64{1} << left) - 1;
         __m512i best = _mm512_setzero_si512();
-        for (int64_t r = r0; r < r1; ++r) {
-          const uint8_t* tap = x + (n * p.h + r) * p.w * channels + k;
-          for (int64_t c = c0; c < c1; ++c) best = _mm512_max_epu8(best, _mm512_maskz_loadu_epi8(m, tap + c * channels));
+        for (int64_t r = 0; r < t.r1 - t.r0; ++r) {
+          const uint8_t* tap = x + t.first + r * p.w * channels + k;
+          for (int64_t c = 0; c < t.c1 - t.c0; ++c) {
+            best = _mm512_max_epu8(best, _mm512_maskz_loadu_epi8(m, tap + c * channels));
+          }
         }
         _mm512_mask_storeu_epi8(o + k, m, best);
       }
