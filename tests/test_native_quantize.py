@@ -48,3 +48,21 @@ def test_a_dense_layout_is_kept_and_a_strided_view_is_read_right():
         assert torch.equal(q, formula(case, 0.02, 3, 0, 255, torch.uint8))
     assert torch.ops.qc.quantize(x, torch.tensor([0.02]), torch.tensor([3], dtype=torch.int32), None, 0, 255,
                                  torch.uint8).is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype, zero_point", [(torch.uint8, 128), (torch.uint8, 0), (torch.int8, 0), (torch.int8, -3)])
+@pytest.mark.parametrize("scale", [0.02, 1 / 3, 7.3e-5])
+def test_native_dequantize_equals_the_formula(isa, dtype, zero_point, scale):
+    """Every code of the storage, in four layouts: (q − Z)·S as ATen's cast, subtraction and
+    product compute it in float32, bit for bit."""
+    info = torch.iinfo(dtype)
+    codes = torch.arange(info.min, info.max + 1, dtype=torch.int32).to(dtype)
+    q = codes.repeat(3 * 5 * 7).reshape(3, 5, 7, 2 ** 8).permute(0, 3, 1, 2)  # dense, not contiguous
+    cases = (q, q.contiguous(), q.contiguous(memory_format=torch.channels_last), q[:, ::3], codes[:13])
+    for case in cases:
+        with native.running_on(isa):
+            r = torch.ops.qc.dequantize(case, torch.tensor(scale), torch.tensor(zero_point, dtype=torch.int32), None,
+                                        torch.float32)
+        assert r.dtype == torch.float32 and r.shape == case.shape
+        assert torch.equal(r, (case.to(torch.float32) - zero_point) * scale), isa

@@ -403,7 +403,7 @@ at::Tensor conv2d_int8(const at::Tensor& x, const at::Tensor& x_scale, const at:
     } else {
       at::Tensor values = *other;
       if (values.scalar_type() == at::kByte) {  // r = S·(q − Z), as qc.dequantize computes it
-        values = (values.to(at::kFloat) - static_cast<double>(other_zero_point)) * other_scale;
+        values = dequantize_per_tensor(values, other_scale, other_zero_point);
       }
       accumulator = values.scalar_type() == written && owned_channels_last(values)
                         ? values

@@ -11,9 +11,9 @@
 //
 // They are native operators because every int8 kernel's input passes through a quantize: as a
 // Python custom op each call cost about 15 µs before any work (measured on a 384-element row),
-// more than the kernel it feeds in a decode step. A per-tensor quantize to uint8 / int8 runs as one
-// native pass (quantize.cpp); the other forms are ATen ops, in the order that gives those same
-// integers.
+// more than the kernel it feeds in a decode step. A per-tensor quantize to uint8 / int8, and a
+// per-tensor dequantize of them, run as one native pass (quantize.cpp); the other forms are ATen
+// ops, in the order that gives those same values.
 
 #include "qdq.h"
 
@@ -113,6 +113,9 @@ at::Tensor quantize(const at::Tensor& x, const at::Tensor& scale, const at::Tens
 at::Tensor dequantize(const at::Tensor& q, const at::Tensor& scale, const at::Tensor& zero_point,
                       std::optional<int64_t> axis, at::ScalarType out_dtype) {
   const Param s = read_param(scale, q, axis), z = read_param(zero_point, q, axis);
+  if (s.value && z.value && (q.scalar_type() == at::kByte || q.scalar_type() == at::kChar)) {
+    return dequantize_per_tensor(q, *s.value, *z.value).to(out_dtype);  // one pass
+  }
   at::Tensor values;
   if (at::isFloat8Type(q.scalar_type())) {
     const at::Tensor codes = q.reshape({-1}).view(at::kByte).to(at::kInt);

@@ -4,10 +4,15 @@
 // multiply by 1/S, which rounds differently), rounded half to even before Z is added (as ONNX's
 // QuantizeLinear does), then clamped. ATen needs four passes over the tensor and a narrowing cast
 // that it does not vectorize; here each element is read once and its byte written once.
+//
+// dequantize_per_tensor is the way back, r = (q − Z)·S in float32, in one pass where ATen's cast,
+// subtraction and product take three and two float32 temporaries.
 
 #include "quantize.h"
 
 #include <ATen/Parallel.h>
+
+#include <type_traits>
 
 #include "isa.h"
 #include "simd.h"
@@ -32,6 +37,34 @@ QC_AVX512 void quantize_avx512(const float* x, T* q, int64_t n, float scale, flo
     const __mmask16 m = tail_mask(n - i);
     store_quantized(q + i, m, _mm512_maskz_loadu_ps(m, x + i), s, z, lo, hi);
   }
+}
+
+template <typename T>
+QC_PORTABLE void dequantize_portable(const T* q, float* r, int64_t n, float scale, float zero_point) {
+  for (int64_t i = 0; i < n; ++i) r[i] = (static_cast<float>(q[i]) - zero_point) * scale;
+}
+
+template <typename T>
+QC_AVX512 void dequantize_avx512(const T* q, float* r, int64_t n, float scale, float zero_point) {
+  const __m512 s = _mm512_set1_ps(scale), z = _mm512_set1_ps(zero_point);
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = tail_mask(n - i);
+    const __m128i bytes = _mm_maskz_loadu_epi8(m, q + i);
+    const __m512i k = std::is_same_v<T, uint8_t> ? _mm512_cvtepu8_epi32(bytes) : _mm512_cvtepi8_epi32(bytes);
+    _mm512_mask_storeu_ps(r + i, m, _mm512_mul_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(k), z), s));
+  }
+}
+
+template <typename T>
+void dequantize(const T* q, float* r, int64_t n, float scale, float zero_point) {
+  const bool avx512 = active_isa() == Isa::Avx512;
+  at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
+    if (avx512) {
+      dequantize_avx512(q + begin, r + begin, end - begin, scale, zero_point);
+    } else {
+      dequantize_portable(q + begin, r + begin, end - begin, scale, zero_point);
+    }
+  });
 }
 
 template <typename T>
@@ -73,6 +106,20 @@ at::Tensor quantize_per_tensor(const at::Tensor& x, double scale, int64_t zero_p
     quantize(values.data_ptr<float>(), q.data_ptr<int8_t>(), values.numel(), s, z, qmin, qmax);
   }
   return q;
+}
+
+at::Tensor dequantize_per_tensor(const at::Tensor& q, double scale, double zero_point) {
+  TORCH_CHECK(q.scalar_type() == at::kByte || q.scalar_type() == at::kChar, "dequantize_per_tensor reads uint8 or int8, got ",
+              q.scalar_type());
+  const at::Tensor codes = q.is_non_overlapping_and_dense() ? q : q.contiguous();
+  at::Tensor r = at::empty_like(codes, codes.options().dtype(at::kFloat));
+  const float s = static_cast<float>(scale), z = static_cast<float>(zero_point);
+  if (codes.scalar_type() == at::kByte) {
+    dequantize(codes.const_data_ptr<uint8_t>(), r.data_ptr<float>(), codes.numel(), s, z);
+  } else {
+    dequantize(codes.const_data_ptr<int8_t>(), r.data_ptr<float>(), codes.numel(), s, z);
+  }
+  return r;
 }
 
 }  // namespace qcompile
