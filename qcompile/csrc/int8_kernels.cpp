@@ -284,7 +284,8 @@ at::Tensor conv_small(const at::Tensor& x, const at::Tensor& x_scale, const at::
   // over y's storage rather than a view (which keeps y alive beside it), so that its last reader
   // may hold the only reference to it (conv2d_int8 then sums into it in place).
   return at::empty({0}, y.options())
-      .set_(y.storage(), y.storage_offset(), {batch, outputs, out_h, out_w}, {out_h * out_w * outputs, 1, out_w * outputs, outputs});
+      .set_(y.storage(), y.storage_offset(), {batch, outputs, out_h, out_w},
+            {out_h * out_w * outputs, 1, out_w * outputs, outputs});
 }
 
 // Whether `t` may be overwritten: the caller's is the only reference to it and to its memory (no

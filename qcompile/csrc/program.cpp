@@ -14,8 +14,9 @@
 // the value itself (moved out of its slot) rather than a copy of the reference: if nothing else
 // holds the tensor, the kernel then holds the only reference to it, and may reuse its memory
 // (conv2d_int8 accumulates its residual add into a uint8 `other` so held, rather than into a
-// copy). Nothing can observe that: no slot, Python name or view refers to the tensor any more. The GIL is released while the instructions run; a Python call, or an
-// operator implemented in Python, takes it back.
+// copy). Nothing can observe that: no slot, Python name or view refers to the tensor any more.
+// The GIL is released while the instructions run; a Python call, or an operator implemented in
+// Python, takes it back.
 #include "program.h"
 
 #include <ATen/ScalarOps.h>

@@ -110,8 +110,8 @@ at::Tensor quantize_per_tensor(const at::Tensor& x, double scale, int64_t zero_p
 }
 
 at::Tensor dequantize_per_tensor(const at::Tensor& q, double scale, double zero_point) {
-  TORCH_CHECK(q.scalar_type() == at::kByte || q.scalar_type() == at::kChar, "dequantize_per_tensor reads uint8 or int8, got ",
-              q.scalar_type());
+  TORCH_CHECK(q.scalar_type() == at::kByte || q.scalar_type() == at::kChar,
+              "dequantize_per_tensor reads uint8 or int8, got ", q.scalar_type());
   const at::Tensor codes = q.is_non_overlapping_and_dense() ? q : q.contiguous();
   at::Tensor r = at::empty_like(codes, codes.options().dtype(at::kFloat));
   const float s = static_cast<float>(scale), z = static_cast<float>(zero_point);
