@@ -104,9 +104,11 @@ def test_onnx_runtime_decodes_the_exported_prefill_and_step_as_the_qdq_programs_
 
 def test_a_budget_searches_the_step_and_the_prefill_replays_its_formats_by_module(trained):
     decoder, _, prompts, _ = trained
-    budget = 2e-3
+    # The size objective: the choice then rests on measured losses alone, not on latencies timed
+    # while other tests load the machine (which swapped formats and the agreement below).
+    budget = 5e-5
     compiled = qcompile.compile_decoder(decoder.model, prompts[:2], eval_prompts=prompts[2:3], calibration_steps=3,
-                                        accuracy_budget=budget, progress=False)
+                                        accuracy_budget=budget, objective="size", progress=False)
     search = compiled.step.report.budget
     assert search["accuracy_budget"] == budget and search["evaluation_batches"] == 3  # one prompt batch, 3 steps
     assert search["rounds"][-1]["measured_loss"] <= budget
