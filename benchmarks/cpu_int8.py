@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 
 import qcompile
+from benchmarks.agreement import embedding_agreement
 from benchmarks.ort_baselines import float_onnx_file, quantize_static_file, session_runner
 from benchmarks.isolated import IsolatedPath
 from benchmarks.timing import block_ms, interleaved_ms, interleaved_samples, median_ms
@@ -200,14 +201,6 @@ def minilm_data() -> tuple[list[dict], list[dict]]:
     calibration = [minilm_inputs(tokenizer, sentences[i:i + 32]) for i in range(0, 256, 32)]
     evaluation = [minilm_inputs(tokenizer, sentences[i:i + 32]) for i in range(256, 512, 32)]
     return calibration, evaluation
-
-
-def embedding_agreement(out: torch.Tensor, reference: torch.Tensor) -> str:
-    """Cosine to the fp32 embeddings and top-1 nearest-neighbour agreement with them."""
-    cosine = F.cosine_similarity(out, reference)
-    neighbours = lambda e: (F.normalize(e) @ F.normalize(e).T).fill_diagonal_(-2).argmax(1)  # noqa: E731
-    agreement = (neighbours(out) == neighbours(reference)).float().mean()
-    return f"cosine mean {cosine.mean():.5f} min {cosine.min():.4f}, NN agreement {agreement:.3f}"
 
 
 class MiniLM:

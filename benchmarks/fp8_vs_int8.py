@@ -31,7 +31,8 @@ from pathlib import Path
 import torch
 
 import qcompile
-from benchmarks.cpu_int8 import embedding_agreement, minilm_data, tensor_bytes
+from benchmarks.agreement import embedding_agreement
+from benchmarks.cpu_int8 import minilm_data, tensor_bytes
 from qcompile import OpQuantConfig, QConfig, QuantSpec
 from qcompile.qconfig import INT8_ACTIVATION, INT8_WEIGHT, fp8_qconfig
 from qcompile.report import sqnr_db

@@ -25,7 +25,8 @@ import warnings
 import torch
 
 import qcompile
-from benchmarks.cpu_int8 import embedding_agreement, minilm_data
+from benchmarks.agreement import embedding_agreement
+from benchmarks.cpu_int8 import minilm_data
 from benchmarks.fp8_vs_int8 import interleaved_ms
 from tests.models import SentenceEmbedder, docstring_sentences, load_minilm, minilm_inputs
 

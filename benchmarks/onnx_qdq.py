@@ -30,7 +30,8 @@ from pathlib import Path
 import torch
 
 import qcompile
-from benchmarks.cpu_int8 import embedding_agreement, minilm_data, numpy_feeds
+from benchmarks.agreement import embedding_agreement
+from benchmarks.cpu_int8 import minilm_data, numpy_feeds
 from benchmarks.ort_baselines import float_onnx_file, quantize_static_file, session_runner
 from benchmarks.timing import median_ms
 from tests.models import SentenceEmbedder, load_minilm, resnet18

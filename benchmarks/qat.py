@@ -43,7 +43,8 @@ import torch
 import torch.nn.functional as F
 
 import qcompile
-from benchmarks.cpu_int8 import embedding_agreement, minilm_data
+from benchmarks.agreement import embedding_agreement
+from benchmarks.cpu_int8 import minilm_data
 from benchmarks.weight_rounding import unpadded_calibration
 from examples.qat_digits import Digits, accuracy, digits, qat, train_float, w_a8
 from qcompile.qat import fit

@@ -26,7 +26,8 @@ from dataclasses import replace
 import torch
 
 import qcompile
-from benchmarks.cpu_int8 import embedding_agreement, minilm_data
+from benchmarks.agreement import embedding_agreement
+from benchmarks.cpu_int8 import minilm_data
 from qcompile.passes import Gptq
 from qcompile.targets import Target, get_target
 from tests.models import SentenceEmbedder, docstring_sentences, load_minilm
