@@ -160,8 +160,9 @@ class InsertFakeQuant(Pass):
         if constant_value(gm, bias) is None or not all(
                 called_module(gm, n, FakeQuantize) is not None for n in (weight, activation)):
             return False
-        if isinstance(gm.get_submodule(weight.target).spec.granularity, PerGroup):
-            return False  # no integer kernel takes it: no int32 bias to round to
+        spec = gm.get_submodule(weight.target).spec
+        if isinstance(spec.granularity, PerGroup) or spec.is_float8:
+            return False  # no integer kernel takes it (a float8 one adds a float bias): no int32 steps
         name = add_submodule(gm, stem="fq_bias", module=FakeQuantizeBias())
         with gm.graph.inserting_before(node):
             scales = [gm.graph.get_attr(f"{n.target}.log_scale") for n in (activation, weight)]

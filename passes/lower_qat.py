@@ -24,8 +24,8 @@ Four rewrites, each an identity on the graph's eval-mode outputs:
 
 Since :class:`~qcompile.fake_quant.FakeQuantize` computes exactly what ``qc.quantize`` /
 ``qc.dequantize`` compute, the Q/DQ graph equals the fake-quant graph in eval mode up to the
-float rounding of the fold in (2). Biases of quantized ops become int32 with scale S_x · S_W,
-as ``convert`` stores them; ``insert-fake-quant`` trained them rounded to those very steps
+float rounding of the fold in (2). Biases of integer ops become int32 with scale S_x · S_W,
+as ``convert`` stores them (a float8 op's stays float, as ``cast-fp8`` leaves it); ``insert-fake-quant`` trained them rounded to those very steps
 (``FakeQuantizeBias``, unwrapped here first), except the folded bias b' of (2), which exists
 only now (half an accumulator step at most).
 """
@@ -213,6 +213,8 @@ class LowerQat(Pass):
             w_scale = constant_value(gm, weight.scale) if weight is not None else None
             if bias is None or x_scale is None or w_scale is None or x_scale.numel() != 1:
                 continue
+            if any(edge.spec.is_float8 for _, edge in plan.inputs if edge.role == "weight"):
+                continue  # a float8 kernel adds the float bias to its float accumulator
             bias_index = [a.name for a in node.target._schema.arguments].index("bias")
             if bias_index >= len(node.args):  # quantize_bias replaces a positional argument
                 node.args = (*node.args, *[None] * (bias_index - len(node.args)), arguments["bias"])

@@ -18,8 +18,18 @@ with LSQ's gradient scale g = 1 / √(N · Q_P): N the number of elements sharin
 the largest positive integer level. Without it the step's gradient, summed over N elements,
 dwarfs the weights' and training is unstable.
 
+A float8 spec (E4M3 / E5M2, scale only: Z = 0) is the same with the float8 cast in place of
+round and the format's largest finite value M as the bounds, as ``qc.quantize`` computes it:
+
+    q = fp8(clamp(v, −M, M))           x̂ = q · S
+    ∂x̂/∂x = 1 where |v| ≤ M, else 0    ∂x̂/∂S = q − v where |v| ≤ M, else ±M   (times g, Q_P = M)
+
+Its steps are relative (3 mantissa bits for E4M3), so S sets mostly where the range saturates
+and where values fall below the normal range.
+
 Scales are per tensor, per channel (along ``axis``) or per group (``group_size`` consecutive
-elements along axis 1 of a 2-D weight share one). Integer specs of 2 to 8 bits are taken.
+elements along axis 1 of a 2-D weight share one). Integer specs of 2 to 8 bits and float8
+specs are taken.
 A per-token spec is dynamic: :class:`DynamicFakeQuantize` takes each row's scale and zero point
 from the row's own range, as the lowered graph's ``qc.choose_qparams_per_token`` will, and
 has nothing to learn (the straight-through gradient for ``x`` alone).
@@ -56,13 +66,17 @@ class _LsqFakeQuantize(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int,
-                grad_scale: float) -> Tensor:
+                grad_scale: float, float8: torch.dtype | None = None) -> Tensor:
         z = zero_point.round().clamp(qmin, qmax)
         v = x.to(torch.float32) / scale
-        rounded = v.round()
-        unclamped = rounded + z
-        q = unclamped.clamp(qmin, qmax)
-        below, above = unclamped < qmin, unclamped > qmax
+        if float8 is not None:  # Z = 0; the cast of the saturated value is the rounding
+            rounded = v.clamp(qmin, qmax).to(float8).to(torch.float32)
+            q, below, above = rounded, v < qmin, v > qmax
+        else:
+            rounded = v.round()
+            unclamped = rounded + z
+            q = unclamped.clamp(qmin, qmax)
+            below, above = unclamped < qmin, unclamped > qmax
         ctx.save_for_backward(v, rounded, below, above, scale, z)
         ctx.bounds = (qmin, qmax, grad_scale)
         ctx.shapes = (x.dtype, scale.shape, zero_point.shape)
@@ -82,7 +96,7 @@ class _LsqFakeQuantize(torch.autograd.Function):
             grad_scale_out = _reduce_to(grad * step * grad_scale, scale_shape)
         if ctx.needs_input_grad[2]:
             grad_zero_point = _reduce_to(torch.where(clamped, -grad * scale, 0.0) * grad_scale, zero_point_shape)
-        return grad_x, grad_scale_out, grad_zero_point, None, None, None
+        return grad_x, grad_scale_out, grad_zero_point, None, None, None, None
 
 
 def _reduce_to(grad: Tensor, shape: torch.Size) -> Tensor:
@@ -96,7 +110,7 @@ def fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor, spec: QuantSpec,
     in ``x``, ``scale`` and ``zero_point``."""
     values = grouped(x, spec) if isinstance(spec.granularity, PerGroup) else x
     out = _LsqFakeQuantize.apply(values, _shaped(scale, values, spec), _shaped(zero_point, values, spec),
-                                 spec.qmin, spec.qmax, grad_scale)
+                                 spec.qmin, spec.qmax, grad_scale, spec.storage_dtype if spec.is_float8 else None)
     return out.reshape(x.shape)
 
 
@@ -177,9 +191,6 @@ class FakeQuantize(nn.Module):
 
     def __init__(self, spec: QuantSpec, scale: Tensor, zero_point: Tensor, name: str = ""):
         super().__init__()
-        if spec.is_float8:
-            raise QCompileError(f"fake quantization of '{name}': {spec.dtype} has no integer levels; "
-                                "QAT takes integer specs of 2 to 8 bits")
         self.spec = spec
         self.name = name
         self.enabled = True

@@ -17,7 +17,8 @@ graph's ``training-ops`` switches follow ``.train()`` / ``.eval()``, and
 ``convert_qat`` runs ``lower-qat`` (learned scales become the Q/DQ graph's constants,
 BatchNorm folded for real) in place of ``convert``, then the target's own convert and lower
 stages, unchanged. The lowered model equals the fake-quant model in eval mode within a
-quantization step.
+quantization step. Integer and float8 specs train alike (``target="cpu-fp8"``: E4M3 / E5M2
+fake-quants, lowered by the same ``lower-qat`` in place of ``cast-fp8``).
 
 :class:`Distillation` is the float model as a teacher, a loss over outputs and hidden states
 matched by module name, usable in one's own loop; :func:`fit` is that loop for the common case.
@@ -292,9 +293,13 @@ def convert_qat(qat: QatModel) -> QuantizedModel:
     context = CompileContext(target, qat.example, report=copy.deepcopy(qat.report),
                              calibration_data=qat._batches, properties=qat.properties,
                              snapshots=dict(qat._snapshots))
+    # lower-qat makes every fake-quant a Q/DQ pair, integer and float8 alike: it takes the place
+    # of both conversions of observed graphs (cast-fp8 for float8 edges, convert for the rest).
+    pipeline = target.pipeline("convert").replace("convert", LowerQat())
+    if "cast-fp8" in pipeline.names():
+        pipeline.remove("cast-fp8")
     with eval_mode(qat), torch.no_grad():
-        graph = context.run_stage("convert", target.pipeline("convert").replace("convert", LowerQat()),
-                                  qat.graph_module)
+        graph = context.run_stage("convert", pipeline, qat.graph_module)
         graph = context.run_stage("lower", target.pipeline("lower"), graph)
         context.report.kernel_calls_checked = check_kernels(graph, kernel_checks(context))
         complete_report(context, graph)

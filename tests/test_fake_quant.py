@@ -1,4 +1,5 @@
-"""FakeQuantize: the forward is qc.quantize -> qc.dequantize bit for bit; the backward is LSQ/LSQ+.
+"""FakeQuantize: the forward is qc.quantize -> qc.dequantize bit for bit (integer and float8); the backward
+is LSQ/LSQ+.
 DynamicFakeQuantize: the per-token run-time Q/DQ bit for bit, straight through."""
 
 import dataclasses
@@ -116,9 +117,44 @@ def test_a_diverged_scale_is_an_error_naming_the_value():
         fake(torch.randn(4))
 
 
-def test_float8_is_refused_with_the_reason():
-    with pytest.raises(QCompileError, match="float8_e4m3fn has no integer levels"):
-        FakeQuantize(QuantSpec("float8_e4m3fn"), torch.tensor([0.1]), torch.zeros(1), name="w")
+@pytest.mark.parametrize("dtype", ["float8_e4m3fn", "float8_e5m2"])
+def test_a_float8_forward_is_the_saturating_cast_bit_for_bit(dtype):
+    spec = QuantSpec(dtype, granularity=PerChannel(0))
+    scale = torch.tensor([0.013, 0.4])
+    x = torch.randn(2, 300) * 40
+    largest = torch.finfo(spec.storage_dtype).max
+    x[:, :3] = torch.tensor([2.0, -3.0, 1e-9]) * largest * scale[:, None]  # saturating, both signs; subnormal
+    out = fake_quantize(x, scale, torch.zeros(2), spec)
+    assert torch.equal(out, _reference(x, scale, torch.zeros(2), spec))
+    assert torch.equal(out[:, :2], torch.stack([largest * scale, -largest * scale], 1))
+
+
+def test_float8_gradients_by_hand():
+    """S = 0.5, E4M3 (M = 448): v = x/S = 3.1, -0.3, 1000, -1000 cast to 3.0, -0.3125 (steps of
+    1/8 from 2 to 4, of 1/64 from 0.25 to 0.5), and 448, -448 saturated."""
+    spec = QuantSpec("float8_e4m3fn")
+    x = torch.tensor([1.55, -0.15, 500.0, -500.0], requires_grad=True)
+    scale = torch.tensor([0.5], requires_grad=True)
+    out = fake_quantize(x, scale, torch.zeros(1), spec, grad_scale=1.0)
+    torch.testing.assert_close(out.detach(), torch.tensor([1.5, -0.15625, 224.0, -224.0]))
+    out.backward(torch.ones_like(out))
+    torch.testing.assert_close(x.grad, torch.tensor([1.0, 1.0, 0.0, 0.0]))
+    # inside: q - v = 3.0 - 3.1 and -0.3125 + 0.3; above: M; below: -M
+    torch.testing.assert_close(scale.grad, torch.tensor([(3.0 - 3.1) + (-0.3125 + 0.3) + 448 - 448]), rtol=0,
+                               atol=1e-4)  # v in float32: 1.55 / 0.5 = 3.1000001
+
+
+def test_a_float8_scale_gradient_matches_finite_differences_where_the_value_saturates():
+    spec = QuantSpec("float8_e4m3fn")
+    x = torch.tensor([500.0, -700.0, 900.0], dtype=torch.float64)
+    s = 0.5
+    fake = FakeQuantize(learnable(spec), torch.tensor([s]), torch.zeros(1))
+    fake(x.float()).sum().backward()
+    h = 1e-3
+    plus = fake_quantize(x.float(), torch.tensor([s + h]), torch.zeros(1), spec).double().sum()
+    minus = fake_quantize(x.float(), torch.tensor([s - h]), torch.zeros(1), spec).double().sum()
+    grad_scale = 1 / math.sqrt(3 * 448)  # LSQ's g with Q_P = M
+    assert fake.log_scale.grad.item() == pytest.approx(s * float(plus - minus) / (2 * h) * grad_scale, rel=1e-3)
 
 
 def test_a_learnable_zero_point_needs_an_affine_spec():

@@ -224,6 +224,47 @@ def test_qat_trains_and_lowers_with_report_save_load_and_onnx(tmp_path):
         torch.testing.assert_close(clone(x), qat(x))
 
 
+class DropoutMlp(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.up, self.down = nn.Linear(32, 64), nn.Linear(64, 16)
+        self.drop = nn.Dropout(0.1)
+
+    def forward(self, x):
+        return self.down(self.drop(torch.nn.functional.gelu(self.up(x))))
+
+
+@pytest.mark.parametrize("activations", ["per-tensor", None])
+def test_fp8_qat_trains_the_scales_and_lowers_to_the_float8_graph_exactly(activations, tmp_path):
+    teacher = DropoutMlp().eval()
+    generator = torch.Generator().manual_seed(3)
+    batches = [(torch.randn(16, 32, generator=generator),) for _ in range(4)]
+    qat = qcompile.prepare_qat(teacher, calibration_data=batches, target="cpu-fp8", progress=False,
+                               qconfig=qcompile.fp8_qconfig(activations=activations))
+    assert {m.spec.dtype for m in qat.fake_quantizers().values()} == {"float8_e4m3fn"}
+    assert len(qat.fake_quantizers()) == (4 if activations else 2)
+    start = {n: m.log_scale.detach().clone() for n, m in qat.fake_quantizers().items()}
+    losses = fit(qat, teacher, [{"x": x} for (x,) in batches], steps=40, lr=1e-3, progress=False)
+    assert sum(losses[-5:]) < sum(losses[:5])
+    assert all(not torch.equal(start[n], m.log_scale) for n, m in qat.fake_quantizers().items())
+    qm = qcompile.convert_qat(qat)
+    assert [n.precision for n in qm.report.nodes if n.op == "linear"] == ["fp8", "fp8"]
+    assert any("output SQNR inf dB" in note for note in qm.report.notes)  # the Q/DQ graph is the fake-quant one
+    constants = [t for t in qm.qdq_graph_module.state_dict().values()]
+    assert not any(t.dtype == torch.int32 and t.dim() == 1 and t.numel() in (64, 16) and t.any()
+                   for t in constants), "a float8 linear's bias stays float"
+    assert sum(t.dtype == torch.float8_e4m3fn for t in constants) == 2  # the two weights
+    x = batches[0][0]
+    qat.eval()
+    with torch.no_grad():
+        expected = qat(x)
+        # one E4M3 step is 1/8 of a value's magnitude; the kernels add bf16 rounding to it
+        torch.testing.assert_close(qm(x), expected, rtol=0, atol=float(expected.abs().max()) / 16)
+        torch.testing.assert_close(qcompile.load(qm.save(tmp_path / "fp8_qat.qcm"))(x), qm(x))
+    assert qm.export_onnx(tmp_path / "fp8_qat.onnx").check.worst.max_steps <= 1  # ONNX Runtime runs the same graph
+
+
 class Conv1dBNNet(nn.Module):
     """An audio front end in training: conv1d -> BatchNorm1d -> ReLU, pooled, a linear head."""
 
