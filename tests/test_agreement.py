@@ -16,6 +16,18 @@ def test_a_random_error_has_each_rows_cosine_exactly():
     assert F.cosine_similarity(moved - F.normalize(reference), other - F.normalize(reference)).abs().mean() < 0.5
 
 
+def test_random_errors_stay_where_the_embeddings_spread():
+    """Embeddings in a 6-dimensional subspace of 32 (plus a constant offset): the errors drawn
+    from their spread have no component outside that subspace."""
+    generator = torch.Generator().manual_seed(7)
+    basis = torch.linalg.qr(torch.randn(32, 6, generator=generator, dtype=torch.float64)).Q
+    reference = torch.randn(200, 6, generator=generator, dtype=torch.float64) @ basis.T + 3 * basis[:, 0]
+    error = with_random_error(reference, torch.full((200,), 0.99, dtype=torch.float64),
+                              torch.Generator().manual_seed(0)) - F.normalize(reference)
+    outside = error - error @ basis @ basis.T
+    assert float(outside.norm() / error.norm()) < 1e-6
+
+
 def test_random_error_agreement_falls_as_the_error_grows_and_is_one_without_error():
     torch.manual_seed(7)
     centres = torch.randn(40, 16)
