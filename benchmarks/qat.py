@@ -22,7 +22,8 @@
 
   GPTQ calibrates on 1024 other sentences padded to each batch's longest (``weight_rounding``).
   Embedding cosine to fp32 and nearest-neighbour agreement on 256 held-out sentences and on 1536
-  others (NN on 256 moves in steps of 0.004, too coarse to rank these rows), steps and minutes.
+  others (NN on 256 moves in steps of 0.004, too coarse to rank these rows), each beside the
+  agreement a random error of the same size gives (``benchmarks.agreement``), steps and minutes.
 
 * pruning: the digits CNN with magnitude pruning during QAT (50 % unstructured, 2:4): top-1,
   sparsity, and the int8 weight bytes the saved model stores (values and bitmask) against dense.

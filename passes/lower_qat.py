@@ -25,9 +25,10 @@ Four rewrites, each an identity on the graph's eval-mode outputs:
 Since :class:`~qcompile.fake_quant.FakeQuantize` computes exactly what ``qc.quantize`` /
 ``qc.dequantize`` compute, the Q/DQ graph equals the fake-quant graph in eval mode up to the
 float rounding of the fold in (2). Biases of integer ops become int32 with scale S_x · S_W,
-as ``convert`` stores them (a float8 op's stays float, as ``cast-fp8`` leaves it); ``insert-fake-quant`` trained them rounded to those very steps
+as ``convert`` stores them; ``insert-fake-quant`` trained them rounded to those very steps
 (``FakeQuantizeBias``, unwrapped here first), except the folded bias b' of (2), which exists
-only now (half an accumulator step at most).
+only now (half an accumulator step at most). A float8 op's bias stays float, as ``cast-fp8``
+leaves it: its kernel adds it to a float accumulator.
 """
 
 from __future__ import annotations
