@@ -7,10 +7,10 @@
   with X86InductorQuantizer's QAT config, the weight range set to the same bit width), each
   trained with the same loss, optimizer, learning rate, epochs and batches. Top-1 on the
   held-out quarter (450 images: one image is 0.22 points), mean over ``SEEDS`` QAT runs.
-* minilm: all-MiniLM-L6-v2 in three formats, each with its PTQ rows and a QAT row that starts
+* minilm: all-MiniLM-L6-v2 in five formats, each with its PTQ rows and a QAT row that starts
   from the last PTQ row's plan, trained by distillation from the float model on unlabeled
   sentences (``qcompile.qat.fit``: embedding cosine plus every layer's hidden state) and lowered
-  to cpu-int8:
+  to cpu-int8 (the FP8 rows to cpu-fp8):
 
   * W8A8 (int8 per-channel weights, uint8 activations): min-max, then smoothing 0.75;
   * W4A8-g32 (int4 in affine groups of 32, uint8 activations per tensor; cpu-int8 runs the groups
@@ -18,7 +18,9 @@
     correction, then with smoothing "auto";
   * W4A8-g32 per token: the same with uint8 activations quantized per token at run time (each
     row its own range, as ONNX Runtime's int4 kernels quantize theirs), same rows;
-  * W4-g32 weight-only: round-to-nearest with the clip searched by MSE, then GPTQ with bias correction.
+  * W4-g32 weight-only: round-to-nearest with the clip searched by MSE, then GPTQ with bias correction;
+  * FP8-E4M3 (cpu-fp8: E4M3 per-channel weights, E4M3 activations per tensor): min-max, and QAT
+    with W8A8's loop.
 
   GPTQ calibrates on 1024 other sentences padded to each batch's longest (``weight_rounding``).
   Embedding cosine to fp32 and nearest-neighbour agreement on 256 held-out sentences and on 1536
@@ -28,7 +30,7 @@
 * pruning: the digits CNN with magnitude pruning during QAT (50 % unstructured, 2:4): top-1,
   sparsity, and the int8 weight bytes the saved model stores (values and bitmask) against dense.
 
-Run: ``python -m benchmarks.qat [digits] [pruning] [minilm] [minilm-w8a8|minilm-w4a8-g32|minilm-w4a8-g32-token|minilm-w4-g32]
+Run: ``python -m benchmarks.qat [digits] [pruning] [minilm] [minilm-w8a8|minilm-w4a8-g32|minilm-w4a8-g32-token|minilm-w4-g32|minilm-fp8-e4m3]
 [order=N]`` (the first three by default; ``minilm-<format>`` runs that format's rows alone; ``order=N``
 trains the MiniLM rows on the same sentences shuffled with seed N).
 """
@@ -53,7 +55,9 @@ from qcompile.qconfig import INT8_ACTIVATION, TOKEN_ACTIVATION
 from tests.models import SentenceEmbedder, docstring_sentences, load_minilm, minilm_inputs
 
 SEEDS = 3
-MINILM_FORMATS = ("W8A8", "W4A8-g32", "W4A8-g32-token", "W4-g32")
+MINILM_FORMATS = ("W8A8", "W4A8-g32", "W4A8-g32-token", "W4-g32", "FP8-E4M3")
+# The target each MiniLM format compiles for (cpu-int8 where not named).
+MINILM_TARGETS = {"FP8-E4M3": "cpu-fp8"}
 QAT_EPOCHS = 4
 QAT_LR = 3e-4
 
@@ -240,18 +244,21 @@ def minilm_table(only: tuple[str, ...] = (), order_seed: int | None = None) -> N
         "W4-g32": ([("PTQ nearest", w4(group32), None, calibration),
                     ("PTQ GPTQ + bias correction", w4(gptq32), None, unpadded)],
                    Training(240, 1e-4, 1e-5, layers=(5,), lr_schedule="cosine")),
+        "FP8-E4M3": ([("PTQ min-max", qcompile.fp8_qconfig(activations="per-tensor"), None, calibration)],
+                     Training(150, 1e-5, 1e-3, layers=tuple(range(6)), lr_schedule="cosine")),
     }
     for name, (rows, training) in formats.items():
         if only and name not in only:
             continue
+        target = MINILM_TARGETS.get(name, "cpu-int8")
         for label, qconfig, smoothing, data in rows:
-            ptq = qcompile.compile(teacher, calibration_data=data, qconfig=qconfig, outlier_smoothing=smoothing,
-                                   progress=False)
+            ptq = qcompile.compile(teacher, calibration_data=data, target=target, qconfig=qconfig,
+                                   outlier_smoothing=smoothing, progress=False)
             print(f"{name:<15} {label:<38} {quality(ptq)}", flush=True)
         _, qconfig, smoothing, data = rows[-1]
         start = time.perf_counter()
-        prepared = qcompile.prepare_qat(teacher, calibration_data=data, qconfig=qconfig, progress=False,
-                                        outlier_smoothing=smoothing)
+        prepared = qcompile.prepare_qat(teacher, calibration_data=data, target=target, qconfig=qconfig,
+                                        progress=False, outlier_smoothing=smoothing)
         prepared.disable_dropout()
         fit(prepared, teacher, train, steps=training.steps, lr=training.lr, scale_lr=training.scale_lr,
             lr_schedule=training.lr_schedule, output_loss="cosine", progress=False,
