@@ -38,11 +38,14 @@ def spread(reference: torch.Tensor) -> torch.Tensor:
     return vectors * values.clamp_min(0).sqrt()
 
 
-def with_random_error(reference: torch.Tensor, cosine: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def with_random_error(reference: torch.Tensor, cosine: torch.Tensor, generator: torch.Generator,
+                      factor: torch.Tensor | None = None) -> torch.Tensor:
     """``reference``'s rows turned in random directions drawn from their spread (N(0, Σ), made
-    orthogonal to each row) until row i has cosine ``cosine[i]`` to its original."""
+    orthogonal to each row; ``factor`` is :func:`spread` of ``reference`` when given) until row
+    i has cosine ``cosine[i]`` to its original."""
     unit = F.normalize(reference)
-    noise = torch.randn(reference.shape, generator=generator, dtype=unit.dtype) @ spread(reference).to(unit.dtype).T
+    factor = spread(reference) if factor is None else factor
+    noise = torch.randn(reference.shape, generator=generator, dtype=unit.dtype) @ factor.to(unit.dtype).T
     noise = F.normalize(noise - (noise * unit).sum(1, keepdim=True) * unit)
     c = cosine.to(unit.dtype).clamp(1e-6, 1.0).unsqueeze(1)
     return unit + (1 - c * c).sqrt() / c * noise
@@ -53,9 +56,9 @@ def random_error_agreement(reference: torch.Tensor, cosine: torch.Tensor, draws:
     """The mean NN agreement of ``reference`` moved by errors of per-row cosine ``cosine`` in random
     directions of its spread."""
     generator = torch.Generator().manual_seed(seed)
-    expected = nearest_neighbours(reference)
-    return sum(float((nearest_neighbours(with_random_error(reference, cosine, generator)) == expected).float().mean())
-               for _ in range(draws)) / draws
+    expected, factor = nearest_neighbours(reference), spread(reference)
+    return sum(float((nearest_neighbours(with_random_error(reference, cosine, generator, factor)) == expected)
+                     .float().mean()) for _ in range(draws)) / draws
 
 
 def embedding_agreement(out: torch.Tensor, reference: torch.Tensor) -> str:
